@@ -1,0 +1,245 @@
+//! Internal requests from the control plane to the edge: their wire types and their signature.
+//!
+//! A signed request carries a timestamp and a unique nonce in headers, and an HMAC-SHA256 over
+//! method, path, timestamp, nonce and body. The receiver rejects a bad signature, a timestamp
+//! outside [`MAX_SKEW_MS`], and (with its own memory of nonces) a repeated nonce.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::KeyHash;
+
+pub const PURGE_PATH: &str = "/internal/purge";
+pub const TIMESTAMP_HEADER: &str = "x-keyward-timestamp";
+pub const NONCE_HEADER: &str = "x-keyward-nonce";
+pub const SIGNATURE_HEADER: &str = "x-keyward-signature";
+/// How far a signed request's timestamp may be from the receiver's clock, either way.
+pub const MAX_SKEW_MS: i64 = 30_000;
+
+/// Tells an edge region to drop its copies of these keys (memory and Cache API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    pub hashes: Vec<KeyHash>,
+}
+
+/// What a region answers to a purge it accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PurgeAck {
+    pub region: String,
+    pub purged: usize,
+}
+
+/// Why a signed request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing or malformed signature headers")]
+    Malformed,
+    #[error("timestamp is more than {MAX_SKEW_MS} ms from the receiver's clock")]
+    Stale,
+    #[error("signature does not match")]
+    Mismatch,
+    #[error("this nonce was already used")]
+    Replayed,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    timestamp_ms: i64,
+    nonce: &str,
+    body: &[u8],
+) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    for part in [
+        method.as_bytes(),
+        path.as_bytes(),
+        timestamp_ms.to_string().as_bytes(),
+        nonce.as_bytes(),
+    ] {
+        mac.update(part);
+        mac.update(b"\n");
+    }
+    mac.update(body);
+    mac
+}
+
+/// The hex signature of a request.
+pub fn sign(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    timestamp_ms: i64,
+    nonce: &str,
+    body: &[u8],
+) -> String {
+    hex::encode(
+        mac(secret, method, path, timestamp_ms, nonce, body)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// The headers of a signed request, as received.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedHeaders<'a> {
+    pub timestamp: &'a str,
+    pub nonce: &'a str,
+    pub signature: &'a str,
+}
+
+/// Checks a request's signature (in constant time) and its timestamp. Replays are the caller's
+/// to catch, by remembering nonces for twice [`MAX_SKEW_MS`].
+pub fn verify(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    headers: SignedHeaders<'_>,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<(), SignatureError> {
+    let timestamp_ms: i64 = headers
+        .timestamp
+        .parse()
+        .map_err(|_| SignatureError::Malformed)?;
+    if !is_nonce(headers.nonce) {
+        return Err(SignatureError::Malformed);
+    }
+    let signature = hex::decode(headers.signature).map_err(|_| SignatureError::Malformed)?;
+    mac(secret, method, path, timestamp_ms, headers.nonce, body)
+        .verify_slice(&signature)
+        .map_err(|_| SignatureError::Mismatch)?;
+    if (now_ms - timestamp_ms).abs() > MAX_SKEW_MS {
+        return Err(SignatureError::Stale);
+    }
+    Ok(())
+}
+
+/// A nonce is 16 to 64 characters of letters, digits and `-`.
+pub fn is_nonce(text: &str) -> bool {
+    (16..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    const SECRET: &[u8] = b"test-secret";
+    const NONCE: &str = "0123456789abcdef";
+
+    fn check(
+        signature: &str,
+        timestamp: &str,
+        nonce: &str,
+        body: &[u8],
+        now: i64,
+        expected: Result<(), SignatureError>,
+    ) {
+        let headers = SignedHeaders {
+            timestamp,
+            nonce,
+            signature,
+        };
+        assert_eq!(
+            verify(SECRET, "POST", PURGE_PATH, headers, body, now),
+            expected
+        );
+    }
+
+    #[test]
+    fn known_vector() {
+        // Independently computed: printf 'POST\n/internal/purge\n1000\n0123456789abcdef\n{}'
+        //   | openssl dgst -sha256 -hmac test-secret
+        assert_eq!(
+            sign(SECRET, "POST", PURGE_PATH, 1000, NONCE, b"{}"),
+            "aaaa45d4b4fa2ecc46a3d8f8c4bbd0167b02ed210c1f7a68617e4b918391653d"
+        );
+    }
+
+    #[test]
+    fn verify_table() {
+        let good = sign(SECRET, "POST", PURGE_PATH, 1000, NONCE, b"{}");
+        check(&good, "1000", NONCE, b"{}", 1000, Ok(()));
+        check(&good, "1000", NONCE, b"{}", 1000 + MAX_SKEW_MS, Ok(()));
+        check(
+            &good,
+            "1000",
+            NONCE,
+            b"{}",
+            1001 + MAX_SKEW_MS,
+            Err(SignatureError::Stale),
+        );
+        check(
+            &good,
+            "1000",
+            NONCE,
+            b"{}",
+            999 - MAX_SKEW_MS,
+            Err(SignatureError::Stale),
+        );
+        check(
+            &good,
+            "1000",
+            NONCE,
+            b"{ }",
+            1000,
+            Err(SignatureError::Mismatch),
+        );
+        check(
+            &good,
+            "1001",
+            NONCE,
+            b"{}",
+            1000,
+            Err(SignatureError::Mismatch),
+        );
+        check(
+            &good,
+            "1000",
+            "0123456789abcdee",
+            b"{}",
+            1000,
+            Err(SignatureError::Mismatch),
+        );
+        check(
+            &good,
+            "x",
+            NONCE,
+            b"{}",
+            1000,
+            Err(SignatureError::Malformed),
+        );
+        check(
+            &good,
+            "1000",
+            "short",
+            b"{}",
+            1000,
+            Err(SignatureError::Malformed),
+        );
+        check(
+            "zz",
+            "1000",
+            NONCE,
+            b"{}",
+            1000,
+            Err(SignatureError::Malformed),
+        );
+        let other = sign(b"other", "POST", PURGE_PATH, 1000, NONCE, b"{}");
+        check(
+            &other,
+            "1000",
+            NONCE,
+            b"{}",
+            1000,
+            Err(SignatureError::Mismatch),
+        );
+    }
+}

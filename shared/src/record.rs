@@ -1,0 +1,164 @@
+//! Records stored in Workers KV and read by the edge. Serialization is a boundary: every record
+//! carries its schema number, and readers reject a schema they do not know.
+
+use serde::{Deserialize, Serialize};
+
+use crate::KeyHash;
+use crate::scope::Scopes;
+
+/// The schema written by this version of Keyward.
+pub const RECORD_SCHEMA: u32 = 1;
+/// How long an edge copy is trusted without being read again, unless the API says otherwise.
+pub const DEFAULT_MAX_STALENESS_MS: u64 = 1_000;
+
+/// Where a key is in its life. Revoked and deleted are both final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Deleted,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<KeyStatus> {
+        match text {
+            "active" => Some(KeyStatus::Active),
+            "revoked" => Some(KeyStatus::Revoked),
+            "deleted" => Some(KeyStatus::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// An API key as the edge sees it. Times are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub schema: u32,
+    pub id: String,
+    pub hash: KeyHash,
+    pub api_id: String,
+    pub workspace_id: String,
+    pub name: Option<String>,
+    /// The display start (`sk_live_3xQ9ab`), never the secret.
+    pub start: String,
+    pub owner_id: Option<String>,
+    pub meta: serde_json::Map<String, serde_json::Value>,
+    pub enabled: bool,
+    pub status: KeyStatus,
+    pub expires_at: Option<i64>,
+    pub permissions: Vec<String>,
+    /// Grows by one on every change; a copy with a smaller version is older.
+    pub version: u64,
+    pub max_staleness_ms: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A root key as the edge sees it: enough to authenticate a caller of the verify route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RootKeyRecord {
+    pub schema: u32,
+    pub id: String,
+    pub hash: KeyHash,
+    pub workspace_id: String,
+    pub scopes: Scopes,
+    pub status: KeyStatus,
+    pub version: u64,
+    pub updated_at: i64,
+}
+
+/// Why a stored record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is not valid JSON for its type: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("record schema {0} is not known to this version (expected {RECORD_SCHEMA})")]
+    UnknownSchema(u32),
+}
+
+impl KeyRecord {
+    pub fn from_json(text: &str) -> Result<KeyRecord, RecordError> {
+        let record: KeyRecord = serde_json::from_str(text)?;
+        check_schema(record.schema)?;
+        Ok(record)
+    }
+}
+
+impl RootKeyRecord {
+    pub fn from_json(text: &str) -> Result<RootKeyRecord, RecordError> {
+        let record: RootKeyRecord = serde_json::from_str(text)?;
+        check_schema(record.schema)?;
+        Ok(record)
+    }
+}
+
+fn check_schema(schema: u32) -> Result<(), RecordError> {
+    if schema == RECORD_SCHEMA {
+        Ok(())
+    } else {
+        Err(RecordError::UnknownSchema(schema))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    pub(crate) fn sample(hash: KeyHash) -> KeyRecord {
+        KeyRecord {
+            schema: RECORD_SCHEMA,
+            id: "key_1".into(),
+            hash,
+            api_id: "api_1".into(),
+            workspace_id: "ws_1".into(),
+            name: Some("ci".into()),
+            start: "sk_live_111111".into(),
+            owner_id: Some("user_9".into()),
+            meta: serde_json::Map::new(),
+            enabled: true,
+            status: KeyStatus::Active,
+            expires_at: None,
+            permissions: vec!["read".into(), "write".into()],
+            version: 1,
+            max_staleness_ms: DEFAULT_MAX_STALENESS_MS,
+            created_at: 1_000,
+            updated_at: 1_000,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_schema_check() {
+        let record = sample(KeyHash::of("x"));
+        let text = serde_json::to_string(&record).unwrap();
+        assert_eq!(KeyRecord::from_json(&text).unwrap(), record);
+        let future = text.replace("\"schema\":1", "\"schema\":2");
+        assert!(matches!(
+            KeyRecord::from_json(&future),
+            Err(RecordError::UnknownSchema(2))
+        ));
+        assert!(matches!(
+            KeyRecord::from_json("{}"),
+            Err(RecordError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn status_names() {
+        for status in [KeyStatus::Active, KeyStatus::Revoked, KeyStatus::Deleted] {
+            assert_eq!(KeyStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(KeyStatus::parse("gone"), None);
+    }
+}

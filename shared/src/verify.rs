@@ -1,0 +1,420 @@
+//! The verification decision: one pure function from a record (or its absence), the caller,
+//! the request and the time to an outcome code. The edge and the control plane both call it, so
+//! they cannot disagree.
+
+use serde::{Deserialize, Serialize};
+
+use crate::KeyHash;
+use crate::record::{KeyRecord, KeyStatus};
+use crate::scope::{KeyAction, Scope, Scopes};
+
+/// Most permissions a verify request may ask for.
+pub const MAX_REQUESTED_PERMISSIONS: usize = 64;
+
+/// `POST /v1/keys/verify`, at the edge and at the origin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_id: Option<String>,
+    /// Names that must all be present on the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Code {
+    Valid,
+    NotFound,
+    Revoked,
+    Disabled,
+    Expired,
+    InsufficientPermissions,
+    RateLimited,
+    UsageExceeded,
+    Malformed,
+    Unavailable,
+}
+
+/// Who is asking: the workspace and scopes of the root key in `Authorization`.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub workspace_id: &'a str,
+    pub scopes: &'a Scopes,
+}
+
+/// What [`decide`] concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub code: Code,
+    /// The requested permissions the key holds (all of them when the code is `VALID`).
+    pub permissions_matched: Vec<String>,
+}
+
+impl Decision {
+    fn of(code: Code) -> Decision {
+        Decision {
+            code,
+            permissions_matched: Vec::new(),
+        }
+    }
+
+    /// Whether the answer may say anything about the key (its id, owner, meta). Never for a key
+    /// the caller may not see, so that existence does not leak.
+    pub fn reveals_key(&self) -> bool {
+        !matches!(self.code, Code::NotFound | Code::Malformed)
+    }
+}
+
+/// Decides the outcome for the key whose hash is `presented`, given its record if one was found.
+///
+/// A record of another workspace, of an API other than the one named, of an API the caller may
+/// not verify, or one that was deleted, is `NOT_FOUND`. Then in order: revoked, disabled, expired
+/// (at or after `expires_at`), missing permissions.
+pub fn decide(
+    record: Option<&KeyRecord>,
+    presented: &KeyHash,
+    caller: Caller<'_>,
+    request: &VerifyRequest,
+    now_ms: i64,
+) -> Decision {
+    let Some(record) = record else {
+        return Decision::of(Code::NotFound);
+    };
+    let visible = record.hash == *presented
+        && record.workspace_id == caller.workspace_id
+        && request
+            .api_id
+            .as_ref()
+            .is_none_or(|api| *api == record.api_id)
+        && caller
+            .scopes
+            .grants(&Scope::key(&record.api_id, KeyAction::VerifyKey))
+        && record.status != KeyStatus::Deleted;
+    if !visible {
+        return Decision::of(Code::NotFound);
+    }
+    if record.status == KeyStatus::Revoked {
+        return Decision::of(Code::Revoked);
+    }
+    if !record.enabled {
+        return Decision::of(Code::Disabled);
+    }
+    if record.expires_at.is_some_and(|at| now_ms >= at) {
+        return Decision::of(Code::Expired);
+    }
+    let (matched, missing): (Vec<&String>, Vec<&String>) = request
+        .permissions
+        .iter()
+        .partition(|p| record.permissions.contains(p));
+    let permissions_matched = matched.into_iter().cloned().collect();
+    let code = if missing.is_empty() {
+        Code::Valid
+    } else {
+        Code::InsufficientPermissions
+    };
+    Decision {
+        code,
+        permissions_matched,
+    }
+}
+
+/// Where the edge found the record it answered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Memory,
+    Cache,
+    Kv,
+    /// The control plane's database (the origin's own, strongly consistent answer).
+    Origin,
+}
+
+/// The answer to a well-formed verify request (HTTP 200 whatever the code).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyResponse {
+    pub valid: bool,
+    pub code: Code,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    pub permissions: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+impl VerifyResponse {
+    /// The answer for a decision; details of the key only where [`Decision::reveals_key`].
+    pub fn new(
+        decision: Decision,
+        record: Option<&KeyRecord>,
+        source: Option<Source>,
+    ) -> VerifyResponse {
+        let shown = record.filter(|_| decision.reveals_key());
+        VerifyResponse {
+            valid: decision.code == Code::Valid,
+            code: decision.code,
+            key_id: shown.map(|r| r.id.clone()),
+            api_id: shown.map(|r| r.api_id.clone()),
+            name: shown.and_then(|r| r.name.clone()),
+            owner_id: shown.and_then(|r| r.owner_id.clone()),
+            meta: shown.map(|r| r.meta.clone()),
+            expires_at: shown.and_then(|r| r.expires_at),
+            permissions: decision.permissions_matched,
+            source,
+        }
+    }
+
+    /// The answer for a key that failed the format or checksum: no lookup was made.
+    pub fn malformed() -> VerifyResponse {
+        VerifyResponse::new(Decision::of(Code::Malformed), None, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::record::tests::sample;
+
+    const NOW: i64 = 10_000;
+
+    struct Case {
+        name: &'static str,
+        edit: fn(&mut KeyRecord),
+        api_id: Option<&'static str>,
+        permissions: &'static [&'static str],
+        scopes: &'static [&'static str],
+        expected: Code,
+    }
+
+    const ALL_VERIFY: &[&str] = &["api.*.verify_key"];
+
+    fn check(case: &Case) {
+        let presented = KeyHash::of("sk_live_presented");
+        let mut record = sample(presented);
+        (case.edit)(&mut record);
+        let scopes = Scopes(case.scopes.iter().map(|s| s.parse().unwrap()).collect());
+        let caller = Caller {
+            workspace_id: "ws_1",
+            scopes: &scopes,
+        };
+        let request = VerifyRequest {
+            key: "sk_live_presented".into(),
+            api_id: case.api_id.map(str::to_owned),
+            permissions: case.permissions.iter().map(|p| p.to_string()).collect(),
+        };
+        let decision = decide(Some(&record), &presented, caller, &request, NOW);
+        assert_eq!(decision.code, case.expected, "{}", case.name);
+    }
+
+    #[test]
+    fn decision_table() {
+        let cases = [
+            Case {
+                name: "plain valid",
+                edit: |_| {},
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Valid,
+            },
+            Case {
+                name: "named api",
+                edit: |_| {},
+                api_id: Some("api_1"),
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Valid,
+            },
+            Case {
+                name: "scoped to its api",
+                edit: |_| {},
+                api_id: None,
+                permissions: &[],
+                scopes: &["api.api_1.verify_key"],
+                expected: Code::Valid,
+            },
+            Case {
+                name: "other api named",
+                edit: |_| {},
+                api_id: Some("api_2"),
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::NotFound,
+            },
+            Case {
+                name: "caller scoped to other api",
+                edit: |_| {},
+                api_id: None,
+                permissions: &[],
+                scopes: &["api.api_2.verify_key"],
+                expected: Code::NotFound,
+            },
+            Case {
+                name: "caller without verify",
+                edit: |_| {},
+                api_id: None,
+                permissions: &[],
+                scopes: &["api.*.read_key"],
+                expected: Code::NotFound,
+            },
+            Case {
+                name: "other workspace",
+                edit: |r| r.workspace_id = "ws_2".into(),
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::NotFound,
+            },
+            Case {
+                name: "hash mismatch",
+                edit: |r| r.hash = KeyHash::of("other"),
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::NotFound,
+            },
+            Case {
+                name: "deleted",
+                edit: |r| r.status = KeyStatus::Deleted,
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::NotFound,
+            },
+            Case {
+                name: "revoked",
+                edit: |r| r.status = KeyStatus::Revoked,
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Revoked,
+            },
+            Case {
+                name: "revoked beats disabled",
+                edit: |r| {
+                    r.status = KeyStatus::Revoked;
+                    r.enabled = false
+                },
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Revoked,
+            },
+            Case {
+                name: "disabled",
+                edit: |r| r.enabled = false,
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Disabled,
+            },
+            Case {
+                name: "disabled beats expired",
+                edit: |r| {
+                    r.enabled = false;
+                    r.expires_at = Some(1)
+                },
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Disabled,
+            },
+            Case {
+                name: "expires exactly now",
+                edit: |r| r.expires_at = Some(NOW),
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Expired,
+            },
+            Case {
+                name: "expires a ms later",
+                edit: |r| r.expires_at = Some(NOW + 1),
+                api_id: None,
+                permissions: &[],
+                scopes: ALL_VERIFY,
+                expected: Code::Valid,
+            },
+            Case {
+                name: "has permissions",
+                edit: |_| {},
+                api_id: None,
+                permissions: &["read", "write"],
+                scopes: ALL_VERIFY,
+                expected: Code::Valid,
+            },
+            Case {
+                name: "missing one permission",
+                edit: |_| {},
+                api_id: None,
+                permissions: &["read", "admin"],
+                scopes: ALL_VERIFY,
+                expected: Code::InsufficientPermissions,
+            },
+            Case {
+                name: "expired beats permissions",
+                edit: |r| r.expires_at = Some(0),
+                api_id: None,
+                permissions: &["admin"],
+                scopes: ALL_VERIFY,
+                expected: Code::Expired,
+            },
+        ];
+        for case in &cases {
+            check(case);
+        }
+    }
+
+    #[test]
+    fn absent_record_is_not_found() {
+        let scopes = Scopes(vec![]);
+        let caller = Caller {
+            workspace_id: "ws_1",
+            scopes: &scopes,
+        };
+        let request = VerifyRequest {
+            key: "k".into(),
+            api_id: None,
+            permissions: vec![],
+        };
+        assert_eq!(
+            decide(None, &KeyHash::of("k"), caller, &request, NOW).code,
+            Code::NotFound
+        );
+    }
+
+    #[test]
+    fn response_hides_details_unless_revealed() {
+        let record = sample(KeyHash::of("k"));
+        let hidden = VerifyResponse::new(
+            Decision::of(Code::NotFound),
+            Some(&record),
+            Some(Source::Kv),
+        );
+        assert_eq!(hidden.key_id, None);
+        assert_eq!(hidden.owner_id, None);
+        let shown =
+            VerifyResponse::new(Decision::of(Code::Revoked), Some(&record), Some(Source::Kv));
+        assert_eq!(shown.key_id.as_deref(), Some("key_1"));
+        assert!(!shown.valid);
+        let json = serde_json::to_value(VerifyResponse::malformed()).unwrap();
+        assert_eq!(json["code"], "MALFORMED");
+        assert_eq!(json["valid"], false);
+    }
+}
