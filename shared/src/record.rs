@@ -63,6 +63,28 @@ pub struct KeyRecord {
     pub updated_at: i64,
 }
 
+impl KeyRecord {
+    /// Whether going from `self` to `next` can turn an accepted verification into a rejected
+    /// one: revoke, delete, disable, expiry set or moved earlier, a permission removed, or a
+    /// move to another API or workspace. Such a change must be purged from edge copies at once.
+    pub fn is_tightened_by(&self, next: &KeyRecord) -> bool {
+        let expiry_earlier = match (self.expires_at, next.expires_at) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(old), Some(new)) => new < old,
+        };
+        (self.status != next.status && next.status != KeyStatus::Active)
+            || (self.enabled && !next.enabled)
+            || expiry_earlier
+            || self
+                .permissions
+                .iter()
+                .any(|p| !next.permissions.contains(p))
+            || self.api_id != next.api_id
+            || self.workspace_id != next.workspace_id
+    }
+}
+
 /// A root key as the edge sees it: enough to authenticate a caller of the verify route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RootKeyRecord {
@@ -152,6 +174,43 @@ pub(crate) mod tests {
             KeyRecord::from_json("{}"),
             Err(RecordError::Json(_))
         ));
+    }
+
+    #[test]
+    fn tightening_table() {
+        fn check(edit: fn(&mut KeyRecord), expected: bool) {
+            let old = sample(KeyHash::of("x"));
+            let mut new = old.clone();
+            edit(&mut new);
+            assert_eq!(old.is_tightened_by(&new), expected);
+        }
+        check(|_| {}, false);
+        check(|r| r.status = KeyStatus::Revoked, true);
+        check(|r| r.status = KeyStatus::Deleted, true);
+        check(|r| r.enabled = false, true);
+        check(|r| r.expires_at = Some(5), true);
+        check(|r| r.permissions.pop().map(drop).unwrap_or(()), true);
+        check(|r| r.permissions.push("admin".into()), false);
+        check(|r| r.name = Some("renamed".into()), false);
+        check(
+            |r| {
+                r.meta
+                    .insert("plan".into(), 1.into())
+                    .map(drop)
+                    .unwrap_or(())
+            },
+            false,
+        );
+        check(|r| r.api_id = "api_2".into(), true);
+        let mut expiring = sample(KeyHash::of("x"));
+        expiring.expires_at = Some(100);
+        let mut later = expiring.clone();
+        later.expires_at = Some(200);
+        assert!(!expiring.is_tightened_by(&later));
+        assert!(later.is_tightened_by(&expiring));
+        let mut never = expiring.clone();
+        never.expires_at = None;
+        assert!(!expiring.is_tightened_by(&never));
     }
 
     #[test]

@@ -1,0 +1,194 @@
+//! `keyward.toml` and its environment overrides.
+//!
+//! Every setting has a default good for a laptop; `KEYWARD_CONFIG` names the file (default
+//! `keyward.toml` in the working directory, if present) and `KEYWARD_LISTEN`, `KEYWARD_DATABASE`,
+//! `KEYWARD_PURGE_SECRET` and `KEYWARD_KV_TOKEN` override what it says.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: String) -> Secret {
+        Secret(text)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One edge region: where its worker answers, and where its KV namespace is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    pub name: String,
+    /// The worker's base URL; purges go to `<url>/internal/purge`.
+    pub url: String,
+    /// Base of Cloudflare's KV REST API up to `/storage/kv/...`: for Cloudflare,
+    /// `https://api.cloudflare.com/client/v4/accounts/<account id>`; locally,
+    /// `http://127.0.0.1:8787/cdn-cgi/explorer/api`.
+    pub kv_url: String,
+    pub kv_namespace_id: String,
+    /// API token for Cloudflare (none locally). `KEYWARD_KV_TOKEN` overrides it.
+    #[serde(default)]
+    pub kv_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    /// Shared with every region's worker (as its `PURGE_SECRET`) to sign internal requests.
+    #[serde(default)]
+    pub purge_secret: Option<Secret>,
+    #[serde(default)]
+    pub regions: Vec<Region>,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid address")
+}
+
+fn default_database() -> PathBuf {
+    PathBuf::from("keyward.sqlite")
+}
+
+impl Config {
+    /// Reads the file (if any) and applies the environment.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let from_env = std::env::var_os("KEYWARD_CONFIG").map(PathBuf::from);
+        let explicit = path.map(Path::to_path_buf).or(from_env);
+        let path = explicit
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("keyward.toml"));
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+                String::new()
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot read config file {}", path.display()));
+            }
+        };
+        let config = Config::parse(&text, |name| std::env::var(name).ok())
+            .with_context(|| format!("in config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Parses a config text, then applies overrides from `env`.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let mut config: Config = toml::from_str(text)?;
+        if let Some(listen) = env("KEYWARD_LISTEN") {
+            config.listen = listen
+                .parse()
+                .with_context(|| format!("KEYWARD_LISTEN={listen} is not host:port"))?;
+        }
+        if let Some(database) = env("KEYWARD_DATABASE") {
+            config.database = PathBuf::from(database);
+        }
+        if let Some(secret) = env("KEYWARD_PURGE_SECRET") {
+            config.purge_secret = Some(Secret(secret));
+        }
+        if let Some(token) = env("KEYWARD_KV_TOKEN") {
+            for region in &mut config.regions {
+                region.kv_token = Some(Secret(token.clone()));
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.regions.is_empty() && self.purge_secret.as_ref().is_none_or(|s| s.0.len() < 32) {
+            bail!(
+                "purge_secret (or KEYWARD_PURGE_SECRET) must be set, at least 32 characters, when regions are configured"
+            );
+        }
+        for (i, region) in self.regions.iter().enumerate() {
+            if self.regions[..i].iter().any(|r| r.name == region.name) {
+                bail!("region name `{}` appears twice", region.name);
+            }
+            for url in [&region.url, &region.kv_url] {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("region `{}`: `{url}` is not an http(s) URL", region.name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn region_toml() -> String {
+        format!(
+            "purge_secret = \"{SECRET}\"\n[[regions]]\nname = \"local\"\nurl = \"http://127.0.0.1:8787\"\n\
+             kv_url = \"http://127.0.0.1:8787/cdn-cgi/explorer/api\"\nkv_namespace_id = \"keyward-local\"\n"
+        )
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let config = Config::parse("", |_| None).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.database, PathBuf::from("keyward.sqlite"));
+        let env = |name: &str| match name {
+            "KEYWARD_LISTEN" => Some("127.0.0.1:9999".to_owned()),
+            "KEYWARD_DATABASE" => Some("/tmp/x.sqlite".to_owned()),
+            "KEYWARD_KV_TOKEN" => Some("tok".to_owned()),
+            _ => None,
+        };
+        let config = Config::parse(&region_toml(), env).unwrap();
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.database, PathBuf::from("/tmp/x.sqlite"));
+        assert_eq!(config.regions[0].kv_token.as_ref().unwrap().expose(), "tok");
+    }
+
+    #[test]
+    fn rejects_what_cannot_work() {
+        let no_secret = region_toml().replace(&format!("purge_secret = \"{SECRET}\"\n"), "");
+        assert!(Config::parse(&no_secret, |_| None).is_err());
+        assert!(Config::parse("listen = \"nope\"", |_| None).is_err());
+        assert!(Config::parse("colour = 1", |_| None).is_err());
+        let twice = format!(
+            "{}{}",
+            region_toml(),
+            region_toml().lines().skip(1).collect::<Vec<_>>().join("\n")
+        );
+        let err = Config::parse(&twice, |_| None).unwrap_err();
+        assert!(format!("{err:#}").contains("appears twice"), "{err:#}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let config = Config::parse(&region_toml(), |_| {
+            Some("kvtoken-plaintext".into()).filter(|_| false)
+        })
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+    }
+}

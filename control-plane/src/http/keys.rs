@@ -1,0 +1,471 @@
+//! Keys: create, read, list, update, revoke, delete, and the origin's own verification.
+//!
+//! Every change is committed to the database first, then written to KV in every region; a
+//! tightening change (see [`KeyRecord::is_tightened_by`]) also purges every region's copies, and
+//! the answer lists each region's acknowledgement.
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
+use keyward_shared::verify::Caller;
+use keyward_shared::{
+    Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide, kv_key_for_key,
+};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::auth::RootKey;
+use super::extract::{Json, Path, Query, check_id};
+use super::root_keys::check_name;
+use super::{AppError, AppState, MAX_VERIFY_BODY, Result, new_id};
+use crate::edge::RegionReport;
+use crate::keygen;
+use crate::store::KeyQuery;
+use crate::time::now_ms;
+
+const MAX_META_BYTES: usize = 16 * 1024;
+const MAX_PERMISSIONS: usize = 100;
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1_000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/keys", post(create).get(list))
+        .route("/v1/keys/{id}", get(read).patch(update).delete(delete))
+        .route("/v1/keys/{id}/revoke", post(revoke))
+        .route(
+            "/v1/keys/verify",
+            post(verify).layer(DefaultBodyLimit::max(MAX_VERIFY_BODY)),
+        )
+}
+
+/// A key as the admin API shows it: everything but the hash.
+#[derive(Serialize)]
+struct KeyView<'a> {
+    id: &'a str,
+    api_id: &'a str,
+    workspace_id: &'a str,
+    name: &'a Option<String>,
+    start: &'a str,
+    owner_id: &'a Option<String>,
+    meta: &'a Map<String, Value>,
+    enabled: bool,
+    status: KeyStatus,
+    expires_at: Option<i64>,
+    permissions: &'a [String],
+    version: u64,
+    max_staleness_ms: u64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl<'a> From<&'a KeyRecord> for KeyView<'a> {
+    fn from(r: &'a KeyRecord) -> KeyView<'a> {
+        KeyView {
+            id: &r.id,
+            api_id: &r.api_id,
+            workspace_id: &r.workspace_id,
+            name: &r.name,
+            start: &r.start,
+            owner_id: &r.owner_id,
+            meta: &r.meta,
+            enabled: r.enabled,
+            status: r.status,
+            expires_at: r.expires_at,
+            permissions: &r.permissions,
+            version: r.version,
+            max_staleness_ms: r.max_staleness_ms,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    api_id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    expires_at: Option<i64>,
+    #[serde(default)]
+    meta: Option<Map<String, Value>>,
+    #[serde(default)]
+    permissions: Vec<String>,
+    #[serde(default)]
+    owner_id: Option<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Json(body): Json<CreateKey>,
+) -> Result<(StatusCode, axum::Json<Value>)> {
+    check_id(&body.api_id, "api")?;
+    let api = state
+        .store
+        .api(caller.workspace_id(), &body.api_id)
+        .await?
+        .ok_or_else(|| AppError::not_found("API"))?;
+    caller.require(&Scope::key(&api.id, KeyAction::CreateKey))?;
+    let now = now_ms();
+    if body.expires_at.is_some_and(|at| at <= now) {
+        return Err(AppError::BadRequest(
+            "expires_at must be in the future (Unix milliseconds)".into(),
+        ));
+    }
+    let prefix = body.prefix.as_deref().unwrap_or(&api.prefix);
+    let key = keygen::generate(prefix)
+        .map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
+    let record = KeyRecord {
+        schema: RECORD_SCHEMA,
+        id: new_id("key"),
+        hash: key.hash(),
+        api_id: api.id.clone(),
+        workspace_id: api.workspace_id.clone(),
+        name: body
+            .name
+            .as_deref()
+            .map(check_name)
+            .transpose()?
+            .map(str::to_owned),
+        start: key.start().to_owned(),
+        owner_id: body.owner_id.as_deref().map(check_owner).transpose()?,
+        meta: check_meta(body.meta.unwrap_or_default())?,
+        enabled: true,
+        status: KeyStatus::Active,
+        expires_at: body.expires_at,
+        permissions: check_permissions(body.permissions)?,
+        version: 1,
+        max_staleness_ms: api.max_staleness_ms,
+        created_at: now,
+        updated_at: now,
+    };
+    state.store.create_key(&record).await?;
+    let regions = push(&state, &record, false).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "id": record.id,
+            "key": key.expose(),
+            "start": record.start,
+            "api_id": record.api_id,
+            "regions": regions,
+        })),
+    ))
+}
+
+/// The key with this id if the caller's workspace has it (and it is not deleted) and the
+/// caller holds `action` on its API.
+async fn find(
+    state: &AppState,
+    caller: &RootKey,
+    id: &str,
+    action: KeyAction,
+) -> Result<KeyRecord> {
+    check_id(id, "key")?;
+    let record = state
+        .store
+        .key(caller.workspace_id(), id)
+        .await?
+        .filter(|r| r.status != KeyStatus::Deleted)
+        .ok_or_else(|| AppError::not_found("key"))?;
+    caller.require(&Scope::key(&record.api_id, action))?;
+    Ok(record)
+}
+
+async fn read(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    let record = find(&state, &caller, &id, KeyAction::ReadKey).await?;
+    Ok(axum::Json(json!(KeyView::from(&record))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    api_id: Option<String>,
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<Value>> {
+    if q.api_id.is_none() && q.start.is_none() {
+        return Err(AppError::BadRequest(
+            "give `api_id`, `start` (the visible beginning of a key), or both".into(),
+        ));
+    }
+    if let Some(api_id) = &q.api_id {
+        check_id(api_id, "api")?;
+        state
+            .store
+            .api(caller.workspace_id(), api_id)
+            .await?
+            .ok_or_else(|| AppError::not_found("API"))?;
+        caller.require(&Scope::key(api_id, KeyAction::ReadKey))?;
+    }
+    let start = q.start.as_deref().map(check_start).transpose()?;
+    if let Some(cursor) = &q.cursor {
+        check_id(cursor, "key")?;
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(AppError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let query = KeyQuery {
+        workspace_id: caller.workspace_id(),
+        api_id: q.api_id.as_deref(),
+        start: start.as_deref(),
+        after: q.cursor.as_deref(),
+        limit: limit + 1,
+    };
+    let mut records = state.store.keys(&query).await?;
+    let more = records.len() > limit as usize;
+    records.truncate(limit as usize);
+    let cursor = if more {
+        records.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    // A search by start across APIs shows only keys of APIs the caller may read.
+    let keys: Vec<KeyView> = records
+        .iter()
+        .filter(|r| {
+            caller
+                .0
+                .scopes
+                .grants(&Scope::key(&r.api_id, KeyAction::ReadKey))
+        })
+        .map(KeyView::from)
+        .collect();
+    Ok(axum::Json(json!({ "keys": keys, "cursor": cursor })))
+}
+
+/// Deserializes a present field (even `null`) as `Some`, so `null` can mean "clear it".
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    owner_id: Option<Option<String>>,
+    #[serde(default)]
+    meta: Option<Map<String, Value>>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    /// Unix ms; now or a past time means "expire now"; `null` removes the expiry.
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<i64>>,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+}
+
+async fn update(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateKey>,
+) -> Result<axum::Json<Value>> {
+    let old = find(&state, &caller, &id, KeyAction::UpdateKey).await?;
+    if old.status == KeyStatus::Revoked {
+        return Err(AppError::Conflict(
+            "a revoked key cannot be changed; create a new key".into(),
+        ));
+    }
+    let now = now_ms();
+    let mut new = old.clone();
+    if let Some(name) = body.name {
+        new.name = name
+            .as_deref()
+            .map(check_name)
+            .transpose()?
+            .map(str::to_owned);
+    }
+    if let Some(owner_id) = body.owner_id {
+        new.owner_id = owner_id.as_deref().map(check_owner).transpose()?;
+    }
+    if let Some(meta) = body.meta {
+        new.meta = check_meta(meta)?;
+    }
+    if let Some(enabled) = body.enabled {
+        new.enabled = enabled;
+    }
+    if let Some(expires_at) = body.expires_at {
+        new.expires_at = expires_at.map(|at| at.max(now));
+    }
+    if let Some(permissions) = body.permissions {
+        new.permissions = check_permissions(permissions)?;
+    }
+    let (record, regions) = commit(&state, old, new, now).await?;
+    Ok(axum::Json(
+        json!({ "key": KeyView::from(&record), "regions": regions }),
+    ))
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    let old = find(&state, &caller, &id, KeyAction::RevokeKey).await?;
+    let mut new = old.clone();
+    new.status = KeyStatus::Revoked;
+    let (record, regions) = commit(&state, old, new, now_ms()).await?;
+    Ok(axum::Json(
+        json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions }),
+    ))
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>> {
+    let old = find(&state, &caller, &id, KeyAction::DeleteKey).await?;
+    let mut new = old.clone();
+    new.status = KeyStatus::Deleted;
+    let (record, regions) = commit(&state, old, new, now_ms()).await?;
+    Ok(axum::Json(
+        json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions }),
+    ))
+}
+
+/// Stores `new` as the next version of `old`, then pushes it to every region, purging edge
+/// copies when the change tightens the key. Revoking a revoked key changes nothing but purges
+/// again, so a region that missed the first purge can be sent another.
+async fn commit(
+    state: &AppState,
+    old: KeyRecord,
+    mut new: KeyRecord,
+    now: i64,
+) -> Result<(KeyRecord, Vec<RegionReport>)> {
+    let tightening =
+        old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
+    if new != old {
+        new.version = old.version + 1;
+        new.updated_at = now;
+        state.store.update_key(&new).await?;
+    }
+    let regions = push(state, &new, tightening).await?;
+    Ok((new, regions))
+}
+
+async fn push(state: &AppState, record: &KeyRecord, purge: bool) -> Result<Vec<RegionReport>> {
+    let value = serde_json::to_string(record).map_err(|e| AppError::Internal(e.into()))?;
+    let hashes = if purge { vec![record.hash] } else { Vec::new() };
+    Ok(state
+        .edge
+        .push(&kv_key_for_key(&record.hash), &value, &hashes)
+        .await)
+}
+
+async fn verify(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Json(request): Json<VerifyRequest>,
+) -> Result<axum::Json<VerifyResponse>> {
+    if !caller.0.scopes.can_verify_somewhere() {
+        return Err(AppError::Forbidden(
+            "this root key has no `api.<id|*>.verify_key` scope".into(),
+        ));
+    }
+    let Ok(key) = Key::parse(&request.key) else {
+        return Ok(axum::Json(VerifyResponse::malformed()));
+    };
+    let hash = key.hash();
+    let record = state.store.key_by_hash(&hash).await?;
+    let who = Caller {
+        workspace_id: caller.workspace_id(),
+        scopes: &caller.0.scopes,
+    };
+    let decision = decide(record.as_ref(), &hash, who, &request, now_ms());
+    Ok(axum::Json(VerifyResponse::new(
+        decision,
+        record.as_ref(),
+        Some(Source::Origin),
+    )))
+}
+
+fn check_owner(owner: &str) -> Result<String> {
+    if owner.is_empty() || owner.chars().count() > 200 {
+        return Err(AppError::BadRequest(
+            "owner_id must be 1 to 200 characters".into(),
+        ));
+    }
+    Ok(owner.to_owned())
+}
+
+fn check_meta(meta: Map<String, Value>) -> Result<Map<String, Value>> {
+    let size = Value::Object(meta.clone()).to_string().len();
+    if size > MAX_META_BYTES {
+        return Err(AppError::BadRequest(format!(
+            "meta is {size} bytes of JSON; the limit is {MAX_META_BYTES}"
+        )));
+    }
+    Ok(meta)
+}
+
+fn check_permissions(mut permissions: Vec<String>) -> Result<Vec<String>> {
+    if permissions.len() > MAX_PERMISSIONS {
+        return Err(AppError::BadRequest(format!(
+            "at most {MAX_PERMISSIONS} permissions per key"
+        )));
+    }
+    for p in &permissions {
+        let ok = (1..=100).contains(&p.len())
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:*-".contains(&b));
+        if !ok {
+            return Err(AppError::BadRequest(format!(
+                "permission `{}` must be 1 to 100 characters of letters, digits and `_ . : * -`",
+                p.chars().take(100).collect::<String>()
+            )));
+        }
+    }
+    permissions.sort();
+    permissions.dedup();
+    Ok(permissions)
+}
+
+/// A display start to search by: key characters only (letters, digits, `_`), at most the
+/// length of a stored start; a longer text is cut to that length.
+fn check_start(start: &str) -> Result<String> {
+    if start.is_empty()
+        || !start
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(AppError::BadRequest(
+            "start must be the visible beginning of a key, like `sk_live_3xQ9`".into(),
+        ));
+    }
+    // A start is `<prefix>_` plus a fixed number of body characters.
+    let limit = start.rfind('_').map_or(start.len(), |i| {
+        i + 1 + keyward_shared::key::START_BODY_CHARS
+    });
+    Ok(start.chars().take(limit).collect())
+}

@@ -1,0 +1,125 @@
+//! `POST /v1/workspaces`' and `POST /v1/root-keys`' shared work: minting root keys, storing them
+//! hashed, and writing those that may verify to KV so the edge can check its callers.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use keyward_shared::scope::ApiSelector;
+use keyward_shared::{Key, RootKeyRecord, Scope, Scopes, kv_key_for_root};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::RootKey;
+use super::extract::Json;
+use super::{AppError, AppState, Result, new_id};
+use crate::edge::{Edge, RegionReport};
+use crate::keygen::{self, ROOT_KEY_PREFIX};
+use crate::store::{NewRootKey, Store};
+use crate::time::now_ms;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/root-keys", post(create))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRootKey {
+    name: String,
+    scopes: Vec<String>,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Json(body): Json<CreateRootKey>,
+) -> Result<(StatusCode, axum::Json<Value>)> {
+    caller.require(&Scope::RootKeyCreate)?;
+    let name = check_name(&body.name)?;
+    if body.scopes.is_empty() || body.scopes.len() > 100 {
+        return Err(AppError::BadRequest("give between 1 and 100 scopes".into()));
+    }
+    let mut scopes = Vec::new();
+    for text in &body.scopes {
+        let scope: Scope = text
+            .parse()
+            .map_err(|e: keyward_shared::ScopeError| AppError::BadRequest(e.to_string()))?;
+        if !caller.0.scopes.grants(&scope) {
+            return Err(AppError::Forbidden(format!(
+                "cannot grant `{scope}`: this root key does not hold it"
+            )));
+        }
+        if let Scope::Key {
+            api: ApiSelector::Id(api_id),
+            ..
+        } = &scope
+        {
+            if state
+                .store
+                .api(caller.workspace_id(), api_id)
+                .await?
+                .is_none()
+            {
+                return Err(AppError::BadRequest(format!(
+                    "scope `{scope}` names an API that is not in this workspace"
+                )));
+            }
+        }
+        scopes.push(scope);
+    }
+    let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
+    let id = new_id("root");
+    let scopes = Scopes(scopes);
+    state
+        .store
+        .create_root_key(NewRootKey {
+            id: &id,
+            workspace_id: caller.workspace_id(),
+            name,
+            hash: &key.hash(),
+            start: key.start(),
+            scopes: &scopes,
+            now: now_ms(),
+        })
+        .await?;
+    let regions = publish(&state.store, &state.edge, &key).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "id": id,
+            "key": key.expose(),
+            "start": key.start(),
+            "scopes": scopes,
+            "regions": regions,
+        })),
+    ))
+}
+
+/// Writes a root key to KV if it may verify somewhere; answers the per-region result.
+pub(crate) async fn publish(store: &Store, edge: &Edge, key: &Key) -> Result<Vec<RegionReport>> {
+    let Some(record) = store.active_root_key(&key.hash()).await? else {
+        return Err(AppError::Internal(anyhow::anyhow!(
+            "root key vanished after insert"
+        )));
+    };
+    publish_record(edge, &record).await
+}
+
+pub async fn publish_record(edge: &Edge, record: &RootKeyRecord) -> Result<Vec<RegionReport>> {
+    if !record.scopes.can_verify_somewhere() {
+        return Ok(Vec::new());
+    }
+    let value = serde_json::to_string(record).map_err(|e| AppError::Internal(e.into()))?;
+    Ok(edge.push(&kv_key_for_root(&record.hash), &value, &[]).await)
+}
+
+/// A display name: 1 to 200 characters.
+pub(crate) fn check_name(name: &str) -> Result<&str> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || trimmed.chars().count() > 200 {
+        return Err(AppError::BadRequest(
+            "name must be 1 to 200 characters".into(),
+        ));
+    }
+    Ok(trimmed)
+}

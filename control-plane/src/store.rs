@@ -1,0 +1,415 @@
+//! The database: the source of truth for workspaces, root keys, APIs and keys.
+//!
+//! The only module that knows SQL. SQLite at a configurable path, in WAL mode, with migrations
+//! from `control-plane/migrations`. Every key change bumps the record's version and is written
+//! with a compare-and-set on the old version, so two concurrent changes cannot lose one another.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::Context;
+use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
+use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord, Scopes};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqlitePool};
+
+/// A handle to the database, cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Why a store call failed in a way the caller should answer for.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the record changed concurrently; retry")]
+    VersionConflict,
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        StoreError::Other(e.into())
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Api {
+    pub id: String,
+    pub workspace_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub max_staleness_ms: u64,
+    pub created_at: i64,
+}
+
+#[derive(FromRow)]
+struct ApiRow {
+    id: String,
+    workspace_id: String,
+    name: String,
+    prefix: String,
+    max_staleness_ms: i64,
+    created_at: i64,
+}
+
+impl From<ApiRow> for Api {
+    fn from(r: ApiRow) -> Api {
+        Api {
+            id: r.id,
+            workspace_id: r.workspace_id,
+            name: r.name,
+            prefix: r.prefix,
+            max_staleness_ms: r.max_staleness_ms as u64,
+            created_at: r.created_at,
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct KeyRow {
+    id: String,
+    api_id: String,
+    workspace_id: String,
+    hash: String,
+    start: String,
+    name: Option<String>,
+    owner_id: Option<String>,
+    meta: String,
+    enabled: bool,
+    status: String,
+    expires_at: Option<i64>,
+    permissions: String,
+    version: i64,
+    max_staleness_ms: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = anyhow::Error;
+
+    fn try_from(r: KeyRow) -> anyhow::Result<KeyRecord> {
+        Ok(KeyRecord {
+            schema: RECORD_SCHEMA,
+            hash: KeyHash::from_hex(&r.hash).context("stored key hash is not hex")?,
+            meta: serde_json::from_str(&r.meta).context("stored meta is not a JSON object")?,
+            status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
+            permissions: serde_json::from_str(&r.permissions)
+                .context("stored permissions are not a list")?,
+            id: r.id,
+            api_id: r.api_id,
+            workspace_id: r.workspace_id,
+            start: r.start,
+            name: r.name,
+            owner_id: r.owner_id,
+            enabled: r.enabled,
+            expires_at: r.expires_at,
+            version: r.version as u64,
+            max_staleness_ms: r.max_staleness_ms as u64,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct RootKeyRow {
+    id: String,
+    workspace_id: String,
+    hash: String,
+    scopes: String,
+    status: String,
+    version: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<RootKeyRow> for RootKeyRecord {
+    type Error = anyhow::Error;
+
+    fn try_from(r: RootKeyRow) -> anyhow::Result<RootKeyRecord> {
+        Ok(RootKeyRecord {
+            schema: RECORD_SCHEMA,
+            hash: KeyHash::from_hex(&r.hash).context("stored root key hash is not hex")?,
+            scopes: serde_json::from_str(&r.scopes).context("stored scopes are unreadable")?,
+            status: KeyStatus::parse(&r.status).context("stored root key status is unknown")?,
+            id: r.id,
+            workspace_id: r.workspace_id,
+            version: r.version as u64,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+/// A new root key, as stored (hashed).
+pub struct NewRootKey<'a> {
+    pub id: &'a str,
+    pub workspace_id: &'a str,
+    pub name: &'a str,
+    pub hash: &'a KeyHash,
+    pub start: &'a str,
+    pub scopes: &'a Scopes,
+    pub now: i64,
+}
+
+/// Which keys to list: one page after `after` (a key id), by id.
+pub struct KeyQuery<'a> {
+    pub workspace_id: &'a str,
+    pub api_id: Option<&'a str>,
+    pub start: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub limit: u32,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path` and runs migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<Store> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .context("database migration failed")?;
+        Ok(Store { pool })
+    }
+
+    pub async fn workspace_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Creates a workspace and its first root key in one transaction.
+    pub async fn create_workspace(
+        &self,
+        id: &str,
+        name: &str,
+        root: NewRootKey<'_>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(name)
+            .bind(root.now)
+            .execute(&mut *tx)
+            .await?;
+        insert_root_key(&mut tx, &root).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn create_root_key(&self, root: NewRootKey<'_>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_root_key(&mut tx, &root).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The active root key with this hash, if any.
+    pub async fn active_root_key(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<Option<RootKeyRecord>, StoreError> {
+        let row: Option<RootKeyRow> = sqlx::query_as(
+            "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys \
+             WHERE hash = ? AND status = 'active'",
+        )
+        .bind(hash.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(RootKeyRecord::try_from).transpose()?)
+    }
+
+    /// Every root key, for writing those that may verify to KV.
+    pub async fn root_keys(&self) -> Result<Vec<RootKeyRecord>, StoreError> {
+        let rows: Vec<RootKeyRow> = sqlx::query_as(
+            "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(RootKeyRecord::try_from)
+            .collect::<anyhow::Result<_>>()?)
+    }
+
+    pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO apis (id, workspace_id, name, prefix, max_staleness_ms, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&api.id)
+        .bind(&api.workspace_id)
+        .bind(&api.name)
+        .bind(&api.prefix)
+        .bind(api.max_staleness_ms as i64)
+        .bind(api.created_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                    "an API named `{}` already exists in this workspace",
+                    api.name
+                )))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub async fn apis(&self, workspace_id: &str) -> Result<Vec<Api>, StoreError> {
+        let rows: Vec<ApiRow> = sqlx::query_as(
+            "SELECT id, workspace_id, name, prefix, max_staleness_ms, created_at FROM apis WHERE workspace_id = ? ORDER BY id",
+        )
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Api::from).collect())
+    }
+
+    /// The API with this id in this workspace; another workspace's API is `None`.
+    pub async fn api(&self, workspace_id: &str, id: &str) -> Result<Option<Api>, StoreError> {
+        let row: Option<ApiRow> = sqlx::query_as(
+            "SELECT id, workspace_id, name, prefix, max_staleness_ms, created_at FROM apis WHERE id = ? AND workspace_id = ?",
+        )
+        .bind(id)
+        .bind(workspace_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Api::from))
+    }
+
+    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO keys (id, api_id, workspace_id, hash, start, name, owner_id, meta, enabled, status, \
+             expires_at, permissions, version, max_staleness_ms, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.api_id)
+        .bind(&key.workspace_id)
+        .bind(key.hash.to_hex())
+        .bind(&key.start)
+        .bind(&key.name)
+        .bind(&key.owner_id)
+        .bind(serde_json::Value::Object(key.meta.clone()).to_string())
+        .bind(key.enabled)
+        .bind(key.status.as_str())
+        .bind(key.expires_at)
+        .bind(serde_json::to_string(&key.permissions).context("permissions")?)
+        .bind(key.version as i64)
+        .bind(key.max_staleness_ms as i64)
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The key with this id in this workspace, deleted ones included.
+    pub async fn key(&self, workspace_id: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> =
+            sqlx::query_as("SELECT * FROM keys WHERE id = ? AND workspace_id = ?")
+                .bind(id)
+                .bind(workspace_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(KeyRecord::try_from).transpose()?)
+    }
+
+    pub async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as("SELECT * FROM keys WHERE hash = ?")
+            .bind(hash.to_hex())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(KeyRecord::try_from).transpose()?)
+    }
+
+    /// One page of keys that are not deleted, in id order (keyset pagination).
+    pub async fn keys(&self, q: &KeyQuery<'_>) -> Result<Vec<KeyRecord>, StoreError> {
+        // `start` is matched as a prefix of the stored display start. Not with LIKE: `_`, which
+        // every start contains, is a LIKE wildcard.
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT * FROM keys WHERE workspace_id = ? AND status != 'deleted' \
+             AND (? IS NULL OR api_id = ?) AND (? IS NULL OR substr(start, 1, length(?)) = ?) AND (? IS NULL OR id > ?) \
+             ORDER BY id LIMIT ?",
+        )
+        .bind(q.workspace_id)
+        .bind(q.api_id)
+        .bind(q.api_id)
+        .bind(q.start)
+        .bind(q.start)
+        .bind(q.start)
+        .bind(q.after)
+        .bind(q.after)
+        .bind(q.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(KeyRecord::try_from)
+            .collect::<anyhow::Result<_>>()?)
+    }
+
+    /// Writes a changed key whose `version` is one more than the stored one.
+    pub async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE keys SET name = ?, owner_id = ?, meta = ?, enabled = ?, status = ?, expires_at = ?, \
+             permissions = ?, version = ?, updated_at = ? WHERE id = ? AND version = ?",
+        )
+        .bind(&key.name)
+        .bind(&key.owner_id)
+        .bind(serde_json::Value::Object(key.meta.clone()).to_string())
+        .bind(key.enabled)
+        .bind(key.status.as_str())
+        .bind(key.expires_at)
+        .bind(serde_json::to_string(&key.permissions).context("permissions")?)
+        .bind(key.version as i64)
+        .bind(key.updated_at)
+        .bind(&key.id)
+        .bind(key.version as i64 - 1)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::VersionConflict)
+        }
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn insert_root_key(
+    tx: &mut sqlx::SqliteConnection,
+    root: &NewRootKey<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO root_keys (id, workspace_id, name, hash, start, scopes, status, version, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)",
+    )
+    .bind(root.id)
+    .bind(root.workspace_id)
+    .bind(root.name)
+    .bind(root.hash.to_hex())
+    .bind(root.start)
+    .bind(serde_json::to_string(root.scopes).context("scopes")?)
+    .bind(root.now)
+    .bind(root.now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}

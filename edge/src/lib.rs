@@ -1,0 +1,46 @@
+//! Keyward's edge verifier: the `#[event(fetch)]` entry and the route table, nothing else.
+//!
+//! The worker answers `POST /v1/keys/verify` from isolate memory, the Cache API or Workers KV
+//! (in that order), and drops its copies when the control plane sends a signed purge.
+//! Only compiled for wasm32; the pure parts it relies on live in `keyward-shared`.
+
+#![cfg(target_arch = "wasm32")]
+
+mod auth;
+mod error;
+mod lookup;
+mod purge;
+mod verify;
+
+use worker::{Context, Env, Request, Response, Result, Router, event};
+
+/// The KV namespace holding key and root-key records.
+pub(crate) const KV_BINDING: &str = "KEYS";
+/// The wrangler secret shared with the control plane for signed internal routes.
+pub(crate) const PURGE_SECRET: &str = "PURGE_SECRET";
+/// This region's name, for acknowledgements.
+pub(crate) const REGION_VAR: &str = "REGION";
+
+#[event(start)]
+fn start() {
+    console_error_panic_hook::set_once();
+}
+
+#[event(fetch)]
+async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
+    Router::new()
+        .get("/health", |_, ctx| {
+            let region = ctx
+                .var(REGION_VAR)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            Response::from_json(&serde_json::json!({ "status": "ok", "region": region }))
+        })
+        .post_async("/v1/keys/verify", verify::handle)
+        .post_async(keyward_shared::internal::PURGE_PATH, purge::handle)
+        .or_else_any_method("/*rest", |_, _| {
+            error::respond(404, "NOT_FOUND_ROUTE", "no such route")
+        })
+        .run(req, env)
+        .await
+}
