@@ -1,0 +1,311 @@
+//! Starting Keyward's real processes: edge regions under `wrangler dev` and the `keyward`
+//! control plane, each in its own process group, stopped (the whole group) when dropped.
+//!
+//! Used by the whole-system tests in `tests/tests` and by `cargo xtask dev` and `bench`, so
+//! there is one way to bring Keyward up.
+
+pub mod world;
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `keyward` binary: `KEYWARD_BIN`, or the debug build in the repository's target dir.
+pub fn keyward_bin() -> PathBuf {
+    std::env::var_os("KEYWARD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/keyward"))
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh root key (prefix `kw_root`) from the OS's random source.
+pub fn new_root_key() -> String {
+    new_key("kw_root")
+}
+
+/// A fresh, well-formed key with this prefix.
+pub fn new_key(prefix: &str) -> String {
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).expect("OS randomness");
+    keyward_shared::Key::generate(prefix, random)
+        .expect("valid prefix")
+        .expose()
+        .to_owned()
+}
+
+/// A fresh 64-hex-digit secret.
+pub fn new_secret() -> String {
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).expect("OS randomness");
+    random.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running process group, stopped when dropped.
+pub struct Proc {
+    child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `command` in its own process group with stdout and stderr to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: &Path) -> anyhow::Result<Proc> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            child,
+            name: name.to_owned(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends `signal` (like `TERM` or `KILL`) to the whole process group.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([
+                format!("-{signal}"),
+                "--".into(),
+                format!("-{}", self.child.id()),
+            ])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Stops the group: TERM, then KILL after two seconds.
+    pub fn stop(&mut self) {
+        if self.exited() {
+            self.signal("KILL");
+            return;
+        }
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if self.exited() {
+                self.signal("KILL");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `url` until it answers 200, the process exits, or `timeout` passes.
+pub fn wait_healthy(proc: &mut Proc, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if client
+            .get(url)
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        if proc.exited() {
+            let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
+            bail!(
+                "{} exited before {url} answered; its log:\n{log}",
+                proc.name
+            );
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
+            bail!(
+                "{} did not answer {url} within {timeout:?}; its log:\n{log}",
+                proc.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One edge region to run: its own name, port, directory (config, persist, log) and secret.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub purge_secret: String,
+    /// wrangler's log level (`warn` normally, `error` for benchmarks).
+    pub log_level: &'static str,
+}
+
+/// The KV namespace id every local region uses.
+pub const LOCAL_NAMESPACE: &str = "keyward-local";
+
+impl RegionSpec {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kv_url(&self) -> String {
+        format!("{}/cdn-cgi/explorer/api", self.url())
+    }
+
+    /// This region as a `[[regions]]` entry of `keyward.toml`.
+    pub fn config_toml(&self) -> String {
+        format!(
+            "[[regions]]\nname = \"{}\"\nurl = \"{}\"\nkv_url = \"{}\"\nkv_namespace_id = \"{LOCAL_NAMESPACE}\"\n",
+            self.name,
+            self.url(),
+            self.kv_url()
+        )
+    }
+
+    /// Writes the region's wrangler config and `.dev.vars`, starts `wrangler dev` and waits
+    /// for its health route. The worker must already be built (`edge/build`).
+    ///
+    /// workerd occasionally fails to start when several start at once (seen about once in
+    /// twenty starts on 2 cores, with no cause in its log), so a failed start is retried twice.
+    pub fn start(&self) -> anyhow::Result<Proc> {
+        let mut attempt = 1;
+        loop {
+            match self.start_once() {
+                Ok(proc) => return Ok(proc),
+                Err(e) if attempt < 3 => {
+                    eprintln!(
+                        "region {} failed to start (attempt {attempt}), retrying: {e:#}",
+                        self.name
+                    );
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_once(&self) -> anyhow::Result<Proc> {
+        let root = repo_root();
+        let main = root.join("edge/build/worker/shim.mjs");
+        if !main.exists() {
+            bail!(
+                "the worker is not built ({} is missing): run `cargo xtask build`",
+                main.display()
+            );
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let config = self.dir.join("wrangler.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"keyward-{name}\"\nmain = \"{main}\"\ncompatibility_date = \"2026-04-01\"\n\n\
+                 [vars]\nREGION = \"{name}\"\n\n[[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{LOCAL_NAMESPACE}\"\n",
+                name = self.name,
+                main = main.display()
+            ),
+        )?;
+        std::fs::write(
+            self.dir.join(".dev.vars"),
+            format!("PURGE_SECRET={}\n", self.purge_secret),
+        )?;
+        let mut command = Command::new(root.join("node_modules/.bin/wrangler"));
+        command
+            .current_dir(&self.dir)
+            .args(["dev", "-c"])
+            .arg(&config)
+            .args([
+                "--local",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--persist-to",
+            ])
+            .arg(self.dir.join("persist"))
+            .args(["--inspector-port", &free_port().to_string()])
+            .args([
+                "--show-interactive-dev-session=false",
+                "--log-level",
+                self.log_level,
+            ])
+            .env("WRANGLER_LOG_PATH", self.dir.join("logs"))
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+            .env("CI", "1")
+            .env("WRANGLER_REGISTRY_PATH", self.dir.join("registry"));
+        let mut proc = Proc::spawn(
+            &format!("region {}", self.name),
+            command,
+            &self.dir.join("wrangler.log"),
+        )?;
+        wait_healthy(
+            &mut proc,
+            &format!("{}/health", self.url()),
+            Duration::from_secs(60),
+        )?;
+        Ok(proc)
+    }
+}
+
+/// Starts `keyward serve` with this config file and bootstrap root key, and waits for health.
+pub fn start_control_plane(
+    config: &Path,
+    root_key: &str,
+    port: u16,
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let mut command = Command::new(keyward_bin());
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("KEYWARD_ROOT_KEY", root_key)
+        .env_remove("KEYWARD_CONFIG");
+    let mut proc = Proc::spawn("control plane", command, log)?;
+    wait_healthy(
+        &mut proc,
+        &format!("http://127.0.0.1:{port}/health"),
+        Duration::from_secs(30),
+    )?;
+    Ok(proc)
+}

@@ -1,0 +1,139 @@
+//! `cargo xtask dev`: Keyward on this machine. The control plane on SQLite (127.0.0.1:8080) and
+//! one edge region under `wrangler dev` (127.0.0.1:8787), with local state in `.keyward/`
+//! (ignored by git): the database, the region's persist directory, the dev root key (kept, so a
+//! second run finds the same workspace) and a fresh purge secret each run.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use keyward_tests::{Proc, RegionSpec, new_root_key, new_secret, start_control_plane};
+
+use crate::tools::{self, step};
+
+const STATE_DIR: &str = ".keyward";
+const EDGE_PORT: u16 = 8787;
+const CONTROL_PLANE_PORT: u16 = 8080;
+
+pub fn run() -> anyhow::Result<()> {
+    tools::setup()?;
+    tools::build(false)?;
+    let root = keyward_tests::repo_root();
+    let state = root.join(STATE_DIR);
+    std::fs::create_dir_all(&state)?;
+    let root_key = dev_root_key(&state.join("root_key"))?;
+    let secret = new_secret();
+    // For running `npx wrangler dev` by hand with the top-level wrangler.toml.
+    write_private(&root.join(".dev.vars"), &format!("PURGE_SECRET={secret}\n"))?;
+    let region = RegionSpec {
+        name: "local".into(),
+        port: EDGE_PORT,
+        dir: state.join("region-local"),
+        purge_secret: secret.clone(),
+        log_level: "warn",
+    };
+    let config = state.join("keyward.toml");
+    write_private(
+        &config,
+        &format!(
+            "listen = \"127.0.0.1:{CONTROL_PLANE_PORT}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\n\n{}",
+            state.join("keyward.sqlite").display(),
+            region.config_toml()
+        ),
+    )?;
+
+    step(&format!(
+        "starting the edge region `local` under wrangler dev on 127.0.0.1:{EDGE_PORT}"
+    ));
+    let mut edge = region.start()?;
+    step(&format!(
+        "starting the control plane on 127.0.0.1:{CONTROL_PLANE_PORT} (SQLite at {STATE_DIR}/keyward.sqlite)"
+    ));
+    let mut control_plane = start_control_plane(
+        &config,
+        &root_key,
+        CONTROL_PLANE_PORT,
+        &state.join("control-plane.log"),
+    )?;
+    print_walkthrough(&root_key);
+
+    let (tx, rx) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    loop {
+        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+            step("stopping");
+            break;
+        }
+        let exited = [&mut edge, &mut control_plane]
+            .into_iter()
+            .find_map(|p| p.exited().then(|| (p.name.clone(), p.log.clone())));
+        if let Some((name, log)) = exited {
+            eprintln!("{name} exited; its log is {}", log.display());
+            break;
+        }
+    }
+    stop(edge, control_plane)
+}
+
+fn stop(mut edge: Proc, mut control_plane: Proc) -> anyhow::Result<()> {
+    control_plane.stop();
+    edge.stop();
+    step("stopped; state kept in .keyward/ (delete it to start over)");
+    Ok(())
+}
+
+/// The dev root key: read from `path`, or made and saved there on the first run.
+fn dev_root_key(path: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let text = text.trim().to_owned();
+        keyward_shared::Key::parse(&text).with_context(|| {
+            format!(
+                "{} is not a valid key; delete .keyward/ to start over",
+                path.display()
+            )
+        })?;
+        return Ok(text);
+    }
+    let key = new_root_key();
+    write_private(path, &format!("{key}\n"))?;
+    Ok(key)
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn print_walkthrough(root_key: &str) {
+    println!(
+        r#"
+Keyward is running.
+  control plane (admin API): http://127.0.0.1:{CONTROL_PLANE_PORT}
+  edge (verify):             http://127.0.0.1:{EDGE_PORT}
+  dev root key (kept in {STATE_DIR}/root_key): {root_key}
+
+Try it from another terminal:
+  export KEYWARD_ROOT_KEY={root_key}
+  # an API, then a key in it (the key is shown once)
+  curl -s -X POST http://127.0.0.1:{CONTROL_PLANE_PORT}/v1/apis -H "authorization: Bearer $KEYWARD_ROOT_KEY" \
+    -H 'content-type: application/json' -d '{{"name":"payments-live","prefix":"sk_live"}}'
+  curl -s -X POST http://127.0.0.1:{CONTROL_PLANE_PORT}/v1/keys -H "authorization: Bearer $KEYWARD_ROOT_KEY" \
+    -H 'content-type: application/json' -d '{{"api_id":"<api id>","name":"ci"}}'
+  # verify it at the edge (source: kv, then memory)
+  curl -s -X POST http://127.0.0.1:{EDGE_PORT}/v1/keys/verify -H "authorization: Bearer $KEYWARD_ROOT_KEY" \
+    -d '{{"key":"<key>"}}'
+  # revoke it: every region acknowledges, and the next edge request answers REVOKED
+  curl -s -X POST http://127.0.0.1:{CONTROL_PLANE_PORT}/v1/keys/<key id>/revoke -H "authorization: Bearer $KEYWARD_ROOT_KEY"
+  # or with the CLI: target/debug/keyward keys revoke <key id>
+
+Ctrl-C stops both.
+"#
+    );
+}

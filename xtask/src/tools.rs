@@ -1,0 +1,138 @@
+//! Installing what Keyward needs (as `../shared/TOOLCHAIN.md` measured) and building it.
+//! Every step is skipped when its result is already there, and says so.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const WORKER_BUILD_VERSION: &str = "0.8.7";
+
+/// Prints a visible progress line.
+pub fn step(what: &str) {
+    eprintln!("\x1b[1m==> {what}\x1b[0m");
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.args(args).envs(env.iter().copied());
+    run(&mut command)
+}
+
+/// A binary installed by `cargo install`.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
+    home.join("bin").join(name)
+}
+
+fn version_of(binary: &PathBuf) -> Option<String> {
+    let out = Command::new(binary).arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The wasm-bindgen version the Cargo.lock pins; wasm-bindgen-cli must match it exactly.
+fn locked_wasm_bindgen() -> anyhow::Result<String> {
+    let lock = std::fs::read_to_string("Cargo.lock").context("read Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"wasm-bindgen\"" {
+            if let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
+                return Ok(version.trim_end_matches('"').to_owned());
+            }
+        }
+    }
+    bail!("Cargo.lock pins no wasm-bindgen")
+}
+
+/// Installs what is missing: the wasm32 target, worker-build, wasm-bindgen-cli, npm packages.
+pub fn setup() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup")?;
+    if String::from_utf8_lossy(&installed.stdout).contains("wasm32-unknown-unknown") {
+        step("wasm32-unknown-unknown target: present");
+    } else {
+        step("installing the wasm32-unknown-unknown target");
+        run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    }
+    if version_of(&cargo_bin("worker-build")).is_some_and(|v| v.contains(WORKER_BUILD_VERSION)) {
+        step(&format!("worker-build {WORKER_BUILD_VERSION}: present"));
+    } else {
+        step(&format!(
+            "installing worker-build {WORKER_BUILD_VERSION} (about 3 minutes)"
+        ));
+        cargo(
+            &["install", "worker-build", "--version", WORKER_BUILD_VERSION],
+            &[],
+        )?;
+    }
+    let bindgen = locked_wasm_bindgen()?;
+    if version_of(&cargo_bin("wasm-bindgen")).is_some_and(|v| v.trim().ends_with(&bindgen)) {
+        step(&format!("wasm-bindgen-cli {bindgen}: present"));
+    } else {
+        step(&format!(
+            "installing wasm-bindgen-cli {bindgen} (about 2 minutes)"
+        ));
+        // Not --locked: that fails on a yanked dependency (TOOLCHAIN.md).
+        cargo(
+            &[
+                "install",
+                "wasm-bindgen-cli",
+                "--version",
+                &bindgen,
+                "--force",
+            ],
+            &[],
+        )?;
+    }
+    let npm_ready = PathBuf::from("node_modules/.bin/wrangler").exists()
+        && PathBuf::from("node_modules/.bin/wasm-opt").exists()
+        && modified("node_modules/.package-lock.json") >= modified("package-lock.json");
+    if npm_ready {
+        step("npm packages (wrangler, binaryen): present");
+    } else {
+        step("installing npm packages (wrangler, binaryen) with npm ci");
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    Ok(())
+}
+
+fn modified(path: &str) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Builds the edge worker (`edge/build`) and the `keyward` binary (debug, or release).
+pub fn build(release: bool) -> anyhow::Result<()> {
+    step("building the edge worker (worker-build --release)");
+    let root = keyward_tests::repo_root();
+    run(Command::new(cargo_bin("worker-build"))
+        .arg("--release")
+        .current_dir(root.join("edge"))
+        .env("WASM_BINDGEN_BIN", cargo_bin("wasm-bindgen"))
+        .env("WASM_OPT_BIN", root.join("node_modules/.bin/wasm-opt")))?;
+    step("building the keyward binary");
+    let mut args = vec!["build", "-p", "keyward-control-plane"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args, &[])
+}
