@@ -76,17 +76,12 @@ impl Config {
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         let from_env = std::env::var_os("KEYWARD_CONFIG").map(PathBuf::from);
         let explicit = path.map(Path::to_path_buf).or(from_env);
-        let path = explicit
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("keyward.toml"));
+        let path = explicit.clone().unwrap_or_else(|| PathBuf::from("keyward.toml"));
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
-                String::new()
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => String::new(),
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot read config file {}", path.display()));
+                return Err(e).with_context(|| format!("cannot read config file {}", path.display()));
             }
         };
         let config = Config::parse(&text, |name| std::env::var(name).ok())
@@ -98,9 +93,7 @@ impl Config {
     pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
         let mut config: Config = toml::from_str(text)?;
         if let Some(listen) = env("KEYWARD_LISTEN") {
-            config.listen = listen
-                .parse()
-                .with_context(|| format!("KEYWARD_LISTEN={listen} is not host:port"))?;
+            config.listen = listen.parse().with_context(|| format!("KEYWARD_LISTEN={listen} is not host:port"))?;
         }
         if let Some(database) = env("KEYWARD_DATABASE") {
             config.database = PathBuf::from(database);
@@ -173,21 +166,14 @@ mod tests {
         assert!(Config::parse(&no_secret, |_| None).is_err());
         assert!(Config::parse("listen = \"nope\"", |_| None).is_err());
         assert!(Config::parse("colour = 1", |_| None).is_err());
-        let twice = format!(
-            "{}{}",
-            region_toml(),
-            region_toml().lines().skip(1).collect::<Vec<_>>().join("\n")
-        );
+        let twice = format!("{}{}", region_toml(), region_toml().lines().skip(1).collect::<Vec<_>>().join("\n"));
         let err = Config::parse(&twice, |_| None).unwrap_err();
         assert!(format!("{err:#}").contains("appears twice"), "{err:#}");
     }
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let config = Config::parse(&region_toml(), |_| {
-            Some("kvtoken-plaintext".into()).filter(|_| false)
-        })
-        .unwrap();
+        let config = Config::parse(&region_toml(), |_| Some("kvtoken-plaintext".into()).filter(|_| false)).unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains(SECRET), "{shown}");
     }

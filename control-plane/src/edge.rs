@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::future::{BoxFuture, join_all};
 use keyward_shared::KeyHash;
-use keyward_shared::internal::{
-    self, NONCE_HEADER, PURGE_PATH, PurgeRequest, SIGNATURE_HEADER, TIMESTAMP_HEADER,
-};
+use keyward_shared::internal::{self, NONCE_HEADER, PURGE_PATH, PurgeRequest, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use serde::Serialize;
 
 use crate::config::{Config, Secret};
@@ -33,12 +31,7 @@ pub struct CloudflareKv {
 }
 
 impl CloudflareKv {
-    pub fn new(
-        client: reqwest::Client,
-        base: &str,
-        namespace_id: &str,
-        token: Option<Secret>,
-    ) -> CloudflareKv {
+    pub fn new(client: reqwest::Client, base: &str, namespace_id: &str, token: Option<Secret>) -> CloudflareKv {
         CloudflareKv {
             client,
             base: base.trim_end_matches('/').to_owned(),
@@ -58,10 +51,7 @@ impl CloudflareKv {
                 }
             })
             .collect();
-        format!(
-            "{}/storage/kv/namespaces/{}/values/{key}",
-            self.base, self.namespace_id
-        )
+        format!("{}/storage/kv/namespaces/{}/values/{key}", self.base, self.namespace_id)
     }
 }
 
@@ -123,47 +113,23 @@ impl Edge {
             .map(|r| Region {
                 name: r.name.clone(),
                 url: r.url.trim_end_matches('/').to_owned(),
-                kv: Arc::new(CloudflareKv::new(
-                    client.clone(),
-                    &r.kv_url,
-                    &r.kv_namespace_id,
-                    r.kv_token.clone(),
-                )),
+                kv: Arc::new(CloudflareKv::new(client.clone(), &r.kv_url, &r.kv_namespace_id, r.kv_token.clone())),
             })
             .collect();
-        Ok(Edge {
-            regions,
-            client,
-            purge_secret: config.purge_secret.clone().unwrap_or_default(),
-        })
+        Ok(Edge { regions, client, purge_secret: config.purge_secret.clone().unwrap_or_default() })
     }
 
     pub fn new(regions: Vec<Region>, purge_secret: Secret) -> Edge {
-        Edge {
-            regions,
-            client: reqwest::Client::new(),
-            purge_secret,
-        }
+        Edge { regions, client: reqwest::Client::new(), purge_secret }
     }
 
     /// Writes `value` under `kv_key` in every region and, when `purge` names hashes, purges them
     /// there once the write is done. Regions are pushed concurrently.
     pub async fn push(&self, kv_key: &str, value: &str, purge: &[KeyHash]) -> Vec<RegionReport> {
-        join_all(
-            self.regions
-                .iter()
-                .map(|region| self.push_region(region, kv_key, value, purge)),
-        )
-        .await
+        join_all(self.regions.iter().map(|region| self.push_region(region, kv_key, value, purge))).await
     }
 
-    async fn push_region(
-        &self,
-        region: &Region,
-        kv_key: &str,
-        value: &str,
-        purge: &[KeyHash],
-    ) -> RegionReport {
+    async fn push_region(&self, region: &Region, kv_key: &str, value: &str, purge: &[KeyHash]) -> RegionReport {
         let started = Instant::now();
         let mut report = RegionReport {
             name: region.name.clone(),
@@ -193,19 +159,11 @@ impl Edge {
     }
 
     async fn send_purge(&self, region: &Region, hashes: &[KeyHash]) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&PurgeRequest {
-            hashes: hashes.to_vec(),
-        })?;
+        let body = serde_json::to_vec(&PurgeRequest { hashes: hashes.to_vec() })?;
         let timestamp = now_ms();
         let nonce = uuid::Uuid::new_v4().to_string();
-        let signature = internal::sign(
-            self.purge_secret.expose().as_bytes(),
-            "POST",
-            PURGE_PATH,
-            timestamp,
-            &nonce,
-            &body,
-        );
+        let signature =
+            internal::sign(self.purge_secret.expose().as_bytes(), "POST", PURGE_PATH, timestamp, &nonce, &body);
         let response = self
             .client
             .post(format!("{}{PURGE_PATH}", region.url))
@@ -220,10 +178,7 @@ impl Edge {
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            bail!(
-                "purge refused with {status}: {}",
-                text.chars().take(200).collect::<String>()
-            );
+            bail!("purge refused with {status}: {}", text.chars().take(200).collect::<String>());
         }
         Ok(())
     }

@@ -19,39 +19,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let edge = Arc::new(Edge::from_config(&config)?);
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
     sync_root_keys(&store, &edge).await?;
-    let listener = TcpListener::bind(config.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}; set `listen` or KEYWARD_LISTEN",
-            config.listen
-        )
-    })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; set `listen` or KEYWARD_LISTEN", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %config.database.display(), regions = config.regions.len(), "keyward serving");
     println!("keyward listening on http://{addr}");
-    axum::serve(
-        listener,
-        app(AppState {
-            store: store.clone(),
-            edge,
-        }),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    axum::serve(listener, app(AppState { store: store.clone(), edge }))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     store.close().await;
     Ok(())
 }
 
 /// On an empty database, creates the first workspace and a root key with every scope: the one
 /// in `KEYWARD_ROOT_KEY` if set, otherwise a new one printed once to the terminal.
-async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<()> {
+pub async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<()> {
     if store.workspace_count().await? > 0 {
         return Ok(());
     }
     let (key, generated) = match given {
-        Some(text) => (
-            Key::parse(text.trim()).context("KEYWARD_ROOT_KEY is not a well-formed Keyward key")?,
-            false,
-        ),
+        Some(text) => (Key::parse(text.trim()).context("KEYWARD_ROOT_KEY is not a well-formed Keyward key")?, false),
         None => (keygen::generate(ROOT_KEY_PREFIX)?, true),
     };
     let workspace_id = new_id("ws");
@@ -65,16 +53,11 @@ async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<()> {
         scopes: &scopes,
         now: now_ms(),
     };
-    store
-        .create_workspace(&workspace_id, "default", root)
-        .await?;
+    store.create_workspace(&workspace_id, "default", root).await?;
     tracing::info!(workspace = %workspace_id, root_key = key.start(), "created the first workspace and root key");
     if generated {
         // Printed once, straight to the terminal, never through the log.
-        println!(
-            "\nFirst root key (shown once, store it now): {}\n",
-            key.expose()
-        );
+        println!("\nFirst root key (shown once, store it now): {}\n", key.expose());
     }
     Ok(())
 }
@@ -84,9 +67,7 @@ async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<()> {
 async fn sync_root_keys(store: &Store, edge: &Edge) -> anyhow::Result<()> {
     for record in store.root_keys().await? {
         if record.status == keyward_shared::KeyStatus::Active {
-            crate::http::publish_root_key(edge, &record)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::http::publish_root_key(edge, &record).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     Ok(())

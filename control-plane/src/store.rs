@@ -98,8 +98,7 @@ impl TryFrom<KeyRow> for KeyRecord {
             hash: KeyHash::from_hex(&r.hash).context("stored key hash is not hex")?,
             meta: serde_json::from_str(&r.meta).context("stored meta is not a JSON object")?,
             status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
-            permissions: serde_json::from_str(&r.permissions)
-                .context("stored permissions are not a list")?,
+            permissions: serde_json::from_str(&r.permissions).context("stored permissions are not a list")?,
             id: r.id,
             api_id: r.api_id,
             workspace_id: r.workspace_id,
@@ -178,26 +177,16 @@ impl Store {
             .connect_with(options)
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .context("database migration failed")?;
+        sqlx::migrate!("./migrations").run(&pool).await.context("database migration failed")?;
         Ok(Store { pool })
     }
 
     pub async fn workspace_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces").fetch_one(&self.pool).await?)
     }
 
     /// Creates a workspace and its first root key in one transaction.
-    pub async fn create_workspace(
-        &self,
-        id: &str,
-        name: &str,
-        root: NewRootKey<'_>,
-    ) -> Result<(), StoreError> {
+    pub async fn create_workspace(&self, id: &str, name: &str, root: NewRootKey<'_>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")
             .bind(id)
@@ -218,10 +207,7 @@ impl Store {
     }
 
     /// The active root key with this hash, if any.
-    pub async fn active_root_key(
-        &self,
-        hash: &KeyHash,
-    ) -> Result<Option<RootKeyRecord>, StoreError> {
+    pub async fn active_root_key(&self, hash: &KeyHash) -> Result<Option<RootKeyRecord>, StoreError> {
         let row: Option<RootKeyRow> = sqlx::query_as(
             "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys \
              WHERE hash = ? AND status = 'active'",
@@ -234,15 +220,11 @@ impl Store {
 
     /// Every root key, for writing those that may verify to KV.
     pub async fn root_keys(&self) -> Result<Vec<RootKeyRecord>, StoreError> {
-        let rows: Vec<RootKeyRow> = sqlx::query_as(
-            "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(RootKeyRecord::try_from)
-            .collect::<anyhow::Result<_>>()?)
+        let rows: Vec<RootKeyRow> =
+            sqlx::query_as("SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(RootKeyRecord::try_from).collect::<anyhow::Result<_>>()?)
     }
 
     pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {
@@ -259,10 +241,7 @@ impl Store {
         .await;
         match result {
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(StoreError::Conflict(format!(
-                    "an API named `{}` already exists in this workspace",
-                    api.name
-                )))
+                Err(StoreError::Conflict(format!("an API named `{}` already exists in this workspace", api.name)))
             }
             other => other.map(|_| ()).map_err(Into::into),
         }
@@ -319,20 +298,17 @@ impl Store {
 
     /// The key with this id in this workspace, deleted ones included.
     pub async fn key(&self, workspace_id: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let row: Option<KeyRow> =
-            sqlx::query_as("SELECT * FROM keys WHERE id = ? AND workspace_id = ?")
-                .bind(id)
-                .bind(workspace_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<KeyRow> = sqlx::query_as("SELECT * FROM keys WHERE id = ? AND workspace_id = ?")
+            .bind(id)
+            .bind(workspace_id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(KeyRecord::try_from).transpose()?)
     }
 
     pub async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
-        let row: Option<KeyRow> = sqlx::query_as("SELECT * FROM keys WHERE hash = ?")
-            .bind(hash.to_hex())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<KeyRow> =
+            sqlx::query_as("SELECT * FROM keys WHERE hash = ?").bind(hash.to_hex()).fetch_optional(&self.pool).await?;
         Ok(row.map(KeyRecord::try_from).transpose()?)
     }
 
@@ -356,10 +332,7 @@ impl Store {
         .bind(q.limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(KeyRecord::try_from)
-            .collect::<anyhow::Result<_>>()?)
+        Ok(rows.into_iter().map(KeyRecord::try_from).collect::<anyhow::Result<_>>()?)
     }
 
     /// Writes a changed key whose `version` is one more than the stored one.
@@ -381,11 +354,7 @@ impl Store {
         .bind(key.version as i64 - 1)
         .execute(&self.pool)
         .await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::VersionConflict)
-        }
+        if done.rows_affected() == 1 { Ok(()) } else { Err(StoreError::VersionConflict) }
     }
 
     pub async fn close(&self) {
@@ -393,10 +362,7 @@ impl Store {
     }
 }
 
-async fn insert_root_key(
-    tx: &mut sqlx::SqliteConnection,
-    root: &NewRootKey<'_>,
-) -> Result<(), StoreError> {
+async fn insert_root_key(tx: &mut sqlx::SqliteConnection, root: &NewRootKey<'_>) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO root_keys (id, workspace_id, name, hash, start, scopes, status, version, created_at, updated_at) \
          VALUES (?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)",

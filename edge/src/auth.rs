@@ -27,42 +27,23 @@ pub(crate) enum AuthError {
 }
 
 /// The active root key in `Authorization: Bearer <root key>`, or why there is none.
-pub(crate) async fn caller(
-    req: &Request,
-    env: &Env,
-    now_ms: u64,
-) -> Result<RootKeyRecord, AuthError> {
-    let header = req
-        .headers()
-        .get("authorization")
-        .ok()
-        .flatten()
-        .ok_or(AuthError::Missing)?;
-    let text = header
-        .strip_prefix("Bearer ")
-        .ok_or(AuthError::Missing)?
-        .trim();
+pub(crate) async fn caller(req: &Request, env: &Env, now_ms: u64) -> Result<RootKeyRecord, AuthError> {
+    let header = req.headers().get("authorization").ok().flatten().ok_or(AuthError::Missing)?;
+    let text = header.strip_prefix("Bearer ").ok_or(AuthError::Missing)?.trim();
     let key = Key::parse(text).map_err(|_| AuthError::Invalid)?;
     let hash = key.hash();
     let record = match cached(&hash, now_ms) {
         Some(record) => record,
         None => {
-            let kv = env
-                .kv(KV_BINDING)
-                .map_err(|e| AuthError::Internal(e.to_string()))?;
+            let kv = env.kv(KV_BINDING).map_err(|e| AuthError::Internal(e.to_string()))?;
             let text = kv
                 .get(&kv_key_for_root(&hash))
                 .text()
                 .await
                 .map_err(|e| AuthError::Internal(e.to_string()))?
                 .ok_or(AuthError::Invalid)?;
-            let record =
-                RootKeyRecord::from_json(&text).map_err(|e| AuthError::Internal(e.to_string()))?;
-            ROOTS.with(|roots| {
-                roots
-                    .borrow_mut()
-                    .put(*hash.as_bytes(), (record.clone(), now_ms))
-            });
+            let record = RootKeyRecord::from_json(&text).map_err(|e| AuthError::Internal(e.to_string()))?;
+            ROOTS.with(|roots| roots.borrow_mut().put(*hash.as_bytes(), (record.clone(), now_ms)));
             record
         }
     };
@@ -76,9 +57,7 @@ fn cached(hash: &KeyHash, now_ms: u64) -> Option<RootKeyRecord> {
     ROOTS.with(|roots| {
         let mut roots = roots.borrow_mut();
         match roots.get(hash.as_bytes()) {
-            Some((record, at)) if now_ms.saturating_sub(*at) < ROOT_TRUST_MS => {
-                Some(record.clone())
-            }
+            Some((record, at)) if now_ms.saturating_sub(*at) < ROOT_TRUST_MS => Some(record.clone()),
             _ => None,
         }
     })

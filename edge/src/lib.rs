@@ -30,17 +30,12 @@ fn start() {
 async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     Router::new()
         .get("/health", |_, ctx| {
-            let region = ctx
-                .var(REGION_VAR)
-                .map(|v| v.to_string())
-                .unwrap_or_default();
+            let region = ctx.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
             Response::from_json(&serde_json::json!({ "status": "ok", "region": region }))
         })
         .post_async("/v1/keys/verify", verify::handle)
         .post_async(keyward_shared::internal::PURGE_PATH, purge::handle)
-        .or_else_any_method("/*rest", |_, _| {
-            error::respond(404, "NOT_FOUND_ROUTE", "no such route")
-        })
+        .or_else_any_method("/*rest", |_, _| error::respond(404, "NOT_FOUND_ROUTE", "no such route"))
         .run(req, env)
         .await
 }

@@ -40,35 +40,26 @@ fn cache_url(hash: &KeyHash) -> String {
 }
 
 /// The record for `hash` (if KV has one) and where it came from.
-pub(crate) async fn find(
-    env: &Env,
-    hash: &KeyHash,
-    now_ms: u64,
-) -> Result<(Option<KeyRecord>, Source)> {
+pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64) -> Result<(Option<KeyRecord>, Source)> {
     let in_memory = MEMORY.with(|m| m.borrow_mut().get(hash.as_bytes()).cloned());
     if let Some(copy) = in_memory.filter(|c| c.is_fresh(now_ms)) {
         return Ok((Some(copy.record), Source::Memory));
     }
     let cache = Cache::default();
-    if let Some(mut response) = cache.get(cache_url(hash), false).await? {
-        if let Ok(copy) = response.json::<Copy>().await {
-            if copy.is_fresh(now_ms) {
-                let record = copy.record.clone();
-                remember(hash, copy);
-                return Ok((Some(record), Source::Cache));
-            }
-        }
+    if let Some(mut response) = cache.get(cache_url(hash), false).await?
+        && let Ok(copy) = response.json::<Copy>().await
+        && copy.is_fresh(now_ms)
+    {
+        let record = copy.record.clone();
+        remember(hash, copy);
+        return Ok((Some(record), Source::Cache));
     }
     let kv = env.kv(KV_BINDING)?;
     let Some(text) = kv.get(&kv_key_for_key(hash)).text().await? else {
         return Ok((None, Source::Kv));
     };
-    let record =
-        KeyRecord::from_json(&text).map_err(|e| worker::Error::RustError(e.to_string()))?;
-    let copy = Copy {
-        record: record.clone(),
-        confirmed_at_ms: now_ms,
-    };
+    let record = KeyRecord::from_json(&text).map_err(|e| worker::Error::RustError(e.to_string()))?;
+    let copy = Copy { record: record.clone(), confirmed_at_ms: now_ms };
     store_in_cache(&cache, hash, &copy).await?;
     remember(hash, copy);
     Ok((Some(record), Source::Kv))

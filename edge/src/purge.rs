@@ -8,8 +8,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use keyward_shared::internal::{
-    self, MAX_SKEW_MS, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest, SIGNATURE_HEADER,
-    SignatureError, SignedHeaders, TIMESTAMP_HEADER,
+    self, MAX_SKEW_MS, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest, SIGNATURE_HEADER, SignatureError,
+    SignedHeaders, TIMESTAMP_HEADER,
 };
 use worker::{Cache, Date, Headers, Request, Response, Result, RouteContext};
 
@@ -27,28 +27,13 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
     let now_ms = Date::now().as_millis();
     let secret = ctx.env.secret(PURGE_SECRET)?.to_string();
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();
-    let (timestamp, nonce, signature) = (
-        header(TIMESTAMP_HEADER),
-        header(NONCE_HEADER),
-        header(SIGNATURE_HEADER),
-    );
+    let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER), header(NONCE_HEADER), header(SIGNATURE_HEADER));
     let body = req.bytes().await?;
     if body.len() > MAX_BODY {
         return error::respond(413, "PAYLOAD_TOO_LARGE", "a purge is at most 64 KiB");
     }
-    let headers = SignedHeaders {
-        timestamp: &timestamp,
-        nonce: &nonce,
-        signature: &signature,
-    };
-    if let Err(e) = internal::verify(
-        secret.as_bytes(),
-        "POST",
-        PURGE_PATH,
-        headers,
-        &body,
-        now_ms as i64,
-    ) {
+    let headers = SignedHeaders { timestamp: &timestamp, nonce: &nonce, signature: &signature };
+    if let Err(e) = internal::verify(secret.as_bytes(), "POST", PURGE_PATH, headers, &body, now_ms as i64) {
         return refuse(e);
     }
     if !first_use(&nonce, now_ms).await? {
@@ -62,11 +47,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
     for hash in &purge.hashes {
         purged += usize::from(lookup::purge(hash).await?);
     }
-    let region = ctx
-        .env
-        .var(REGION_VAR)
-        .map(|v| v.to_string())
-        .unwrap_or_default();
+    let region = ctx.env.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
     Response::from_json(&PurgeAck { region, purged })
 }
 
@@ -96,12 +77,7 @@ async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
         return Ok(false);
     }
     let headers = Headers::new();
-    headers.set(
-        "cache-control",
-        &format!("max-age={}", NONCE_MEMORY_MS / 1_000 + 1),
-    )?;
-    cache
-        .put(url.as_str(), Response::ok("seen")?.with_headers(headers))
-        .await?;
+    headers.set("cache-control", &format!("max-age={}", NONCE_MEMORY_MS / 1_000 + 1))?;
+    cache.put(url.as_str(), Response::ok("seen")?.with_headers(headers)).await?;
     Ok(true)
 }

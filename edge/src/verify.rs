@@ -15,11 +15,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
     let caller = match auth::caller(&req, &ctx.env, now_ms).await {
         Ok(caller) => caller,
         Err(AuthError::Missing) => {
-            return error::respond(
-                401,
-                "UNAUTHORIZED",
-                "send `Authorization: Bearer <root key with a verify scope>`",
-            );
+            return error::respond(401, "UNAUTHORIZED", "send `Authorization: Bearer <root key with a verify scope>`");
         }
         Err(AuthError::Invalid) => {
             return error::respond(401, "UNAUTHORIZED", "the root key is not valid here");
@@ -30,18 +26,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
         }
     };
     if !caller.scopes.can_verify_somewhere() {
-        return error::respond(
-            403,
-            "FORBIDDEN",
-            "this root key has no `api.<id|*>.verify_key` scope",
-        );
+        return error::respond(403, "FORBIDDEN", "this root key has no `api.<id|*>.verify_key` scope");
     }
-    let declared = req
-        .headers()
-        .get("content-length")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = req.headers().get("content-length").ok().flatten().and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_BODY) {
         return too_large();
     }
@@ -60,22 +47,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
     };
     let hash = key.hash();
     let (record, source) = lookup::find(&ctx.env, &hash, now_ms).await?;
-    let caller = Caller {
-        workspace_id: &caller.workspace_id,
-        scopes: &caller.scopes,
-    };
+    let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let decision = decide(record.as_ref(), &hash, caller, &request, now_ms as i64);
-    Response::from_json(&VerifyResponse::new(
-        decision,
-        record.as_ref(),
-        Some(source),
-    ))
+    Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))
 }
 
 fn too_large() -> Result<Response> {
-    error::respond(
-        413,
-        "PAYLOAD_TOO_LARGE",
-        &format!("a verify request is at most {MAX_BODY} bytes"),
-    )
+    error::respond(413, "PAYLOAD_TOO_LARGE", &format!("a verify request is at most {MAX_BODY} bytes"))
 }

@@ -46,21 +46,9 @@ pub enum SignatureError {
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn mac(
-    secret: &[u8],
-    method: &str,
-    path: &str,
-    timestamp_ms: i64,
-    nonce: &str,
-    body: &[u8],
-) -> HmacSha256 {
+fn mac(secret: &[u8], method: &str, path: &str, timestamp_ms: i64, nonce: &str, body: &[u8]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
-    for part in [
-        method.as_bytes(),
-        path.as_bytes(),
-        timestamp_ms.to_string().as_bytes(),
-        nonce.as_bytes(),
-    ] {
+    for part in [method.as_bytes(), path.as_bytes(), timestamp_ms.to_string().as_bytes(), nonce.as_bytes()] {
         mac.update(part);
         mac.update(b"\n");
     }
@@ -69,19 +57,8 @@ fn mac(
 }
 
 /// The hex signature of a request.
-pub fn sign(
-    secret: &[u8],
-    method: &str,
-    path: &str,
-    timestamp_ms: i64,
-    nonce: &str,
-    body: &[u8],
-) -> String {
-    hex::encode(
-        mac(secret, method, path, timestamp_ms, nonce, body)
-            .finalize()
-            .into_bytes(),
-    )
+pub fn sign(secret: &[u8], method: &str, path: &str, timestamp_ms: i64, nonce: &str, body: &[u8]) -> String {
+    hex::encode(mac(secret, method, path, timestamp_ms, nonce, body).finalize().into_bytes())
 }
 
 /// The headers of a signed request, as received.
@@ -102,10 +79,7 @@ pub fn verify(
     body: &[u8],
     now_ms: i64,
 ) -> Result<(), SignatureError> {
-    let timestamp_ms: i64 = headers
-        .timestamp
-        .parse()
-        .map_err(|_| SignatureError::Malformed)?;
+    let timestamp_ms: i64 = headers.timestamp.parse().map_err(|_| SignatureError::Malformed)?;
     if !is_nonce(headers.nonce) {
         return Err(SignatureError::Malformed);
     }
@@ -142,15 +116,8 @@ mod tests {
         now: i64,
         expected: Result<(), SignatureError>,
     ) {
-        let headers = SignedHeaders {
-            timestamp,
-            nonce,
-            signature,
-        };
-        assert_eq!(
-            verify(SECRET, "POST", PURGE_PATH, headers, body, now),
-            expected
-        );
+        let headers = SignedHeaders { timestamp, nonce, signature };
+        assert_eq!(verify(SECRET, "POST", PURGE_PATH, headers, body, now), expected);
     }
 
     #[test]
@@ -168,78 +135,15 @@ mod tests {
         let good = sign(SECRET, "POST", PURGE_PATH, 1000, NONCE, b"{}");
         check(&good, "1000", NONCE, b"{}", 1000, Ok(()));
         check(&good, "1000", NONCE, b"{}", 1000 + MAX_SKEW_MS, Ok(()));
-        check(
-            &good,
-            "1000",
-            NONCE,
-            b"{}",
-            1001 + MAX_SKEW_MS,
-            Err(SignatureError::Stale),
-        );
-        check(
-            &good,
-            "1000",
-            NONCE,
-            b"{}",
-            999 - MAX_SKEW_MS,
-            Err(SignatureError::Stale),
-        );
-        check(
-            &good,
-            "1000",
-            NONCE,
-            b"{ }",
-            1000,
-            Err(SignatureError::Mismatch),
-        );
-        check(
-            &good,
-            "1001",
-            NONCE,
-            b"{}",
-            1000,
-            Err(SignatureError::Mismatch),
-        );
-        check(
-            &good,
-            "1000",
-            "0123456789abcdee",
-            b"{}",
-            1000,
-            Err(SignatureError::Mismatch),
-        );
-        check(
-            &good,
-            "x",
-            NONCE,
-            b"{}",
-            1000,
-            Err(SignatureError::Malformed),
-        );
-        check(
-            &good,
-            "1000",
-            "short",
-            b"{}",
-            1000,
-            Err(SignatureError::Malformed),
-        );
-        check(
-            "zz",
-            "1000",
-            NONCE,
-            b"{}",
-            1000,
-            Err(SignatureError::Malformed),
-        );
+        check(&good, "1000", NONCE, b"{}", 1001 + MAX_SKEW_MS, Err(SignatureError::Stale));
+        check(&good, "1000", NONCE, b"{}", 999 - MAX_SKEW_MS, Err(SignatureError::Stale));
+        check(&good, "1000", NONCE, b"{ }", 1000, Err(SignatureError::Mismatch));
+        check(&good, "1001", NONCE, b"{}", 1000, Err(SignatureError::Mismatch));
+        check(&good, "1000", "0123456789abcdee", b"{}", 1000, Err(SignatureError::Mismatch));
+        check(&good, "x", NONCE, b"{}", 1000, Err(SignatureError::Malformed));
+        check(&good, "1000", "short", b"{}", 1000, Err(SignatureError::Malformed));
+        check("zz", "1000", NONCE, b"{}", 1000, Err(SignatureError::Malformed));
         let other = sign(b"other", "POST", PURGE_PATH, 1000, NONCE, b"{}");
-        check(
-            &other,
-            "1000",
-            NONCE,
-            b"{}",
-            1000,
-            Err(SignatureError::Mismatch),
-        );
+        check(&other, "1000", NONCE, b"{}", 1000, Err(SignatureError::Mismatch));
     }
 }

@@ -22,9 +22,7 @@ pub const MAX_KEY_LEN: usize = MAX_PREFIX_LEN + 1 + 50;
 pub enum KeyError {
     #[error("a key is `<prefix>_<body>`; this text has no `_` separator")]
     NoSeparator,
-    #[error(
-        "the prefix must be 1 to {MAX_PREFIX_LEN} characters of a-z, 0-9 and single `_`, starting with a letter"
-    )]
+    #[error("the prefix must be 1 to {MAX_PREFIX_LEN} characters of a-z, 0-9 and single `_`, starting with a letter")]
     BadPrefix,
     #[error("the key body is not base58")]
     NotBase58,
@@ -51,10 +49,7 @@ impl Key {
         payload[..RANDOM_LEN].copy_from_slice(&random);
         payload[RANDOM_LEN..].copy_from_slice(&crc32fast::hash(&random).to_be_bytes());
         let body = bs58::encode(payload).into_string();
-        Ok(Key {
-            text: format!("{prefix}_{body}"),
-            prefix_len: prefix.len(),
-        })
+        Ok(Key { text: format!("{prefix}_{body}"), prefix_len: prefix.len() })
     }
 
     /// Parses a key, checking prefix, encoding, length and checksum. Does no lookup.
@@ -77,10 +72,7 @@ impl Key {
         if crc32fast::hash(random).to_be_bytes() != sum {
             return Err(KeyError::BadChecksum);
         }
-        Ok(Key {
-            text: text.to_owned(),
-            prefix_len: prefix.len(),
-        })
+        Ok(Key { text: text.to_owned(), prefix_len: prefix.len() })
     }
 
     /// The plaintext. Call only to show it once to its owner or to send it where it is used.
@@ -115,9 +107,7 @@ pub fn validate_prefix(prefix: &str) -> Result<(), KeyError> {
         && prefix.len() <= MAX_PREFIX_LEN
         && prefix.starts_with(|c: char| c.is_ascii_lowercase())
         && prefix.split('_').all(|segment| !segment.is_empty())
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if ok { Ok(()) } else { Err(KeyError::BadPrefix) }
 }
 
@@ -131,10 +121,7 @@ mod tests {
     const ZEROS: [u8; 32] = [0; 32];
 
     fn check(text: &str, expected: Result<&str, KeyError>) {
-        assert_eq!(
-            Key::parse(text).map(|k| k.prefix().to_owned()).as_deref(),
-            expected.as_deref()
-        );
+        assert_eq!(Key::parse(text).map(|k| k.prefix().to_owned()).as_deref(), expected.as_deref());
     }
 
     #[test]
@@ -143,41 +130,23 @@ mod tests {
         // is 32 `1`s followed by the checksum's digits.
         let key = Key::generate("sk_live", ZEROS).unwrap();
         assert_eq!(crc32fast::hash(&ZEROS), 0x190A_55AD);
-        assert_eq!(
-            key.expose(),
-            "sk_live_11111111111111111111111111111111e8AP6"
-        );
+        assert_eq!(key.expose(), "sk_live_11111111111111111111111111111111e8AP6");
         assert_eq!(key.start(), "sk_live_111111");
         // Independently computed with Python's hashlib.
-        assert_eq!(
-            key.hash().to_hex(),
-            "e18a8b75f0b050abe1cd9c50a5f0627d510d73ef1940f17a50b159637efc9187"
-        );
+        assert_eq!(key.hash().to_hex(), "e18a8b75f0b050abe1cd9c50a5f0627d510d73ef1940f17a50b159637efc9187");
     }
 
     #[test]
     fn parse_table() {
         let good = Key::generate("sk_test", [7; 32]).unwrap();
         check(good.expose(), Ok("sk_test"));
-        check(
-            "sk_live_11111111111111111111111111111111e8AP6",
-            Ok("sk_live"),
-        );
+        check("sk_live_11111111111111111111111111111111e8AP6", Ok("sk_live"));
         // One character changed: the checksum fails.
-        check(
-            "sk_live_11111111111111111111111111111111e8AP7",
-            Err(KeyError::BadChecksum),
-        );
+        check("sk_live_11111111111111111111111111111111e8AP7", Err(KeyError::BadChecksum));
         let mut typo = good.expose().to_owned().into_bytes();
         typo[20] = if typo[20] == b'x' { b'y' } else { b'x' };
-        check(
-            &String::from_utf8(typo).unwrap(),
-            Err(KeyError::BadChecksum),
-        );
-        check(
-            "sk_live_11111111111111111111111111111112e8AP6",
-            Err(KeyError::BadLength),
-        );
+        check(&String::from_utf8(typo).unwrap(), Err(KeyError::BadChecksum));
+        check("sk_live_11111111111111111111111111111112e8AP6", Err(KeyError::BadLength));
         check("nounderscore", Err(KeyError::NoSeparator));
         check("SK_abc", Err(KeyError::BadPrefix));
         check("_abc", Err(KeyError::BadPrefix));

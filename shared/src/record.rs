@@ -76,10 +76,7 @@ impl KeyRecord {
         (self.status != next.status && next.status != KeyStatus::Active)
             || (self.enabled && !next.enabled)
             || expiry_earlier
-            || self
-                .permissions
-                .iter()
-                .any(|p| !next.permissions.contains(p))
+            || self.permissions.iter().any(|p| !next.permissions.contains(p))
             || self.api_id != next.api_id
             || self.workspace_id != next.workspace_id
     }
@@ -124,11 +121,7 @@ impl RootKeyRecord {
 }
 
 fn check_schema(schema: u32) -> Result<(), RecordError> {
-    if schema == RECORD_SCHEMA {
-        Ok(())
-    } else {
-        Err(RecordError::UnknownSchema(schema))
-    }
+    if schema == RECORD_SCHEMA { Ok(()) } else { Err(RecordError::UnknownSchema(schema)) }
 }
 
 #[cfg(test)]
@@ -166,14 +159,8 @@ pub(crate) mod tests {
         let text = serde_json::to_string(&record).unwrap();
         assert_eq!(KeyRecord::from_json(&text).unwrap(), record);
         let future = text.replace("\"schema\":1", "\"schema\":2");
-        assert!(matches!(
-            KeyRecord::from_json(&future),
-            Err(RecordError::UnknownSchema(2))
-        ));
-        assert!(matches!(
-            KeyRecord::from_json("{}"),
-            Err(RecordError::Json(_))
-        ));
+        assert!(matches!(KeyRecord::from_json(&future), Err(RecordError::UnknownSchema(2))));
+        assert!(matches!(KeyRecord::from_json("{}"), Err(RecordError::Json(_))));
     }
 
     #[test]
@@ -192,15 +179,7 @@ pub(crate) mod tests {
         check(|r| r.permissions.pop().map(drop).unwrap_or(()), true);
         check(|r| r.permissions.push("admin".into()), false);
         check(|r| r.name = Some("renamed".into()), false);
-        check(
-            |r| {
-                r.meta
-                    .insert("plan".into(), 1.into())
-                    .map(drop)
-                    .unwrap_or(())
-            },
-            false,
-        );
+        check(|r| r.meta.insert("plan".into(), 1.into()).map(drop).unwrap_or(()), false);
         check(|r| r.api_id = "api_2".into(), true);
         let mut expiring = sample(KeyHash::of("x"));
         expiring.expires_at = Some(100);

@@ -62,23 +62,14 @@ pub enum Scope {
 impl Scope {
     /// The scope a route needs to do `action` on the keys of `api_id`.
     pub fn key(api_id: &str, action: KeyAction) -> Scope {
-        Scope::Key {
-            api: ApiSelector::Id(api_id.to_owned()),
-            action,
-        }
+        Scope::Key { api: ApiSelector::Id(api_id.to_owned()), action }
     }
 
     /// Whether holding `self` permits what `required` names. `api.*.x` covers `api.<id>.x`;
     /// nothing else covers anything but itself.
     pub fn grants(&self, required: &Scope) -> bool {
         match (self, required) {
-            (
-                Scope::Key {
-                    api: ApiSelector::Any,
-                    action: held,
-                },
-                Scope::Key { action: needed, .. },
-            ) => held == needed,
+            (Scope::Key { api: ApiSelector::Any, action: held }, Scope::Key { action: needed, .. }) => held == needed,
             _ => self == required,
         }
     }
@@ -90,10 +81,7 @@ impl Scope {
             all.push(Scope::WorkspaceCreate);
         }
         all.extend([Scope::RootKeyCreate, Scope::ApiCreate, Scope::ApiRead]);
-        all.extend(KeyAction::ALL.map(|action| Scope::Key {
-            api: ApiSelector::Any,
-            action,
-        }));
+        all.extend(KeyAction::ALL.map(|action| Scope::Key { api: ApiSelector::Any, action }));
         all
     }
 }
@@ -119,10 +107,7 @@ impl FromStr for Scope {
         }
         let rest = text.strip_prefix("api.").ok_or_else(err)?;
         let (api, action) = rest.rsplit_once('.').ok_or_else(err)?;
-        let action = KeyAction::ALL
-            .into_iter()
-            .find(|a| a.as_str() == action)
-            .ok_or_else(err)?;
+        let action = KeyAction::ALL.into_iter().find(|a| a.as_str() == action).ok_or_else(err)?;
         let api = match api {
             "*" => ApiSelector::Any,
             id if is_id_text(id) => ApiSelector::Id(id.to_owned()),
@@ -133,11 +118,7 @@ impl FromStr for Scope {
 }
 
 fn is_id_text(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl fmt::Display for Scope {
@@ -147,14 +128,8 @@ impl fmt::Display for Scope {
             Scope::RootKeyCreate => f.write_str("root_key.create"),
             Scope::ApiCreate => f.write_str("api.create"),
             Scope::ApiRead => f.write_str("api.read"),
-            Scope::Key {
-                api: ApiSelector::Any,
-                action,
-            } => write!(f, "api.*.{}", action.as_str()),
-            Scope::Key {
-                api: ApiSelector::Id(id),
-                action,
-            } => {
+            Scope::Key { api: ApiSelector::Any, action } => write!(f, "api.*.{}", action.as_str()),
+            Scope::Key { api: ApiSelector::Id(id), action } => {
                 write!(f, "api.{id}.{}", action.as_str())
             }
         }
@@ -186,15 +161,7 @@ impl Scopes {
 
     /// Whether these scopes can verify keys of any API at all (so the edge should know them).
     pub fn can_verify_somewhere(&self) -> bool {
-        self.0.iter().any(|s| {
-            matches!(
-                s,
-                Scope::Key {
-                    action: KeyAction::VerifyKey,
-                    ..
-                }
-            )
-        })
+        self.0.iter().any(|s| matches!(s, Scope::Key { action: KeyAction::VerifyKey, .. }))
     }
 }
 
@@ -226,26 +193,12 @@ mod tests {
 
     #[test]
     fn parse_round_trip_and_rejects() {
-        for text in [
-            "workspace.create",
-            "root_key.create",
-            "api.read",
-            "api.*.delete_key",
-            "api.api_01J.create_key",
-        ] {
+        for text in ["workspace.create", "root_key.create", "api.read", "api.*.delete_key", "api.api_01J.create_key"] {
             assert_eq!(text.parse::<Scope>().unwrap().to_string(), text);
         }
-        for bad in [
-            "",
-            "api",
-            "api.",
-            "api.x",
-            "api.x.fly",
-            "api..read_key",
-            "api.a.b.read_key",
-            "API.read",
-            "api.read_key",
-        ] {
+        for bad in
+            ["", "api", "api.", "api.x", "api.x.fly", "api..read_key", "api.a.b.read_key", "API.read", "api.read_key"]
+        {
             assert!(bad.parse::<Scope>().is_err(), "{bad}");
         }
     }

@@ -56,10 +56,7 @@ pub struct Decision {
 
 impl Decision {
     fn of(code: Code) -> Decision {
-        Decision {
-            code,
-            permissions_matched: Vec::new(),
-        }
+        Decision { code, permissions_matched: Vec::new() }
     }
 
     /// Whether the answer may say anything about the key (its id, owner, meta). Never for a key
@@ -86,13 +83,8 @@ pub fn decide(
     };
     let visible = record.hash == *presented
         && record.workspace_id == caller.workspace_id
-        && request
-            .api_id
-            .as_ref()
-            .is_none_or(|api| *api == record.api_id)
-        && caller
-            .scopes
-            .grants(&Scope::key(&record.api_id, KeyAction::VerifyKey))
+        && request.api_id.as_ref().is_none_or(|api| *api == record.api_id)
+        && caller.scopes.grants(&Scope::key(&record.api_id, KeyAction::VerifyKey))
         && record.status != KeyStatus::Deleted;
     if !visible {
         return Decision::of(Code::NotFound);
@@ -106,20 +98,11 @@ pub fn decide(
     if record.expires_at.is_some_and(|at| now_ms >= at) {
         return Decision::of(Code::Expired);
     }
-    let (matched, missing): (Vec<&String>, Vec<&String>) = request
-        .permissions
-        .iter()
-        .partition(|p| record.permissions.contains(p));
+    let (matched, missing): (Vec<&String>, Vec<&String>) =
+        request.permissions.iter().partition(|p| record.permissions.contains(p));
     let permissions_matched = matched.into_iter().cloned().collect();
-    let code = if missing.is_empty() {
-        Code::Valid
-    } else {
-        Code::InsufficientPermissions
-    };
-    Decision {
-        code,
-        permissions_matched,
-    }
+    let code = if missing.is_empty() { Code::Valid } else { Code::InsufficientPermissions };
+    Decision { code, permissions_matched }
 }
 
 /// Where the edge found the record it answered from.
@@ -157,11 +140,7 @@ pub struct VerifyResponse {
 
 impl VerifyResponse {
     /// The answer for a decision; details of the key only where [`Decision::reveals_key`].
-    pub fn new(
-        decision: Decision,
-        record: Option<&KeyRecord>,
-        source: Option<Source>,
-    ) -> VerifyResponse {
+    pub fn new(decision: Decision, record: Option<&KeyRecord>, source: Option<Source>) -> VerifyResponse {
         let shown = record.filter(|_| decision.reveals_key());
         VerifyResponse {
             valid: decision.code == Code::Valid,
@@ -209,10 +188,7 @@ mod tests {
         let mut record = sample(presented);
         (case.edit)(&mut record);
         let scopes = Scopes(case.scopes.iter().map(|s| s.parse().unwrap()).collect());
-        let caller = Caller {
-            workspace_id: "ws_1",
-            scopes: &scopes,
-        };
+        let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
         let request = VerifyRequest {
             key: "sk_live_presented".into(),
             api_id: case.api_id.map(str::to_owned),
@@ -384,33 +360,18 @@ mod tests {
     #[test]
     fn absent_record_is_not_found() {
         let scopes = Scopes(vec![]);
-        let caller = Caller {
-            workspace_id: "ws_1",
-            scopes: &scopes,
-        };
-        let request = VerifyRequest {
-            key: "k".into(),
-            api_id: None,
-            permissions: vec![],
-        };
-        assert_eq!(
-            decide(None, &KeyHash::of("k"), caller, &request, NOW).code,
-            Code::NotFound
-        );
+        let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
+        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![] };
+        assert_eq!(decide(None, &KeyHash::of("k"), caller, &request, NOW).code, Code::NotFound);
     }
 
     #[test]
     fn response_hides_details_unless_revealed() {
         let record = sample(KeyHash::of("k"));
-        let hidden = VerifyResponse::new(
-            Decision::of(Code::NotFound),
-            Some(&record),
-            Some(Source::Kv),
-        );
+        let hidden = VerifyResponse::new(Decision::of(Code::NotFound), Some(&record), Some(Source::Kv));
         assert_eq!(hidden.key_id, None);
         assert_eq!(hidden.owner_id, None);
-        let shown =
-            VerifyResponse::new(Decision::of(Code::Revoked), Some(&record), Some(Source::Kv));
+        let shown = VerifyResponse::new(Decision::of(Code::Revoked), Some(&record), Some(Source::Kv));
         assert_eq!(shown.key_id.as_deref(), Some("key_1"));
         assert!(!shown.valid);
         let json = serde_json::to_value(VerifyResponse::malformed()).unwrap();

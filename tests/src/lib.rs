@@ -17,25 +17,17 @@ use anyhow::{Context, bail};
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// The `keyward` binary: `KEYWARD_BIN`, or the debug build in the repository's target dir.
 pub fn keyward_bin() -> PathBuf {
-    std::env::var_os("KEYWARD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/debug/keyward"))
+    std::env::var_os("KEYWARD_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/keyward"))
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// A fresh root key (prefix `kw_root`) from the OS's random source.
@@ -47,10 +39,7 @@ pub fn new_root_key() -> String {
 pub fn new_key(prefix: &str) -> String {
     let mut random = [0u8; 32];
     getrandom::fill(&mut random).expect("OS randomness");
-    keyward_shared::Key::generate(prefix, random)
-        .expect("valid prefix")
-        .expose()
-        .to_owned()
+    keyward_shared::Key::generate(prefix, random).expect("valid prefix").expose().to_owned()
 }
 
 /// A fresh 64-hex-digit secret.
@@ -70,24 +59,11 @@ pub struct Proc {
 impl Proc {
     /// Spawns `command` in its own process group with stdout and stderr to `log`.
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> anyhow::Result<Proc> {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("open {}", log.display()))?;
-        command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .process_group(0);
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        Ok(Proc {
-            child,
-            name: name.to_owned(),
-            log: log.to_path_buf(),
-        })
+        let out =
+            File::options().create(true).append(true).open(log).with_context(|| format!("open {}", log.display()))?;
+        command.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
+        let child = command.spawn().with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc { child, name: name.to_owned(), log: log.to_path_buf() })
     }
 
     pub fn pid(&self) -> u32 {
@@ -102,11 +78,7 @@ impl Proc {
     /// Sends `signal` (like `TERM` or `KILL`) to the whole process group.
     pub fn signal(&self, signal: &str) {
         let _ = Command::new("kill")
-            .args([
-                format!("-{signal}"),
-                "--".into(),
-                format!("-{}", self.child.id()),
-            ])
+            .args([format!("-{signal}"), "--".into(), format!("-{}", self.child.id())])
             .stderr(Stdio::null())
             .status();
     }
@@ -139,31 +111,19 @@ impl Drop for Proc {
 
 /// Polls `url` until it answers 200, the process exits, or `timeout` passes.
 pub fn wait_healthy(proc: &mut Proc, url: &str, timeout: Duration) -> anyhow::Result<()> {
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
     let deadline = Instant::now() + timeout;
     loop {
-        if client
-            .get(url)
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-        {
+        if client.get(url).send().is_ok_and(|r| r.status().is_success()) {
             return Ok(());
         }
         if proc.exited() {
             let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
-            bail!(
-                "{} exited before {url} answered; its log:\n{log}",
-                proc.name
-            );
+            bail!("{} exited before {url} answered; its log:\n{log}", proc.name);
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
-            bail!(
-                "{} did not answer {url} within {timeout:?}; its log:\n{log}",
-                proc.name
-            );
+            bail!("{} did not answer {url} within {timeout:?}; its log:\n{log}", proc.name);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -213,10 +173,7 @@ impl RegionSpec {
             match self.start_once() {
                 Ok(proc) => return Ok(proc),
                 Err(e) if attempt < 3 => {
-                    eprintln!(
-                        "region {} failed to start (attempt {attempt}), retrying: {e:#}",
-                        self.name
-                    );
+                    eprintln!("region {} failed to start (attempt {attempt}), retrying: {e:#}", self.name);
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -228,10 +185,7 @@ impl RegionSpec {
         let root = repo_root();
         let main = root.join("edge/build/worker/shim.mjs");
         if !main.exists() {
-            bail!(
-                "the worker is not built ({} is missing): run `cargo xtask build`",
-                main.display()
-            );
+            bail!("the worker is not built ({} is missing): run `cargo xtask build`", main.display());
         }
         std::fs::create_dir_all(&self.dir)?;
         let config = self.dir.join("wrangler.toml");
@@ -244,68 +198,32 @@ impl RegionSpec {
                 main = main.display()
             ),
         )?;
-        std::fs::write(
-            self.dir.join(".dev.vars"),
-            format!("PURGE_SECRET={}\n", self.purge_secret),
-        )?;
+        std::fs::write(self.dir.join(".dev.vars"), format!("PURGE_SECRET={}\n", self.purge_secret))?;
         let mut command = Command::new(root.join("node_modules/.bin/wrangler"));
         command
             .current_dir(&self.dir)
             .args(["dev", "-c"])
             .arg(&config)
-            .args([
-                "--local",
-                "--ip",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--persist-to",
-            ])
+            .args(["--local", "--ip", "127.0.0.1", "--port", &self.port.to_string(), "--persist-to"])
             .arg(self.dir.join("persist"))
             .args(["--inspector-port", &free_port().to_string()])
-            .args([
-                "--show-interactive-dev-session=false",
-                "--log-level",
-                self.log_level,
-            ])
+            .args(["--show-interactive-dev-session=false", "--log-level", self.log_level])
             .env("WRANGLER_LOG_PATH", self.dir.join("logs"))
             .env("WRANGLER_SEND_METRICS", "false")
             .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
             .env("CI", "1")
             .env("WRANGLER_REGISTRY_PATH", self.dir.join("registry"));
-        let mut proc = Proc::spawn(
-            &format!("region {}", self.name),
-            command,
-            &self.dir.join("wrangler.log"),
-        )?;
-        wait_healthy(
-            &mut proc,
-            &format!("{}/health", self.url()),
-            Duration::from_secs(60),
-        )?;
+        let mut proc = Proc::spawn(&format!("region {}", self.name), command, &self.dir.join("wrangler.log"))?;
+        wait_healthy(&mut proc, &format!("{}/health", self.url()), Duration::from_secs(60))?;
         Ok(proc)
     }
 }
 
 /// Starts `keyward serve` with this config file and bootstrap root key, and waits for health.
-pub fn start_control_plane(
-    config: &Path,
-    root_key: &str,
-    port: u16,
-    log: &Path,
-) -> anyhow::Result<Proc> {
+pub fn start_control_plane(config: &Path, root_key: &str, port: u16, log: &Path) -> anyhow::Result<Proc> {
     let mut command = Command::new(keyward_bin());
-    command
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .env("KEYWARD_ROOT_KEY", root_key)
-        .env_remove("KEYWARD_CONFIG");
+    command.arg("serve").arg("--config").arg(config).env("KEYWARD_ROOT_KEY", root_key).env_remove("KEYWARD_CONFIG");
     let mut proc = Proc::spawn("control plane", command, log)?;
-    wait_healthy(
-        &mut proc,
-        &format!("http://127.0.0.1:{port}/health"),
-        Duration::from_secs(30),
-    )?;
+    wait_healthy(&mut proc, &format!("http://127.0.0.1:{port}/health"), Duration::from_secs(30))?;
     Ok(proc)
 }

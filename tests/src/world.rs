@@ -59,23 +59,11 @@ impl World {
                 name: format!("r{i}"),
                 port: free_port(),
                 dir: dir.path().join(format!("region-r{i}")),
-                purge_secret: if *plan == RegionPlan::WrongSecret {
-                    new_secret()
-                } else {
-                    secret.clone()
-                },
+                purge_secret: if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() },
                 log_level: "warn",
             };
-            let proc = if *plan == RegionPlan::Down {
-                None
-            } else {
-                Some(spec.start()?)
-            };
-            regions.push(Region {
-                spec,
-                plan: *plan,
-                proc,
-            });
+            let proc = if *plan == RegionPlan::Down { None } else { Some(spec.start()?) };
+            regions.push(Region { spec, plan: *plan, proc });
         }
         let cp_port = free_port();
         let config = dir.path().join("keyward.toml");
@@ -88,15 +76,8 @@ impl World {
         }
         std::fs::write(&config, text)?;
         let root_key = new_root_key();
-        let control_plane = start_control_plane(
-            &config,
-            &root_key,
-            cp_port,
-            &dir.path().join("control-plane.log"),
-        )?;
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()?;
+        let control_plane = start_control_plane(&config, &root_key, cp_port, &dir.path().join("control-plane.log"))?;
+        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build()?;
         let world = World {
             dir,
             root_key: root_key.clone(),
@@ -152,35 +133,17 @@ impl World {
 
     /// An admin call to the control plane with the bootstrap root key.
     pub fn admin(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        self.call(
-            &self.origin(),
-            Some(&self.root_key.clone()),
-            method,
-            path,
-            body,
-        )
+        self.call(&self.origin(), Some(&self.root_key.clone()), method, path, body)
     }
 
     /// `POST /v1/keys/verify` at region `i` with this root key.
     pub fn edge_verify(&self, i: usize, root_key: &str, body: Value) -> (u16, Value) {
-        self.call(
-            &self.regions[i].spec.url(),
-            Some(root_key),
-            Method::POST,
-            "/v1/keys/verify",
-            Some(body),
-        )
+        self.call(&self.regions[i].spec.url(), Some(root_key), Method::POST, "/v1/keys/verify", Some(body))
     }
 
     /// `POST /v1/keys/verify` at the origin with this root key.
     pub fn origin_verify(&self, root_key: &str, body: Value) -> (u16, Value) {
-        self.call(
-            &self.origin(),
-            Some(root_key),
-            Method::POST,
-            "/v1/keys/verify",
-            Some(body),
-        )
+        self.call(&self.origin(), Some(root_key), Method::POST, "/v1/keys/verify", Some(body))
     }
 
     /// Creates an API and answers its id.
@@ -199,10 +162,7 @@ impl World {
         }
         let (status, key) = self.admin(Method::POST, "/v1/keys", Some(body));
         assert_eq!(status, 201, "{key}");
-        (
-            key["id"].as_str().expect("id").to_owned(),
-            key["key"].as_str().expect("key").to_owned(),
-        )
+        (key["id"].as_str().expect("id").to_owned(), key["key"].as_str().expect("key").to_owned())
     }
 
     /// Stops the control plane (TERM, as an operator would) and starts it again on the same
@@ -212,12 +172,7 @@ impl World {
             proc.stop();
         }
         let log = self.dir.path().join("control-plane.log");
-        self.control_plane = Some(start_control_plane(
-            &self.config,
-            &self.root_key,
-            self.cp_port,
-            &log,
-        )?);
+        self.control_plane = Some(start_control_plane(&self.config, &self.root_key, self.cp_port, &log)?);
         Ok(())
     }
 
@@ -235,27 +190,15 @@ impl World {
         walk(self.dir.path(), &mut files).expect("walk the test directory");
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         for must in ["keyward.sqlite", "control-plane.log", "wrangler.log"] {
-            assert!(
-                names.iter().any(|n| n.contains(must)),
-                "expected a {must} file to scan among {names:?}"
-            );
+            assert!(names.iter().any(|n| n.contains(must)), "expected a {must} file to scan among {names:?}");
         }
         for file in &files {
             let bytes = std::fs::read(file).unwrap_or_default();
             for key in &seen {
-                assert!(
-                    !contains(&bytes, key.as_bytes()),
-                    "plaintext key {}… found in {}",
-                    &key[..12],
-                    file.display()
-                );
+                assert!(!contains(&bytes, key.as_bytes()), "plaintext key {}… found in {}", &key[..12], file.display());
             }
         }
-        eprintln!(
-            "scanned {} files for {} plaintext keys: none found",
-            files.len(),
-            seen.len()
-        );
+        eprintln!("scanned {} files for {} plaintext keys: none found", files.len(), seen.len());
     }
 }
 

@@ -1,9 +1,7 @@
 //! Whole-system scenarios: the real `keyward` binary and real `wrangler dev` regions.
 //! Run by `cargo xtask test` (which builds both first and sets `KEYWARD_E2E=1`).
 
-use keyward_shared::internal::{
-    self, NONCE_HEADER, PURGE_PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER,
-};
+use keyward_shared::internal::{self, NONCE_HEADER, PURGE_PATH, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use keyward_tests::world::{RegionPlan, World, e2e_enabled};
 use keyward_tests::{new_key, new_root_key};
 use reqwest::Method;
@@ -39,10 +37,7 @@ fn revoked_key_is_rejected_by_the_very_next_edge_request() {
         }
     }
     let last = sources.last().cloned().unwrap();
-    assert!(
-        last == "memory" || last == "cache",
-        "never served from an edge copy: {sources:?}"
-    );
+    assert!(last == "memory" || last == "cache", "never served from an edge copy: {sources:?}");
 
     let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     assert_eq!(status, 200, "{revoked}");
@@ -72,45 +67,22 @@ fn every_outcome_code_at_the_edge_and_the_origin() {
     let (_, limited) = world.create_key(&api, json!({ "permissions": ["read"] }));
     let (_, valid) = world.create_key(&api, json!({}));
     for key in [&disabled, &expired, &deleted] {
-        assert_eq!(
-            code(&world.edge_verify(0, &root, json!({ "key": key }))),
-            "VALID"
-        );
+        assert_eq!(code(&world.edge_verify(0, &root, json!({ "key": key }))), "VALID");
     }
-    let (s, _) = world.admin(
-        Method::PATCH,
-        &format!("/v1/keys/{disabled_id}"),
-        Some(json!({ "enabled": false })),
-    );
+    let (s, _) = world.admin(Method::PATCH, &format!("/v1/keys/{disabled_id}"), Some(json!({ "enabled": false })));
     assert_eq!(s, 200);
-    let (s, patched) = world.admin(
-        Method::PATCH,
-        &format!("/v1/keys/{expired_id}"),
-        Some(json!({ "expires_at": 0 })),
-    );
+    let (s, patched) = world.admin(Method::PATCH, &format!("/v1/keys/{expired_id}"), Some(json!({ "expires_at": 0 })));
     assert_eq!(s, 200);
-    assert_eq!(
-        patched["regions"][0]["acknowledged"], true,
-        "expiring is tightening: {patched}"
-    );
+    assert_eq!(patched["regions"][0]["acknowledged"], true, "expiring is tightening: {patched}");
     let (s, _) = world.admin(Method::DELETE, &format!("/v1/keys/{deleted_id}"), None);
     assert_eq!(s, 200);
 
     // Another workspace, with its own API and key: invisible to this workspace's root key.
-    let (s, other) = world.admin(
-        Method::POST,
-        "/v1/workspaces",
-        Some(json!({ "name": "other tenant" })),
-    );
+    let (s, other) = world.admin(Method::POST, "/v1/workspaces", Some(json!({ "name": "other tenant" })));
     assert_eq!(s, 201, "{other}");
     let other_root = other["root_key"]["key"].as_str().unwrap().to_owned();
-    let (s, other_api) = world.call(
-        &world.origin(),
-        Some(&other_root),
-        Method::POST,
-        "/v1/apis",
-        Some(json!({ "name": "theirs" })),
-    );
+    let (s, other_api) =
+        world.call(&world.origin(), Some(&other_root), Method::POST, "/v1/apis", Some(json!({ "name": "theirs" })));
     assert_eq!(s, 201, "{other_api}");
     let (s, other_key) = world.call(
         &world.origin(),
@@ -136,21 +108,9 @@ fn every_outcome_code_at_the_edge_and_the_origin() {
         ("broken checksum", json!({ "key": broken }), "MALFORMED"),
         ("junk", json!({ "key": "hello" }), "MALFORMED"),
         ("other workspace", json!({ "key": other_key }), "NOT_FOUND"),
-        (
-            "other api named",
-            json!({ "key": valid, "api_id": other_api["id"] }),
-            "NOT_FOUND",
-        ),
-        (
-            "missing permission",
-            json!({ "key": limited, "permissions": ["read", "write"] }),
-            "INSUFFICIENT_PERMISSIONS",
-        ),
-        (
-            "has permission",
-            json!({ "key": limited, "permissions": ["read"] }),
-            "VALID",
-        ),
+        ("other api named", json!({ "key": valid, "api_id": other_api["id"] }), "NOT_FOUND"),
+        ("missing permission", json!({ "key": limited, "permissions": ["read", "write"] }), "INSUFFICIENT_PERMISSIONS"),
+        ("has permission", json!({ "key": limited, "permissions": ["read"] }), "VALID"),
     ];
     for (name, body, expected) in &cases {
         let edge = world.edge_verify(0, &root, body.clone());
@@ -158,22 +118,12 @@ fn every_outcome_code_at_the_edge_and_the_origin() {
         let origin = world.origin_verify(&root, body.clone());
         assert_eq!(code(&origin), *expected, "origin, {name}: {}", origin.1);
         if *expected == "NOT_FOUND" || *expected == "MALFORMED" {
-            assert!(
-                edge.1.get("key_id").is_none(),
-                "{name} leaks details: {}",
-                edge.1
-            );
+            assert!(edge.1.get("key_id").is_none(), "{name} leaks details: {}", edge.1);
         }
     }
     // The other tenant sees its own key and not ours.
-    assert_eq!(
-        code(&world.edge_verify(0, &other_root, json!({ "key": other_key }))),
-        "VALID"
-    );
-    assert_eq!(
-        code(&world.edge_verify(0, &other_root, json!({ "key": valid }))),
-        "NOT_FOUND"
-    );
+    assert_eq!(code(&world.edge_verify(0, &other_root, json!({ "key": other_key }))), "VALID");
+    assert_eq!(code(&world.edge_verify(0, &other_root, json!({ "key": valid }))), "NOT_FOUND");
     world.assert_no_plaintext();
 }
 
@@ -182,55 +132,25 @@ fn purge_acknowledgements_and_replay_protection() {
     if !e2e_enabled() {
         return;
     }
-    let mut world =
-        World::start(&[RegionPlan::Up, RegionPlan::Down, RegionPlan::WrongSecret]).unwrap();
+    let mut world = World::start(&[RegionPlan::Up, RegionPlan::Down, RegionPlan::WrongSecret]).unwrap();
     let api = world.create_api("regions", 300_000);
     let (id, _key) = world.create_key(&api, json!({}));
     let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     assert_eq!(status, 200, "{revoked}");
     let regions = revoked["regions"].as_array().unwrap();
-    let by_name = |name: &str| {
-        regions
-            .iter()
-            .find(|r| r["name"] == name)
-            .unwrap_or_else(|| panic!("{name} in {revoked}"))
-    };
+    let by_name =
+        |name: &str| regions.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} in {revoked}"));
     assert_eq!(by_name("r0")["acknowledged"], true, "{revoked}");
-    assert_eq!(
-        by_name("r1")["acknowledged"],
-        false,
-        "down region: {revoked}"
-    );
-    assert_eq!(
-        by_name("r2")["acknowledged"],
-        false,
-        "wrong secret: {revoked}"
-    );
-    assert!(
-        by_name("r2")["error"]
-            .as_str()
-            .unwrap()
-            .contains("BAD_SIGNATURE"),
-        "{revoked}"
-    );
+    assert_eq!(by_name("r1")["acknowledged"], false, "down region: {revoked}");
+    assert_eq!(by_name("r2")["acknowledged"], false, "wrong secret: {revoked}");
+    assert!(by_name("r2")["error"].as_str().unwrap().contains("BAD_SIGNATURE"), "{revoked}");
 
     // A purge signed with the right secret is accepted once; the identical request is refused.
     let region = world.regions[0].spec.url();
-    let body = serde_json::to_vec(&json!({ "hashes": [keyward_shared::KeyHash::of("anything")] }))
-        .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let body = serde_json::to_vec(&json!({ "hashes": [keyward_shared::KeyHash::of("anything")] })).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let send = |timestamp: i64, nonce: &str| {
-        let signature = internal::sign(
-            world.secret.as_bytes(),
-            "POST",
-            PURGE_PATH,
-            timestamp,
-            nonce,
-            &body,
-        );
+        let signature = internal::sign(world.secret.as_bytes(), "POST", PURGE_PATH, timestamp, nonce, &body);
         reqwest::blocking::Client::new()
             .post(format!("{region}{PURGE_PATH}"))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
@@ -263,10 +183,7 @@ fn admin_routes_check_the_root_key_and_its_scope() {
     let key_path = format!("/v1/keys/{id}");
 
     let (s, e) = world.call(&origin, None, Method::GET, &key_path, None);
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (401, Some("UNAUTHORIZED"))
-    );
+    assert_eq!((s, e["error"]["code"].as_str()), (401, Some("UNAUTHORIZED")));
     let stranger = new_root_key();
     world.remember(&stranger);
     let (s, _) = world.call(&origin, Some(&stranger), Method::GET, &key_path, None);
@@ -275,28 +192,15 @@ fn admin_routes_check_the_root_key_and_its_scope() {
     assert_eq!(s, 401);
 
     // A root key that may only read APIs.
-    let (s, reader) = world.admin(
-        Method::POST,
-        "/v1/root-keys",
-        Some(json!({ "name": "reader", "scopes": ["api.read"] })),
-    );
+    let (s, reader) =
+        world.admin(Method::POST, "/v1/root-keys", Some(json!({ "name": "reader", "scopes": ["api.read"] })));
     assert_eq!(s, 201, "{reader}");
     let reader = reader["key"].as_str().unwrap().to_owned();
     let (s, _) = world.call(&origin, Some(&reader), Method::GET, "/v1/apis", None);
     assert_eq!(s, 200);
     let (s, e) = world.call(&origin, Some(&reader), Method::GET, &key_path, None);
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (403, Some("FORBIDDEN")),
-        "{e}"
-    );
-    let (s, _) = world.call(
-        &origin,
-        Some(&reader),
-        Method::POST,
-        &format!("{key_path}/revoke"),
-        None,
-    );
+    assert_eq!((s, e["error"]["code"].as_str()), (403, Some("FORBIDDEN")), "{e}");
+    let (s, _) = world.call(&origin, Some(&reader), Method::POST, &format!("{key_path}/revoke"), None);
     assert_eq!(s, 403);
     let (s, _) = world.call(
         &origin,
@@ -308,17 +212,12 @@ fn admin_routes_check_the_root_key_and_its_scope() {
     assert_eq!(s, 403);
     // It cannot verify at the edge either.
     let (s, _) = world.edge_verify(0, &reader, json!({ "key": key }));
-    assert_eq!(
-        s, 401,
-        "a root key without a verify scope is not known to the edge"
-    );
+    assert_eq!(s, 401, "a root key without a verify scope is not known to the edge");
     // A root key cannot grant what it does not hold.
     let (s, verifier) = world.admin(
         Method::POST,
         "/v1/root-keys",
-        Some(
-            json!({ "name": "v", "scopes": [format!("api.{api}.verify_key"), "root_key.create"] }),
-        ),
+        Some(json!({ "name": "v", "scopes": [format!("api.{api}.verify_key"), "root_key.create"] })),
     );
     assert_eq!(s, 201, "{verifier}");
     let verifier = verifier["key"].as_str().unwrap().to_owned();
@@ -330,56 +229,24 @@ fn admin_routes_check_the_root_key_and_its_scope() {
         Some(json!({ "name": "x", "scopes": ["api.*.verify_key"] })),
     );
     assert_eq!(s, 403, "{e}");
-    assert_eq!(
-        code(&world.edge_verify(0, &verifier, json!({ "key": key }))),
-        "VALID"
-    );
+    assert_eq!(code(&world.edge_verify(0, &verifier, json!({ "key": key }))), "VALID");
 
     // Another workspace's root key sees nothing of this one: NOT_FOUND, never 403.
-    let (s, other) = world.admin(
-        Method::POST,
-        "/v1/workspaces",
-        Some(json!({ "name": "elsewhere" })),
-    );
+    let (s, other) = world.admin(Method::POST, "/v1/workspaces", Some(json!({ "name": "elsewhere" })));
     assert_eq!(s, 201);
     let other = other["root_key"]["key"].as_str().unwrap().to_owned();
     let (s, e) = world.call(&origin, Some(&other), Method::GET, &key_path, None);
-    assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (404, Some("NOT_FOUND")),
-        "{e}"
-    );
-    let (s, _) = world.call(
-        &origin,
-        Some(&other),
-        Method::POST,
-        &format!("{key_path}/revoke"),
-        None,
-    );
+    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("NOT_FOUND")), "{e}");
+    let (s, _) = world.call(&origin, Some(&other), Method::POST, &format!("{key_path}/revoke"), None);
     assert_eq!(s, 404);
-    let (s, e) = world.call(
-        &origin,
-        Some(&other),
-        Method::GET,
-        &format!("/v1/keys?api_id={api}"),
-        None,
-    );
+    let (s, e) = world.call(&origin, Some(&other), Method::GET, &format!("/v1/keys?api_id={api}"), None);
     assert_eq!(s, 404, "{e}");
     let (s, apis) = world.call(&origin, Some(&other), Method::GET, "/v1/apis", None);
     assert_eq!(s, 200);
     assert_eq!(apis["apis"], json!([]));
-    let (s, _) = world.call(
-        &origin,
-        Some(&other),
-        Method::POST,
-        "/v1/workspaces",
-        Some(json!({ "name": "nested" })),
-    );
+    let (s, _) = world.call(&origin, Some(&other), Method::POST, "/v1/workspaces", Some(json!({ "name": "nested" })));
     assert_eq!(s, 403, "only the bootstrap key creates workspaces");
-    assert_eq!(
-        code(&world.edge_verify(0, &other, json!({ "key": key }))),
-        "NOT_FOUND"
-    );
+    assert_eq!(code(&world.edge_verify(0, &other, json!({ "key": key }))), "NOT_FOUND");
     world.assert_no_plaintext();
 }
 
@@ -398,46 +265,23 @@ fn every_key_survives_a_control_plane_restart() {
     }
     let (_, revoked_key) = world.create_key(&api, json!({}));
     let revoked_id = {
-        let (s, listed) = world.admin(
-            Method::GET,
-            &format!("/v1/keys?api_id={api}&limit=100"),
-            None,
-        );
+        let (s, listed) = world.admin(Method::GET, &format!("/v1/keys?api_id={api}&limit=100"), None);
         assert_eq!(s, 200);
-        listed["keys"].as_array().unwrap().last().unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        listed["keys"].as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_owned()
     };
     world.admin(Method::POST, &format!("/v1/keys/{revoked_id}/revoke"), None);
-    world.admin(
-        Method::PATCH,
-        &format!("/v1/keys/{}", ids[0]),
-        Some(json!({ "enabled": false, "name": "renamed" })),
-    );
-    let before: Vec<Value> = ids
-        .iter()
-        .map(|id| world.admin(Method::GET, &format!("/v1/keys/{id}"), None).1)
-        .collect();
+    world.admin(Method::PATCH, &format!("/v1/keys/{}", ids[0]), Some(json!({ "enabled": false, "name": "renamed" })));
+    let before: Vec<Value> = ids.iter().map(|id| world.admin(Method::GET, &format!("/v1/keys/{id}"), None).1).collect();
 
     world.restart_control_plane().unwrap();
 
-    let after: Vec<Value> = ids
-        .iter()
-        .map(|id| world.admin(Method::GET, &format!("/v1/keys/{id}"), None).1)
-        .collect();
+    let after: Vec<Value> = ids.iter().map(|id| world.admin(Method::GET, &format!("/v1/keys/{id}"), None).1).collect();
     assert_eq!(before, after);
     assert_eq!(after[0]["enabled"], false);
     assert_eq!(after[0]["name"], "renamed");
     assert_eq!(after[3]["meta"], json!({ "n": 3 }));
-    assert_eq!(
-        code(&world.origin_verify(&root, json!({ "key": revoked_key }))),
-        "REVOKED"
-    );
-    assert_eq!(
-        code(&world.edge_verify(0, &root, json!({ "key": revoked_key }))),
-        "REVOKED"
-    );
+    assert_eq!(code(&world.origin_verify(&root, json!({ "key": revoked_key }))), "REVOKED");
+    assert_eq!(code(&world.edge_verify(0, &root, json!({ "key": revoked_key }))), "REVOKED");
     world.assert_no_plaintext();
 }
 
@@ -457,12 +301,7 @@ fn a_leaked_key_is_found_by_its_visible_start() {
     let visible = &leaked[..leaked.find('_').unwrap() + 6 + 5];
     let (s, found) = world.admin(Method::GET, &format!("/v1/keys?start={visible}"), None);
     assert_eq!(s, 200, "{found}");
-    let ids: Vec<&str> = found["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["id"].as_str().unwrap())
-        .collect();
+    let ids: Vec<&str> = found["keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&leaked_id.as_str()), "{found}");
 
     // Keyset pagination walks every key exactly once.
@@ -475,13 +314,7 @@ fn a_leaked_key_is_found_by_its_visible_start() {
         };
         let (s, page) = world.admin(Method::GET, &path, None);
         assert_eq!(s, 200, "{page}");
-        seen.extend(
-            page["keys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|k| k["id"].as_str().unwrap().to_owned()),
-        );
+        seen.extend(page["keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_owned()));
         match page["cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
             None => break,

@@ -30,10 +30,7 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
-        Which::Verify {
-            seconds,
-            connections,
-        } => verify(Duration::from_secs(seconds), connections),
+        Which::Verify { seconds, connections } => verify(Duration::from_secs(seconds), connections),
     }
 }
 
@@ -52,25 +49,15 @@ fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     let root = world.root_key.clone();
     let warm = world.edge_verify(0, &root, json!({ "key": key }));
     let served = world.edge_verify(0, &root, json!({ "key": key }));
-    anyhow::ensure!(
-        warm.1["valid"] == true && served.1["source"] == "memory",
-        "not served from memory: {}",
-        served.1
-    );
+    anyhow::ensure!(warm.1["valid"] == true && served.1["source"] == "memory", "not served from memory: {}", served.1);
 
     let edge = world.regions[0].spec.url();
     let body = Arc::new(serde_json::to_vec(&json!({ "key": key }))?);
-    step(&format!(
-        "load: {connections} connections, {duration:?} per route"
-    ));
+    step(&format!("load: {connections} connections, {duration:?} per route"));
     let health = load(connections, duration, {
         let url = format!("{edge}/health");
         move |client: &reqwest::blocking::Client| {
-            client
-                .get(&url)
-                .send()
-                .map(|r| r.status().is_success())
-                .unwrap_or(false)
+            client.get(&url).send().map(|r| r.status().is_success()).unwrap_or(false)
         }
     });
     let verify = load(connections, duration, {
@@ -89,19 +76,10 @@ fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     });
     println!("edge health: {health}");
     println!("edge verify (memory): {verify}");
-    println!(
-        "verify/health throughput ratio: {:.2}",
-        verify.rps / health.rps
-    );
+    println!("verify/health throughput ratio: {:.2}", verify.rps / health.rps);
     println!(
         "edge_verify_rps={:.0} edge_verify_p50_ms={:.2} edge_verify_p99_ms={:.2} edge_health_rps={:.0} edge_health_p50_ms={:.2} edge_health_p99_ms={:.2} edge_verify_errors={} shared_decide_per_s={decide_per_s:.0} sha256_per_s={sha_per_s:.0}",
-        verify.rps,
-        verify.p50_ms,
-        verify.p99_ms,
-        health.rps,
-        health.p50_ms,
-        health.p99_ms,
-        verify.errors
+        verify.rps, verify.p50_ms, verify.p99_ms, health.rps, health.p50_ms, health.p99_ms, verify.errors
     );
     Ok(())
 }
@@ -115,11 +93,7 @@ struct Load {
 
 impl std::fmt::Display for Load {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-            self.rps, self.p50_ms, self.p99_ms, self.errors
-        )
+        write!(f, "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors", self.rps, self.p50_ms, self.p99_ms, self.errors)
     }
 }
 
@@ -134,10 +108,8 @@ where
         .map(|_| {
             let call = call.clone();
             std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .expect("client");
+                let client =
+                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
                 let mut latencies = Vec::new();
                 let mut errors = 0;
                 while started.elapsed() < duration {
@@ -159,17 +131,9 @@ where
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
-    Load {
-        rps: all.len() as f64 / elapsed,
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
-        errors,
-    }
+    let at =
+        |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    Load { rps: all.len() as f64 / elapsed, p50_ms: at(0.50), p99_ms: at(0.99), errors }
 }
 
 /// The whole pure verification path (parse, hash, decide) and raw SHA-256 of the same text,
@@ -197,11 +161,7 @@ fn native_decision() -> (f64, f64) {
         created_at: 0,
         updated_at: 0,
     };
-    let request = VerifyRequest {
-        key: text.clone(),
-        api_id: None,
-        permissions: vec!["read".into()],
-    };
+    let request = VerifyRequest { key: text.clone(), api_id: None, permissions: vec!["read".into()] };
     let rounds = 5;
     let per_round = 200_000;
     let (mut decide_time, mut sha_time) = (Duration::ZERO, Duration::ZERO);
@@ -210,10 +170,7 @@ fn native_decision() -> (f64, f64) {
         for _ in 0..per_round {
             let parsed = Key::parse(black_box(&text)).expect("valid");
             let hash = parsed.hash();
-            let caller = Caller {
-                workspace_id: "ws_1",
-                scopes: &scopes,
-            };
+            let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
             black_box(decide(Some(&record), &hash, caller, &request, 1));
         }
         decide_time += t.elapsed();

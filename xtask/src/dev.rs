@@ -44,19 +44,13 @@ pub fn run() -> anyhow::Result<()> {
         ),
     )?;
 
-    step(&format!(
-        "starting the edge region `local` under wrangler dev on 127.0.0.1:{EDGE_PORT}"
-    ));
+    step(&format!("starting the edge region `local` under wrangler dev on 127.0.0.1:{EDGE_PORT}"));
     let mut edge = region.start()?;
     step(&format!(
         "starting the control plane on 127.0.0.1:{CONTROL_PLANE_PORT} (SQLite at {STATE_DIR}/keyward.sqlite)"
     ));
-    let mut control_plane = start_control_plane(
-        &config,
-        &root_key,
-        CONTROL_PLANE_PORT,
-        &state.join("control-plane.log"),
-    )?;
+    let mut control_plane =
+        start_control_plane(&config, &root_key, CONTROL_PLANE_PORT, &state.join("control-plane.log"))?;
     print_walkthrough(&root_key);
 
     let (tx, rx) = mpsc::channel();
@@ -91,12 +85,8 @@ fn stop(mut edge: Proc, mut control_plane: Proc) -> anyhow::Result<()> {
 fn dev_root_key(path: &Path) -> anyhow::Result<String> {
     if let Ok(text) = std::fs::read_to_string(path) {
         let text = text.trim().to_owned();
-        keyward_shared::Key::parse(&text).with_context(|| {
-            format!(
-                "{} is not a valid key; delete .keyward/ to start over",
-                path.display()
-            )
-        })?;
+        keyward_shared::Key::parse(&text)
+            .with_context(|| format!("{} is not a valid key; delete .keyward/ to start over", path.display()))?;
         return Ok(text);
     }
     let key = new_root_key();

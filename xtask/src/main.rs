@@ -51,17 +51,7 @@ fn test() -> anyhow::Result<()> {
     tools::step("cargo fmt --check");
     tools::cargo(&["fmt", "--all", "--", "--check"], &[])?;
     tools::step("clippy (native)");
-    tools::cargo(
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &[],
-    )?;
+    tools::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
     tools::step("clippy (wasm32: shared and edge)");
     tools::cargo(
         &[
@@ -85,17 +75,8 @@ fn test() -> anyhow::Result<()> {
     tools::step("wasm tests of shared (wasm-bindgen-test-runner under Node)");
     let runner = tools::cargo_bin("wasm-bindgen-test-runner");
     tools::cargo(
-        &[
-            "test",
-            "-p",
-            "keyward-shared",
-            "--target",
-            "wasm32-unknown-unknown",
-        ],
-        &[(
-            "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
-            runner.to_str().unwrap_or_default(),
-        )],
+        &["test", "-p", "keyward-shared", "--target", "wasm32-unknown-unknown"],
+        &[("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", runner.to_str().unwrap_or_default())],
     )?;
     tools::step("all checks passed");
     Ok(())

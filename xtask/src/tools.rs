@@ -16,9 +16,7 @@ pub fn step(what: &str) {
 /// Runs a command, failing with its name if it fails.
 pub fn run(command: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {shown}"))?;
+    let status = command.status().with_context(|| format!("cannot run {shown}"))?;
     if !status.success() {
         bail!("{shown} failed with {status}");
     }
@@ -35,17 +33,13 @@ pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
 pub fn cargo_bin(name: &str) -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
     home.join("bin").join(name)
 }
 
 fn version_of(binary: &PathBuf) -> Option<String> {
     let out = Command::new(binary).arg("--version").output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The wasm-bindgen version the Cargo.lock pins; wasm-bindgen-cli must match it exactly.
@@ -53,10 +47,10 @@ fn locked_wasm_bindgen() -> anyhow::Result<String> {
     let lock = std::fs::read_to_string("Cargo.lock").context("read Cargo.lock")?;
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
-        if line == "name = \"wasm-bindgen\"" {
-            if let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = \"")) {
-                return Ok(version.trim_end_matches('"').to_owned());
-            }
+        if line == "name = \"wasm-bindgen\""
+            && let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = \""))
+        {
+            return Ok(version.trim_end_matches('"').to_owned());
         }
     }
     bail!("Cargo.lock pins no wasm-bindgen")
@@ -64,10 +58,7 @@ fn locked_wasm_bindgen() -> anyhow::Result<String> {
 
 /// Installs what is missing: the wasm32 target, worker-build, wasm-bindgen-cli, npm packages.
 pub fn setup() -> anyhow::Result<()> {
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .context("rustup")?;
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().context("rustup")?;
     if String::from_utf8_lossy(&installed.stdout).contains("wasm32-unknown-unknown") {
         step("wasm32-unknown-unknown target: present");
     } else {
@@ -77,32 +68,16 @@ pub fn setup() -> anyhow::Result<()> {
     if version_of(&cargo_bin("worker-build")).is_some_and(|v| v.contains(WORKER_BUILD_VERSION)) {
         step(&format!("worker-build {WORKER_BUILD_VERSION}: present"));
     } else {
-        step(&format!(
-            "installing worker-build {WORKER_BUILD_VERSION} (about 3 minutes)"
-        ));
-        cargo(
-            &["install", "worker-build", "--version", WORKER_BUILD_VERSION],
-            &[],
-        )?;
+        step(&format!("installing worker-build {WORKER_BUILD_VERSION} (about 3 minutes)"));
+        cargo(&["install", "worker-build", "--version", WORKER_BUILD_VERSION], &[])?;
     }
     let bindgen = locked_wasm_bindgen()?;
     if version_of(&cargo_bin("wasm-bindgen")).is_some_and(|v| v.trim().ends_with(&bindgen)) {
         step(&format!("wasm-bindgen-cli {bindgen}: present"));
     } else {
-        step(&format!(
-            "installing wasm-bindgen-cli {bindgen} (about 2 minutes)"
-        ));
+        step(&format!("installing wasm-bindgen-cli {bindgen} (about 2 minutes)"));
         // Not --locked: that fails on a yanked dependency (TOOLCHAIN.md).
-        cargo(
-            &[
-                "install",
-                "wasm-bindgen-cli",
-                "--version",
-                &bindgen,
-                "--force",
-            ],
-            &[],
-        )?;
+        cargo(&["install", "wasm-bindgen-cli", "--version", &bindgen, "--force"], &[])?;
     }
     let npm_ready = PathBuf::from("node_modules/.bin/wrangler").exists()
         && PathBuf::from("node_modules/.bin/wasm-opt").exists()

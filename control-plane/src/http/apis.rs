@@ -40,24 +40,17 @@ async fn create(
 ) -> Result<(StatusCode, axum::Json<Api>)> {
     caller.require(&Scope::ApiCreate)?;
     let name_ok = (1..=64).contains(&body.name.len())
-        && body
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        && body.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if !name_ok {
         return Err(AppError::BadRequest(
-            "API name must be 1 to 64 characters of a-z, 0-9, `-` and `_` (like `payments-live`)"
-                .into(),
+            "API name must be 1 to 64 characters of a-z, 0-9, `-` and `_` (like `payments-live`)".into(),
         ));
     }
     let prefix = body.prefix.unwrap_or_else(|| "sk".to_owned());
-    validate_prefix(&prefix)
-        .map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
+    validate_prefix(&prefix).map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
     let max_staleness_ms = body.max_staleness_ms.unwrap_or(DEFAULT_MAX_STALENESS_MS);
     if !(1..=MAX_STALENESS_LIMIT_MS).contains(&max_staleness_ms) {
-        return Err(AppError::BadRequest(format!(
-            "max_staleness_ms must be between 1 and {MAX_STALENESS_LIMIT_MS}"
-        )));
+        return Err(AppError::BadRequest(format!("max_staleness_ms must be between 1 and {MAX_STALENESS_LIMIT_MS}")));
     }
     let api = Api {
         id: new_id("api"),

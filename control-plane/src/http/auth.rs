@@ -15,23 +15,13 @@ impl FromRequestParts<AppState> for RootKey {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<RootKey, AppError> {
         let missing = || AppError::Unauthorized("send `Authorization: Bearer <root key>`".into());
-        let invalid =
-            || AppError::Unauthorized("the root key is not valid; check KEYWARD_ROOT_KEY".into());
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(missing)?;
+        let invalid = || AppError::Unauthorized("the root key is not valid; check KEYWARD_ROOT_KEY".into());
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(missing)?;
         let text = header.strip_prefix("Bearer ").ok_or_else(missing)?.trim();
         let key = Key::parse(text).map_err(|_| invalid())?;
         let hash = key.hash();
         // The lookup is by hash; the stored hash is then compared in constant time.
-        let record = state
-            .store
-            .active_root_key(&hash)
-            .await?
-            .filter(|r| r.hash == hash)
-            .ok_or_else(invalid)?;
+        let record = state.store.active_root_key(&hash).await?.filter(|r| r.hash == hash).ok_or_else(invalid)?;
         Ok(RootKey(record))
     }
 }
@@ -46,9 +36,7 @@ impl RootKey {
         if self.0.scopes.grants(scope) {
             Ok(())
         } else {
-            Err(AppError::Forbidden(format!(
-                "this root key lacks the `{scope}` scope"
-            )))
+            Err(AppError::Forbidden(format!("this root key lacks the `{scope}` scope")))
         }
     }
 }

@@ -88,9 +88,7 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> AppError {
         match e {
             StoreError::Conflict(message) => AppError::Conflict(message),
-            StoreError::VersionConflict => {
-                AppError::Conflict("the key changed while this request ran; retry".into())
-            }
+            StoreError::VersionConflict => AppError::Conflict("the key changed while this request ran; retry".into()),
             StoreError::Other(e) => AppError::Internal(e),
         }
     }
@@ -100,12 +98,10 @@ impl From<JsonRejection> for AppError {
     fn from(rejection: JsonRejection) -> AppError {
         let message = rejection.body_text();
         match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                AppError::PayloadTooLarge(format!("{message}: send a smaller body"))
+            StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge(format!("{message}: send a smaller body")),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                AppError::UnsupportedMediaType("send the body as JSON with `content-type: application/json`".into())
             }
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => AppError::UnsupportedMediaType(
-                "send the body as JSON with `content-type: application/json`".into(),
-            ),
             _ => AppError::BadRequest(message),
         }
     }

@@ -28,15 +28,10 @@ pub struct Path<T>(pub T);
 /// Checks that `text` is an id Keyward made with this prefix (`key_01J...`): the prefix, `_`,
 /// and 26 Crockford base32 characters.
 pub fn check_id(text: &str, prefix: &str) -> Result<(), AppError> {
-    let ok = text
-        .strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('_'))
-        .is_some_and(|ulid| {
-            ulid.len() == 26
-                && ulid.bytes().all(|b| {
-                    b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b))
-                })
-        });
+    let ok = text.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('_')).is_some_and(|ulid| {
+        ulid.len() == 26
+            && ulid.bytes().all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b)))
+    });
     if ok {
         Ok(())
     } else {
@@ -61,17 +56,8 @@ mod tests {
         let id = new_id("key");
         assert!(check_id(&id, "key").is_ok());
         assert!(check_id(&id, "api").is_err());
-        for bad in [
-            "key_",
-            "key_01J",
-            "key_01JABCDEFGHJKMNPQRSTVWXYZI",
-            "key01JABCDEFGHJKMNPQRSTVWXYZ0",
-            "../etc",
-        ] {
-            assert!(
-                matches!(check_id(bad, "key"), Err(AppError::InvalidId(_))),
-                "{bad}"
-            );
+        for bad in ["key_", "key_01J", "key_01JABCDEFGHJKMNPQRSTVWXYZI", "key01JABCDEFGHJKMNPQRSTVWXYZ0", "../etc"] {
+            assert!(matches!(check_id(bad, "key"), Err(AppError::InvalidId(_))), "{bad}");
         }
     }
 }

@@ -10,9 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::verify::Caller;
-use keyward_shared::{
-    Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide, kv_key_for_key,
-};
+use keyward_shared::{Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide, kv_key_for_key};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -35,10 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/keys", post(create).get(list))
         .route("/v1/keys/{id}", get(read).patch(update).delete(delete))
         .route("/v1/keys/{id}/revoke", post(revoke))
-        .route(
-            "/v1/keys/verify",
-            post(verify).layer(DefaultBodyLimit::max(MAX_VERIFY_BODY)),
-        )
+        .route("/v1/keys/verify", post(verify).layer(DefaultBodyLimit::max(MAX_VERIFY_BODY)))
 }
 
 /// A key as the admin API shows it: everything but the hash.
@@ -107,33 +102,21 @@ async fn create(
     Json(body): Json<CreateKey>,
 ) -> Result<(StatusCode, axum::Json<Value>)> {
     check_id(&body.api_id, "api")?;
-    let api = state
-        .store
-        .api(caller.workspace_id(), &body.api_id)
-        .await?
-        .ok_or_else(|| AppError::not_found("API"))?;
+    let api = state.store.api(caller.workspace_id(), &body.api_id).await?.ok_or_else(|| AppError::not_found("API"))?;
     caller.require(&Scope::key(&api.id, KeyAction::CreateKey))?;
     let now = now_ms();
     if body.expires_at.is_some_and(|at| at <= now) {
-        return Err(AppError::BadRequest(
-            "expires_at must be in the future (Unix milliseconds)".into(),
-        ));
+        return Err(AppError::BadRequest("expires_at must be in the future (Unix milliseconds)".into()));
     }
     let prefix = body.prefix.as_deref().unwrap_or(&api.prefix);
-    let key = keygen::generate(prefix)
-        .map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
+    let key = keygen::generate(prefix).map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
     let record = KeyRecord {
         schema: RECORD_SCHEMA,
         id: new_id("key"),
         hash: key.hash(),
         api_id: api.id.clone(),
         workspace_id: api.workspace_id.clone(),
-        name: body
-            .name
-            .as_deref()
-            .map(check_name)
-            .transpose()?
-            .map(str::to_owned),
+        name: body.name.as_deref().map(check_name).transpose()?.map(str::to_owned),
         start: key.start().to_owned(),
         owner_id: body.owner_id.as_deref().map(check_owner).transpose()?,
         meta: check_meta(body.meta.unwrap_or_default())?,
@@ -162,12 +145,7 @@ async fn create(
 
 /// The key with this id if the caller's workspace has it (and it is not deleted) and the
 /// caller holds `action` on its API.
-async fn find(
-    state: &AppState,
-    caller: &RootKey,
-    id: &str,
-    action: KeyAction,
-) -> Result<KeyRecord> {
+async fn find(state: &AppState, caller: &RootKey, id: &str, action: KeyAction) -> Result<KeyRecord> {
     check_id(id, "key")?;
     let record = state
         .store
@@ -179,11 +157,7 @@ async fn find(
     Ok(record)
 }
 
-async fn read(
-    State(state): State<AppState>,
-    caller: RootKey,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>> {
+async fn read(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     let record = find(&state, &caller, &id, KeyAction::ReadKey).await?;
     Ok(axum::Json(json!(KeyView::from(&record))))
 }
@@ -201,23 +175,13 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list(
-    State(state): State<AppState>,
-    caller: RootKey,
-    Query(q): Query<ListQuery>,
-) -> Result<axum::Json<Value>> {
+async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<ListQuery>) -> Result<axum::Json<Value>> {
     if q.api_id.is_none() && q.start.is_none() {
-        return Err(AppError::BadRequest(
-            "give `api_id`, `start` (the visible beginning of a key), or both".into(),
-        ));
+        return Err(AppError::BadRequest("give `api_id`, `start` (the visible beginning of a key), or both".into()));
     }
     if let Some(api_id) = &q.api_id {
         check_id(api_id, "api")?;
-        state
-            .store
-            .api(caller.workspace_id(), api_id)
-            .await?
-            .ok_or_else(|| AppError::not_found("API"))?;
+        state.store.api(caller.workspace_id(), api_id).await?.ok_or_else(|| AppError::not_found("API"))?;
         caller.require(&Scope::key(api_id, KeyAction::ReadKey))?;
     }
     let start = q.start.as_deref().map(check_start).transpose()?;
@@ -226,9 +190,7 @@ async fn list(
     }
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(AppError::BadRequest(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
+        return Err(AppError::BadRequest(format!("limit must be between 1 and {MAX_PAGE}")));
     }
     let query = KeyQuery {
         workspace_id: caller.workspace_id(),
@@ -240,29 +202,18 @@ async fn list(
     let mut records = state.store.keys(&query).await?;
     let more = records.len() > limit as usize;
     records.truncate(limit as usize);
-    let cursor = if more {
-        records.last().map(|r| r.id.clone())
-    } else {
-        None
-    };
+    let cursor = if more { records.last().map(|r| r.id.clone()) } else { None };
     // A search by start across APIs shows only keys of APIs the caller may read.
     let keys: Vec<KeyView> = records
         .iter()
-        .filter(|r| {
-            caller
-                .0
-                .scopes
-                .grants(&Scope::key(&r.api_id, KeyAction::ReadKey))
-        })
+        .filter(|r| caller.0.scopes.grants(&Scope::key(&r.api_id, KeyAction::ReadKey)))
         .map(KeyView::from)
         .collect();
     Ok(axum::Json(json!({ "keys": keys, "cursor": cursor })))
 }
 
 /// Deserializes a present field (even `null`) as `Some`, so `null` can mean "clear it".
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -292,18 +243,12 @@ async fn update(
 ) -> Result<axum::Json<Value>> {
     let old = find(&state, &caller, &id, KeyAction::UpdateKey).await?;
     if old.status == KeyStatus::Revoked {
-        return Err(AppError::Conflict(
-            "a revoked key cannot be changed; create a new key".into(),
-        ));
+        return Err(AppError::Conflict("a revoked key cannot be changed; create a new key".into()));
     }
     let now = now_ms();
     let mut new = old.clone();
     if let Some(name) = body.name {
-        new.name = name
-            .as_deref()
-            .map(check_name)
-            .transpose()?
-            .map(str::to_owned);
+        new.name = name.as_deref().map(check_name).transpose()?.map(str::to_owned);
     }
     if let Some(owner_id) = body.owner_id {
         new.owner_id = owner_id.as_deref().map(check_owner).transpose()?;
@@ -321,37 +266,23 @@ async fn update(
         new.permissions = check_permissions(permissions)?;
     }
     let (record, regions) = commit(&state, old, new, now).await?;
-    Ok(axum::Json(
-        json!({ "key": KeyView::from(&record), "regions": regions }),
-    ))
+    Ok(axum::Json(json!({ "key": KeyView::from(&record), "regions": regions })))
 }
 
-async fn revoke(
-    State(state): State<AppState>,
-    caller: RootKey,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>> {
+async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     let old = find(&state, &caller, &id, KeyAction::RevokeKey).await?;
     let mut new = old.clone();
     new.status = KeyStatus::Revoked;
     let (record, regions) = commit(&state, old, new, now_ms()).await?;
-    Ok(axum::Json(
-        json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions }),
-    ))
+    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions })))
 }
 
-async fn delete(
-    State(state): State<AppState>,
-    caller: RootKey,
-    Path(id): Path<String>,
-) -> Result<axum::Json<Value>> {
+async fn delete(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     let old = find(&state, &caller, &id, KeyAction::DeleteKey).await?;
     let mut new = old.clone();
     new.status = KeyStatus::Deleted;
     let (record, regions) = commit(&state, old, new, now_ms()).await?;
-    Ok(axum::Json(
-        json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions }),
-    ))
+    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions })))
 }
 
 /// Stores `new` as the next version of `old`, then pushes it to every region, purging edge
@@ -363,8 +294,7 @@ async fn commit(
     mut new: KeyRecord,
     now: i64,
 ) -> Result<(KeyRecord, Vec<RegionReport>)> {
-    let tightening =
-        old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
+    let tightening = old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
     if new != old {
         new.version = old.version + 1;
         new.updated_at = now;
@@ -377,10 +307,7 @@ async fn commit(
 async fn push(state: &AppState, record: &KeyRecord, purge: bool) -> Result<Vec<RegionReport>> {
     let value = serde_json::to_string(record).map_err(|e| AppError::Internal(e.into()))?;
     let hashes = if purge { vec![record.hash] } else { Vec::new() };
-    Ok(state
-        .edge
-        .push(&kv_key_for_key(&record.hash), &value, &hashes)
-        .await)
+    Ok(state.edge.push(&kv_key_for_key(&record.hash), &value, &hashes).await)
 }
 
 async fn verify(
@@ -389,32 +316,21 @@ async fn verify(
     Json(request): Json<VerifyRequest>,
 ) -> Result<axum::Json<VerifyResponse>> {
     if !caller.0.scopes.can_verify_somewhere() {
-        return Err(AppError::Forbidden(
-            "this root key has no `api.<id|*>.verify_key` scope".into(),
-        ));
+        return Err(AppError::Forbidden("this root key has no `api.<id|*>.verify_key` scope".into()));
     }
     let Ok(key) = Key::parse(&request.key) else {
         return Ok(axum::Json(VerifyResponse::malformed()));
     };
     let hash = key.hash();
     let record = state.store.key_by_hash(&hash).await?;
-    let who = Caller {
-        workspace_id: caller.workspace_id(),
-        scopes: &caller.0.scopes,
-    };
+    let who = Caller { workspace_id: caller.workspace_id(), scopes: &caller.0.scopes };
     let decision = decide(record.as_ref(), &hash, who, &request, now_ms());
-    Ok(axum::Json(VerifyResponse::new(
-        decision,
-        record.as_ref(),
-        Some(Source::Origin),
-    )))
+    Ok(axum::Json(VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))))
 }
 
 fn check_owner(owner: &str) -> Result<String> {
     if owner.is_empty() || owner.chars().count() > 200 {
-        return Err(AppError::BadRequest(
-            "owner_id must be 1 to 200 characters".into(),
-        ));
+        return Err(AppError::BadRequest("owner_id must be 1 to 200 characters".into()));
     }
     Ok(owner.to_owned())
 }
@@ -422,23 +338,17 @@ fn check_owner(owner: &str) -> Result<String> {
 fn check_meta(meta: Map<String, Value>) -> Result<Map<String, Value>> {
     let size = Value::Object(meta.clone()).to_string().len();
     if size > MAX_META_BYTES {
-        return Err(AppError::BadRequest(format!(
-            "meta is {size} bytes of JSON; the limit is {MAX_META_BYTES}"
-        )));
+        return Err(AppError::BadRequest(format!("meta is {size} bytes of JSON; the limit is {MAX_META_BYTES}")));
     }
     Ok(meta)
 }
 
 fn check_permissions(mut permissions: Vec<String>) -> Result<Vec<String>> {
     if permissions.len() > MAX_PERMISSIONS {
-        return Err(AppError::BadRequest(format!(
-            "at most {MAX_PERMISSIONS} permissions per key"
-        )));
+        return Err(AppError::BadRequest(format!("at most {MAX_PERMISSIONS} permissions per key")));
     }
     for p in &permissions {
-        let ok = (1..=100).contains(&p.len())
-            && p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.:*-".contains(&b));
+        let ok = (1..=100).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:*-".contains(&b));
         if !ok {
             return Err(AppError::BadRequest(format!(
                 "permission `{}` must be 1 to 100 characters of letters, digits and `_ . : * -`",
@@ -454,18 +364,10 @@ fn check_permissions(mut permissions: Vec<String>) -> Result<Vec<String>> {
 /// A display start to search by: key characters only (letters, digits, `_`), at most the
 /// length of a stored start; a longer text is cut to that length.
 fn check_start(start: &str) -> Result<String> {
-    if start.is_empty()
-        || !start
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
-        return Err(AppError::BadRequest(
-            "start must be the visible beginning of a key, like `sk_live_3xQ9`".into(),
-        ));
+    if start.is_empty() || !start.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(AppError::BadRequest("start must be the visible beginning of a key, like `sk_live_3xQ9`".into()));
     }
     // A start is `<prefix>_` plus a fixed number of body characters.
-    let limit = start.rfind('_').map_or(start.len(), |i| {
-        i + 1 + keyward_shared::key::START_BODY_CHARS
-    });
+    let limit = start.rfind('_').map_or(start.len(), |i| i + 1 + keyward_shared::key::START_BODY_CHARS);
     Ok(start.chars().take(limit).collect())
 }

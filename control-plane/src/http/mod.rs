@@ -37,24 +37,17 @@ pub struct AppState {
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/health",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
         .merge(workspaces::router())
         .merge(root_keys::router())
         .merge(apis::router())
         .merge(keys::router())
-        .fallback(|| async {
-            AppError::NotFound("no such route; see README.md for the API".into())
-        })
+        .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())
         })
         .layer(DefaultBodyLimit::max(MAX_ADMIN_BODY))
-        .layer(CatchPanicLayer::custom(|_| {
-            AppError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
-        }))
+        .layer(CatchPanicLayer::custom(|_| AppError::Internal(anyhow::anyhow!("a handler panicked")).into_response()))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

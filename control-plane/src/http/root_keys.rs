@@ -41,29 +41,14 @@ async fn create(
     }
     let mut scopes = Vec::new();
     for text in &body.scopes {
-        let scope: Scope = text
-            .parse()
-            .map_err(|e: keyward_shared::ScopeError| AppError::BadRequest(e.to_string()))?;
+        let scope: Scope = text.parse().map_err(|e: keyward_shared::ScopeError| AppError::BadRequest(e.to_string()))?;
         if !caller.0.scopes.grants(&scope) {
-            return Err(AppError::Forbidden(format!(
-                "cannot grant `{scope}`: this root key does not hold it"
-            )));
+            return Err(AppError::Forbidden(format!("cannot grant `{scope}`: this root key does not hold it")));
         }
-        if let Scope::Key {
-            api: ApiSelector::Id(api_id),
-            ..
-        } = &scope
+        if let Scope::Key { api: ApiSelector::Id(api_id), .. } = &scope
+            && state.store.api(caller.workspace_id(), api_id).await?.is_none()
         {
-            if state
-                .store
-                .api(caller.workspace_id(), api_id)
-                .await?
-                .is_none()
-            {
-                return Err(AppError::BadRequest(format!(
-                    "scope `{scope}` names an API that is not in this workspace"
-                )));
-            }
+            return Err(AppError::BadRequest(format!("scope `{scope}` names an API that is not in this workspace")));
         }
         scopes.push(scope);
     }
@@ -98,9 +83,7 @@ async fn create(
 /// Writes a root key to KV if it may verify somewhere; answers the per-region result.
 pub(crate) async fn publish(store: &Store, edge: &Edge, key: &Key) -> Result<Vec<RegionReport>> {
     let Some(record) = store.active_root_key(&key.hash()).await? else {
-        return Err(AppError::Internal(anyhow::anyhow!(
-            "root key vanished after insert"
-        )));
+        return Err(AppError::Internal(anyhow::anyhow!("root key vanished after insert")));
     };
     publish_record(edge, &record).await
 }
@@ -117,9 +100,7 @@ pub async fn publish_record(edge: &Edge, record: &RootKeyRecord) -> Result<Vec<R
 pub(crate) fn check_name(name: &str) -> Result<&str> {
     let trimmed = name.trim();
     if trimmed.is_empty() || trimmed.chars().count() > 200 {
-        return Err(AppError::BadRequest(
-            "name must be 1 to 200 characters".into(),
-        ));
+        return Err(AppError::BadRequest("name must be 1 to 200 characters".into()));
     }
     Ok(trimmed)
 }

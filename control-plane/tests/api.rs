@@ -1,0 +1,255 @@
+//! The admin API driven in-process (`tower::ServiceExt::oneshot`, no socket) on a real SQLite
+//! file, with a recording KV writer: input validation, error shapes, and what reaches KV.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::future::BoxFuture;
+use http_body_util::BodyExt;
+use keyward_control_plane::config::Secret;
+use keyward_control_plane::edge::{Edge, KvWriter, Region};
+use keyward_control_plane::http::{AppState, app};
+use keyward_control_plane::serve::bootstrap;
+use keyward_control_plane::store::Store;
+use keyward_shared::{Key, KeyRecord, KeyStatus};
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// A KV namespace that remembers every write.
+#[derive(Default)]
+struct RecordingKv(Mutex<Vec<(String, String)>>);
+
+impl KvWriter for RecordingKv {
+    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>> {
+        self.0.lock().unwrap().push((key.to_owned(), value));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    state: AppState,
+    kv: Arc<RecordingKv>,
+    root: String,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
+    let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
+    bootstrap(&store, Some(root.clone())).await.unwrap();
+    let kv = Arc::new(RecordingKv::default());
+    // Nothing listens on port 9 of loopback: purges there are never acknowledged.
+    let region = Region { name: "nowhere".into(), url: "http://127.0.0.1:9".into(), kv: kv.clone() };
+    let edge = Arc::new(Edge::new(vec![region], Secret::new("s".repeat(32))));
+    Harness { _dir: dir, state: AppState { store, edge }, kv, root }
+}
+
+impl Harness {
+    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let response = app(self.state.clone()).oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<&str>) -> (StatusCode, Value) {
+        let mut builder =
+            Request::builder().method(method).uri(path).header("authorization", format!("Bearer {}", self.root));
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        self.send(builder.body(Body::from(body.unwrap_or("").to_owned())).unwrap()).await
+    }
+
+    async fn api(&self) -> String {
+        let (status, api) = self.call("POST", "/v1/apis", Some(r#"{"name":"payments-live","prefix":"sk_live"}"#)).await;
+        assert_eq!(status, StatusCode::CREATED, "{api}");
+        api["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The last KV write, checked to be the record of `key` and free of its plaintext.
+    fn last_record(&self, key: &Key) -> KeyRecord {
+        let writes = self.kv.0.lock().unwrap();
+        let (kv_key, value) = writes.last().cloned().unwrap();
+        assert_eq!(kv_key, keyward_shared::kv_key_for_key(&key.hash()));
+        assert!(!value.contains(key.expose()), "KV must never hold the plaintext");
+        KeyRecord::from_json(&value).unwrap()
+    }
+}
+
+fn check(answer: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    assert_eq!(answer.1["error"]["code"], code, "{}", answer.1);
+    assert!(answer.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", answer.1);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_4xx() {
+    let h = harness().await;
+    let api = h.api().await;
+    let cases: Vec<(&str, String, Option<String>, StatusCode, &str)> = vec![
+        ("POST", "/v1/apis".into(), Some("{not json".into()), StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        ("POST", "/v1/apis".into(), Some(r#"{"name":"Bad Name"}"#.into()), StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        ("POST", "/v1/apis".into(), Some(r#"{"name":"payments-live"}"#.into()), StatusCode::CONFLICT, "CONFLICT"),
+        (
+            "POST",
+            "/v1/apis".into(),
+            Some(r#"{"name":"x","max_staleness_ms":0}"#.into()),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(format!(r#"{{"api_id":"{api}","meta":{{"x":"{}"}}}}"#, "a".repeat(70 * 1024))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(format!(r#"{{"api_id":"{api}","meta":{{"x":"{}"}}}}"#, "a".repeat(20 * 1024))),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        (
+            "POST",
+            "/v1/keys/verify".into(),
+            Some(format!(r#"{{"key":"{}"}}"#, "a".repeat(5 * 1024))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            "POST",
+            "/v1/keys/verify".into(),
+            Some(r#"{"key":"k","extra":1}"#.into()),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        ("GET", "/v1/keys/nope".into(), None, StatusCode::BAD_REQUEST, "INVALID_ID"),
+        ("GET", "/v1/keys/key_01ARZ3NDEKTSV4RRFFQ69G5FAV".into(), None, StatusCode::NOT_FOUND, "NOT_FOUND"),
+        ("POST", "/v1/keys".into(), Some(r#"{"api_id":"api_x"}"#.into()), StatusCode::BAD_REQUEST, "INVALID_ID"),
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(format!(r#"{{"api_id":"{api}","expires_at":1}}"#)),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(format!(r#"{{"api_id":"{api}","prefix":"Bad-Prefix"}}"#)),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(format!(r#"{{"api_id":"{api}","permissions":["has space"]}}"#)),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        ("GET", "/v1/keys".into(), None, StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        ("GET", "/v1/keys?api_id=x".into(), None, StatusCode::BAD_REQUEST, "INVALID_ID"),
+        ("GET", format!("/v1/keys?api_id={api}&limit=0"), None, StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        ("GET", format!("/v1/keys?api_id={api}&limit=abc"), None, StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        ("GET", "/v1/keys?start=sk%25".into(), None, StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        (
+            "POST",
+            "/v1/root-keys".into(),
+            Some(r#"{"name":"x","scopes":["api.everything"]}"#.into()),
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+        ),
+        ("GET", "/v2/nothing".into(), None, StatusCode::NOT_FOUND, "NOT_FOUND"),
+        ("PUT", "/v1/apis".into(), None, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+    ];
+    for (method, path, body, status, code) in &cases {
+        let answer = h.call(method, path, body.as_deref()).await;
+        assert_eq!(
+            (answer.0, answer.1["error"]["code"].as_str()),
+            (*status, Some(*code)),
+            "{method} {path}: {}",
+            answer.1
+        );
+        check(&answer, *status, code);
+    }
+    let unknown = h.call("POST", "/v1/apis", Some(r#"{"name":"x","colour":"red"}"#)).await;
+    check(&unknown, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    assert!(unknown.1["error"]["message"].as_str().unwrap().contains("colour"), "{}", unknown.1);
+    let no_type = Request::builder()
+        .method("POST")
+        .uri("/v1/apis")
+        .header("authorization", format!("Bearer {}", h.root))
+        .body(Body::from(r#"{"name":"x"}"#))
+        .unwrap();
+    check(&h.send(no_type).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE");
+}
+
+#[tokio::test]
+async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
+    let h = harness().await;
+    let api = h.api().await;
+    let body = format!(r#"{{"api_id":"{api}","permissions":["a","b"]}}"#);
+    let (status, created) = h.call("POST", "/v1/keys", Some(&body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let key = Key::parse(created["key"].as_str().unwrap()).unwrap();
+    assert_eq!(created["start"], key.start());
+    assert!(created["regions"][0].get("acknowledged").is_none(), "creating is not tightening: {created}");
+    assert_eq!(h.last_record(&key).version, 1);
+
+    // Adding a permission loosens: written, not purged.
+    let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a","b","c"]}"#)).await;
+    assert!(patched["regions"][0].get("acknowledged").is_none(), "{patched}");
+    assert_eq!(h.last_record(&key).version, 2);
+    // Removing one tightens: purged (and this region is unreachable, so not acknowledged).
+    let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a"]}"#)).await;
+    assert_eq!(patched["regions"][0]["acknowledged"], false, "{patched}");
+    assert_eq!(h.last_record(&key).permissions, vec!["a".to_owned()]);
+    // A past expiry means "expire now".
+    let before = keyward_control_plane::time::now_ms();
+    let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"expires_at":5}"#)).await;
+    assert!(patched["key"]["expires_at"].as_i64().unwrap() >= before, "{patched}");
+    let verify = format!(r#"{{"key":"{}"}}"#, key.expose());
+    let (_, verified) = h.call("POST", "/v1/keys/verify", Some(&verify)).await;
+    assert_eq!(verified["code"], "EXPIRED", "{verified}");
+    assert_eq!(verified["source"], "origin");
+
+    let (status, revoked) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert_eq!(revoked["regions"][0]["acknowledged"], false);
+    assert_eq!(revoked["regions"][0]["kv_written"], true);
+    let tombstone = h.last_record(&key);
+    assert_eq!(tombstone.status, KeyStatus::Revoked);
+    assert_eq!(tombstone.version, 5);
+    // A revoked key cannot be changed back.
+    let reenable = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"enabled":true}"#)).await;
+    check(&reenable, StatusCode::CONFLICT, "CONFLICT");
+    // Revoking again changes nothing but purges again.
+    let (_, again) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
+    assert_eq!(again["version"], 5);
+    assert!(again["regions"][0].get("acknowledged").is_some(), "{again}");
+    let (status, _) = h.call("DELETE", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.last_record(&key).status, KeyStatus::Deleted);
+    check(&h.call("GET", &format!("/v1/keys/{id}"), None).await, StatusCode::NOT_FOUND, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn bootstrap_is_idempotent_and_stores_only_hashes() {
+    let h = harness().await;
+    let other = Key::generate("kw_root", [4; 32]).unwrap();
+    bootstrap(&h.state.store, Some(other.expose().to_owned())).await.unwrap();
+    assert_eq!(h.state.store.workspace_count().await.unwrap(), 1);
+    let roots = h.state.store.root_keys().await.unwrap();
+    assert_eq!(roots.len(), 1);
+    assert_eq!(roots[0].hash, Key::parse(&h.root).unwrap().hash());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("x.sqlite")).await.unwrap();
+    let err = bootstrap(&store, Some("kw_root_oops".into())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("KEYWARD_ROOT_KEY"), "{err:#}");
+}
