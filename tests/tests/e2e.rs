@@ -325,3 +325,64 @@ fn a_leaked_key_is_found_by_its_visible_start() {
     assert_eq!(seen, expected);
     world.assert_no_plaintext();
 }
+
+/// Runs the `keyward` CLI against the world's control plane; answers its parsed JSON output.
+fn cli(world: &World, args: &[&str]) -> Value {
+    let out = std::process::Command::new(keyward_tests::keyward_bin())
+        .args(args)
+        .env("KEYWARD_URL", world.origin())
+        .env("KEYWARD_ROOT_KEY", &world.root_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keyward {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("keyward {args:?} printed no JSON: {e}"))
+}
+
+#[test]
+fn the_cli_walks_the_incident_from_leaked_start_to_revoked() {
+    if !e2e_enabled() {
+        return;
+    }
+    let mut world = World::start(&[RegionPlan::Up]).unwrap();
+    let root = world.root_key.clone();
+    let api = cli(&world, &["apis", "create", "--name", "payments-live", "--prefix", "sk_live"]);
+    let api_id = api["id"].as_str().unwrap();
+    let created = cli(&world, &["keys", "create", "--api-id", api_id, "--name", "ci", "--owner-id", "team-a"]);
+    let key = created["key"].as_str().unwrap().to_owned();
+    world.remember(&key);
+    assert_eq!(code(&world.edge_verify(0, &root, json!({ "key": key }))), "VALID");
+
+    let found = cli(&world, &["keys", "list", "--start", created["start"].as_str().unwrap()]);
+    assert_eq!(found["keys"][0]["id"], created["id"]);
+    assert_eq!(found["keys"][0]["owner_id"], "team-a");
+    let revoked = cli(&world, &["keys", "revoke", found["keys"][0]["id"].as_str().unwrap()]);
+    assert_eq!(revoked["regions"][0]["acknowledged"], true, "{revoked}");
+    assert_eq!(code(&world.edge_verify(0, &root, json!({ "key": key }))), "REVOKED");
+
+    // The CLI reads the key from stdin with `-`, so it never shows in `ps` or shell history.
+    let mut child = std::process::Command::new(keyward_tests::keyward_bin())
+        .args(["keys", "verify", "-"])
+        .env("KEYWARD_URL", world.origin())
+        .env("KEYWARD_ROOT_KEY", &root)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(key.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let verified: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verified["code"], "REVOKED");
+    assert_eq!(verified["source"], "origin");
+
+    // An error says what was wrong and fails the command.
+    let out = std::process::Command::new(keyward_tests::keyward_bin())
+        .args(["keys", "get", "nope"])
+        .env("KEYWARD_URL", world.origin())
+        .env("KEYWARD_ROOT_KEY", &root)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_ID"));
+    world.assert_no_plaintext();
+}
