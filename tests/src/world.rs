@@ -51,6 +51,11 @@ pub struct World {
 
 impl World {
     pub fn start(plans: &[RegionPlan]) -> anyhow::Result<World> {
+        World::start_with(plans, "warn")
+    }
+
+    /// Like [`World::start`], with wrangler's log level (`error` for benchmarks).
+    pub fn start_with(plans: &[RegionPlan], log_level: &'static str) -> anyhow::Result<World> {
         let dir = tempfile::Builder::new().prefix("keyward-e2e-").tempdir()?;
         let secret = new_secret();
         let mut regions = Vec::new();
@@ -60,7 +65,7 @@ impl World {
                 port: free_port(),
                 dir: dir.path().join(format!("region-r{i}")),
                 purge_secret: if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() },
-                log_level: "warn",
+                log_level,
             };
             let proc = if *plan == RegionPlan::Down { None } else { Some(spec.start()?) };
             regions.push(Region { spec, plan: *plan, proc });

@@ -1,15 +1,12 @@
 //! `cargo xtask bench ...`: programs that print numbers, ending with one `name=value` line.
 //! The machines are shared and noisy, so each bench measures its baseline in the same run and
-//! the ratio is what to compare.
+//! the ratio is what to compare. Load comes from `wrk` (installed with apt-get if missing).
 
-use std::hint::black_box;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use anyhow::{Context, bail};
 use clap::Subcommand;
-use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
-use keyward_shared::verify::Caller;
-use keyward_shared::{Key, KeyHash, KeyRecord, Scope, Scopes, VerifyRequest, decide};
 use keyward_tests::world::{RegionPlan, World};
 use serde_json::json;
 
@@ -22,8 +19,8 @@ pub enum Which {
         /// Seconds of load per route.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Concurrent client connections.
-        #[arg(long, default_value_t = 4)]
+        /// Concurrent connections (wrk -c), from one wrk thread.
+        #[arg(long, default_value_t = 2)]
         connections: usize,
     },
 }
@@ -36,150 +33,120 @@ pub fn run(which: Which) -> anyhow::Result<()> {
 
 fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     tools::setup()?;
+    ensure_wrk()?;
     tools::build(false)?;
-    let (decide_per_s, sha_per_s) = native_decision();
-    println!(
-        "native: shared decision (parse + hash + decide) {decide_per_s:.0}/s; raw SHA-256 of the same key {sha_per_s:.0}/s"
-    );
+    step("native: shared's decision beside raw SHA-256 (release build)");
+    let native = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["run", "--quiet", "--release", "-p", "keyward-shared", "--example", "bench_decide"])
+        .output()
+        .context("run the bench_decide example")?;
+    if !native.status.success() {
+        bail!("bench_decide failed: {}", String::from_utf8_lossy(&native.stderr));
+    }
+    let native = String::from_utf8_lossy(&native.stdout).into_owned();
+    print!("{native}");
+    let native_figures = native.lines().last().unwrap_or_default().to_owned();
 
-    step("starting one region and the control plane");
-    let world = World::start(&[RegionPlan::Up])?;
+    step("starting one region (log level error) and the control plane");
+    let mut world = World::start_with(&[RegionPlan::Up], "error")?;
     let api = world.create_api("bench", 3_600_000);
     let (_, key) = world.create_key(&api, json!({}));
     let root = world.root_key.clone();
-    let warm = world.edge_verify(0, &root, json!({ "key": key }));
-    let served = world.edge_verify(0, &root, json!({ "key": key }));
-    anyhow::ensure!(warm.1["valid"] == true && served.1["source"] == "memory", "not served from memory: {}", served.1);
+    let body = json!({ "key": key });
+    let check_memory = |world: &World| -> anyhow::Result<()> {
+        let answer = world.edge_verify(0, &root, body.clone());
+        anyhow::ensure!(
+            answer.1["valid"] == true && answer.1["source"] == "memory",
+            "not served from memory: {}",
+            answer.1
+        );
+        Ok(())
+    };
+    world.edge_verify(0, &root, body.clone());
+    check_memory(&world)?;
 
     let edge = world.regions[0].spec.url();
-    let body = Arc::new(serde_json::to_vec(&json!({ "key": key }))?);
-    step(&format!("load: {connections} connections, {duration:?} per route"));
-    let health = load(connections, duration, {
-        let url = format!("{edge}/health");
-        move |client: &reqwest::blocking::Client| {
-            client.get(&url).send().map(|r| r.status().is_success()).unwrap_or(false)
-        }
-    });
-    let verify = load(connections, duration, {
-        let url = format!("{edge}/v1/keys/verify");
-        let root = root.clone();
-        move |client: &reqwest::blocking::Client| {
-            client
-                .post(&url)
-                .bearer_auth(&root)
-                .body(body.as_ref().clone())
-                .send()
-                .and_then(|r| r.json::<serde_json::Value>())
-                .map(|v| v["valid"] == true && v["source"] == "memory")
-                .unwrap_or(false)
-        }
-    });
-    println!("edge health: {health}");
-    println!("edge verify (memory): {verify}");
-    println!("verify/health throughput ratio: {:.2}", verify.rps / health.rps);
+    step(&format!("load: wrk -t1 -c{connections} -d{}s per route, health first", duration.as_secs()));
+    let health = wrk(&format!("{edge}/health"), None, connections, duration)?;
+    let script = world.dir.path().join("verify.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{}'\nwrk.headers[\"authorization\"] = \"Bearer {root}\"\nwrk.headers[\"content-type\"] = \"application/json\"\n",
+            serde_json::to_string(&body)?
+        ),
+    )?;
+    let verify = wrk(&format!("{edge}/v1/keys/verify"), Some(&script), connections, duration)?;
+    std::fs::remove_file(&script)?;
+    check_memory(&world)?;
+    world.assert_no_plaintext();
+
+    println!("edge health (workerd floor): {health}");
+    println!("edge verify from memory:     {verify}");
+    println!("verify/health throughput: {:.2}", verify.rps / health.rps);
     println!(
-        "edge_verify_rps={:.0} edge_verify_p50_ms={:.2} edge_verify_p99_ms={:.2} edge_health_rps={:.0} edge_health_p50_ms={:.2} edge_health_p99_ms={:.2} edge_verify_errors={} shared_decide_per_s={decide_per_s:.0} sha256_per_s={sha_per_s:.0}",
+        "edge_verify_rps={:.0} edge_verify_p50_ms={:.2} edge_verify_p99_ms={:.2} edge_health_rps={:.0} edge_health_p50_ms={:.2} edge_health_p99_ms={:.2} edge_verify_errors={} {native_figures}",
         verify.rps, verify.p50_ms, verify.p99_ms, health.rps, health.p50_ms, health.p99_ms, verify.errors
     );
     Ok(())
+}
+
+fn ensure_wrk() -> anyhow::Result<()> {
+    if Command::new("wrk").arg("--version").output().is_ok() {
+        return Ok(());
+    }
+    step("installing wrk (apt-get)");
+    tools::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    tools::run(Command::new("apt-get").args(["install", "-y", "-qq", "wrk"]))
 }
 
 struct Load {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
-    errors: usize,
+    errors: u64,
 }
 
 impl std::fmt::Display for Load {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors", self.rps, self.p50_ms, self.p99_ms, self.errors)
+        write!(
+            f,
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx",
+            self.rps, self.p50_ms, self.p99_ms, self.errors
+        )
     }
 }
 
-/// Runs `call` from `connections` threads (one keep-alive client each) for `duration`.
-fn load<F>(connections: usize, duration: Duration, call: F) -> Load
-where
-    F: Fn(&reqwest::blocking::Client) -> bool + Send + Sync + 'static,
-{
-    let call = Arc::new(call);
-    let started = Instant::now();
-    let threads: Vec<_> = (0..connections)
-        .map(|_| {
-            let call = call.clone();
-            std::thread::spawn(move || {
-                let client =
-                    reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
-                let mut latencies = Vec::new();
-                let mut errors = 0;
-                while started.elapsed() < duration {
-                    let t = Instant::now();
-                    let ok = call(&client);
-                    latencies.push(t.elapsed().as_secs_f64() * 1e3);
-                    errors += usize::from(!ok);
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for thread in threads {
-        let (latencies, e) = thread.join().expect("load thread");
-        all.extend(latencies);
-        errors += e;
+fn wrk(url: &str, script: Option<&std::path::Path>, connections: usize, duration: Duration) -> anyhow::Result<Load> {
+    let mut command = Command::new("wrk");
+    command.args(["-t1", &format!("-c{connections}"), &format!("-d{}s", duration.as_secs()), "--latency"]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_by(f64::total_cmp);
-    let at =
-        |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
-    Load { rps: all.len() as f64 / elapsed, p50_ms: at(0.50), p99_ms: at(0.99), errors }
-}
-
-/// The whole pure verification path (parse, hash, decide) and raw SHA-256 of the same text,
-/// each per second, measured alternately in one run.
-fn native_decision() -> (f64, f64) {
-    let key = Key::generate("sk_live", [7; 32]).expect("valid");
-    let text = key.expose().to_owned();
-    let scopes = Scopes(vec![Scope::all(false).pop().expect("a verify scope")]);
-    let record = KeyRecord {
-        schema: RECORD_SCHEMA,
-        id: "key_1".into(),
-        hash: key.hash(),
-        api_id: "api_1".into(),
-        workspace_id: "ws_1".into(),
-        name: None,
-        start: key.start().into(),
-        owner_id: None,
-        meta: Default::default(),
-        enabled: true,
-        status: KeyStatus::Active,
-        expires_at: Some(i64::MAX),
-        permissions: vec!["read".into()],
-        version: 1,
-        max_staleness_ms: 1_000,
-        created_at: 0,
-        updated_at: 0,
+    let out = command.arg(url).output().context("run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |prefix: &str| -> Option<String> {
+        text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|rest| rest.trim().to_owned()))
     };
-    let request = VerifyRequest { key: text.clone(), api_id: None, permissions: vec!["read".into()] };
-    let rounds = 5;
-    let per_round = 200_000;
-    let (mut decide_time, mut sha_time) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        for _ in 0..per_round {
-            let parsed = Key::parse(black_box(&text)).expect("valid");
-            let hash = parsed.hash();
-            let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
-            black_box(decide(Some(&record), &hash, caller, &request, 1));
-        }
-        decide_time += t.elapsed();
-        let t = Instant::now();
-        for _ in 0..per_round {
-            black_box(KeyHash::of(black_box(&text)));
-        }
-        sha_time += t.elapsed();
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).context("wrk printed no Requests/sec")?;
+    let p50_ms = field("50%").map(|v| to_ms(&v)).context("wrk printed no 50%")?;
+    let p99_ms = field("99%").map(|v| to_ms(&v)).context("wrk printed no 99%")?;
+    let errors = field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(Load { rps, p50_ms, p99_ms, errors })
+}
+
+/// wrk's durations: `812.00us`, `2.71ms`, `1.02s`.
+fn to_ms(text: &str) -> f64 {
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len());
+    let value: f64 = text[..split].parse().unwrap_or(f64::NAN);
+    match &text[split..] {
+        "us" => value / 1e3,
+        "ms" => value,
+        "s" => value * 1e3,
+        "m" => value * 60e3,
+        _ => f64::NAN,
     }
-    let n = (rounds * per_round) as f64;
-    (n / decide_time.as_secs_f64(), n / sha_time.as_secs_f64())
 }
