@@ -47,6 +47,10 @@ pub struct Region {
     /// API token for Cloudflare (none locally). `KEYWARD_KV_TOKEN` overrides it.
     #[serde(default)]
     pub kv_token: Option<Secret>,
+    /// Local model of KV's eventual consistency: each write reaches this region's KV only after
+    /// this many milliseconds (0 by default; Cloudflare documents up to 60 s).
+    #[serde(default)]
+    pub kv_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +63,10 @@ pub struct Config {
     /// Shared with every region's worker (as its `PURGE_SECRET`) to sign internal requests.
     #[serde(default)]
     pub purge_secret: Option<Secret>,
+    /// Base URL of a worker that hosts the KeyState Durable Objects (the "home" process locally,
+    /// the deployed worker in production); updates go to its signed `/internal/authority` route.
+    #[serde(default)]
+    pub authority_url: Option<String>,
     #[serde(default)]
     pub regions: Vec<Region>,
 }
@@ -115,6 +123,14 @@ impl Config {
             bail!(
                 "purge_secret (or KEYWARD_PURGE_SECRET) must be set, at least 32 characters, when regions are configured"
             );
+        }
+        if let Some(url) = &self.authority_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("authority_url `{url}` is not an http(s) URL");
+        }
+        if self.authority_url.is_some() && self.purge_secret.as_ref().is_none_or(|s| s.0.len() < 32) {
+            bail!("purge_secret must be set, at least 32 characters, when authority_url is configured");
         }
         for (i, region) in self.regions.iter().enumerate() {
             if self.regions[..i].iter().any(|r| r.name == region.name) {

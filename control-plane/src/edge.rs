@@ -1,17 +1,20 @@
-//! Pushing changes to the edge: KV writes through a [`KvWriter`], and signed purge events.
+//! Reaching the edge: KV writes through a [`KvWriter`], the keys' authority, and signed purges.
 //!
 //! [`CloudflareKv`] speaks Cloudflare's KV REST format (`PUT .../storage/kv/namespaces/<id>/values/<key>`);
-//! locally it points at the same format served by `wrangler dev`. Purges go to each region's
-//! signed `/internal/purge` route; a region acknowledges only by answering 200 to a signature it
-//! accepted.
+//! locally it points at the same format served by `wrangler dev`. [`DelayedKv`] models KV's
+//! eventual consistency for tests. The authority and purges are the worker's signed internal
+//! routes; a region acknowledges only by answering 200 to a signature it accepted.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::future::{BoxFuture, join_all};
-use keyward_shared::KeyHash;
-use keyward_shared::internal::{self, NONCE_HEADER, PURGE_PATH, PurgeRequest, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use keyward_shared::internal::{
+    self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeRequest, SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+};
+use keyward_shared::{KeyHash, KeyRecord};
 use serde::Serialize;
 
 use crate::config::{Config, Secret};
@@ -41,18 +44,21 @@ impl CloudflareKv {
     }
 
     fn value_url(&self, key: &str) -> String {
-        let key: String = key
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        format!("{}/storage/kv/namespaces/{}/values/{key}", self.base, self.namespace_id)
+        format!("{}/storage/kv/namespaces/{}/values/{}", self.base, self.namespace_id, percent_encode(key))
     }
+}
+
+/// Percent-encodes everything but unreserved characters, as Cloudflare wants KV key names.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 impl KvWriter for CloudflareKv {
@@ -73,7 +79,33 @@ impl KvWriter for CloudflareKv {
     }
 }
 
-/// One region's view as the control plane reaches it.
+/// Accepts a write at once and applies it to the inner namespace `delay` later: the local model
+/// of a KV location that has not yet seen a write. A failure after the delay is logged.
+pub struct DelayedKv {
+    inner: Arc<dyn KvWriter>,
+    delay: Duration,
+}
+
+impl DelayedKv {
+    pub fn new(inner: Arc<dyn KvWriter>, delay: Duration) -> DelayedKv {
+        DelayedKv { inner, delay }
+    }
+}
+
+impl KvWriter for DelayedKv {
+    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>> {
+        let (inner, delay, key) = (self.inner.clone(), self.delay, key.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Err(e) = inner.put(&key, value).await {
+                tracing::error!(error = %e, "delayed KV write failed");
+            }
+        });
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// One region as the control plane reaches it.
 pub struct Region {
     pub name: String,
     pub url: String,
@@ -88,15 +120,16 @@ pub struct RegionReport {
     /// Whether the region accepted the purge; `None` when no purge was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acknowledged: Option<bool>,
-    /// From the start of this region's push to its acknowledgement (or failure).
+    /// From the start of this delivery to this region's acknowledgement (or failure).
     pub latency_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
-/// Every configured region, and how to reach each.
+/// Every configured region, the authority, and how to reach them.
 pub struct Edge {
-    regions: Vec<Region>,
+    pub regions: Vec<Region>,
+    authority_url: Option<String>,
     client: reqwest::Client,
     purge_secret: Secret,
 }
@@ -110,63 +143,68 @@ impl Edge {
         let regions = config
             .regions
             .iter()
-            .map(|r| Region {
-                name: r.name.clone(),
-                url: r.url.trim_end_matches('/').to_owned(),
-                kv: Arc::new(CloudflareKv::new(client.clone(), &r.kv_url, &r.kv_namespace_id, r.kv_token.clone())),
+            .map(|r| {
+                let kv: Arc<dyn KvWriter> =
+                    Arc::new(CloudflareKv::new(client.clone(), &r.kv_url, &r.kv_namespace_id, r.kv_token.clone()));
+                let kv = if r.kv_delay_ms > 0 {
+                    Arc::new(DelayedKv::new(kv, Duration::from_millis(r.kv_delay_ms)))
+                } else {
+                    kv
+                };
+                Region { name: r.name.clone(), url: r.url.trim_end_matches('/').to_owned(), kv }
             })
             .collect();
-        Ok(Edge { regions, client, purge_secret: config.purge_secret.clone().unwrap_or_default() })
+        let authority_url = config.authority_url.as_ref().map(|u| u.trim_end_matches('/').to_owned());
+        Ok(Edge { regions, authority_url, client, purge_secret: config.purge_secret.clone().unwrap_or_default() })
     }
 
-    pub fn new(regions: Vec<Region>, purge_secret: Secret) -> Edge {
-        Edge { regions, client: reqwest::Client::new(), purge_secret }
+    pub fn new(regions: Vec<Region>, authority_url: Option<String>, purge_secret: Secret) -> Edge {
+        Edge { regions, authority_url, client: reqwest::Client::new(), purge_secret }
     }
 
-    /// Writes `value` under `kv_key` in every region and, when `purge` names hashes, purges them
-    /// there once the write is done. Regions are pushed concurrently.
-    pub async fn push(&self, kv_key: &str, value: &str, purge: &[KeyHash]) -> Vec<RegionReport> {
-        join_all(self.regions.iter().map(|region| self.push_region(region, kv_key, value, purge))).await
+    pub fn has_authority(&self) -> bool {
+        self.authority_url.is_some()
     }
 
-    async fn push_region(&self, region: &Region, kv_key: &str, value: &str, purge: &[KeyHash]) -> RegionReport {
-        let started = Instant::now();
-        let mut report = RegionReport {
-            name: region.name.clone(),
-            kv_written: false,
-            acknowledged: None,
-            latency_ms: 0.0,
-            error: None,
-        };
-        match region.kv.put(kv_key, value.to_owned()).await {
-            Ok(()) => report.kv_written = true,
-            Err(e) => report.error = Some(format!("{e:#}")),
-        }
-        if !purge.is_empty() {
-            match self.send_purge(region, purge).await {
-                Ok(()) => report.acknowledged = Some(true),
-                Err(e) => {
-                    report.acknowledged = Some(false);
-                    report.error.get_or_insert_with(|| format!("{e:#}"));
-                }
+    /// Writes `value` under `kv_key` in every region's KV (root keys: no authority, no purge).
+    pub async fn write_everywhere(&self, kv_key: &str, value: &str) -> Vec<RegionReport> {
+        join_all(self.regions.iter().map(|region| async move {
+            let started = std::time::Instant::now();
+            let result = region.kv.put(kv_key, value.to_owned()).await;
+            RegionReport {
+                name: region.name.clone(),
+                kv_written: result.is_ok(),
+                acknowledged: None,
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                error: result.err().map(|e| format!("{e:#}")),
             }
-        }
-        report.latency_ms = started.elapsed().as_secs_f64() * 1e3;
-        if report.error.is_some() {
-            tracing::warn!(region = %report.name, error = ?report.error, "edge push incomplete");
-        }
-        report
+        }))
+        .await
     }
 
-    async fn send_purge(&self, region: &Region, hashes: &[KeyHash]) -> anyhow::Result<()> {
+    /// Sets keys' records at their authority. Without one configured, there is nothing to do.
+    pub async fn update_authority(&self, records: &[KeyRecord]) -> anyhow::Result<()> {
+        let Some(url) = &self.authority_url else { return Ok(()) };
+        let body = serde_json::to_vec(&AuthorityUpdate { records: records.to_vec() })?;
+        let response = self.signed_post(url, AUTHORITY_PATH, body).await.context("authority update")?;
+        let _: AuthorityAck = response.json().await.context("authority answered no acknowledgement")?;
+        Ok(())
+    }
+
+    /// Tells one region to drop its copies of these keys.
+    pub async fn purge(&self, region: &Region, hashes: &[KeyHash]) -> anyhow::Result<()> {
         let body = serde_json::to_vec(&PurgeRequest { hashes: hashes.to_vec() })?;
+        self.signed_post(&region.url, PURGE_PATH, body).await.context("purge")?;
+        Ok(())
+    }
+
+    async fn signed_post(&self, base: &str, path: &str, body: Vec<u8>) -> anyhow::Result<reqwest::Response> {
         let timestamp = now_ms();
         let nonce = uuid::Uuid::new_v4().to_string();
-        let signature =
-            internal::sign(self.purge_secret.expose().as_bytes(), "POST", PURGE_PATH, timestamp, &nonce, &body);
+        let signature = internal::sign(self.purge_secret.expose().as_bytes(), "POST", path, timestamp, &nonce, &body);
         let response = self
             .client
-            .post(format!("{}{PURGE_PATH}", region.url))
+            .post(format!("{base}{path}"))
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(NONCE_HEADER, nonce)
             .header(SIGNATURE_HEADER, signature)
@@ -174,12 +212,18 @@ impl Edge {
             .body(body)
             .send()
             .await
-            .context("purge could not reach the region")?;
+            .with_context(|| format!("could not reach {base}"))?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            bail!("purge refused with {status}: {}", text.chars().take(200).collect::<String>());
+            bail!("refused with {status}: {}", text.chars().take(200).collect::<String>());
         }
-        Ok(())
+        Ok(response)
+    }
+
+    /// Whether a region's worker answers its health route within a second.
+    pub async fn healthy(&self, region: &Region) -> bool {
+        let probe = self.client.get(format!("{}/health", region.url)).timeout(Duration::from_secs(1)).send().await;
+        probe.is_ok_and(|r| r.status().is_success())
     }
 }

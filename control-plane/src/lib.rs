@@ -6,7 +6,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod edge;
+pub mod failpoint;
 pub mod http;
 pub mod keygen;
 pub mod serve;

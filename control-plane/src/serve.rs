@@ -25,9 +25,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %config.database.display(), regions = config.regions.len(), "keyward serving");
     println!("keyward listening on http://{addr}");
-    axum::serve(listener, app(AppState { store: store.clone(), edge }))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let state = AppState::new(store.clone(), edge);
+    state.delivery.clone().spawn_retrier();
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
     store.close().await;
     Ok(())
 }

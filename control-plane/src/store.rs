@@ -154,6 +154,47 @@ pub struct NewRootKey<'a> {
     pub now: i64,
 }
 
+/// A change to deliver to the edge: its targets (`authority`, `kv:<region>`, `purge:<region>`).
+pub struct NewOutbox<'a> {
+    pub targets: &'a [String],
+    pub tightening: bool,
+    pub now: i64,
+    /// When the retrier may first try it (the request that made it tries at once).
+    pub first_retry_at: i64,
+}
+
+/// A stored outbox entry.
+#[derive(Debug, Clone, FromRow)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub key_id: String,
+    pub kv_key: String,
+    /// The record as JSON: the value for KV and the authority.
+    pub record: String,
+    pub tightening: bool,
+    pub created_at: i64,
+}
+
+/// One target of an outbox entry.
+#[derive(Debug, Clone, FromRow)]
+pub struct Delivery {
+    pub outbox_id: i64,
+    pub target: String,
+    /// `pending`, `done` or `superseded`.
+    pub state: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+}
+
+/// Pending deliveries to one target.
+#[derive(Debug, Clone, FromRow)]
+pub struct PendingTarget {
+    pub target: String,
+    pub pending: i64,
+    pub oldest: i64,
+    pub last_error: Option<String>,
+}
+
 /// Which keys to list: one page after `after` (a key id), by id.
 pub struct KeyQuery<'a> {
     pub workspace_id: &'a str,
@@ -269,7 +310,9 @@ impl Store {
         Ok(row.map(Api::from))
     }
 
-    pub async fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    /// Inserts a new key and its outbox entry in one transaction; answers the entry's id.
+    pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO keys (id, api_id, workspace_id, hash, start, name, owner_id, meta, enabled, status, \
              expires_at, permissions, version, max_staleness_ms, created_at, updated_at) \
@@ -291,9 +334,11 @@ impl Store {
         .bind(key.max_staleness_ms as i64)
         .bind(key.created_at)
         .bind(key.updated_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        let id = insert_outbox(&mut tx, key, outbox).await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     /// The key with this id in this workspace, deleted ones included.
@@ -335,8 +380,10 @@ impl Store {
         Ok(rows.into_iter().map(KeyRecord::try_from).collect::<anyhow::Result<_>>()?)
     }
 
-    /// Writes a changed key whose `version` is one more than the stored one.
-    pub async fn update_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    /// Writes a changed key whose `version` is one more than the stored one, and its outbox
+    /// entry, in one transaction; answers the entry's id.
+    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE keys SET name = ?, owner_id = ?, meta = ?, enabled = ?, status = ?, expires_at = ?, \
              permissions = ?, version = ?, updated_at = ? WHERE id = ? AND version = ?",
@@ -352,14 +399,160 @@ impl Store {
         .bind(key.updated_at)
         .bind(&key.id)
         .bind(key.version as i64 - 1)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        if done.rows_affected() == 1 { Ok(()) } else { Err(StoreError::VersionConflict) }
+        if done.rows_affected() != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+        let id = insert_outbox(&mut tx, key, outbox).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
+    pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id = insert_outbox(&mut tx, key, outbox).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// An outbox entry and its deliveries that are still pending.
+    pub async fn outbox_entry(&self, id: i64) -> Result<Option<(OutboxEntry, Vec<Delivery>)>, StoreError> {
+        let entry: Option<OutboxEntry> =
+            sqlx::query_as("SELECT id, key_id, kv_key, record, tightening, created_at FROM outbox WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(entry) = entry else { return Ok(None) };
+        let deliveries: Vec<Delivery> = sqlx::query_as(
+            "SELECT outbox_id, target, state, attempts, last_error FROM deliveries WHERE outbox_id = ? ORDER BY target",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some((entry, deliveries)))
+    }
+
+    /// Records the outcome of one delivery attempt; a failure is retried at `retry_at`.
+    pub async fn delivery_attempted(
+        &self,
+        outbox_id: i64,
+        target: &str,
+        outcome: Result<(), &str>,
+        now: i64,
+        retry_at: i64,
+    ) -> Result<(), StoreError> {
+        let query = match outcome {
+            Ok(()) => sqlx::query(
+                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, done_at = ?, last_error = NULL \
+                 WHERE outbox_id = ? AND target = ? AND state = 'pending'",
+            )
+            .bind(now),
+            Err(error) => sqlx::query(
+                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
+                 WHERE outbox_id = ? AND target = ? AND state = 'pending'",
+            )
+            .bind(retry_at)
+            .bind(error),
+        };
+        query.bind(outbox_id).bind(target).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Outbox entries with a delivery due by `now`, oldest first.
+    pub async fn due_outbox_ids(&self, now: i64, limit: u32) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT outbox_id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? \
+             ORDER BY outbox_id LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Makes every pending delivery due now (at start-up, to finish what a crash left).
+    pub async fn retry_all_now(&self, now: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE deliveries SET next_attempt_at = ? WHERE state = 'pending'")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Per target: pending deliveries, the creation time of the oldest, and its last error.
+    pub async fn pending_by_target(&self) -> Result<Vec<PendingTarget>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT d.target AS target, COUNT(*) AS pending, MIN(o.created_at) AS oldest, \
+             (SELECT last_error FROM deliveries d2 WHERE d2.target = d.target AND d2.state = 'pending' \
+              AND d2.last_error IS NOT NULL ORDER BY d2.outbox_id DESC LIMIT 1) AS last_error \
+             FROM deliveries d JOIN outbox o ON o.id = d.outbox_id WHERE d.state = 'pending' GROUP BY d.target",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Tightening changes after `after` (an outbox id), in order: the event stream.
+    pub async fn tightening_after(
+        &self,
+        workspace_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT o.id, o.key_id, o.kv_key, o.record, o.tightening, o.created_at FROM outbox o \
+             JOIN keys k ON k.id = o.key_id WHERE o.tightening = 1 AND o.id > ? AND k.workspace_id = ? \
+             ORDER BY o.id LIMIT ?",
+        )
+        .bind(after)
+        .bind(workspace_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Inserts an outbox entry with its deliveries, and supersedes the same targets' pending
+/// deliveries of older entries for the key: the new entry carries the newer record.
+async fn insert_outbox(
+    tx: &mut sqlx::SqliteConnection,
+    key: &KeyRecord,
+    outbox: &NewOutbox<'_>,
+) -> Result<i64, StoreError> {
+    let record = serde_json::to_string(key).context("record")?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (key_id, kv_key, record, tightening, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(&key.id)
+    .bind(keyward_shared::kv_key_for_key(&key.hash))
+    .bind(record)
+    .bind(outbox.tightening)
+    .bind(outbox.now)
+    .fetch_one(&mut *tx)
+    .await?;
+    for target in outbox.targets {
+        sqlx::query(
+            "UPDATE deliveries SET state = 'superseded' WHERE state = 'pending' AND target = ? \
+             AND outbox_id IN (SELECT id FROM outbox WHERE key_id = ? AND id < ?)",
+        )
+        .bind(target)
+        .bind(&key.id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO deliveries (outbox_id, target, state, next_attempt_at) VALUES (?, ?, 'pending', ?)")
+            .bind(id)
+            .bind(target)
+            .bind(outbox.first_retry_at)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(id)
 }
 
 async fn insert_root_key(tx: &mut sqlx::SqliteConnection, root: &NewRootKey<'_>) -> Result<(), StoreError> {

@@ -42,8 +42,8 @@ async fn harness() -> Harness {
     let kv = Arc::new(RecordingKv::default());
     // Nothing listens on port 9 of loopback: purges there are never acknowledged.
     let region = Region { name: "nowhere".into(), url: "http://127.0.0.1:9".into(), kv: kv.clone() };
-    let edge = Arc::new(Edge::new(vec![region], Secret::new("s".repeat(32))));
-    Harness { _dir: dir, state: AppState { store, edge }, kv, root }
+    let edge = Arc::new(Edge::new(vec![region], None, Secret::new("s".repeat(32))));
+    Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
 }
 
 impl Harness {

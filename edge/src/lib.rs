@@ -1,15 +1,18 @@
 //! Keyward's edge verifier: the `#[event(fetch)]` entry and the route table, nothing else.
 //!
 //! The worker answers `POST /v1/keys/verify` from isolate memory, the Cache API or Workers KV
-//! (in that order), and drops its copies when the control plane sends a signed purge.
+//! (in that order, confirming old copies with the key's KeyState Durable Object), drops its
+//! copies when the control plane sends a signed purge, and hosts the KeyState objects.
 //! Only compiled for wasm32; the pure parts it relies on live in `keyward-shared`.
 
 #![cfg(target_arch = "wasm32")]
 
 mod auth;
+mod authority;
 mod error;
 mod lookup;
 mod purge;
+mod signed;
 mod verify;
 
 use worker::{Context, Env, Request, Response, Result, Router, event};
@@ -35,6 +38,7 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
         })
         .post_async("/v1/keys/verify", verify::handle)
         .post_async(keyward_shared::internal::PURGE_PATH, purge::handle)
+        .post_async(keyward_shared::internal::AUTHORITY_PATH, authority::handle)
         .or_else_any_method("/*rest", |_, _| error::respond(404, "NOT_FOUND_ROUTE", "no such route"))
         .run(req, env)
         .await

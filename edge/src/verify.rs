@@ -46,7 +46,10 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
         return Response::from_json(&VerifyResponse::malformed());
     };
     let hash = key.hash();
-    let (record, source) = lookup::find(&ctx.env, &hash, now_ms).await?;
+    let (record, source) = match lookup::find(&ctx.env, &hash, now_ms).await? {
+        lookup::Found::Record(record, source) => (record, source),
+        lookup::Found::Unconfirmed(source) => return Response::from_json(&VerifyResponse::unavailable(source)),
+    };
     let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let decision = decide(record.as_ref(), &hash, caller, &request, now_ms as i64);
     Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))

@@ -8,9 +8,10 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::KeyHash;
+use crate::{KeyHash, KeyRecord};
 
 pub const PURGE_PATH: &str = "/internal/purge";
+pub const AUTHORITY_PATH: &str = "/internal/authority";
 pub const TIMESTAMP_HEADER: &str = "x-keyward-timestamp";
 pub const NONCE_HEADER: &str = "x-keyward-nonce";
 pub const SIGNATURE_HEADER: &str = "x-keyward-signature";
@@ -29,6 +30,21 @@ pub struct PurgeRequest {
 pub struct PurgeAck {
     pub region: String,
     pub purged: usize,
+}
+
+/// Sets keys' authoritative records in their KeyState Durable Objects. Each object keeps a
+/// record only if its version is newer than the one it holds, so a late or repeated update
+/// cannot move a key back in time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityUpdate {
+    pub records: Vec<KeyRecord>,
+}
+
+/// The versions the authority holds after an update, in the order of the update's records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthorityAck {
+    pub versions: Vec<u64>,
 }
 
 /// Why a signed request was refused.

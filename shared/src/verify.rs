@@ -62,7 +62,7 @@ impl Decision {
     /// Whether the answer may say anything about the key (its id, owner, meta). Never for a key
     /// the caller may not see, so that existence does not leak.
     pub fn reveals_key(&self) -> bool {
-        !matches!(self.code, Code::NotFound | Code::Malformed)
+        !matches!(self.code, Code::NotFound | Code::Malformed | Code::Unavailable)
     }
 }
 
@@ -112,6 +112,8 @@ pub enum Source {
     Memory,
     Cache,
     Kv,
+    /// The key's authority (its KeyState Durable Object) held a newer record than any copy.
+    Authority,
     /// The control plane's database (the origin's own, strongly consistent answer).
     Origin,
 }
@@ -154,6 +156,12 @@ impl VerifyResponse {
             permissions: decision.permissions_matched,
             source,
         }
+    }
+
+    /// The answer when the only copy is past `max_staleness_ms` and the authority could not
+    /// confirm it: the edge fails closed.
+    pub fn unavailable(source: Source) -> VerifyResponse {
+        VerifyResponse::new(Decision::of(Code::Unavailable), None, Some(source))
     }
 
     /// The answer for a key that failed the format or checksum: no lookup was made.

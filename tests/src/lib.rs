@@ -4,6 +4,7 @@
 //! Used by the whole-system tests in `tests/tests` and by `cargo xtask dev` and `bench`, so
 //! there is one way to bring Keyward up.
 
+pub mod gate;
 pub mod world;
 
 use std::fs::File;
@@ -129,7 +130,20 @@ pub fn wait_healthy(proc: &mut Proc, url: &str, timeout: Duration) -> anyhow::Re
     }
 }
 
-/// One edge region to run: its own name, port, directory (config, persist, log) and secret.
+/// How a worker process reaches the KeyState Durable Objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Objects {
+    /// It hosts them (the "home" process; or a single deployed worker).
+    Host,
+    /// It binds to those of the worker with this name, through the shared dev registry.
+    In(String),
+}
+
+/// The name of the home worker, which hosts the KeyState Durable Objects locally.
+pub const HOME_WORKER: &str = "keyward-home";
+
+/// One worker process to run (an edge region or the home): its own name, port, directory
+/// (config, persist, log) and secret.
 #[derive(Debug, Clone)]
 pub struct RegionSpec {
     pub name: String,
@@ -138,12 +152,20 @@ pub struct RegionSpec {
     pub purge_secret: String,
     /// wrangler's log level (`warn` normally, `error` for benchmarks).
     pub log_level: &'static str,
+    pub objects: Objects,
+    /// The dev registry every process of one local Keyward shares.
+    pub registry: PathBuf,
 }
 
 /// The KV namespace id every local region uses.
 pub const LOCAL_NAMESPACE: &str = "keyward-local";
 
 impl RegionSpec {
+    /// The worker's name: unique per process, as the dev registry needs.
+    pub fn worker_name(&self) -> String {
+        if self.objects == Objects::Host { HOME_WORKER.to_owned() } else { format!("keyward-{}", self.name) }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -152,12 +174,12 @@ impl RegionSpec {
         format!("{}/cdn-cgi/explorer/api", self.url())
     }
 
-    /// This region as a `[[regions]]` entry of `keyward.toml`.
-    pub fn config_toml(&self) -> String {
+    /// This region as a `[[regions]]` entry of `keyward.toml`; purges go to `purge_url`
+    /// (normally [`RegionSpec::url`]) and KV writes arrive `kv_delay_ms` late.
+    pub fn config_toml(&self, purge_url: &str, kv_delay_ms: u64) -> String {
         format!(
-            "[[regions]]\nname = \"{}\"\nurl = \"{}\"\nkv_url = \"{}\"\nkv_namespace_id = \"{LOCAL_NAMESPACE}\"\n",
+            "[[regions]]\nname = \"{}\"\nurl = \"{purge_url}\"\nkv_url = \"{}\"\nkv_namespace_id = \"{LOCAL_NAMESPACE}\"\nkv_delay_ms = {kv_delay_ms}\n",
             self.name,
-            self.url(),
             self.kv_url()
         )
     }
@@ -189,11 +211,20 @@ impl RegionSpec {
         }
         std::fs::create_dir_all(&self.dir)?;
         let config = self.dir.join("wrangler.toml");
+        let objects = match &self.objects {
+            Objects::Host => "[[durable_objects.bindings]]\nname = \"KEY_STATE\"\nclass_name = \"KeyState\"\n\n\
+                              [[migrations]]\ntag = \"v1\"\nnew_sqlite_classes = [\"KeyState\"]\n"
+                .to_owned(),
+            Objects::In(script) => format!(
+                "[[durable_objects.bindings]]\nname = \"KEY_STATE\"\nclass_name = \"KeyState\"\nscript_name = \"{script}\"\n"
+            ),
+        };
         std::fs::write(
             &config,
             format!(
-                "name = \"keyward-{name}\"\nmain = \"{main}\"\ncompatibility_date = \"2026-04-01\"\n\n\
-                 [vars]\nREGION = \"{name}\"\n\n[[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{LOCAL_NAMESPACE}\"\n",
+                "name = \"{worker}\"\nmain = \"{main}\"\ncompatibility_date = \"2026-04-01\"\n\n\
+                 [vars]\nREGION = \"{name}\"\n\n[[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{LOCAL_NAMESPACE}\"\n\n{objects}",
+                worker = self.worker_name(),
                 name = self.name,
                 main = main.display()
             ),
@@ -212,7 +243,7 @@ impl RegionSpec {
             .env("WRANGLER_SEND_METRICS", "false")
             .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
             .env("CI", "1")
-            .env("WRANGLER_REGISTRY_PATH", self.dir.join("registry"));
+            .env("WRANGLER_REGISTRY_PATH", &self.registry);
         let mut proc = Proc::spawn(&format!("region {}", self.name), command, &self.dir.join("wrangler.log"))?;
         wait_healthy(&mut proc, &format!("{}/health", self.url()), Duration::from_secs(60))?;
         Ok(proc)
@@ -221,8 +252,20 @@ impl RegionSpec {
 
 /// Starts `keyward serve` with this config file and bootstrap root key, and waits for health.
 pub fn start_control_plane(config: &Path, root_key: &str, port: u16, log: &Path) -> anyhow::Result<Proc> {
+    start_control_plane_with(config, root_key, port, log, &[])
+}
+
+/// [`start_control_plane`] with extra environment (a failpoint, say).
+pub fn start_control_plane_with(
+    config: &Path,
+    root_key: &str,
+    port: u16,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let mut command = Command::new(keyward_bin());
     command.arg("serve").arg("--config").arg(config).env("KEYWARD_ROOT_KEY", root_key).env_remove("KEYWARD_CONFIG");
+    command.envs(env.iter().copied());
     let mut proc = Proc::spawn("control plane", command, log)?;
     wait_healthy(&mut proc, &format!("http://127.0.0.1:{port}/health"), Duration::from_secs(30))?;
     Ok(proc)

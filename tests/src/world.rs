@@ -1,15 +1,17 @@
-//! A whole local Keyward for one test: edge regions, a control plane on its own SQLite file, a
-//! bootstrap root key, all in one temporary directory that is scanned for plaintext keys at the end.
+//! A whole local Keyward for one test: a home process for the KeyState Durable Objects, edge
+//! regions, a control plane on its own SQLite file, a bootstrap root key, all in one temporary
+//! directory that is scanned for plaintext keys at the end.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::{Proc, RegionSpec, free_port, new_root_key, new_secret, start_control_plane};
+use crate::gate::Gate;
+use crate::{Objects, Proc, RegionSpec, free_port, new_root_key, new_secret, start_control_plane_with};
 
 /// How a region of the test world behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +22,10 @@ pub enum RegionPlan {
     Down,
     /// Running, but with a purge secret other than the control plane's.
     WrongSecret,
+    /// Running; the control plane reaches its purge route through a [`Gate`] the test can shut.
+    Gated,
+    /// Running; KV writes reach it this many milliseconds late.
+    DelayedKv(u64),
 }
 
 /// Whether the slow whole-system tests should run (`cargo xtask test` sets `KEYWARD_E2E=1`).
@@ -34,6 +40,7 @@ pub fn e2e_enabled() -> bool {
 pub struct Region {
     pub spec: RegionSpec,
     pub plan: RegionPlan,
+    pub gate: Option<Gate>,
     proc: Option<Proc>,
 }
 
@@ -41,9 +48,11 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub root_key: String,
     pub secret: String,
+    pub home: RegionSpec,
     pub regions: Vec<Region>,
     pub cp_port: u16,
     config: PathBuf,
+    home_proc: Option<Proc>,
     control_plane: Option<Proc>,
     client: reqwest::blocking::Client,
     seen: RefCell<Vec<String>>,
@@ -58,42 +67,55 @@ impl World {
     pub fn start_with(plans: &[RegionPlan], log_level: &'static str) -> anyhow::Result<World> {
         let dir = tempfile::Builder::new().prefix("keyward-e2e-").tempdir()?;
         let secret = new_secret();
+        let registry = dir.path().join("registry");
+        let spec = |name: String, secret: String, objects: Objects| RegionSpec {
+            port: free_port(),
+            dir: dir.path().join(format!("worker-{name}")),
+            name,
+            purge_secret: secret,
+            log_level,
+            objects,
+            registry: registry.clone(),
+        };
+        let home = spec("home".into(), secret.clone(), Objects::Host);
+        let home_proc = Some(home.start()?);
         let mut regions = Vec::new();
         for (i, plan) in plans.iter().enumerate() {
-            let spec = RegionSpec {
-                name: format!("r{i}"),
-                port: free_port(),
-                dir: dir.path().join(format!("region-r{i}")),
-                purge_secret: if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() },
-                log_level,
-            };
+            let region_secret = if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() };
+            let spec = spec(format!("r{i}"), region_secret, Objects::In(home.worker_name()));
             let proc = if *plan == RegionPlan::Down { None } else { Some(spec.start()?) };
-            regions.push(Region { spec, plan: *plan, proc });
+            let gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
+            regions.push(Region { spec, plan: *plan, gate, proc });
         }
         let cp_port = free_port();
         let config = dir.path().join("keyward.toml");
         let mut text = format!(
-            "listen = \"127.0.0.1:{cp_port}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\n",
-            dir.path().join("keyward.sqlite").display()
+            "listen = \"127.0.0.1:{cp_port}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n",
+            dir.path().join("keyward.sqlite").display(),
+            home.url()
         );
         for region in &regions {
-            text.push_str(&region.spec.config_toml());
+            let purge_url = region.gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let delay = if let RegionPlan::DelayedKv(ms) = region.plan { ms } else { 0 };
+            text.push_str(&region.spec.config_toml(&purge_url, delay));
         }
         std::fs::write(&config, text)?;
         let root_key = new_root_key();
-        let control_plane = start_control_plane(&config, &root_key, cp_port, &dir.path().join("control-plane.log"))?;
         let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build()?;
-        let world = World {
+        let mut world = World {
             dir,
             root_key: root_key.clone(),
             secret,
+            home,
             regions,
             cp_port,
             config,
-            control_plane: Some(control_plane),
+            home_proc,
+            control_plane: None,
             client,
             seen: RefCell::new(Vec::new()),
         };
+        world.start_control_plane(&[])?;
         world.remember(&root_key);
         Ok(world)
     }
@@ -108,7 +130,7 @@ impl World {
     }
 
     /// One HTTP call; answers the status and the JSON body (`null` if none). Any `key` field
-    /// in the answer is remembered for the plaintext scan.
+    /// in the answer is remembered for the plaintext scan. A connection error is status 0.
     pub fn call(
         &self,
         base: &str,
@@ -124,7 +146,10 @@ impl World {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().unwrap_or_else(|e| panic!("{path}: {e}"));
+        let response = match request.send() {
+            Ok(response) => response,
+            Err(e) => return (0, Value::String(e.to_string())),
+        };
         let status = response.status().as_u16();
         let text = response.text().unwrap_or_default();
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -144,6 +169,13 @@ impl World {
     /// `POST /v1/keys/verify` at region `i` with this root key.
     pub fn edge_verify(&self, i: usize, root_key: &str, body: Value) -> (u16, Value) {
         self.call(&self.regions[i].spec.url(), Some(root_key), Method::POST, "/v1/keys/verify", Some(body))
+    }
+
+    /// The code region `i` answers for `key` with the bootstrap root key.
+    pub fn edge_code(&self, i: usize, key: &str) -> (String, String) {
+        let (status, answer) = self.edge_verify(i, &self.root_key.clone(), serde_json::json!({ "key": key }));
+        assert_eq!(status, 200, "region {i} answered {status}: {answer}");
+        (answer["code"].as_str().unwrap_or("?").to_owned(), answer["source"].as_str().unwrap_or("?").to_owned())
     }
 
     /// `POST /v1/keys/verify` at the origin with this root key.
@@ -170,15 +202,68 @@ impl World {
         (key["id"].as_str().expect("id").to_owned(), key["key"].as_str().expect("key").to_owned())
     }
 
+    fn start_control_plane(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let log = self.dir.path().join("control-plane.log");
+        self.control_plane = Some(start_control_plane_with(&self.config, &self.root_key, self.cp_port, &log, env)?);
+        Ok(())
+    }
+
     /// Stops the control plane (TERM, as an operator would) and starts it again on the same
-    /// database and config.
-    pub fn restart_control_plane(&mut self) -> anyhow::Result<()> {
+    /// database and config, with `env` added (a failpoint, say).
+    pub fn restart_control_plane_with(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
         if let Some(mut proc) = self.control_plane.take() {
             proc.stop();
         }
-        let log = self.dir.path().join("control-plane.log");
-        self.control_plane = Some(start_control_plane(&self.config, &self.root_key, self.cp_port, &log)?);
+        self.start_control_plane(env)
+    }
+
+    pub fn restart_control_plane(&mut self) -> anyhow::Result<()> {
+        self.restart_control_plane_with(&[])
+    }
+
+    /// Waits until the control plane's process has exited (after a failpoint, say).
+    pub fn wait_control_plane_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.control_plane.as_mut().is_none_or(Proc::exited) {
+                self.control_plane.take();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Stops region `i`'s process (the whole group).
+    pub fn stop_region(&mut self, i: usize) {
+        self.regions[i].proc.take();
+    }
+
+    /// Starts region `i` again on its persist directory: KV and Cache API kept, memory empty.
+    pub fn start_region(&mut self, i: usize) -> anyhow::Result<()> {
+        self.regions[i].proc = Some(self.regions[i].spec.start()?);
         Ok(())
+    }
+
+    pub fn stop_home(&mut self) {
+        self.home_proc.take();
+    }
+
+    pub fn start_home(&mut self) -> anyhow::Result<()> {
+        self.home_proc = Some(self.home.start()?);
+        Ok(())
+    }
+
+    /// Polls `check` every 20 ms until it answers `Some`, or fails after `timeout`.
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops every process (so logs and databases are flushed), then reads every file of the
@@ -186,6 +271,7 @@ impl World {
     /// fails if any plaintext key seen in this test appears in one.
     pub fn assert_no_plaintext(&mut self) {
         self.control_plane.take();
+        self.home_proc.take();
         for region in &mut self.regions {
             region.proc.take();
         }

@@ -1,7 +1,9 @@
-//! `cargo xtask dev`: Keyward on this machine. The control plane on SQLite (127.0.0.1:8080) and
-//! one edge region under `wrangler dev` (127.0.0.1:8787), with local state in `.keyward/`
-//! (ignored by git): the database, the region's persist directory, the dev root key (kept, so a
-//! second run finds the same workspace) and a fresh purge secret each run.
+//! `cargo xtask dev [--regions N]`: Keyward on this machine. The control plane on SQLite
+//! (127.0.0.1:8080), N edge regions under `wrangler dev` (127.0.0.1:8787 and up), each its own
+//! process with its own persist directory, and a home process (127.0.0.1:8786) hosting the
+//! KeyState Durable Objects every region binds to. Local state is in `.keyward/` (ignored by
+//! git): the database, persist directories, the dev root key (kept, so a second run finds the
+//! same workspace) and a fresh purge secret each run.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -9,15 +11,17 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
-use keyward_tests::{Proc, RegionSpec, new_root_key, new_secret, start_control_plane};
+use keyward_tests::{Objects, RegionSpec, new_root_key, new_secret, start_control_plane};
 
 use crate::tools::{self, step};
 
 const STATE_DIR: &str = ".keyward";
 const EDGE_PORT: u16 = 8787;
+const HOME_PORT: u16 = 8786;
 const CONTROL_PLANE_PORT: u16 = 8080;
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(regions: u16) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=8).contains(&regions), "--regions must be between 1 and 8");
     tools::setup()?;
     tools::build(false)?;
     let root = keyward_tests::repo_root();
@@ -27,30 +31,47 @@ pub fn run() -> anyhow::Result<()> {
     let secret = new_secret();
     // For running `npx wrangler dev` by hand with the top-level wrangler.toml.
     write_private(&root.join(".dev.vars"), &format!("PURGE_SECRET={secret}\n"))?;
-    let region = RegionSpec {
-        name: "local".into(),
-        port: EDGE_PORT,
-        dir: state.join("region-local"),
+    let registry = state.join("registry");
+    let spec = |name: String, port: u16, objects: Objects| RegionSpec {
+        dir: state.join(format!("worker-{name}")),
+        name,
+        port,
         purge_secret: secret.clone(),
         log_level: "warn",
+        objects,
+        registry: registry.clone(),
     };
+    let home = spec("home".into(), HOME_PORT, Objects::Host);
+    let specs: Vec<RegionSpec> = (0..regions)
+        .map(|i| {
+            let name = if i == 0 { "local".to_owned() } else { format!("local-{}", i + 1) };
+            spec(name, EDGE_PORT + i, Objects::In(home.worker_name()))
+        })
+        .collect();
     let config = state.join("keyward.toml");
-    write_private(
-        &config,
-        &format!(
-            "listen = \"127.0.0.1:{CONTROL_PLANE_PORT}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\n\n{}",
-            state.join("keyward.sqlite").display(),
-            region.config_toml()
-        ),
-    )?;
+    let mut text = format!(
+        "listen = \"127.0.0.1:{CONTROL_PLANE_PORT}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n\n",
+        state.join("keyward.sqlite").display(),
+        home.url()
+    );
+    for region in &specs {
+        text.push_str(&region.config_toml(&region.url(), 0));
+    }
+    write_private(&config, &text)?;
 
-    step(&format!("starting the edge region `local` under wrangler dev on 127.0.0.1:{EDGE_PORT}"));
-    let mut edge = region.start()?;
+    step(&format!("starting the home of the KeyState Durable Objects on 127.0.0.1:{HOME_PORT}"));
+    let mut procs = vec![home.start()?];
+    for region in &specs {
+        step(&format!("starting edge region `{}` under wrangler dev on {}", region.name, region.url()));
+        procs.push(region.start()?);
+    }
     step(&format!(
         "starting the control plane on 127.0.0.1:{CONTROL_PLANE_PORT} (SQLite at {STATE_DIR}/keyward.sqlite)"
     ));
-    let mut control_plane =
-        start_control_plane(&config, &root_key, CONTROL_PLANE_PORT, &state.join("control-plane.log"))?;
+    procs.push(start_control_plane(&config, &root_key, CONTROL_PLANE_PORT, &state.join("control-plane.log"))?);
+    for region in &specs {
+        println!("  region {}: {}", region.name, region.url());
+    }
     print_walkthrough(&root_key);
 
     let (tx, rx) = mpsc::channel();
@@ -63,20 +84,15 @@ pub fn run() -> anyhow::Result<()> {
             step("stopping");
             break;
         }
-        let exited = [&mut edge, &mut control_plane]
-            .into_iter()
-            .find_map(|p| p.exited().then(|| (p.name.clone(), p.log.clone())));
-        if let Some((name, log)) = exited {
-            eprintln!("{name} exited; its log is {}", log.display());
+        if let Some(proc) = procs.iter_mut().find_map(|p| p.exited().then_some(p)) {
+            eprintln!("{} exited; its log is {}", proc.name, proc.log.display());
             break;
         }
     }
-    stop(edge, control_plane)
-}
-
-fn stop(mut edge: Proc, mut control_plane: Proc) -> anyhow::Result<()> {
-    control_plane.stop();
-    edge.stop();
+    // The control plane first, then the workers.
+    while let Some(mut proc) = procs.pop() {
+        proc.stop();
+    }
     step("stopped; state kept in .keyward/ (delete it to start over)");
     Ok(())
 }

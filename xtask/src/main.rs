@@ -21,7 +21,11 @@ enum Command {
     /// Set up, then build the edge worker and the `keyward` binary.
     Build,
     /// Set up, build, and run the control plane on SQLite plus the edge under `wrangler dev`.
-    Dev,
+    Dev {
+        /// How many edge regions to run, each its own `wrangler dev` process.
+        #[arg(long, default_value_t = 1)]
+        regions: u16,
+    },
     /// Set up, build, then fmt check, clippy, native tests, wasm tests and end-to-end tests.
     Test,
     /// Print benchmark numbers.
@@ -40,7 +44,7 @@ fn main() -> anyhow::Result<()> {
             tools::setup()?;
             tools::build(false)
         }
-        Command::Dev => dev::run(),
+        Command::Dev { regions } => dev::run(regions),
         Command::Test => test(),
         Command::Bench { which } => bench::run(which),
     }

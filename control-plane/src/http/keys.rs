@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::verify::Caller;
-use keyward_shared::{Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide, kv_key_for_key};
+use keyward_shared::{Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -18,10 +18,10 @@ use super::auth::RootKey;
 use super::extract::{Json, Path, Query, check_id};
 use super::root_keys::check_name;
 use super::{AppError, AppState, MAX_VERIFY_BODY, Result, new_id};
-use crate::edge::RegionReport;
-use crate::keygen;
-use crate::store::KeyQuery;
+use crate::delivery::{self, Delivered};
+use crate::store::{KeyQuery, NewOutbox};
 use crate::time::now_ms;
+use crate::{failpoint, keygen};
 
 const MAX_META_BYTES: usize = 16 * 1024;
 const MAX_PERMISSIONS: usize = 100;
@@ -129,8 +129,10 @@ async fn create(
         created_at: now,
         updated_at: now,
     };
-    state.store.create_key(&record).await?;
-    let regions = push(&state, &record, false).await?;
+    let targets = delivery::targets(state.delivery.edge(), false);
+    let outbox = new_outbox(&targets, false, now);
+    let outbox_id = state.store.create_key(&record, &outbox).await?;
+    let delivered = state.delivery.deliver(outbox_id).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({
@@ -138,7 +140,8 @@ async fn create(
             "key": key.expose(),
             "start": record.start,
             "api_id": record.api_id,
-            "regions": regions,
+            "authority": delivered.authority,
+            "regions": delivered.regions,
         })),
     ))
 }
@@ -265,49 +268,50 @@ async fn update(
     if let Some(permissions) = body.permissions {
         new.permissions = check_permissions(permissions)?;
     }
-    let (record, regions) = commit(&state, old, new, now).await?;
-    Ok(axum::Json(json!({ "key": KeyView::from(&record), "regions": regions })))
+    let (record, delivered) = commit(&state, old, new, now).await?;
+    Ok(axum::Json(
+        json!({ "key": KeyView::from(&record), "authority": delivered.authority, "regions": delivered.regions }),
+    ))
 }
 
 async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     let old = find(&state, &caller, &id, KeyAction::RevokeKey).await?;
     let mut new = old.clone();
     new.status = KeyStatus::Revoked;
-    let (record, regions) = commit(&state, old, new, now_ms()).await?;
-    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions })))
+    let (record, delivered) = commit(&state, old, new, now_ms()).await?;
+    Ok(axum::Json(changed(&record, delivered)))
 }
 
 async fn delete(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     let old = find(&state, &caller, &id, KeyAction::DeleteKey).await?;
     let mut new = old.clone();
     new.status = KeyStatus::Deleted;
-    let (record, regions) = commit(&state, old, new, now_ms()).await?;
-    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "version": record.version, "regions": regions })))
+    let (record, delivered) = commit(&state, old, new, now_ms()).await?;
+    Ok(axum::Json(changed(&record, delivered)))
 }
 
-/// Stores `new` as the next version of `old`, then pushes it to every region, purging edge
-/// copies when the change tightens the key. Revoking a revoked key changes nothing but purges
-/// again, so a region that missed the first purge can be sent another.
-async fn commit(
-    state: &AppState,
-    old: KeyRecord,
-    mut new: KeyRecord,
-    now: i64,
-) -> Result<(KeyRecord, Vec<RegionReport>)> {
+/// Stores `new` as the next version of `old` with its outbox entry, in one transaction, then
+/// delivers it: the authority, every region's KV, and, when the change tightens the key, every
+/// region's purge. Revoking a revoked key changes nothing but delivers again, so a region that
+/// missed the first purge can be sent another.
+async fn commit(state: &AppState, old: KeyRecord, mut new: KeyRecord, now: i64) -> Result<(KeyRecord, Delivered)> {
     let tightening = old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
-    if new != old {
+    let targets = delivery::targets(state.delivery.edge(), tightening);
+    let outbox = new_outbox(&targets, tightening, now);
+    let outbox_id = if new != old {
         new.version = old.version + 1;
         new.updated_at = now;
-        state.store.update_key(&new).await?;
-    }
-    let regions = push(state, &new, tightening).await?;
-    Ok((new, regions))
+        state.store.update_key(&new, &outbox).await?
+    } else {
+        state.store.resend(&new, &outbox).await?
+    };
+    failpoint::hit("abort_after_commit");
+    let delivered = state.delivery.deliver(outbox_id).await?;
+    Ok((new, delivered))
 }
 
-async fn push(state: &AppState, record: &KeyRecord, purge: bool) -> Result<Vec<RegionReport>> {
-    let value = serde_json::to_string(record).map_err(|e| AppError::Internal(e.into()))?;
-    let hashes = if purge { vec![record.hash] } else { Vec::new() };
-    Ok(state.edge.push(&kv_key_for_key(&record.hash), &value, &hashes).await)
+fn new_outbox(targets: &[String], tightening: bool, now: i64) -> NewOutbox<'_> {
+    NewOutbox { targets, tightening, now, first_retry_at: now + delivery::HANDOFF.as_millis() as i64 }
 }
 
 async fn verify(
@@ -327,6 +331,23 @@ async fn verify(
     let decision = decide(record.as_ref(), &hash, who, &request, now_ms());
     Ok(axum::Json(VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))))
 }
+
+/// The answer to revoke and delete.
+fn changed(record: &KeyRecord, delivered: Delivered) -> Value {
+    json!({
+        "id": record.id,
+        "status": record.status,
+        "version": record.version,
+        "authority": delivered.authority,
+        "regions": delivered.regions,
+        "note": ACK_NOTE,
+    })
+}
+
+/// What an acknowledgement means, said in every revoke and delete answer.
+const ACK_NOTE: &str = "acknowledged: the region dropped its cached copies and now rejects the key. A region that did \
+not acknowledge still rejects it within the key's max_staleness_ms, because every copy older than that is confirmed \
+with the key's authority; its purge is retried until it is delivered.";
 
 fn check_owner(owner: &str) -> Result<String> {
     if owner.is_empty() || owner.chars().count() > 200 {

@@ -5,6 +5,7 @@ mod auth;
 pub mod error;
 mod extract;
 mod keys;
+mod regions;
 mod root_keys;
 mod workspaces;
 
@@ -17,6 +18,7 @@ use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::delivery::Deliverer;
 use crate::edge::Edge;
 use crate::store::Store;
 pub use error::{AppError, Result};
@@ -33,6 +35,14 @@ pub const MAX_VERIFY_BODY: usize = 4 * 1024;
 pub struct AppState {
     pub store: Store,
     pub edge: Arc<Edge>,
+    pub delivery: Arc<Deliverer>,
+}
+
+impl AppState {
+    pub fn new(store: Store, edge: Arc<Edge>) -> AppState {
+        let delivery = Arc::new(Deliverer::new(store.clone(), edge.clone()));
+        AppState { store, edge, delivery }
+    }
 }
 
 pub fn app(state: AppState) -> Router {
@@ -42,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .merge(root_keys::router())
         .merge(apis::router())
         .merge(keys::router())
+        .merge(regions::router())
         .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())

@@ -93,7 +93,7 @@ pub async fn publish_record(edge: &Edge, record: &RootKeyRecord) -> Result<Vec<R
         return Ok(Vec::new());
     }
     let value = serde_json::to_string(record).map_err(|e| AppError::Internal(e.into()))?;
-    Ok(edge.push(&kv_key_for_root(&record.hash), &value, &[]).await)
+    Ok(edge.write_everywhere(&kv_key_for_root(&record.hash), &value).await)
 }
 
 /// A display name: 1 to 200 characters.
