@@ -178,6 +178,29 @@ impl World {
         (answer["code"].as_str().unwrap_or("?").to_owned(), answer["source"].as_str().unwrap_or("?").to_owned())
     }
 
+    /// The record region `i`'s KV holds for `key` right now, read through wrangler's local
+    /// Cloudflare-format endpoint.
+    pub fn region_kv_record(&self, i: usize, key: &str) -> Option<Value> {
+        let kv_key = format!("key%3A{}", keyward_shared::KeyHash::of(key).to_hex());
+        let url = format!(
+            "{}/storage/kv/namespaces/{}/values/{kv_key}",
+            self.regions[i].spec.kv_url(),
+            crate::LOCAL_NAMESPACE
+        );
+        let response = self.client.get(url).send().ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        serde_json::from_str(&response.text().ok()?).ok()
+    }
+
+    /// `GET /v1/regions`.
+    pub fn regions_status(&self) -> Value {
+        let (status, answer) = self.admin(Method::GET, "/v1/regions", None);
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
     /// `POST /v1/keys/verify` at the origin with this root key.
     pub fn origin_verify(&self, root_key: &str, body: Value) -> (u16, Value) {
         self.call(&self.origin(), Some(root_key), Method::POST, "/v1/keys/verify", Some(body))

@@ -1,0 +1,233 @@
+//! Revoked everywhere: several regions, KV that lags, purges that are lost, a control plane
+//! that crashes, a region that restarts, and the authority's home going down.
+//! Real `wrangler dev` processes throughout; waits poll for the condition, never sleep for it.
+
+use std::time::{Duration, Instant};
+
+use keyward_tests::world::{RegionPlan, World, e2e_enabled};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// Verifies `key` in region `i` until it is served from an edge copy (memory or cache).
+fn make_hot(world: &World, i: usize, key: &str) {
+    world.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
+        let (code, source) = world.edge_code(i, key);
+        assert_eq!(code, "VALID", "region {i} before revocation");
+        (source == "memory" || source == "cache").then_some(())
+    });
+}
+
+fn revoke(world: &World, id: &str) -> Value {
+    let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+fn region<'a>(answer: &'a Value, name: &str) -> &'a Value {
+    answer["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("{name}: {answer}"))
+}
+
+#[test]
+fn three_hot_regions_reject_on_the_next_request() {
+    if !e2e_enabled() {
+        return;
+    }
+    let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up]).unwrap();
+    let api = world.create_api("three", 300_000);
+    let (id, key) = world.create_key(&api, json!({}));
+    for i in 0..3 {
+        make_hot(&world, i, &key);
+    }
+    let answer = revoke(&world, &id);
+    assert_eq!(answer["authority"]["acknowledged"], true, "{answer}");
+    for i in 0..3 {
+        assert_eq!(region(&answer, &format!("r{i}"))["acknowledged"], true, "{answer}");
+        assert_eq!(world.edge_code(i, &key).0, "REVOKED", "region {i}");
+    }
+    world.assert_no_plaintext();
+}
+
+#[test]
+fn a_lagging_kv_never_resurrects_a_revoked_key() {
+    if !e2e_enabled() {
+        return;
+    }
+    const DELAY_MS: u64 = 20_000;
+    let plans = [RegionPlan::Up, RegionPlan::DelayedKv(DELAY_MS), RegionPlan::DelayedKv(DELAY_MS)];
+    let mut world = World::start(&plans).unwrap();
+    // Copies are trusted for 1 s, so during the window they expire and refill many times.
+    let api = world.create_api("lagging", 1_000);
+    let (id, key) = world.create_key(&api, json!({}));
+    // Let the slow regions' KV learn the key, so that it holds an active record at the revoke.
+    for i in 1..3 {
+        world.wait_for("the delayed KV write", Duration::from_millis(DELAY_MS + 10_000), || {
+            world.region_kv_record(i, &key)
+        });
+    }
+    for i in 0..3 {
+        make_hot(&world, i, &key);
+    }
+    let answer = revoke(&world, &id);
+    let revoked_at = Instant::now();
+    for i in 1..3 {
+        assert_eq!(world.region_kv_record(i, &key).unwrap()["status"], "active", "region {i}'s KV must still be stale");
+    }
+    let mut answers = 0;
+    let mut sources = std::collections::BTreeSet::new();
+    while revoked_at.elapsed() < Duration::from_millis(DELAY_MS + 5_000) {
+        for i in 0..3 {
+            let (code, source) = world.edge_code(i, &key);
+            assert_eq!(
+                code,
+                "REVOKED",
+                "region {i} after {:?} (source {source}); revoke answered {answer}",
+                revoked_at.elapsed()
+            );
+            sources.insert(source);
+            answers += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 1..3 {
+        assert_eq!(world.region_kv_record(i, &key).unwrap()["status"], "revoked", "region {i}'s KV caught up");
+    }
+    eprintln!("{answers} verifications over {:?}, all REVOKED; sources {sources:?}", revoked_at.elapsed());
+    assert!(sources.contains("authority"), "the stale KV copy was overruled by the authority: {sources:?}");
+    world.assert_no_plaintext();
+}
+
+#[test]
+fn a_lost_purge_costs_at_most_max_staleness_and_is_delivered_later() {
+    if !e2e_enabled() {
+        return;
+    }
+    const MAX_STALENESS_MS: u64 = 2_000;
+    let mut world = World::start(&[RegionPlan::Up, RegionPlan::Gated]).unwrap();
+    let api = world.create_api("lossy", MAX_STALENESS_MS);
+    let (id, key) = world.create_key(&api, json!({}));
+    make_hot(&world, 0, &key);
+    make_hot(&world, 1, &key);
+    world.regions[1].gate.as_ref().unwrap().set_open(false);
+    let answer = revoke(&world, &id);
+    let revoked_at = Instant::now();
+    assert_eq!(region(&answer, "r0")["acknowledged"], true, "{answer}");
+    assert_eq!(region(&answer, "r1")["acknowledged"], false, "{answer}");
+    assert_eq!(world.edge_code(0, &key).0, "REVOKED");
+    // r1 never got the purge: only max_staleness can end its copy's life.
+    let rejected_after = world.wait_for("r1 to reject", Duration::from_millis(MAX_STALENESS_MS + 5_000), || {
+        let (code, _) = world.edge_code(1, &key);
+        match code.as_str() {
+            "VALID" => None,
+            "REVOKED" => Some(revoked_at.elapsed()),
+            other => panic!("r1 answered {other}"),
+        }
+    });
+    eprintln!("r1 rejected the key {rejected_after:?} after the revoke answer (max_staleness {MAX_STALENESS_MS} ms)");
+    assert!(rejected_after <= Duration::from_millis(MAX_STALENESS_MS + 500), "{rejected_after:?}");
+    let pending = |w: &World| w.regions_status()["regions"][1]["purge"]["pending"].as_i64().unwrap();
+    assert_eq!(pending(&world), 1, "{}", world.regions_status());
+    world.regions[1].gate.as_ref().unwrap().set_open(true);
+    world
+        .wait_for("the missed purge to be delivered", Duration::from_secs(15), || (pending(&world) == 0).then_some(()));
+    world.assert_no_plaintext();
+}
+
+#[test]
+fn a_crash_between_commit_and_answer_is_finished_on_restart() {
+    if !e2e_enabled() {
+        return;
+    }
+    let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up]).unwrap();
+    // Copies trusted for 300 s: only delivered purges can explain prompt rejections.
+    let api = world.create_api("crashy", 300_000);
+    let (id, key) = world.create_key(&api, json!({}));
+    make_hot(&world, 0, &key);
+    make_hot(&world, 1, &key);
+    world.restart_control_plane_with(&[("KEYWARD_FAILPOINT", "abort_after_commit")]).unwrap();
+    let (status, _) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+    assert_eq!(status, 0, "the control plane died before answering");
+    assert!(world.wait_control_plane_exit(Duration::from_secs(5)));
+    assert_eq!(world.edge_code(0, &key).0, "VALID", "nothing was delivered before the crash");
+    world.restart_control_plane().unwrap();
+    let (_, stored) = world.admin(Method::GET, &format!("/v1/keys/{id}"), None);
+    assert_eq!(stored["status"], "revoked", "the commit survived the crash: {stored}");
+    for i in 0..2 {
+        world.wait_for(&format!("region {i} to reject after the restart"), Duration::from_secs(15), || {
+            (world.edge_code(i, &key).0 == "REVOKED").then_some(())
+        });
+    }
+    let regions = world.regions_status();
+    for i in 0..2 {
+        assert_eq!(regions["regions"][i]["purge"]["pending"], 0, "{regions}");
+        assert_eq!(regions["regions"][i]["kv"]["pending"], 0, "{regions}");
+    }
+    assert_eq!(regions["authority"]["pending"], 0, "{regions}");
+    world.assert_no_plaintext();
+}
+
+#[test]
+fn a_region_restarted_while_a_key_was_revoked_rejects_it_on_its_first_request() {
+    if !e2e_enabled() {
+        return;
+    }
+    const MAX_STALENESS_MS: u64 = 1_000;
+    let mut world = World::start(&[RegionPlan::Up]).unwrap();
+    let api = world.create_api("restarting", MAX_STALENESS_MS);
+    let (id, key) = world.create_key(&api, json!({}));
+    make_hot(&world, 0, &key);
+    world.stop_region(0);
+    let stopped_at = Instant::now();
+    let answer = revoke(&world, &id);
+    assert_eq!(region(&answer, "r0")["acknowledged"], false, "{answer}");
+    assert_eq!(answer["authority"]["acknowledged"], true, "{answer}");
+    // Its Cache API survives the restart with the old copy, past max_staleness by now.
+    world.wait_for("max_staleness to pass", Duration::from_secs(5), || {
+        (stopped_at.elapsed() > Duration::from_millis(MAX_STALENESS_MS)).then_some(())
+    });
+    world.start_region(0).unwrap();
+    let (code, source) = world.edge_code(0, &key);
+    assert_eq!(code, "REVOKED", "first request after the restart (source {source})");
+    world.assert_no_plaintext();
+}
+
+#[test]
+fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
+    if !e2e_enabled() {
+        return;
+    }
+    const MAX_STALENESS_MS: u64 = 1_000;
+    let mut world = World::start(&[RegionPlan::Up]).unwrap();
+    let api = world.create_api("homeless", MAX_STALENESS_MS);
+    let (_, key) = world.create_key(&api, json!({}));
+    make_hot(&world, 0, &key);
+    world.stop_home();
+    let stopped_at = Instant::now();
+    world.wait_for("the region to fail closed", Duration::from_secs(10), || {
+        let (code, _) = world.edge_code(0, &key);
+        let elapsed = stopped_at.elapsed();
+        match code.as_str() {
+            "VALID" => {
+                assert!(
+                    elapsed < Duration::from_millis(MAX_STALENESS_MS + 500),
+                    "VALID from an unconfirmed copy after {elapsed:?}"
+                );
+                None
+            }
+            "UNAVAILABLE" => Some(()),
+            other => panic!("{other}"),
+        }
+    });
+    for _ in 0..5 {
+        assert_eq!(world.edge_code(0, &key).0, "UNAVAILABLE");
+    }
+    world.start_home().unwrap();
+    world.wait_for("the region to recover", Duration::from_secs(15), || {
+        (world.edge_code(0, &key).0 == "VALID").then_some(())
+    });
+    world.assert_no_plaintext();
+}
