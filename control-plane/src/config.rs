@@ -69,6 +69,9 @@ pub struct Config {
     pub authority_url: Option<String>,
     #[serde(default)]
     pub regions: Vec<Region>,
+    /// The production path: one Cloudflare account's KV and zone (see `cloudflare.rs`).
+    #[serde(default)]
+    pub cloudflare: Option<crate::cloudflare::Settings>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -109,6 +112,9 @@ impl Config {
         if let Some(secret) = env("KEYWARD_PURGE_SECRET") {
             config.purge_secret = Some(Secret(secret));
         }
+        if let (Some(token), Some(cloudflare)) = (env("KEYWARD_CF_API_TOKEN"), config.cloudflare.as_mut()) {
+            cloudflare.api_token = Some(Secret(token));
+        }
         if let Some(token) = env("KEYWARD_KV_TOKEN") {
             for region in &mut config.regions {
                 region.kv_token = Some(Secret(token.clone()));
@@ -119,6 +125,11 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(cf) = &self.cloudflare
+            && cf.api_token.is_none()
+        {
+            bail!("[cloudflare] needs api_token (or KEYWARD_CF_API_TOKEN)");
+        }
         if !self.regions.is_empty() && self.purge_secret.as_ref().is_none_or(|s| s.0.len() < 32) {
             bail!(
                 "purge_secret (or KEYWARD_PURGE_SECRET) must be set, at least 32 characters, when regions are configured"

@@ -11,13 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::FutureExt;
 use futures::future::join_all;
 use keyward_shared::KeyRecord;
 use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::edge::{Edge, RegionReport};
-use crate::store::{Delivery, Store};
+use crate::store::{Attempt, Delivery, Store};
 use crate::time::now_ms;
 
 /// The first retry waits this long; each further one twice as long, up to [`MAX_BACKOFF`].
@@ -106,83 +107,105 @@ impl Deliverer {
         result
     }
 
+    /// The authority update and every region's KV write run at once. Each region's purge
+    /// follows as soon as a refill there is sure to find the new record: right after its KV
+    /// write where that KV is read-your-writes (a local region's own), otherwise once the
+    /// authority has the record too (Cloudflare's KV lags by up to 60 s).
+    /// Outcomes are recorded together in one transaction.
     async fn deliver_claimed(&self, id: i64) -> anyhow::Result<Delivered> {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
         let record = KeyRecord::from_json(&entry.record).context("outbox record")?;
         let find = |target: &str| deliveries.iter().find(|d| d.target == target);
         let started = Instant::now();
+        let elapsed_ms = || started.elapsed().as_secs_f64() * 1e3;
 
-        let authority = match find("authority") {
-            None => None,
-            Some(d) if d.state != "pending" => {
-                Some(AuthorityReport { acknowledged: d.state == "done", latency_ms: 0.0, error: None })
-            }
-            Some(d) => {
-                let result = self.edge.update_authority(std::slice::from_ref(&record)).await;
-                self.attempted(d, &result).await?;
-                Some(AuthorityReport {
-                    acknowledged: result.is_ok(),
-                    latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                    error: result.err().map(|e| format!("{e:#}")),
-                })
-            }
-        };
-
-        let regions = join_all(self.edge.regions.iter().map(|region| async {
-            let mut report = RegionReport {
-                name: region.name.clone(),
-                kv_written: false,
-                acknowledged: None,
-                latency_ms: 0.0,
-                error: None,
-            };
-            match find(&format!("kv:{}", region.name)) {
+        let authority_delivery = find("authority");
+        let authority = async {
+            match authority_delivery {
                 Some(d) if d.state == "pending" => {
-                    let result = region.kv.put(&entry.kv_key, entry.record.clone()).await;
-                    self.attempted(d, &result).await?;
-                    report.kv_written = result.is_ok();
-                    report.error = result.err().map(|e| format!("{e:#}"));
+                    let result = self.edge.update_authority(std::slice::from_ref(&record)).await;
+                    Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
                 }
-                Some(d) => report.kv_written = d.state == "done",
-                None => {}
+                _ => None,
             }
-            match find(&format!("purge:{}", region.name)) {
-                Some(d) if d.state == "pending" => {
-                    let result = self.edge.purge(region, &[record.hash]).await;
-                    self.attempted(d, &result).await?;
-                    report.acknowledged = Some(result.is_ok());
-                    if let Err(e) = result {
-                        report.error.get_or_insert_with(|| format!("{e:#}"));
+        }
+        .shared();
+        let (entry, record) = (&entry, &record);
+        let regions = join_all(self.edge.regions.iter().map(|region| {
+            let authority = authority.clone();
+            let (kv, purge) = (find(&format!("kv:{}", region.name)), find(&format!("purge:{}", region.name)));
+            async move {
+                let kv_result = match kv {
+                    Some(d) if d.state == "pending" => {
+                        Some(region.kv.put(&entry.kv_key, entry.record.clone()).await.map_err(|e| format!("{e:#}")))
                     }
+                    _ => None,
+                };
+                let refill_sees_kv = region.kv.visible_at_once() && kv_result.as_ref().is_some_and(Result::is_ok);
+                if !refill_sees_kv {
+                    authority.await;
                 }
-                Some(d) => report.acknowledged = Some(d.state == "done"),
-                None => {}
+                let purge_result = match purge {
+                    Some(d) if d.state == "pending" => {
+                        Some(self.edge.purge(region, &[record.hash]).await.map_err(|e| format!("{e:#}")))
+                    }
+                    _ => None,
+                };
+                let mut report = RegionReport {
+                    name: region.name.clone(),
+                    kv_written: kv_result.as_ref().map_or(kv.is_some_and(|d| d.state == "done"), Result::is_ok),
+                    acknowledged: purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == "done")),
+                    latency_ms: elapsed_ms(),
+                    ack_means: purge.map(|_| region.ack_means()),
+                    error: None,
+                };
+                report.error = [&kv_result, &purge_result].into_iter().flatten().find_map(|r| r.clone().err());
+                (report, [(kv, kv_result), (purge, purge_result)])
             }
-            report.latency_ms = started.elapsed().as_secs_f64() * 1e3;
-            anyhow::Ok(report)
-        }))
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Delivered { authority, regions })
+        }));
+        let (authority_result, regions) = futures::join!(authority, regions);
+
+        let mut outcomes = Vec::new();
+        let authority = match (authority_delivery, authority_result) {
+            (Some(d), Some((result, latency_ms))) => {
+                outcomes.push((d, result.clone()));
+                Some(AuthorityReport { acknowledged: result.is_ok(), latency_ms, error: result.err() })
+            }
+            (Some(d), None) => Some(AuthorityReport { acknowledged: d.state == "done", latency_ms: 0.0, error: None }),
+            (None, _) => None,
+        };
+        let mut reports = Vec::new();
+        for (report, results) in regions {
+            for (delivery, result) in results {
+                if let (Some(d), Some(result)) = (delivery, result) {
+                    outcomes.push((d, result));
+                }
+            }
+            reports.push(report);
+        }
+        self.record(&outcomes).await?;
+        Ok(Delivered { authority, regions: reports })
     }
 
-    async fn attempted(&self, delivery: &Delivery, result: &anyhow::Result<()>) -> anyhow::Result<()> {
+    /// Records attempts in one transaction; a failure is retried with backoff.
+    async fn record(&self, outcomes: &[(&Delivery, Result<(), String>)]) -> anyhow::Result<()> {
         let now = now_ms();
-        let backoff = FIRST_BACKOFF.saturating_mul(1 << delivery.attempts.clamp(0, 16)).min(MAX_BACKOFF);
-        let error = result.as_ref().err().map(|e| format!("{e:#}"));
-        if let Some(error) = &error {
-            tracing::warn!(outbox = delivery.outbox_id, target = %delivery.target, attempts = delivery.attempts + 1, %error, "delivery failed; will retry");
-        }
-        self.store
-            .delivery_attempted(
-                delivery.outbox_id,
-                &delivery.target,
-                error.as_deref().map_or(Ok(()), Err),
-                now,
-                now + backoff.as_millis() as i64,
-            )
-            .await?;
+        let rows: Vec<Attempt> = outcomes
+            .iter()
+            .map(|(d, result)| {
+                if let Err(error) = result {
+                    tracing::warn!(outbox = d.outbox_id, target = %d.target, attempts = d.attempts + 1, %error, "delivery failed; will retry");
+                }
+                let backoff = FIRST_BACKOFF.saturating_mul(1 << d.attempts.clamp(0, 16)).min(MAX_BACKOFF);
+                Attempt {
+                    outbox_id: d.outbox_id,
+                    target: d.target.clone(),
+                    error: result.clone().err(),
+                    retry_at: now + backoff.as_millis() as i64,
+                }
+            })
+            .collect();
+        self.store.deliveries_attempted(&rows, now).await?;
         Ok(())
     }
 

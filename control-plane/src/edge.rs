@@ -17,12 +17,20 @@ use keyward_shared::internal::{
 use keyward_shared::{KeyHash, KeyRecord};
 use serde::Serialize;
 
+use crate::cloudflare::{ACCOUNT_LIMIT, BulkKv, CloudflareApi, RateLimiter};
 use crate::config::{Config, Secret};
 use crate::time::now_ms;
 
 /// Writes values into one Workers KV namespace.
 pub trait KvWriter: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>>;
+
+    /// Whether a write, once acknowledged, is what the region's edge reads next. True only for
+    /// a local region's own KV (wrangler dev's endpoint); Cloudflare's KV takes up to 60 s to
+    /// reach other locations.
+    fn visible_at_once(&self) -> bool {
+        false
+    }
 }
 
 /// A KV namespace reached through Cloudflare's REST API (or wrangler dev's copy of it).
@@ -61,7 +69,14 @@ pub fn percent_encode(text: &str) -> String {
         .collect()
 }
 
+/// The path wrangler dev serves its Cloudflare-format local endpoint under.
+const LOCAL_KV_PATH: &str = "/cdn-cgi/explorer/api";
+
 impl KvWriter for CloudflareKv {
+    fn visible_at_once(&self) -> bool {
+        self.base.ends_with(LOCAL_KV_PATH)
+    }
+
     fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let mut request = self.client.put(self.value_url(key)).body(value);
@@ -105,11 +120,34 @@ impl KvWriter for DelayedKv {
     }
 }
 
+/// How a region's copies are purged.
+pub enum PurgeVia {
+    /// The region's own signed `/internal/purge` route at its URL (local regions): the
+    /// acknowledgement means the region dropped its copies.
+    Signed,
+    /// Cloudflare's purge-by-tag of Cache API entries (production): the acknowledgement means
+    /// Cloudflare accepted the purge; isolate memory is bounded by `max_staleness_ms` alone.
+    Tags(Arc<CloudflareApi>),
+}
+
 /// One region as the control plane reaches it.
 pub struct Region {
     pub name: String,
     pub url: String,
     pub kv: Arc<dyn KvWriter>,
+    pub purge: PurgeVia,
+}
+
+impl Region {
+    /// What this region's acknowledgement means, for answers and docs.
+    pub fn ack_means(&self) -> &'static str {
+        match self.purge {
+            PurgeVia::Signed => "the region dropped its copies (memory and Cache API) and now rejects the key",
+            PurgeVia::Tags(_) => {
+                "Cloudflare accepted the purge-by-tag of Cache API copies; copies in isolate memory end within max_staleness_ms"
+            }
+        }
+    }
 }
 
 /// What happened in one region when a change was pushed.
@@ -122,6 +160,9 @@ pub struct RegionReport {
     pub acknowledged: Option<bool>,
     /// From the start of this delivery to this region's acknowledgement (or failure).
     pub latency_ms: f64,
+    /// What `acknowledged` means for this region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_means: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -151,9 +192,25 @@ impl Edge {
                 } else {
                     kv
                 };
-                Region { name: r.name.clone(), url: r.url.trim_end_matches('/').to_owned(), kv }
+                Region {
+                    name: r.name.clone(),
+                    url: r.url.trim_end_matches('/').to_owned(),
+                    kv,
+                    purge: PurgeVia::Signed,
+                }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut regions = regions;
+        if let Some(settings) = &config.cloudflare {
+            let (limit, period) = ACCOUNT_LIMIT;
+            let api = Arc::new(CloudflareApi::new(client.clone(), settings.clone(), RateLimiter::new(limit, period)));
+            regions.push(Region {
+                name: "cloudflare".into(),
+                url: settings.worker_url.trim_end_matches('/').to_owned(),
+                kv: Arc::new(BulkKv::new(api.clone())),
+                purge: PurgeVia::Tags(api),
+            });
+        }
         let authority_url = config.authority_url.as_ref().map(|u| u.trim_end_matches('/').to_owned());
         Ok(Edge { regions, authority_url, client, purge_secret: config.purge_secret.clone().unwrap_or_default() })
     }
@@ -176,6 +233,7 @@ impl Edge {
                 kv_written: result.is_ok(),
                 acknowledged: None,
                 latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                ack_means: None,
                 error: result.err().map(|e| format!("{e:#}")),
             }
         }))
@@ -193,8 +251,13 @@ impl Edge {
 
     /// Tells one region to drop its copies of these keys.
     pub async fn purge(&self, region: &Region, hashes: &[KeyHash]) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&PurgeRequest { hashes: hashes.to_vec() })?;
-        self.signed_post(&region.url, PURGE_PATH, body).await.context("purge")?;
+        match &region.purge {
+            PurgeVia::Signed => {
+                let body = serde_json::to_vec(&PurgeRequest { hashes: hashes.to_vec() })?;
+                self.signed_post(&region.url, PURGE_PATH, body).await.context("purge")?;
+            }
+            PurgeVia::Tags(api) => api.purge_tags(hashes).await.context("purge by tag")?,
+        }
         Ok(())
     }
 

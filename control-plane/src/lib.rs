@@ -5,6 +5,7 @@
 //! Workers KV; tightening changes are also purged from every region's edge copies.
 
 pub mod cli;
+pub mod cloudflare;
 pub mod config;
 pub mod delivery;
 pub mod edge;

@@ -186,6 +186,17 @@ pub struct Delivery {
     pub last_error: Option<String>,
 }
 
+/// One delivery attempt's outcome, to record.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub outbox_id: i64,
+    pub target: String,
+    /// `None` when it was acknowledged.
+    pub error: Option<String>,
+    /// When to try again if it failed.
+    pub retry_at: i64,
+}
+
 /// Pending deliveries to one target.
 #[derive(Debug, Clone, FromRow)]
 pub struct PendingTarget {
@@ -434,29 +445,29 @@ impl Store {
         Ok(Some((entry, deliveries)))
     }
 
-    /// Records the outcome of one delivery attempt; a failure is retried at `retry_at`.
-    pub async fn delivery_attempted(
-        &self,
-        outbox_id: i64,
-        target: &str,
-        outcome: Result<(), &str>,
-        now: i64,
-        retry_at: i64,
-    ) -> Result<(), StoreError> {
-        let query = match outcome {
-            Ok(()) => sqlx::query(
-                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, done_at = ?, last_error = NULL \
-                 WHERE outbox_id = ? AND target = ? AND state = 'pending'",
-            )
-            .bind(now),
-            Err(error) => sqlx::query(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
-                 WHERE outbox_id = ? AND target = ? AND state = 'pending'",
-            )
-            .bind(retry_at)
-            .bind(error),
-        };
-        query.bind(outbox_id).bind(target).execute(&self.pool).await?;
+    /// Records delivery attempts in one transaction: done, or failed and due again at `retry_at`.
+    pub async fn deliveries_attempted(&self, attempts: &[Attempt], now: i64) -> Result<(), StoreError> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for attempt in attempts {
+            let query = match &attempt.error {
+                None => sqlx::query(
+                    "UPDATE deliveries SET state = 'done', attempts = attempts + 1, done_at = ?, last_error = NULL \
+                     WHERE outbox_id = ? AND target = ? AND state = 'pending'",
+                )
+                .bind(now),
+                Some(error) => sqlx::query(
+                    "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
+                     WHERE outbox_id = ? AND target = ? AND state = 'pending'",
+                )
+                .bind(attempt.retry_at)
+                .bind(error),
+            };
+            query.bind(attempt.outbox_id).bind(&attempt.target).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use axum::http::{Request, StatusCode};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use keyward_control_plane::config::Secret;
-use keyward_control_plane::edge::{Edge, KvWriter, Region};
+use keyward_control_plane::edge::{Edge, KvWriter, PurgeVia, Region};
 use keyward_control_plane::http::{AppState, app};
 use keyward_control_plane::serve::bootstrap;
 use keyward_control_plane::store::Store;
@@ -41,7 +41,8 @@ async fn harness() -> Harness {
     bootstrap(&store, Some(root.clone())).await.unwrap();
     let kv = Arc::new(RecordingKv::default());
     // Nothing listens on port 9 of loopback: purges there are never acknowledged.
-    let region = Region { name: "nowhere".into(), url: "http://127.0.0.1:9".into(), kv: kv.clone() };
+    let region =
+        Region { name: "nowhere".into(), url: "http://127.0.0.1:9".into(), kv: kv.clone(), purge: PurgeVia::Signed };
     let edge = Arc::new(Edge::new(vec![region], None, Secret::new("s".repeat(32))));
     Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
 }

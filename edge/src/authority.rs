@@ -95,17 +95,23 @@ async fn write(env: &Env, record: &KeyRecord) -> std::result::Result<Option<KeyR
 
 /// `POST /internal/authority`: the control plane's signed update of keys' authoritative records.
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
-    let body = match signed::body(&mut req, &ctx.env, AUTHORITY_PATH, Date::now().as_millis()).await? {
-        Ok(body) => body,
+    let now_ms = Date::now().as_millis();
+    let signed = match signed::body(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await? {
+        Ok(signed) => signed,
         Err(refusal) => return Ok(refusal),
     };
-    let update: AuthorityUpdate = match serde_json::from_slice(&body) {
+    let update: AuthorityUpdate = match serde_json::from_slice(&signed.body) {
         Ok(update) => update,
         Err(e) => return error::respond(400, "BAD_REQUEST", &format!("invalid authority update: {e}")),
     };
-    let mut versions = Vec::with_capacity(update.records.len());
-    for record in &update.records {
-        match write(&ctx.env, record).await {
+    let writes = futures::future::join_all(update.records.iter().map(|record| write(&ctx.env, record)));
+    let (first_use, written) = futures::join!(signed::first_use(&signed.nonce, now_ms), writes);
+    if !first_use? {
+        return signed::replayed();
+    }
+    let mut versions = Vec::with_capacity(written.len());
+    for held in written {
+        match held {
             Ok(held) => versions.push(held.map_or(0, |h| h.version)),
             Err(Unreachable(e)) => {
                 console_error!("authority write failed: {e}");

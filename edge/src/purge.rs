@@ -7,17 +7,26 @@ use worker::{Date, Request, Response, Result, RouteContext};
 use crate::{REGION_VAR, error, lookup, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
-    let body = match signed::body(&mut req, &ctx.env, PURGE_PATH, Date::now().as_millis()).await? {
-        Ok(body) => body,
+    let now_ms = Date::now().as_millis();
+    let signed = match signed::body(&mut req, &ctx.env, PURGE_PATH, now_ms).await? {
+        Ok(signed) => signed,
         Err(refusal) => return Ok(refusal),
     };
-    let purge: PurgeRequest = match serde_json::from_slice(&body) {
+    let purge: PurgeRequest = match serde_json::from_slice(&signed.body) {
         Ok(purge) => purge,
         Err(e) => return error::respond(400, "BAD_REQUEST", &format!("invalid purge: {e}")),
     };
-    let mut purged = 0;
-    for hash in &purge.hashes {
-        purged += usize::from(lookup::purge(hash).await?);
+    let drop_copies = async {
+        let mut purged = 0;
+        for hash in &purge.hashes {
+            purged += usize::from(lookup::purge(hash).await?);
+        }
+        Result::<usize>::Ok(purged)
+    };
+    let (first_use, purged) = futures::join!(signed::first_use(&signed.nonce, now_ms), drop_copies);
+    let purged = purged?;
+    if !first_use? {
+        return signed::replayed();
     }
     let region = ctx.env.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
     Response::from_json(&PurgeAck { region, purged })

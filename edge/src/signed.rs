@@ -20,13 +20,20 @@ thread_local! {
     static NONCES: RefCell<HashMap<String, u64>> = RefCell::new(HashMap::new());
 }
 
+/// A signed request whose signature and timestamp were checked; its nonce is still to be
+/// checked with [`first_use`], which callers run alongside their (idempotent) work.
+pub(crate) struct Signed {
+    pub body: Vec<u8>,
+    pub nonce: String,
+}
+
 /// The body of a signed request to `path`, or the refusal to answer with.
 pub(crate) async fn body(
     req: &mut Request,
     env: &Env,
     path: &str,
     now_ms: u64,
-) -> Result<std::result::Result<Vec<u8>, Response>> {
+) -> Result<std::result::Result<Signed, Response>> {
     let secret = env.secret(PURGE_SECRET)?.to_string();
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();
     let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER), header(NONCE_HEADER), header(SIGNATURE_HEADER));
@@ -38,10 +45,12 @@ pub(crate) async fn body(
     if let Err(e) = internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64) {
         return Ok(Err(refuse(e)?));
     }
-    if !first_use(&nonce, now_ms).await? {
-        return Ok(Err(refuse(SignatureError::Replayed)?));
-    }
-    Ok(Ok(body))
+    Ok(Ok(Signed { body, nonce }))
+}
+
+/// The answer to a request whose nonce was used before.
+pub(crate) fn replayed() -> Result<Response> {
+    refuse(SignatureError::Replayed)
 }
 
 fn refuse(e: SignatureError) -> Result<Response> {
@@ -55,7 +64,11 @@ fn refuse(e: SignatureError) -> Result<Response> {
 }
 
 /// Records a nonce; false if it was seen before in this isolate or this location.
-async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
+///
+/// Internal requests are idempotent (a purge drops copies; an authority update keeps only a
+/// newer version), so callers may do their work while this check runs and refuse afterwards:
+/// a replay then changes nothing and is still answered `REPLAYED`.
+pub(crate) async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
     let fresh_here = NONCES.with(|nonces| {
         let mut nonces = nonces.borrow_mut();
         nonces.retain(|_, at| now_ms.saturating_sub(*at) < NONCE_MEMORY_MS);

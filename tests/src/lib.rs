@@ -21,9 +21,19 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// The `keyward` binary: `KEYWARD_BIN`, or the debug build in the repository's target dir.
+static KEYWARD_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes this process's fixtures run this `keyward` binary (benchmarks use the release build).
+pub fn use_keyward_bin(path: PathBuf) {
+    let _ = KEYWARD_BIN.set(path);
+}
+
+/// The `keyward` binary: the one set by [`use_keyward_bin`], else `KEYWARD_BIN`, else the debug
+/// build in the repository's target dir.
 pub fn keyward_bin() -> PathBuf {
-    std::env::var_os("KEYWARD_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/keyward"))
+    KEYWARD_BIN.get().cloned().unwrap_or_else(|| {
+        std::env::var_os("KEYWARD_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/keyward"))
+    })
 }
 
 /// A port that was free a moment ago on 127.0.0.1.

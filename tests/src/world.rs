@@ -257,6 +257,23 @@ impl World {
         false
     }
 
+    /// Fails, with the end of its log, if a process that should run has exited.
+    pub fn assert_alive(&mut self) {
+        let procs = self
+            .home_proc
+            .iter_mut()
+            .chain(self.control_plane.iter_mut())
+            .chain(self.regions.iter_mut().filter_map(|r| r.proc.as_mut()));
+        for proc in procs {
+            if proc.exited() {
+                let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
+                let tail: String =
+                    log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                panic!("{} exited; the end of its log:\n{tail}", proc.name);
+            }
+        }
+    }
+
     /// Stops region `i`'s process (the whole group).
     pub fn stop_region(&mut self, i: usize) {
         self.regions[i].proc.take();

@@ -14,6 +14,16 @@ use crate::tools::{self, step};
 
 #[derive(Subcommand)]
 pub enum Which {
+    /// Time from a revoke call's start to the last of 3 regions rejecting, over many keys; a
+    /// region whose purges are dropped; verify throughput warm and confirming with the authority.
+    Revocation {
+        /// How many revocations to time.
+        #[arg(long, default_value_t = 200)]
+        keys: usize,
+        /// Seconds of load per throughput route.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Edge verify (served from memory) beside the health route; shared's decision beside SHA-256.
     Verify {
         /// Seconds of load per route.
@@ -27,6 +37,7 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
+        Which::Revocation { keys, seconds } => revocation(keys, Duration::from_secs(seconds)),
         Which::Verify { seconds, connections } => verify(Duration::from_secs(seconds), connections),
     }
 }
@@ -34,7 +45,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
 fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     tools::setup()?;
     ensure_wrk()?;
-    tools::build(false)?;
+    release_build()?;
     step("native: shared's decision beside raw SHA-256 (release build)");
     let native = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["run", "--quiet", "--release", "-p", "keyward-shared", "--example", "bench_decide"])
@@ -89,6 +100,146 @@ fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
         verify.rps, verify.p50_ms, verify.p99_ms, health.rps, health.p50_ms, health.p99_ms, verify.errors
     );
     Ok(())
+}
+
+fn revocation(count: usize, duration: Duration) -> anyhow::Result<()> {
+    tools::setup()?;
+    ensure_wrk()?;
+    release_build()?;
+    step("starting the home, 3 regions (log level error) and the control plane");
+    let mut world = World::start_with(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up], "error")?;
+    let root = world.root_key.clone();
+    // Copies trusted for an hour: only the purges can explain a prompt rejection.
+    let api = world.create_api("propagation", 3_600_000);
+    step(&format!("creating {count} keys and making each hot in all 3 regions"));
+    let keys: Vec<(String, String)> = (0..count).map(|_| world.create_key(&api, json!({}))).collect();
+    for (_, key) in &keys {
+        for region in 0..3 {
+            world.edge_code(region, key);
+            let (code, source) = world.edge_code(region, key);
+            anyhow::ensure!(
+                code == "VALID" && source == "memory",
+                "key not hot in region {region}: {code} from {source}"
+            );
+        }
+    }
+    step(&format!("revoking {count} keys one by one, each region polled until it rejects"));
+    let origin = world.origin();
+    let urls: Vec<String> = world.regions.iter().map(|r| format!("{}/v1/keys/verify", r.spec.url())).collect();
+    let mut propagation = Vec::with_capacity(count);
+    let mut call_ms = Vec::with_capacity(count);
+    for (id, key) in &keys {
+        let body = serde_json::to_vec(&json!({ "key": key }))?;
+        let start = std::time::Instant::now();
+        let rejected: Vec<std::time::Duration> = std::thread::scope(|scope| {
+            let pollers: Vec<_> = urls
+                .iter()
+                .map(|url| {
+                    let (root, body) = (&root, &body);
+                    scope.spawn(move || {
+                        let client = reqwest::blocking::Client::new();
+                        loop {
+                            let answer: serde_json::Value = client
+                                .post(url)
+                                .bearer_auth(root)
+                                .body(body.clone())
+                                .send()
+                                .and_then(|r| r.json())
+                                .unwrap_or_default();
+                            if answer["code"] == "REVOKED" {
+                                return start.elapsed();
+                            }
+                            assert!(start.elapsed() < Duration::from_secs(30), "never rejected: {answer}");
+                            // A pause between polls keeps three pollers from starving the 2 cores.
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    })
+                })
+                .collect();
+            let (status, answer) =
+                world.call(&origin, Some(&root), reqwest::Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+            assert_eq!(status, 200, "{answer}");
+            call_ms.push(start.elapsed().as_secs_f64() * 1e3);
+            pollers.into_iter().map(|p| p.join().expect("poller")).collect()
+        });
+        propagation.push(rejected.into_iter().max().unwrap_or_default().as_secs_f64() * 1e3);
+    }
+    let (p50, p99, max) =
+        (percentile(&mut propagation, 0.50), percentile(&mut propagation, 0.99), percentile(&mut propagation, 1.0));
+    let call_p50 = percentile(&mut call_ms, 0.50);
+    world.assert_alive();
+    println!(
+        "propagation to the last of 3 regions over {count} revocations: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (revoke call p50 {call_p50:.2} ms)"
+    );
+
+    step("throughput of one region: warm copy in memory, and every request confirmed with the authority");
+    let warm = throughput(&world, 0, &world.create_key(&api, json!({})).1, duration)?;
+    let confirming_api = world.create_api("confirming", 1);
+    let confirmed = throughput(&world, 0, &world.create_key(&confirming_api, json!({})).1, duration)?;
+    println!("verify, warm copy in memory:         {warm}");
+    println!("verify, every request asks authority: {confirmed}");
+    drop(world);
+
+    step("a region whose purges are dropped: time until it rejects anyway (max_staleness 1000 ms)");
+    let mut world = World::start_with(&[RegionPlan::Up, RegionPlan::Gated], "error")?;
+    let api = world.create_api("lossy", 1_000);
+    let mut lost = Vec::new();
+    for _ in 0..5 {
+        let (id, key) = world.create_key(&api, json!({}));
+        world.edge_code(1, &key);
+        anyhow::ensure!(world.edge_code(1, &key).1 == "memory", "not hot");
+        world.regions[1].gate.as_ref().expect("gated").set_open(false);
+        let start = std::time::Instant::now();
+        let (status, answer) = world.admin(reqwest::Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+        anyhow::ensure!(status == 200 && answer["regions"][1]["acknowledged"] == false, "purge was not lost: {answer}");
+        loop {
+            if world.edge_code(1, &key).0 == "REVOKED" {
+                break;
+            }
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(10), "never rejected");
+        }
+        lost.push(start.elapsed().as_secs_f64() * 1e3);
+        world.regions[1].gate.as_ref().expect("gated").set_open(true);
+    }
+    let lost_max = percentile(&mut lost, 1.0);
+    println!("lost purge: rejected after {lost:.0?} ms (max {lost_max:.0} ms; max_staleness 1000 ms)");
+    world.assert_no_plaintext();
+    println!(
+        "revocation_p50_ms={p50:.2} revocation_p99_ms={p99:.2} revocation_max_ms={max:.2} revoke_call_p50_ms={call_p50:.2} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2}",
+        warm.rps, warm.p99_ms, confirmed.rps, confirmed.p99_ms
+    );
+    Ok(())
+}
+
+/// wrk against region `i`'s verify route for `key`; checks the key is valid before and after.
+fn throughput(world: &World, i: usize, key: &str, duration: Duration) -> anyhow::Result<Load> {
+    let root = world.root_key.clone();
+    anyhow::ensure!(world.edge_code(i, key).0 == "VALID", "key not valid");
+    let script = world.dir.path().join("verify.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{}'\nwrk.headers[\"authorization\"] = \"Bearer {root}\"\nwrk.headers[\"content-type\"] = \"application/json\"\n",
+            serde_json::to_string(&json!({ "key": key }))?
+        ),
+    )?;
+    let load = wrk(&format!("{}/v1/keys/verify", world.regions[i].spec.url()), Some(&script), 2, duration);
+    std::fs::remove_file(&script)?;
+    anyhow::ensure!(world.edge_code(i, key).0 == "VALID", "key not valid after the load");
+    load
+}
+
+/// Builds the worker and a release `keyward`, and makes the fixtures use that binary.
+fn release_build() -> anyhow::Result<()> {
+    tools::build(true)?;
+    keyward_tests::use_keyward_bin(keyward_tests::repo_root().join("target/release/keyward"));
+    Ok(())
+}
+
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let i = ((values.len() as f64 * q).ceil() as usize).clamp(1, values.len().max(1)) - 1;
+    values.get(i).copied().unwrap_or(f64::NAN)
 }
 
 fn ensure_wrk() -> anyhow::Result<()> {
