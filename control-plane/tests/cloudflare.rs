@@ -15,8 +15,11 @@ use keyward_control_plane::edge::KvWriter;
 use keyward_shared::KeyHash;
 use serde_json::{Value, json};
 
+/// One request the stand-in saw: method, path, `Authorization`, JSON body, arrival.
+type Call = (Method, String, Option<String>, Value, Instant);
+
 #[derive(Clone, Default)]
-struct Recorded(Arc<Mutex<Vec<(Method, String, Option<String>, Value, Instant)>>>);
+struct Recorded(Arc<Mutex<Vec<Call>>>);
 
 async fn record(
     State(log): State<Recorded>,
