@@ -306,6 +306,7 @@ async fn commit(state: &AppState, old: KeyRecord, mut new: KeyRecord, now: i64) 
         state.store.resend(&new, &outbox).await?
     };
     failpoint::hit("abort_after_commit");
+    state.changes.send_replace(outbox_id);
     let delivered = state.delivery.deliver(outbox_id).await?;
     Ok((new, delivered))
 }

@@ -3,6 +3,7 @@
 mod apis;
 mod auth;
 pub mod error;
+mod events;
 mod extract;
 mod keys;
 mod regions;
@@ -36,12 +37,14 @@ pub struct AppState {
     pub store: Store,
     pub edge: Arc<Edge>,
     pub delivery: Arc<Deliverer>,
+    /// The id of the newest outbox entry, for event streams to wake on.
+    pub changes: tokio::sync::watch::Sender<i64>,
 }
 
 impl AppState {
     pub fn new(store: Store, edge: Arc<Edge>) -> AppState {
         let delivery = Arc::new(Deliverer::new(store.clone(), edge.clone()));
-        AppState { store, edge, delivery }
+        AppState { store, edge, delivery, changes: tokio::sync::watch::channel(0).0 }
     }
 }
 
@@ -53,6 +56,7 @@ pub fn app(state: AppState) -> Router {
         .merge(apis::router())
         .merge(keys::router())
         .merge(regions::router())
+        .merge(events::router())
         .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())
