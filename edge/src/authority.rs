@@ -96,16 +96,12 @@ async fn write(env: &Env, record: &KeyRecord) -> std::result::Result<Option<KeyR
 /// `POST /internal/authority`: the control plane's signed update of keys' authoritative records.
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
     let now_ms = Date::now().as_millis();
-    let signed = match signed::body(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await? {
-        Ok(signed) => signed,
+    let (update, nonce) = match signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await? {
+        Ok(signed) => (signed.body, signed.nonce),
         Err(refusal) => return Ok(refusal),
     };
-    let update: AuthorityUpdate = match serde_json::from_slice(&signed.body) {
-        Ok(update) => update,
-        Err(e) => return error::respond(400, "BAD_REQUEST", &format!("invalid authority update: {e}")),
-    };
     let writes = futures::future::join_all(update.records.iter().map(|record| write(&ctx.env, record)));
-    let (first_use, written) = futures::join!(signed::first_use(&signed.nonce, now_ms), writes);
+    let (first_use, written) = futures::join!(signed::first_use(&nonce, now_ms), writes);
     if !first_use? {
         return signed::replayed();
     }

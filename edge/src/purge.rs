@@ -4,17 +4,13 @@
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
 use worker::{Date, Request, Response, Result, RouteContext};
 
-use crate::{REGION_VAR, error, lookup, signed};
+use crate::{REGION_VAR, lookup, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
     let now_ms = Date::now().as_millis();
-    let signed = match signed::body(&mut req, &ctx.env, PURGE_PATH, now_ms).await? {
-        Ok(signed) => signed,
+    let (purge, nonce) = match signed::parse::<PurgeRequest>(&mut req, &ctx.env, PURGE_PATH, now_ms).await? {
+        Ok(signed) => (signed.body, signed.nonce),
         Err(refusal) => return Ok(refusal),
-    };
-    let purge: PurgeRequest = match serde_json::from_slice(&signed.body) {
-        Ok(purge) => purge,
-        Err(e) => return error::respond(400, "BAD_REQUEST", &format!("invalid purge: {e}")),
     };
     let drop_copies = async {
         let mut purged = 0;
@@ -23,7 +19,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
         }
         Result::<usize>::Ok(purged)
     };
-    let (first_use, purged) = futures::join!(signed::first_use(&signed.nonce, now_ms), drop_copies);
+    let (first_use, purged) = futures::join!(signed::first_use(&nonce, now_ms), drop_copies);
     let purged = purged?;
     if !first_use? {
         return signed::replayed();

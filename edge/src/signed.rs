@@ -22,18 +22,19 @@ thread_local! {
 
 /// A signed request whose signature and timestamp were checked; its nonce is still to be
 /// checked with [`first_use`], which callers run alongside their (idempotent) work.
-pub(crate) struct Signed {
-    pub body: Vec<u8>,
+pub(crate) struct Signed<T> {
+    pub body: T,
     pub nonce: String,
 }
 
-/// The body of a signed request to `path`, or the refusal to answer with.
-pub(crate) async fn body(
+/// The JSON body of a signed request to `path`, or the refusal to answer with (401 for the
+/// signature or timestamp, 413 for size, 400 for a body that is not a `T`).
+pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     req: &mut Request,
     env: &Env,
     path: &str,
     now_ms: u64,
-) -> Result<std::result::Result<Signed, Response>> {
+) -> Result<std::result::Result<Signed<T>, Response>> {
     let secret = env.secret(PURGE_SECRET)?.to_string();
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();
     let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER), header(NONCE_HEADER), header(SIGNATURE_HEADER));
@@ -45,7 +46,10 @@ pub(crate) async fn body(
     if let Err(e) = internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64) {
         return Ok(Err(refuse(e)?));
     }
-    Ok(Ok(Signed { body, nonce }))
+    match serde_json::from_slice(&body) {
+        Ok(body) => Ok(Ok(Signed { body, nonce })),
+        Err(e) => Ok(Err(error::respond(400, "BAD_REQUEST", &format!("invalid body for {path}: {e}"))?)),
+    }
 }
 
 /// The answer to a request whose nonce was used before.

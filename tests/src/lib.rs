@@ -147,6 +147,8 @@ pub enum Objects {
     Host,
     /// It binds to those of the worker with this name, through the shared dev registry.
     In(String),
+    /// It has none (an older build, for comparison).
+    None,
 }
 
 /// The name of the home worker, which hosts the KeyState Durable Objects locally.
@@ -165,6 +167,8 @@ pub struct RegionSpec {
     pub objects: Objects,
     /// The dev registry every process of one local Keyward shares.
     pub registry: PathBuf,
+    /// The worker's entry module, when not this checkout's `edge/build/worker/shim.mjs`.
+    pub main: Option<PathBuf>,
 }
 
 /// The KV namespace id every local region uses.
@@ -215,7 +219,7 @@ impl RegionSpec {
 
     fn start_once(&self) -> anyhow::Result<Proc> {
         let root = repo_root();
-        let main = root.join("edge/build/worker/shim.mjs");
+        let main = self.main.clone().unwrap_or_else(|| root.join("edge/build/worker/shim.mjs"));
         if !main.exists() {
             bail!("the worker is not built ({} is missing): run `cargo xtask build`", main.display());
         }
@@ -228,6 +232,7 @@ impl RegionSpec {
             Objects::In(script) => format!(
                 "[[durable_objects.bindings]]\nname = \"KEY_STATE\"\nclass_name = \"KeyState\"\nscript_name = \"{script}\"\n"
             ),
+            Objects::None => String::new(),
         };
         std::fs::write(
             &config,

@@ -76,6 +76,7 @@ impl World {
             log_level,
             objects,
             registry: registry.clone(),
+            main: None,
         };
         let home = spec("home".into(), secret.clone(), Objects::Host);
         let home_proc = Some(home.start()?);

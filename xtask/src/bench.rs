@@ -23,6 +23,9 @@ pub enum Which {
         /// Seconds of load per throughput route.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Pause between one poller's verify requests (the pollers share 2 cores with everything).
+        #[arg(long, default_value_t = 5)]
+        poll_ms: u64,
     },
     /// Edge verify (served from memory) beside the health route; shared's decision beside SHA-256.
     Verify {
@@ -37,7 +40,9 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
-        Which::Revocation { keys, seconds } => revocation(keys, Duration::from_secs(seconds)),
+        Which::Revocation { keys, seconds, poll_ms } => {
+            revocation(keys, Duration::from_secs(seconds), Duration::from_millis(poll_ms))
+        }
         Which::Verify { seconds, connections } => verify(Duration::from_secs(seconds), connections),
     }
 }
@@ -79,16 +84,7 @@ fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     let edge = world.regions[0].spec.url();
     step(&format!("load: wrk -t1 -c{connections} -d{}s per route, health first", duration.as_secs()));
     let health = wrk(&format!("{edge}/health"), None, connections, duration)?;
-    let script = world.dir.path().join("verify.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.body = '{}'\nwrk.headers[\"authorization\"] = \"Bearer {root}\"\nwrk.headers[\"content-type\"] = \"application/json\"\n",
-            serde_json::to_string(&body)?
-        ),
-    )?;
-    let verify = wrk(&format!("{edge}/v1/keys/verify"), Some(&script), connections, duration)?;
-    std::fs::remove_file(&script)?;
+    let verify = throughput(&world, &edge, &key, connections, duration)?;
     check_memory(&world)?;
     world.assert_no_plaintext();
 
@@ -102,7 +98,7 @@ fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn revocation(count: usize, duration: Duration) -> anyhow::Result<()> {
+fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Result<()> {
     tools::setup()?;
     ensure_wrk()?;
     release_build()?;
@@ -123,11 +119,12 @@ fn revocation(count: usize, duration: Duration) -> anyhow::Result<()> {
             );
         }
     }
-    step(&format!("revoking {count} keys one by one, each region polled until it rejects"));
+    step(&format!("revoking {count} keys one by one, each region polled every {poll:?} until it rejects"));
     let origin = world.origin();
     let urls: Vec<String> = world.regions.iter().map(|r| format!("{}/v1/keys/verify", r.spec.url())).collect();
     let mut propagation = Vec::with_capacity(count);
     let mut call_ms = Vec::with_capacity(count);
+    let (mut authority_ms, mut region_ms) = (Vec::new(), Vec::new());
     for (id, key) in &keys {
         let body = serde_json::to_vec(&json!({ "key": key }))?;
         let start = std::time::Instant::now();
@@ -151,7 +148,7 @@ fn revocation(count: usize, duration: Duration) -> anyhow::Result<()> {
                             }
                             assert!(start.elapsed() < Duration::from_secs(30), "never rejected: {answer}");
                             // A pause between polls keeps three pollers from starving the 2 cores.
-                            std::thread::sleep(Duration::from_millis(1));
+                            std::thread::sleep(poll);
                         }
                     })
                 })
@@ -160,24 +157,64 @@ fn revocation(count: usize, duration: Duration) -> anyhow::Result<()> {
                 world.call(&origin, Some(&root), reqwest::Method::POST, &format!("/v1/keys/{id}/revoke"), None);
             assert_eq!(status, 200, "{answer}");
             call_ms.push(start.elapsed().as_secs_f64() * 1e3);
+            authority_ms.push(answer["authority"]["latency_ms"].as_f64().unwrap_or(f64::NAN));
+            for region in answer["regions"].as_array().into_iter().flatten() {
+                assert_eq!(region["acknowledged"], true, "{answer}");
+                region_ms.push(region["latency_ms"].as_f64().unwrap_or(f64::NAN));
+            }
             pollers.into_iter().map(|p| p.join().expect("poller")).collect()
         });
         propagation.push(rejected.into_iter().max().unwrap_or_default().as_secs_f64() * 1e3);
     }
     let (p50, p99, max) =
         (percentile(&mut propagation, 0.50), percentile(&mut propagation, 0.99), percentile(&mut propagation, 1.0));
+
+    // The same without pollers competing for the 2 cores: each region's acknowledgement means it
+    // already rejects the key (checked right after), so the revoke call, which waits for every
+    // acknowledgement, bounds the time to the last region rejecting.
+    step(&format!("revoking {count} more hot keys without pollers; the call bounds the last rejection"));
+    let quiet_keys: Vec<(String, String)> = (0..count).map(|_| world.create_key(&api, json!({}))).collect();
+    for (_, key) in &quiet_keys {
+        for region in 0..3 {
+            world.edge_code(region, key);
+            anyhow::ensure!(world.edge_code(region, key).1 == "memory", "key not hot in region {region}");
+        }
+    }
+    let mut quiet = Vec::with_capacity(count);
+    for (id, key) in &quiet_keys {
+        let start = std::time::Instant::now();
+        let (status, answer) = world.admin(reqwest::Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+        quiet.push(start.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(status == 200, "{answer}");
+        for (region, report) in answer["regions"].as_array().into_iter().flatten().enumerate() {
+            anyhow::ensure!(report["acknowledged"] == true, "{answer}");
+            anyhow::ensure!(world.edge_code(region, key).0 == "REVOKED", "region {region} acknowledged but accepts");
+        }
+    }
+    let (q50, q99, qmax) = (percentile(&mut quiet, 0.50), percentile(&mut quiet, 0.99), percentile(&mut quiet, 1.0));
     let call_p50 = percentile(&mut call_ms, 0.50);
+    let (authority_p50, region_p50) = (percentile(&mut authority_ms, 0.50), percentile(&mut region_ms, 0.50));
     world.assert_alive();
     println!(
         "propagation to the last of 3 regions over {count} revocations: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (revoke call p50 {call_p50:.2} ms)"
     );
 
-    step("throughput of one region: warm copy in memory, and every request confirmed with the authority");
-    let warm = throughput(&world, 0, &world.create_key(&api, json!({})).1, duration)?;
+    step("throughput of one region: warm copy in memory, and every copy stale (max_staleness 1 ms)");
+    let region = world.regions[0].spec.url();
+    let warm_key = world.create_key(&api, json!({})).1;
     let confirming_api = world.create_api("confirming", 1);
-    let confirmed = throughput(&world, 0, &world.create_key(&confirming_api, json!({})).1, duration)?;
-    println!("verify, warm copy in memory:         {warm}");
-    println!("verify, every request asks authority: {confirmed}");
+    let stale_key = world.create_key(&confirming_api, json!({})).1;
+    let warm = throughput(&world, &region, &warm_key, 2, duration)?;
+    let confirmed = throughput(&world, &region, &stale_key, 2, duration)?;
+    step("the same two keys at the first slice's KV-only edge, in this run");
+    let (first_slice, first_url) = start_first_slice(&world, &[&warm_key, &stale_key])?;
+    let kv_warm = throughput(&world, &first_url, &warm_key, 2, duration)?;
+    let kv_stale = throughput(&world, &first_url, &stale_key, 2, duration)?;
+    drop(first_slice);
+    println!("verify, warm copy in memory:                  {warm}");
+    println!("verify, every copy stale, asks the authority: {confirmed}");
+    println!("first slice, warm copy in memory:             {kv_warm}");
+    println!("first slice, every copy stale, re-reads KV:   {kv_stale}");
     drop(world);
 
     step("a region whose purges are dropped: time until it rejects anyway (max_staleness 1000 ms)");
@@ -205,16 +242,21 @@ fn revocation(count: usize, duration: Duration) -> anyhow::Result<()> {
     println!("lost purge: rejected after {lost:.0?} ms (max {lost_max:.0} ms; max_staleness 1000 ms)");
     world.assert_no_plaintext();
     println!(
-        "revocation_p50_ms={p50:.2} revocation_p99_ms={p99:.2} revocation_max_ms={max:.2} revoke_call_p50_ms={call_p50:.2} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2}",
-        warm.rps, warm.p99_ms, confirmed.rps, confirmed.p99_ms
+        "revocation_p50_ms={p50:.2} revocation_p99_ms={p99:.2} revocation_max_ms={max:.2} acked_p50_ms={q50:.2} acked_p99_ms={q99:.2} acked_max_ms={qmax:.2} revoke_call_p50_ms={call_p50:.2} authority_ack_p50_ms={authority_p50:.2} region_ack_p50_ms={region_p50:.2} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2} first_slice_warm_rps={:.0} first_slice_kv_reread_rps={:.0} first_slice_kv_reread_p99_ms={:.2}",
+        warm.rps, warm.p99_ms, confirmed.rps, confirmed.p99_ms, kv_warm.rps, kv_stale.rps, kv_stale.p99_ms
     );
     Ok(())
 }
 
-/// wrk against region `i`'s verify route for `key`; checks the key is valid before and after.
-fn throughput(world: &World, i: usize, key: &str, duration: Duration) -> anyhow::Result<Load> {
+/// wrk against the verify route at `base` for `key`; checks the key is valid before and after.
+fn throughput(world: &World, base: &str, key: &str, connections: usize, duration: Duration) -> anyhow::Result<Load> {
     let root = world.root_key.clone();
-    anyhow::ensure!(world.edge_code(i, key).0 == "VALID", "key not valid");
+    let valid = || {
+        let (status, answer) =
+            world.call(base, Some(&root), reqwest::Method::POST, "/v1/keys/verify", Some(json!({ "key": key })));
+        status == 200 && answer["valid"] == true
+    };
+    anyhow::ensure!(valid(), "key not valid at {base}");
     let script = world.dir.path().join("verify.lua");
     std::fs::write(
         &script,
@@ -223,10 +265,64 @@ fn throughput(world: &World, i: usize, key: &str, duration: Duration) -> anyhow:
             serde_json::to_string(&json!({ "key": key }))?
         ),
     )?;
-    let load = wrk(&format!("{}/v1/keys/verify", world.regions[i].spec.url()), Some(&script), 2, duration);
+    let load = wrk(&format!("{base}/v1/keys/verify"), Some(&script), connections, duration);
     std::fs::remove_file(&script)?;
-    anyhow::ensure!(world.edge_code(i, key).0 == "VALID", "key not valid after the load");
+    anyhow::ensure!(valid(), "key not valid at {base} after the load");
     load
+}
+
+/// The commit whose edge is the first slice's: KV only, no authority.
+const FIRST_SLICE: &str = "22dd494";
+
+/// Builds the first slice's worker from a git worktree under `target/` (once) and answers its
+/// entry module.
+fn first_slice_worker() -> anyhow::Result<std::path::PathBuf> {
+    let root = keyward_tests::repo_root();
+    let dir = root.join("target/first-slice");
+    let main = dir.join("edge/build/worker/shim.mjs");
+    if main.exists() {
+        return Ok(main);
+    }
+    step(&format!("building the first slice's edge ({FIRST_SLICE}) in target/first-slice"));
+    let _ = std::fs::remove_dir_all(&dir);
+    tools::run(Command::new("git").args(["worktree", "prune"]))?;
+    tools::run(Command::new("git").args(["worktree", "add", "--detach"]).arg(&dir).arg(FIRST_SLICE))?;
+    tools::run(
+        Command::new(tools::cargo_bin("worker-build"))
+            .arg("--release")
+            .current_dir(dir.join("edge"))
+            .env("CARGO_TARGET_DIR", root.join("target/first-slice-target"))
+            .env("WASM_BINDGEN_BIN", tools::cargo_bin("wasm-bindgen"))
+            .env("WASM_OPT_BIN", root.join("node_modules/.bin/wasm-opt")),
+    )?;
+    Ok(main)
+}
+
+/// Starts the first slice's edge beside `world`, with the same root key and keys in its KV.
+fn start_first_slice(world: &World, keys: &[&str]) -> anyhow::Result<(keyward_tests::Proc, String)> {
+    let spec = keyward_tests::RegionSpec {
+        name: "first-slice".into(),
+        port: keyward_tests::free_port(),
+        dir: world.dir.path().join("worker-first-slice"),
+        purge_secret: world.secret.clone(),
+        log_level: "error",
+        objects: keyward_tests::Objects::None,
+        registry: world.dir.path().join("registry"),
+        main: Some(first_slice_worker()?),
+    };
+    let proc = spec.start()?;
+    let client = reqwest::blocking::Client::new();
+    let root_hash = keyward_shared::KeyHash::of(&world.root_key);
+    let mut kv_keys = vec![keyward_shared::kv_key_for_root(&root_hash)];
+    kv_keys.extend(keys.iter().map(|k| keyward_shared::kv_key_for_key(&keyward_shared::KeyHash::of(k))));
+    for kv_key in kv_keys {
+        let path =
+            format!("/storage/kv/namespaces/{}/values/{}", keyward_tests::LOCAL_NAMESPACE, kv_key.replace(':', "%3A"));
+        let value =
+            client.get(format!("{}{path}", world.regions[0].spec.kv_url())).send()?.error_for_status()?.text()?;
+        client.put(format!("{}{path}", spec.kv_url())).body(value).send()?.error_for_status()?;
+    }
+    Ok((proc, spec.url()))
 }
 
 /// Builds the worker and a release `keyward`, and makes the fixtures use that binary.

@@ -40,6 +40,7 @@ pub fn run(regions: u16) -> anyhow::Result<()> {
         log_level: "warn",
         objects,
         registry: registry.clone(),
+        main: None,
     };
     let home = spec("home".into(), HOME_PORT, Objects::Host);
     let specs: Vec<RegionSpec> = (0..regions)
