@@ -62,6 +62,11 @@ enum RootKeyCommand {
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
     },
+    List,
+    /// Revoke a root key: refused by the control plane at once, by the edge within a second.
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +184,10 @@ fn request_for(command: Command) -> anyhow::Result<(reqwest::Method, String, Opt
             insert_some(&mut body, "prefix", prefix.map(Value::from));
             insert_some(&mut body, "max_staleness_ms", max_staleness_ms.map(Value::from));
             (Method::POST, "/v1/apis".into(), Some(body))
+        }
+        Command::RootKeys(RootKeyCommand::List) => (Method::GET, "/v1/root-keys".into(), None),
+        Command::RootKeys(RootKeyCommand::Revoke { id }) => {
+            (Method::POST, format!("/v1/root-keys/{}/revoke", encode(&id)), None)
         }
         Command::Apis(ApiCommand::List) => (Method::GET, "/v1/apis".into(), None),
         Command::Keys(KeyCommand::Create { api_id, prefix, fields }) => {

@@ -279,6 +279,45 @@ impl Store {
         Ok(rows.into_iter().map(RootKeyRecord::try_from).collect::<anyhow::Result<_>>()?)
     }
 
+    /// The workspace's root keys: (record, name, display start), oldest first.
+    pub async fn workspace_root_keys(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, start FROM root_keys WHERE workspace_id = ? ORDER BY id")
+                .bind(workspace_id)
+                .fetch_all(&self.pool)
+                .await?;
+        let records: Vec<RootKeyRow> = sqlx::query_as(
+            "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys WHERE workspace_id = ? ORDER BY id",
+        )
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await?;
+        records.into_iter().zip(rows).map(|(r, (name, start))| Ok((RootKeyRecord::try_from(r)?, name, start))).collect()
+    }
+
+    /// Revokes a root key of this workspace; answers its new record, `None` if there is none.
+    pub async fn revoke_root_key(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<Option<RootKeyRecord>, StoreError> {
+        let row: Option<RootKeyRow> = sqlx::query_as(
+            "UPDATE root_keys SET status = 'revoked', version = version + CASE status WHEN 'revoked' THEN 0 ELSE 1 END, \
+             updated_at = ? WHERE id = ? AND workspace_id = ? \
+             RETURNING id, workspace_id, hash, scopes, status, version, updated_at",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(workspace_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(RootKeyRecord::try_from).transpose()?)
+    }
+
     pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO apis (id, workspace_id, name, prefix, max_staleness_ms, created_at) VALUES (?, ?, ?, ?, ?, ?)",

@@ -1,6 +1,6 @@
 //! Root-key scopes, parsed into structured values and matched by meaning, never by string prefix.
 //!
-//! The grammar: `workspace.create`, `root_key.create`, `api.create`, `api.read`, and
+//! The grammar: `workspace.create`, `root_key.create`, `root_key.manage`, `api.create`, `api.read`, and
 //! `api.<api id or *>.<action>` where action is one of `create_key`, `read_key`, `update_key`,
 //! `revoke_key`, `delete_key`, `verify_key`.
 
@@ -54,9 +54,14 @@ pub enum ApiSelector {
 pub enum Scope {
     WorkspaceCreate,
     RootKeyCreate,
+    /// List and revoke the workspace's root keys.
+    RootKeyManage,
     ApiCreate,
     ApiRead,
-    Key { api: ApiSelector, action: KeyAction },
+    Key {
+        api: ApiSelector,
+        action: KeyAction,
+    },
 }
 
 impl Scope {
@@ -80,7 +85,7 @@ impl Scope {
         if with_workspace_create {
             all.push(Scope::WorkspaceCreate);
         }
-        all.extend([Scope::RootKeyCreate, Scope::ApiCreate, Scope::ApiRead]);
+        all.extend([Scope::RootKeyCreate, Scope::RootKeyManage, Scope::ApiCreate, Scope::ApiRead]);
         all.extend(KeyAction::ALL.map(|action| Scope::Key { api: ApiSelector::Any, action }));
         all
     }
@@ -89,7 +94,7 @@ impl Scope {
 /// Why a scope's text was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown scope `{0}`: expected workspace.create, root_key.create, api.create, api.read or api.<api id|*>.<create_key|read_key|update_key|revoke_key|delete_key|verify_key>"
+    "unknown scope `{0}`: expected workspace.create, root_key.create, root_key.manage, api.create, api.read or api.<api id|*>.<create_key|read_key|update_key|revoke_key|delete_key|verify_key>"
 )]
 pub struct ScopeError(pub String);
 
@@ -101,6 +106,7 @@ impl FromStr for Scope {
         match text {
             "workspace.create" => return Ok(Scope::WorkspaceCreate),
             "root_key.create" => return Ok(Scope::RootKeyCreate),
+            "root_key.manage" => return Ok(Scope::RootKeyManage),
             "api.create" => return Ok(Scope::ApiCreate),
             "api.read" => return Ok(Scope::ApiRead),
             _ => {}
@@ -126,6 +132,7 @@ impl fmt::Display for Scope {
         match self {
             Scope::WorkspaceCreate => f.write_str("workspace.create"),
             Scope::RootKeyCreate => f.write_str("root_key.create"),
+            Scope::RootKeyManage => f.write_str("root_key.manage"),
             Scope::ApiCreate => f.write_str("api.create"),
             Scope::ApiRead => f.write_str("api.read"),
             Scope::Key { api: ApiSelector::Any, action } => write!(f, "api.*.{}", action.as_str()),
@@ -149,10 +156,19 @@ impl<'de> Deserialize<'de> for Scope {
     }
 }
 
-/// The scopes a root key holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The scopes a root key holds. Read from a stored record, a scope this version does not know
+/// is skipped (never granted) rather than failing the whole record, so an older edge keeps
+/// working with root keys a newer control plane wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Scopes(pub Vec<Scope>);
+
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let texts = Vec::<String>::deserialize(d)?;
+        Ok(Scopes(texts.iter().filter_map(|t| t.parse().ok()).collect()))
+    }
+}
 
 impl Scopes {
     pub fn grants(&self, required: &Scope) -> bool {
@@ -193,7 +209,14 @@ mod tests {
 
     #[test]
     fn parse_round_trip_and_rejects() {
-        for text in ["workspace.create", "root_key.create", "api.read", "api.*.delete_key", "api.api_01J.create_key"] {
+        for text in [
+            "workspace.create",
+            "root_key.create",
+            "root_key.manage",
+            "api.read",
+            "api.*.delete_key",
+            "api.api_01J.create_key",
+        ] {
             assert_eq!(text.parse::<Scope>().unwrap().to_string(), text);
         }
         for bad in
@@ -201,6 +224,14 @@ mod tests {
         {
             assert!(bad.parse::<Scope>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn stored_scopes_skip_what_this_version_does_not_know() {
+        let scopes: Scopes = serde_json::from_str(r#"["api.read","billing.view","api.*.verify_key"]"#).unwrap();
+        assert_eq!(scopes.0.len(), 2);
+        assert!(scopes.grants(&Scope::ApiRead));
+        assert!(!scopes.grants(&Scope::RootKeyManage));
     }
 
     #[test]

@@ -220,6 +220,7 @@ fn admin_routes_check_the_root_key_and_its_scope() {
         Some(json!({ "name": "v", "scopes": [format!("api.{api}.verify_key"), "root_key.create"] })),
     );
     assert_eq!(s, 201, "{verifier}");
+    let verifier_id = verifier["id"].as_str().unwrap().to_owned();
     let verifier = verifier["key"].as_str().unwrap().to_owned();
     let (s, e) = world.call(
         &origin,
@@ -247,6 +248,27 @@ fn admin_routes_check_the_root_key_and_its_scope() {
     let (s, _) = world.call(&origin, Some(&other), Method::POST, "/v1/workspaces", Some(json!({ "name": "nested" })));
     assert_eq!(s, 403, "only the bootstrap key creates workspaces");
     assert_eq!(code(&world.edge_verify(0, &other, json!({ "key": key }))), "NOT_FOUND");
+
+    // Root keys are listed without secrets and can be revoked, only within their workspace.
+    let (s, listed) = world.admin(Method::GET, "/v1/root-keys", None);
+    assert_eq!(s, 200, "{listed}");
+    let ids: Vec<&str> = listed["root_keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&verifier_id.as_str()), "{listed}");
+    assert!(!listed.to_string().contains(&verifier), "a listing never shows a secret");
+    let (s, _) = world.call(&origin, Some(&reader), Method::GET, "/v1/root-keys", None);
+    assert_eq!(s, 403);
+    let revoke_path = format!("/v1/root-keys/{verifier_id}/revoke");
+    let (s, _) = world.call(&origin, Some(&other), Method::POST, &revoke_path, None);
+    assert_eq!(s, 404, "another workspace cannot see our root keys");
+    let (s, revoked) = world.admin(Method::POST, &revoke_path, None);
+    assert_eq!((s, revoked["status"].as_str()), (200, Some("revoked")), "{revoked}");
+    let (s, _) = world.call(&origin, Some(&verifier), Method::POST, "/v1/keys/verify", Some(json!({ "key": key })));
+    assert_eq!(s, 401, "the control plane refuses a revoked root key at once");
+    let revoked_at = std::time::Instant::now();
+    world.wait_for("the edge to refuse the revoked root key", std::time::Duration::from_secs(3), || {
+        (world.edge_verify(0, &verifier, json!({ "key": key })).0 == 401).then_some(())
+    });
+    assert!(revoked_at.elapsed() <= std::time::Duration::from_millis(1_500), "{:?}", revoked_at.elapsed());
     world.assert_no_plaintext();
 }
 

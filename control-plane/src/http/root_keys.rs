@@ -1,5 +1,6 @@
-//! `POST /v1/workspaces`' and `POST /v1/root-keys`' shared work: minting root keys, storing them
-//! hashed, and writing those that may verify to KV so the edge can check its callers.
+//! Root keys: `POST /v1/root-keys`, `GET /v1/root-keys`, `POST /v1/root-keys/{id}/revoke`, and
+//! the work shared with `POST /v1/workspaces`: minting root keys, storing them hashed, and writing
+//! those that may verify to KV so the edge can check its callers.
 
 use axum::Router;
 use axum::extract::State;
@@ -11,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::RootKey;
-use super::extract::Json;
+use super::extract::{Json, Path, check_id};
 use super::{AppError, AppState, Result, new_id};
 use crate::edge::{Edge, RegionReport};
 use crate::keygen::{self, ROOT_KEY_PREFIX};
@@ -19,7 +20,36 @@ use crate::store::{NewRootKey, Store};
 use crate::time::now_ms;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/root-keys", post(create))
+    Router::new().route("/v1/root-keys", post(create).get(list)).route("/v1/root-keys/{id}/revoke", post(revoke))
+}
+
+async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Json<Value>> {
+    caller.require(&Scope::RootKeyManage)?;
+    let keys: Vec<Value> = state
+        .store
+        .workspace_root_keys(caller.workspace_id())
+        .await?
+        .into_iter()
+        .map(|(r, name, start)| {
+            json!({ "id": r.id, "name": name, "start": start, "scopes": r.scopes, "status": r.status, "updated_at": r.updated_at })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "root_keys": keys })))
+}
+
+/// Revokes a root key: the control plane refuses it at once, and the edge within a second (it
+/// trusts a root key read from KV for at most that long).
+async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
+    caller.require(&Scope::RootKeyManage)?;
+    check_id(&id, "root")?;
+    let record = state
+        .store
+        .revoke_root_key(caller.workspace_id(), &id, now_ms())
+        .await?
+        .ok_or_else(|| AppError::not_found("root key"))?;
+    let value = serde_json::to_string(&record).map_err(|e| AppError::Internal(e.into()))?;
+    let regions = state.edge.write_everywhere(&kv_key_for_root(&record.hash), &value).await;
+    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "regions": regions })))
 }
 
 #[derive(Deserialize)]
