@@ -126,6 +126,17 @@ struct RootKeyRow {
     updated_at: i64,
 }
 
+/// The columns a [`RootKeyRow`] reads.
+const ROOT_KEY_COLUMNS: &str = "id, workspace_id, hash, scopes, status, version, updated_at";
+
+#[derive(FromRow)]
+struct ListedRootKey {
+    #[sqlx(flatten)]
+    key: RootKeyRow,
+    name: String,
+    start: String,
+}
+
 impl TryFrom<RootKeyRow> for RootKeyRecord {
     type Error = anyhow::Error;
 
@@ -260,10 +271,9 @@ impl Store {
 
     /// The active root key with this hash, if any.
     pub async fn active_root_key(&self, hash: &KeyHash) -> Result<Option<RootKeyRecord>, StoreError> {
-        let row: Option<RootKeyRow> = sqlx::query_as(
-            "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys \
-             WHERE hash = ? AND status = 'active'",
-        )
+        let row: Option<RootKeyRow> = sqlx::query_as(&format!(
+            "SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE hash = ? AND status = 'active'"
+        ))
         .bind(hash.to_hex())
         .fetch_optional(&self.pool)
         .await?;
@@ -273,29 +283,19 @@ impl Store {
     /// Every root key, for writing those that may verify to KV.
     pub async fn root_keys(&self) -> Result<Vec<RootKeyRecord>, StoreError> {
         let rows: Vec<RootKeyRow> =
-            sqlx::query_as("SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys")
-                .fetch_all(&self.pool)
-                .await?;
+            sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys")).fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(RootKeyRecord::try_from).collect::<anyhow::Result<_>>()?)
     }
 
     /// The workspace's root keys: (record, name, display start), oldest first.
-    pub async fn workspace_root_keys(
-        &self,
-        workspace_id: &str,
-    ) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
-        let rows: Vec<(String, String)> =
-            sqlx::query_as("SELECT name, start FROM root_keys WHERE workspace_id = ? ORDER BY id")
-                .bind(workspace_id)
-                .fetch_all(&self.pool)
-                .await?;
-        let records: Vec<RootKeyRow> = sqlx::query_as(
-            "SELECT id, workspace_id, hash, scopes, status, version, updated_at FROM root_keys WHERE workspace_id = ? ORDER BY id",
-        )
+    pub async fn workspace_root_keys(&self, workspace_id: &str) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
+        let rows: Vec<ListedRootKey> = sqlx::query_as(&format!(
+            "SELECT {ROOT_KEY_COLUMNS}, name, start FROM root_keys WHERE workspace_id = ? ORDER BY id"
+        ))
         .bind(workspace_id)
         .fetch_all(&self.pool)
         .await?;
-        records.into_iter().zip(rows).map(|(r, (name, start))| Ok((RootKeyRecord::try_from(r)?, name, start))).collect()
+        rows.into_iter().map(|r| Ok((RootKeyRecord::try_from(r.key)?, r.name, r.start))).collect()
     }
 
     /// Revokes a root key of this workspace; answers its new record, `None` if there is none.
@@ -305,11 +305,10 @@ impl Store {
         id: &str,
         now: i64,
     ) -> Result<Option<RootKeyRecord>, StoreError> {
-        let row: Option<RootKeyRow> = sqlx::query_as(
+        let row: Option<RootKeyRow> = sqlx::query_as(&format!(
             "UPDATE root_keys SET status = 'revoked', version = version + CASE status WHEN 'revoked' THEN 0 ELSE 1 END, \
-             updated_at = ? WHERE id = ? AND workspace_id = ? \
-             RETURNING id, workspace_id, hash, scopes, status, version, updated_at",
-        )
+             updated_at = ? WHERE id = ? AND workspace_id = ? RETURNING {ROOT_KEY_COLUMNS}",
+        ))
         .bind(now)
         .bind(id)
         .bind(workspace_id)
