@@ -271,12 +271,11 @@ impl Store {
 
     /// The active root key with this hash, if any.
     pub async fn active_root_key(&self, hash: &KeyHash) -> Result<Option<RootKeyRecord>, StoreError> {
-        let row: Option<RootKeyRow> = sqlx::query_as(&format!(
-            "SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE hash = ? AND status = 'active'"
-        ))
-        .bind(hash.to_hex())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<RootKeyRow> =
+            sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE hash = ? AND status = 'active'"))
+                .bind(hash.to_hex())
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(RootKeyRecord::try_from).transpose()?)
     }
 
@@ -288,7 +287,10 @@ impl Store {
     }
 
     /// The workspace's root keys: (record, name, display start), oldest first.
-    pub async fn workspace_root_keys(&self, workspace_id: &str) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
+    pub async fn workspace_root_keys(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
         let rows: Vec<ListedRootKey> = sqlx::query_as(&format!(
             "SELECT {ROOT_KEY_COLUMNS}, name, start FROM root_keys WHERE workspace_id = ? ORDER BY id"
         ))
