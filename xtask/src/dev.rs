@@ -140,7 +140,7 @@ Try it from another terminal:
   curl -s -X POST http://127.0.0.1:{CONTROL_PLANE_PORT}/v1/keys/<key id>/revoke -H "authorization: Bearer $KEYWARD_ROOT_KEY"
   # or with the CLI: target/debug/keyward keys revoke <key id>
 
-Ctrl-C stops both.
+Ctrl-C stops everything.
 "#
     );
 }
