@@ -42,8 +42,8 @@ impl Copy {
 pub(crate) enum Found {
     /// The record (if any) and where it came from.
     Record(Option<KeyRecord>, Source),
-    /// Only a copy past `max_staleness_ms` exists and the authority could not confirm it.
-    Unconfirmed(Source),
+    /// Only a copy past `max_staleness_ms` (given) exists and the authority could not confirm it.
+    Unconfirmed(KeyRecord, Source),
 }
 
 thread_local! {
@@ -98,7 +98,7 @@ async fn confirm(env: &Env, cache: &Cache, hash: &KeyHash, copy: Copy, source: S
         Ok(None) => miss(env, cache, hash, now_ms).await,
         Err(Unreachable(e)) => {
             console_warn!("authority unreachable for a stale copy: {e}");
-            Ok(Found::Unconfirmed(source))
+            Ok(Found::Unconfirmed(copy.record, source))
         }
     }
 }
@@ -118,9 +118,9 @@ async fn miss(env: &Env, cache: &Cache, hash: &KeyHash, now_ms: u64) -> Result<F
         (Some(kv), Ok(None)) => (kv, Source::Kv),
         (None, Ok(None)) => return Ok(Found::Record(None, Source::Kv)),
         // Without the authority, a KV copy might be older than a revocation: fail closed.
-        (Some(_), Err(Unreachable(e))) => {
+        (Some(kv), Err(Unreachable(e))) => {
             console_warn!("authority unreachable on a miss: {e}");
-            return Ok(Found::Unconfirmed(Source::Kv));
+            return Ok(Found::Unconfirmed(kv, Source::Kv));
         }
         (None, Err(_)) => return Ok(Found::Record(None, Source::Kv)),
     };

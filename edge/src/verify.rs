@@ -1,7 +1,7 @@
 //! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide.
 
 use keyward_shared::verify::Caller;
-use keyward_shared::{Key, VerifyRequest, VerifyResponse, decide};
+use keyward_shared::{Code, Key, VerifyRequest, VerifyResponse, decide};
 use worker::{Date, Request, Response, Result, RouteContext, console_error};
 
 use crate::auth::{self, AuthError};
@@ -46,11 +46,20 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
         return Response::from_json(&VerifyResponse::malformed());
     };
     let hash = key.hash();
+    let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let (record, source) = match lookup::find(&ctx.env, &hash, now_ms).await? {
         lookup::Found::Record(record, source) => (record, source),
-        lookup::Found::Unconfirmed(source) => return Response::from_json(&VerifyResponse::unavailable(source)),
+        lookup::Found::Unconfirmed(stale, source) => {
+            // Only a caller who may see the key learns that it cannot be confirmed now; to anyone
+            // else it does not exist (workspace, API and hash never change, so the stale copy
+            // answers that correctly).
+            let decision = decide(Some(&stale), &hash, caller, &request, now_ms as i64);
+            if decision.code == Code::NotFound {
+                return Response::from_json(&VerifyResponse::new(decision, None, Some(source)));
+            }
+            return Response::from_json(&VerifyResponse::unavailable(source));
+        }
     };
-    let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let decision = decide(record.as_ref(), &hash, caller, &request, now_ms as i64);
     Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))
 }

@@ -204,6 +204,9 @@ fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
     let mut world = World::start(&[RegionPlan::Up]).unwrap();
     let api = world.create_api("homeless", MAX_STALENESS_MS);
     let (_, key) = world.create_key(&api, json!({}));
+    let (status, other) = world.admin(Method::POST, "/v1/workspaces", Some(json!({ "name": "elsewhere" })));
+    assert_eq!(status, 201, "{other}");
+    let stranger = other["root_key"]["key"].as_str().unwrap().to_owned();
     make_hot(&world, 0, &key);
     world.stop_home();
     let stopped_at = Instant::now();
@@ -225,6 +228,9 @@ fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
     for _ in 0..5 {
         assert_eq!(world.edge_code(0, &key).0, "UNAVAILABLE");
     }
+    // To another workspace the key still does not exist: failing closed leaks nothing.
+    let (status, answer) = world.edge_verify(0, &stranger, json!({ "key": key }));
+    assert_eq!((status, answer["code"].as_str()), (200, Some("NOT_FOUND")), "{answer}");
     world.start_home().unwrap();
     world.wait_for("the region to recover", Duration::from_secs(15), || {
         (world.edge_code(0, &key).0 == "VALID").then_some(())
