@@ -1,0 +1,173 @@
+//! Keys: rows, reads, keyset pages, and changes written with their outbox entry.
+
+use anyhow::Context;
+use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
+use keyward_shared::{KeyHash, KeyRecord};
+use sqlx::FromRow;
+
+use super::outbox::{NewOutbox, insert_outbox};
+use super::{Store, StoreError};
+
+/// Which keys to list: one page after `after` (a key id), by id.
+pub struct KeyQuery<'a> {
+    pub workspace_id: &'a str,
+    pub api_id: Option<&'a str>,
+    pub start: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub limit: u32,
+}
+
+#[derive(FromRow)]
+struct KeyRow {
+    id: String,
+    api_id: String,
+    workspace_id: String,
+    hash: String,
+    start: String,
+    name: Option<String>,
+    owner_id: Option<String>,
+    meta: String,
+    enabled: bool,
+    status: String,
+    expires_at: Option<i64>,
+    permissions: String,
+    version: i64,
+    max_staleness_ms: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = anyhow::Error;
+
+    fn try_from(r: KeyRow) -> anyhow::Result<KeyRecord> {
+        Ok(KeyRecord {
+            schema: RECORD_SCHEMA,
+            hash: KeyHash::from_hex(&r.hash).context("stored key hash is not hex")?,
+            meta: serde_json::from_str(&r.meta).context("stored meta is not a JSON object")?,
+            status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
+            permissions: serde_json::from_str(&r.permissions).context("stored permissions are not a list")?,
+            id: r.id,
+            api_id: r.api_id,
+            workspace_id: r.workspace_id,
+            start: r.start,
+            name: r.name,
+            owner_id: r.owner_id,
+            enabled: r.enabled,
+            expires_at: r.expires_at,
+            version: r.version as u64,
+            max_staleness_ms: r.max_staleness_ms as u64,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+impl Store {
+    /// Inserts a new key and its outbox entry in one transaction; answers the entry's id.
+    pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO keys (id, api_id, workspace_id, hash, start, name, owner_id, meta, enabled, status, \
+             expires_at, permissions, version, max_staleness_ms, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.api_id)
+        .bind(&key.workspace_id)
+        .bind(key.hash.to_hex())
+        .bind(&key.start)
+        .bind(&key.name)
+        .bind(&key.owner_id)
+        .bind(serde_json::Value::Object(key.meta.clone()).to_string())
+        .bind(key.enabled)
+        .bind(key.status.as_str())
+        .bind(key.expires_at)
+        .bind(serde_json::to_string(&key.permissions).context("permissions")?)
+        .bind(key.version as i64)
+        .bind(key.max_staleness_ms as i64)
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        let id = insert_outbox(&mut tx, key, outbox).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// The key with this id in this workspace, deleted ones included.
+    pub async fn key(&self, workspace_id: &str, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as("SELECT * FROM keys WHERE id = ? AND workspace_id = ?")
+            .bind(id)
+            .bind(workspace_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(KeyRecord::try_from).transpose()?)
+    }
+
+    pub async fn key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> =
+            sqlx::query_as("SELECT * FROM keys WHERE hash = ?").bind(hash.to_hex()).fetch_optional(&self.pool).await?;
+        Ok(row.map(KeyRecord::try_from).transpose()?)
+    }
+
+    /// One page of keys that are not deleted, in id order (keyset pagination).
+    pub async fn keys(&self, q: &KeyQuery<'_>) -> Result<Vec<KeyRecord>, StoreError> {
+        // `start` is matched as a prefix of the stored display start. Not with LIKE: `_`, which
+        // every start contains, is a LIKE wildcard.
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT * FROM keys WHERE workspace_id = ? AND status != 'deleted' \
+             AND (? IS NULL OR api_id = ?) AND (? IS NULL OR substr(start, 1, length(?)) = ?) AND (? IS NULL OR id > ?) \
+             ORDER BY id LIMIT ?",
+        )
+        .bind(q.workspace_id)
+        .bind(q.api_id)
+        .bind(q.api_id)
+        .bind(q.start)
+        .bind(q.start)
+        .bind(q.start)
+        .bind(q.after)
+        .bind(q.after)
+        .bind(q.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(KeyRecord::try_from).collect::<anyhow::Result<_>>()?)
+    }
+
+    /// Writes a changed key whose `version` is one more than the stored one, and its outbox
+    /// entry, in one transaction; answers the entry's id.
+    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE keys SET name = ?, owner_id = ?, meta = ?, enabled = ?, status = ?, expires_at = ?, \
+             permissions = ?, version = ?, updated_at = ? WHERE id = ? AND version = ?",
+        )
+        .bind(&key.name)
+        .bind(&key.owner_id)
+        .bind(serde_json::Value::Object(key.meta.clone()).to_string())
+        .bind(key.enabled)
+        .bind(key.status.as_str())
+        .bind(key.expires_at)
+        .bind(serde_json::to_string(&key.permissions).context("permissions")?)
+        .bind(key.version as i64)
+        .bind(key.updated_at)
+        .bind(&key.id)
+        .bind(key.version as i64 - 1)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+        let id = insert_outbox(&mut tx, key, outbox).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
+    pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id = insert_outbox(&mut tx, key, outbox).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+}

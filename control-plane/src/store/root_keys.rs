@@ -1,0 +1,135 @@
+//! Root keys: stored hashed, with their scopes; listed and revoked within a workspace.
+
+use anyhow::Context;
+use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
+use keyward_shared::{KeyHash, RootKeyRecord, Scopes};
+use sqlx::FromRow;
+
+use super::{Store, StoreError};
+
+/// A new root key, as stored (hashed).
+pub struct NewRootKey<'a> {
+    pub id: &'a str,
+    pub workspace_id: &'a str,
+    pub name: &'a str,
+    pub hash: &'a KeyHash,
+    pub start: &'a str,
+    pub scopes: &'a Scopes,
+    pub now: i64,
+}
+
+#[derive(FromRow)]
+struct RootKeyRow {
+    id: String,
+    workspace_id: String,
+    hash: String,
+    scopes: String,
+    status: String,
+    version: i64,
+    updated_at: i64,
+}
+
+/// The columns a [`RootKeyRow`] reads.
+const ROOT_KEY_COLUMNS: &str = "id, workspace_id, hash, scopes, status, version, updated_at";
+
+#[derive(FromRow)]
+struct ListedRootKey {
+    #[sqlx(flatten)]
+    key: RootKeyRow,
+    name: String,
+    start: String,
+}
+
+impl TryFrom<RootKeyRow> for RootKeyRecord {
+    type Error = anyhow::Error;
+
+    fn try_from(r: RootKeyRow) -> anyhow::Result<RootKeyRecord> {
+        Ok(RootKeyRecord {
+            schema: RECORD_SCHEMA,
+            hash: KeyHash::from_hex(&r.hash).context("stored root key hash is not hex")?,
+            scopes: serde_json::from_str(&r.scopes).context("stored scopes are unreadable")?,
+            status: KeyStatus::parse(&r.status).context("stored root key status is unknown")?,
+            id: r.id,
+            workspace_id: r.workspace_id,
+            version: r.version as u64,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+impl Store {
+    pub async fn create_root_key(&self, root: NewRootKey<'_>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_root_key(&mut tx, &root).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The active root key with this hash, if any.
+    pub async fn active_root_key(&self, hash: &KeyHash) -> Result<Option<RootKeyRecord>, StoreError> {
+        let row: Option<RootKeyRow> =
+            sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE hash = ? AND status = 'active'"))
+                .bind(hash.to_hex())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(RootKeyRecord::try_from).transpose()?)
+    }
+
+    /// Every root key, for writing those that may verify to KV.
+    pub async fn root_keys(&self) -> Result<Vec<RootKeyRecord>, StoreError> {
+        let rows: Vec<RootKeyRow> =
+            sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys")).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(RootKeyRecord::try_from).collect::<anyhow::Result<_>>()?)
+    }
+
+    /// The workspace's root keys: (record, name, display start), oldest first.
+    pub async fn workspace_root_keys(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
+        let rows: Vec<ListedRootKey> = sqlx::query_as(&format!(
+            "SELECT {ROOT_KEY_COLUMNS}, name, start FROM root_keys WHERE workspace_id = ? ORDER BY id"
+        ))
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| Ok((RootKeyRecord::try_from(r.key)?, r.name, r.start))).collect()
+    }
+
+    /// Revokes a root key of this workspace; answers its new record, `None` if there is none.
+    pub async fn revoke_root_key(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<Option<RootKeyRecord>, StoreError> {
+        let row: Option<RootKeyRow> = sqlx::query_as(&format!(
+            "UPDATE root_keys SET status = 'revoked', version = version + CASE status WHEN 'revoked' THEN 0 ELSE 1 END, \
+             updated_at = ? WHERE id = ? AND workspace_id = ? RETURNING {ROOT_KEY_COLUMNS}",
+        ))
+        .bind(now)
+        .bind(id)
+        .bind(workspace_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(RootKeyRecord::try_from).transpose()?)
+    }
+}
+
+pub(super) async fn insert_root_key(tx: &mut sqlx::SqliteConnection, root: &NewRootKey<'_>) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO root_keys (id, workspace_id, name, hash, start, scopes, status, version, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)",
+    )
+    .bind(root.id)
+    .bind(root.workspace_id)
+    .bind(root.name)
+    .bind(root.hash.to_hex())
+    .bind(root.start)
+    .bind(serde_json::to_string(root.scopes).context("scopes")?)
+    .bind(root.now)
+    .bind(root.now)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
