@@ -358,7 +358,7 @@ fn check_owner(owner: &str) -> Result<String> {
 }
 
 fn check_meta(meta: Map<String, Value>) -> Result<Map<String, Value>> {
-    let size = Value::Object(meta.clone()).to_string().len();
+    let size = serde_json::to_string(&meta).map_err(|e| AppError::Internal(e.into()))?.len();
     if size > MAX_META_BYTES {
         return Err(AppError::BadRequest(format!("meta is {size} bytes of JSON; the limit is {MAX_META_BYTES}")));
     }

@@ -79,11 +79,11 @@ impl Store {
         .bind(&key.start)
         .bind(&key.name)
         .bind(&key.owner_id)
-        .bind(serde_json::Value::Object(key.meta.clone()).to_string())
+        .bind(meta_column(key)?)
         .bind(key.enabled)
         .bind(key.status.as_str())
         .bind(key.expires_at)
-        .bind(serde_json::to_string(&key.permissions).context("permissions")?)
+        .bind(permissions_column(key)?)
         .bind(key.version as i64)
         .bind(key.max_staleness_ms as i64)
         .bind(key.created_at)
@@ -144,11 +144,11 @@ impl Store {
         )
         .bind(&key.name)
         .bind(&key.owner_id)
-        .bind(serde_json::Value::Object(key.meta.clone()).to_string())
+        .bind(meta_column(key)?)
         .bind(key.enabled)
         .bind(key.status.as_str())
         .bind(key.expires_at)
-        .bind(serde_json::to_string(&key.permissions).context("permissions")?)
+        .bind(permissions_column(key)?)
         .bind(key.version as i64)
         .bind(key.updated_at)
         .bind(&key.id)
@@ -170,4 +170,14 @@ impl Store {
         tx.commit().await?;
         Ok(id)
     }
+}
+
+/// The `meta` column: the key's meta as JSON text.
+fn meta_column(key: &KeyRecord) -> anyhow::Result<String> {
+    serde_json::to_string(&key.meta).context("meta")
+}
+
+/// The `permissions` column: the key's permissions as a JSON list.
+fn permissions_column(key: &KeyRecord) -> anyhow::Result<String> {
+    serde_json::to_string(&key.permissions).context("permissions")
 }
