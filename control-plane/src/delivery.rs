@@ -17,7 +17,7 @@ use keyward_shared::KeyRecord;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::edge::{Edge, RegionReport};
+use crate::edge::{Edge, KvState, RegionReport};
 use crate::store::{Attempt, Delivery, Store};
 use crate::time::now_ms;
 
@@ -62,6 +62,20 @@ pub struct Delivered {
     pub regions: Vec<RegionReport>,
 }
 
+fn is_pending(delivery: Option<&Delivery>) -> bool {
+    delivery.is_some_and(|d| d.state == "pending")
+}
+
+/// Which pending targets a delivery attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    /// What puts the change in force: the authority, the purges, and the KV writes of a change
+    /// that needs no purge.
+    InForce,
+    /// Everything pending.
+    All,
+}
+
 pub struct Deliverer {
     store: Store,
     edge: Arc<Edge>,
@@ -94,40 +108,58 @@ impl Deliverer {
         self.in_flight.lock().expect("not poisoned").insert(id).then_some(Claim { deliverer: self, id })
     }
 
-    /// Delivers an entry's pending targets now, waiting for a delivery of it already under way.
-    pub async fn deliver(&self, id: i64) -> anyhow::Result<Delivered> {
-        let claim = loop {
-            if let Some(claim) = self.try_claim(id) {
-                break claim;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let result = self.deliver_claimed(id).await;
+    /// Delivers an entry's pending targets now, waiting for a delivery of it already under way,
+    /// and answers once the change is in force: the authority has it and every region has
+    /// acknowledged its purge (or failed to). The KV writes of a tightening change follow at
+    /// once, after the answer: nothing reads KV without the authority beside it, so they cannot
+    /// make the key valid again, and on 2 cores they would slow the purges down.
+    pub async fn deliver(self: &Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
+        let claim = self.claim(id).await;
+        let delivered = self.deliver_claimed(id, Urgency::InForce).await;
         drop(claim);
-        result
+        if delivered.as_ref().is_ok_and(|d| d.regions.iter().any(|r| r.kv == KvState::Pending)) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _claim = this.claim(id).await;
+                if let Err(e) = this.deliver_claimed(id, Urgency::All).await {
+                    tracing::error!(outbox = id, error = %e, "delivery failed");
+                }
+            });
+        }
+        delivered
     }
 
-    /// The authority update and every region's KV write run at once. Each region's purge
-    /// follows as soon as a refill there is sure to find the new record: right after its KV
-    /// write where that KV is read-your-writes (a local region's own), otherwise once the
-    /// authority has the record too (Cloudflare's KV lags by up to 60 s).
+    async fn claim(&self, id: i64) -> Claim<'_> {
+        loop {
+            if let Some(claim) = self.try_claim(id) {
+                return claim;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The authority update and every signed region's purge run at once: a signed purge carries
+    /// the record, so the region rejects the key without a refill. A purge-by-tag only drops
+    /// Cache API copies, so it waits for the authority to have the record (KV lags by up to
+    /// 60 s): the refill that follows is then sure to find it. KV writes run alongside, except
+    /// those of a tightening change when only what puts it in force is wanted.
     /// Outcomes are recorded together in one transaction.
-    async fn deliver_claimed(&self, id: i64) -> anyhow::Result<Delivered> {
+    async fn deliver_claimed(&self, id: i64, urgency: Urgency) -> anyhow::Result<Delivered> {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
         let record = KeyRecord::from_json(&entry.record).context("outbox record")?;
         let find = |target: &str| deliveries.iter().find(|d| d.target == target);
+        let tightening = deliveries.iter().any(|d| d.target.starts_with("purge:"));
+        let kv_now = urgency == Urgency::All || !tightening;
         let started = Instant::now();
         let elapsed_ms = || started.elapsed().as_secs_f64() * 1e3;
 
         let authority_delivery = find("authority");
         let authority = async {
-            match authority_delivery {
-                Some(d) if d.state == "pending" => {
-                    let result = self.edge.update_authority(std::slice::from_ref(&record)).await;
-                    Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
-                }
-                _ => None,
+            if !is_pending(authority_delivery) {
+                return None;
             }
+            let result = self.edge.update_authority(std::slice::from_ref(&record)).await;
+            Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
         }
         .shared();
         let (entry, record) = (&entry, &record);
@@ -135,31 +167,44 @@ impl Deliverer {
             let authority = authority.clone();
             let (kv, purge) = (find(&format!("kv:{}", region.name)), find(&format!("purge:{}", region.name)));
             async move {
-                let kv_result = match kv {
-                    Some(d) if d.state == "pending" => {
-                        Some(region.kv.put(&entry.kv_key, entry.record.clone()).await.map_err(|e| format!("{e:#}")))
+                let kv_write = async {
+                    if !kv_now || !is_pending(kv) {
+                        return None;
                     }
-                    _ => None,
+                    let result = region.kv.put(&entry.kv_key, entry.record.clone()).await;
+                    Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
                 };
-                let refill_sees_kv = region.kv.visible_at_once() && kv_result.as_ref().is_some_and(Result::is_ok);
-                if !refill_sees_kv {
-                    authority.await;
-                }
-                let purge_result = match purge {
-                    Some(d) if d.state == "pending" => {
-                        Some(self.edge.purge(region, &[record.hash]).await.map_err(|e| format!("{e:#}")))
+                let purge_send = async {
+                    if !is_pending(purge) {
+                        return None;
                     }
-                    _ => None,
+                    if !region.purge_carries_record() {
+                        authority.await;
+                    }
+                    let result = self.edge.purge(region, std::slice::from_ref(record)).await;
+                    Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
                 };
-                let mut report = RegionReport {
+                let (kv_result, purge_result) = futures::join!(kv_write, purge_send);
+                // The purge's acknowledgement is what the caller waits for; without one, the KV write.
+                let latency_ms = purge_result.as_ref().map(|(_, ms)| *ms).or(kv_result.as_ref().map(|(_, ms)| *ms));
+                let latency_ms = latency_ms.unwrap_or(0.0);
+                let applied_at_ms = purge_result.as_ref().and_then(|(r, _)| r.clone().ok().flatten());
+                let kv_result = kv_result.map(|(r, _)| r);
+                let purge_result = purge_result.map(|(r, _)| r.map(|_| ()));
+                let report = RegionReport {
                     name: region.name.clone(),
-                    kv_written: kv_result.as_ref().map_or(kv.is_some_and(|d| d.state == "done"), Result::is_ok),
+                    kv: match (&kv_result, kv) {
+                        (Some(Ok(())), _) => KvState::Written,
+                        (Some(Err(_)), _) => KvState::Failed,
+                        (None, kv) if is_pending(kv) => KvState::Pending,
+                        (None, _) => KvState::Written,
+                    },
                     acknowledged: purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == "done")),
-                    latency_ms: elapsed_ms(),
+                    latency_ms,
+                    applied_at_ms,
                     ack_means: purge.map(|_| region.ack_means()),
-                    error: None,
+                    error: [&kv_result, &purge_result].into_iter().flatten().find_map(|r| r.clone().err()),
                 };
-                report.error = [&kv_result, &purge_result].into_iter().flatten().find_map(|r| r.clone().err());
                 (report, [(kv, kv_result), (purge, purge_result)])
             }
         }));
@@ -232,7 +277,7 @@ impl Deliverer {
                 };
                 let claimed: Vec<_> = ids.into_iter().filter_map(|id| self.try_claim(id)).collect();
                 join_all(claimed.iter().map(|claim| async {
-                    if let Err(e) = self.deliver_claimed(claim.id).await {
+                    if let Err(e) = self.deliver_claimed(claim.id, Urgency::All).await {
                         tracing::error!(outbox = claim.id, error = %e, "delivery failed");
                     }
                 }))

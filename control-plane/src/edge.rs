@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::future::{BoxFuture, join_all};
 use keyward_shared::internal::{
-    self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeRequest, SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
+    self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest,
+    SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use keyward_shared::{KeyHash, KeyRecord};
 use serde::Serialize;
@@ -24,13 +24,6 @@ use crate::time::now_ms;
 /// Writes values into one Workers KV namespace.
 pub trait KvWriter: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>>;
-
-    /// Whether a write, once acknowledged, is what the region's edge reads next. True only for
-    /// a local region's own KV (wrangler dev's endpoint); Cloudflare's KV takes up to 60 s to
-    /// reach other locations.
-    fn visible_at_once(&self) -> bool {
-        false
-    }
 }
 
 /// A KV namespace reached through Cloudflare's REST API (or wrangler dev's copy of it).
@@ -69,14 +62,7 @@ pub fn percent_encode(text: &str) -> String {
         .collect()
 }
 
-/// The path wrangler dev serves its Cloudflare-format local endpoint under.
-const LOCAL_KV_PATH: &str = "/cdn-cgi/explorer/api";
-
 impl KvWriter for CloudflareKv {
-    fn visible_at_once(&self) -> bool {
-        self.base.ends_with(LOCAL_KV_PATH)
-    }
-
     fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let mut request = self.client.put(self.value_url(key)).body(value);
@@ -122,8 +108,8 @@ impl KvWriter for DelayedKv {
 
 /// How a region's copies are purged.
 pub enum PurgeVia {
-    /// The region's own signed `/internal/purge` route at its URL (local regions): the
-    /// acknowledgement means the region dropped its copies.
+    /// The region's own signed `/internal/purge` route at its URL (local regions), carrying the
+    /// new record: the acknowledgement means the region answers from it.
     Signed,
     /// Cloudflare's purge-by-tag of Cache API entries (production): the acknowledgement means
     /// Cloudflare accepted the purge; isolate memory is bounded by `max_staleness_ms` alone.
@@ -139,10 +125,17 @@ pub struct Region {
 }
 
 impl Region {
+    /// Whether this region's purge carries the record (so it need not wait for the authority).
+    pub fn purge_carries_record(&self) -> bool {
+        matches!(self.purge, PurgeVia::Signed)
+    }
+
     /// What this region's acknowledgement means, for answers and docs.
     pub fn ack_means(&self) -> &'static str {
         match self.purge {
-            PurgeVia::Signed => "the region dropped its copies (memory and Cache API) and now rejects the key",
+            PurgeVia::Signed => {
+                "the region holds the new record in memory, dropped its Cache API copy, and now rejects the key"
+            }
             PurgeVia::Tags(_) => {
                 "Cloudflare accepted the purge-by-tag of Cache API copies; copies in isolate memory end within max_staleness_ms"
             }
@@ -150,16 +143,32 @@ impl Region {
     }
 }
 
+/// Where a change's KV write in one region stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvState {
+    Written,
+    /// Not attempted yet: a tightening change's KV writes follow its answer.
+    Pending,
+    /// Attempted and failed; retried with backoff.
+    Failed,
+}
+
 /// What happened in one region when a change was pushed.
 #[derive(Debug, Clone, Serialize)]
 pub struct RegionReport {
     pub name: String,
-    pub kv_written: bool,
+    pub kv: KvState,
     /// Whether the region accepted the purge; `None` when no purge was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acknowledged: Option<bool>,
-    /// From the start of this delivery to this region's acknowledgement (or failure).
+    /// From the start of this delivery to this region's purge acknowledgement (or failure);
+    /// without a purge, to its KV write.
     pub latency_ms: f64,
+    /// When the region began answering from the new record, by its clock (Unix ms); only
+    /// regions purged through their signed route report it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_at_ms: Option<u64>,
     /// What `acknowledged` means for this region.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack_means: Option<&'static str>,
@@ -230,8 +239,9 @@ impl Edge {
             let result = region.kv.put(kv_key, value.to_owned()).await;
             RegionReport {
                 name: region.name.clone(),
-                kv_written: result.is_ok(),
+                kv: if result.is_ok() { KvState::Written } else { KvState::Failed },
                 acknowledged: None,
+                applied_at_ms: None,
                 latency_ms: started.elapsed().as_secs_f64() * 1e3,
                 ack_means: None,
                 error: result.err().map(|e| format!("{e:#}")),
@@ -249,16 +259,24 @@ impl Edge {
         Ok(())
     }
 
-    /// Tells one region to drop its copies of these keys.
-    pub async fn purge(&self, region: &Region, hashes: &[KeyHash]) -> anyhow::Result<()> {
+    /// Purges one region's copies of these keys: a signed region replaces them with the records
+    /// at once; purge-by-tag drops Cache API copies, so the next read refills from KV and the
+    /// authority.
+    /// Answers when a signed region began answering from the records, by its clock.
+    pub async fn purge(&self, region: &Region, records: &[KeyRecord]) -> anyhow::Result<Option<u64>> {
         match &region.purge {
             PurgeVia::Signed => {
-                let body = serde_json::to_vec(&PurgeRequest { hashes: hashes.to_vec() })?;
-                self.signed_post(&region.url, PURGE_PATH, body).await.context("purge")?;
+                let body = serde_json::to_vec(&PurgeRequest { records: records.to_vec() })?;
+                let response = self.signed_post(&region.url, PURGE_PATH, body).await.context("purge")?;
+                let ack: PurgeAck = response.json().await.context("the region answered no acknowledgement")?;
+                Ok(Some(ack.applied_at_ms))
             }
-            PurgeVia::Tags(api) => api.purge_tags(hashes).await.context("purge by tag")?,
+            PurgeVia::Tags(api) => {
+                let hashes: Vec<KeyHash> = records.iter().map(|r| r.hash).collect();
+                api.purge_tags(&hashes).await.context("purge by tag")?;
+                Ok(None)
+            }
         }
-        Ok(())
     }
 
     async fn signed_post(&self, base: &str, path: &str, body: Vec<u8>) -> anyhow::Result<reqwest::Response> {

@@ -70,13 +70,23 @@ impl Harness {
         api["id"].as_str().unwrap().to_owned()
     }
 
-    /// The last KV write, checked to be the record of `key` and free of its plaintext.
-    fn last_record(&self, key: &Key) -> KeyRecord {
-        let writes = self.kv.0.lock().unwrap();
-        let (kv_key, value) = writes.last().cloned().unwrap();
-        assert_eq!(kv_key, keyward_shared::kv_key_for_key(&key.hash()));
-        assert!(!value.contains(key.expose()), "KV must never hold the plaintext");
-        KeyRecord::from_json(&value).unwrap()
+    /// The KV write of version `version` of `key`'s record, checked to be free of its
+    /// plaintext. A tightening change's KV write follows its answer, so this waits for it.
+    async fn written(&self, key: &Key, version: u64) -> KeyRecord {
+        let kv_key = keyward_shared::kv_key_for_key(&key.hash());
+        for _ in 0..1_000 {
+            let found = self.kv.0.lock().unwrap().iter().rev().find(|(k, _)| *k == kv_key).cloned();
+            if let Some((_, value)) = found {
+                assert!(!value.contains(key.expose()), "KV must never hold the plaintext");
+                let record = KeyRecord::from_json(&value).unwrap();
+                if record.version >= version {
+                    assert_eq!(record.version, version, "a later version was written first");
+                    return record;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("version {version} of the key never reached KV");
     }
 }
 
@@ -201,16 +211,16 @@ async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
     let key = Key::parse(created["key"].as_str().unwrap()).unwrap();
     assert_eq!(created["start"], key.start());
     assert!(created["regions"][0].get("acknowledged").is_none(), "creating is not tightening: {created}");
-    assert_eq!(h.last_record(&key).version, 1);
+    h.written(&key, 1).await;
 
     // Adding a permission loosens: written, not purged.
     let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a","b","c"]}"#)).await;
     assert!(patched["regions"][0].get("acknowledged").is_none(), "{patched}");
-    assert_eq!(h.last_record(&key).version, 2);
+    h.written(&key, 2).await;
     // Removing one tightens: purged (and this region is unreachable, so not acknowledged).
     let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a"]}"#)).await;
     assert_eq!(patched["regions"][0]["acknowledged"], false, "{patched}");
-    assert_eq!(h.last_record(&key).permissions, vec!["a".to_owned()]);
+    assert_eq!(h.written(&key, 3).await.permissions, vec!["a".to_owned()]);
     // A past expiry means "expire now".
     let before = keyward_control_plane::time::now_ms();
     let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"expires_at":5}"#)).await;
@@ -223,8 +233,8 @@ async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
     let (status, revoked) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
     assert_eq!(status, StatusCode::OK, "{revoked}");
     assert_eq!(revoked["regions"][0]["acknowledged"], false);
-    assert_eq!(revoked["regions"][0]["kv_written"], true);
-    let tombstone = h.last_record(&key);
+    assert_eq!(revoked["regions"][0]["kv"], "pending", "a tightening change's KV write follows the answer");
+    let tombstone = h.written(&key, 5).await;
     assert_eq!(tombstone.status, KeyStatus::Revoked);
     assert_eq!(tombstone.version, 5);
     // A revoked key cannot be changed back.
@@ -236,7 +246,7 @@ async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
     assert!(again["regions"][0].get("acknowledged").is_some(), "{again}");
     let (status, _) = h.call("DELETE", &format!("/v1/keys/{id}"), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(h.last_record(&key).status, KeyStatus::Deleted);
+    assert_eq!(h.written(&key, 6).await.status, KeyStatus::Deleted);
     check(&h.call("GET", &format!("/v1/keys/{id}"), None).await, StatusCode::NOT_FOUND, "NOT_FOUND");
 }
 

@@ -7,7 +7,12 @@
 //! authority's record replaces it). On a miss, KV and the authority are read together and the
 //! higher version wins, so a KV copy older than a revocation is never served. When the
 //! authority cannot be reached, a copy past `max_staleness_ms` is not answered from: the caller
-//! gets `UNAVAILABLE` (fail closed). A purge drops the copies from memory and Cache API at once.
+//! gets `UNAVAILABLE` (fail closed). A purge puts the record it carries in memory and drops the
+//! Cache API copy at once, so the next request here answers from the new record without a refill.
+//!
+//! Memory never trades a copy for an older version: a refill that read KV and the authority
+//! before a purge arrived, and finishes after it, keeps (and answers) the purge's newer record,
+//! and puts that in the Cache API too.
 
 use std::cell::RefCell;
 
@@ -70,9 +75,7 @@ pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64) -> Result<Found
         && let Ok(copy) = response.json::<Copy>().await
     {
         if copy.is_fresh(now_ms) {
-            let record = copy.record.clone();
-            remember(hash, copy);
-            return Ok(Found::Record(Some(record), Source::Cache));
+            return Ok(Found::Record(Some(remember(hash, copy).record), Source::Cache));
         }
         stale = Some((copy, Source::Cache));
     }
@@ -86,13 +89,12 @@ pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64) -> Result<Found
 async fn confirm(env: &Env, cache: &Cache, hash: &KeyHash, copy: Copy, source: Source, now_ms: u64) -> Result<Found> {
     match authority::read(env, hash).await {
         Ok(Some(held)) if held.version <= copy.record.version => {
-            let record = copy.record.clone();
-            keep(cache, hash, Copy { record: copy.record, confirmed_at_ms: now_ms }).await?;
+            let record = keep(cache, hash, Copy { record: copy.record, confirmed_at_ms: now_ms }).await?;
             Ok(Found::Record(Some(record), source))
         }
         Ok(Some(newer)) => {
-            keep(cache, hash, Copy { record: newer.clone(), confirmed_at_ms: now_ms }).await?;
-            Ok(Found::Record(Some(newer), Source::Authority))
+            let record = keep(cache, hash, Copy { record: newer, confirmed_at_ms: now_ms }).await?;
+            Ok(Found::Record(Some(record), Source::Authority))
         }
         // The authority has never heard of this key (made before it existed): KV decides.
         Ok(None) => miss(env, cache, hash, now_ms).await,
@@ -124,29 +126,56 @@ async fn miss(env: &Env, cache: &Cache, hash: &KeyHash, now_ms: u64) -> Result<F
         }
         (None, Err(_)) => return Ok(Found::Record(None, Source::Kv)),
     };
-    keep(cache, hash, Copy { record: record.clone(), confirmed_at_ms: now_ms }).await?;
+    let record = keep(cache, hash, Copy { record, confirmed_at_ms: now_ms }).await?;
     Ok(Found::Record(Some(record), source))
 }
 
-/// Drops this location's copies of a key. Answers whether there was one.
-pub(crate) async fn purge(hash: &KeyHash) -> Result<bool> {
-    let in_memory = MEMORY.with(|m| m.borrow_mut().pop(hash.as_bytes()).is_some());
-    let in_cache = Cache::default().delete(cache_url(hash), false).await?;
+/// Replaces this location's copies of a key with `record`, from the control plane's purge: as
+/// good as a confirmation by the authority, which has it or is about to. Memory takes the record
+/// (unless it holds a newer version); the Cache API copy is dropped, so an isolate without the
+/// record in memory refills from KV and the authority. Answers whether there was a copy here.
+pub(crate) async fn purge(record: KeyRecord, now_ms: u64) -> Result<bool> {
+    let hash = record.hash;
+    let in_memory = MEMORY.with(|m| m.borrow().contains(hash.as_bytes()));
+    remember(&hash, Copy { record, confirmed_at_ms: now_ms });
+    let in_cache = Cache::default().delete(cache_url(&hash), false).await?;
     Ok(in_memory || matches!(in_cache, CacheDeletionOutcome::Success))
 }
 
-fn remember(hash: &KeyHash, copy: Copy) {
-    MEMORY.with(|m| m.borrow_mut().put(*hash.as_bytes(), copy));
+/// Puts a copy in memory unless memory holds a newer version of the key; answers the copy
+/// memory holds afterwards.
+fn remember(hash: &KeyHash, copy: Copy) -> Copy {
+    MEMORY.with(|m| {
+        let mut memory = m.borrow_mut();
+        match memory.get(hash.as_bytes()) {
+            Some(held) if held.record.version > copy.record.version => held.clone(),
+            _ => {
+                memory.put(*hash.as_bytes(), copy.clone());
+                copy
+            }
+        }
+    })
 }
 
-/// Stores a confirmed copy in the Cache API (tagged with the key hash, for purge-by-tag in
-/// production) and in memory.
-async fn keep(cache: &Cache, hash: &KeyHash, copy: Copy) -> Result<()> {
-    let headers = Headers::new();
-    headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
-    headers.set("cache-tag", &hash.to_hex())?;
-    let response = Response::from_json(&copy)?.with_headers(headers);
-    cache.put(cache_url(hash), response).await?;
-    remember(hash, copy);
-    Ok(())
+fn held_version(hash: &KeyHash) -> Option<u64> {
+    MEMORY.with(|m| m.borrow().peek(hash.as_bytes()).map(|held| held.record.version))
+}
+
+/// Keeps a confirmed copy in memory and the Cache API (tagged with the key hash, for
+/// purge-by-tag in production); answers the record kept, which is a newer one when memory
+/// already held one. A newer version that reached memory while the Cache API write was under
+/// way is written after it, so the Cache API never ends on the older record.
+async fn keep(cache: &Cache, hash: &KeyHash, copy: Copy) -> Result<KeyRecord> {
+    let mut kept = remember(hash, copy);
+    loop {
+        let headers = Headers::new();
+        headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
+        headers.set("cache-tag", &hash.to_hex())?;
+        cache.put(cache_url(hash), Response::from_json(&kept)?.with_headers(headers)).await?;
+        if held_version(hash).is_some_and(|v| v > kept.record.version) {
+            kept = remember(hash, kept);
+            continue;
+        }
+        return Ok(kept.record);
+    }
 }

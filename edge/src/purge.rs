@@ -1,5 +1,5 @@
-//! `POST /internal/purge`: the control plane's signed order to drop this location's copies of
-//! keys (isolate memory and Cache API).
+//! `POST /internal/purge`: the control plane's signed order to replace this location's copies of
+//! keys (isolate memory and Cache API) with the records it carries.
 
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
 use worker::{Date, Request, Response, Result, RouteContext};
@@ -12,18 +12,18 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Re
         Ok(signed) => (signed.body, signed.nonce),
         Err(refusal) => return Ok(refusal),
     };
-    let drop_copies = async {
-        let mut purged = 0;
-        for hash in &purge.hashes {
-            purged += usize::from(lookup::purge(hash).await?);
-        }
-        Result::<usize>::Ok(purged)
+    // Memory takes the records on this future's first poll, before any other await.
+    let applied_at_ms = Date::now().as_millis();
+    let replace_copies = async {
+        let replaced =
+            futures::future::try_join_all(purge.records.into_iter().map(|r| lookup::purge(r, now_ms))).await?;
+        Result::<usize>::Ok(replaced.into_iter().filter(|had_copy| *had_copy).count())
     };
-    let (first_use, purged) = futures::join!(signed::first_use(&nonce, now_ms), drop_copies);
+    let (first_use, purged) = futures::join!(signed::first_use(&nonce, now_ms), replace_copies);
     let purged = purged?;
     if !first_use? {
         return signed::replayed();
     }
     let region = ctx.env.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
-    Response::from_json(&PurgeAck { region, purged })
+    Response::from_json(&PurgeAck { region, purged, applied_at_ms })
 }

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::{KeyHash, KeyRecord};
+use crate::KeyRecord;
 
 pub const PURGE_PATH: &str = "/internal/purge";
 pub const AUTHORITY_PATH: &str = "/internal/authority";
@@ -18,18 +18,26 @@ pub const SIGNATURE_HEADER: &str = "x-keyward-signature";
 /// How far a signed request's timestamp may be from the receiver's clock, either way.
 pub const MAX_SKEW_MS: i64 = 30_000;
 
-/// Tells an edge region to drop its copies of these keys (memory and Cache API).
+/// Tells an edge region to replace its copies of these keys with these records, the newest the
+/// control plane has: memory takes them, Cache API copies are dropped. A region never replaces
+/// a copy with an older version, so a late or repeated purge cannot move a key back in time.
+/// Carrying the record (rather than only dropping copies) means the region rejects the key from
+/// its next request without a refill, so the purge need not wait for KV or the authority to
+/// have the change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
-    pub hashes: Vec<KeyHash>,
+    pub records: Vec<KeyRecord>,
 }
 
 /// What a region answers to a purge it accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PurgeAck {
     pub region: String,
+    /// How many of the keys this location held a copy of before the purge.
     pub purged: usize,
+    /// When the region began answering from the purge's records, by its clock (Unix ms).
+    pub applied_at_ms: u64,
 }
 
 /// Sets keys' authoritative records in their KeyState Durable Objects. Each object keeps a

@@ -1,4 +1,4 @@
-//! Starting Keyward's real processes: edge regions under `wrangler dev` and the `keyward`
+//! Starting Keyward's real processes: edge regions under wrangler's dev server and the `keyward`
 //! control plane, each in its own process group, stopped (the whole group) when dropped.
 //!
 //! Used by the whole-system tests in `tests/tests` and by `cargo xtask dev` and `bench`, so
@@ -198,8 +198,8 @@ impl RegionSpec {
         )
     }
 
-    /// Writes the region's wrangler config and `.dev.vars`, starts `wrangler dev` and waits
-    /// for its health route. The worker must already be built (`edge/build`).
+    /// Writes the region's wrangler config and `.dev.vars`, starts its dev server
+    /// (`edge/dev-server.mjs`) and waits for its health route. The worker must already be built (`edge/build`).
     ///
     /// workerd occasionally fails to start when several start at once (seen about once in
     /// twenty starts on 2 cores, with no cause in its log), so a failed start is retried twice.
@@ -245,15 +245,17 @@ impl RegionSpec {
             ),
         )?;
         std::fs::write(self.dir.join(".dev.vars"), format!("PURGE_SECRET={}\n", self.purge_secret))?;
-        let mut command = Command::new(root.join("node_modules/.bin/wrangler"));
+        let mut command = Command::new("node");
         command
             .current_dir(&self.dir)
-            .args(["dev", "-c"])
+            .arg(root.join("edge/dev-server.mjs"))
+            .arg("--config")
             .arg(&config)
-            .args(["--local", "--ip", "127.0.0.1", "--port", &self.port.to_string(), "--persist-to"])
+            .args(["--port", &self.port.to_string(), "--log-level", self.log_level])
+            .arg("--persist-to")
             .arg(self.dir.join("persist"))
-            .args(["--inspector-port", &free_port().to_string()])
-            .args(["--show-interactive-dev-session=false", "--log-level", self.log_level])
+            .arg("--registry")
+            .arg(&self.registry)
             .env("WRANGLER_LOG_PATH", self.dir.join("logs"))
             .env("WRANGLER_SEND_METRICS", "false")
             .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")

@@ -134,7 +134,8 @@ fn purge_acknowledgements_and_replay_protection() {
     }
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Down, RegionPlan::WrongSecret]).unwrap();
     let api = world.create_api("regions", 300_000);
-    let (id, _key) = world.create_key(&api, json!({}));
+    let (id, key) = world.create_key(&api, json!({}));
+    let active = world.region_kv_record(0, &key).expect("written before the create answered");
     let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     assert_eq!(status, 200, "{revoked}");
     let regions = revoked["regions"].as_array().unwrap();
@@ -146,8 +147,10 @@ fn purge_acknowledgements_and_replay_protection() {
     assert!(by_name("r2")["error"].as_str().unwrap().contains("BAD_SIGNATURE"), "{revoked}");
 
     // A purge signed with the right secret is accepted once; the identical request is refused.
+    // It carries the key's record from before the revocation: a late purge never moves the
+    // region back to an older version.
     let region = world.regions[0].spec.url();
-    let body = serde_json::to_vec(&json!({ "hashes": [keyward_shared::KeyHash::of("anything")] })).unwrap();
+    let body = serde_json::to_vec(&json!({ "records": [active] })).unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let send = |timestamp: i64, nonce: &str| {
         let signature = internal::sign(world.secret.as_bytes(), "POST", PURGE_PATH, timestamp, nonce, &body);
@@ -162,6 +165,7 @@ fn purge_acknowledgements_and_replay_protection() {
     };
     let first = send(now, "replay-test-nonce-0001");
     assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(world.edge_code(0, &key).0, "REVOKED", "an older record in a purge was ignored");
     let second = send(now, "replay-test-nonce-0001");
     assert_eq!(second.status().as_u16(), 401);
     assert!(second.text().unwrap().contains("REPLAYED"));

@@ -60,7 +60,8 @@ fn a_lagging_kv_never_resurrects_a_revoked_key() {
     const DELAY_MS: u64 = 20_000;
     let plans = [RegionPlan::Up, RegionPlan::DelayedKv(DELAY_MS), RegionPlan::DelayedKv(DELAY_MS)];
     let mut world = World::start(&plans).unwrap();
-    // Copies are trusted for 1 s, so during the window they expire and refill many times.
+    // Copies are trusted for 1 s, so during the window they are confirmed with the authority
+    // many times, and the restarted regions below refill from their lagging KV.
     let api = world.create_api("lagging", 1_000);
     let (id, key) = world.create_key(&api, json!({}));
     // Let the slow regions' KV learn the key, so that it holds an active record at the revoke.
@@ -74,7 +75,11 @@ fn a_lagging_kv_never_resurrects_a_revoked_key() {
     }
     let answer = revoke(&world, &id);
     let revoked_at = Instant::now();
+    // A purge leaves the revoked record in memory, so a region refills from KV only once it has
+    // lost its memory: restart the lagging ones, whose KV still holds the active record.
     for i in 1..3 {
+        world.stop_region(i);
+        world.start_region(i).unwrap();
         assert_eq!(world.region_kv_record(i, &key).unwrap()["status"], "active", "region {i}'s KV must still be stale");
     }
     let mut answers = 0;

@@ -1,7 +1,7 @@
 //! `cargo xtask dev [--regions N]`: Keyward on this machine. The control plane on SQLite
-//! (127.0.0.1:8080), N edge regions under `wrangler dev` (127.0.0.1:8787 and up), each its own
-//! process with its own persist directory, and a home process (127.0.0.1:8786) hosting the
-//! KeyState Durable Objects every region binds to. Local state is in `.keyward/` (ignored by
+//! (127.0.0.1:8080), N edge regions (127.0.0.1:8787 and up), each its own wrangler dev server
+//! (`edge/dev-server.mjs`) with its own persist directory, and a home process (127.0.0.1:8786)
+//! hosting the KeyState Durable Objects every region binds to. Local state is in `.keyward/` (ignored by
 //! git): the database, persist directories, the dev root key (kept, so a second run finds the
 //! same workspace) and a fresh purge secret each run.
 
@@ -63,7 +63,7 @@ pub fn run(regions: u16) -> anyhow::Result<()> {
     step(&format!("starting the home of the KeyState Durable Objects on 127.0.0.1:{HOME_PORT}"));
     let mut procs = vec![home.start()?];
     for region in &specs {
-        step(&format!("starting edge region `{}` under wrangler dev on {}", region.name, region.url()));
+        step(&format!("starting edge region `{}` (wrangler's dev server) on {}", region.name, region.url()));
         procs.push(region.start()?);
     }
     step(&format!(

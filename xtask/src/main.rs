@@ -20,9 +20,9 @@ enum Command {
     Setup,
     /// Set up, then build the edge worker and the `keyward` binary.
     Build,
-    /// Set up, build, and run the control plane on SQLite plus the edge under `wrangler dev`.
+    /// Set up, build, and run the control plane on SQLite plus the edge under wrangler's dev server.
     Dev {
-        /// How many edge regions to run, each its own `wrangler dev` process.
+        /// How many edge regions to run, each its own wrangler dev server process.
         #[arg(long, default_value_t = 1)]
         regions: u16,
     },
