@@ -68,11 +68,13 @@ fn is_pending(delivery: Option<&Delivery>) -> bool {
 
 /// Which pending targets a delivery attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Urgency {
+enum Pass {
     /// What puts the change in force: the authority, the purges, and the KV writes of a change
     /// that needs no purge.
     InForce,
-    /// Everything pending.
+    /// The KV writes a tightening change's answer did not wait for.
+    KvAfterAnswer,
+    /// Everything pending (the retrier).
     All,
 }
 
@@ -115,13 +117,13 @@ impl Deliverer {
     /// make the key valid again, and on 2 cores they would slow the purges down.
     pub async fn deliver(self: &Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
         let claim = self.claim(id).await;
-        let delivered = self.deliver_claimed(id, Urgency::InForce).await;
+        let delivered = self.deliver_claimed(id, Pass::InForce).await;
         drop(claim);
         if delivered.as_ref().is_ok_and(|d| d.regions.iter().any(|r| r.kv == KvState::Pending)) {
             let this = self.clone();
             tokio::spawn(async move {
                 let _claim = this.claim(id).await;
-                if let Err(e) = this.deliver_claimed(id, Urgency::All).await {
+                if let Err(e) = this.deliver_claimed(id, Pass::KvAfterAnswer).await {
                     tracing::error!(outbox = id, error = %e, "delivery failed");
                 }
             });
@@ -142,20 +144,22 @@ impl Deliverer {
     /// the record, so the region rejects the key without a refill. A purge-by-tag only drops
     /// Cache API copies, so it waits for the authority to have the record (KV lags by up to
     /// 60 s): the refill that follows is then sure to find it. KV writes run alongside, except
-    /// those of a tightening change when only what puts it in force is wanted.
+    /// those of a tightening change in the pass that puts it in force: they get a pass of their
+    /// own right after.
     /// Outcomes are recorded together in one transaction.
-    async fn deliver_claimed(&self, id: i64, urgency: Urgency) -> anyhow::Result<Delivered> {
+    async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
         let record = KeyRecord::from_json(&entry.record).context("outbox record")?;
         let find = |target: &str| deliveries.iter().find(|d| d.target == target);
         let tightening = deliveries.iter().any(|d| d.target.starts_with("purge:"));
-        let kv_now = urgency == Urgency::All || !tightening;
+        let kv_now = pass != Pass::InForce || !tightening;
+        let in_force_now = pass != Pass::KvAfterAnswer;
         let started = Instant::now();
         let elapsed_ms = || started.elapsed().as_secs_f64() * 1e3;
 
         let authority_delivery = find("authority");
         let authority = async {
-            if !is_pending(authority_delivery) {
+            if !in_force_now || !is_pending(authority_delivery) {
                 return None;
             }
             let result = self.edge.update_authority(std::slice::from_ref(&record)).await;
@@ -175,7 +179,7 @@ impl Deliverer {
                     Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
                 };
                 let purge_send = async {
-                    if !is_pending(purge) {
+                    if !in_force_now || !is_pending(purge) {
                         return None;
                     }
                     if !region.purge_carries_record() {
@@ -277,7 +281,7 @@ impl Deliverer {
                 };
                 let claimed: Vec<_> = ids.into_iter().filter_map(|id| self.try_claim(id)).collect();
                 join_all(claimed.iter().map(|claim| async {
-                    if let Err(e) = self.deliver_claimed(claim.id, Urgency::All).await {
+                    if let Err(e) = self.deliver_claimed(claim.id, Pass::All).await {
                         tracing::error!(outbox = claim.id, error = %e, "delivery failed");
                     }
                 }))

@@ -84,7 +84,7 @@ fn verify(duration: Duration, connections: usize) -> anyhow::Result<()> {
     let edge = world.regions[0].spec.url();
     step(&format!("load: wrk -t1 -c{connections} -d{}s per route, health first", duration.as_secs()));
     let health = wrk(&format!("{edge}/health"), None, connections, duration)?;
-    let verify = throughput(&world, &edge, &key, connections, duration)?;
+    let verify = throughput(&world, &edge, &root, &key, connections, duration)?;
     check_memory(&world)?;
     world.assert_no_plaintext();
 
@@ -125,17 +125,24 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
     let mut propagation = Vec::with_capacity(count);
     let mut call_ms = Vec::with_capacity(count);
     let (mut authority_ms, mut region_ms) = (Vec::new(), Vec::new());
+    // Every poll is kept (when it was sent, by this machine's clock, and whether it was
+    // accepted) to check the regions' stamps below: no poll sent after a region's stamp may be
+    // accepted.
+    let (mut polled_stamped, mut stamp_violations, mut polls) = (Vec::with_capacity(count), 0, 0);
     for (id, key) in &keys {
         let body = serde_json::to_vec(&json!({ "key": key }))?;
         let start = std::time::Instant::now();
-        let rejected: Vec<std::time::Duration> = std::thread::scope(|scope| {
+        let start_ms = epoch_ms();
+        let (rejected, answer): (Vec<Polled>, serde_json::Value) = std::thread::scope(|scope| {
             let pollers: Vec<_> = urls
                 .iter()
                 .map(|url| {
                     let (root, body) = (&root, &body);
                     scope.spawn(move || {
                         let client = reqwest::blocking::Client::new();
+                        let mut sent = Vec::new();
                         loop {
+                            let sent_ms = epoch_ms();
                             let answer: serde_json::Value = client
                                 .post(url)
                                 .bearer_auth(root)
@@ -143,8 +150,9 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
                                 .send()
                                 .and_then(|r| r.json())
                                 .unwrap_or_default();
+                            sent.push((sent_ms, answer["valid"] == true));
                             if answer["code"] == "REVOKED" {
-                                return start.elapsed();
+                                return (start.elapsed(), sent);
                             }
                             assert!(start.elapsed() < Duration::from_secs(30), "never rejected: {answer}");
                             // A pause between polls keeps three pollers from starving the 2 cores.
@@ -162,10 +170,18 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
                 assert_eq!(region["acknowledged"], true, "{answer}");
                 region_ms.push(region["latency_ms"].as_f64().unwrap_or(f64::NAN));
             }
-            pollers.into_iter().map(|p| p.join().expect("poller")).collect()
+            (pollers.into_iter().map(|p| p.join().expect("poller")).collect(), answer)
         });
-        propagation.push(rejected.into_iter().max().unwrap_or_default().as_secs_f64() * 1e3);
+        let stamps = applied_stamps(&answer)?;
+        polled_stamped.push(stamps.iter().copied().fold(0, u64::max) as f64 - start_ms);
+        for ((_, sent), stamp) in rejected.iter().zip(&stamps) {
+            polls += sent.len();
+            // The stamp is in whole milliseconds: a poll counts against it from the next one.
+            stamp_violations += sent.iter().filter(|(at, valid)| *valid && *at >= *stamp as f64 + 1.0).count();
+        }
+        propagation.push(rejected.iter().map(|(at, _)| *at).max().unwrap_or_default().as_secs_f64() * 1e3);
     }
+    let (ps50, ps99) = (percentile(&mut polled_stamped, 0.50), percentile(&mut polled_stamped, 0.99));
     let (p50, p99, max) =
         (percentile(&mut propagation, 0.50), percentile(&mut propagation, 0.99), percentile(&mut propagation, 1.0));
 
@@ -189,13 +205,11 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
         let (status, answer) = world.admin(reqwest::Method::POST, &format!("/v1/keys/{id}/revoke"), None);
         quiet.push(start.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(status == 200, "{answer}");
-        let mut last_applied = 0;
-        for (region, report) in answer["regions"].as_array().into_iter().flatten().enumerate() {
-            anyhow::ensure!(report["acknowledged"] == true, "{answer}");
-            last_applied = last_applied.max(report["applied_at_ms"].as_u64().context("no applied_at_ms")?);
+        let stamps = applied_stamps(&answer)?;
+        for region in 0..stamps.len() {
             anyhow::ensure!(world.edge_code(region, key).0 == "REVOKED", "region {region} acknowledged but accepts");
         }
-        stamped.push(last_applied as f64 - start_ms);
+        stamped.push(stamps.iter().copied().fold(0, u64::max) as f64 - start_ms);
     }
     let (s50, s99, smax) =
         (percentile(&mut stamped, 0.50), percentile(&mut stamped, 0.99), percentile(&mut stamped, 1.0));
@@ -207,6 +221,9 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
         "polled: to the last of 3 regions answering REVOKED over {count} revocations: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms (revoke call p50 {call_p50:.2} ms)"
     );
     println!(
+        "polled: the regions' stamps in that run: p50 {ps50:.2} ms, p99 {ps99:.2} ms; {stamp_violations} of {polls} polls accepted the key after its region's stamp"
+    );
+    println!(
         "quiet: to the last region's stamp over {count} revocations: p50 {s50:.2} ms, p99 {s99:.2} ms, max {smax:.2} ms; whole call p50 {q50:.2} ms, p99 {q99:.2} ms, max {qmax:.2} ms"
     );
 
@@ -215,12 +232,12 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
     let warm_key = world.create_key(&api, json!({})).1;
     let confirming_api = world.create_api("confirming", 1);
     let stale_key = world.create_key(&confirming_api, json!({})).1;
-    let warm = throughput(&world, &region, &warm_key, 2, duration)?;
-    let confirmed = throughput(&world, &region, &stale_key, 2, duration)?;
+    let warm = throughput(&world, &region, &root, &warm_key, 2, duration)?;
+    let confirmed = throughput(&world, &region, &root, &stale_key, 2, duration)?;
     step("the same two keys at the first slice's KV-only edge, in this run");
-    let (first_slice, first_url) = start_first_slice(&world, &[&warm_key, &stale_key])?;
-    let kv_warm = throughput(&world, &first_url, &warm_key, 2, duration)?;
-    let kv_stale = throughput(&world, &first_url, &stale_key, 2, duration)?;
+    let (first_slice, first_url, first_root) = start_first_slice(&world, &[&warm_key, &stale_key])?;
+    let kv_warm = throughput(&world, &first_url, &first_root, &warm_key, 2, duration)?;
+    let kv_stale = throughput(&world, &first_url, &first_root, &stale_key, 2, duration)?;
     drop(first_slice);
     println!("verify, warm copy in memory:                  {warm}");
     println!("verify, every copy stale, asks the authority: {confirmed}");
@@ -253,18 +270,25 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
     println!("lost purge: rejected after {lost:.0?} ms (max {lost_max:.0} ms; max_staleness 1000 ms)");
     world.assert_no_plaintext();
     println!(
-        "revocation_p50_ms={s50:.2} revocation_p99_ms={s99:.2} revocation_max_ms={smax:.2} revoke_call_p50_ms={q50:.2} revoke_call_p99_ms={q99:.2} revoke_call_max_ms={qmax:.2} polled_revocation_p50_ms={p50:.2} polled_revocation_p99_ms={p99:.2} polled_revocation_max_ms={max:.2} polled_call_p50_ms={call_p50:.2} polled_authority_ack_p50_ms={authority_p50:.2} polled_region_ack_p50_ms={region_p50:.2} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2} first_slice_warm_rps={:.0} first_slice_kv_reread_rps={:.0} first_slice_kv_reread_p99_ms={:.2}",
+        "revocation_p50_ms={s50:.2} revocation_p99_ms={s99:.2} revocation_max_ms={smax:.2} revoke_call_p50_ms={q50:.2} revoke_call_p99_ms={q99:.2} revoke_call_max_ms={qmax:.2} polled_revocation_p50_ms={p50:.2} polled_revocation_p99_ms={p99:.2} polled_revocation_max_ms={max:.2} polled_call_p50_ms={call_p50:.2} polled_authority_ack_p50_ms={authority_p50:.2} polled_region_ack_p50_ms={region_p50:.2} polled_stamp_p50_ms={ps50:.2} polled_stamp_p99_ms={ps99:.2} stamp_violations={stamp_violations} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2} first_slice_warm_rps={:.0} first_slice_kv_reread_rps={:.0} first_slice_kv_reread_p99_ms={:.2}",
         warm.rps, warm.p99_ms, confirmed.rps, confirmed.p99_ms, kv_warm.rps, kv_stale.rps, kv_stale.p99_ms
     );
     Ok(())
 }
 
-/// wrk against the verify route at `base` for `key`; checks the key is valid before and after.
-fn throughput(world: &World, base: &str, key: &str, connections: usize, duration: Duration) -> anyhow::Result<Load> {
-    let root = world.root_key.clone();
+/// wrk against the verify route at `base` for `key`, as the caller with root key `root`; checks
+/// the key is valid before and after.
+fn throughput(
+    world: &World,
+    base: &str,
+    root: &str,
+    key: &str,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Load> {
     let valid = || {
         let (status, answer) =
-            world.call(base, Some(&root), reqwest::Method::POST, "/v1/keys/verify", Some(json!({ "key": key })));
+            world.call(base, Some(root), reqwest::Method::POST, "/v1/keys/verify", Some(json!({ "key": key })));
         status == 200 && answer["valid"] == true
     };
     anyhow::ensure!(valid(), "key not valid at {base}");
@@ -309,8 +333,10 @@ fn first_slice_worker() -> anyhow::Result<std::path::PathBuf> {
     Ok(main)
 }
 
-/// Starts the first slice's edge beside `world`, with the same root key and keys in its KV.
-fn start_first_slice(world: &World, keys: &[&str]) -> anyhow::Result<(keyward_tests::Proc, String)> {
+/// Starts the first slice's edge beside `world`, with these keys and a root key that may only
+/// verify in its KV (the first slice cannot read scopes added since, like `root_key.manage`).
+/// Answers the process, its URL and that root key.
+fn start_first_slice(world: &World, keys: &[&str]) -> anyhow::Result<(keyward_tests::Proc, String, String)> {
     let spec = keyward_tests::RegionSpec {
         name: "first-slice".into(),
         port: keyward_tests::free_port(),
@@ -323,7 +349,14 @@ fn start_first_slice(world: &World, keys: &[&str]) -> anyhow::Result<(keyward_te
     };
     let proc = spec.start()?;
     let client = reqwest::blocking::Client::new();
-    let root_hash = keyward_shared::KeyHash::of(&world.root_key);
+    let (status, verifier) = world.admin(
+        reqwest::Method::POST,
+        "/v1/root-keys",
+        Some(json!({ "name": "first-slice", "scopes": ["api.*.verify_key"] })),
+    );
+    anyhow::ensure!(status == 201, "{verifier}");
+    let verifier = verifier["key"].as_str().context("no root key in the answer")?.to_owned();
+    let root_hash = keyward_shared::KeyHash::of(&verifier);
     let mut kv_keys = vec![keyward_shared::kv_key_for_root(&root_hash)];
     kv_keys.extend(keys.iter().map(|k| keyward_shared::kv_key_for_key(&keyward_shared::KeyHash::of(k))));
     for kv_key in kv_keys {
@@ -333,7 +366,7 @@ fn start_first_slice(world: &World, keys: &[&str]) -> anyhow::Result<(keyward_te
             client.get(format!("{}{path}", world.regions[0].spec.kv_url())).send()?.error_for_status()?.text()?;
         client.put(format!("{}{path}", spec.kv_url())).body(value).send()?.error_for_status()?;
     }
-    Ok((proc, spec.url()))
+    Ok((proc, spec.url(), verifier))
 }
 
 /// Builds the worker and a release `keyward`, and makes the fixtures use that binary.
@@ -341,6 +374,24 @@ fn release_build() -> anyhow::Result<()> {
     tools::build(true)?;
     keyward_tests::use_keyward_bin(keyward_tests::repo_root().join("target/release/keyward"));
     Ok(())
+}
+
+/// One poller's view of a revocation: when it first saw `REVOKED` (from the call's start), and
+/// every poll it sent (by this machine's clock) with whether it was accepted.
+type Polled = (Duration, Vec<(f64, bool)>);
+
+/// Each region's `applied_at_ms` from a revoke answer, in the answer's (configuration) order;
+/// every region must have acknowledged.
+fn applied_stamps(answer: &serde_json::Value) -> anyhow::Result<Vec<u64>> {
+    answer["regions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|region| {
+            anyhow::ensure!(region["acknowledged"] == true, "{answer}");
+            region["applied_at_ms"].as_u64().with_context(|| format!("no applied_at_ms in {answer}"))
+        })
+        .collect()
 }
 
 fn epoch_ms() -> f64 {
