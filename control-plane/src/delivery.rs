@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::edge::{Edge, KvState, RegionReport};
-use crate::store::{Attempt, Delivery, Store};
+use crate::store::{Attempt, Delivery, NewOutbox, Store};
 use crate::time::now_ms;
 
 /// The first retry waits this long; each further one twice as long, up to [`MAX_BACKOFF`].
@@ -43,6 +43,16 @@ pub fn targets(edge: &Edge, tightening: bool) -> Vec<String> {
         }
     }
     targets
+}
+
+/// The targets of a root key's change: every region's KV (the edge reads root keys there).
+pub fn kv_targets(edge: &Edge) -> Vec<String> {
+    edge.regions.iter().map(|region| format!("kv:{}", region.name)).collect()
+}
+
+/// An outbox entry for `targets`, left to the request that makes it for [`HANDOFF`].
+pub fn new_outbox(targets: &[String], tightening: bool, now: i64) -> NewOutbox<'_> {
+    NewOutbox { targets, tightening, now, first_retry_at: now + HANDOFF.as_millis() as i64 }
 }
 
 /// How the authority update went.
@@ -149,8 +159,13 @@ impl Deliverer {
     /// Outcomes are recorded together in one transaction.
     async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
-        let record = KeyRecord::from_json(&entry.record).context("outbox record")?;
         let find = |target: &str| deliveries.iter().find(|d| d.target == target);
+        // The authority and purges need the key's record; a root key's entry has KV writes only.
+        let record = if deliveries.iter().any(|d| d.target == "authority" || d.target.starts_with("purge:")) {
+            Some(KeyRecord::from_json(&entry.record).context("outbox record")?)
+        } else {
+            None
+        };
         let tightening = deliveries.iter().any(|d| d.target.starts_with("purge:"));
         let kv_now = pass != Pass::InForce || !tightening;
         let in_force_now = pass != Pass::KvAfterAnswer;
@@ -159,10 +174,8 @@ impl Deliverer {
 
         let authority_delivery = find("authority");
         let authority = async {
-            if !in_force_now || !is_pending(authority_delivery) {
-                return None;
-            }
-            let result = self.edge.update_authority(std::slice::from_ref(&record)).await;
+            let record = record.as_ref().filter(|_| in_force_now && is_pending(authority_delivery))?;
+            let result = self.edge.update_authority(std::slice::from_ref(record)).await;
             Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
         }
         .shared();
@@ -179,9 +192,7 @@ impl Deliverer {
                     Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
                 };
                 let purge_send = async {
-                    if !in_force_now || !is_pending(purge) {
-                        return None;
-                    }
+                    let record = record.as_ref().filter(|_| in_force_now && is_pending(purge))?;
                     if !region.purge_carries_record() {
                         authority.await;
                     }

@@ -53,7 +53,8 @@ pub async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<(
         scopes: &scopes,
         now: now_ms(),
     };
-    store.create_workspace(&workspace_id, "default", root).await?;
+    // No outbox entry: the start-up sync writes every active root key to KV.
+    store.create_workspace(&workspace_id, "default", root, None).await?;
     tracing::info!(workspace = %workspace_id, root_key = key.start(), "created the first workspace and root key");
     if generated {
         // Printed once, straight to the terminal, never through the log.

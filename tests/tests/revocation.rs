@@ -1,6 +1,8 @@
 //! Revoked everywhere: several regions, KV that lags, purges that are lost, a control plane
-//! that crashes, a region that restarts, and the authority's home going down.
-//! Real `wrangler dev` processes throughout; waits poll for the condition, never sleep for it.
+//! that crashes, a region that restarts, a root key revoked while a region is down, and the
+//! authority's home going down.
+//! Real workerd processes (wrangler's dev server) throughout; waits poll for the condition,
+//! never sleep for it.
 
 use std::time::{Duration, Instant};
 
@@ -197,6 +199,42 @@ fn a_region_restarted_while_a_key_was_revoked_rejects_it_on_its_first_request() 
     world.start_region(0).unwrap();
     let (code, source) = world.edge_code(0, &key);
     assert_eq!(code, "REVOKED", "first request after the restart (source {source})");
+    world.assert_no_plaintext();
+}
+
+#[test]
+fn a_root_key_revoked_while_a_region_was_down_is_refused_there_once_it_returns() {
+    if !e2e_enabled() {
+        return;
+    }
+    let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up]).unwrap();
+    let api = world.create_api("callers", 300_000);
+    let (_, key) = world.create_key(&api, json!({}));
+    let scopes = json!({ "name": "service", "scopes": ["api.*.verify_key"] });
+    let (status, caller) = world.admin(Method::POST, "/v1/root-keys", Some(scopes));
+    assert_eq!(status, 201, "{caller}");
+    let caller_id = caller["id"].as_str().unwrap().to_owned();
+    let caller = caller["key"].as_str().unwrap().to_owned();
+    let verify_as_caller = |w: &World, i: usize| w.edge_verify(i, &caller, json!({ "key": key })).0;
+    for i in 0..2 {
+        assert_eq!(verify_as_caller(&world, i), 200, "region {i} knows the new root key");
+    }
+    world.stop_region(1);
+    let (status, revoked) = world.admin(Method::POST, &format!("/v1/root-keys/{caller_id}/revoke"), None);
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(region(&revoked, "r0")["kv"], "written", "{revoked}");
+    assert_eq!(region(&revoked, "r1")["kv"], "failed", "{revoked}");
+    world.wait_for("r0 to refuse the revoked root key", Duration::from_secs(3), || {
+        (verify_as_caller(&world, 0) == 401).then_some(())
+    });
+    // r1's KV still holds the active record: only the outbox's retry can end its trust.
+    world.start_region(1).unwrap();
+    world.wait_for("r1 to refuse the revoked root key", Duration::from_secs(20), || {
+        (verify_as_caller(&world, 1) == 401).then_some(())
+    });
+    world.wait_for("the retried KV write to be recorded", Duration::from_secs(5), || {
+        (world.regions_status()["regions"][1]["kv"]["pending"] == 0).then_some(())
+    });
     world.assert_no_plaintext();
 }
 

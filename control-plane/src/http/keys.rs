@@ -19,7 +19,7 @@ use super::extract::{Json, Path, Query, check_id};
 use super::root_keys::check_name;
 use super::{AppError, AppState, MAX_VERIFY_BODY, Result, new_id};
 use crate::delivery::{self, Delivered};
-use crate::store::{KeyQuery, NewOutbox};
+use crate::store::KeyQuery;
 use crate::time::now_ms;
 use crate::{failpoint, keygen};
 
@@ -130,7 +130,7 @@ async fn create(
         updated_at: now,
     };
     let targets = delivery::targets(state.delivery.edge(), false);
-    let outbox = new_outbox(&targets, false, now);
+    let outbox = delivery::new_outbox(&targets, false, now);
     let outbox_id = state.store.create_key(&record, &outbox).await?;
     let delivered = state.delivery.deliver(outbox_id).await?;
     Ok((
@@ -297,7 +297,7 @@ async fn delete(State(state): State<AppState>, caller: RootKey, Path(id): Path<S
 async fn commit(state: &AppState, old: KeyRecord, mut new: KeyRecord, now: i64) -> Result<(KeyRecord, Delivered)> {
     let tightening = old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
     let targets = delivery::targets(state.delivery.edge(), tightening);
-    let outbox = new_outbox(&targets, tightening, now);
+    let outbox = delivery::new_outbox(&targets, tightening, now);
     let outbox_id = if new != old {
         new.version = old.version + 1;
         new.updated_at = now;
@@ -309,10 +309,6 @@ async fn commit(state: &AppState, old: KeyRecord, mut new: KeyRecord, now: i64) 
     state.changes.send_replace(outbox_id);
     let delivered = state.delivery.deliver(outbox_id).await?;
     Ok((new, delivered))
-}
-
-fn new_outbox(targets: &[String], tightening: bool, now: i64) -> NewOutbox<'_> {
-    NewOutbox { targets, tightening, now, first_retry_at: now + delivery::HANDOFF.as_millis() as i64 }
 }
 
 async fn verify(

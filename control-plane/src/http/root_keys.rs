@@ -1,22 +1,23 @@
 //! Root keys: `POST /v1/root-keys`, `GET /v1/root-keys`, `POST /v1/root-keys/{id}/revoke`, and
 //! the work shared with `POST /v1/workspaces`: minting root keys, storing them hashed, and writing
-//! those that may verify to KV so the edge can check its callers.
+//! those that may verify to KV, through the outbox, so the edge can check its callers.
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use keyward_shared::scope::ApiSelector;
-use keyward_shared::{Key, RootKeyRecord, Scope, Scopes, kv_key_for_root};
+use keyward_shared::{RootKeyRecord, Scope, Scopes, kv_key_for_root};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::RootKey;
 use super::extract::{Json, Path, check_id};
 use super::{AppError, AppState, Result, new_id};
+use crate::delivery;
 use crate::edge::{Edge, RegionReport};
 use crate::keygen::{self, ROOT_KEY_PREFIX};
-use crate::store::{NewRootKey, Store};
+use crate::store::NewRootKey;
 use crate::time::now_ms;
 
 pub fn router() -> Router<AppState> {
@@ -37,19 +38,21 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
     Ok(axum::Json(json!({ "root_keys": keys })))
 }
 
-/// Revokes a root key: the control plane refuses it at once, and the edge within a second (it
-/// trusts a root key read from KV for at most that long).
+/// Revokes a root key: the control plane refuses it at once, and the edge within a second of
+/// its KV write (it trusts a root key read from KV for at most that long). The KV writes go
+/// through the outbox, so a region that missed one gets it when it returns.
 async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     caller.require(&Scope::RootKeyManage)?;
     check_id(&id, "root")?;
-    let record = state
+    let targets = delivery::kv_targets(state.delivery.edge());
+    let outbox = delivery::new_outbox(&targets, true, now_ms());
+    let (record, outbox_id) = state
         .store
-        .revoke_root_key(caller.workspace_id(), &id, now_ms())
+        .revoke_root_key(caller.workspace_id(), &id, &outbox)
         .await?
         .ok_or_else(|| AppError::not_found("root key"))?;
-    let value = serde_json::to_string(&record).map_err(|e| AppError::Internal(e.into()))?;
-    let regions = state.edge.write_everywhere(&kv_key_for_root(&record.hash), &value).await;
-    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "regions": regions })))
+    let delivered = state.delivery.deliver(outbox_id).await?;
+    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "regions": delivered.regions })))
 }
 
 #[derive(Deserialize)]
@@ -85,19 +88,19 @@ async fn create(
     let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
     let id = new_id("root");
     let scopes = Scopes(scopes);
-    state
-        .store
-        .create_root_key(NewRootKey {
-            id: &id,
-            workspace_id: caller.workspace_id(),
-            name,
-            hash: &key.hash(),
-            start: key.start(),
-            scopes: &scopes,
-            now: now_ms(),
-        })
-        .await?;
-    let regions = publish(&state.store, &state.edge, &key).await?;
+    let (targets, now) = (delivery::kv_targets(state.delivery.edge()), now_ms());
+    let outbox = publishes(&scopes).then(|| delivery::new_outbox(&targets, false, now));
+    let root = NewRootKey {
+        id: &id,
+        workspace_id: caller.workspace_id(),
+        name,
+        hash: &key.hash(),
+        start: key.start(),
+        scopes: &scopes,
+        now,
+    };
+    let outbox_id = state.store.create_root_key(root, outbox.as_ref()).await?;
+    let regions = delivered_regions(&state, outbox_id).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({
@@ -110,16 +113,24 @@ async fn create(
     ))
 }
 
-/// Writes a root key to KV if it may verify somewhere; answers the per-region result.
-pub(crate) async fn publish(store: &Store, edge: &Edge, key: &Key) -> Result<Vec<RegionReport>> {
-    let Some(record) = store.active_root_key(&key.hash()).await? else {
-        return Err(AppError::Internal(anyhow::anyhow!("root key vanished after insert")));
-    };
-    publish_record(edge, &record).await
+/// Whether a root key with these scopes is written to KV: only one that may verify somewhere,
+/// since the edge reads root keys only to check the callers of its verify route.
+pub(crate) fn publishes(scopes: &Scopes) -> bool {
+    scopes.can_verify_somewhere()
 }
 
+/// Delivers a root key's outbox entry, if it has one; answers each region's KV write.
+pub(crate) async fn delivered_regions(state: &AppState, outbox_id: Option<i64>) -> Result<Vec<RegionReport>> {
+    match outbox_id {
+        Some(id) => Ok(state.delivery.deliver(id).await?.regions),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Writes an active root key to every region's KV directly (at start-up, so a region whose KV
+/// was wiped learns its callers again); answers the per-region result.
 pub async fn publish_record(edge: &Edge, record: &RootKeyRecord) -> Result<Vec<RegionReport>> {
-    if !record.scopes.can_verify_somewhere() {
+    if !publishes(&record.scopes) {
         return Ok(Vec::new());
     }
     let value = serde_json::to_string(record).map_err(|e| AppError::Internal(e.into()))?;

@@ -10,8 +10,9 @@ use serde_json::{Value, json};
 
 use super::auth::RootKey;
 use super::extract::Json;
-use super::root_keys::{check_name, publish};
+use super::root_keys::{check_name, delivered_regions, publishes};
 use super::{AppError, AppState, Result, new_id};
+use crate::delivery;
 use crate::keygen::{self, ROOT_KEY_PREFIX};
 use crate::store::NewRootKey;
 use crate::time::now_ms;
@@ -37,6 +38,8 @@ async fn create(
     let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
     let root_id = new_id("root");
     let scopes = Scopes(Scope::all(false));
+    let (targets, now) = (delivery::kv_targets(state.delivery.edge()), now_ms());
+    let outbox = publishes(&scopes).then(|| delivery::new_outbox(&targets, false, now));
     let root = NewRootKey {
         id: &root_id,
         workspace_id: &id,
@@ -44,10 +47,10 @@ async fn create(
         hash: &key.hash(),
         start: key.start(),
         scopes: &scopes,
-        now: now_ms(),
+        now,
     };
-    state.store.create_workspace(&id, name, root).await?;
-    let regions = publish(&state.store, &state.edge, &key).await?;
+    let outbox_id = state.store.create_workspace(&id, name, root, outbox.as_ref()).await?;
+    let regions = delivered_regions(&state, outbox_id).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({

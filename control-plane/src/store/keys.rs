@@ -5,7 +5,7 @@ use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{KeyHash, KeyRecord};
 use sqlx::FromRow;
 
-use super::outbox::{NewOutbox, insert_outbox};
+use super::outbox::{Carried, NewOutbox, insert_outbox};
 use super::{Store, StoreError};
 
 /// Which keys to list: one page after `after` (a key id), by id.
@@ -90,7 +90,7 @@ impl Store {
         .bind(key.updated_at)
         .execute(&mut *tx)
         .await?;
-        let id = insert_outbox(&mut tx, key, outbox).await?;
+        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -158,7 +158,7 @@ impl Store {
         if done.rows_affected() != 1 {
             return Err(StoreError::VersionConflict);
         }
-        let id = insert_outbox(&mut tx, key, outbox).await?;
+        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -166,7 +166,7 @@ impl Store {
     /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
     pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let id = insert_outbox(&mut tx, key, outbox).await?;
+        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
         tx.commit().await?;
         Ok(id)
     }

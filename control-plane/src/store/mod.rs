@@ -98,8 +98,15 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces").fetch_one(&self.pool).await?)
     }
 
-    /// Creates a workspace and its first root key in one transaction.
-    pub async fn create_workspace(&self, id: &str, name: &str, root: NewRootKey<'_>) -> Result<(), StoreError> {
+    /// Creates a workspace and its first root key (with the outbox entry writing it to KV, when
+    /// given) in one transaction; answers the entry's id.
+    pub async fn create_workspace(
+        &self,
+        id: &str,
+        name: &str,
+        root: NewRootKey<'_>,
+        outbox: Option<&NewOutbox<'_>>,
+    ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")
             .bind(id)
@@ -107,9 +114,9 @@ impl Store {
             .bind(root.now)
             .execute(&mut *tx)
             .await?;
-        root_keys::insert_root_key(&mut tx, &root).await?;
+        let outbox_id = root_keys::insert_root_key(&mut tx, &root, outbox).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(outbox_id)
     }
 
     pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {

@@ -1,8 +1,9 @@
-//! The outbox: each change's deliveries (authority, KV per region, purge per region), their
-//! attempts, what is pending, and the tightening changes that make the event stream.
+//! The outbox: each change's deliveries (authority, KV per region, purge per region; a root key's
+//! change has KV writes only), their attempts, what is pending, and the tightening key changes
+//! that make the event stream.
 
 use anyhow::Context;
-use keyward_shared::KeyRecord;
+use keyward_shared::{KeyRecord, RootKeyRecord, kv_key_for_key, kv_key_for_root};
 use sqlx::FromRow;
 
 use super::{Store, StoreError};
@@ -156,19 +157,29 @@ impl Store {
     }
 }
 
+/// What an outbox entry carries: a key's record, or a root key's (KV writes only).
+pub(super) enum Carried<'a> {
+    Key(&'a KeyRecord),
+    RootKey(&'a RootKeyRecord),
+}
+
 /// Inserts an outbox entry with its deliveries, and supersedes the same targets' pending
 /// deliveries of older entries for the key: the new entry carries the newer record.
 pub(super) async fn insert_outbox(
     tx: &mut sqlx::SqliteConnection,
-    key: &KeyRecord,
+    carried: Carried<'_>,
     outbox: &NewOutbox<'_>,
 ) -> Result<i64, StoreError> {
-    let record = serde_json::to_string(key).context("record")?;
+    let (key_id, kv_key, record) = match carried {
+        Carried::Key(key) => (&key.id, kv_key_for_key(&key.hash), serde_json::to_string(key)),
+        Carried::RootKey(root) => (&root.id, kv_key_for_root(&root.hash), serde_json::to_string(root)),
+    };
+    let record = record.context("record")?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO outbox (key_id, kv_key, record, tightening, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
     )
-    .bind(&key.id)
-    .bind(keyward_shared::kv_key_for_key(&key.hash))
+    .bind(key_id)
+    .bind(kv_key)
     .bind(record)
     .bind(outbox.tightening)
     .bind(outbox.now)
@@ -180,7 +191,7 @@ pub(super) async fn insert_outbox(
              AND outbox_id IN (SELECT id FROM outbox WHERE key_id = ? AND id < ?)",
         )
         .bind(target)
-        .bind(&key.id)
+        .bind(key_id)
         .bind(id)
         .execute(&mut *tx)
         .await?;

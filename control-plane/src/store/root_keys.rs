@@ -1,10 +1,12 @@
-//! Root keys: stored hashed, with their scopes; listed and revoked within a workspace.
+//! Root keys: stored hashed, with their scopes; listed and revoked within a workspace. A change
+//! that the edge must learn of is written with its outbox entry (KV writes), as keys' are.
 
 use anyhow::Context;
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{KeyHash, RootKeyRecord, Scopes};
 use sqlx::FromRow;
 
+use super::outbox::{Carried, NewOutbox, insert_outbox};
 use super::{Store, StoreError};
 
 /// A new root key, as stored (hashed).
@@ -58,11 +60,17 @@ impl TryFrom<RootKeyRow> for RootKeyRecord {
 }
 
 impl Store {
-    pub async fn create_root_key(&self, root: NewRootKey<'_>) -> Result<(), StoreError> {
+    /// Stores a new root key, with an outbox entry writing it to KV when `outbox` is given (a
+    /// root key that may verify: the edge reads it from there); answers the entry's id.
+    pub async fn create_root_key(
+        &self,
+        root: NewRootKey<'_>,
+        outbox: Option<&NewOutbox<'_>>,
+    ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        insert_root_key(&mut tx, &root).await?;
+        let outbox_id = insert_root_key(&mut tx, &root, outbox).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(outbox_id)
     }
 
     /// The active root key with this hash, if any.
@@ -96,27 +104,38 @@ impl Store {
         rows.into_iter().map(|r| Ok((RootKeyRecord::try_from(r.key)?, r.name, r.start))).collect()
     }
 
-    /// Revokes a root key of this workspace; answers its new record, `None` if there is none.
+    /// Revokes a root key of this workspace, with an outbox entry writing the revoked record to
+    /// KV, in one transaction; answers the record and the entry's id, `None` if there is no such
+    /// root key.
     pub async fn revoke_root_key(
         &self,
         workspace_id: &str,
         id: &str,
-        now: i64,
-    ) -> Result<Option<RootKeyRecord>, StoreError> {
+        outbox: &NewOutbox<'_>,
+    ) -> Result<Option<(RootKeyRecord, i64)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let row: Option<RootKeyRow> = sqlx::query_as(&format!(
             "UPDATE root_keys SET status = 'revoked', version = version + CASE status WHEN 'revoked' THEN 0 ELSE 1 END, \
              updated_at = ? WHERE id = ? AND workspace_id = ? RETURNING {ROOT_KEY_COLUMNS}",
         ))
-        .bind(now)
+        .bind(outbox.now)
         .bind(id)
         .bind(workspace_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row.map(RootKeyRecord::try_from).transpose()?)
+        let Some(record) = row.map(RootKeyRecord::try_from).transpose()? else { return Ok(None) };
+        let outbox_id = insert_outbox(&mut tx, Carried::RootKey(&record), outbox).await?;
+        tx.commit().await?;
+        Ok(Some((record, outbox_id)))
     }
 }
 
-pub(super) async fn insert_root_key(tx: &mut sqlx::SqliteConnection, root: &NewRootKey<'_>) -> Result<(), StoreError> {
+/// Inserts a root key and, when `outbox` is given, the outbox entry writing it to KV.
+pub(super) async fn insert_root_key(
+    tx: &mut sqlx::SqliteConnection,
+    root: &NewRootKey<'_>,
+    outbox: Option<&NewOutbox<'_>>,
+) -> Result<Option<i64>, StoreError> {
     sqlx::query(
         "INSERT INTO root_keys (id, workspace_id, name, hash, start, scopes, status, version, created_at, updated_at) \
          VALUES (?, ?, ?, ?, ?, ?, 'active', 1, ?, ?)",
@@ -129,7 +148,13 @@ pub(super) async fn insert_root_key(tx: &mut sqlx::SqliteConnection, root: &NewR
     .bind(serde_json::to_string(root.scopes).context("scopes")?)
     .bind(root.now)
     .bind(root.now)
-    .execute(tx)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    let Some(outbox) = outbox else { return Ok(None) };
+    let row: RootKeyRow = sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE id = ?"))
+        .bind(root.id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let record = RootKeyRecord::try_from(row)?;
+    Ok(Some(insert_outbox(tx, Carried::RootKey(&record), outbox).await?))
 }
