@@ -212,6 +212,7 @@ impl Deliverer {
                         (Some(Ok(())), _) => KvState::Written,
                         (Some(Err(_)), _) => KvState::Failed,
                         (None, kv) if is_pending(kv) => KvState::Pending,
+                        (None, Some(d)) if d.state == "superseded" => KvState::Superseded,
                         (None, _) => KvState::Written,
                     },
                     acknowledged: purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == "done")),

@@ -152,6 +152,8 @@ pub enum KvState {
     Pending,
     /// Attempted and failed; retried with backoff.
     Failed,
+    /// Left to a newer change of the same key, which carries the newer record.
+    Superseded,
 }
 
 /// What happened in one region when a change was pushed.
