@@ -342,9 +342,10 @@ fn changed(record: &KeyRecord, delivered: Delivered) -> Value {
 }
 
 /// What an acknowledgement means, said in every revoke and delete answer.
-const ACK_NOTE: &str = "acknowledged: the region dropped its cached copies and now rejects the key. A region that did \
-not acknowledge still rejects it within the key's max_staleness_ms, because every copy older than that is confirmed \
-with the key's authority; its purge is retried until it is delivered.";
+const ACK_NOTE: &str = "acknowledged: the region took the purge (each region's ack_means says what that means there). \
+A region that did not acknowledge still rejects the key within the key's max_staleness_ms, because every copy older \
+than that is confirmed with the key's authority; its purge is retried until it is delivered. KV writes marked \
+pending follow this answer and are retried the same way.";
 
 fn check_owner(owner: &str) -> Result<String> {
     if owner.is_empty() || owner.chars().count() > 200 {
