@@ -203,7 +203,7 @@ impl Deliverer {
                 // The purge's acknowledgement is what the caller waits for; without one, the KV write.
                 let latency_ms = purge_result.as_ref().map(|(_, ms)| *ms).or(kv_result.as_ref().map(|(_, ms)| *ms));
                 let latency_ms = latency_ms.unwrap_or(0.0);
-                let applied_at_ms = purge_result.as_ref().and_then(|(r, _)| r.clone().ok().flatten());
+                let applied_at_ms = purge_result.as_ref().and_then(|(r, _)| r.as_ref().ok().copied().flatten());
                 let kv_result = kv_result.map(|(r, _)| r);
                 let purge_result = purge_result.map(|(r, _)| r.map(|_| ()));
                 let report = RegionReport {

@@ -151,10 +151,16 @@ pub(super) async fn insert_root_key(
     .execute(&mut *tx)
     .await?;
     let Some(outbox) = outbox else { return Ok(None) };
-    let row: RootKeyRow = sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE id = ?"))
-        .bind(root.id)
-        .fetch_one(&mut *tx)
-        .await?;
-    let record = RootKeyRecord::try_from(row)?;
+    // The record as just inserted: active, version 1.
+    let record = RootKeyRecord {
+        schema: RECORD_SCHEMA,
+        id: root.id.to_owned(),
+        hash: *root.hash,
+        workspace_id: root.workspace_id.to_owned(),
+        scopes: root.scopes.clone(),
+        status: KeyStatus::Active,
+        version: 1,
+        updated_at: root.now,
+    };
     Ok(Some(insert_outbox(tx, Carried::RootKey(&record), outbox).await?))
 }
