@@ -227,22 +227,30 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
         "quiet: to the last region's stamp over {count} revocations: p50 {s50:.2} ms, p99 {s99:.2} ms, max {smax:.2} ms; whole call p50 {q50:.2} ms, p99 {q99:.2} ms, max {qmax:.2} ms"
     );
 
-    step("throughput of one region: warm copy in memory, and every copy stale (max_staleness 1 ms)");
+    step("throughput of one region: warm copy in memory, every copy stale (max_staleness 1 ms), every request a miss");
     let region = world.regions[0].spec.url();
     let warm_key = world.create_key(&api, json!({})).1;
     let confirming_api = world.create_api("confirming", 1);
     let stale_key = world.create_key(&confirming_api, json!({})).1;
+    // Keys never verified anywhere yet, each asked for once: every request is a miss.
+    let cold_keys: Vec<String> = (0..COLD_KEYS).map(|_| world.create_key(&api, json!({})).1).collect();
     let warm = throughput(&world, &region, &root, &warm_key, 2, duration)?;
     let confirmed = throughput(&world, &region, &root, &stale_key, 2, duration)?;
-    step("the same two keys at the first slice's KV-only edge, in this run");
-    let (first_slice, first_url, first_root) = start_first_slice(&world, &[&warm_key, &stale_key])?;
+    let cold = misses(&world, &region, &root, &cold_keys, duration)?;
+    step("the same keys at the first slice's KV-only edge, in this run");
+    let mut first_keys: Vec<&str> = vec![&warm_key, &stale_key];
+    first_keys.extend(cold_keys.iter().map(String::as_str));
+    let (first_slice, first_url, first_root) = start_first_slice(&world, &first_keys)?;
     let kv_warm = throughput(&world, &first_url, &first_root, &warm_key, 2, duration)?;
     let kv_stale = throughput(&world, &first_url, &first_root, &stale_key, 2, duration)?;
+    let kv_cold = misses(&world, &first_url, &first_root, &cold_keys, duration)?;
     drop(first_slice);
     println!("verify, warm copy in memory:                  {warm}");
     println!("verify, every copy stale, asks the authority: {confirmed}");
+    println!("verify, every request a miss (KV + authority): {cold}");
     println!("first slice, warm copy in memory:             {kv_warm}");
     println!("first slice, every copy stale, re-reads KV:   {kv_stale}");
+    println!("first slice, every request a miss (KV):       {kv_cold}");
     drop(world);
 
     step("a region whose purges are dropped: time until it rejects anyway (max_staleness 1000 ms)");
@@ -270,8 +278,18 @@ fn revocation(count: usize, duration: Duration, poll: Duration) -> anyhow::Resul
     println!("lost purge: rejected after {lost:.0?} ms (max {lost_max:.0} ms; max_staleness 1000 ms)");
     world.assert_no_plaintext();
     println!(
-        "revocation_p50_ms={s50:.2} revocation_p99_ms={s99:.2} revocation_max_ms={smax:.2} revoke_call_p50_ms={q50:.2} revoke_call_p99_ms={q99:.2} revoke_call_max_ms={qmax:.2} polled_revocation_p50_ms={p50:.2} polled_revocation_p99_ms={p99:.2} polled_revocation_max_ms={max:.2} polled_call_p50_ms={call_p50:.2} polled_authority_ack_p50_ms={authority_p50:.2} polled_region_ack_p50_ms={region_p50:.2} polled_stamp_p50_ms={ps50:.2} polled_stamp_p99_ms={ps99:.2} stamp_violations={stamp_violations} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2} first_slice_warm_rps={:.0} first_slice_kv_reread_rps={:.0} first_slice_kv_reread_p99_ms={:.2}",
-        warm.rps, warm.p99_ms, confirmed.rps, confirmed.p99_ms, kv_warm.rps, kv_stale.rps, kv_stale.p99_ms
+        "revocation_p50_ms={s50:.2} revocation_p99_ms={s99:.2} revocation_max_ms={smax:.2} revoke_call_p50_ms={q50:.2} revoke_call_p99_ms={q99:.2} revoke_call_max_ms={qmax:.2} polled_revocation_p50_ms={p50:.2} polled_revocation_p99_ms={p99:.2} polled_revocation_max_ms={max:.2} polled_call_p50_ms={call_p50:.2} polled_authority_ack_p50_ms={authority_p50:.2} polled_region_ack_p50_ms={region_p50:.2} polled_stamp_p50_ms={ps50:.2} polled_stamp_p99_ms={ps99:.2} stamp_violations={stamp_violations} lost_purge_reject_ms={lost_max:.0} verify_warm_rps={:.0} verify_warm_p99_ms={:.2} verify_confirm_rps={:.0} verify_confirm_p99_ms={:.2} first_slice_warm_rps={:.0} verify_miss_rps={:.0} verify_miss_p99_ms={:.2} first_slice_kv_reread_rps={:.0} first_slice_kv_reread_p99_ms={:.2} first_slice_miss_rps={:.0} first_slice_miss_p99_ms={:.2}",
+        warm.rps,
+        warm.p99_ms,
+        confirmed.rps,
+        confirmed.p99_ms,
+        kv_warm.rps,
+        cold.rps,
+        cold.p99_ms,
+        kv_stale.rps,
+        kv_stale.p99_ms,
+        kv_cold.rps,
+        kv_cold.p99_ms
     );
     Ok(())
 }
@@ -304,6 +322,36 @@ fn throughput(
     std::fs::remove_file(&script)?;
     anyhow::ensure!(valid(), "key not valid at {base} after the load");
     load
+}
+
+/// Keys for the every-request-a-miss load: more than one region answers in the load's seconds.
+const COLD_KEYS: usize = 1_500;
+
+/// wrk against the verify route at `base`, each request for the next of `keys`, none asked for
+/// there before: every request is a miss. Fails if the load ran out of keys (it would then
+/// measure copies in memory).
+fn misses(world: &World, base: &str, root: &str, keys: &[String], duration: Duration) -> anyhow::Result<Load> {
+    let script = world.dir.path().join("misses.lua");
+    let list = keys.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(",");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"authorization\"] = \"Bearer {root}\"\nwrk.headers[\"content-type\"] = \"application/json\"\n\
+             keys = {{{list}}}\ni = 0\nrequest = function()\n  i = i + 1\n  \
+             return wrk.format(nil, nil, nil, '{{\"key\":\"' .. keys[((i - 1) % #keys) + 1] .. '\"}}')\nend\n"
+        ),
+    )?;
+    let load = wrk(&format!("{base}/v1/keys/verify"), Some(&script), 2, duration);
+    std::fs::remove_file(&script)?;
+    let load = load?;
+    anyhow::ensure!(
+        load.requests <= keys.len() as u64,
+        "{} requests for {} keys: raise COLD_KEYS so every request is a miss",
+        load.requests,
+        keys.len()
+    );
+    anyhow::ensure!(load.errors == 0, "misses at {base} answered {} non-2xx", load.errors);
+    Ok(load)
 }
 
 /// The commit whose edge is the first slice's: KV only, no authority.
@@ -414,6 +462,7 @@ fn ensure_wrk() -> anyhow::Result<()> {
 }
 
 struct Load {
+    requests: u64,
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -448,7 +497,11 @@ fn wrk(url: &str, script: Option<&std::path::Path>, connections: usize, duration
     let p50_ms = field("50%").map(|v| to_ms(&v)).context("wrk printed no 50%")?;
     let p99_ms = field("99%").map(|v| to_ms(&v)).context("wrk printed no 99%")?;
     let errors = field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok(Load { rps, p50_ms, p99_ms, errors })
+    let requests = text
+        .lines()
+        .find_map(|l| l.split_once(" requests in ").and_then(|(n, _)| n.trim().parse().ok()))
+        .context("wrk printed no request count")?;
+    Ok(Load { requests, rps, p50_ms, p99_ms, errors })
 }
 
 /// wrk's durations: `812.00us`, `2.71ms`, `1.02s`.
