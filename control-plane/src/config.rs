@@ -135,10 +135,8 @@ impl Config {
                 "purge_secret (or KEYWARD_PURGE_SECRET) must be set, at least 32 characters, when regions are configured"
             );
         }
-        if let Some(url) = &self.authority_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            bail!("authority_url `{url}` is not an http(s) URL");
+        if let Some(url) = &self.authority_url {
+            check_url("authority_url", url)?;
         }
         if self.authority_url.is_some() && self.purge_secret.as_ref().is_none_or(|s| s.0.len() < 32) {
             bail!("purge_secret must be set, at least 32 characters, when authority_url is configured");
@@ -148,13 +146,31 @@ impl Config {
                 bail!("region name `{}` appears twice", region.name);
             }
             for url in [&region.url, &region.kv_url] {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    bail!("region `{}`: `{url}` is not an http(s) URL", region.name);
-                }
+                check_url(&format!("region `{}`", region.name), url)?;
             }
         }
         Ok(())
     }
+}
+
+/// A URL the control plane sends signed requests or tokens to: `https://`, or plain `http://`
+/// only to this machine (local regions), since a signed purge or a KV token on an open network
+/// can be read and held back.
+fn check_url(what: &str, url: &str) -> anyhow::Result<()> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("{what}: `{url}` is not an http(s) URL");
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = if host.starts_with('[') { host.split(']').next().unwrap_or_default().trim_start_matches('[') } else { host.split(':').next().unwrap_or_default() };
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        bail!("{what}: `{url}` is plain http to another machine; use https:// (plain http is for 127.0.0.1 only)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -196,6 +212,25 @@ mod tests {
         let twice = format!("{}{}", region_toml(), region_toml().lines().skip(1).collect::<Vec<_>>().join("\n"));
         let err = Config::parse(&twice, |_| None).unwrap_err();
         assert!(format!("{err:#}").contains("appears twice"), "{err:#}");
+    }
+
+    #[test]
+    fn plain_http_only_to_this_machine() {
+        for (url, ok) in [
+            ("https://edge.example.com", true),
+            ("http://127.0.0.1:8787", true),
+            ("http://127.9.9.9", true),
+            ("http://localhost:8787/x", true),
+            ("http://[::1]:8787", true),
+            ("http://edge.example.com", false),
+            ("http://10.0.0.5:8787", false),
+            ("http://127.0.0.1.evil.com", false),
+            ("http://user@evil.com", false),
+            ("ftp://127.0.0.1", false),
+        ] {
+            let text = format!("purge_secret = \"{SECRET}\"\nauthority_url = \"{url}\"\n");
+            assert_eq!(Config::parse(&text, |_| None).is_ok(), ok, "{url}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use keyward_shared::internal::{
     self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest,
     SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
-use keyward_shared::{KeyHash, KeyRecord};
+use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 use serde::Serialize;
 
 use crate::cloudflare::{ACCOUNT_LIMIT, BulkKv, CloudflareApi, RateLimiter};
@@ -178,6 +178,15 @@ pub struct RegionReport {
     pub error: Option<String>,
 }
 
+/// The client for every call to the edge and Cloudflare: none may wait without bound, whether
+/// the other side refuses connections or accepts and never answers.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn bounded_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT).build()?)
+}
+
 /// Every configured region, the authority, and how to reach them.
 pub struct Edge {
     pub regions: Vec<Region>,
@@ -188,10 +197,7 @@ pub struct Edge {
 
 impl Edge {
     pub fn from_config(config: &Config) -> anyhow::Result<Edge> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(3))
-            .build()?;
+        let client = bounded_client()?;
         let regions = config
             .regions
             .iter()
@@ -227,7 +233,8 @@ impl Edge {
     }
 
     pub fn new(regions: Vec<Region>, authority_url: Option<String>, purge_secret: Secret) -> Edge {
-        Edge { regions, authority_url, client: reqwest::Client::new(), purge_secret }
+        let client = bounded_client().expect("a TLS backend");
+        Edge { regions, authority_url, client, purge_secret }
     }
 
     pub fn has_authority(&self) -> bool {
@@ -252,10 +259,11 @@ impl Edge {
         .await
     }
 
-    /// Sets keys' records at their authority. Without one configured, there is nothing to do.
-    pub async fn update_authority(&self, records: &[KeyRecord]) -> anyhow::Result<()> {
+    /// Sets keys' and root keys' records at their authority. Without one configured, there is
+    /// nothing to do.
+    pub async fn update_authority(&self, records: &[KeyRecord], root_keys: &[RootKeyRecord]) -> anyhow::Result<()> {
         let Some(url) = &self.authority_url else { return Ok(()) };
-        let body = serde_json::to_vec(&AuthorityUpdate { records: records.to_vec() })?;
+        let body = serde_json::to_vec(&AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec() })?;
         let response = self.signed_post(url, AUTHORITY_PATH, body).await.context("authority update")?;
         let _: AuthorityAck = response.json().await.context("authority answered no acknowledgement")?;
         Ok(())
@@ -268,7 +276,8 @@ impl Edge {
     pub async fn purge(&self, region: &Region, records: &[KeyRecord]) -> anyhow::Result<Option<u64>> {
         match &region.purge {
             PurgeVia::Signed => {
-                let body = serde_json::to_vec(&PurgeRequest { records: records.to_vec() })?;
+                let purge = PurgeRequest { region: region.name.clone(), records: records.to_vec() };
+                let body = serde_json::to_vec(&purge)?;
                 let response = self.signed_post(&region.url, PURGE_PATH, body).await.context("purge")?;
                 let ack: PurgeAck = response.json().await.context("the region answered no acknowledgement")?;
                 Ok(Some(ack.applied_at_ms))

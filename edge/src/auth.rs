@@ -1,21 +1,41 @@
 //! Authenticates callers of the verify route: a root key with a verify scope, looked up hashed
-//! in KV (`root:<hash>`) and kept in isolate memory for at most [`ROOT_TRUST_MS`].
+//! in KV (`root:<hash>`) together with its authority (the KeyState object `root:<hash>`), the
+//! higher version winning, and kept in isolate memory for at most [`ROOT_TRUST_MS`] from when
+//! it was confirmed.
+//!
+//! KV has no conditional write, so a late retry of a root key's creation can land in KV after
+//! its revocation; the authority keeps only the highest version, so the revocation wins. A copy
+//! older than half its trust is confirmed again in the background after the answer
+//! (`wait_until`), so a busy caller's requests never wait for the authority; only a copy past
+//! its trust (an idle caller) does. A root key that cannot be confirmed (the authority does not
+//! answer in time) refuses its caller with 503, unless what is known of it is final.
 
 use std::cell::RefCell;
 
+use keyward_shared::freshness::{self, AuthorityAnswer, Resolved};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::{Key, KeyHash, RootKeyRecord, kv_key_for_root};
 use lru::LruCache;
-use worker::{Env, Request};
+use worker::{Context, Env, Request};
 
-use crate::KV_BINDING;
+use crate::authority::{self, Unreachable};
+use crate::{KV_BINDING, deadline};
 
-/// How long a root key read from KV is trusted before it is read again.
+/// How long a confirmed root key is trusted before it is confirmed again.
 const ROOT_TRUST_MS: u64 = 1_000;
 const ROOT_CACHE_ENTRIES: usize = 1_024;
 
+/// A root key's copy, when its confirmation was asked, and whether a background confirmation
+/// of it is under way.
+#[derive(Clone)]
+struct RootCopy {
+    record: RootKeyRecord,
+    confirmed_at_ms: u64,
+    refreshing: bool,
+}
+
 thread_local! {
-    static ROOTS: RefCell<LruCache<[u8; 32], (RootKeyRecord, u64)>> =
+    static ROOTS: RefCell<LruCache<[u8; 32], RootCopy>> =
         RefCell::new(LruCache::new(ROOT_CACHE_ENTRIES.try_into().expect("non-zero")));
 }
 
@@ -23,29 +43,33 @@ thread_local! {
 pub(crate) enum AuthError {
     Missing,
     Invalid,
+    /// The root key could not be confirmed in time.
+    Unavailable,
     Internal(String),
 }
 
 /// The active root key in `Authorization: Bearer <root key>`, or why there is none.
-pub(crate) async fn caller(req: &Request, env: &Env, now_ms: u64) -> Result<RootKeyRecord, AuthError> {
+pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64) -> Result<RootKeyRecord, AuthError> {
     let header = req.headers().get("authorization").ok().flatten().ok_or(AuthError::Missing)?;
     let text = header.strip_prefix("Bearer ").ok_or(AuthError::Missing)?.trim();
     let key = Key::parse(text).map_err(|_| AuthError::Invalid)?;
     let hash = key.hash();
-    let record = match cached(&hash, now_ms) {
-        Some(record) => record,
-        None => {
-            let kv = env.kv(KV_BINDING).map_err(|e| AuthError::Internal(e.to_string()))?;
-            let text = kv
-                .get(&kv_key_for_root(&hash))
-                .text()
-                .await
-                .map_err(|e| AuthError::Internal(e.to_string()))?
-                .ok_or(AuthError::Invalid)?;
-            let record = RootKeyRecord::from_json(&text).map_err(|e| AuthError::Internal(e.to_string()))?;
-            ROOTS.with(|roots| roots.borrow_mut().put(*hash.as_bytes(), (record.clone(), now_ms)));
-            record
+    let held = ROOTS.with(|roots| roots.borrow_mut().get(hash.as_bytes()).cloned());
+    let record = match held {
+        Some(copy) if copy.record.status.is_final() => copy.record,
+        Some(copy) if freshness::is_fresh(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms) => {
+            if !copy.refreshing && now_ms - copy.confirmed_at_ms >= ROOT_TRUST_MS / 2 {
+                mark_refreshing(&hash);
+                let (env, record) = (env.clone(), copy.record.clone());
+                ctx.wait_until(async move {
+                    let _ = confirm(&env, &hash, Some(record), now_ms).await;
+                });
+                // The copy is still within its trust while the background confirmation runs.
+            }
+            copy.record
         }
+        Some(copy) => confirm(env, &hash, Some(copy.record), now_ms).await?,
+        None => confirm(env, &hash, None, now_ms).await?,
     };
     if record.hash != hash || record.status != KeyStatus::Active {
         return Err(AuthError::Invalid);
@@ -53,12 +77,61 @@ pub(crate) async fn caller(req: &Request, env: &Env, now_ms: u64) -> Result<Root
     Ok(record)
 }
 
-fn cached(hash: &KeyHash, now_ms: u64) -> Option<RootKeyRecord> {
+fn mark_refreshing(hash: &KeyHash) {
     ROOTS.with(|roots| {
-        let mut roots = roots.borrow_mut();
-        match roots.get(hash.as_bytes()) {
-            Some((record, at)) if now_ms.saturating_sub(*at) < ROOT_TRUST_MS => Some(record.clone()),
-            _ => None,
+        if let Some(copy) = roots.borrow_mut().get_mut(hash.as_bytes()) {
+            copy.refreshing = true;
         }
-    })
+    });
+}
+
+/// Reads KV and the authority together and keeps the higher version, confirmed as of `now_ms`
+/// (when it was asked).
+async fn confirm(
+    env: &Env,
+    hash: &KeyHash,
+    copy: Option<RootKeyRecord>,
+    now_ms: u64,
+) -> Result<RootKeyRecord, AuthError> {
+    let (kv, authority) = futures::join!(read_kv(env, hash), authority::read_root(env, hash));
+    let authority = match authority {
+        Ok(Some(record)) => AuthorityAnswer::Holds(record),
+        Ok(None) => AuthorityAnswer::Unknown,
+        Err(Unreachable(e)) => {
+            worker::console_warn!("authority unreachable for a root key: {e}");
+            AuthorityAnswer::Unreachable
+        }
+    };
+    let kv = match kv {
+        Ok(kv) => kv,
+        Err(e) if matches!(authority, AuthorityAnswer::Holds(_)) => {
+            worker::console_warn!("KV read of a root key failed: {e}");
+            None
+        }
+        Err(e) => return Err(AuthError::Internal(e)),
+    };
+    match freshness::resolve(copy, kv, authority) {
+        Resolved::Record(Some(record), _) => {
+            let kept = RootCopy { record, confirmed_at_ms: now_ms, refreshing: false };
+            ROOTS.with(|roots| {
+                let mut roots = roots.borrow_mut();
+                // Never trade a copy for an older version (a slow confirmation finishing late).
+                if roots.peek(hash.as_bytes()).is_none_or(|held| held.record.version <= kept.record.version) {
+                    roots.put(*hash.as_bytes(), kept.clone());
+                }
+            });
+            Ok(kept.record)
+        }
+        Resolved::Record(None, _) => Err(AuthError::Invalid),
+        Resolved::FailClosed(_) => Err(AuthError::Unavailable),
+    }
+}
+
+async fn read_kv(env: &Env, hash: &KeyHash) -> Result<Option<RootKeyRecord>, String> {
+    let kv = env.kv(KV_BINDING).map_err(|e| e.to_string())?;
+    let text = deadline::within(deadline::KV_MS, kv.get(&kv_key_for_root(hash)).text())
+        .await
+        .ok_or_else(|| format!("no answer within {} ms", deadline::KV_MS))?
+        .map_err(|e| e.to_string())?;
+    text.map(|t| RootKeyRecord::from_json(&t).map_err(|e| e.to_string())).transpose()
 }

@@ -1,28 +1,37 @@
-//! The KeyState Durable Object, one per key: the authoritative record, which cannot go stale.
+//! The KeyState Durable Object, one per key and one per root key: the authoritative record,
+//! which cannot go stale.
 //!
-//! It holds the key's latest record in storage (never only in fields: an idle object loses its
+//! It holds the latest record in storage (never only in fields: an idle object loses its
 //! memory) and replaces it only with a higher version. The edge asks it on every cache miss and
 //! whenever a copy is older than `max_staleness_ms`; the control plane writes it through the
 //! signed `/internal/authority` route before it answers a change.
+//!
+//! The read-compare-write of an update is atomic: the request body is read first, and between
+//! the storage read and the storage write there is no other await, so the object's input gate
+//! keeps every other request out (a retried v5 and a new v6 cannot both see v4).
 
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
-use keyward_shared::{KeyHash, KeyRecord};
-use serde::{Deserialize, Serialize};
+use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
+use serde::Deserialize;
 use worker::{
     Date, DurableObject, Env, Method, Request, RequestInit, Response, Result, RouteContext, State, console_error,
     durable_object,
 };
 
-use crate::{error, signed};
+use crate::{deadline, error, signed};
 
 /// The Durable Object namespace binding.
 pub(crate) const KEY_STATE_BINDING: &str = "KEY_STATE";
 const RECORD: &str = "record";
 
-/// What the object answers: the record it holds, if any.
-#[derive(Serialize, Deserialize)]
-struct Held {
-    record: Option<KeyRecord>,
+/// The one field the object reads of the record it holds.
+#[derive(Deserialize)]
+struct Versioned {
+    version: u64,
+}
+
+fn version_of(text: &str) -> Result<u64> {
+    serde_json::from_str::<Versioned>(text).map(|v| v.version).map_err(|e| worker::Error::RustError(e.to_string()))
 }
 
 #[durable_object]
@@ -35,80 +44,105 @@ impl DurableObject for KeyState {
         KeyState { state }
     }
 
+    /// `GET`: the record held (200 with its JSON) or none (404). `PUT` with a record: keeps it
+    /// if its version is higher than the one held; answers the record held afterwards.
     async fn fetch(&self, mut req: Request) -> Result<Response> {
+        let incoming = if req.method() == Method::Put { Some(req.text().await?) } else { None };
         let storage = self.state.storage();
         // Stored as JSON text so that 64-bit versions survive the JS boundary exactly.
-        let held: Option<KeyRecord> = match storage.get::<String>(RECORD).await? {
-            Some(text) => Some(KeyRecord::from_json(&text).map_err(|e| worker::Error::RustError(e.to_string()))?),
-            None => None,
+        let held: Option<String> = storage.get(RECORD).await?;
+        let held = match incoming {
+            Some(text) if held.as_deref().map(version_of).transpose()? < Some(version_of(&text)?) => {
+                storage.put(RECORD, &text).await?;
+                Some(text)
+            }
+            _ => held,
         };
-        if req.method() != Method::Put {
-            return Response::from_json(&Held { record: held });
+        match held {
+            Some(text) => Response::ok(text),
+            None => Response::error("no record", 404),
         }
-        let incoming: KeyRecord = req.json().await?;
-        if held.as_ref().is_some_and(|h| h.version >= incoming.version) {
-            return Response::from_json(&Held { record: held });
-        }
-        let text = serde_json::to_string(&incoming)?;
-        storage.put(RECORD, text).await?;
-        Response::from_json(&Held { record: Some(incoming) })
     }
 }
 
-/// The authority could not be asked (the home of the objects is down, or it failed).
+/// The authority could not be asked (the home of the objects is down, hangs, or failed).
 pub(crate) struct Unreachable(pub String);
 
-fn stub(env: &Env, hash: &KeyHash) -> Result<worker::Stub> {
-    env.durable_object(KEY_STATE_BINDING)?.get_by_name(&hash.to_hex())
+/// The object's name: a key's hash, or `root:` and a root key's hash.
+fn object_name(hash: &KeyHash, root: bool) -> String {
+    if root { format!("root:{}", hash.to_hex()) } else { hash.to_hex() }
 }
 
-async fn call(env: &Env, hash: &KeyHash, request: Request) -> std::result::Result<Option<KeyRecord>, Unreachable> {
-    let unreachable = |e: String| Unreachable(e);
-    let mut response = stub(env, hash)
-        .map_err(|e| unreachable(e.to_string()))?
-        .fetch_with_request(request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    if response.status_code() != 200 {
-        let text = response.text().await.unwrap_or_default();
-        return Err(unreachable(format!("authority answered {}: {text}", response.status_code())));
+async fn call(env: &Env, name: &str, request: Request) -> std::result::Result<Option<String>, Unreachable> {
+    let stub = env
+        .durable_object(KEY_STATE_BINDING)
+        .and_then(|ns| ns.get_by_name(name))
+        .map_err(|e| Unreachable(e.to_string()))?;
+    let mut response = stub.fetch_with_request(request).await.map_err(|e| Unreachable(e.to_string()))?;
+    match response.status_code() {
+        200 => response.text().await.map(Some).map_err(|e| Unreachable(e.to_string())),
+        404 => Ok(None),
+        status => {
+            let text = response.text().await.unwrap_or_default();
+            Err(Unreachable(format!("authority answered {status}: {text}")))
+        }
     }
-    let held: Held = response.json().await.map_err(|e| unreachable(e.to_string()))?;
-    Ok(held.record)
 }
 
-/// The authoritative record of a key, if the authority has one.
-pub(crate) async fn read(env: &Env, hash: &KeyHash) -> std::result::Result<Option<KeyRecord>, Unreachable> {
+async fn read_text(env: &Env, name: &str) -> std::result::Result<Option<String>, Unreachable> {
+    let ms = deadline::authority_ms(env);
     let request =
         Request::new("https://key-state.internal/record", Method::Get).map_err(|e| Unreachable(e.to_string()))?;
-    call(env, hash, request).await
+    deadline::within(ms, call(env, name, request))
+        .await
+        .unwrap_or_else(|| Err(Unreachable(format!("no answer within {ms} ms"))))
 }
 
-async fn write(env: &Env, record: &KeyRecord) -> std::result::Result<Option<KeyRecord>, Unreachable> {
-    let body = serde_json::to_string(record).map_err(|e| Unreachable(e.to_string()))?;
+/// The authoritative record of a key, if the authority has one; unreachable past its deadline.
+pub(crate) async fn read(env: &Env, hash: &KeyHash) -> std::result::Result<Option<KeyRecord>, Unreachable> {
+    let text = read_text(env, &object_name(hash, false)).await?;
+    text.map(|t| KeyRecord::from_json(&t).map_err(|e| Unreachable(e.to_string()))).transpose()
+}
+
+/// The authoritative record of a root key, if the authority has one.
+pub(crate) async fn read_root(env: &Env, hash: &KeyHash) -> std::result::Result<Option<RootKeyRecord>, Unreachable> {
+    let text = read_text(env, &object_name(hash, true)).await?;
+    text.map(|t| RootKeyRecord::from_json(&t).map_err(|e| Unreachable(e.to_string()))).transpose()
+}
+
+async fn write(env: &Env, name: &str, text: String) -> std::result::Result<u64, Unreachable> {
     let mut init = RequestInit::new();
-    init.with_method(Method::Put).with_body(Some(body.into()));
+    init.with_method(Method::Put).with_body(Some(text.into()));
     let request =
         Request::new_with_init("https://key-state.internal/record", &init).map_err(|e| Unreachable(e.to_string()))?;
-    call(env, &record.hash, request).await
+    let held = call(env, name, request).await?;
+    held.map_or(Ok(0), |t| version_of(&t).map_err(|e| Unreachable(e.to_string())))
 }
 
-/// `POST /internal/authority`: the control plane's signed update of keys' authoritative records.
-pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
+/// `POST /internal/authority`: the control plane's signed update of keys' and root keys'
+/// authoritative records. The nonce is checked before anything is written.
+pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> Result<Response> {
     let now_ms = Date::now().as_millis();
-    let (update, nonce) = match signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await? {
-        Ok(signed) => (signed.body, signed.nonce),
+    let update = match signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await? {
+        Ok(signed) => signed.body,
         Err(refusal) => return Ok(refusal),
     };
-    let writes = futures::future::join_all(update.records.iter().map(|record| write(&ctx.env, record)));
-    let (first_use, written) = futures::join!(signed::first_use(&nonce, now_ms), writes);
-    if !first_use? {
-        return signed::replayed();
+    let mut writes = Vec::with_capacity(update.records.len() + update.root_keys.len());
+    for record in &update.records {
+        writes.push((object_name(&record.hash, false), serde_json::to_string(record)?));
     }
+    for root in &update.root_keys {
+        writes.push((object_name(&root.hash, true), serde_json::to_string(root)?));
+    }
+    let written = futures::future::join_all(writes.into_iter().map(|(name, text)| {
+        let env = &ctx.env;
+        async move { write(env, &name, text).await }
+    }))
+    .await;
     let mut versions = Vec::with_capacity(written.len());
     for held in written {
         match held {
-            Ok(held) => versions.push(held.map_or(0, |h| h.version)),
+            Ok(version) => versions.push(version),
             Err(Unreachable(e)) => {
                 console_error!("authority write failed: {e}");
                 return error::respond(503, "AUTHORITY_UNAVAILABLE", "the key's authority could not be written; retry");

@@ -1,7 +1,7 @@
 //! Keyward's edge verifier: the `#[event(fetch)]` entry and the route table, nothing else.
 //!
 //! The worker answers `POST /v1/keys/verify` from isolate memory, the Cache API or Workers KV
-//! (in that order, confirming old copies with the key's KeyState Durable Object), drops its
+//! (in that order, confirming old copies with the key's KeyState Durable Object), replaces its
 //! copies when the control plane sends a signed purge, and hosts the KeyState objects.
 //! Only compiled for wasm32; the pure parts it relies on live in `keyward-shared`.
 
@@ -9,6 +9,7 @@
 
 mod auth;
 mod authority;
+mod deadline;
 mod error;
 mod lookup;
 mod purge;
@@ -29,9 +30,11 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
+/// Handlers get the request's `Context` as router data, so work may continue after the answer
+/// (`wait_until`).
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
-    Router::new()
+async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
+    Router::with_data(ctx)
         .get("/health", |_, ctx| {
             let region = ctx.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
             Response::from_json(&serde_json::json!({ "status": "ok", "region": region }))

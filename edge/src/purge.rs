@@ -1,29 +1,60 @@
 //! `POST /internal/purge`: the control plane's signed order to replace this location's copies of
 //! keys (isolate memory and Cache API) with the records it carries.
+//!
+//! The purge names the region it is for, under the signature, and its nonce is checked before
+//! any copy is touched. Its records count as confirmed from the earlier of the time it was
+//! signed and the time it arrived, never later, so a purge held back and delivered late buys no
+//! extra trust. A region whose `PURGE_MODE` variable is `tag-only` behaves as Cloudflare's
+//! purge-by-tag does in production: it only drops Cache API copies, `PURGE_TAG_DELAY_MS` after
+//! acknowledging, and never touches isolate memory.
 
+use keyward_shared::freshness;
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
-use worker::{Date, Request, Response, Result, RouteContext};
+use worker::{Context, Date, Delay, Request, Response, Result, RouteContext, console_error};
 
-use crate::{REGION_VAR, lookup, signed};
+use crate::lookup::{self, PurgeMode};
+use crate::{REGION_VAR, error, signed};
 
-pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
-    let now_ms = Date::now().as_millis();
-    let (purge, nonce) = match signed::parse::<PurgeRequest>(&mut req, &ctx.env, PURGE_PATH, now_ms).await? {
-        Ok(signed) => (signed.body, signed.nonce),
+pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Result<Response> {
+    let arrived_ms = Date::now().as_millis();
+    let purge = match signed::parse::<PurgeRequest>(&mut req, &ctx.env, PURGE_PATH, arrived_ms).await? {
+        Ok(signed) => signed,
         Err(refusal) => return Ok(refusal),
     };
-    // Memory takes the records on this future's first poll, before any other await.
-    let applied_at_ms = Date::now().as_millis();
-    let replace_copies = async {
-        let replaced =
-            futures::future::try_join_all(purge.records.into_iter().map(|r| lookup::purge(r, now_ms))).await?;
-        Result::<usize>::Ok(replaced.into_iter().filter(|had_copy| *had_copy).count())
-    };
-    let (first_use, purged) = futures::join!(signed::first_use(&nonce, now_ms), replace_copies);
-    let purged = purged?;
-    if !first_use? {
-        return signed::replayed();
-    }
     let region = ctx.env.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
+    if purge.body.region != region {
+        return error::respond(
+            403,
+            "WRONG_REGION",
+            &format!("this purge is for region `{}`; this is `{region}`", purge.body.region),
+        );
+    }
+    let confirmed_at_ms = freshness::purge_confirmed_at(purge.signed_at_ms, arrived_ms);
+    let mode = purge_mode(&ctx);
+    let records = purge.body.records;
+    if mode == PurgeMode::TagOnly {
+        let delay_ms = ctx.env.var("PURGE_TAG_DELAY_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(0);
+        ctx.data.wait_until(async move {
+            Delay::from(std::time::Duration::from_millis(delay_ms)).await;
+            for record in records {
+                if let Err(e) = lookup::purge(record, confirmed_at_ms, mode).await {
+                    console_error!("tag-only purge failed: {e}");
+                }
+            }
+        });
+        return Response::from_json(&PurgeAck { region, purged: 0, applied_at_ms: arrived_ms });
+    }
+    // Memory takes the records before the first await of each purge.
+    let applied_at_ms = Date::now().as_millis();
+    let replaced =
+        futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))).await?;
+    let purged = replaced.into_iter().filter(|had_copy| *had_copy).count();
     Response::from_json(&PurgeAck { region, purged, applied_at_ms })
+}
+
+fn purge_mode(ctx: &RouteContext<Context>) -> PurgeMode {
+    match ctx.env.var("PURGE_MODE").map(|v| v.to_string()).as_deref() {
+        Ok("tag-only") => PurgeMode::TagOnly,
+        _ => PurgeMode::Record,
+    }
 }

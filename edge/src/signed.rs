@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use keyward_shared::internal::{
     self, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, SignatureError, SignedHeaders, TIMESTAMP_HEADER,
 };
-use worker::{Cache, Env, Headers, Request, Response, Result};
+use worker::{Cache, Env, Headers, Request, Response, Result, console_error};
 
 use crate::{PURGE_SECRET, error};
 
@@ -20,15 +20,18 @@ thread_local! {
     static NONCES: RefCell<HashMap<String, u64>> = RefCell::new(HashMap::new());
 }
 
-/// A signed request whose signature and timestamp were checked; its nonce is still to be
-/// checked with [`first_use`], which callers run alongside their (idempotent) work.
+/// A signed request whose signature, timestamp and nonce were checked: its work may be done.
 pub(crate) struct Signed<T> {
     pub body: T,
-    pub nonce: String,
+    /// When the control plane signed it, by its clock (Unix ms).
+    pub signed_at_ms: i64,
 }
 
-/// The JSON body of a signed request to `path`, or the refusal to answer with (401 for the
-/// signature or timestamp, 413 for size, 400 for a body that is not a `T`).
+/// The JSON body of a signed request to `path`, or the refusal to answer with: 401 for missing
+/// or malformed signature headers (before the body is read), a bad signature, a timestamp out
+/// of range or a nonce already used; 413 for a body over the limit (by `content-length` before
+/// reading, and by what was read); 400 for a body that is not a `T`. The nonce is recorded
+/// before the caller does any work, so a replay changes nothing.
 pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     req: &mut Request,
     env: &Env,
@@ -36,24 +39,43 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     now_ms: u64,
 ) -> Result<std::result::Result<Signed<T>, Response>> {
     let secret = env.secret(PURGE_SECRET)?.to_string();
+    if secret.len() < internal::MIN_SECRET_BYTES {
+        console_error!("PURGE_SECRET is {} bytes; internal routes need at least {}", secret.len(), internal::MIN_SECRET_BYTES);
+        return Ok(Err(error::respond(503, "MISCONFIGURED", "this worker's PURGE_SECRET is too short; see its log")?));
+    }
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();
     let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER), header(NONCE_HEADER), header(SIGNATURE_HEADER));
+    if timestamp.parse::<i64>().is_err() || !internal::is_nonce(&nonce) || signature.len() != 64 {
+        return Ok(Err(refuse(SignatureError::Malformed)?));
+    }
+    let declared = header("content-length").parse::<usize>().ok();
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Ok(Err(too_large()?));
+    }
     let body = req.bytes().await?;
     if body.len() > MAX_BODY {
-        return Ok(Err(error::respond(413, "PAYLOAD_TOO_LARGE", "an internal request is at most 256 KiB")?));
+        return Ok(Err(too_large()?));
     }
     let headers = SignedHeaders { timestamp: &timestamp, nonce: &nonce, signature: &signature };
     if let Err(e) = internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64) {
         return Ok(Err(refuse(e)?));
     }
+    if !first_use(&nonce, now_ms).await? {
+        return Ok(Err(replayed()?));
+    }
+    let signed_at_ms = timestamp.parse().unwrap_or_default();
     match serde_json::from_slice(&body) {
-        Ok(body) => Ok(Ok(Signed { body, nonce })),
+        Ok(body) => Ok(Ok(Signed { body, signed_at_ms })),
         Err(e) => Ok(Err(error::respond(400, "BAD_REQUEST", &format!("invalid body for {path}: {e}"))?)),
     }
 }
 
+fn too_large() -> Result<Response> {
+    error::respond(413, "PAYLOAD_TOO_LARGE", "an internal request is at most 256 KiB")
+}
+
 /// The answer to a request whose nonce was used before.
-pub(crate) fn replayed() -> Result<Response> {
+fn replayed() -> Result<Response> {
     refuse(SignatureError::Replayed)
 }
 
@@ -68,11 +90,7 @@ fn refuse(e: SignatureError) -> Result<Response> {
 }
 
 /// Records a nonce; false if it was seen before in this isolate or this location.
-///
-/// Internal requests are idempotent (a purge drops copies; an authority update keeps only a
-/// newer version), so callers may do their work while this check runs and refuse afterwards:
-/// a replay then changes nothing and is still answered `REPLAYED`.
-pub(crate) async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
+async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
     let fresh_here = NONCES.with(|nonces| {
         let mut nonces = nonces.borrow_mut();
         nonces.retain(|_, at| now_ms.saturating_sub(*at) < NONCE_MEMORY_MS);

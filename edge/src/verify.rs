@@ -10,15 +10,18 @@ use crate::{error, lookup};
 /// Largest verify request body accepted.
 const MAX_BODY: usize = 4 * 1024;
 
-pub(crate) async fn handle(mut req: Request, ctx: RouteContext<()>) -> Result<Response> {
+pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> Result<Response> {
     let now_ms = Date::now().as_millis();
-    let caller = match auth::caller(&req, &ctx.env, now_ms).await {
+    let caller = match auth::caller(&req, &ctx.env, &ctx.data, now_ms).await {
         Ok(caller) => caller,
         Err(AuthError::Missing) => {
             return error::respond(401, "UNAUTHORIZED", "send `Authorization: Bearer <root key with a verify scope>`");
         }
         Err(AuthError::Invalid) => {
             return error::respond(401, "UNAUTHORIZED", "the root key is not valid here");
+        }
+        Err(AuthError::Unavailable) => {
+            return error::respond(503, "UNAVAILABLE", "the root key could not be confirmed in time; retry");
         }
         Err(AuthError::Internal(detail)) => {
             console_error!("root key lookup failed: {detail}");

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::KeyRecord;
+use crate::{KeyRecord, RootKeyRecord};
 
 pub const PURGE_PATH: &str = "/internal/purge";
 pub const AUTHORITY_PATH: &str = "/internal/authority";
@@ -27,6 +27,9 @@ pub const MAX_SKEW_MS: i64 = 30_000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
+    /// The region this purge is for, under the signature: a purge captured on its way to one
+    /// region is refused by every other.
+    pub region: String,
     pub records: Vec<KeyRecord>,
 }
 
@@ -40,16 +43,23 @@ pub struct PurgeAck {
     pub applied_at_ms: u64,
 }
 
-/// Sets keys' authoritative records in their KeyState Durable Objects. Each object keeps a
-/// record only if its version is newer than the one it holds, so a late or repeated update
-/// cannot move a key back in time.
+/// Sets keys' and root keys' authoritative records in their KeyState Durable Objects. Each
+/// object keeps a record only if its version is newer than the one it holds, so a late or
+/// repeated update cannot move a key back in time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorityUpdate {
+    #[serde(default)]
     pub records: Vec<KeyRecord>,
+    #[serde(default)]
+    pub root_keys: Vec<RootKeyRecord>,
 }
 
-/// The versions the authority holds after an update, in the order of the update's records.
+/// The shortest secret the control plane and the workers accept for signing internal requests.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The versions the authority holds after an update, in the order of the update's records,
+/// then its root keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuthorityAck {
     pub versions: Vec<u64>,

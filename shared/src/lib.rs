@@ -5,6 +5,7 @@
 //! Workers KV, the wire types of verification, root-key scopes, the signature of internal
 //! requests, and the verification decision itself.
 
+pub mod freshness;
 pub mod hash;
 pub mod internal;
 pub mod key;

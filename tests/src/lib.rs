@@ -77,10 +77,6 @@ impl Proc {
         Ok(Proc { child, name: name.to_owned(), log: log.to_path_buf() })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Whether the process has exited.
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
@@ -169,6 +165,8 @@ pub struct RegionSpec {
     pub registry: PathBuf,
     /// The worker's entry module, when not this checkout's `edge/build/worker/shim.mjs`.
     pub main: Option<PathBuf>,
+    /// Extra `[vars]` of the worker (`PURGE_MODE`, `AUTHORITY_TIMEOUT_MS`, ...).
+    pub vars: Vec<(String, String)>,
 }
 
 /// The KV namespace id every local region uses.
@@ -188,13 +186,12 @@ impl RegionSpec {
         format!("{}/cdn-cgi/explorer/api", self.url())
     }
 
-    /// This region as a `[[regions]]` entry of `keyward.toml`; purges go to `purge_url`
-    /// (normally [`RegionSpec::url`]) and KV writes arrive `kv_delay_ms` late.
-    pub fn config_toml(&self, purge_url: &str, kv_delay_ms: u64) -> String {
+    /// This region as a `[[regions]]` entry of `keyward.toml`; purges go to `purge_url` and KV
+    /// writes to `kv_base` (normally both [`RegionSpec::url`]), arriving `kv_delay_ms` late.
+    pub fn config_toml(&self, purge_url: &str, kv_base: &str, kv_delay_ms: u64) -> String {
         format!(
-            "[[regions]]\nname = \"{}\"\nurl = \"{purge_url}\"\nkv_url = \"{}\"\nkv_namespace_id = \"{LOCAL_NAMESPACE}\"\nkv_delay_ms = {kv_delay_ms}\n",
+            "[[regions]]\nname = \"{}\"\nurl = \"{purge_url}\"\nkv_url = \"{kv_base}/cdn-cgi/explorer/api\"\nkv_namespace_id = \"{LOCAL_NAMESPACE}\"\nkv_delay_ms = {kv_delay_ms}\n",
             self.name,
-            self.kv_url()
         )
     }
 
@@ -238,10 +235,11 @@ impl RegionSpec {
             &config,
             format!(
                 "name = \"{worker}\"\nmain = \"{main}\"\ncompatibility_date = \"2026-04-01\"\n\n\
-                 [vars]\nREGION = \"{name}\"\n\n[[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{LOCAL_NAMESPACE}\"\n\n{objects}",
+                 [vars]\nREGION = \"{name}\"\n{vars}\n[[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{LOCAL_NAMESPACE}\"\n\n{objects}",
                 worker = self.worker_name(),
                 name = self.name,
-                main = main.display()
+                main = main.display(),
+                vars = self.vars.iter().map(|(k, v)| format!("{k} = \"{v}\"\n")).collect::<String>(),
             ),
         )?;
         std::fs::write(self.dir.join(".dev.vars"), format!("PURGE_SECRET={}\n", self.purge_secret))?;

@@ -2,7 +2,6 @@
 //! regions, a control plane on its own SQLite file, a bootstrap root key, all in one temporary
 //! directory that is scanned for plaintext keys at the end.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,19 +27,40 @@ pub enum RegionPlan {
     DelayedKv(u64),
 }
 
-/// Whether the slow whole-system tests should run (`cargo xtask test` sets `KEYWARD_E2E=1`).
-pub fn e2e_enabled() -> bool {
-    let on = std::env::var("KEYWARD_E2E").is_ok_and(|v| v == "1");
-    if !on {
-        eprintln!("skipping a whole-system test: set KEYWARD_E2E=1 (`cargo xtask test` does)");
+/// How every region of a test world purges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeMode {
+    /// A signed purge puts its record in memory and drops the Cache API copy.
+    Record,
+    /// Only the Cache API copy is dropped, this many milliseconds after the acknowledgement,
+    /// as Cloudflare's purge-by-tag does in production (isolate memory is not reached).
+    TagOnly(u64),
+}
+
+/// What a test world is made of besides its regions.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// wrangler's log level (`warn` for tests, `error` for benchmarks).
+    pub log_level: &'static str,
+    pub purge_mode: PurgeMode,
+    /// The control plane reaches the authority through a [`Gate`] (`World::authority_gate`);
+    /// regions still reach it directly.
+    pub gated_authority: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { log_level: "warn", purge_mode: PurgeMode::Record, gated_authority: false }
     }
-    on
 }
 
 pub struct Region {
     pub spec: RegionSpec,
     pub plan: RegionPlan,
+    /// Between the control plane and the region's purge route, for [`RegionPlan::Gated`].
     pub gate: Option<Gate>,
+    /// Between the control plane and the region's KV, for [`RegionPlan::Gated`].
+    pub kv_gate: Option<Gate>,
     proc: Option<Proc>,
 }
 
@@ -51,20 +71,35 @@ pub struct World {
     pub home: RegionSpec,
     pub regions: Vec<Region>,
     pub cp_port: u16,
+    /// Between the control plane and the authority, when [`Options::gated_authority`].
+    pub authority_gate: Option<Gate>,
     config: PathBuf,
     home_proc: Option<Proc>,
     control_plane: Option<Proc>,
     client: reqwest::blocking::Client,
-    seen: RefCell<Vec<String>>,
+    seen: std::sync::Mutex<Vec<String>>,
 }
 
 impl World {
     pub fn start(plans: &[RegionPlan]) -> anyhow::Result<World> {
-        World::start_with(plans, "warn")
+        World::start_opts(plans, Options::default())
     }
 
     /// Like [`World::start`], with wrangler's log level (`error` for benchmarks).
     pub fn start_with(plans: &[RegionPlan], log_level: &'static str) -> anyhow::Result<World> {
+        World::start_opts(plans, Options { log_level, ..Options::default() })
+    }
+
+    /// A world with these regions and options.
+    pub fn start_opts(plans: &[RegionPlan], options: Options) -> anyhow::Result<World> {
+        let log_level = options.log_level;
+        let vars = match options.purge_mode {
+            PurgeMode::Record => Vec::new(),
+            PurgeMode::TagOnly(delay_ms) => vec![
+                ("PURGE_MODE".to_owned(), "tag-only".to_owned()),
+                ("PURGE_TAG_DELAY_MS".to_owned(), delay_ms.to_string()),
+            ],
+        };
         let dir = tempfile::Builder::new().prefix("keyward-e2e-").tempdir()?;
         let secret = new_secret();
         let registry = dir.path().join("registry");
@@ -77,6 +112,7 @@ impl World {
             objects,
             registry: registry.clone(),
             main: None,
+            vars: vars.clone(),
         };
         let home = spec("home".into(), secret.clone(), Objects::Host);
         let home_proc = Some(home.start()?);
@@ -86,19 +122,23 @@ impl World {
             let spec = spec(format!("r{i}"), region_secret, Objects::In(home.worker_name()));
             let proc = if *plan == RegionPlan::Down { None } else { Some(spec.start()?) };
             let gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
-            regions.push(Region { spec, plan: *plan, gate, proc });
+            let kv_gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
+            regions.push(Region { spec, plan: *plan, gate, kv_gate, proc });
         }
         let cp_port = free_port();
+        let authority_gate = if options.gated_authority { Some(Gate::start(home.port)?) } else { None };
+        let authority_url = authority_gate.as_ref().map_or_else(|| home.url(), Gate::url);
         let config = dir.path().join("keyward.toml");
         let mut text = format!(
             "listen = \"127.0.0.1:{cp_port}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n",
             dir.path().join("keyward.sqlite").display(),
-            home.url()
+            authority_url
         );
         for region in &regions {
             let purge_url = region.gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let kv_base = region.kv_gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
             let delay = if let RegionPlan::DelayedKv(ms) = region.plan { ms } else { 0 };
-            text.push_str(&region.spec.config_toml(&purge_url, delay));
+            text.push_str(&region.spec.config_toml(&purge_url, &kv_base, delay));
         }
         std::fs::write(&config, text)?;
         let root_key = new_root_key();
@@ -110,11 +150,12 @@ impl World {
             home,
             regions,
             cp_port,
+            authority_gate,
             config,
             home_proc,
             control_plane: None,
             client,
-            seen: RefCell::new(Vec::new()),
+            seen: std::sync::Mutex::new(Vec::new()),
         };
         world.start_control_plane(&[])?;
         world.remember(&root_key);
@@ -127,7 +168,7 @@ impl World {
 
     /// Keeps a plaintext key to look for in [`World::assert_no_plaintext`].
     pub fn remember(&self, key: &str) {
-        self.seen.borrow_mut().push(key.to_owned());
+        self.seen.lock().expect("not poisoned").push(key.to_owned());
     }
 
     /// One HTTP call; answers the status and the JSON body (`null` if none). Any `key` field
@@ -182,7 +223,12 @@ impl World {
     /// The record region `i`'s KV holds for `key` right now, read through wrangler's local
     /// Cloudflare-format endpoint.
     pub fn region_kv_record(&self, i: usize, key: &str) -> Option<Value> {
-        let kv_key = format!("key%3A{}", keyward_shared::KeyHash::of(key).to_hex());
+        self.region_kv(i, &format!("key:{}", keyward_shared::KeyHash::of(key).to_hex()))
+    }
+
+    /// The value region `i`'s KV holds under `kv_key` right now.
+    pub fn region_kv(&self, i: usize, kv_key: &str) -> Option<Value> {
+        let kv_key = kv_key.replace(':', "%3A");
         let url = format!(
             "{}/storage/kv/namespaces/{}/values/{kv_key}",
             self.regions[i].spec.kv_url(),
@@ -193,6 +239,24 @@ impl World {
             return None;
         }
         serde_json::from_str(&response.text().ok()?).ok()
+    }
+
+    /// A request to a worker's internal route at `base`, signed with the world's secret at
+    /// `timestamp_ms` with `nonce`; answers the status and the body's text.
+    pub fn signed_post(&self, base: &str, path: &str, body: &Value, timestamp_ms: i64, nonce: &str) -> (u16, String) {
+        signed_post(&self.secret, base, path, body, timestamp_ms, nonce)
+    }
+
+    /// Writes `value` under `kv_key` straight into region `i`'s KV (what a late KV write does).
+    pub fn put_region_kv(&self, i: usize, kv_key: &str, value: &Value) {
+        let url = format!(
+            "{}/storage/kv/namespaces/{}/values/{}",
+            self.regions[i].spec.kv_url(),
+            crate::LOCAL_NAMESPACE,
+            kv_key.replace(':', "%3A")
+        );
+        let response = self.client.put(url).body(value.to_string()).send().expect("KV write");
+        assert!(response.status().is_success(), "KV write answered {}", response.status());
     }
 
     /// `GET /v1/regions`.
@@ -286,6 +350,21 @@ impl World {
         Ok(())
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the home of the authority: a process that holds its
+    /// connections and never answers.
+    pub fn freeze_home(&self, frozen: bool) {
+        if let Some(proc) = &self.home_proc {
+            proc.signal(if frozen { "STOP" } else { "CONT" });
+        }
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) region `i`'s processes.
+    pub fn freeze_region(&self, i: usize, frozen: bool) {
+        if let Some(proc) = &self.regions[i].proc {
+            proc.signal(if frozen { "STOP" } else { "CONT" });
+        }
+    }
+
     pub fn stop_home(&mut self) {
         self.home_proc.take();
     }
@@ -316,7 +395,7 @@ impl World {
         for region in &mut self.regions {
             region.proc.take();
         }
-        let seen = self.seen.borrow().clone();
+        let seen = self.seen.lock().expect("not poisoned").clone();
         assert!(!seen.is_empty(), "the scan needs keys to look for");
         let mut files = Vec::new();
         walk(self.dir.path(), &mut files).expect("walk the test directory");
@@ -331,6 +410,26 @@ impl World {
             }
         }
         eprintln!("scanned {} files for {} plaintext keys: none found", files.len(), seen.len());
+    }
+}
+
+/// A request to a worker's internal route at `base`, signed with `secret` at `timestamp_ms`
+/// with `nonce`; answers the status and the body's text (status 0: no answer).
+pub fn signed_post(secret: &str, base: &str, path: &str, body: &Value, timestamp_ms: i64, nonce: &str) -> (u16, String) {
+    use keyward_shared::internal::{self, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+    let body = serde_json::to_vec(body).expect("JSON");
+    let signature = internal::sign(secret.as_bytes(), "POST", path, timestamp_ms, nonce, &body);
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().expect("a client");
+    let response = client
+        .post(format!("{base}{path}"))
+        .header(TIMESTAMP_HEADER, timestamp_ms.to_string())
+        .header(NONCE_HEADER, nonce)
+        .header(SIGNATURE_HEADER, signature)
+        .body(body)
+        .send();
+    match response {
+        Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+        Err(e) => (0, e.to_string()),
     }
 }
 

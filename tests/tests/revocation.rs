@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyward_tests::world::{RegionPlan, World, e2e_enabled};
+use keyward_tests::world::{RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -35,10 +35,8 @@ fn region<'a>(answer: &'a Value, name: &str) -> &'a Value {
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn three_hot_regions_reject_on_the_next_request() {
-    if !e2e_enabled() {
-        return;
-    }
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up]).unwrap();
     let api = world.create_api("three", 300_000);
     let (id, key) = world.create_key(&api, json!({}));
@@ -55,10 +53,8 @@ fn three_hot_regions_reject_on_the_next_request() {
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_lagging_kv_never_resurrects_a_revoked_key() {
-    if !e2e_enabled() {
-        return;
-    }
     const DELAY_MS: u64 = 20_000;
     let plans = [RegionPlan::Up, RegionPlan::DelayedKv(DELAY_MS), RegionPlan::DelayedKv(DELAY_MS)];
     let mut world = World::start(&plans).unwrap();
@@ -109,10 +105,8 @@ fn a_lagging_kv_never_resurrects_a_revoked_key() {
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_lost_purge_costs_at_most_max_staleness_and_is_delivered_later() {
-    if !e2e_enabled() {
-        return;
-    }
     const MAX_STALENESS_MS: u64 = 2_000;
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Gated]).unwrap();
     let api = world.create_api("lossy", MAX_STALENESS_MS);
@@ -145,10 +139,8 @@ fn a_lost_purge_costs_at_most_max_staleness_and_is_delivered_later() {
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_crash_between_commit_and_answer_is_finished_on_restart() {
-    if !e2e_enabled() {
-        return;
-    }
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up]).unwrap();
     // Copies trusted for 300 s: only delivered purges can explain prompt rejections.
     let api = world.create_api("crashy", 300_000);
@@ -182,10 +174,8 @@ fn a_crash_between_commit_and_answer_is_finished_on_restart() {
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_region_restarted_while_a_key_was_revoked_rejects_it_on_its_first_request() {
-    if !e2e_enabled() {
-        return;
-    }
     const MAX_STALENESS_MS: u64 = 1_000;
     let mut world = World::start(&[RegionPlan::Up]).unwrap();
     let api = world.create_api("restarting", MAX_STALENESS_MS);
@@ -207,10 +197,8 @@ fn a_region_restarted_while_a_key_was_revoked_rejects_it_on_its_first_request() 
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_root_key_revoked_while_a_region_was_down_is_refused_there_once_it_returns() {
-    if !e2e_enabled() {
-        return;
-    }
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up]).unwrap();
     let api = world.create_api("callers", 300_000);
     let (_, key) = world.create_key(&api, json!({}));
@@ -243,10 +231,8 @@ fn a_root_key_revoked_while_a_region_was_down_is_refused_there_once_it_returns()
 }
 
 #[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
-    if !e2e_enabled() {
-        return;
-    }
     const MAX_STALENESS_MS: u64 = 1_000;
     let mut world = World::start(&[RegionPlan::Up]).unwrap();
     let api = world.create_api("homeless", MAX_STALENESS_MS);

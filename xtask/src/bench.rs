@@ -394,6 +394,7 @@ fn start_first_slice(world: &World, keys: &[&str]) -> anyhow::Result<(keyward_te
         objects: keyward_tests::Objects::None,
         registry: world.dir.path().join("registry"),
         main: Some(first_slice_worker()?),
+        vars: Vec::new(),
     };
     let proc = spec.start()?;
     let client = reqwest::blocking::Client::new();

@@ -41,6 +41,7 @@ pub fn run(regions: u16) -> anyhow::Result<()> {
         objects,
         registry: registry.clone(),
         main: None,
+        vars: Vec::new(),
     };
     let home = spec("home".into(), HOME_PORT, Objects::Host);
     let specs: Vec<RegionSpec> = (0..regions)
@@ -56,7 +57,7 @@ pub fn run(regions: u16) -> anyhow::Result<()> {
         home.url()
     );
     for region in &specs {
-        text.push_str(&region.config_toml(&region.url(), 0));
+        text.push_str(&region.config_toml(&region.url(), &region.url(), 0));
     }
     write_private(&config, &text)?;
 

@@ -1,0 +1,232 @@
+//! The edge's freshness rules as pure functions of plain values: when a copy may be answered
+//! from without asking, what a stale copy or a miss resolves to given what KV and the key's
+//! authority said, and when a purge's record counts as confirmed.
+//!
+//! The invariants they keep, each a row of the tables below:
+//! - A copy is answered unconfirmed only while younger than `max_staleness_ms` since the moment
+//!   its confirmation was *asked* (or its signed purge was *made*); a confirmation time in the
+//!   future is stale, not fresh.
+//! - Revoked and deleted are final: a copy in a final state never needs confirming.
+//! - KV never resurrects a key: whatever is read, the highest version wins, so a KV copy older
+//!   than a revocation loses to the authority (or to the copy held here).
+//! - Without an answer from the authority, only a final state is answered; anything else fails
+//!   closed.
+
+use crate::record::{KeyRecord, KeyStatus, RootKeyRecord};
+
+/// A record the edge keeps copies of: a key's or a root key's.
+pub trait Versioned {
+    /// Grows by one on every change.
+    fn version(&self) -> u64;
+    /// Whether no later version can make it accepted again (revoked, deleted).
+    fn is_final(&self) -> bool;
+}
+
+impl Versioned for KeyRecord {
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn is_final(&self) -> bool {
+        self.status.is_final()
+    }
+}
+
+impl Versioned for RootKeyRecord {
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn is_final(&self) -> bool {
+        self.status.is_final()
+    }
+}
+
+/// Whether a copy confirmed at `confirmed_at_ms` may be answered from at `now_ms` without
+/// asking the authority. A confirmation time after `now_ms` (a clock that moved back, a purge
+/// stamped by a clock ahead of this one) is not trusted.
+pub fn is_fresh(confirmed_at_ms: u64, max_staleness_ms: u64, now_ms: u64) -> bool {
+    confirmed_at_ms <= now_ms && now_ms - confirmed_at_ms < max_staleness_ms
+}
+
+impl KeyStatus {
+    /// Revoked and deleted keys never become valid again.
+    pub fn is_final(self) -> bool {
+        matches!(self, KeyStatus::Revoked | KeyStatus::Deleted)
+    }
+}
+
+/// Whether a copy must be confirmed with the authority before it is answered from.
+pub fn needs_confirmation(record: &KeyRecord, confirmed_at_ms: u64, now_ms: u64) -> bool {
+    !record.status.is_final() && !is_fresh(confirmed_at_ms, record.max_staleness_ms, now_ms)
+}
+
+/// The confirmation time of a record carried by a signed purge: the earlier of the time the
+/// control plane signed it and the time it arrived. The record was current when signed, so a
+/// purge that travelled slowly (or was held back and replayed) is trusted for less, never more.
+pub fn purge_confirmed_at(signed_at_ms: i64, arrived_at_ms: u64) -> u64 {
+    u64::try_from(signed_at_ms).unwrap_or(0).min(arrived_at_ms)
+}
+
+/// What the key's authority answered when asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthorityAnswer<R> {
+    /// It holds this record.
+    Holds(R),
+    /// It has never heard of the key (made before it existed, or its first update is pending).
+    Unknown,
+    /// It could not be asked within the time allowed.
+    Unreachable,
+}
+
+/// Where the record a lookup resolved to came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The copy held at this location.
+    Copy,
+    Kv,
+    Authority,
+}
+
+/// What a stale copy or a miss resolves to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolved<R> {
+    /// Answer from this record (none: the key is not found); it counts as confirmed when the
+    /// authority answered or the record is final.
+    Record(Option<R>, Tier),
+    /// The authority could not be asked and the best record is not final: answer
+    /// `UNAVAILABLE` to those who may see the key (the record says who may).
+    FailClosed(R),
+}
+
+/// Resolves a stale copy (`copy`, or `None` on a miss) against what KV and the authority said:
+/// the highest version wins, ties going to the authority, then the copy, then KV. Without the
+/// authority's answer, only a final state may be answered.
+pub fn resolve<R: Versioned>(copy: Option<R>, kv: Option<R>, authority: AuthorityAnswer<R>) -> Resolved<R> {
+    let reachable = !matches!(authority, AuthorityAnswer::Unreachable);
+    let mut best: Option<(R, Tier)> = None;
+    let candidates = [
+        match authority {
+            AuthorityAnswer::Holds(record) => Some((record, Tier::Authority)),
+            _ => None,
+        },
+        copy.map(|record| (record, Tier::Copy)),
+        kv.map(|record| (record, Tier::Kv)),
+    ];
+    for (record, from) in candidates.into_iter().flatten() {
+        if best.as_ref().is_none_or(|(held, _)| record.version() > held.version()) {
+            best = Some((record, from));
+        }
+    }
+    match best {
+        None => Resolved::Record(None, Tier::Kv),
+        Some((record, from)) if reachable || record.is_final() => Resolved::Record(Some(record), from),
+        Some((record, _)) => Resolved::FailClosed(record),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::KeyHash;
+    use crate::record::tests::sample;
+
+    fn at(version: u64, status: KeyStatus) -> KeyRecord {
+        let mut record = sample(KeyHash::of("x"));
+        record.version = version;
+        record.status = status;
+        record
+    }
+
+    #[test]
+    fn fresh_table() {
+        // (confirmed at, max staleness, now, fresh)
+        for (confirmed, max, now, fresh) in [
+            (1_000, 1_000, 1_000, true),
+            (1_000, 1_000, 1_999, true),
+            (1_000, 1_000, 2_000, false),
+            (1_000, 1_000, 90_000, false),
+            // A confirmation stamped in the future is stale, however close.
+            (1_001, 1_000, 1_000, false),
+            (u64::MAX, 1_000, 1_000, false),
+            (0, 0, 0, false),
+        ] {
+            assert_eq!(is_fresh(confirmed, max, now), fresh, "confirmed {confirmed}, max {max}, now {now}");
+        }
+    }
+
+    #[test]
+    fn a_copy_past_max_staleness_is_never_answered_unconfirmed_unless_final() {
+        let max = sample(KeyHash::of("x")).max_staleness_ms;
+        // (status, age, needs confirmation)
+        for (status, age, needed) in [
+            (KeyStatus::Active, 0, false),
+            (KeyStatus::Active, max - 1, false),
+            (KeyStatus::Active, max, true),
+            (KeyStatus::Active, 10 * max, true),
+            (KeyStatus::Revoked, 10 * max, false),
+            (KeyStatus::Deleted, 10 * max, false),
+        ] {
+            let now = 1_000_000;
+            assert_eq!(needs_confirmation(&at(1, status), now - age, now), needed, "{status:?} aged {age}");
+        }
+        let mut disabled = at(1, KeyStatus::Active);
+        disabled.enabled = false;
+        assert!(needs_confirmation(&disabled, 0, 10 * max), "disabled can be enabled again: not final");
+        assert!(needs_confirmation(&at(1, KeyStatus::Active), 2_000, 1_000), "stamped in the future");
+    }
+
+    #[test]
+    fn purge_confirmation_time_is_the_earlier_of_signing_and_arrival() {
+        assert_eq!(purge_confirmed_at(1_000, 1_500), 1_000);
+        assert_eq!(purge_confirmed_at(2_000, 1_500), 1_500);
+        assert_eq!(purge_confirmed_at(-5, 1_500), 0);
+    }
+
+    fn check(
+        copy: Option<KeyRecord>,
+        kv: Option<KeyRecord>,
+        authority: AuthorityAnswer<KeyRecord>,
+        expected: Resolved<KeyRecord>,
+    ) {
+        let shown = format!("copy {copy:?}, kv {kv:?}, authority {authority:?}");
+        assert_eq!(resolve(copy, kv, authority), expected, "{shown}");
+    }
+
+    #[test]
+    fn kv_never_resurrects_a_revoked_key() {
+        use AuthorityAnswer::*;
+        let (active, revoked) = (at(1, KeyStatus::Active), at(2, KeyStatus::Revoked));
+        // A miss: KV still holds the active record; the authority the revocation.
+        check(None, Some(active.clone()), Holds(revoked.clone()), Resolved::Record(Some(revoked.clone()), Tier::Authority));
+        // A stale copy of the revocation (put there by a purge) outranks an older KV and authority:
+        // the authority's write failed, but the copy and KV never go back.
+        check(Some(revoked.clone()), Some(active.clone()), Holds(active.clone()), Resolved::Record(Some(revoked.clone()), Tier::Copy));
+        // The authority's write failed and nothing here knew: KV's newer record wins over the
+        // authority's older one when a copy is confirmed.
+        check(Some(active.clone()), Some(revoked.clone()), Holds(active.clone()), Resolved::Record(Some(revoked.clone()), Tier::Kv));
+        // The authority has never heard of the key: KV and the copy decide, highest version.
+        check(Some(active.clone()), Some(revoked.clone()), Unknown, Resolved::Record(Some(revoked.clone()), Tier::Kv));
+        check(None, None, Unknown, Resolved::Record(None, Tier::Kv));
+        // Ties go to the authority, then the copy.
+        check(Some(active.clone()), Some(active.clone()), Holds(active.clone()), Resolved::Record(Some(active.clone()), Tier::Authority));
+        check(Some(active.clone()), Some(active.clone()), Unknown, Resolved::Record(Some(active.clone()), Tier::Copy));
+    }
+
+    #[test]
+    fn without_the_authority_only_a_final_state_is_answered() {
+        use AuthorityAnswer::Unreachable;
+        let (active, revoked, deleted) = (at(1, KeyStatus::Active), at(2, KeyStatus::Revoked), at(3, KeyStatus::Deleted));
+        check(Some(active.clone()), None, Unreachable, Resolved::FailClosed(active.clone()));
+        check(None, Some(active.clone()), Unreachable, Resolved::FailClosed(active.clone()));
+        check(Some(active.clone()), Some(revoked.clone()), Unreachable, Resolved::Record(Some(revoked.clone()), Tier::Kv));
+        check(None, Some(deleted.clone()), Unreachable, Resolved::Record(Some(deleted), Tier::Kv));
+        // The highest version decides, and a newer copy that is not final fails closed.
+        let mut newer_active = at(5, KeyStatus::Active);
+        newer_active.enabled = false;
+        check(Some(newer_active.clone()), Some(at(4, KeyStatus::Active)), Unreachable, Resolved::FailClosed(newer_active));
+        // Nothing anywhere: not found, which rejects.
+        check(None, None, Unreachable, Resolved::Record(None, Tier::Kv));
+    }
+}

@@ -1,0 +1,213 @@
+//! The holes in the promise that faults opened, one scenario each, against real processes: an
+//! authority that hangs, a root key whose revocation a late KV write undoes, authority writes
+//! that fail while reads work, out-of-order authority updates, and replayed or misdirected
+//! purges.
+
+use std::time::{Duration, Instant};
+
+use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
+use keyward_tests::gate::GateMode;
+use keyward_tests::world::{Options, PurgeMode, RegionPlan, World, signed_post};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Verifies `key` in region `i` until it is served from an edge copy (memory or cache).
+fn make_hot(world: &World, i: usize, key: &str) {
+    world.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
+        let (code, source) = world.edge_code(i, key);
+        assert_eq!(code, "VALID", "region {i} before revocation");
+        (source == "memory" || source == "cache").then_some(())
+    });
+}
+
+/// The code region `i` answers for `key`, and how long the answer took.
+fn timed_code(world: &World, i: usize, key: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let (code, _) = world.edge_code(i, key);
+    (code, started.elapsed())
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn a_frozen_authority_costs_a_bounded_wait_and_final_copies_answer_at_once() {
+    const MAX_STALENESS_MS: u64 = 1_000;
+    let mut world = World::start(&[RegionPlan::Up]).unwrap();
+    let api = world.create_api("frozen-home", MAX_STALENESS_MS);
+    let (revoked_id, revoked_key) = world.create_key(&api, json!({}));
+    let (_, live_key) = world.create_key(&api, json!({}));
+    make_hot(&world, 0, &revoked_key);
+    make_hot(&world, 0, &live_key);
+    world.freeze_home(true);
+    let started = Instant::now();
+    let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{revoked_id}/revoke"), None);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["authority"]["acknowledged"], false, "{answer}");
+    assert!(took < Duration::from_secs(6), "the revoke waited {took:?} for a frozen authority");
+    // The control plane still answers while its authority hangs.
+    let (status, _) = world.call(&world.origin(), None, Method::GET, "/health", None);
+    assert_eq!(status, 200);
+    // The purge's copy is past max_staleness by now, but revoked is final: answered at once.
+    let (code, took) = timed_code(&world, 0, &revoked_key);
+    assert_eq!(code, "REVOKED");
+    assert!(took < Duration::from_millis(300), "a final copy waited {took:?}");
+    // A live copy past max_staleness cannot be confirmed: UNAVAILABLE within the deadline.
+    world.wait_for("max_staleness to pass", Duration::from_secs(5), || {
+        (started.elapsed() > Duration::from_millis(MAX_STALENESS_MS + 100)).then_some(())
+    });
+    for _ in 0..3 {
+        let (code, took) = timed_code(&world, 0, &live_key);
+        assert_eq!(code, "UNAVAILABLE");
+        assert!(took < Duration::from_millis(1_200), "failing closed took {took:?}");
+    }
+    world.freeze_home(false);
+    world.wait_for("the live key to be confirmed again", Duration::from_secs(15), || {
+        (world.edge_code(0, &live_key).0 == "VALID").then_some(())
+    });
+    world.assert_no_plaintext();
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn a_late_kv_write_never_brings_a_revoked_root_key_back() {
+    let mut world = World::start(&[RegionPlan::Up]).unwrap();
+    let api = world.create_api("callers", 300_000);
+    let (_, key) = world.create_key(&api, json!({}));
+    let (status, caller) =
+        world.admin(Method::POST, "/v1/root-keys", Some(json!({ "name": "svc", "scopes": ["api.*.verify_key"] })));
+    assert_eq!(status, 201, "{caller}");
+    let (caller_id, caller_key) = (caller["id"].as_str().unwrap().to_owned(), caller["key"].as_str().unwrap().to_owned());
+    let kv_key = format!("root:{}", keyward_shared::KeyHash::of(&caller_key).to_hex());
+    let active = world.region_kv(0, &kv_key).expect("the root key's KV write");
+    assert_eq!(world.edge_verify(0, &caller_key, json!({ "key": key })).0, 200);
+    let (status, revoked) = world.admin(Method::POST, &format!("/v1/root-keys/{caller_id}/revoke"), None);
+    assert_eq!(status, 200, "{revoked}");
+    // A retry of the creation's KV write lands after the revocation's: KV holds the active v1.
+    world.wait_for("the revocation's KV write", Duration::from_secs(5), || {
+        (world.region_kv(0, &kv_key)?["status"] == "revoked").then_some(())
+    });
+    world.put_region_kv(0, &kv_key, &active);
+    let put_at = Instant::now();
+    // Past the root-key trust window (1 s), no request with it may succeed.
+    let mut polls = 0;
+    while put_at.elapsed() < Duration::from_secs(4) {
+        let (status, answer) = world.edge_verify(0, &caller_key, json!({ "key": key }));
+        if put_at.elapsed() > Duration::from_millis(1_200) {
+            assert_eq!(status, 401, "the revoked root key was accepted {:?} after KV went back: {answer}", put_at.elapsed());
+        }
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(polls > 50, "{polls} polls");
+    world.assert_no_plaintext();
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn hot_copies_end_when_authority_writes_fail_and_kv_has_the_revocation() {
+    const MAX_STALENESS_MS: u64 = 1_000;
+    // Tag-only purges never reach memory, so only confirmation can end the hot copy.
+    let options = Options { purge_mode: PurgeMode::TagOnly(0), gated_authority: true, ..Options::default() };
+    let mut world = World::start_opts(&[RegionPlan::Up], options).unwrap();
+    let api = world.create_api("authority-writes-fail", MAX_STALENESS_MS);
+    let (id, key) = world.create_key(&api, json!({}));
+    make_hot(&world, 0, &key);
+    world.authority_gate.as_ref().unwrap().set_mode(GateMode::Refuse);
+    let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+    let answered = Instant::now();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["authority"]["acknowledged"], false, "{answer}");
+    for region in answer["regions"].as_array().unwrap() {
+        assert_eq!(region["acknowledged"], false, "no region is acknowledged without the authority: {answer}");
+    }
+    world.wait_for("KV to hold the revocation", Duration::from_secs(10), || {
+        (world.region_kv_record(0, &key)?["status"] == "revoked").then_some(())
+    });
+    let rejected = world.wait_for("the region to reject", Duration::from_secs(10), || {
+        (world.edge_code(0, &key).0 == "REVOKED").then(|| answered.elapsed())
+    });
+    eprintln!("rejected {rejected:?} after the answer with authority writes failing");
+    for _ in 0..20 {
+        assert_eq!(world.edge_code(0, &key).0, "REVOKED");
+    }
+    world.assert_no_plaintext();
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn the_authority_never_moves_back_under_out_of_order_updates() {
+    let mut world = World::start(&[RegionPlan::Up]).unwrap();
+    let api = world.create_api("ordering", 300_000);
+    let (_, key) = world.create_key(&api, json!({}));
+    let base = world.region_kv_record(0, &key).expect("the key's KV record");
+    let mut versions: Vec<u64> = (2..=61).collect();
+    // A fixed shuffle: every high version is followed by lower ones.
+    versions.sort_by_key(|v| (v * 7919) % 61);
+    let home = world.home.url();
+    let acks: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = versions
+            .chunks(6)
+            .enumerate()
+            .map(|(t, chunk)| {
+                let (secret, base, home) = (&world.secret, &base, &home);
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(n, version)| {
+                            let mut record = base.clone();
+                            record["version"] = json!(version);
+                            let body = json!({ "records": [record] });
+                            let nonce = format!("order-test-{t:02}-{n:02}-000000");
+                            let (status, text) = signed_post(secret, home, AUTHORITY_PATH, &body, now_ms(), &nonce);
+                            assert_eq!(status, 200, "{text}");
+                            serde_json::from_str::<Value>(&text).unwrap()["versions"][0].as_u64().unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(acks.len(), 60);
+    let (status, text) =
+        world.signed_post(&home, AUTHORITY_PATH, &json!({ "records": [base] }), now_ms(), "order-test-final-000000");
+    assert_eq!(status, 200, "{text}");
+    let held = serde_json::from_str::<Value>(&text).unwrap()["versions"][0].as_u64().unwrap();
+    assert_eq!(held, 61, "the authority moved back: it holds {held} after updates up to 61");
+    world.assert_no_plaintext();
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn replayed_and_misdirected_purges_change_nothing() {
+    let mut world = World::start(&[RegionPlan::Up, RegionPlan::Up]).unwrap();
+    let api = world.create_api("replays", 300_000);
+    let (id, key) = world.create_key(&api, json!({}));
+    let active = world.region_kv_record(0, &key).expect("the key's KV record");
+    // A purge the control plane once sent (captured): it carries the active record.
+    let captured = json!({ "region": "r0", "records": [active] });
+    let signed_at = now_ms();
+    let r0 = world.regions[0].spec.url();
+    let (status, text) = world.signed_post(&r0, PURGE_PATH, &captured, signed_at, "captured-purge-nonce-01");
+    assert_eq!(status, 200, "{text}");
+    // Sent to another region, it is refused: the region is under the signature.
+    let r1 = world.regions[1].spec.url();
+    let (status, text) = world.signed_post(&r1, PURGE_PATH, &captured, signed_at, "captured-purge-nonce-02");
+    assert_eq!((status, text.contains("WRONG_REGION")), (403, true), "{text}");
+    let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+    assert_eq!(status, 200, "{answer}");
+    // r0 restarts: its memory is empty, its Cache API (and the nonces there) kept.
+    world.stop_region(0);
+    world.start_region(0).unwrap();
+    let (status, text) = world.signed_post(&r0, PURGE_PATH, &captured, signed_at, "captured-purge-nonce-01");
+    assert_eq!((status, text.contains("REPLAYED")), (401, true), "{text}");
+    for _ in 0..10 {
+        assert_eq!(world.edge_code(0, &key).0, "REVOKED", "the replay installed the old record");
+    }
+    world.assert_no_plaintext();
+}
