@@ -4,7 +4,8 @@
 //! fails stays pending and a background retrier tries it again with backoff, also after a
 //! restart (a crash between commit and answer is finished without anyone calling again). A region
 //! that was down receives every purge it missed when it returns. One process never delivers the
-//! same entry twice at once.
+//! same entry twice at once, and a delivery once started runs to its end even if its caller
+//! stops waiting (a client that disconnects).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,19 +13,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::FutureExt;
-use futures::future::join_all;
-use keyward_shared::KeyRecord;
+use futures::future::{BoxFuture, Shared, join_all};
+use keyward_shared::{KeyRecord, RootKeyRecord};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::edge::{Edge, KvState, RegionReport};
-use crate::store::{Attempt, Delivery, NewOutbox, Store};
+use crate::edge::{Edge, KvState, Region, RegionReport};
+use crate::store::{Attempt, Delivery, NewOutbox, OutboxEntry, Store};
 use crate::time::now_ms;
 
 /// The first retry waits this long; each further one twice as long, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often the retrier looks for due deliveries when nothing wakes it.
+/// How often the retrier looks for due deliveries.
 const RETRY_TICK: Duration = Duration::from_millis(250);
 /// A new entry is left to the request that made it for this long before the retrier may take it.
 pub const HANDOFF: Duration = Duration::from_secs(5);
@@ -45,9 +46,12 @@ pub fn targets(edge: &Edge, tightening: bool) -> Vec<String> {
     targets
 }
 
-/// The targets of a root key's change: every region's KV (the edge reads root keys there).
-pub fn kv_targets(edge: &Edge) -> Vec<String> {
-    edge.regions.iter().map(|region| format!("kv:{}", region.name)).collect()
+/// The targets of a root key's change: the authority (when configured; the edge confirms root
+/// keys with it, since KV has no conditional write and a late KV write could bring back an older
+/// version) and every region's KV (where the edge first reads root keys).
+pub fn root_key_targets(edge: &Edge) -> Vec<String> {
+    let authority = edge.has_authority().then(|| "authority".to_owned());
+    authority.into_iter().chain(edge.regions.iter().map(|region| format!("kv:{}", region.name))).collect()
 }
 
 /// An outbox entry for `targets`, left to the request that makes it for [`HANDOFF`].
@@ -88,14 +92,66 @@ enum Pass {
     All,
 }
 
+/// An attempt's result, and its time from the start of the pass in milliseconds.
+type Attempted<T> = (Result<T, String>, f64);
+
+/// A delivery and the result of this pass's attempt at it (`None`: not attempted), to record.
+type Outcome<'a> = (Option<&'a Delivery>, Option<Result<(), String>>);
+
+/// What one pass over an entry works from, shared by its regions.
+struct PassPlan<'a> {
+    entry: &'a OutboxEntry,
+    deliveries: &'a [Delivery],
+    /// The key's record; `None` for a root key's entry.
+    record: Option<&'a KeyRecord>,
+    /// Whether this pass writes KV.
+    kv_now: bool,
+    /// Whether this pass attempts what puts the change in force: the authority and the purges.
+    in_force_now: bool,
+    started: Instant,
+    authority_delivery: Option<&'a Delivery>,
+    /// This pass's authority update; `None` when it makes none.
+    authority: Shared<BoxFuture<'a, Option<Attempted<()>>>>,
+}
+
+impl<'a> PassPlan<'a> {
+    fn elapsed_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn find(&self, target: &str) -> Option<&'a Delivery> {
+        self.deliveries.iter().find(|d| d.target == target)
+    }
+
+    /// Why the key's authority lacks this entry's change once this pass's update is over, if it
+    /// does: the update failed now, or is pending from before and was not attempted now.
+    async fn authority_lacks(&self) -> Option<String> {
+        let delivery = self.authority_delivery?;
+        match self.authority.clone().await {
+            Some((result, _)) => result.err(),
+            None if delivery.state == "pending" => {
+                Some(delivery.last_error.clone().unwrap_or_else(|| "its update has not been delivered yet".to_owned()))
+            }
+            None => None,
+        }
+    }
+}
+
+/// Why a region's acknowledgement counts for nothing yet.
+fn authority_lacks_message(error: &str) -> String {
+    format!("the key's authority does not hold this change yet: {error}")
+}
+
 pub struct Deliverer {
     store: Store,
     edge: Arc<Edge>,
     in_flight: Mutex<HashSet<i64>>,
-    wake: Notify,
+    /// Notified when a claim is released, for deliveries waiting to claim the same entry.
+    released: Notify,
 }
 
-/// Releases an entry's claim when dropped.
+/// Releases an entry's claim when dropped. Only [`Deliverer::try_claim`] makes one, and only
+/// for an id it inserted: dropping a claim removes its id, whoever holds it.
 struct Claim<'a> {
     deliverer: &'a Deliverer,
     id: i64,
@@ -103,21 +159,40 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
+        // The guard is this statement's temporary: the lock is released before anyone wakes.
         self.deliverer.in_flight.lock().expect("not poisoned").remove(&self.id);
+        self.deliverer.released.notify_waiters();
     }
 }
 
 impl Deliverer {
     pub fn new(store: Store, edge: Arc<Edge>) -> Deliverer {
-        Deliverer { store, edge, in_flight: Mutex::new(HashSet::new()), wake: Notify::new() }
+        Deliverer { store, edge, in_flight: Mutex::new(HashSet::new()), released: Notify::new() }
     }
 
     pub fn edge(&self) -> &Edge {
         &self.edge
     }
 
+    /// Claims an entry unless a delivery of it is under way. The claim is built only once the
+    /// lock is released and only when the id was inserted: a claim dropped while the lock is held
+    /// would deadlock on it, and one built for an id already claimed would release that claim.
     fn try_claim(&self, id: i64) -> Option<Claim<'_>> {
-        self.in_flight.lock().expect("not poisoned").insert(id).then_some(Claim { deliverer: self, id })
+        let inserted = self.in_flight.lock().expect("not poisoned").insert(id);
+        inserted.then(|| Claim { deliverer: self, id })
+    }
+
+    /// Claims an entry, waiting for a delivery of it already under way to release it.
+    async fn claim(&self, id: i64) -> Claim<'_> {
+        loop {
+            // Registered before looking, so a release between the look and the wait still wakes it.
+            let mut released = std::pin::pin!(self.released.notified());
+            released.as_mut().enable();
+            if let Some(claim) = self.try_claim(id) {
+                return claim;
+            }
+            released.await;
+        }
     }
 
     /// Delivers an entry's pending targets now, waiting for a delivery of it already under way,
@@ -125,15 +200,21 @@ impl Deliverer {
     /// acknowledged its purge (or failed to). The KV writes of a tightening change follow at
     /// once, after the answer: nothing reads KV without the authority beside it, so they cannot
     /// make the key valid again, and on 2 cores they would slow the purges down.
+    /// The delivery runs in a task of its own: a caller that stops waiting (a handler whose
+    /// client disconnected) does not cancel it.
     pub async fn deliver(self: &Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
+        let task = tokio::spawn(self.clone().deliver_in_force(id));
+        task.await.context("the delivery task stopped")?
+    }
+
+    async fn deliver_in_force(self: Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
         let claim = self.claim(id).await;
         let delivered = self.deliver_claimed(id, Pass::InForce).await;
         drop(claim);
         if delivered.as_ref().is_ok_and(|d| d.regions.iter().any(|r| r.kv == KvState::Pending)) {
-            let this = self.clone();
             tokio::spawn(async move {
-                let _claim = this.claim(id).await;
-                if let Err(e) = this.deliver_claimed(id, Pass::KvAfterAnswer).await {
+                let _claim = self.claim(id).await;
+                if let Err(e) = self.deliver_claimed(id, Pass::KvAfterAnswer).await {
                     tracing::error!(outbox = id, error = %e, "delivery failed");
                 }
             });
@@ -141,89 +222,48 @@ impl Deliverer {
         delivered
     }
 
-    async fn claim(&self, id: i64) -> Claim<'_> {
-        loop {
-            if let Some(claim) = self.try_claim(id) {
-                return claim;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     /// The authority update and every signed region's purge run at once: a signed purge carries
     /// the record, so the region rejects the key without a refill. A purge-by-tag only drops
     /// Cache API copies, so it waits for the authority to have the record (KV lags by up to
-    /// 60 s): the refill that follows is then sure to find it. KV writes run alongside, except
-    /// those of a tightening change in the pass that puts it in force: they get a pass of their
-    /// own right after.
+    /// 60 s), and is not sent while the authority lacks it: the refill that follows is then sure
+    /// to find it. KV writes run alongside, except those of a tightening change in the pass that
+    /// puts it in force: they get a pass of their own right after.
     /// Outcomes are recorded together in one transaction.
     async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
-        let find = |target: &str| deliveries.iter().find(|d| d.target == target);
-        // The authority and purges need the key's record; a root key's entry has KV writes only.
-        let record = if deliveries.iter().any(|d| d.target == "authority" || d.target.starts_with("purge:")) {
-            Some(KeyRecord::from_json(&entry.record).context("outbox record")?)
-        } else {
-            None
+        // The authority and purges need the record; a root key's entry has no purges.
+        let needs_record = deliveries.iter().any(|d| d.target == "authority" || d.target.starts_with("purge:"));
+        let (record, root_key) = match (needs_record, entry.key_id.starts_with("root_")) {
+            (false, _) => (None, None),
+            (true, false) => (Some(KeyRecord::from_json(&entry.record).context("outbox record")?), None),
+            (true, true) => (None, Some(RootKeyRecord::from_json(&entry.record).context("outbox root key")?)),
         };
         let tightening = deliveries.iter().any(|d| d.target.starts_with("purge:"));
-        let kv_now = pass != Pass::InForce || !tightening;
         let in_force_now = pass != Pass::KvAfterAnswer;
         let started = Instant::now();
-        let elapsed_ms = || started.elapsed().as_secs_f64() * 1e3;
-
-        let authority_delivery = find("authority");
-        let authority = async {
-            let record = record.as_ref().filter(|_| in_force_now && is_pending(authority_delivery))?;
-            let result = self.edge.update_authority(std::slice::from_ref(record)).await;
-            Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
-        }
-        .shared();
-        let (entry, record) = (&entry, &record);
-        let regions = join_all(self.edge.regions.iter().map(|region| {
-            let authority = authority.clone();
-            let (kv, purge) = (find(&format!("kv:{}", region.name)), find(&format!("purge:{}", region.name)));
-            async move {
-                let kv_write = async {
-                    if !kv_now || !is_pending(kv) {
-                        return None;
-                    }
-                    let result = region.kv.put(&entry.kv_key, entry.record.clone()).await;
-                    Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
-                };
-                let purge_send = async {
-                    let record = record.as_ref().filter(|_| in_force_now && is_pending(purge))?;
-                    if !region.purge_carries_record() {
-                        authority.await;
-                    }
-                    let result = self.edge.purge(region, std::slice::from_ref(record)).await;
-                    Some((result.map_err(|e| format!("{e:#}")), elapsed_ms()))
-                };
-                let (kv_result, purge_result) = futures::join!(kv_write, purge_send);
-                // The purge's acknowledgement is what the caller waits for; without one, the KV write.
-                let latency_ms = purge_result.as_ref().map(|(_, ms)| *ms).or(kv_result.as_ref().map(|(_, ms)| *ms));
-                let latency_ms = latency_ms.unwrap_or(0.0);
-                let applied_at_ms = purge_result.as_ref().and_then(|(r, _)| r.as_ref().ok().copied().flatten());
-                let kv_result = kv_result.map(|(r, _)| r);
-                let purge_result = purge_result.map(|(r, _)| r.map(|_| ()));
-                let report = RegionReport {
-                    name: region.name.clone(),
-                    kv: match (&kv_result, kv) {
-                        (Some(Ok(())), _) => KvState::Written,
-                        (Some(Err(_)), _) => KvState::Failed,
-                        (None, kv) if is_pending(kv) => KvState::Pending,
-                        (None, Some(d)) if d.state == "superseded" => KvState::Superseded,
-                        (None, _) => KvState::Written,
-                    },
-                    acknowledged: purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == "done")),
-                    latency_ms,
-                    applied_at_ms,
-                    ack_means: purge.map(|_| region.ack_means()),
-                    error: [&kv_result, &purge_result].into_iter().flatten().find_map(|r| r.clone().err()),
-                };
-                (report, [(kv, kv_result), (purge, purge_result)])
+        let authority_delivery = deliveries.iter().find(|d| d.target == "authority");
+        let update = in_force_now && is_pending(authority_delivery) && needs_record;
+        let (records, root_keys) = (record.as_slice(), root_key.as_slice());
+        let authority = async move {
+            if !update {
+                return None;
             }
-        }));
+            let result = self.edge.update_authority(records, root_keys).await;
+            Some((result.map_err(|e| format!("{e:#}")), started.elapsed().as_secs_f64() * 1e3))
+        }
+        .boxed()
+        .shared();
+        let plan = PassPlan {
+            entry: &entry,
+            deliveries: &deliveries,
+            record: record.as_ref(),
+            kv_now: pass != Pass::InForce || !tightening,
+            in_force_now,
+            started,
+            authority_delivery,
+            authority: authority.clone(),
+        };
+        let regions = join_all(self.edge.regions.iter().map(|region| self.deliver_region(&plan, region)));
         let (authority_result, regions) = futures::join!(authority, regions);
 
         let mut outcomes = Vec::new();
@@ -248,6 +288,61 @@ impl Deliverer {
         Ok(Delivered { authority, regions: reports })
     }
 
+    /// One region's part of a pass: its KV write and its purge, and its report. A region is not
+    /// reported as acknowledged while the key's authority lacks the change, whatever it
+    /// answered: a copy it refills from the authority would be the old record. A purge-by-tag
+    /// is not even sent then; it fails, to be retried with the authority.
+    async fn deliver_region<'a>(&self, plan: &PassPlan<'a>, region: &Region) -> (RegionReport, [Outcome<'a>; 2]) {
+        let (kv, purge) = (plan.find(&format!("kv:{}", region.name)), plan.find(&format!("purge:{}", region.name)));
+        let kv_write = async {
+            if !plan.kv_now || !is_pending(kv) {
+                return None;
+            }
+            let result = region.kv.put(&plan.entry.kv_key, plan.entry.record.clone()).await;
+            Some((result.map_err(|e| format!("{e:#}")), plan.elapsed_ms()))
+        };
+        let purge_send = async {
+            let record = plan.record.filter(|_| plan.in_force_now && is_pending(purge))?;
+            if !region.purge_carries_record()
+                && let Some(error) = plan.authority_lacks().await
+            {
+                return Some((Err(format!("not sent: {}", authority_lacks_message(&error))), plan.elapsed_ms()));
+            }
+            let result = self.edge.purge(region, std::slice::from_ref(record)).await;
+            Some((result.map_err(|e| format!("{e:#}")), plan.elapsed_ms()))
+        };
+        let (kv_result, purge_result): (Option<Attempted<()>>, Option<Attempted<Option<u64>>>) =
+            futures::join!(kv_write, purge_send);
+        let lacks = match purge {
+            Some(_) => plan.authority_lacks().await.map(|e| authority_lacks_message(&e)),
+            None => None,
+        };
+        // The purge's acknowledgement is what the caller waits for; without one, the KV write.
+        let latency_ms = purge_result.as_ref().map(|(_, ms)| *ms).or(kv_result.as_ref().map(|(_, ms)| *ms));
+        let applied_at_ms = purge_result.as_ref().and_then(|(r, _)| r.as_ref().ok().copied().flatten());
+        let kv_result = kv_result.map(|(r, _)| r);
+        let purge_result = purge_result.map(|(r, _)| r.map(|_| ()));
+        let acknowledged = purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == "done"));
+        let error_of = |result: &Option<Result<(), String>>| result.as_ref().and_then(|r| r.clone().err());
+        let report = RegionReport {
+            name: region.name.clone(),
+            kv: match (&kv_result, kv) {
+                (Some(Ok(())), _) => KvState::Written,
+                (Some(Err(_)), _) => KvState::Failed,
+                (None, kv) if is_pending(kv) => KvState::Pending,
+                (None, Some(d)) if d.state == "superseded" => KvState::Superseded,
+                (None, _) => KvState::Written,
+            },
+            acknowledged: acknowledged.map(|ack| ack && lacks.is_none()),
+            latency_ms: latency_ms.unwrap_or(0.0),
+            applied_at_ms,
+            ack_means: purge.map(|_| region.ack_means()),
+            // The error that explains `acknowledged` comes first.
+            error: error_of(&purge_result).or(lacks).or_else(|| error_of(&kv_result)),
+        };
+        (report, [(kv, kv_result), (purge, purge_result)])
+    }
+
     /// Records attempts in one transaction; a failure is retried with backoff.
     async fn record(&self, outcomes: &[(&Delivery, Result<(), String>)]) -> anyhow::Result<()> {
         let now = now_ms();
@@ -268,11 +363,6 @@ impl Deliverer {
             .collect();
         self.store.deliveries_attempted(&rows, now).await?;
         Ok(())
-    }
-
-    /// Makes the retrier look now.
-    pub fn wake(&self) {
-        self.wake.notify_one();
     }
 
     /// Retries due deliveries until the process ends. At start, everything pending is due.
@@ -299,10 +389,7 @@ impl Deliverer {
                 }))
                 .await;
                 drop(claimed);
-                tokio::select! {
-                    () = tokio::time::sleep(RETRY_TICK) => {}
-                    () = self.wake.notified() => {}
-                }
+                tokio::time::sleep(RETRY_TICK).await;
             }
         })
     }

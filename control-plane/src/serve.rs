@@ -63,12 +63,25 @@ pub async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<(
     Ok(())
 }
 
-/// Writes every active root key that may verify to every region's KV, so a region whose KV was
-/// wiped learns its callers again.
+/// Writes every active root key that may verify to the authority and to every region's KV, so
+/// a region whose KV was wiped learns its callers again, and the edge can confirm each with the
+/// authority at once (KV writes to a far region may lag). A failure is logged: the edge then
+/// refuses the callers it cannot confirm, and the next start tries again.
 async fn sync_root_keys(store: &Store, edge: &Edge) -> anyhow::Result<()> {
-    for record in store.root_keys().await? {
-        if record.status == keyward_shared::KeyStatus::Active {
-            crate::http::publish_root_key(edge, &record).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let active: Vec<_> = store
+        .root_keys()
+        .await?
+        .into_iter()
+        .filter(|r| r.status == keyward_shared::KeyStatus::Active && crate::http::publishes_root_key(&r.scopes))
+        .collect();
+    if let Err(e) = edge.update_authority(&[], &active).await {
+        tracing::error!(error = %format!("{e:#}"), "cannot write root keys to the authority at start-up");
+    }
+    for record in &active {
+        for report in crate::http::publish_root_key(edge, record).await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            if let Some(error) = report.error {
+                tracing::error!(region = %report.name, %error, "cannot write a root key to KV at start-up");
+            }
         }
     }
     Ok(())

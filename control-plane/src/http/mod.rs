@@ -24,7 +24,7 @@ use crate::edge::Edge;
 use crate::store::Store;
 pub use error::{AppError, Result};
 pub use extract::new_id;
-pub use root_keys::publish_record as publish_root_key;
+pub use root_keys::{publish_record as publish_root_key, publishes as publishes_root_key};
 
 /// Largest admin request body.
 pub const MAX_ADMIN_BODY: usize = 64 * 1024;

@@ -44,7 +44,7 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
 async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     caller.require(&Scope::RootKeyManage)?;
     check_id(&id, "root")?;
-    let targets = delivery::kv_targets(state.delivery.edge());
+    let targets = delivery::root_key_targets(state.delivery.edge());
     let outbox = delivery::new_outbox(&targets, true, now_ms());
     let (record, outbox_id) = state
         .store
@@ -88,7 +88,7 @@ async fn create(
     let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
     let id = new_id("root");
     let scopes = Scopes(scopes);
-    let (targets, now) = (delivery::kv_targets(state.delivery.edge()), now_ms());
+    let (targets, now) = (delivery::root_key_targets(state.delivery.edge()), now_ms());
     let outbox = publishes(&scopes).then(|| delivery::new_outbox(&targets, false, now));
     let root = NewRootKey {
         id: &id,
@@ -115,7 +115,7 @@ async fn create(
 
 /// Whether a root key with these scopes is written to KV: only one that may verify somewhere,
 /// since the edge reads root keys only to check the callers of its verify route.
-pub(crate) fn publishes(scopes: &Scopes) -> bool {
+pub fn publishes(scopes: &Scopes) -> bool {
     scopes.can_verify_somewhere()
 }
 

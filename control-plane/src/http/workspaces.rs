@@ -38,7 +38,7 @@ async fn create(
     let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
     let root_id = new_id("root");
     let scopes = Scopes(Scope::all(false));
-    let (targets, now) = (delivery::kv_targets(state.delivery.edge()), now_ms());
+    let (targets, now) = (delivery::root_key_targets(state.delivery.edge()), now_ms());
     let outbox = publishes(&scopes).then(|| delivery::new_outbox(&targets, false, now));
     let root = NewRootKey {
         id: &root_id,
