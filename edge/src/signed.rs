@@ -40,7 +40,11 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
 ) -> Result<std::result::Result<Signed<T>, Response>> {
     let secret = env.secret(PURGE_SECRET)?.to_string();
     if secret.len() < internal::MIN_SECRET_BYTES {
-        console_error!("PURGE_SECRET is {} bytes; internal routes need at least {}", secret.len(), internal::MIN_SECRET_BYTES);
+        console_error!(
+            "PURGE_SECRET is {} bytes; internal routes need at least {}",
+            secret.len(),
+            internal::MIN_SECRET_BYTES
+        );
         return Ok(Err(error::respond(503, "MISCONFIGURED", "this worker's PURGE_SECRET is too short; see its log")?));
     }
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();

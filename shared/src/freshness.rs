@@ -199,33 +199,64 @@ mod tests {
         use AuthorityAnswer::*;
         let (active, revoked) = (at(1, KeyStatus::Active), at(2, KeyStatus::Revoked));
         // A miss: KV still holds the active record; the authority the revocation.
-        check(None, Some(active.clone()), Holds(revoked.clone()), Resolved::Record(Some(revoked.clone()), Tier::Authority));
+        check(
+            None,
+            Some(active.clone()),
+            Holds(revoked.clone()),
+            Resolved::Record(Some(revoked.clone()), Tier::Authority),
+        );
         // A stale copy of the revocation (put there by a purge) outranks an older KV and authority:
         // the authority's write failed, but the copy and KV never go back.
-        check(Some(revoked.clone()), Some(active.clone()), Holds(active.clone()), Resolved::Record(Some(revoked.clone()), Tier::Copy));
+        check(
+            Some(revoked.clone()),
+            Some(active.clone()),
+            Holds(active.clone()),
+            Resolved::Record(Some(revoked.clone()), Tier::Copy),
+        );
         // The authority's write failed and nothing here knew: KV's newer record wins over the
         // authority's older one when a copy is confirmed.
-        check(Some(active.clone()), Some(revoked.clone()), Holds(active.clone()), Resolved::Record(Some(revoked.clone()), Tier::Kv));
+        check(
+            Some(active.clone()),
+            Some(revoked.clone()),
+            Holds(active.clone()),
+            Resolved::Record(Some(revoked.clone()), Tier::Kv),
+        );
         // The authority has never heard of the key: KV and the copy decide, highest version.
         check(Some(active.clone()), Some(revoked.clone()), Unknown, Resolved::Record(Some(revoked.clone()), Tier::Kv));
         check(None, None, Unknown, Resolved::Record(None, Tier::Kv));
         // Ties go to the authority, then the copy.
-        check(Some(active.clone()), Some(active.clone()), Holds(active.clone()), Resolved::Record(Some(active.clone()), Tier::Authority));
+        check(
+            Some(active.clone()),
+            Some(active.clone()),
+            Holds(active.clone()),
+            Resolved::Record(Some(active.clone()), Tier::Authority),
+        );
         check(Some(active.clone()), Some(active.clone()), Unknown, Resolved::Record(Some(active.clone()), Tier::Copy));
     }
 
     #[test]
     fn without_the_authority_only_a_final_state_is_answered() {
         use AuthorityAnswer::Unreachable;
-        let (active, revoked, deleted) = (at(1, KeyStatus::Active), at(2, KeyStatus::Revoked), at(3, KeyStatus::Deleted));
+        let (active, revoked, deleted) =
+            (at(1, KeyStatus::Active), at(2, KeyStatus::Revoked), at(3, KeyStatus::Deleted));
         check(Some(active.clone()), None, Unreachable, Resolved::FailClosed(active.clone()));
         check(None, Some(active.clone()), Unreachable, Resolved::FailClosed(active.clone()));
-        check(Some(active.clone()), Some(revoked.clone()), Unreachable, Resolved::Record(Some(revoked.clone()), Tier::Kv));
+        check(
+            Some(active.clone()),
+            Some(revoked.clone()),
+            Unreachable,
+            Resolved::Record(Some(revoked.clone()), Tier::Kv),
+        );
         check(None, Some(deleted.clone()), Unreachable, Resolved::Record(Some(deleted), Tier::Kv));
         // The highest version decides, and a newer copy that is not final fails closed.
         let mut newer_active = at(5, KeyStatus::Active);
         newer_active.enabled = false;
-        check(Some(newer_active.clone()), Some(at(4, KeyStatus::Active)), Unreachable, Resolved::FailClosed(newer_active));
+        check(
+            Some(newer_active.clone()),
+            Some(at(4, KeyStatus::Active)),
+            Unreachable,
+            Resolved::FailClosed(newer_active),
+        );
         // Nothing anywhere: not found, which rejects.
         check(None, None, Unreachable, Resolved::Record(None, Tier::Kv));
     }

@@ -415,7 +415,14 @@ impl World {
 
 /// A request to a worker's internal route at `base`, signed with `secret` at `timestamp_ms`
 /// with `nonce`; answers the status and the body's text (status 0: no answer).
-pub fn signed_post(secret: &str, base: &str, path: &str, body: &Value, timestamp_ms: i64, nonce: &str) -> (u16, String) {
+pub fn signed_post(
+    secret: &str,
+    base: &str,
+    path: &str,
+    body: &Value,
+    timestamp_ms: i64,
+    nonce: &str,
+) -> (u16, String) {
     use keyward_shared::internal::{self, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
     let body = serde_json::to_vec(body).expect("JSON");
     let signature = internal::sign(secret.as_bytes(), "POST", path, timestamp_ms, nonce, &body);

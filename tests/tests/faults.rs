@@ -92,7 +92,8 @@ fn a_late_kv_write_never_brings_a_revoked_root_key_back() {
     let (status, caller) =
         world.admin(Method::POST, "/v1/root-keys", Some(json!({ "name": "svc", "scopes": ["api.*.verify_key"] })));
     assert_eq!(status, 201, "{caller}");
-    let (caller_id, caller_key) = (caller["id"].as_str().unwrap().to_owned(), caller["key"].as_str().unwrap().to_owned());
+    let (caller_id, caller_key) =
+        (caller["id"].as_str().unwrap().to_owned(), caller["key"].as_str().unwrap().to_owned());
     let kv_key = format!("root:{}", keyward_shared::KeyHash::of(&caller_key).to_hex());
     let active = world.region_kv(0, &kv_key).expect("the root key's KV write");
     assert_eq!(world.edge_verify(0, &caller_key, json!({ "key": key })).0, 200);
@@ -109,7 +110,12 @@ fn a_late_kv_write_never_brings_a_revoked_root_key_back() {
     while put_at.elapsed() < Duration::from_secs(4) {
         let (status, answer) = world.edge_verify(0, &caller_key, json!({ "key": key }));
         if put_at.elapsed() > Duration::from_millis(1_200) {
-            assert_eq!(status, 401, "the revoked root key was accepted {:?} after KV went back: {answer}", put_at.elapsed());
+            assert_eq!(
+                status,
+                401,
+                "the revoked root key was accepted {:?} after KV went back: {answer}",
+                put_at.elapsed()
+            );
         }
         polls += 1;
         std::thread::sleep(Duration::from_millis(20));

@@ -127,7 +127,8 @@ fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (Str
     let captured_at = now_ms();
     let captured_nonce = format!("captured-{}", &id[4..]);
     if fault == Fault::PurgeReplayed {
-        let (status, text) = world.signed_post(&world.regions[0].spec.url(), PURGE_PATH, &captured, captured_at, &captured_nonce);
+        let (status, text) =
+            world.signed_post(&world.regions[0].spec.url(), PURGE_PATH, &captured, captured_at, &captured_nonce);
         assert_eq!(status, 200, "the original purge: {text}");
     }
     inject(world, fault, true);
@@ -262,7 +263,8 @@ fn root_key_cell(world: &mut World, mode: PurgeMode) -> (String, bool) {
     let body = json!({ "name": "svc", "scopes": ["api.*.verify_key"] });
     let (status, caller) = world.admin(Method::POST, "/v1/root-keys", Some(body));
     assert_eq!(status, 201, "{caller}");
-    let (caller_id, caller_key) = (caller["id"].as_str().unwrap().to_owned(), caller["key"].as_str().unwrap().to_owned());
+    let (caller_id, caller_key) =
+        (caller["id"].as_str().unwrap().to_owned(), caller["key"].as_str().unwrap().to_owned());
     for i in 0..3 {
         world.wait_for(&format!("r{i} to accept the new root key"), Duration::from_secs(15), || {
             (world.edge_verify(i, &caller_key, json!({ "key": key })).0 == 200).then_some(())
@@ -298,7 +300,11 @@ fn run_matrix(mode: PurgeMode) {
         assert_eq!(status, 200, "the control plane stopped answering after {fault:?}");
     }
     eprintln!("{mode:?}: {} cells in {:?}", lines.len(), started.elapsed());
-    assert!(all_passed, "failed cells:\n{}", lines.iter().filter(|l| l.contains("FAIL")).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        all_passed,
+        "failed cells:\n{}",
+        lines.iter().filter(|l| l.contains("FAIL")).cloned().collect::<Vec<_>>().join("\n")
+    );
     world.assert_no_plaintext();
 }
 
