@@ -125,10 +125,12 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if let Some(cf) = &self.cloudflare
-            && cf.api_token.is_none()
-        {
-            bail!("[cloudflare] needs api_token (or KEYWARD_CF_API_TOKEN)");
+        if let Some(cf) = &self.cloudflare {
+            if cf.api_token.is_none() {
+                bail!("[cloudflare] needs api_token (or KEYWARD_CF_API_TOKEN)");
+            }
+            check_url("[cloudflare] api_base", &cf.api_base)?;
+            check_url("[cloudflare] worker_url", &cf.worker_url)?;
         }
         if !self.regions.is_empty() && self.purge_secret.as_ref().is_none_or(|s| s.0.len() < 32) {
             bail!(
@@ -157,24 +159,25 @@ impl Config {
 /// only to this machine (local regions), since a signed purge or a KV token on an open network
 /// can be read and held back.
 fn check_url(what: &str, url: &str) -> anyhow::Result<()> {
-    if url.starts_with("https://") {
-        return Ok(());
+    // Parsed as the HTTP client will parse it, so that what is checked is where it connects.
+    let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("{what}: `{url}` is not a URL: {e}"))?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        bail!("{what}: `{url}` carries a user name or password; put credentials in the config's token fields");
     }
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("{what}: `{url}` is not an http(s) URL");
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(name)) => name == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     };
-    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    let host = if host.starts_with('[') {
-        host.split(']').next().unwrap_or_default().trim_start_matches('[')
-    } else {
-        host.split(':').next().unwrap_or_default()
-    };
-    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        bail!("{what}: `{url}` is plain http to another machine; use https:// (plain http is for 127.0.0.1 only)");
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => {
+            bail!("{what}: `{url}` is plain http to another machine; use https:// (plain http is for 127.0.0.1 only)")
+        }
+        _ => bail!("{what}: `{url}` is not an http(s) URL"),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -230,6 +233,9 @@ mod tests {
             ("http://10.0.0.5:8787", false),
             ("http://127.0.0.1.evil.com", false),
             ("http://user@evil.com", false),
+            ("http://evil.com\\@127.0.0.1:8787", false),
+            ("http://127.0.0.1:8787@evil.com", false),
+            ("https://user:pw@edge.example.com", false),
             ("ftp://127.0.0.1", false),
         ] {
             let text = format!("purge_secret = \"{SECRET}\"\nauthority_url = \"{url}\"\n");

@@ -153,8 +153,10 @@ impl VerifyResponse {
             owner_id: shown.and_then(|r| r.owner_id.clone()),
             meta: shown.map(|r| r.meta.clone()),
             expires_at: shown.and_then(|r| r.expires_at),
+            // Where a key that is not found was looked for would tell another workspace's key
+            // (found in memory, the cache or the authority) from one that does not exist.
+            source: source.filter(|_| decision.code != Code::NotFound),
             permissions: decision.permissions_matched,
-            source,
         }
     }
 
@@ -385,5 +387,15 @@ mod tests {
         let json = serde_json::to_value(VerifyResponse::malformed()).unwrap();
         assert_eq!(json["code"], "MALFORMED");
         assert_eq!(json["valid"], false);
+    }
+
+    #[test]
+    fn not_found_never_says_where_it_was_looked_for() {
+        for source in [Source::Memory, Source::Cache, Source::Kv, Source::Authority] {
+            let answer = VerifyResponse::new(Decision::of(Code::NotFound), None, Some(source));
+            assert_eq!(answer.source, None, "{source:?}");
+        }
+        let found = VerifyResponse::new(Decision::of(Code::Revoked), None, Some(Source::Memory));
+        assert_eq!(found.source, Some(Source::Memory));
     }
 }

@@ -149,6 +149,9 @@ fn hot_copies_end_when_authority_writes_fail_and_kv_has_the_revocation() {
         (world.edge_code(0, &key).0 == "REVOKED").then(|| answered.elapsed())
     });
     eprintln!("rejected {rejected:?} after the answer with authority writes failing");
+    // KV's write follows the answer at once (no delay here); the hot copy then ends within
+    // max_staleness of it.
+    assert!(rejected < Duration::from_millis(MAX_STALENESS_MS + 1_500), "rejected only after {rejected:?}");
     for _ in 0..20 {
         assert_eq!(world.edge_code(0, &key).0, "REVOKED");
     }

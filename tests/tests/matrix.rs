@@ -151,7 +151,10 @@ fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (Str
             for i in 0..3 {
                 let url = world.regions[i].spec.url();
                 let (status, _) = signed_post(&world.secret, &url, PURGE_PATH, &captured, captured_at, &captured_nonce);
-                notes.push(format!("replay to r{i}: {status}"));
+                // r0 saw the nonce (REPLAYED); the others are not the purge's region.
+                let expected = if i == 0 { 401 } else { 403 };
+                let verdict = if status == expected { "" } else { " FAIL: replay not refused" };
+                notes.push(format!("replay to r{i}: {status}{verdict}"));
             }
         }
         Fault::OutOfOrder => {
@@ -308,14 +311,10 @@ fn run_matrix(mode: PurgeMode) {
     world.assert_no_plaintext();
 }
 
+/// One test, so that the two modes run one after the other: the pollers need the 2 cores.
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
-fn fault_matrix_with_record_carrying_purges() {
+fn fault_matrix_in_both_purge_modes() {
     run_matrix(PurgeMode::Record);
-}
-
-#[test]
-#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
-fn fault_matrix_with_tag_only_purges() {
     run_matrix(PurgeMode::TagOnly(0));
 }

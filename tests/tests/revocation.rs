@@ -243,8 +243,17 @@ fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
     make_hot(&world, 0, &key);
     world.stop_home();
     let stopped_at = Instant::now();
+    // Past its trust window the caller's root key cannot be confirmed either, and the whole
+    // answer is 503 UNAVAILABLE: both forms fail closed.
+    let code_of = |root_key: &str| {
+        let (status, answer) = world.edge_verify(0, root_key, json!({ "key": key }));
+        let code = answer["code"].as_str().or(answer["error"]["code"].as_str()).unwrap_or("?").to_owned();
+        assert!(status == 200 || (status == 503 && code == "UNAVAILABLE"), "{status} {answer}");
+        code
+    };
+    let root_key = world.root_key.clone();
     world.wait_for("the region to fail closed", Duration::from_secs(10), || {
-        let (code, _) = world.edge_code(0, &key);
+        let code = code_of(&root_key);
         let elapsed = stopped_at.elapsed();
         match code.as_str() {
             "VALID" => {
@@ -259,11 +268,12 @@ fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
         }
     });
     for _ in 0..5 {
-        assert_eq!(world.edge_code(0, &key).0, "UNAVAILABLE");
+        assert_eq!(code_of(&root_key), "UNAVAILABLE");
     }
-    // To another workspace the key still does not exist: failing closed leaks nothing.
-    let (status, answer) = world.edge_verify(0, &stranger, json!({ "key": key }));
-    assert_eq!((status, answer["code"].as_str()), (200, Some("NOT_FOUND")), "{answer}");
+    // To another workspace the key still does not exist: failing closed leaks nothing (its
+    // root key, unconfirmable too, gets 503 UNAVAILABLE whatever key it asks about).
+    let stranger_code = code_of(&stranger);
+    assert!(stranger_code == "NOT_FOUND" || stranger_code == "UNAVAILABLE", "{stranger_code}");
     world.start_home().unwrap();
     world.wait_for("the region to recover", Duration::from_secs(15), || {
         (world.edge_code(0, &key).0 == "VALID").then_some(())

@@ -38,9 +38,10 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
     Ok(axum::Json(json!({ "root_keys": keys })))
 }
 
-/// Revokes a root key: the control plane refuses it at once, and the edge within a second of
-/// its KV write (it trusts a root key read from KV for at most that long). The KV writes go
-/// through the outbox, so a region that missed one gets it when it returns.
+/// Revokes a root key: the control plane refuses it at once, and the edge within its 1 s trust
+/// window, confirming root keys with the authority and KV (the higher version wins). Both go
+/// through the outbox, so a target that missed its write gets it when it returns; the answer
+/// says whether the authority has it.
 async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     caller.require(&Scope::RootKeyManage)?;
     check_id(&id, "root")?;
@@ -52,7 +53,12 @@ async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<S
         .await?
         .ok_or_else(|| AppError::not_found("root key"))?;
     let delivered = state.delivery.deliver(outbox_id).await?;
-    Ok(axum::Json(json!({ "id": record.id, "status": record.status, "regions": delivered.regions })))
+    Ok(axum::Json(json!({
+        "id": record.id,
+        "status": record.status,
+        "authority": delivered.authority,
+        "regions": delivered.regions,
+    })))
 }
 
 #[derive(Deserialize)]
