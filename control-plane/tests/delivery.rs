@@ -210,6 +210,18 @@ impl Harness {
         assert_eq!(response.status(), StatusCode::OK);
         assert!(started.elapsed() < Duration::from_secs(1));
     }
+
+    /// Runs `call` (stuck behind an endpoint that never answers), checks that other requests
+    /// are answered meanwhile, and that it ends within the client's bound; answers its result.
+    async fn stuck<T: Send + 'static>(&self, what: &str, call: impl Future<Output = T> + Send + 'static) -> T {
+        let started = Instant::now();
+        let task = tokio::spawn(call);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.answers_meanwhile().await;
+        let result = task.await.unwrap();
+        assert!(started.elapsed() < CALL_LIMIT + SLACK, "{what}: took {:?}", started.elapsed());
+        result
+    }
 }
 
 /// Two deliveries of one entry overlap while its region hangs: the second waits for the first
@@ -319,16 +331,12 @@ fn a_hung_region_fails_its_purge_within_seconds() {
             let h = harness(edge(Endpoints { signed: Some((&region, &kv)), ..Endpoints::default() })).await;
             let (created, _) = h.key().await;
             let path = format!("/v1/keys/{}/revoke", created["id"].as_str().unwrap());
-            let started = Instant::now();
-            let revoke = tokio::spawn({
+            let revoke = {
                 let h = h.clone();
                 async move { h.call("POST", &path, None).await }
-            });
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            h.answers_meanwhile().await;
-            let (status, revoked) = revoke.await.unwrap();
+            };
+            let (status, revoked) = h.stuck(&format!("{hang:?}"), revoke).await;
             assert_eq!(status, StatusCode::OK, "{hang:?}: {revoked}");
-            assert!(started.elapsed() < CALL_LIMIT + SLACK, "{hang:?}: took {:?}", started.elapsed());
             assert_eq!(revoked["regions"][0]["acknowledged"], false, "{hang:?}: {revoked}");
             assert!(revoked["regions"][0]["error"].as_str().is_some(), "{hang:?}: {revoked}");
         }
@@ -348,15 +356,11 @@ fn a_hung_authority_fails_its_update_within_seconds() {
             ..Endpoints::default()
         }))
         .await;
-        let started = Instant::now();
-        let create = tokio::spawn({
+        let create = {
             let h = h.clone();
             async move { h.key().await }
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        h.answers_meanwhile().await;
-        let (created, _) = create.await.unwrap();
-        assert!(started.elapsed() < CALL_LIMIT + SLACK, "took {:?}", started.elapsed());
+        };
+        let (created, _) = h.stuck("create", create).await;
         assert_eq!(created["authority"]["acknowledged"], false, "{created}");
         assert!(created["authority"]["error"].as_str().is_some(), "{created}");
     });
@@ -372,15 +376,11 @@ fn hung_kv_fails_its_writes_within_seconds() {
         let (kv, api) = (hung(Hang::Silent), hung(Hang::Silent));
         let h = harness(edge(Endpoints { signed: Some((&url, &kv)), cloudflare: Some(&api), ..Endpoints::default() }))
             .await;
-        let started = Instant::now();
-        let create = tokio::spawn({
+        let create = {
             let h = h.clone();
             async move { h.key().await }
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        h.answers_meanwhile().await;
-        let (created, _) = create.await.unwrap();
-        assert!(started.elapsed() < CALL_LIMIT + SLACK, "took {:?}", started.elapsed());
+        };
+        let (created, _) = h.stuck("create", create).await;
         for region in created["regions"].as_array().unwrap() {
             assert_eq!(region["kv"], "failed", "{created}");
             assert!(region["error"].as_str().is_some(), "{created}");

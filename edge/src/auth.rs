@@ -18,8 +18,7 @@ use keyward_shared::{Key, KeyHash, RootKeyRecord, kv_key_for_root};
 use lru::LruCache;
 use worker::{Context, Env, Request};
 
-use crate::authority::{self, Unreachable};
-use crate::{KV_BINDING, deadline};
+use crate::{authority, lookup};
 
 /// How long a confirmed root key is trusted before it is confirmed again.
 const ROOT_TRUST_MS: u64 = 1_000;
@@ -93,15 +92,10 @@ async fn confirm(
     copy: Option<RootKeyRecord>,
     now_ms: u64,
 ) -> Result<RootKeyRecord, AuthError> {
-    let (kv, authority) = futures::join!(read_kv(env, hash), authority::read_root(env, hash));
-    let authority = match authority {
-        Ok(Some(record)) => AuthorityAnswer::Holds(record),
-        Ok(None) => AuthorityAnswer::Unknown,
-        Err(Unreachable(e)) => {
-            worker::console_warn!("authority unreachable for a root key: {e}");
-            AuthorityAnswer::Unreachable
-        }
-    };
+    let (kv, authority) = futures::join!(
+        lookup::read_kv(env, kv_key_for_root(hash), RootKeyRecord::from_json),
+        authority::read_root(env, hash)
+    );
     let kv = match kv {
         Ok(kv) => kv,
         Err(e) if matches!(authority, AuthorityAnswer::Holds(_)) => {
@@ -125,13 +119,4 @@ async fn confirm(
         Resolved::Record(None, _) => Err(AuthError::Invalid),
         Resolved::FailClosed(_) => Err(AuthError::Unavailable),
     }
-}
-
-async fn read_kv(env: &Env, hash: &KeyHash) -> Result<Option<RootKeyRecord>, String> {
-    let kv = env.kv(KV_BINDING).map_err(|e| e.to_string())?;
-    let text = deadline::within(deadline::KV_MS, kv.get(&kv_key_for_root(hash)).text())
-        .await
-        .ok_or_else(|| format!("no answer within {} ms", deadline::KV_MS))?
-        .map_err(|e| e.to_string())?;
-    text.map(|t| RootKeyRecord::from_json(&t).map_err(|e| e.to_string())).transpose()
 }

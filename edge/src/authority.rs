@@ -10,12 +10,14 @@
 //! the storage read and the storage write there is no other await, so the object's input gate
 //! keeps every other request out (a retried v5 and a new v6 cannot both see v4).
 
+use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
+use keyward_shared::record::RecordError;
 use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 use serde::Deserialize;
 use worker::{
     Date, DurableObject, Env, Method, Request, RequestInit, Response, Result, RouteContext, State, console_error,
-    durable_object,
+    console_warn, durable_object,
 };
 
 use crate::{deadline, error, signed};
@@ -98,16 +100,31 @@ async fn read_text(env: &Env, name: &str) -> std::result::Result<Option<String>,
         .unwrap_or_else(|| Err(Unreachable(format!("no answer within {ms} ms"))))
 }
 
-/// The authoritative record of a key, if the authority has one; unreachable past its deadline.
-pub(crate) async fn read(env: &Env, hash: &KeyHash) -> std::result::Result<Option<KeyRecord>, Unreachable> {
-    let text = read_text(env, &object_name(hash, false)).await?;
-    text.map(|t| KeyRecord::from_json(&t).map_err(|e| Unreachable(e.to_string()))).transpose()
+/// What the authority answered: the record it holds, none, or no answer within its deadline
+/// (logged, with the reason).
+fn answer<R>(
+    held: std::result::Result<Option<String>, Unreachable>,
+    parse: fn(&str) -> std::result::Result<R, RecordError>,
+) -> AuthorityAnswer<R> {
+    let parsed = held.and_then(|text| text.map(|t| parse(&t).map_err(|e| Unreachable(e.to_string()))).transpose());
+    match parsed {
+        Ok(Some(record)) => AuthorityAnswer::Holds(record),
+        Ok(None) => AuthorityAnswer::Unknown,
+        Err(Unreachable(e)) => {
+            console_warn!("authority unreachable: {e}");
+            AuthorityAnswer::Unreachable
+        }
+    }
 }
 
-/// The authoritative record of a root key, if the authority has one.
-pub(crate) async fn read_root(env: &Env, hash: &KeyHash) -> std::result::Result<Option<RootKeyRecord>, Unreachable> {
-    let text = read_text(env, &object_name(hash, true)).await?;
-    text.map(|t| RootKeyRecord::from_json(&t).map_err(|e| Unreachable(e.to_string()))).transpose()
+/// The authority's answer for a key.
+pub(crate) async fn read(env: &Env, hash: &KeyHash) -> AuthorityAnswer<KeyRecord> {
+    answer(read_text(env, &object_name(hash, false)).await, KeyRecord::from_json)
+}
+
+/// The authority's answer for a root key.
+pub(crate) async fn read_root(env: &Env, hash: &KeyHash) -> AuthorityAnswer<RootKeyRecord> {
+    answer(read_text(env, &object_name(hash, true)).await, RootKeyRecord::from_json)
 }
 
 async fn write(env: &Env, name: &str, text: String) -> std::result::Result<u64, Unreachable> {

@@ -19,12 +19,13 @@
 use std::cell::RefCell;
 
 use keyward_shared::freshness::{self, AuthorityAnswer, Resolved, Tier};
+use keyward_shared::record::RecordError;
 use keyward_shared::{KeyHash, KeyRecord, Source, kv_key_for_key};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use worker::{Cache, CacheDeletionOutcome, Env, Headers, Response, Result, console_warn};
 
-use crate::authority::{self, Unreachable};
+use crate::authority;
 use crate::{KV_BINDING, deadline};
 
 /// Most key records one isolate keeps in memory.
@@ -88,30 +89,17 @@ async fn refresh(
     stale: Option<(KeyRecord, Source)>,
     now_ms: u64,
 ) -> Result<Found> {
-    let (kv, authority) = futures::join!(read_kv(env, hash), authority::read(env, hash));
-    let authority = match authority {
-        Ok(Some(record)) => AuthorityAnswer::Holds(record),
-        Ok(None) => AuthorityAnswer::Unknown,
-        Err(Unreachable(e)) => {
-            console_warn!("authority unreachable: {e}");
-            AuthorityAnswer::Unreachable
+    let (kv, mut authority) =
+        futures::join!(read_kv(env, kv_key_for_key(hash), KeyRecord::from_json), authority::read(env, hash));
+    let kv = kv.unwrap_or_else(|e| {
+        // Without KV's answer, only the authority's own record may confirm: anything else is
+        // as good as no answer (a final copy is still answered, others fail closed).
+        console_warn!("KV read failed: {e}");
+        if !matches!(authority, AuthorityAnswer::Holds(_)) {
+            authority = AuthorityAnswer::Unreachable;
         }
-    };
-    let kv = match kv {
-        Ok(kv) => kv,
-        // Without KV's answer, only the authority's own record may be answered from.
-        Err(e) => {
-            console_warn!("KV read failed: {e}");
-            if !matches!(authority, AuthorityAnswer::Holds(_)) {
-                return Ok(match stale {
-                    Some((record, source)) if !record.status.is_final() => Found::Unconfirmed(record, source),
-                    Some((record, source)) => Found::Record(Some(record), source),
-                    None => Found::Record(None, Source::Kv),
-                });
-            }
-            None
-        }
-    };
+        None
+    });
     let copy_source = stale.as_ref().map_or(Source::Kv, |(_, source)| *source);
     match freshness::resolve(stale.map(|(record, _)| record), kv, authority) {
         Resolved::Record(None, _) => Ok(Found::Record(None, Source::Kv)),
@@ -128,15 +116,18 @@ async fn refresh(
     }
 }
 
-/// The key's record in this location's KV, within [`deadline::KV_MS`].
-async fn read_kv(env: &Env, hash: &KeyHash) -> std::result::Result<Option<KeyRecord>, String> {
+/// The record under `kv_key` in this location's KV, within [`deadline::KV_MS`].
+pub(crate) async fn read_kv<R>(
+    env: &Env,
+    kv_key: String,
+    parse: fn(&str) -> std::result::Result<R, RecordError>,
+) -> std::result::Result<Option<R>, String> {
     let kv = env.kv(KV_BINDING).map_err(|e| e.to_string())?;
-    let key = kv_key_for_key(hash);
-    let text = deadline::within(deadline::KV_MS, kv.get(&key).text())
+    let text = deadline::within(deadline::KV_MS, kv.get(&kv_key).text())
         .await
         .ok_or_else(|| format!("no answer within {} ms", deadline::KV_MS))?
         .map_err(|e| e.to_string())?;
-    text.map(|text| KeyRecord::from_json(&text).map_err(|e| e.to_string())).transpose()
+    text.map(|text| parse(&text).map_err(|e| e.to_string())).transpose()
 }
 
 /// How a purge treats this location's copies.

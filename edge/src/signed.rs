@@ -49,7 +49,10 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     }
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();
     let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER), header(NONCE_HEADER), header(SIGNATURE_HEADER));
-    if timestamp.parse::<i64>().is_err() || !internal::is_nonce(&nonce) || signature.len() != 64 {
+    let Ok(signed_at_ms) = timestamp.parse::<i64>() else {
+        return Ok(Err(refuse(SignatureError::Malformed)?));
+    };
+    if !internal::is_nonce(&nonce) || signature.len() != 64 {
         return Ok(Err(refuse(SignatureError::Malformed)?));
     }
     let declared = header("content-length").parse::<usize>().ok();
@@ -67,7 +70,6 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     if !first_use(&nonce, now_ms).await? {
         return Ok(Err(replayed()?));
     }
-    let signed_at_ms = timestamp.parse().unwrap_or_default();
     match serde_json::from_slice(&body) {
         Ok(body) => Ok(Ok(Signed { body, signed_at_ms })),
         Err(e) => Ok(Err(error::respond(400, "BAD_REQUEST", &format!("invalid body for {path}: {e}"))?)),

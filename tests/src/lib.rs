@@ -41,6 +41,11 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
+/// This machine's clock, in Unix milliseconds (as the workers and the control plane count).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as i64
+}
+
 /// A fresh root key (prefix `kw_root`) from the OS's random source.
 pub fn new_root_key() -> String {
     new_key("kw_root")

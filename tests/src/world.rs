@@ -213,11 +213,28 @@ impl World {
         self.call(&self.regions[i].spec.url(), Some(root_key), Method::POST, "/v1/keys/verify", Some(body))
     }
 
+    /// Region `i`'s HTTP status for verifying `key` as `root_key`, and its code: the outcome's,
+    /// or the error's when the caller was refused.
+    pub fn verify_status(&self, i: usize, root_key: &str, key: &str) -> (u16, String) {
+        let (status, answer) = self.edge_verify(i, root_key, serde_json::json!({ "key": key }));
+        let code = answer["code"].as_str().or(answer["error"]["code"].as_str()).unwrap_or("?");
+        (status, code.to_owned())
+    }
+
     /// The code region `i` answers for `key` with the bootstrap root key.
     pub fn edge_code(&self, i: usize, key: &str) -> (String, String) {
         let (status, answer) = self.edge_verify(i, &self.root_key.clone(), serde_json::json!({ "key": key }));
         assert_eq!(status, 200, "region {i} answered {status}: {answer}");
         (answer["code"].as_str().unwrap_or("?").to_owned(), answer["source"].as_str().unwrap_or("?").to_owned())
+    }
+
+    /// Verifies `key` in region `i` until it is served from an edge copy (memory or cache).
+    pub fn make_hot(&self, i: usize, key: &str) {
+        self.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
+            let (code, source) = self.edge_code(i, key);
+            assert_eq!(code, "VALID", "region {i} before revocation");
+            (source == "memory" || source == "cache").then_some(())
+        });
     }
 
     /// The record region `i`'s KV holds for `key` right now, read through wrangler's local

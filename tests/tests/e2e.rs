@@ -145,7 +145,7 @@ fn purge_acknowledgements_and_replay_protection() {
     // region back to an older version.
     let region = world.regions[0].spec.url();
     let body = serde_json::to_vec(&json!({ "region": "r0", "records": [active] })).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let now = keyward_tests::now_ms();
     let send = |timestamp: i64, nonce: &str| {
         let signature = internal::sign(world.secret.as_bytes(), "POST", PURGE_PATH, timestamp, nonce, &body);
         reqwest::blocking::Client::new()

@@ -7,28 +7,15 @@ use std::time::{Duration, Instant};
 
 use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
 use keyward_tests::gate::GateMode;
+use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World, signed_post};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-/// Verifies `key` in region `i` until it is served from an edge copy (memory or cache).
-fn make_hot(world: &World, i: usize, key: &str) {
-    world.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
-        let (code, source) = world.edge_code(i, key);
-        assert_eq!(code, "VALID", "region {i} before revocation");
-        (source == "memory" || source == "cache").then_some(())
-    });
-}
-
 /// A verification at region `i` as the bootstrap caller: (HTTP status, code or error code, time).
 fn timed_verify(world: &World, i: usize, key: &str) -> (u16, String, Duration) {
     let started = Instant::now();
-    let (status, answer) = world.edge_verify(i, &world.root_key.clone(), json!({ "key": key }));
-    let code = answer["code"].as_str().or(answer["error"]["code"].as_str()).unwrap_or("?").to_owned();
+    let (status, code) = world.verify_status(i, &world.root_key, key);
     (status, code, started.elapsed())
 }
 
@@ -40,8 +27,8 @@ fn a_frozen_authority_costs_a_bounded_wait_and_final_copies_answer_at_once() {
     let api = world.create_api("frozen-home", MAX_STALENESS_MS);
     let (revoked_id, revoked_key) = world.create_key(&api, json!({}));
     let (_, live_key) = world.create_key(&api, json!({}));
-    make_hot(&world, 0, &revoked_key);
-    make_hot(&world, 0, &live_key);
+    world.make_hot(0, &revoked_key);
+    world.make_hot(0, &live_key);
     world.freeze_home(true);
     let frozen_at = Instant::now();
     let (answer, seen) = std::thread::scope(|scope| {
@@ -133,7 +120,7 @@ fn hot_copies_end_when_authority_writes_fail_and_kv_has_the_revocation() {
     let mut world = World::start_opts(&[RegionPlan::Up], options).unwrap();
     let api = world.create_api("authority-writes-fail", MAX_STALENESS_MS);
     let (id, key) = world.create_key(&api, json!({}));
-    make_hot(&world, 0, &key);
+    world.make_hot(0, &key);
     world.authority_gate.as_ref().unwrap().set_mode(GateMode::Refuse);
     let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     let answered = Instant::now();

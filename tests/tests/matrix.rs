@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
 use keyward_tests::gate::GateMode;
+use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World, signed_post};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -59,10 +60,6 @@ const CELLS: [Fault; 11] = [
     Fault::RootKeyRegionDown,
 ];
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
 /// What one region's poller saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -98,14 +95,6 @@ fn poll_all(world: &World, from: Instant, until: Duration, accepted: &(dyn Fn(us
     })
 }
 
-fn make_hot(world: &World, i: usize, key: &str) {
-    world.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
-        let (code, source) = world.edge_code(i, key);
-        assert_eq!(code, "VALID", "region {i} before revocation");
-        (source == "memory" || source == "cache").then_some(())
-    });
-}
-
 /// Runs one cell; answers its line and whether it passed.
 fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (String, bool) {
     if fault == Fault::RootKeyRegionDown {
@@ -120,7 +109,7 @@ fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (Str
         late = Some(2);
     }
     for &i in &hot {
-        make_hot(world, i, &key);
+        world.make_hot(i, &key);
     }
     let active = world.region_kv_record(0, &key).expect("r0's KV has the key");
     let captured = json!({ "region": "r0", "records": [active.clone()] });

@@ -10,15 +10,6 @@ use keyward_tests::world::{RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// Verifies `key` in region `i` until it is served from an edge copy (memory or cache).
-fn make_hot(world: &World, i: usize, key: &str) {
-    world.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
-        let (code, source) = world.edge_code(i, key);
-        assert_eq!(code, "VALID", "region {i} before revocation");
-        (source == "memory" || source == "cache").then_some(())
-    });
-}
-
 fn revoke(world: &World, id: &str) -> Value {
     let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     assert_eq!(status, 200, "{answer}");
@@ -41,7 +32,7 @@ fn three_hot_regions_reject_on_the_next_request() {
     let api = world.create_api("three", 300_000);
     let (id, key) = world.create_key(&api, json!({}));
     for i in 0..3 {
-        make_hot(&world, i, &key);
+        world.make_hot(i, &key);
     }
     let answer = revoke(&world, &id);
     assert_eq!(answer["authority"]["acknowledged"], true, "{answer}");
@@ -69,7 +60,7 @@ fn a_lagging_kv_never_resurrects_a_revoked_key() {
         });
     }
     for i in 0..3 {
-        make_hot(&world, i, &key);
+        world.make_hot(i, &key);
     }
     let answer = revoke(&world, &id);
     let revoked_at = Instant::now();
@@ -111,8 +102,8 @@ fn a_lost_purge_costs_at_most_max_staleness_and_is_delivered_later() {
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Gated]).unwrap();
     let api = world.create_api("lossy", MAX_STALENESS_MS);
     let (id, key) = world.create_key(&api, json!({}));
-    make_hot(&world, 0, &key);
-    make_hot(&world, 1, &key);
+    world.make_hot(0, &key);
+    world.make_hot(1, &key);
     world.regions[1].gate.as_ref().unwrap().set_open(false);
     let answer = revoke(&world, &id);
     let revoked_at = Instant::now();
@@ -145,8 +136,8 @@ fn a_crash_between_commit_and_answer_is_finished_on_restart() {
     // Copies trusted for 300 s: only delivered purges can explain prompt rejections.
     let api = world.create_api("crashy", 300_000);
     let (id, key) = world.create_key(&api, json!({}));
-    make_hot(&world, 0, &key);
-    make_hot(&world, 1, &key);
+    world.make_hot(0, &key);
+    world.make_hot(1, &key);
     world.restart_control_plane_with(&[("KEYWARD_FAILPOINT", "abort_after_commit")]).unwrap();
     let (status, _) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     assert_eq!(status, 0, "the control plane died before answering");
@@ -180,7 +171,7 @@ fn a_region_restarted_while_a_key_was_revoked_rejects_it_on_its_first_request() 
     let mut world = World::start(&[RegionPlan::Up]).unwrap();
     let api = world.create_api("restarting", MAX_STALENESS_MS);
     let (id, key) = world.create_key(&api, json!({}));
-    make_hot(&world, 0, &key);
+    world.make_hot(0, &key);
     world.stop_region(0);
     let stopped_at = Instant::now();
     let answer = revoke(&world, &id);
@@ -240,15 +231,14 @@ fn without_the_authority_stale_copies_fail_closed_until_it_returns() {
     let (status, other) = world.admin(Method::POST, "/v1/workspaces", Some(json!({ "name": "elsewhere" })));
     assert_eq!(status, 201, "{other}");
     let stranger = other["root_key"]["key"].as_str().unwrap().to_owned();
-    make_hot(&world, 0, &key);
+    world.make_hot(0, &key);
     world.stop_home();
     let stopped_at = Instant::now();
     // Past its trust window the caller's root key cannot be confirmed either, and the whole
     // answer is 503 UNAVAILABLE: both forms fail closed.
     let code_of = |root_key: &str| {
-        let (status, answer) = world.edge_verify(0, root_key, json!({ "key": key }));
-        let code = answer["code"].as_str().or(answer["error"]["code"].as_str()).unwrap_or("?").to_owned();
-        assert!(status == 200 || (status == 503 && code == "UNAVAILABLE"), "{status} {answer}");
+        let (status, code) = world.verify_status(0, root_key, &key);
+        assert!(status == 200 || (status == 503 && code == "UNAVAILABLE"), "{status} {code}");
         code
     };
     let root_key = world.root_key.clone();

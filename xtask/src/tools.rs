@@ -1,4 +1,5 @@
-//! Installing what Keyward needs (as `../shared/TOOLCHAIN.md` measured) and building it.
+//! Installing what Keyward needs (the versions measured to work together: worker-build 0.8.7,
+//! wasm-bindgen-cli matching Cargo.lock, wrangler and binaryen from package-lock.json) and building it.
 //! Every step is skipped when its result is already there, and says so.
 
 use std::path::PathBuf;
@@ -76,7 +77,7 @@ pub fn setup() -> anyhow::Result<()> {
         step(&format!("wasm-bindgen-cli {bindgen}: present"));
     } else {
         step(&format!("installing wasm-bindgen-cli {bindgen} (about 2 minutes)"));
-        // Not --locked: that fails on a yanked dependency (TOOLCHAIN.md).
+        // Not --locked: that fails on a yanked dependency of wasm-bindgen-cli.
         cargo(&["install", "wasm-bindgen-cli", "--version", &bindgen, "--force"], &[])?;
     }
     let npm_ready = PathBuf::from("node_modules/.bin/wrangler").exists()
