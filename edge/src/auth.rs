@@ -14,10 +14,11 @@ use std::cell::RefCell;
 
 use keyward_shared::freshness::{self, AuthorityAnswer, Resolved};
 use keyward_shared::record::KeyStatus;
-use keyward_shared::{Key, KeyHash, RootKeyRecord, kv_key_for_root};
+use keyward_shared::{ErrorCode, Key, KeyHash, RootKeyRecord, kv_key_for_root};
 use lru::LruCache;
 use worker::{Context, Env, Request};
 
+use crate::error::EdgeError;
 use crate::{authority, lookup};
 
 /// How long a confirmed root key is trusted before it is confirmed again.
@@ -45,6 +46,21 @@ pub(crate) enum AuthError {
     /// The root key could not be confirmed in time.
     Unavailable,
     Internal(String),
+}
+
+impl From<AuthError> for EdgeError {
+    fn from(e: AuthError) -> EdgeError {
+        match e {
+            AuthError::Missing => {
+                EdgeError::new(ErrorCode::Unauthorized, "send `Authorization: Bearer <root key with a verify scope>`")
+            }
+            AuthError::Invalid => EdgeError::new(ErrorCode::Unauthorized, "the root key is not valid here"),
+            AuthError::Unavailable => {
+                EdgeError::new(ErrorCode::Unavailable, "the root key could not be confirmed in time; retry")
+            }
+            AuthError::Internal(detail) => EdgeError::Internal(format!("root key lookup failed: {detail}")),
+        }
+    }
 }
 
 /// The active root key in `Authorization: Bearer <root key>`, or why there is none.

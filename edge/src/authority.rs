@@ -13,14 +13,15 @@
 use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
 use keyward_shared::record::RecordError;
-use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
+use keyward_shared::{ErrorCode, KeyHash, KeyRecord, RootKeyRecord};
 use serde::Deserialize;
 use worker::{
     Date, DurableObject, Env, Method, Request, RequestInit, Response, Result, RouteContext, State, console_error,
     console_warn, durable_object,
 };
 
-use crate::{deadline, error, signed};
+use crate::error::{EdgeError, EdgeResult};
+use crate::{deadline, signed};
 
 /// The Durable Object namespace binding.
 pub(crate) const KEY_STATE_BINDING: &str = "KEY_STATE";
@@ -138,12 +139,9 @@ async fn write(env: &Env, name: &str, text: String) -> std::result::Result<u64, 
 
 /// `POST /internal/authority`: the control plane's signed update of keys' and root keys'
 /// authoritative records. The nonce is checked before anything is written.
-pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> Result<Response> {
+pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
-    let update = match signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await? {
-        Ok(signed) => signed.body,
-        Err(refusal) => return Ok(refusal),
-    };
+    let update = signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await?.body;
     let mut writes = Vec::with_capacity(update.records.len() + update.root_keys.len());
     for record in &update.records {
         writes.push((object_name(&record.hash, false), serde_json::to_string(record)?));
@@ -162,9 +160,10 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
             Ok(version) => versions.push(version),
             Err(Unreachable(e)) => {
                 console_error!("authority write failed: {e}");
-                return error::respond(503, "AUTHORITY_UNAVAILABLE", "the key's authority could not be written; retry");
+                let message = "the key's authority could not be written; retry";
+                return Err(EdgeError::new(ErrorCode::AuthorityUnavailable, message));
             }
         }
     }
-    Response::from_json(&AuthorityAck { versions })
+    Ok(Response::from_json(&AuthorityAck { versions })?)
 }

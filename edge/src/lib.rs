@@ -16,7 +16,11 @@ mod purge;
 mod signed;
 mod verify;
 
+use keyward_shared::ErrorCode;
+use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
 use worker::{Context, Env, Request, Response, Result, Router, event};
+
+use crate::error::EdgeError;
 
 /// The KV namespace holding key and root-key records.
 pub(crate) const KV_BINDING: &str = "KEYS";
@@ -39,10 +43,12 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
             let region = ctx.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
             Response::from_json(&serde_json::json!({ "status": "ok", "region": region }))
         })
-        .post_async("/v1/keys/verify", verify::handle)
-        .post_async(keyward_shared::internal::PURGE_PATH, purge::handle)
-        .post_async(keyward_shared::internal::AUTHORITY_PATH, authority::handle)
-        .or_else_any_method("/*rest", |_, _| error::respond(404, "NOT_FOUND_ROUTE", "no such route"))
+        .post_async("/v1/keys/verify", |req, ctx| async { error::answer(verify::handle(req, ctx).await) })
+        .post_async(PURGE_PATH, |req, ctx| async { error::answer(purge::handle(req, ctx).await) })
+        .post_async(AUTHORITY_PATH, |req, ctx| async { error::answer(authority::handle(req, ctx).await) })
+        .or_else_any_method("/*rest", |_, _| {
+            error::answer(Err(EdgeError::new(ErrorCode::NotFoundRoute, "no such route")))
+        })
         .run(req, env)
         .await
 }

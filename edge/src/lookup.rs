@@ -69,8 +69,11 @@ pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64) -> Result<Found
         }
         stale = Some((entry.record, Source::Memory));
     }
+    // A Cache API read that does not answer in time counts as a miss: KV and the authority
+    // decide then, which is never less safe than a copy.
     if stale.is_none()
-        && let Some(mut response) = cache.get(cache_url(hash), false).await?
+        && let Some(cached) = deadline::within(deadline::CACHE_MS, cache.get(cache_url(hash), false)).await
+        && let Some(mut response) = cached?
         && let Ok(entry) = response.json::<Entry>().await
     {
         if answerable(&entry) {
@@ -144,14 +147,18 @@ pub(crate) enum PurgeMode {
 /// purge, confirmed as of `confirmed_at_ms` (see `freshness::purge_confirmed_at`). Memory takes
 /// the record (unless it holds a newer version); the Cache API copy is dropped, so an isolate
 /// without the record in memory refills from KV and the authority. In tag-only mode only the
-/// Cache API copy is dropped. Answers whether there was a copy here.
+/// Cache API copy is dropped. Answers whether there was a copy here; fails if the Cache API
+/// does not drop the copy within its deadline.
 pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMode) -> Result<bool> {
     let hash = record.hash;
     let in_memory = MEMORY.with(|m| m.borrow().contains(hash.as_bytes()));
     if mode == PurgeMode::Record {
         remember(&hash, Entry { record, confirmed_at_ms });
     }
-    let in_cache = Cache::default().delete(cache_url(&hash), false).await?;
+    // A drop that does not finish in time fails the purge, which the control plane then retries.
+    let in_cache = deadline::within(deadline::CACHE_MS, Cache::default().delete(cache_url(&hash), false))
+        .await
+        .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the copy in time".into()))??;
     Ok(in_memory || matches!(in_cache, CacheDeletionOutcome::Success))
 }
 
@@ -184,7 +191,11 @@ async fn keep(cache: &Cache, hash: &KeyHash, entry: Entry) -> Result<KeyRecord> 
         let headers = Headers::new();
         headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
         headers.set("cache-tag", &hash.to_hex())?;
-        cache.put(cache_url(hash), Response::from_json(&kept)?.with_headers(headers)).await?;
+        let put = cache.put(cache_url(hash), Response::from_json(&kept)?.with_headers(headers));
+        match deadline::within(deadline::CACHE_MS, put).await {
+            Some(done) => done?,
+            None => console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS),
+        }
         if held_version(hash).is_some_and(|v| v > kept.record.version) {
             kept = remember(hash, kept);
             continue;

@@ -8,26 +8,22 @@
 //! purge-by-tag does in production: it only drops Cache API copies, `PURGE_TAG_DELAY_MS` after
 //! acknowledging, and never touches isolate memory.
 
+use keyward_shared::ErrorCode;
 use keyward_shared::freshness;
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
-use worker::{Context, Date, Delay, Request, Response, Result, RouteContext, console_error};
+use worker::{Context, Date, Delay, Request, Response, RouteContext, console_error};
 
+use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, error, signed};
+use crate::{REGION_VAR, signed};
 
-pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Result<Response> {
+pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
-    let purge = match signed::parse::<PurgeRequest>(&mut req, &ctx.env, PURGE_PATH, arrived_ms).await? {
-        Ok(signed) => signed,
-        Err(refusal) => return Ok(refusal),
-    };
+    let purge = signed::parse::<PurgeRequest>(&mut req, &ctx.env, PURGE_PATH, arrived_ms).await?;
     let region = ctx.env.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
     if purge.body.region != region {
-        return error::respond(
-            403,
-            "WRONG_REGION",
-            &format!("this purge is for region `{}`; this is `{region}`", purge.body.region),
-        );
+        let message = format!("this purge is for region `{}`; this is `{region}`", purge.body.region);
+        return Err(EdgeError::new(ErrorCode::WrongRegion, message));
     }
     let confirmed_at_ms = freshness::purge_confirmed_at(purge.signed_at_ms, arrived_ms);
     let mode = purge_mode(&ctx);
@@ -42,14 +38,14 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Resu
                 }
             }
         });
-        return Response::from_json(&PurgeAck { region, purged: 0, applied_at_ms: arrived_ms });
+        return Ok(Response::from_json(&PurgeAck { region, purged: 0, applied_at_ms: arrived_ms })?);
     }
     // Memory takes the records before the first await of each purge.
     let applied_at_ms = Date::now().as_millis();
     let replaced =
         futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))).await?;
     let purged = replaced.into_iter().filter(|had_copy| *had_copy).count();
-    Response::from_json(&PurgeAck { region, purged, applied_at_ms })
+    Ok(Response::from_json(&PurgeAck { region, purged, applied_at_ms })?)
 }
 
 fn purge_mode(ctx: &RouteContext<Context>) -> PurgeMode {

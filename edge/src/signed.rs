@@ -5,12 +5,14 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use keyward_shared::ErrorCode;
 use keyward_shared::internal::{
     self, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, SignatureError, SignedHeaders, TIMESTAMP_HEADER,
 };
-use worker::{Cache, Env, Headers, Request, Response, Result, console_error};
+use worker::{Cache, Env, Headers, Request, Response, console_error};
 
-use crate::{PURGE_SECRET, error};
+use crate::error::{EdgeError, EdgeResult};
+use crate::{PURGE_SECRET, deadline};
 
 const MAX_BODY: usize = 256 * 1024;
 /// How long a nonce is remembered: past this its timestamp is refused anyway.
@@ -37,7 +39,7 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     env: &Env,
     path: &str,
     now_ms: u64,
-) -> Result<std::result::Result<Signed<T>, Response>> {
+) -> EdgeResult<Signed<T>> {
     let secret = env.secret(PURGE_SECRET)?.to_string();
     if secret.len() < internal::MIN_SECRET_BYTES {
         console_error!(
@@ -45,58 +47,49 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
             secret.len(),
             internal::MIN_SECRET_BYTES
         );
-        return Ok(Err(error::respond(503, "MISCONFIGURED", "this worker's PURGE_SECRET is too short; see its log")?));
+        return Err(EdgeError::new(ErrorCode::Misconfigured, "this worker's PURGE_SECRET is too short; see its log"));
     }
     let header = |name: &str| req.headers().get(name).ok().flatten().unwrap_or_default();
     let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER), header(NONCE_HEADER), header(SIGNATURE_HEADER));
     let Ok(signed_at_ms) = timestamp.parse::<i64>() else {
-        return Ok(Err(refuse(SignatureError::Malformed)?));
+        return Err(SignatureError::Malformed.into());
     };
     if !internal::is_nonce(&nonce) || signature.len() != 64 {
-        return Ok(Err(refuse(SignatureError::Malformed)?));
+        return Err(SignatureError::Malformed.into());
     }
     let declared = header("content-length").parse::<usize>().ok();
     if declared.is_some_and(|n| n > MAX_BODY) {
-        return Ok(Err(too_large()?));
+        return Err(too_large());
     }
     let body = req.bytes().await?;
     if body.len() > MAX_BODY {
-        return Ok(Err(too_large()?));
+        return Err(too_large());
     }
     let headers = SignedHeaders { timestamp: &timestamp, nonce: &nonce, signature: &signature };
-    if let Err(e) = internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64) {
-        return Ok(Err(refuse(e)?));
-    }
+    internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64)?;
     if !first_use(&nonce, now_ms).await? {
-        return Ok(Err(replayed()?));
+        return Err(SignatureError::Replayed.into());
     }
     match serde_json::from_slice(&body) {
-        Ok(body) => Ok(Ok(Signed { body, signed_at_ms })),
-        Err(e) => Ok(Err(error::respond(400, "BAD_REQUEST", &format!("invalid body for {path}: {e}"))?)),
+        Ok(body) => Ok(Signed { body, signed_at_ms }),
+        Err(e) => Err(EdgeError::new(ErrorCode::BadRequest, format!("invalid body for {path}: {e}"))),
     }
 }
 
-fn too_large() -> Result<Response> {
-    error::respond(413, "PAYLOAD_TOO_LARGE", "an internal request is at most 256 KiB")
+fn too_large() -> EdgeError {
+    EdgeError::new(ErrorCode::PayloadTooLarge, format!("an internal request is at most {} KiB", MAX_BODY / 1024))
 }
 
-/// The answer to a request whose nonce was used before.
-fn replayed() -> Result<Response> {
-    refuse(SignatureError::Replayed)
+impl From<SignatureError> for EdgeError {
+    fn from(e: SignatureError) -> EdgeError {
+        EdgeError::new(ErrorCode::from(e.clone()), e.to_string())
+    }
 }
 
-fn refuse(e: SignatureError) -> Result<Response> {
-    let code = match e {
-        SignatureError::Malformed => "BAD_SIGNATURE_HEADERS",
-        SignatureError::Stale => "STALE_TIMESTAMP",
-        SignatureError::Mismatch => "BAD_SIGNATURE",
-        SignatureError::Replayed => "REPLAYED",
-    };
-    error::respond(401, code, &e.to_string())
-}
-
-/// Records a nonce; false if it was seen before in this isolate or this location.
-async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
+/// Records a nonce; false if it was seen before in this isolate or this location. A Cache API
+/// that does not answer in time refuses the request (`UNAVAILABLE`; the control plane retries
+/// with a new nonce) rather than skip the check across isolates.
+async fn first_use(nonce: &str, now_ms: u64) -> EdgeResult<bool> {
     let fresh_here = NONCES.with(|nonces| {
         let mut nonces = nonces.borrow_mut();
         nonces.retain(|_, at| now_ms.saturating_sub(*at) < NONCE_MEMORY_MS);
@@ -107,11 +100,13 @@ async fn first_use(nonce: &str, now_ms: u64) -> Result<bool> {
     }
     let cache = Cache::default();
     let url = format!("https://keyward-cache.internal/nonce/{nonce}");
-    if cache.get(url.as_str(), false).await?.is_some() {
+    let late = || EdgeError::new(ErrorCode::Unavailable, "the nonce store did not answer in time; retry");
+    if deadline::within(deadline::CACHE_MS, cache.get(url.as_str(), false)).await.ok_or_else(late)??.is_some() {
         return Ok(false);
     }
     let headers = Headers::new();
     headers.set("cache-control", &format!("max-age={}", NONCE_MEMORY_MS / 1_000 + 1))?;
-    cache.put(url.as_str(), Response::ok("seen")?.with_headers(headers)).await?;
+    let put = cache.put(url.as_str(), Response::ok("seen")?.with_headers(headers));
+    deadline::within(deadline::CACHE_MS, put).await.ok_or_else(late)??;
     Ok(true)
 }

@@ -5,6 +5,7 @@
 //! Workers KV, the wire types of verification, root-key scopes, the signature of internal
 //! requests, and the verification decision itself.
 
+pub mod error;
 pub mod freshness;
 pub mod hash;
 pub mod internal;
@@ -13,11 +14,14 @@ pub mod record;
 pub mod scope;
 pub mod verify;
 
+pub use error::ErrorCode;
 pub use hash::KeyHash;
 pub use key::{Key, KeyError};
 pub use record::{KeyRecord, KeyStatus, RootKeyRecord};
 pub use scope::{KeyAction, Scope, ScopeError, Scopes};
-pub use verify::{Caller, Code, Decision, Source, VerifyRequest, VerifyResponse, decide};
+pub use verify::{
+    Caller, Code, Decision, RequestError, Source, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
+};
 
 /// The KV key under which an API key's record is stored.
 pub fn kv_key_for_key(hash: &KeyHash) -> String {

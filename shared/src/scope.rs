@@ -170,6 +170,11 @@ impl<'de> Deserialize<'de> for Scopes {
     }
 }
 
+/// A root key with no verify scope called the verify route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this root key has no `api.<id|*>.verify_key` scope")]
+pub struct NoVerifyScope;
+
 impl Scopes {
     pub fn grants(&self, required: &Scope) -> bool {
         self.0.iter().any(|held| held.grants(required))
@@ -178,6 +183,12 @@ impl Scopes {
     /// Whether these scopes can verify keys of any API at all (so the edge should know them).
     pub fn can_verify_somewhere(&self) -> bool {
         self.0.iter().any(|s| matches!(s, Scope::Key { action: KeyAction::VerifyKey, .. }))
+    }
+
+    /// Refuses a caller of the verify route whose scopes cannot verify any key, with the message
+    /// both the edge and the origin answer (`FORBIDDEN`).
+    pub fn require_verify(&self) -> Result<(), NoVerifyScope> {
+        if self.can_verify_somewhere() { Ok(()) } else { Err(NoVerifyScope) }
     }
 }
 

@@ -10,6 +10,8 @@ use crate::scope::{KeyAction, Scope, Scopes};
 
 /// Most permissions a verify request may ask for.
 pub const MAX_REQUESTED_PERMISSIONS: usize = 64;
+/// Largest verify request body accepted, at the edge and at the origin.
+pub const MAX_VERIFY_BODY: usize = 4 * 1024;
 
 /// `POST /v1/keys/verify`, at the edge and at the origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +23,39 @@ pub struct VerifyRequest {
     /// Names that must all be present on the key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
+}
+
+impl VerifyRequest {
+    /// A verify request from its JSON body, or what is wrong with it: a body over
+    /// [`MAX_VERIFY_BODY`], JSON that is not a verify request, or more than
+    /// [`MAX_REQUESTED_PERMISSIONS`] permissions.
+    pub fn from_json(body: &[u8]) -> Result<VerifyRequest, RequestError> {
+        if body.len() > MAX_VERIFY_BODY {
+            return Err(RequestError::TooLarge);
+        }
+        let request: VerifyRequest = serde_json::from_slice(body).map_err(|e| RequestError::Invalid(e.to_string()))?;
+        request.check()?;
+        Ok(request)
+    }
+
+    /// Refuses a request asking for more than [`MAX_REQUESTED_PERMISSIONS`] permissions.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if self.permissions.len() > MAX_REQUESTED_PERMISSIONS {
+            return Err(RequestError::TooManyPermissions(self.permissions.len()));
+        }
+        Ok(())
+    }
+}
+
+/// Why a verify request was refused before any lookup.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("a verify request is at most {MAX_VERIFY_BODY} bytes")]
+    TooLarge,
+    #[error("invalid verify request: {0}")]
+    Invalid(String),
+    #[error("a verify request asks for at most {MAX_REQUESTED_PERMISSIONS} permissions, not {0}")]
+    TooManyPermissions(usize),
 }
 
 /// The outcome of a verification.
@@ -105,6 +140,24 @@ pub fn decide(
     Decision { code, permissions_matched }
 }
 
+/// The decision when the best record there is could not be confirmed in time (see
+/// [`crate::freshness::resolve`]): the edge fails closed. A caller who may not see the key
+/// learns only that it does not exist (its workspace, API and hash never change, so the
+/// unconfirmed record answers that correctly); anyone else gets `UNAVAILABLE`, never the
+/// unconfirmed record's own outcome.
+pub fn decide_unconfirmed(
+    unconfirmed: &KeyRecord,
+    presented: &KeyHash,
+    caller: Caller<'_>,
+    request: &VerifyRequest,
+    now_ms: i64,
+) -> Decision {
+    match decide(Some(unconfirmed), presented, caller, request, now_ms).code {
+        Code::NotFound => Decision::of(Code::NotFound),
+        _ => Decision::of(Code::Unavailable),
+    }
+}
+
 /// Where the edge found the record it answered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -158,12 +211,6 @@ impl VerifyResponse {
             source: source.filter(|_| decision.code != Code::NotFound),
             permissions: decision.permissions_matched,
         }
-    }
-
-    /// The answer when the only copy is past `max_staleness_ms` and the authority could not
-    /// confirm it: the edge fails closed.
-    pub fn unavailable(source: Source) -> VerifyResponse {
-        VerifyResponse::new(Decision::of(Code::Unavailable), None, Some(source))
     }
 
     /// The answer for a key that failed the format or checksum: no lookup was made.
@@ -397,5 +444,48 @@ mod tests {
         }
         let found = VerifyResponse::new(Decision::of(Code::Revoked), None, Some(Source::Memory));
         assert_eq!(found.source, Some(Source::Memory));
+    }
+
+    /// An unconfirmed record is never answered with its own outcome: a caller who may see the
+    /// key gets `UNAVAILABLE` whatever the record says, anyone else `NOT_FOUND`.
+    #[test]
+    fn an_unconfirmed_record_fails_closed() {
+        let presented = KeyHash::of("k");
+        let all = Scopes(vec!["api.*.verify_key".parse().unwrap()]);
+        let none = Scopes(vec!["api.other.verify_key".parse().unwrap()]);
+        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![] };
+        let rows: [(&str, fn(&mut KeyRecord), &Scopes, &str, Code); 5] = [
+            ("valid record, caller may see it", |_| {}, &all, "ws_1", Code::Unavailable),
+            ("expired record, caller may see it", |r| r.expires_at = Some(0), &all, "ws_1", Code::Unavailable),
+            ("disabled record, caller may see it", |r| r.enabled = false, &all, "ws_1", Code::Unavailable),
+            ("another workspace's key", |_| {}, &all, "ws_2", Code::NotFound),
+            ("caller without a verify scope for its API", |_| {}, &none, "ws_1", Code::NotFound),
+        ];
+        for (name, edit, scopes, workspace_id, expected) in rows {
+            let mut record = sample(presented);
+            edit(&mut record);
+            let caller = Caller { workspace_id, scopes };
+            let decision = decide_unconfirmed(&record, &presented, caller, &request, NOW);
+            assert_eq!(decision.code, expected, "{name}");
+            assert!(decision.permissions_matched.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn verify_requests_are_checked_once_for_both_routes() {
+        let ok = VerifyRequest::from_json(br#"{"key":"k","permissions":["a"]}"#).unwrap();
+        assert_eq!(ok.permissions, ["a"]);
+        let big = vec![b' '; MAX_VERIFY_BODY + 1];
+        assert_eq!(VerifyRequest::from_json(&big), Err(RequestError::TooLarge));
+        assert!(matches!(VerifyRequest::from_json(br#"{"key":"k","extra":1}"#), Err(RequestError::Invalid(_))));
+        let many: Vec<String> = (0..=MAX_REQUESTED_PERMISSIONS).map(|i| format!("p{i}")).collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "key": "k", "permissions": many })).unwrap();
+        assert_eq!(
+            VerifyRequest::from_json(&body),
+            Err(RequestError::TooManyPermissions(MAX_REQUESTED_PERMISSIONS + 1))
+        );
+        let at_limit: Vec<String> = many[..MAX_REQUESTED_PERMISSIONS].to_vec();
+        let body = serde_json::to_vec(&serde_json::json!({ "key": "k", "permissions": at_limit })).unwrap();
+        assert!(VerifyRequest::from_json(&body).is_ok());
     }
 }

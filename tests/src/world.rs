@@ -230,10 +230,10 @@ impl World {
 
     /// Verifies `key` in region `i` until it is served from an edge copy (memory or cache).
     pub fn make_hot(&self, i: usize, key: &str) {
-        self.wait_for(&format!("region {i} to serve the key from a copy"), Duration::from_secs(10), || {
+        self.wait_for(&format!("region {i} to serve the key from memory"), Duration::from_secs(10), || {
             let (code, source) = self.edge_code(i, key);
             assert_eq!(code, "VALID", "region {i} before revocation");
-            (source == "memory" || source == "cache").then_some(())
+            (source == "memory").then_some(())
         });
     }
 

@@ -1,11 +1,13 @@
 //! One error type for every route: a stable code, a status, and a message that says what to fix.
+//! The codes and the body shape are `keyward_shared::error`'s, which the edge answers too.
 //! Internal errors answer a generic body and are logged, never leaked.
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use keyward_shared::ErrorCode;
+use keyward_shared::error::ErrorBody;
 
 use crate::store::StoreError;
 
@@ -36,33 +38,24 @@ pub enum AppError {
 pub type Result<T, E = AppError> = std::result::Result<T, E>;
 
 impl AppError {
-    pub fn status_code(&self) -> StatusCode {
+    /// The stable code this error is answered with; its HTTP status comes with it.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AppError::BadRequest(_) | AppError::InvalidId(_) => StatusCode::BAD_REQUEST,
-            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::Conflict(_) => StatusCode::CONFLICT,
-            AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::BadRequest(_) => ErrorCode::BadRequest,
+            AppError::InvalidId(_) => ErrorCode::InvalidId,
+            AppError::Unauthorized(_) => ErrorCode::Unauthorized,
+            AppError::Forbidden(_) => ErrorCode::Forbidden,
+            AppError::NotFound(_) => ErrorCode::NotFound,
+            AppError::Conflict(_) => ErrorCode::Conflict,
+            AppError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            AppError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            AppError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            AppError::Internal(_) => ErrorCode::Internal,
         }
     }
 
-    pub fn code(&self) -> &'static str {
-        match self {
-            AppError::BadRequest(_) => "BAD_REQUEST",
-            AppError::InvalidId(_) => "INVALID_ID",
-            AppError::Unauthorized(_) => "UNAUTHORIZED",
-            AppError::Forbidden(_) => "FORBIDDEN",
-            AppError::NotFound(_) => "NOT_FOUND",
-            AppError::Conflict(_) => "CONFLICT",
-            AppError::PayloadTooLarge(_) => "PAYLOAD_TOO_LARGE",
-            AppError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE",
-            AppError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
-            AppError::Internal(_) => "INTERNAL",
-        }
+    pub fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     pub fn not_found(what: &str) -> AppError {
@@ -79,8 +72,7 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        let body = json!({ "error": { "code": self.code(), "message": message } });
-        (self.status_code(), Json(body)).into_response()
+        (self.status_code(), Json(ErrorBody::new(self.code(), &message))).into_response()
     }
 }
 
