@@ -12,18 +12,17 @@
 
 use std::cell::RefCell;
 
+use keyward_shared::budget::{ByteLru, Weigh};
 use keyward_shared::freshness::{self, AuthorityAnswer, Resolved};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::{ErrorCode, Key, KeyHash, RootKeyRecord, kv_key_for_root};
-use lru::LruCache;
 use worker::{Context, Env, Request};
 
 use crate::error::EdgeError;
-use crate::{authority, lookup};
+use crate::{authority, lookup, memory};
 
 /// How long a confirmed root key is trusted before it is confirmed again.
 const ROOT_TRUST_MS: u64 = 1_000;
-const ROOT_CACHE_ENTRIES: usize = 1_024;
 
 /// A root key's copy, when its confirmation was asked, and whether a background confirmation
 /// of it is under way.
@@ -34,9 +33,25 @@ struct RootCopy {
     refreshing: bool,
 }
 
+impl Weigh for RootCopy {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<RootCopy>() + self.record.heap_bytes()
+    }
+}
+
 thread_local! {
-    static ROOTS: RefCell<LruCache<[u8; 32], RootCopy>> =
-        RefCell::new(LruCache::new(ROOT_CACHE_ENTRIES.try_into().expect("non-zero")));
+    /// Root-key copies, bounded by bytes (see `crate::memory`).
+    static ROOTS: RefCell<ByteLru<[u8; 32], RootCopy>> = RefCell::new(ByteLru::new(memory::root_budget(None)));
+}
+
+/// Sets the bytes root-key copies may take in this isolate.
+pub(crate) fn set_budget(bytes: usize) {
+    ROOTS.with(|roots| roots.borrow_mut().set_budget(bytes));
+}
+
+/// How many root-key copies memory holds, and their bytes.
+pub(crate) fn held() -> (usize, usize) {
+    ROOTS.with(|roots| (roots.borrow().len(), roots.borrow().bytes()))
 }
 
 /// Why a caller was refused.
@@ -93,11 +108,7 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
 }
 
 fn mark_refreshing(hash: &KeyHash) {
-    ROOTS.with(|roots| {
-        if let Some(copy) = roots.borrow_mut().get_mut(hash.as_bytes()) {
-            copy.refreshing = true;
-        }
-    });
+    ROOTS.with(|roots| roots.borrow_mut().update(hash.as_bytes(), |copy| copy.refreshing = true));
 }
 
 /// Reads KV and the authority together and keeps the higher version, confirmed as of `now_ms`

@@ -12,12 +12,13 @@ mod authority;
 mod deadline;
 mod error;
 mod lookup;
+mod memory;
 mod purge;
 mod signed;
 mod verify;
 
 use keyward_shared::ErrorCode;
-use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
+use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH, STATS_PATH};
 use worker::{Context, Env, Request, Response, Result, Router, event};
 
 use crate::error::EdgeError;
@@ -38,6 +39,7 @@ fn start() {
 /// (`wait_until`).
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
+    memory::configure(&env);
     Router::with_data(ctx)
         .get("/health", |_, ctx| {
             let region = ctx.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();
@@ -46,6 +48,7 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         .post_async("/v1/keys/verify", |req, ctx| async { error::answer(verify::handle(req, ctx).await) })
         .post_async(PURGE_PATH, |req, ctx| async { error::answer(purge::handle(req, ctx).await) })
         .post_async(AUTHORITY_PATH, |req, ctx| async { error::answer(authority::handle(req, ctx).await) })
+        .post_async(STATS_PATH, |req, ctx| async { error::answer(memory::stats(req, ctx).await) })
         .or_else_any_method("/*rest", |_, _| {
             error::answer(Err(EdgeError::new(ErrorCode::NotFoundRoute, "no such route")))
         })

@@ -18,18 +18,16 @@
 
 use std::cell::RefCell;
 
+use keyward_shared::budget::{ByteLru, Weigh};
 use keyward_shared::freshness::{self, AuthorityAnswer, Resolved, Tier};
 use keyward_shared::record::RecordError;
 use keyward_shared::{KeyHash, KeyRecord, Source, kv_key_for_key};
-use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use worker::{Cache, CacheDeletionOutcome, Env, Headers, Response, Result, console_warn};
 
 use crate::authority;
-use crate::{KV_BINDING, deadline};
+use crate::{KV_BINDING, deadline, memory};
 
-/// Most key records one isolate keeps in memory.
-const MEMORY_ENTRIES: usize = 10_000;
 /// How long the Cache API may keep a copy (it is confirmed with the authority after
 /// `max_staleness_ms` anyway; this only bounds the storage it takes).
 const CACHE_MAX_AGE_S: u64 = 3_600;
@@ -49,9 +47,25 @@ pub(crate) enum Found {
     Unconfirmed(KeyRecord, Source),
 }
 
+impl Weigh for Entry {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Entry>() + self.record.heap_bytes()
+    }
+}
+
 thread_local! {
-    static MEMORY: RefCell<LruCache<[u8; 32], Entry>> =
-        RefCell::new(LruCache::new(MEMORY_ENTRIES.try_into().expect("non-zero")));
+    /// Key copies, bounded by bytes (see `crate::memory`).
+    static MEMORY: RefCell<ByteLru<[u8; 32], Entry>> = RefCell::new(ByteLru::new(memory::key_budget(None)));
+}
+
+/// Sets the bytes key copies may take in this isolate.
+pub(crate) fn set_budget(bytes: usize) {
+    MEMORY.with(|m| m.borrow_mut().set_budget(bytes));
+}
+
+/// How many key copies memory holds, and their bytes.
+pub(crate) fn held() -> (usize, usize) {
+    MEMORY.with(|m| (m.borrow().len(), m.borrow().bytes()))
 }
 
 /// The synthetic URL under which a key's copy is stored in the Cache API.

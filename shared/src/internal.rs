@@ -12,6 +12,8 @@ use crate::{KeyRecord, RootKeyRecord};
 
 pub const PURGE_PATH: &str = "/internal/purge";
 pub const AUTHORITY_PATH: &str = "/internal/authority";
+/// Signed, body `{}`: what this isolate's memory holds ([`MemoryStats`]).
+pub const STATS_PATH: &str = "/internal/stats";
 pub const TIMESTAMP_HEADER: &str = "x-keyward-timestamp";
 pub const NONCE_HEADER: &str = "x-keyward-nonce";
 pub const SIGNATURE_HEADER: &str = "x-keyward-signature";
@@ -41,6 +43,19 @@ pub struct PurgeAck {
     pub purged: usize,
     /// When the region began answering from the purge's records, by its clock (Unix ms).
     pub applied_at_ms: u64,
+}
+
+/// What one isolate's memory holds: key and root-key copies (counted as the edge bounds them)
+/// and the whole wasm linear memory, which only grows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    pub key_copies: usize,
+    pub key_copy_bytes: usize,
+    pub root_copies: usize,
+    pub root_copy_bytes: usize,
+    /// The budget for both kinds of copies together.
+    pub copy_budget_bytes: usize,
+    pub wasm_memory_bytes: usize,
 }
 
 /// Sets keys' and root keys' authoritative records in their KeyState Durable Objects. Each

@@ -5,6 +5,7 @@
 //! Workers KV, the wire types of verification, root-key scopes, the signature of internal
 //! requests, and the verification decision itself.
 
+pub mod budget;
 pub mod error;
 pub mod freshness;
 pub mod hash;
@@ -17,7 +18,7 @@ pub mod verify;
 pub use error::ErrorCode;
 pub use hash::KeyHash;
 pub use key::{Key, KeyError};
-pub use record::{KeyRecord, KeyStatus, RootKeyRecord};
+pub use record::{KeyRecord, KeyStatus, Meta, RootKeyRecord};
 pub use scope::{KeyAction, Scope, ScopeError, Scopes};
 pub use verify::{
     Caller, Code, Decision, RequestError, Source, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,

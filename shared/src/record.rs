@@ -51,7 +51,7 @@ pub struct KeyRecord {
     /// The display start (`sk_live_3xQ9ab`), never the secret.
     pub start: String,
     pub owner_id: Option<String>,
-    pub meta: serde_json::Map<String, serde_json::Value>,
+    pub meta: Meta,
     pub enabled: bool,
     pub status: KeyStatus,
     pub expires_at: Option<i64>,
@@ -79,6 +79,77 @@ impl KeyRecord {
             || self.permissions.iter().any(|p| !next.permissions.contains(p))
             || self.api_id != next.api_id
             || self.workspace_id != next.workspace_id
+    }
+}
+
+impl KeyRecord {
+    /// The bytes this record takes in memory beyond its own size (its strings, meta text and
+    /// permissions), for [`crate::budget::Weigh`].
+    pub fn heap_bytes(&self) -> usize {
+        let strings = [Some(&self.id), Some(&self.api_id), Some(&self.workspace_id), self.name.as_ref()]
+            .into_iter()
+            .chain([Some(&self.start), self.owner_id.as_ref()])
+            .flatten()
+            .map(|s| s.len())
+            .sum::<usize>();
+        let permissions = self.permissions.iter().map(|p| p.len() + std::mem::size_of::<String>()).sum::<usize>();
+        strings + self.meta.as_str().len() + permissions
+    }
+}
+
+impl RootKeyRecord {
+    /// The bytes this record takes in memory beyond its own size, for [`crate::budget::Weigh`].
+    pub fn heap_bytes(&self) -> usize {
+        // A scope names at most one API id; 64 bytes covers it with room.
+        self.id.len() + self.workspace_id.len() + self.scopes.0.len() * (std::mem::size_of::<crate::Scope>() + 64)
+    }
+}
+
+/// A key's meta: a JSON object, kept as its text. The edge parses it only to check it is an
+/// object, never into a map (a parsed 16 KiB object took 200-280 KB of isolate memory), and
+/// answers the text as it is.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Meta(Box<serde_json::value::RawValue>);
+
+impl Meta {
+    /// The meta of this JSON object.
+    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> Meta {
+        let text = serde_json::to_string(map).expect("a JSON map always serializes");
+        Meta(serde_json::value::RawValue::from_string(text).expect("serde_json wrote valid JSON"))
+    }
+
+    /// The object itself, parsed.
+    pub fn to_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(self.0.get()).expect("Meta holds a JSON object")
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Default for Meta {
+    fn default() -> Meta {
+        Meta::from_map(&serde_json::Map::new())
+    }
+}
+
+impl PartialEq for Meta {
+    fn eq(&self, other: &Meta) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Meta, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+        // An object without parsing it: RawValue is valid JSON, so `{...}` is an object.
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("meta must be a JSON object"));
+        }
+        Ok(Meta(raw))
     }
 }
 
@@ -141,7 +212,7 @@ pub(crate) mod tests {
             name: Some("ci".into()),
             start: "sk_live_111111".into(),
             owner_id: Some("user_9".into()),
-            meta: serde_json::Map::new(),
+            meta: Meta::default(),
             enabled: true,
             status: KeyStatus::Active,
             expires_at: None,
@@ -179,7 +250,7 @@ pub(crate) mod tests {
         check(|r| r.permissions.pop().map(drop).unwrap_or(()), true);
         check(|r| r.permissions.push("admin".into()), false);
         check(|r| r.name = Some("renamed".into()), false);
-        check(|r| r.meta.insert("plan".into(), 1.into()).map(drop).unwrap_or(()), false);
+        check(|r| r.meta = Meta::from_map(&serde_json::json!({ "plan": 1 }).as_object().unwrap().clone()), false);
         check(|r| r.api_id = "api_2".into(), true);
         let mut expiring = sample(KeyHash::of("x"));
         expiring.expires_at = Some(100);
@@ -198,5 +269,22 @@ pub(crate) mod tests {
             assert_eq!(KeyStatus::parse(status.as_str()), Some(status));
         }
         assert_eq!(KeyStatus::parse("gone"), None);
+    }
+
+    #[test]
+    fn meta_is_kept_as_text_and_must_be_an_object() {
+        let record = sample(KeyHash::of("k"));
+        let mut json = serde_json::to_value(&record).unwrap();
+        json["meta"] = serde_json::json!({ "plan": "pro", "seats": [1, 2] });
+        let text = serde_json::to_string(&json).unwrap();
+        let read = KeyRecord::from_json(&text).unwrap();
+        assert_eq!(read.meta.as_str(), r#"{"plan":"pro","seats":[1,2]}"#);
+        assert_eq!(read.meta.to_map()["plan"], "pro");
+        assert_eq!(serde_json::to_value(&read).unwrap()["meta"]["seats"][1], 2);
+        for not_an_object in [serde_json::json!([1]), serde_json::json!("x"), serde_json::json!(null)] {
+            json["meta"] = not_an_object.clone();
+            let text = serde_json::to_string(&json).unwrap();
+            assert!(KeyRecord::from_json(&text).is_err(), "{not_an_object}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
-use crate::record::{KeyRecord, KeyStatus};
+use crate::record::{KeyRecord, KeyStatus, Meta};
 use crate::scope::{KeyAction, Scope, Scopes};
 
 /// Most permissions a verify request may ask for.
@@ -185,7 +185,7 @@ pub struct VerifyResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+    pub meta: Option<Meta>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
     pub permissions: Vec<String>,
@@ -454,7 +454,8 @@ mod tests {
         let all = Scopes(vec!["api.*.verify_key".parse().unwrap()]);
         let none = Scopes(vec!["api.other.verify_key".parse().unwrap()]);
         let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![] };
-        let rows: [(&str, fn(&mut KeyRecord), &Scopes, &str, Code); 5] = [
+        type Row<'a> = (&'a str, fn(&mut KeyRecord), &'a Scopes, &'a str, Code);
+        let rows: [Row; 5] = [
             ("valid record, caller may see it", |_| {}, &all, "ws_1", Code::Unavailable),
             ("expired record, caller may see it", |r| r.expires_at = Some(0), &all, "ws_1", Code::Unavailable),
             ("disabled record, caller may see it", |r| r.enabled = false, &all, "ws_1", Code::Unavailable),

@@ -38,7 +38,7 @@ pub enum PurgeMode {
 }
 
 /// What a test world is made of besides its regions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// wrangler's log level (`warn` for tests, `error` for benchmarks).
     pub log_level: &'static str,
@@ -46,11 +46,13 @@ pub struct Options {
     /// The control plane reaches the authority through a [`Gate`] (`World::authority_gate`);
     /// regions still reach it directly.
     pub gated_authority: bool,
+    /// More `[vars]` for every worker (`COPY_MEMORY_BYTES`, ...).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { log_level: "warn", purge_mode: PurgeMode::Record, gated_authority: false }
+        Options { log_level: "warn", purge_mode: PurgeMode::Record, gated_authority: false, vars: Vec::new() }
     }
 }
 
@@ -93,13 +95,14 @@ impl World {
     /// A world with these regions and options.
     pub fn start_opts(plans: &[RegionPlan], options: Options) -> anyhow::Result<World> {
         let log_level = options.log_level;
-        let vars = match options.purge_mode {
+        let mut vars = match options.purge_mode {
             PurgeMode::Record => Vec::new(),
             PurgeMode::TagOnly(delay_ms) => vec![
                 ("PURGE_MODE".to_owned(), "tag-only".to_owned()),
                 ("PURGE_TAG_DELAY_MS".to_owned(), delay_ms.to_string()),
             ],
         };
+        vars.extend(options.vars);
         let dir = tempfile::Builder::new().prefix("keyward-e2e-").tempdir()?;
         let secret = new_secret();
         let registry = dir.path().join("registry");

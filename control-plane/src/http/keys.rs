@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::verify::Caller;
-use keyward_shared::{Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide};
+use keyward_shared::{Key, KeyAction, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -45,7 +45,7 @@ struct KeyView<'a> {
     name: &'a Option<String>,
     start: &'a str,
     owner_id: &'a Option<String>,
-    meta: &'a Map<String, Value>,
+    meta: &'a Meta,
     enabled: bool,
     status: KeyStatus,
     expires_at: Option<i64>,
@@ -354,8 +354,9 @@ fn check_owner(owner: &str) -> Result<String> {
     Ok(owner.to_owned())
 }
 
-fn check_meta(meta: Map<String, Value>) -> Result<Map<String, Value>> {
-    let size = serde_json::to_string(&meta).map_err(|e| AppError::Internal(e.into()))?.len();
+fn check_meta(meta: Map<String, Value>) -> Result<Meta> {
+    let meta = Meta::from_map(&meta);
+    let size = meta.as_str().len();
     if size > MAX_META_BYTES {
         return Err(AppError::BadRequest(format!("meta is {size} bytes of JSON; the limit is {MAX_META_BYTES}")));
     }

@@ -1,0 +1,58 @@
+//! Isolate memory for key and root-key copies, which every tenant shares: bounded by bytes
+//! (16 MiB together by default, or the worker's `COPY_MEMORY_BYTES`), fifteen sixteenths for
+//! keys and one for root keys, least recently used first out. A record's meta stays JSON text
+//! (`keyward_shared::Meta`), so a copy costs about its stored size.
+//!
+//! `POST /internal/stats` (signed, body `{}`) answers what this isolate holds and the size of
+//! its wasm memory, so a test (or an operator) can see the bound hold.
+
+use std::cell::Cell;
+
+use keyward_shared::internal::{MemoryStats, STATS_PATH};
+use worker::{Date, Env, Request, Response, RouteContext};
+
+use crate::error::EdgeResult;
+use crate::{auth, lookup, signed};
+
+/// Bytes key and root-key copies may take together in one isolate, unless configured.
+pub(crate) const COPY_MEMORY_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The bytes key copies may take, of `total` (or the default).
+pub(crate) fn key_budget(total: Option<usize>) -> usize {
+    total.unwrap_or(COPY_MEMORY_BYTES) / 16 * 15
+}
+
+/// The bytes root-key copies may take, of `total` (or the default).
+pub(crate) fn root_budget(total: Option<usize>) -> usize {
+    total.unwrap_or(COPY_MEMORY_BYTES) / 16
+}
+
+/// Applies `COPY_MEMORY_BYTES` once per isolate (the first request).
+pub(crate) fn configure(env: &Env) {
+    if BUDGET.get().is_some() {
+        return;
+    }
+    let configured = env.var("COPY_MEMORY_BYTES").ok().and_then(|v| v.to_string().parse::<usize>().ok());
+    let total = configured.unwrap_or(COPY_MEMORY_BYTES);
+    BUDGET.set(Some(total));
+    lookup::set_budget(key_budget(Some(total)));
+    auth::set_budget(root_budget(Some(total)));
+}
+
+pub(crate) async fn stats(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
+    signed::parse::<serde_json::Value>(&mut req, &ctx.env, STATS_PATH, Date::now().as_millis()).await?;
+    let ((key_copies, key_copy_bytes), (root_copies, root_copy_bytes)) = (lookup::held(), auth::held());
+    let stats = MemoryStats {
+        key_copies,
+        key_copy_bytes,
+        root_copies,
+        root_copy_bytes,
+        copy_budget_bytes: BUDGET.get().unwrap_or(COPY_MEMORY_BYTES),
+        wasm_memory_bytes: core::arch::wasm32::memory_size::<0>() * 65_536,
+    };
+    Ok(Response::from_json(&stats)?)
+}
