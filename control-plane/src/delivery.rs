@@ -18,7 +18,8 @@ use keyward_shared::{KeyRecord, RootKeyRecord};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::edge::{Edge, KvState, Region, RegionReport};
+use crate::edge_client::{EdgeClient, EdgeError, EdgeRegion};
+use crate::kv::KvError;
 use crate::store::{Attempt, Delivery, NewOutbox, OutboxEntry, Store};
 use crate::time::now_ms;
 
@@ -32,7 +33,7 @@ pub const HANDOFF: Duration = Duration::from_secs(5);
 
 /// The targets of a change: the authority (when configured), every region's KV, and, for a
 /// tightening change, every region's purge.
-pub fn targets(edge: &Edge, tightening: bool) -> Vec<String> {
+pub fn targets(edge: &EdgeClient, tightening: bool) -> Vec<String> {
     let mut targets = Vec::new();
     if edge.has_authority() {
         targets.push("authority".to_owned());
@@ -49,7 +50,7 @@ pub fn targets(edge: &Edge, tightening: bool) -> Vec<String> {
 /// The targets of a root key's change: the authority (when configured; the edge confirms root
 /// keys with it, since KV has no conditional write and a late KV write could bring back an older
 /// version) and every region's KV (where the edge first reads root keys).
-pub fn root_key_targets(edge: &Edge) -> Vec<String> {
+pub fn root_key_targets(edge: &EdgeClient) -> Vec<String> {
     let authority = edge.has_authority().then(|| "authority".to_owned());
     authority.into_iter().chain(edge.regions.iter().map(|region| format!("kv:{}", region.name))).collect()
 }
@@ -57,6 +58,41 @@ pub fn root_key_targets(edge: &Edge) -> Vec<String> {
 /// An outbox entry for `targets`, left to the request that makes it for [`HANDOFF`].
 pub fn new_outbox(targets: &[String], tightening: bool, now: i64) -> NewOutbox<'_> {
     NewOutbox { targets, tightening, now, first_retry_at: now + HANDOFF.as_millis() as i64 }
+}
+
+/// Where a change's KV write in one region stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvState {
+    Written,
+    /// Not attempted yet: a tightening change's KV writes follow its answer.
+    Pending,
+    /// Attempted and failed; retried with backoff.
+    Failed,
+    /// Left to a newer change of the same key, which carries the newer record.
+    Superseded,
+}
+
+/// What happened in one region when a change was pushed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionReport {
+    pub name: String,
+    pub kv: KvState,
+    /// Whether the region accepted the purge; `None` when no purge was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<bool>,
+    /// From the start of this delivery to this region's purge acknowledgement (or failure);
+    /// without a purge, to its KV write.
+    pub latency_ms: f64,
+    /// When the region began answering from the new record, by its clock (Unix ms); only
+    /// regions purged through their signed route report it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_at_ms: Option<u64>,
+    /// What `acknowledged` means for this region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_means: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How the authority update went.
@@ -74,6 +110,28 @@ pub struct Delivered {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<AuthorityReport>,
     pub regions: Vec<RegionReport>,
+}
+
+/// Why one delivery failed; recorded as text (with its causes, [`error_text`]) in its row.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("authority update")]
+    Authority(#[source] EdgeError),
+    #[error("purge")]
+    Purge(#[source] EdgeError),
+    #[error("KV write")]
+    Kv(#[source] KvError),
+}
+
+/// An error and its causes, one after another, as recorded in the outbox and answered in reports.
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text = format!("{text}: {error}");
+        cause = error.source();
+    }
+    text
 }
 
 fn is_pending(delivery: Option<&Delivery>) -> bool {
@@ -144,7 +202,7 @@ fn authority_lacks_message(error: &str) -> String {
 
 pub struct Deliverer {
     store: Store,
-    edge: Arc<Edge>,
+    edge: Arc<EdgeClient>,
     in_flight: Mutex<HashSet<i64>>,
     /// Notified when a claim is released, for deliveries waiting to claim the same entry.
     released: Notify,
@@ -166,11 +224,11 @@ impl Drop for Claim<'_> {
 }
 
 impl Deliverer {
-    pub fn new(store: Store, edge: Arc<Edge>) -> Deliverer {
+    pub fn new(store: Store, edge: Arc<EdgeClient>) -> Deliverer {
         Deliverer { store, edge, in_flight: Mutex::new(HashSet::new()), released: Notify::new() }
     }
 
-    pub fn edge(&self) -> &Edge {
+    pub fn edge(&self) -> &EdgeClient {
         &self.edge
     }
 
@@ -249,7 +307,7 @@ impl Deliverer {
                 return None;
             }
             let result = self.edge.update_authority(records, root_keys).await;
-            Some((result.map_err(|e| format!("{e:#}")), started.elapsed().as_secs_f64() * 1e3))
+            Some((result.map_err(|e| error_text(&DeliveryError::Authority(e))), started.elapsed().as_secs_f64() * 1e3))
         }
         .boxed()
         .shared();
@@ -292,14 +350,14 @@ impl Deliverer {
     /// reported as acknowledged while the key's authority lacks the change, whatever it
     /// answered: a copy it refills from the authority would be the old record. A purge-by-tag
     /// is not even sent then; it fails, to be retried with the authority.
-    async fn deliver_region<'a>(&self, plan: &PassPlan<'a>, region: &Region) -> (RegionReport, [Outcome<'a>; 2]) {
+    async fn deliver_region<'a>(&self, plan: &PassPlan<'a>, region: &EdgeRegion) -> (RegionReport, [Outcome<'a>; 2]) {
         let (kv, purge) = (plan.find(&format!("kv:{}", region.name)), plan.find(&format!("purge:{}", region.name)));
         let kv_write = async {
             if !plan.kv_now || !is_pending(kv) {
                 return None;
             }
             let result = region.kv.put(&plan.entry.kv_key, plan.entry.record.clone()).await;
-            Some((result.map_err(|e| format!("{e:#}")), plan.elapsed_ms()))
+            Some((result.map_err(|e| error_text(&DeliveryError::Kv(e))), plan.elapsed_ms()))
         };
         let purge_send = async {
             let record = plan.record.filter(|_| plan.in_force_now && is_pending(purge))?;
@@ -309,7 +367,7 @@ impl Deliverer {
                 return Some((Err(format!("not sent: {}", authority_lacks_message(&error))), plan.elapsed_ms()));
             }
             let result = self.edge.purge(region, std::slice::from_ref(record)).await;
-            Some((result.map_err(|e| format!("{e:#}")), plan.elapsed_ms()))
+            Some((result.map_err(|e| error_text(&DeliveryError::Purge(e))), plan.elapsed_ms()))
         };
         let (kv_result, purge_result): (Option<Attempted<()>>, Option<Attempted<Option<u64>>>) =
             futures::join!(kv_write, purge_send);

@@ -1,5 +1,5 @@
 //! Delivering outbox entries against stand-ins that are slow, hung or refusing, through the
-//! production constructor `Edge::from_config` and its clients: overlapping deliveries of one
+//! production constructor `EdgeClient::from_config` and its clients: overlapping deliveries of one
 //! entry, a caller that gives up, an authority that lacks the change, and a bound on every call.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use axum::http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use keyward_control_plane::config::Config;
 use keyward_control_plane::delivery::{self, HANDOFF};
-use keyward_control_plane::edge::Edge;
+use keyward_control_plane::edge_client::EdgeClient;
 use keyward_control_plane::http::{AppState, app};
 use keyward_control_plane::serve::bootstrap;
 use keyward_control_plane::store::Store;
@@ -27,7 +27,7 @@ use tower::ServiceExt;
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// Nothing listens on port 9 of loopback: connections there are refused at once.
 const REFUSING: &str = "http://127.0.0.1:9";
-/// The longest `Edge::from_config`'s client lets one call take, connecting included.
+/// The longest `EdgeClient::from_config`'s client lets one call take, connecting included.
 const CALL_LIMIT: Duration = Duration::from_secs(3);
 /// What a failed call may add to that limit before a test calls it a hang.
 const SLACK: Duration = Duration::from_secs(2);
@@ -113,7 +113,7 @@ async fn stand_in(delay: Duration) -> (String, Seen) {
     (url, seen)
 }
 
-/// Where the edge is, for the edge `Edge::from_config` builds in production.
+/// Where the edge is, for the client `EdgeClient::from_config` builds in production.
 #[derive(Default)]
 struct Endpoints<'a> {
     authority: Option<&'a str>,
@@ -123,7 +123,7 @@ struct Endpoints<'a> {
     cloudflare: Option<&'a str>,
 }
 
-fn edge(endpoints: Endpoints) -> Edge {
+fn edge(endpoints: Endpoints) -> EdgeClient {
     let mut text = format!("purge_secret = \"{SECRET}\"\n");
     if let Some(url) = endpoints.authority {
         text += &format!("authority_url = \"{url}\"\n");
@@ -137,7 +137,7 @@ fn edge(endpoints: Endpoints) -> Edge {
              worker_url = \"{api}\"\napi_token = \"cf-token\"\n"
         );
     }
-    Edge::from_config(&Config::parse(&text, |_| None).unwrap()).unwrap()
+    EdgeClient::from_config(&Config::parse(&text, |_| None).unwrap()).unwrap()
 }
 
 #[derive(Clone)]
@@ -147,7 +147,7 @@ struct Harness {
     root: String,
 }
 
-async fn harness(edge: Edge) -> Harness {
+async fn harness(edge: EdgeClient) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
     let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();

@@ -15,7 +15,8 @@ use super::auth::RootKey;
 use super::extract::{Json, Path, check_id};
 use super::{AppError, AppState, Result, new_id};
 use crate::delivery;
-use crate::edge::{Edge, RegionReport};
+use crate::delivery::RegionReport;
+use crate::edge_client::EdgeClient;
 use crate::keygen::{self, ROOT_KEY_PREFIX};
 use crate::store::NewRootKey;
 use crate::time::now_ms;
@@ -135,7 +136,7 @@ pub(crate) async fn delivered_regions(state: &AppState, outbox_id: Option<i64>) 
 
 /// Writes an active root key to every region's KV directly (at start-up, so a region whose KV
 /// was wiped learns its callers again); answers the per-region result.
-pub async fn publish_record(edge: &Edge, record: &RootKeyRecord) -> Result<Vec<RegionReport>> {
+pub async fn publish_record(edge: &EdgeClient, record: &RootKeyRecord) -> Result<Vec<RegionReport>> {
     if !publishes(&record.scopes) {
         return Ok(Vec::new());
     }
