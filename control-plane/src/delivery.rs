@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 
 use crate::edge_client::{EdgeClient, EdgeError, EdgeRegion};
 use crate::kv::KvError;
-use crate::store::{Attempt, Delivery, NewOutbox, OutboxEntry, Store};
+use crate::store::{AttemptOutcome, Delivery, DeliveryState, EntryKind, NewOutbox, OutboxEntry, Store, Target};
 use crate::time::now_ms;
 
 /// The first retry waits this long; each further one twice as long, up to [`MAX_BACKOFF`].
@@ -30,35 +30,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const RETRY_TICK: Duration = Duration::from_millis(250);
 /// A new entry is left to the request that made it for this long before the retrier may take it.
 pub const HANDOFF: Duration = Duration::from_secs(5);
-
-/// The targets of a change: the authority (when configured), every region's KV, and, for a
-/// tightening change, every region's purge.
-pub fn targets(edge: &EdgeClient, tightening: bool) -> Vec<String> {
-    let mut targets = Vec::new();
-    if edge.has_authority() {
-        targets.push("authority".to_owned());
-    }
-    for region in &edge.regions {
-        targets.push(format!("kv:{}", region.name));
-        if tightening {
-            targets.push(format!("purge:{}", region.name));
-        }
-    }
-    targets
-}
-
-/// The targets of a root key's change: the authority (when configured; the edge confirms root
-/// keys with it, since KV has no conditional write and a late KV write could bring back an older
-/// version) and every region's KV (where the edge first reads root keys).
-pub fn root_key_targets(edge: &EdgeClient) -> Vec<String> {
-    let authority = edge.has_authority().then(|| "authority".to_owned());
-    authority.into_iter().chain(edge.regions.iter().map(|region| format!("kv:{}", region.name))).collect()
-}
-
-/// An outbox entry for `targets`, left to the request that makes it for [`HANDOFF`].
-pub fn new_outbox(targets: &[String], tightening: bool, now: i64) -> NewOutbox<'_> {
-    NewOutbox { targets, tightening, now, first_retry_at: now + HANDOFF.as_millis() as i64 }
-}
 
 /// Where a change's KV write in one region stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -135,7 +106,7 @@ pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn is_pending(delivery: Option<&Delivery>) -> bool {
-    delivery.is_some_and(|d| d.state == "pending")
+    delivery.is_some_and(Delivery::is_pending)
 }
 
 /// Which pending targets a delivery attempts.
@@ -177,8 +148,8 @@ impl<'a> PassPlan<'a> {
         self.started.elapsed().as_secs_f64() * 1e3
     }
 
-    fn find(&self, target: &str) -> Option<&'a Delivery> {
-        self.deliveries.iter().find(|d| d.target == target)
+    fn find(&self, target: &Target) -> Option<&'a Delivery> {
+        self.deliveries.iter().find(|d| d.target == *target)
     }
 
     /// Why the key's authority lacks this entry's change once this pass's update is over, if it
@@ -187,7 +158,7 @@ impl<'a> PassPlan<'a> {
         let delivery = self.authority_delivery?;
         match self.authority.clone().await {
             Some((result, _)) => result.err(),
-            None if delivery.state == "pending" => {
+            None if delivery.is_pending() => {
                 Some(delivery.last_error.clone().unwrap_or_else(|| "its update has not been delivered yet".to_owned()))
             }
             None => None,
@@ -230,6 +201,13 @@ impl Deliverer {
 
     pub fn edge(&self) -> &EdgeClient {
         &self.edge
+    }
+
+    /// An outbox entry for a change committed at `now`, to be stored with it: the store gives it
+    /// the targets its record and `tightening` call for, among the authority and the regions
+    /// configured. It is left to the request that makes it for [`HANDOFF`].
+    pub fn new_outbox(&self, tightening: bool, now: i64) -> NewOutbox {
+        NewOutbox { reach: self.edge.reach(), tightening, now, first_retry_at: now + HANDOFF.as_millis() as i64 }
     }
 
     /// Claims an entry unless a delivery of it is under way. The claim is built only once the
@@ -290,16 +268,17 @@ impl Deliverer {
     async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
         // The authority and purges need the record; a root key's entry has no purges.
-        let needs_record = deliveries.iter().any(|d| d.target == "authority" || d.target.starts_with("purge:"));
-        let (record, root_key) = match (needs_record, entry.key_id.starts_with("root_")) {
+        let needs_record = deliveries.iter().any(|d| matches!(d.target, Target::Authority | Target::Purge(_)));
+        let (record, root_key) = match (needs_record, entry.kind) {
             (false, _) => (None, None),
-            (true, false) => (Some(KeyRecord::from_json(&entry.record).context("outbox record")?), None),
-            (true, true) => (None, Some(RootKeyRecord::from_json(&entry.record).context("outbox root key")?)),
+            (true, EntryKind::Key) => (Some(KeyRecord::from_json(&entry.record).context("outbox record")?), None),
+            (true, EntryKind::RootKey) => {
+                (None, Some(RootKeyRecord::from_json(&entry.record).context("outbox root key")?))
+            }
         };
-        let tightening = deliveries.iter().any(|d| d.target.starts_with("purge:"));
         let in_force_now = pass != Pass::KvAfterAnswer;
         let started = Instant::now();
-        let authority_delivery = deliveries.iter().find(|d| d.target == "authority");
+        let authority_delivery = deliveries.iter().find(|d| d.target == Target::Authority);
         let update = in_force_now && is_pending(authority_delivery) && needs_record;
         let (records, root_keys) = (record.as_slice(), root_key.as_slice());
         let authority = async move {
@@ -315,7 +294,7 @@ impl Deliverer {
             entry: &entry,
             deliveries: &deliveries,
             record: record.as_ref(),
-            kv_now: pass != Pass::InForce || !tightening,
+            kv_now: pass != Pass::InForce || !entry.purges(),
             in_force_now,
             started,
             authority_delivery,
@@ -330,7 +309,9 @@ impl Deliverer {
                 outcomes.push((d, result.clone()));
                 Some(AuthorityReport { acknowledged: result.is_ok(), latency_ms, error: result.err() })
             }
-            (Some(d), None) => Some(AuthorityReport { acknowledged: d.state == "done", latency_ms: 0.0, error: None }),
+            (Some(d), None) => {
+                Some(AuthorityReport { acknowledged: d.state == DeliveryState::Done, latency_ms: 0.0, error: None })
+            }
             (None, _) => None,
         };
         let mut reports = Vec::new();
@@ -351,7 +332,8 @@ impl Deliverer {
     /// answered: a copy it refills from the authority would be the old record. A purge-by-tag
     /// is not even sent then; it fails, to be retried with the authority.
     async fn deliver_region<'a>(&self, plan: &PassPlan<'a>, region: &EdgeRegion) -> (RegionReport, [Outcome<'a>; 2]) {
-        let (kv, purge) = (plan.find(&format!("kv:{}", region.name)), plan.find(&format!("purge:{}", region.name)));
+        let kv = plan.find(&Target::Kv(region.name.clone()));
+        let purge = plan.find(&Target::Purge(region.name.clone()));
         let kv_write = async {
             if !plan.kv_now || !is_pending(kv) {
                 return None;
@@ -380,7 +362,8 @@ impl Deliverer {
         let applied_at_ms = purge_result.as_ref().and_then(|(r, _)| r.as_ref().ok().copied().flatten());
         let kv_result = kv_result.map(|(r, _)| r);
         let purge_result = purge_result.map(|(r, _)| r.map(|_| ()));
-        let acknowledged = purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == "done"));
+        let acknowledged =
+            purge_result.as_ref().map(Result::is_ok).or_else(|| purge.map(|d| d.state == DeliveryState::Done));
         let error_of = |result: &Option<Result<(), String>>| result.as_ref().and_then(|r| r.clone().err());
         let report = RegionReport {
             name: region.name.clone(),
@@ -388,7 +371,7 @@ impl Deliverer {
                 (Some(Ok(())), _) => KvState::Written,
                 (Some(Err(_)), _) => KvState::Failed,
                 (None, kv) if is_pending(kv) => KvState::Pending,
-                (None, Some(d)) if d.state == "superseded" => KvState::Superseded,
+                (None, Some(d)) if d.state == DeliveryState::Superseded => KvState::Superseded,
                 (None, _) => KvState::Written,
             },
             acknowledged: acknowledged.map(|ack| ack && lacks.is_none()),
@@ -404,14 +387,14 @@ impl Deliverer {
     /// Records attempts in one transaction; a failure is retried with backoff.
     async fn record(&self, outcomes: &[(&Delivery, Result<(), String>)]) -> anyhow::Result<()> {
         let now = now_ms();
-        let rows: Vec<Attempt> = outcomes
+        let rows: Vec<AttemptOutcome> = outcomes
             .iter()
             .map(|(d, result)| {
                 if let Err(error) = result {
                     tracing::warn!(outbox = d.outbox_id, target = %d.target, attempts = d.attempts + 1, %error, "delivery failed; will retry");
                 }
                 let backoff = FIRST_BACKOFF.saturating_mul(1 << d.attempts.clamp(0, 16)).min(MAX_BACKOFF);
-                Attempt {
+                AttemptOutcome {
                     outbox_id: d.outbox_id,
                     target: d.target.clone(),
                     error: result.clone().err(),

@@ -20,6 +20,7 @@ use crate::cloudflare::{ACCOUNT_LIMIT, CloudflareApi, CloudflareError, RateLimit
 use crate::config::{Config, RegionConfig, Secret};
 use crate::delivery::{DeliveryError, KvState, RegionReport, error_text};
 use crate::kv::{BulkKv, CloudflareKv, DelayedKv, KvWriter};
+use crate::store::Reach;
 use crate::time::now_ms;
 
 /// How a region's copies are purged.
@@ -137,6 +138,11 @@ impl EdgeClient {
 
     pub fn has_authority(&self) -> bool {
         self.authority_url.is_some()
+    }
+
+    /// What a change can be delivered to: the authority, if configured, and every region.
+    pub fn reach(&self) -> Reach {
+        Reach { authority: self.has_authority(), regions: self.regions.iter().map(|r| r.name.clone()).collect() }
     }
 
     /// Writes `value` under `kv_key` in every region's KV (root keys: no authority, no purge).
