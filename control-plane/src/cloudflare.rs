@@ -1,25 +1,22 @@
-//! The production path: Cloudflare's API for what local regions do by hand.
+//! Cloudflare's REST API: its settings, the account's rate limit, bulk KV writes, purge by tag,
+//! and the one check of its `{success, errors}` answers.
 //!
-//! One KV namespace serves every location, written through the REST API in bulk. Writes to one
-//! key are coalesced (KV takes one write per second per key: a newer value replaces a queued
-//! one), and every call waits for the account's rate limit (1,200 requests per 5 minutes). Cache
-//! API copies are purged by tag (the edge tags each copy with its key hash), in batches of at
-//! most the plan's tags per call. An acknowledgement here means Cloudflare accepted the purge;
-//! isolate memory at each location is bounded by `max_staleness_ms` alone.
+//! In production one KV namespace serves every location, written in bulk (`kv::BulkKv`
+//! coalesces writes to one key), and every call waits for the account's rate limit (1,200
+//! requests per 5 minutes). Cache API copies are purged by tag (the edge tags each copy with
+//! its key hash), in batches of at most the plan's tags per call. An acknowledgement here means
+//! Cloudflare accepted the purge; isolate memory at each location is bounded by
+//! `max_staleness_ms` alone. Local regions' KV (wrangler dev) answers in the same format.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use futures::future::BoxFuture;
 use keyward_shared::KeyHash;
+use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{Notify, oneshot};
 
 use crate::config::Secret;
-use crate::edge::KvWriter;
 
 /// Cloudflare's documented account-wide API limit: 1,200 requests per 5 minutes.
 pub const ACCOUNT_LIMIT: (u32, Duration) = (1_200, Duration::from_secs(300));
@@ -112,23 +109,13 @@ impl CloudflareApi {
         &self.settings.worker_url
     }
 
-    async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<()> {
+    async fn call(&self, request: reqwest::RequestBuilder) -> Result<(), CloudflareError> {
         self.limiter.acquire().await;
-        let request = match &self.settings.api_token {
-            Some(token) => request.bearer_auth(token.expose()),
-            None => request,
-        };
-        let response = request.send().await.context("cannot reach Cloudflare's API")?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        if !status.is_success() || body["success"] != true {
-            bail!("Cloudflare answered {status}: {}", body["errors"]);
-        }
-        Ok(())
+        send(request, self.settings.api_token.as_ref()).await
     }
 
     /// `PUT /accounts/<id>/storage/kv/namespaces/<id>/bulk` with `[{key, value}]`.
-    pub async fn write_bulk(&self, pairs: &[(String, String)]) -> anyhow::Result<()> {
+    pub async fn write_bulk(&self, pairs: &[(String, String)]) -> Result<(), CloudflareError> {
         let s = &self.settings;
         let url = format!("{}/accounts/{}/storage/kv/namespaces/{}/bulk", s.api_base, s.account_id, s.kv_namespace_id);
         for chunk in pairs.chunks(MAX_BULK) {
@@ -139,7 +126,7 @@ impl CloudflareApi {
     }
 
     /// `POST /zones/<id>/purge_cache` with `{"tags": [...]}`, a batch per call.
-    pub async fn purge_tags(&self, hashes: &[KeyHash]) -> anyhow::Result<()> {
+    pub async fn purge_tags(&self, hashes: &[KeyHash]) -> Result<(), CloudflareError> {
         let url = format!("{}/zones/{}/purge_cache", self.settings.api_base, self.settings.zone_id);
         for chunk in hashes.chunks(self.settings.max_tags_per_purge.max(1)) {
             let tags: Vec<String> = chunk.iter().map(KeyHash::to_hex).collect();
@@ -149,98 +136,28 @@ impl CloudflareApi {
     }
 }
 
-/// Writes to Cloudflare's KV in bulk, coalescing writes to one key to one per second. A put
-/// resolves when its value, or a newer one for the same key, has been written.
-pub struct BulkKv {
-    inner: Arc<BulkState>,
+/// Why a call in Cloudflare's REST format failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudflareError {
+    #[error("cannot connect")]
+    Unreachable(#[source] reqwest::Error),
+    /// An HTTP error, or an answer whose envelope does not say `"success": true`.
+    #[error("answered {status}: {errors}")]
+    Refused { status: StatusCode, errors: serde_json::Value },
 }
 
-struct BulkState {
-    api: Arc<CloudflareApi>,
-    queue: Mutex<Queue>,
-    wake: Notify,
-}
-
-/// Those waiting for a key's value to be written.
-type Waiters = Vec<oneshot::Sender<Result<(), String>>>;
-
-#[derive(Default)]
-struct Queue {
-    /// The newest value waiting for each key, and everyone waiting on it.
-    pending: HashMap<String, (String, Waiters)>,
-    /// When each key was last written.
-    last_write: HashMap<String, Instant>,
-}
-
-impl BulkKv {
-    pub fn new(api: Arc<CloudflareApi>) -> BulkKv {
-        let inner = Arc::new(BulkState { api, queue: Mutex::new(Queue::default()), wake: Notify::new() });
-        tokio::spawn(flush_loop(inner.clone()));
-        BulkKv { inner }
+/// Sends a request in Cloudflare's REST format (with the token, if any) and checks its answer:
+/// a success status and `"success": true` in the envelope, or the envelope's `errors`.
+pub async fn send(request: reqwest::RequestBuilder, token: Option<&Secret>) -> Result<(), CloudflareError> {
+    let request = match token {
+        Some(token) => request.bearer_auth(token.expose()),
+        None => request,
+    };
+    let response = request.send().await.map_err(CloudflareError::Unreachable)?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() || body["success"] != true {
+        return Err(CloudflareError::Refused { status, errors: body["errors"].clone() });
     }
-}
-
-impl KvWriter for BulkKv {
-    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>> {
-        let (done, wait) = oneshot::channel();
-        {
-            let mut queue = self.inner.queue.lock().expect("not poisoned");
-            let entry = queue.pending.entry(key.to_owned()).or_insert_with(|| (String::new(), Vec::new()));
-            entry.0 = value;
-            entry.1.push(done);
-        }
-        self.inner.wake.notify_one();
-        Box::pin(async move {
-            match wait.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => bail!("{e}"),
-                Err(_) => bail!("the KV writer stopped"),
-            }
-        })
-    }
-}
-
-async fn flush_loop(state: Arc<BulkState>) {
-    loop {
-        let (batch, next_due) = {
-            let mut queue = state.queue.lock().expect("not poisoned");
-            let now = Instant::now();
-            let Queue { pending, last_write } = &mut *queue;
-            let due: Vec<String> = pending
-                .keys()
-                .filter(|k| last_write.get(*k).is_none_or(|at| now.duration_since(*at) >= SAME_KEY_INTERVAL))
-                .cloned()
-                .collect();
-            let batch: Vec<(String, String, Waiters)> =
-                due.into_iter().filter_map(|k| pending.remove(&k).map(|(v, waiters)| (k, v, waiters))).collect();
-            for (key, ..) in &batch {
-                last_write.insert(key.clone(), now);
-            }
-            last_write.retain(|_, at| now.duration_since(*at) < SAME_KEY_INTERVAL);
-            let next_due = pending
-                .keys()
-                .filter_map(|k| last_write.get(k).map(|at| SAME_KEY_INTERVAL.saturating_sub(now.duration_since(*at))))
-                .min();
-            (batch, next_due)
-        };
-        if !batch.is_empty() {
-            let pairs: Vec<(String, String)> = batch.iter().map(|(k, v, _)| (k.clone(), v.clone())).collect();
-            let result = state.api.write_bulk(&pairs).await.map_err(|e| format!("{e:#}"));
-            for (_, _, waiters) in batch {
-                for waiter in waiters {
-                    let _ = waiter.send(result.clone());
-                }
-            }
-            continue;
-        }
-        match next_due {
-            Some(wait) => {
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = state.wake.notified() => {}
-                }
-            }
-            None => state.wake.notified().await,
-        }
-    }
+    Ok(())
 }

@@ -32,10 +32,11 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// One edge region: where its worker answers, and where its KV namespace is written.
+/// One `[[regions]]` entry: where a region's worker answers, and where its KV namespace is
+/// written (the client built from it is `edge_client::EdgeRegion`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Region {
+pub struct RegionConfig {
     pub name: String,
     /// The worker's base URL; purges go to `<url>/internal/purge`.
     pub url: String,
@@ -68,7 +69,7 @@ pub struct Config {
     #[serde(default)]
     pub authority_url: Option<String>,
     #[serde(default)]
-    pub regions: Vec<Region>,
+    pub regions: Vec<RegionConfig>,
     /// The production path: one Cloudflare account's KV and zone (see `cloudflare.rs`).
     #[serde(default)]
     pub cloudflare: Option<crate::cloudflare::Settings>,

@@ -8,7 +8,8 @@ use keyward_shared::{Key, Scope, Scopes};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::edge::Edge;
+use crate::delivery::error_text;
+use crate::edge_client::EdgeClient;
 use crate::http::{AppState, app, new_id};
 use crate::keygen::{self, ROOT_KEY_PREFIX};
 use crate::store::{NewRootKey, Store};
@@ -16,7 +17,7 @@ use crate::time::now_ms;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.database).await?;
-    let edge = Arc::new(Edge::from_config(&config)?);
+    let edge = Arc::new(EdgeClient::from_config(&config)?);
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
     sync_root_keys(&store, &edge).await?;
     let listener = TcpListener::bind(config.listen)
@@ -67,7 +68,7 @@ pub async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<(
 /// a region whose KV was wiped learns its callers again, and the edge can confirm each with the
 /// authority at once (KV writes to a far region may lag). A failure is logged: the edge then
 /// refuses the callers it cannot confirm, and the next start tries again.
-async fn sync_root_keys(store: &Store, edge: &Edge) -> anyhow::Result<()> {
+async fn sync_root_keys(store: &Store, edge: &EdgeClient) -> anyhow::Result<()> {
     let active: Vec<_> = store
         .root_keys()
         .await?
@@ -75,7 +76,7 @@ async fn sync_root_keys(store: &Store, edge: &Edge) -> anyhow::Result<()> {
         .filter(|r| r.status == keyward_shared::KeyStatus::Active && crate::http::publishes_root_key(&r.scopes))
         .collect();
     if let Err(e) = edge.update_authority(&[], &active).await {
-        tracing::error!(error = %format!("{e:#}"), "cannot write root keys to the authority at start-up");
+        tracing::error!(error = %error_text(&e), "cannot write root keys to the authority at start-up");
     }
     for record in &active {
         for report in crate::http::publish_root_key(edge, record).await.map_err(|e| anyhow::anyhow!("{e}"))? {

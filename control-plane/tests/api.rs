@@ -8,8 +8,9 @@ use axum::http::{Request, StatusCode};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use keyward_control_plane::config::Secret;
-use keyward_control_plane::edge::{Edge, KvWriter, PurgeVia, Region};
+use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
 use keyward_control_plane::http::{AppState, app};
+use keyward_control_plane::kv::{KvError, KvWriter};
 use keyward_control_plane::serve::bootstrap;
 use keyward_control_plane::store::Store;
 use keyward_shared::{Key, KeyRecord, KeyStatus};
@@ -21,7 +22,7 @@ use tower::ServiceExt;
 struct RecordingKv(Mutex<Vec<(String, String)>>);
 
 impl KvWriter for RecordingKv {
-    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, Result<(), KvError>> {
         self.0.lock().unwrap().push((key.to_owned(), value));
         Box::pin(async { Ok(()) })
     }
@@ -41,9 +42,13 @@ async fn harness() -> Harness {
     bootstrap(&store, Some(root.clone())).await.unwrap();
     let kv = Arc::new(RecordingKv::default());
     // Nothing listens on port 9 of loopback: purges there are never acknowledged.
-    let region =
-        Region { name: "nowhere".into(), url: "http://127.0.0.1:9".into(), kv: kv.clone(), purge: PurgeVia::Signed };
-    let edge = Arc::new(Edge::new(vec![region], None, Secret::new("s".repeat(32))));
+    let region = EdgeRegion {
+        name: "nowhere".into(),
+        url: "http://127.0.0.1:9".into(),
+        kv: kv.clone(),
+        purge: PurgeVia::Signed,
+    };
+    let edge = Arc::new(EdgeClient::new(vec![region], None, Secret::new("s".repeat(32))));
     Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
 }
 

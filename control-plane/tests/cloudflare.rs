@@ -1,7 +1,7 @@
 //! The production Cloudflare client against a recording stand-in for Cloudflare's API: request
 //! formats (bulk KV, purge by tag), coalescing of writes to one key, and the rate limit.
 //! (wrangler dev serves no bulk or purge_cache endpoint; its single-value KV endpoint, which
-//! `CloudflareKv` speaks, is exercised by the whole-system tests.)
+//! `kv::CloudflareKv` speaks, is exercised by the whole-system tests.)
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
-use keyward_control_plane::cloudflare::{BulkKv, CloudflareApi, RateLimiter, Settings};
+use keyward_control_plane::cloudflare::{CloudflareApi, RateLimiter, Settings};
 use keyward_control_plane::config::Secret;
-use keyward_control_plane::edge::KvWriter;
+use keyward_control_plane::kv::{BulkKv, KvWriter};
 use keyward_shared::KeyHash;
 use serde_json::{Value, json};
 

@@ -1,5 +1,5 @@
 //! Delivering outbox entries against stand-ins that are slow, hung or refusing, through the
-//! production constructor `Edge::from_config` and its clients: overlapping deliveries of one
+//! production constructor `EdgeClient::from_config` and its clients: overlapping deliveries of one
 //! entry, a caller that gives up, an authority that lacks the change, and a bound on every call.
 
 use std::collections::HashMap;
@@ -13,11 +13,11 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use keyward_control_plane::config::Config;
-use keyward_control_plane::delivery::{self, HANDOFF};
-use keyward_control_plane::edge::Edge;
+use keyward_control_plane::delivery::HANDOFF;
+use keyward_control_plane::edge_client::EdgeClient;
 use keyward_control_plane::http::{AppState, app};
 use keyward_control_plane::serve::bootstrap;
-use keyward_control_plane::store::Store;
+use keyward_control_plane::store::{DeliveryState, Store, Target};
 use keyward_control_plane::time::now_ms;
 use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
 use keyward_shared::{Key, KeyStatus};
@@ -27,7 +27,7 @@ use tower::ServiceExt;
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// Nothing listens on port 9 of loopback: connections there are refused at once.
 const REFUSING: &str = "http://127.0.0.1:9";
-/// The longest `Edge::from_config`'s client lets one call take, connecting included.
+/// The longest `EdgeClient::from_config`'s client lets one call take, connecting included.
 const CALL_LIMIT: Duration = Duration::from_secs(3);
 /// What a failed call may add to that limit before a test calls it a hang.
 const SLACK: Duration = Duration::from_secs(2);
@@ -113,7 +113,7 @@ async fn stand_in(delay: Duration) -> (String, Seen) {
     (url, seen)
 }
 
-/// Where the edge is, for the edge `Edge::from_config` builds in production.
+/// Where the edge is, for the client `EdgeClient::from_config` builds in production.
 #[derive(Default)]
 struct Endpoints<'a> {
     authority: Option<&'a str>,
@@ -123,7 +123,7 @@ struct Endpoints<'a> {
     cloudflare: Option<&'a str>,
 }
 
-fn edge(endpoints: Endpoints) -> Edge {
+fn edge(endpoints: Endpoints) -> EdgeClient {
     let mut text = format!("purge_secret = \"{SECRET}\"\n");
     if let Some(url) = endpoints.authority {
         text += &format!("authority_url = \"{url}\"\n");
@@ -137,7 +137,11 @@ fn edge(endpoints: Endpoints) -> Edge {
              worker_url = \"{api}\"\napi_token = \"cf-token\"\n"
         );
     }
-    Edge::from_config(&Config::parse(&text, |_| None).unwrap()).unwrap()
+    EdgeClient::from_config(&Config::parse(&text, |_| None).unwrap()).unwrap()
+}
+
+fn purge(region: &str) -> Target {
+    Target::Purge(region.to_owned())
 }
 
 #[derive(Clone)]
@@ -147,7 +151,7 @@ struct Harness {
     root: String,
 }
 
-async fn harness(edge: Edge) -> Harness {
+async fn harness(edge: EdgeClient) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
     let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
@@ -190,12 +194,11 @@ impl Harness {
         record.status = KeyStatus::Revoked;
         record.version += 1;
         record.updated_at = now;
-        let targets = delivery::targets(self.state.delivery.edge(), true);
-        self.state.store.update_key(&record, &delivery::new_outbox(&targets, true, now)).await.unwrap()
+        self.state.store.update_key(&record, &self.state.delivery.new_outbox(true, now)).await.unwrap()
     }
 
     /// The state of each of an outbox entry's deliveries, by target.
-    async fn deliveries(&self, id: i64) -> HashMap<String, String> {
+    async fn deliveries(&self, id: i64) -> HashMap<Target, DeliveryState> {
         let (_, deliveries) = self.state.store.outbox_entry(id).await.unwrap().unwrap();
         deliveries.into_iter().map(|d| (d.target, d.state)).collect()
     }
@@ -250,7 +253,7 @@ fn overlapping_deliveries_of_one_entry_finish_and_block_nobody() {
             assert_eq!(region.acknowledged, Some(false), "{region:?}");
             assert!(region.error.as_deref().is_some_and(|e| e.contains("purge")), "{region:?}");
         }
-        assert_eq!(h.deliveries(id).await["purge:r1"], "pending", "a hung region's purge is retried");
+        assert_eq!(h.deliveries(id).await[&purge("r1")], DeliveryState::Pending, "a hung region's purge is retried");
         h.answers_meanwhile().await;
     });
 }
@@ -267,7 +270,7 @@ fn a_delivery_goes_on_when_its_caller_gives_up() {
         let started = Instant::now();
         let gave_up = tokio::time::timeout(Duration::from_millis(100), h.state.delivery.deliver(id)).await;
         assert!(gave_up.is_err(), "the region answers after 500 ms, so the caller gave up first");
-        while h.deliveries(id).await["purge:r1"] != "done" {
+        while h.deliveries(id).await[&purge("r1")] != DeliveryState::Done {
             assert!(started.elapsed() < Duration::from_secs(2), "the purge was not delivered without its caller");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -316,7 +319,7 @@ fn a_tag_purge_waits_for_the_authority() {
         assert!(region["error"].as_str().is_some_and(|e| e.contains("authority")), "{revoked}");
         // The revocation's outbox entry is the newest: the app announces it to event streams.
         let outbox = *h.state.changes.borrow();
-        assert_eq!(h.deliveries(outbox).await["purge:cloudflare"], "pending");
+        assert_eq!(h.deliveries(outbox).await[&purge("cloudflare")], DeliveryState::Pending);
     });
 }
 

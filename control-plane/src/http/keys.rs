@@ -18,7 +18,7 @@ use super::auth::RootKey;
 use super::extract::{Json, Path, Query, check_id};
 use super::root_keys::check_name;
 use super::{AppError, AppState, MAX_VERIFY_BODY, Result, new_id};
-use crate::delivery::{self, Delivered};
+use crate::delivery::Delivered;
 use crate::store::KeyQuery;
 use crate::time::now_ms;
 use crate::{failpoint, keygen};
@@ -129,8 +129,7 @@ async fn create(
         created_at: now,
         updated_at: now,
     };
-    let targets = delivery::targets(state.delivery.edge(), false);
-    let outbox = delivery::new_outbox(&targets, false, now);
+    let outbox = state.delivery.new_outbox(false, now);
     let outbox_id = state.store.create_key(&record, &outbox).await?;
     let delivered = state.delivery.deliver(outbox_id).await?;
     Ok((
@@ -296,8 +295,7 @@ async fn delete(State(state): State<AppState>, caller: RootKey, Path(id): Path<S
 /// missed the first purge can be sent another.
 async fn commit(state: &AppState, old: KeyRecord, mut new: KeyRecord, now: i64) -> Result<(KeyRecord, Delivered)> {
     let tightening = old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
-    let targets = delivery::targets(state.delivery.edge(), tightening);
-    let outbox = delivery::new_outbox(&targets, tightening, now);
+    let outbox = state.delivery.new_outbox(tightening, now);
     let outbox_id = if new != old {
         new.version = old.version + 1;
         new.updated_at = now;

@@ -20,7 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::delivery::Deliverer;
-use crate::edge::Edge;
+use crate::edge_client::EdgeClient;
 use crate::store::Store;
 pub use error::{AppError, Result};
 pub use extract::new_id;
@@ -35,14 +35,14 @@ pub const MAX_VERIFY_BODY: usize = 4 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub edge: Arc<Edge>,
+    pub edge: Arc<EdgeClient>,
     pub delivery: Arc<Deliverer>,
     /// The id of the newest outbox entry, for event streams to wake on.
     pub changes: tokio::sync::watch::Sender<i64>,
 }
 
 impl AppState {
-    pub fn new(store: Store, edge: Arc<Edge>) -> AppState {
+    pub fn new(store: Store, edge: Arc<EdgeClient>) -> AppState {
         let delivery = Arc::new(Deliverer::new(store.clone(), edge.clone()));
         AppState { store, edge, delivery, changes: tokio::sync::watch::channel(0).0 }
     }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::auth::RootKey;
 use super::{AppState, Result};
-use crate::store::PendingTarget;
+use crate::store::{PendingTarget, Target};
 use crate::time::now_ms;
 
 pub fn router() -> Router<AppState> {
@@ -20,7 +20,7 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
     caller.require(&Scope::ApiRead)?;
     let pending = state.store.pending_by_target().await?;
     let now = now_ms();
-    let of = |target: String| {
+    let of = |target: Target| {
         let p = pending.iter().find(|p| p.target == target);
         let (count, lag) = p.map_or((0, 0), |p: &PendingTarget| (p.pending, now - p.oldest));
         json!({ "pending": count, "lag_ms": lag, "last_error": p.and_then(|p| p.last_error.clone()) })
@@ -36,11 +36,11 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
                 "name": region.name,
                 "url": region.url,
                 "healthy": healthy,
-                "kv": of(format!("kv:{}", region.name)),
-                "purge": of(format!("purge:{}", region.name)),
+                "kv": of(Target::Kv(region.name.clone())),
+                "purge": of(Target::Purge(region.name.clone())),
             })
         })
         .collect();
-    let authority = edge.has_authority().then(|| of("authority".to_owned()));
+    let authority = edge.has_authority().then(|| of(Target::Authority));
     Ok(axum::Json(json!({ "authority": authority, "regions": regions })))
 }

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use super::auth::RootKey;
 use super::extract::{Json, Path, check_id};
 use super::{AppError, AppState, Result, new_id};
-use crate::delivery;
-use crate::edge::{Edge, RegionReport};
+use crate::delivery::RegionReport;
+use crate::edge_client::EdgeClient;
 use crate::keygen::{self, ROOT_KEY_PREFIX};
 use crate::store::NewRootKey;
 use crate::time::now_ms;
@@ -45,8 +45,7 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
 async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
     caller.require(&Scope::RootKeyManage)?;
     check_id(&id, "root")?;
-    let targets = delivery::root_key_targets(state.delivery.edge());
-    let outbox = delivery::new_outbox(&targets, true, now_ms());
+    let outbox = state.delivery.new_outbox(true, now_ms());
     let (record, outbox_id) = state
         .store
         .revoke_root_key(caller.workspace_id(), &id, &outbox)
@@ -94,8 +93,8 @@ async fn create(
     let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
     let id = new_id("root");
     let scopes = Scopes(scopes);
-    let (targets, now) = (delivery::root_key_targets(state.delivery.edge()), now_ms());
-    let outbox = publishes(&scopes).then(|| delivery::new_outbox(&targets, false, now));
+    let now = now_ms();
+    let outbox = publishes(&scopes).then(|| state.delivery.new_outbox(false, now));
     let root = NewRootKey {
         id: &id,
         workspace_id: caller.workspace_id(),
@@ -135,7 +134,7 @@ pub(crate) async fn delivered_regions(state: &AppState, outbox_id: Option<i64>) 
 
 /// Writes an active root key to every region's KV directly (at start-up, so a region whose KV
 /// was wiped learns its callers again); answers the per-region result.
-pub async fn publish_record(edge: &Edge, record: &RootKeyRecord) -> Result<Vec<RegionReport>> {
+pub async fn publish_record(edge: &EdgeClient, record: &RootKeyRecord) -> Result<Vec<RegionReport>> {
     if !publishes(&record.scopes) {
         return Ok(Vec::new());
     }

@@ -12,7 +12,6 @@ use super::auth::RootKey;
 use super::extract::Json;
 use super::root_keys::{check_name, delivered_regions, publishes};
 use super::{AppError, AppState, Result, new_id};
-use crate::delivery;
 use crate::keygen::{self, ROOT_KEY_PREFIX};
 use crate::store::NewRootKey;
 use crate::time::now_ms;
@@ -38,8 +37,8 @@ async fn create(
     let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
     let root_id = new_id("root");
     let scopes = Scopes(Scope::all(false));
-    let (targets, now) = (delivery::root_key_targets(state.delivery.edge()), now_ms());
-    let outbox = publishes(&scopes).then(|| delivery::new_outbox(&targets, false, now));
+    let now = now_ms();
+    let outbox = publishes(&scopes).then(|| state.delivery.new_outbox(false, now));
     let root = NewRootKey {
         id: &root_id,
         workspace_id: &id,

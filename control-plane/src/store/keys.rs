@@ -65,7 +65,7 @@ impl TryFrom<KeyRow> for KeyRecord {
 
 impl Store {
     /// Inserts a new key and its outbox entry in one transaction; answers the entry's id.
-    pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+    pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO keys (id, api_id, workspace_id, hash, start, name, owner_id, meta, enabled, status, \
@@ -136,7 +136,7 @@ impl Store {
 
     /// Writes a changed key whose `version` is one more than the stored one, and its outbox
     /// entry, in one transaction; answers the entry's id.
-    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE keys SET name = ?, owner_id = ?, meta = ?, enabled = ?, status = ?, expires_at = ?, \
@@ -164,7 +164,7 @@ impl Store {
     }
 
     /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
-    pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox<'_>) -> Result<i64, StoreError> {
+    pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
         tx.commit().await?;

@@ -17,7 +17,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, SqlitePool};
 
 pub use keys::KeyQuery;
-pub use outbox::{Attempt, Delivery, NewOutbox, OutboxEntry, PendingTarget};
+pub use outbox::{
+    AttemptOutcome, Delivery, DeliveryState, EntryKind, NewOutbox, OutboxEntry, PendingTarget, Reach, Target,
+    UnknownTarget,
+};
 pub use root_keys::NewRootKey;
 
 /// A handle to the database, cheap to clone.
@@ -105,7 +108,7 @@ impl Store {
         id: &str,
         name: &str,
         root: NewRootKey<'_>,
-        outbox: Option<&NewOutbox<'_>>,
+        outbox: Option<&NewOutbox>,
     ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")

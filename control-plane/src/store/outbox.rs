@@ -1,16 +1,83 @@
 //! The outbox: each change's deliveries (authority, KV per region, purge per region; a root key's
-//! change has KV writes only), their attempts, what is pending, and the tightening key changes
-//! that make the event stream.
+//! change has no purges), their attempts, what is pending, and the tightening key changes that
+//! make the event stream.
+
+use std::fmt;
+use std::str::FromStr;
 
 use anyhow::Context;
 use keyward_shared::{KeyRecord, RootKeyRecord, kv_key_for_key, kv_key_for_root};
-use sqlx::FromRow;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::sqlite::{SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
+use sqlx::{Decode, Encode, FromRow, Sqlite, Type};
 
 use super::{Store, StoreError};
 
-/// A change to deliver to the edge: its targets (`authority`, `kv:<region>`, `purge:<region>`).
-pub struct NewOutbox<'a> {
-    pub targets: &'a [String],
+/// What an outbox entry carries: a key's record or a root key's (column `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Type)]
+#[sqlx(rename_all = "snake_case")]
+pub enum EntryKind {
+    Key,
+    RootKey,
+}
+
+impl EntryKind {
+    /// Whether a change of this kind purges every region's copies: a key's tightening change. A
+    /// root key's never does, its revocation included: the edge confirms its callers' root keys
+    /// with the authority and KV, which are its targets.
+    pub fn purges(self, tightening: bool) -> bool {
+        self == EntryKind::Key && tightening
+    }
+}
+
+/// Where one delivery of an entry goes (column `target`: `authority`, `kv:<region>`,
+/// `purge:<region>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// The keys' authority (their KeyState Durable Objects).
+    Authority,
+    /// A region's KV namespace, by the region's name.
+    Kv(String),
+    /// A region's purge, by the region's name.
+    Purge(String),
+}
+
+/// Where a delivery stands (column `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Type)]
+#[sqlx(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Not acknowledged yet: retried until it is.
+    Pending,
+    Done,
+    /// Left to a newer entry of the same key with the same target, which carries the newer record.
+    Superseded,
+}
+
+/// Where changes can be delivered: the authority (when configured) and each region, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    pub authority: bool,
+    pub regions: Vec<String>,
+}
+
+impl Reach {
+    /// An entry's targets: the authority, every region's KV, and every region's purge when the
+    /// entry purges ([`EntryKind::purges`]).
+    pub fn targets(&self, kind: EntryKind, tightening: bool) -> Vec<Target> {
+        let authority = self.authority.then_some(Target::Authority);
+        let regions = self.regions.iter().flat_map(|region| {
+            let purge = kind.purges(tightening).then(|| Target::Purge(region.clone()));
+            std::iter::once(Target::Kv(region.clone())).chain(purge)
+        });
+        authority.into_iter().chain(regions).collect()
+    }
+}
+
+/// A change to deliver to the edge: where it can go, whether it tightens, and when.
+pub struct NewOutbox {
+    /// The entry's targets are chosen from these by what it carries and whether it tightens.
+    pub reach: Reach,
     pub tightening: bool,
     pub now: i64,
     /// When the retrier may first try it (the request that made it tries at once).
@@ -21,31 +88,46 @@ pub struct NewOutbox<'a> {
 #[derive(Debug, Clone, FromRow)]
 pub struct OutboxEntry {
     pub id: i64,
+    pub kind: EntryKind,
+    /// The id of the key, or of the root key, whose record it carries.
     pub key_id: String,
     pub kv_key: String,
     /// The record as JSON: the value for KV and the authority.
     pub record: String,
+    /// Whether the change tightens the key: the one record of it, for delivery and events.
     pub tightening: bool,
     pub created_at: i64,
+}
+
+impl OutboxEntry {
+    /// Whether this entry purges every region's copies.
+    pub fn purges(&self) -> bool {
+        self.kind.purges(self.tightening)
+    }
 }
 
 /// One target of an outbox entry.
 #[derive(Debug, Clone, FromRow)]
 pub struct Delivery {
     pub outbox_id: i64,
-    pub target: String,
-    /// `pending`, `done` or `superseded`.
-    pub state: String,
+    pub target: Target,
+    pub state: DeliveryState,
     pub attempts: i64,
     pub last_error: Option<String>,
 }
 
+impl Delivery {
+    pub fn is_pending(&self) -> bool {
+        self.state == DeliveryState::Pending
+    }
+}
+
 /// One delivery attempt's outcome, to record.
 #[derive(Debug, Clone)]
-pub struct Attempt {
+pub struct AttemptOutcome {
     pub outbox_id: i64,
-    pub target: String,
-    /// `None` when it was acknowledged.
+    pub target: Target,
+    /// `None` when it was acknowledged; the error as text otherwise.
     pub error: Option<String>,
     /// When to try again if it failed.
     pub retry_at: i64,
@@ -54,17 +136,63 @@ pub struct Attempt {
 /// Pending deliveries to one target.
 #[derive(Debug, Clone, FromRow)]
 pub struct PendingTarget {
-    pub target: String,
+    pub target: Target,
     pub pending: i64,
     pub oldest: i64,
     pub last_error: Option<String>,
+}
+
+/// Why a stored target could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown outbox target `{0}`")]
+pub struct UnknownTarget(String);
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Authority => f.write_str("authority"),
+            Target::Kv(region) => write!(f, "kv:{region}"),
+            Target::Purge(region) => write!(f, "purge:{region}"),
+        }
+    }
+}
+
+impl FromStr for Target {
+    type Err = UnknownTarget;
+
+    fn from_str(text: &str) -> Result<Target, UnknownTarget> {
+        match text.split_once(':') {
+            None if text == "authority" => Ok(Target::Authority),
+            Some(("kv", region)) => Ok(Target::Kv(region.to_owned())),
+            Some(("purge", region)) => Ok(Target::Purge(region.to_owned())),
+            _ => Err(UnknownTarget(text.to_owned())),
+        }
+    }
+}
+
+impl Type<Sqlite> for Target {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+}
+
+impl<'q> Encode<'q, Sqlite> for Target {
+    fn encode_by_ref(&self, args: &mut Vec<SqliteArgumentValue<'q>>) -> Result<IsNull, BoxDynError> {
+        <String as Encode<'q, Sqlite>>::encode(self.to_string(), args)
+    }
+}
+
+impl<'r> Decode<'r, Sqlite> for Target {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Target, BoxDynError> {
+        Ok(<&str as Decode<'r, Sqlite>>::decode(value)?.parse()?)
+    }
 }
 
 impl Store {
     /// An outbox entry and its deliveries that are still pending.
     pub async fn outbox_entry(&self, id: i64) -> Result<Option<(OutboxEntry, Vec<Delivery>)>, StoreError> {
         let entry: Option<OutboxEntry> =
-            sqlx::query_as("SELECT id, key_id, kv_key, record, tightening, created_at FROM outbox WHERE id = ?")
+            sqlx::query_as("SELECT id, kind, key_id, kv_key, record, tightening, created_at FROM outbox WHERE id = ?")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -79,7 +207,7 @@ impl Store {
     }
 
     /// Records delivery attempts in one transaction: done, or failed and due again at `retry_at`.
-    pub async fn deliveries_attempted(&self, attempts: &[Attempt], now: i64) -> Result<(), StoreError> {
+    pub async fn deliveries_attempted(&self, attempts: &[AttemptOutcome], now: i64) -> Result<(), StoreError> {
         if attempts.is_empty() {
             return Ok(());
         }
@@ -87,18 +215,20 @@ impl Store {
         for attempt in attempts {
             let query = match &attempt.error {
                 None => sqlx::query(
-                    "UPDATE deliveries SET state = 'done', attempts = attempts + 1, done_at = ?, last_error = NULL \
-                     WHERE outbox_id = ? AND target = ? AND state = 'pending'",
+                    "UPDATE deliveries SET state = ?, attempts = attempts + 1, done_at = ?, last_error = NULL \
+                     WHERE outbox_id = ? AND target = ? AND state = ?",
                 )
+                .bind(DeliveryState::Done)
                 .bind(now),
                 Some(error) => sqlx::query(
                     "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
-                     WHERE outbox_id = ? AND target = ? AND state = 'pending'",
+                     WHERE outbox_id = ? AND target = ? AND state = ?",
                 )
                 .bind(attempt.retry_at)
                 .bind(error),
             };
-            query.bind(attempt.outbox_id).bind(&attempt.target).execute(&mut *tx).await?;
+            let query = query.bind(attempt.outbox_id).bind(&attempt.target).bind(DeliveryState::Pending);
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -107,9 +237,10 @@ impl Store {
     /// Outbox entries with a delivery due by `now`, oldest first.
     pub async fn due_outbox_ids(&self, now: i64, limit: u32) -> Result<Vec<i64>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT outbox_id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? \
+            "SELECT DISTINCT outbox_id FROM deliveries WHERE state = ? AND next_attempt_at <= ? \
              ORDER BY outbox_id LIMIT ?",
         )
+        .bind(DeliveryState::Pending)
         .bind(now)
         .bind(limit as i64)
         .fetch_all(&self.pool)
@@ -118,8 +249,9 @@ impl Store {
 
     /// Makes every pending delivery due now (at start-up, to finish what a crash left).
     pub async fn retry_all_now(&self, now: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query("UPDATE deliveries SET next_attempt_at = ? WHERE state = 'pending'")
+        let done = sqlx::query("UPDATE deliveries SET next_attempt_at = ? WHERE state = ?")
             .bind(now)
+            .bind(DeliveryState::Pending)
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
@@ -129,10 +261,11 @@ impl Store {
     pub async fn pending_by_target(&self) -> Result<Vec<PendingTarget>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT d.target AS target, COUNT(*) AS pending, MIN(o.created_at) AS oldest, \
-             (SELECT last_error FROM deliveries d2 WHERE d2.target = d.target AND d2.state = 'pending' \
+             (SELECT last_error FROM deliveries d2 WHERE d2.target = d.target AND d2.state = ?1 \
               AND d2.last_error IS NOT NULL ORDER BY d2.outbox_id DESC LIMIT 1) AS last_error \
-             FROM deliveries d JOIN outbox o ON o.id = d.outbox_id WHERE d.state = 'pending' GROUP BY d.target",
+             FROM deliveries d JOIN outbox o ON o.id = d.outbox_id WHERE d.state = ?1 GROUP BY d.target",
         )
+        .bind(DeliveryState::Pending)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -145,10 +278,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT o.id, o.key_id, o.kv_key, o.record, o.tightening, o.created_at FROM outbox o \
-             JOIN keys k ON k.id = o.key_id WHERE o.tightening = 1 AND o.id > ? AND k.workspace_id = ? \
-             ORDER BY o.id LIMIT ?",
+            "SELECT o.id, o.kind, o.key_id, o.kv_key, o.record, o.tightening, o.created_at FROM outbox o \
+             JOIN keys k ON k.id = o.key_id WHERE o.kind = ? AND o.tightening = 1 AND o.id > ? \
+             AND k.workspace_id = ? ORDER BY o.id LIMIT ?",
         )
+        .bind(EntryKind::Key)
         .bind(after)
         .bind(workspace_id)
         .bind(limit as i64)
@@ -168,16 +302,20 @@ pub(super) enum Carried<'a> {
 pub(super) async fn insert_outbox(
     tx: &mut sqlx::SqliteConnection,
     carried: Carried<'_>,
-    outbox: &NewOutbox<'_>,
+    outbox: &NewOutbox,
 ) -> Result<i64, StoreError> {
-    let (key_id, kv_key, record) = match carried {
-        Carried::Key(key) => (&key.id, kv_key_for_key(&key.hash), serde_json::to_string(key)),
-        Carried::RootKey(root) => (&root.id, kv_key_for_root(&root.hash), serde_json::to_string(root)),
+    let (kind, key_id, kv_key, record) = match carried {
+        Carried::Key(key) => (EntryKind::Key, &key.id, kv_key_for_key(&key.hash), serde_json::to_string(key)),
+        Carried::RootKey(root) => {
+            (EntryKind::RootKey, &root.id, kv_key_for_root(&root.hash), serde_json::to_string(root))
+        }
     };
     let record = record.context("record")?;
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (key_id, kv_key, record, tightening, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        "INSERT INTO outbox (kind, key_id, kv_key, record, tightening, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+         RETURNING id",
     )
+    .bind(kind)
     .bind(key_id)
     .bind(kv_key)
     .bind(record)
@@ -185,22 +323,55 @@ pub(super) async fn insert_outbox(
     .bind(outbox.now)
     .fetch_one(&mut *tx)
     .await?;
-    for target in outbox.targets {
+    for target in outbox.reach.targets(kind, outbox.tightening) {
         sqlx::query(
-            "UPDATE deliveries SET state = 'superseded' WHERE state = 'pending' AND target = ? \
-             AND outbox_id IN (SELECT id FROM outbox WHERE key_id = ? AND id < ?)",
+            "UPDATE deliveries SET state = ? WHERE state = ? AND target = ? \
+             AND outbox_id IN (SELECT id FROM outbox WHERE kind = ? AND key_id = ? AND id < ?)",
         )
-        .bind(target)
+        .bind(DeliveryState::Superseded)
+        .bind(DeliveryState::Pending)
+        .bind(&target)
+        .bind(kind)
         .bind(key_id)
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO deliveries (outbox_id, target, state, next_attempt_at) VALUES (?, ?, 'pending', ?)")
+        sqlx::query("INSERT INTO deliveries (outbox_id, target, state, next_attempt_at) VALUES (?, ?, ?, ?)")
             .bind(id)
-            .bind(target)
+            .bind(&target)
+            .bind(DeliveryState::Pending)
             .bind(outbox.first_retry_at)
             .execute(&mut *tx)
             .await?;
     }
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_read_back_as_written() {
+        for target in [Target::Authority, Target::Kv("eu-west".into()), Target::Purge("a:b".into())] {
+            assert_eq!(target.to_string().parse::<Target>().unwrap(), target);
+        }
+        for text in ["", "kv", "authority:x", "cache:r1"] {
+            assert!(text.parse::<Target>().is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn only_a_keys_tightening_change_purges() {
+        let reach = Reach { authority: true, regions: vec!["r1".into(), "r2".into()] };
+        let kv_only = [Target::Authority, Target::Kv("r1".into()), Target::Kv("r2".into())];
+        assert_eq!(reach.targets(EntryKind::Key, false), kv_only);
+        assert_eq!(reach.targets(EntryKind::RootKey, false), kv_only);
+        assert_eq!(reach.targets(EntryKind::RootKey, true), kv_only, "a root key's revocation has no purges");
+        let purged = reach.targets(EntryKind::Key, true);
+        assert_eq!(purged.len(), 5);
+        assert!(purged.contains(&Target::Purge("r2".into())));
+        let no_authority = Reach { authority: false, ..reach };
+        assert!(!no_authority.targets(EntryKind::Key, true).contains(&Target::Authority));
+    }
 }

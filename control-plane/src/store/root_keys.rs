@@ -65,7 +65,7 @@ impl Store {
     pub async fn create_root_key(
         &self,
         root: NewRootKey<'_>,
-        outbox: Option<&NewOutbox<'_>>,
+        outbox: Option<&NewOutbox>,
     ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let outbox_id = insert_root_key(&mut tx, &root, outbox).await?;
@@ -111,7 +111,7 @@ impl Store {
         &self,
         workspace_id: &str,
         id: &str,
-        outbox: &NewOutbox<'_>,
+        outbox: &NewOutbox,
     ) -> Result<Option<(RootKeyRecord, i64)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row: Option<RootKeyRow> = sqlx::query_as(&format!(
@@ -134,7 +134,7 @@ impl Store {
 pub(super) async fn insert_root_key(
     tx: &mut sqlx::SqliteConnection,
     root: &NewRootKey<'_>,
-    outbox: Option<&NewOutbox<'_>>,
+    outbox: Option<&NewOutbox>,
 ) -> Result<Option<i64>, StoreError> {
     sqlx::query(
         "INSERT INTO root_keys (id, workspace_id, name, hash, start, scopes, status, version, created_at, updated_at) \

@@ -1,0 +1,364 @@
+//! Delivering outbox entries: the authority update, each region's KV write, each region's purge.
+//!
+//! The request that made a change delivers its entry at once and answers with the result; what
+//! fails stays pending and a background retrier tries it again with backoff, also after a
+//! restart (a crash between commit and answer is finished without anyone calling again). A region
+//! that was down receives every purge it missed when it returns. One process never delivers the
+//! same entry twice at once, and a delivery once started runs to its end even if its caller
+//! stops waiting (a client that disconnects).
+//!
+//! A pass over an entry is a few named steps: `load` the entry, start its `update_authority`,
+//! `deliver_region` (its KV write and purge) for every region at once, report, and `record`
+//! every attempt in one transaction. Errors stay a [`DeliveryError`] until they are recorded as
+//! text; the attempts and reports are in `outcome.rs`.
+
+mod outcome;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared, join_all};
+use keyward_shared::{KeyRecord, RootKeyRecord};
+use tokio::sync::Notify;
+
+use self::outcome::{Attempt, Attempted, RegionPass, authority_lacks_message, authority_report};
+pub use self::outcome::{AuthorityReport, Delivered, DeliveryError, KvState, RegionReport, error_text};
+use crate::edge_client::{EdgeClient, EdgeRegion};
+use crate::store::{AttemptOutcome, Delivery, EntryKind, NewOutbox, OutboxEntry, Store, Target};
+use crate::time::now_ms;
+
+/// The first retry waits this long; each further one twice as long, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the retrier looks for due deliveries.
+const RETRY_TICK: Duration = Duration::from_millis(250);
+/// A new entry is left to the request that made it for this long before the retrier may take it.
+pub const HANDOFF: Duration = Duration::from_secs(5);
+
+/// Which pending targets a delivery attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// What puts the change in force: the authority, the purges, and the KV writes of a change
+    /// that needs no purge.
+    InForce,
+    /// The KV writes a tightening change's answer did not wait for.
+    KvAfterAnswer,
+    /// Everything pending (the retrier).
+    All,
+}
+
+impl Pass {
+    /// Whether this pass attempts what puts a change in force: the authority and the purges.
+    fn puts_in_force(self) -> bool {
+        self != Pass::KvAfterAnswer
+    }
+
+    /// Whether this pass writes KV for an entry that purges (or not): a purged change's KV
+    /// writes follow its answer.
+    fn writes_kv(self, purges: bool) -> bool {
+        self != Pass::InForce || !purges
+    }
+}
+
+/// The record an entry carries, parsed: the authority and purges take it as a value.
+enum Carried {
+    Key(KeyRecord),
+    RootKey(RootKeyRecord),
+}
+
+impl Carried {
+    fn parse(entry: &OutboxEntry) -> anyhow::Result<Carried> {
+        Ok(match entry.kind {
+            EntryKind::Key => Carried::Key(KeyRecord::from_json(&entry.record).context("outbox record")?),
+            EntryKind::RootKey => Carried::RootKey(RootKeyRecord::from_json(&entry.record).context("outbox root key")?),
+        })
+    }
+
+    /// The key's record, which purges carry; a root key has none.
+    fn key(&self) -> Option<&KeyRecord> {
+        match self {
+            Carried::Key(record) => Some(record),
+            Carried::RootKey(_) => None,
+        }
+    }
+
+    /// The authority's update: keys' records and root keys' records.
+    fn authority_update(&self) -> (&[KeyRecord], &[RootKeyRecord]) {
+        match self {
+            Carried::Key(record) => (std::slice::from_ref(record), &[]),
+            Carried::RootKey(record) => (&[], std::slice::from_ref(record)),
+        }
+    }
+}
+
+/// An outbox entry as a pass finds it: the entry, its deliveries, and its record when the
+/// authority or a purge needs it (KV takes the stored text).
+struct Loaded {
+    entry: OutboxEntry,
+    deliveries: Vec<Delivery>,
+    record: Option<Carried>,
+}
+
+impl Loaded {
+    fn find(&self, target: &Target) -> Option<&Delivery> {
+        self.deliveries.iter().find(|d| d.target == *target)
+    }
+}
+
+/// What one pass over an entry works from, shared by its regions.
+struct PassPlan<'a> {
+    loaded: &'a Loaded,
+    /// Whether this pass writes KV.
+    kv_now: bool,
+    /// Whether this pass attempts what puts the change in force: the authority and the purges.
+    in_force_now: bool,
+    started: Instant,
+    /// This pass's authority update; `None` when it makes none.
+    authority: Shared<BoxFuture<'a, Option<Attempt>>>,
+}
+
+impl PassPlan<'_> {
+    fn attempt<T>(&self, result: Result<T, DeliveryError>) -> Attempt<T> {
+        Attempt::ended(result, self.started)
+    }
+
+    /// Why the key's authority lacks this entry's change once this pass's update is over, if it
+    /// does: the update failed now, or is pending from before and was not attempted now.
+    async fn authority_lacks(&self) -> Option<String> {
+        let delivery = self.loaded.find(&Target::Authority)?;
+        match self.authority.clone().await {
+            Some(attempt) => attempt.result.err().map(|e| error_text(&*e)),
+            None if delivery.is_pending() => {
+                Some(delivery.last_error.clone().unwrap_or_else(|| "its update has not been delivered yet".to_owned()))
+            }
+            None => None,
+        }
+    }
+}
+
+pub struct Deliverer {
+    store: Store,
+    edge: Arc<EdgeClient>,
+    in_flight: Mutex<HashSet<i64>>,
+    /// Notified when a claim is released, for deliveries waiting to claim the same entry.
+    released: Notify,
+}
+
+/// Releases an entry's claim when dropped. Only [`Deliverer::try_claim`] makes one, and only
+/// for an id it inserted: dropping a claim removes its id, whoever holds it.
+struct Claim<'a> {
+    deliverer: &'a Deliverer,
+    id: i64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        // The guard is this statement's temporary: the lock is released before anyone wakes.
+        self.deliverer.in_flight.lock().expect("not poisoned").remove(&self.id);
+        self.deliverer.released.notify_waiters();
+    }
+}
+
+impl Deliverer {
+    pub fn new(store: Store, edge: Arc<EdgeClient>) -> Deliverer {
+        Deliverer { store, edge, in_flight: Mutex::new(HashSet::new()), released: Notify::new() }
+    }
+
+    pub fn edge(&self) -> &EdgeClient {
+        &self.edge
+    }
+
+    /// An outbox entry for a change committed at `now`, to be stored with it: the store gives it
+    /// the targets its record and `tightening` call for, among the authority and the regions
+    /// configured. It is left to the request that makes it for [`HANDOFF`].
+    pub fn new_outbox(&self, tightening: bool, now: i64) -> NewOutbox {
+        NewOutbox { reach: self.edge.reach(), tightening, now, first_retry_at: now + HANDOFF.as_millis() as i64 }
+    }
+
+    /// Claims an entry unless a delivery of it is under way. The claim is built only once the
+    /// lock is released and only when the id was inserted: a claim dropped while the lock is held
+    /// would deadlock on it, and one built for an id already claimed would release that claim.
+    fn try_claim(&self, id: i64) -> Option<Claim<'_>> {
+        let inserted = self.in_flight.lock().expect("not poisoned").insert(id);
+        inserted.then(|| Claim { deliverer: self, id })
+    }
+
+    /// Claims an entry, waiting for a delivery of it already under way to release it.
+    async fn claim(&self, id: i64) -> Claim<'_> {
+        loop {
+            // Registered before looking, so a release between the look and the wait still wakes it.
+            let mut released = std::pin::pin!(self.released.notified());
+            released.as_mut().enable();
+            if let Some(claim) = self.try_claim(id) {
+                return claim;
+            }
+            released.await;
+        }
+    }
+
+    /// Delivers an entry's pending targets now, waiting for a delivery of it already under way,
+    /// and answers once the change is in force: the authority has it and every region has
+    /// acknowledged its purge (or failed to). The KV writes of a tightening change follow at
+    /// once, after the answer: nothing reads KV without the authority beside it, so they cannot
+    /// make the key valid again, and on 2 cores they would slow the purges down.
+    /// The delivery runs in a task of its own: a caller that stops waiting (a handler whose
+    /// client disconnected) does not cancel it.
+    pub async fn deliver(self: &Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
+        let task = tokio::spawn(self.clone().deliver_in_force(id));
+        task.await.context("the delivery task stopped")?
+    }
+
+    async fn deliver_in_force(self: Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
+        let claim = self.claim(id).await;
+        let delivered = self.deliver_claimed(id, Pass::InForce).await;
+        drop(claim);
+        if delivered.as_ref().is_ok_and(|d| d.regions.iter().any(|r| r.kv == KvState::Pending)) {
+            tokio::spawn(async move {
+                let _claim = self.claim(id).await;
+                if let Err(e) = self.deliver_claimed(id, Pass::KvAfterAnswer).await {
+                    tracing::error!(outbox = id, error = %e, "delivery failed");
+                }
+            });
+        }
+        delivered
+    }
+
+    /// The authority update and every signed region's purge run at once: a signed purge carries
+    /// the record, so the region rejects the key without a refill. A purge-by-tag only drops
+    /// Cache API copies, so it waits for the authority to have the record (KV lags by up to
+    /// 60 s), and is not sent while the authority lacks it: the refill that follows is then sure
+    /// to find it. KV writes run alongside, except those of a tightening change in the pass that
+    /// puts it in force: they get a pass of their own right after.
+    /// Outcomes are recorded together in one transaction.
+    async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
+        let loaded = self.load(id).await?;
+        let started = Instant::now();
+        let authority = self.update_authority(&loaded, pass, started).boxed().shared();
+        let plan = PassPlan {
+            loaded: &loaded,
+            kv_now: pass.writes_kv(loaded.entry.purges()),
+            in_force_now: pass.puts_in_force(),
+            started,
+            authority: authority.clone(),
+        };
+        let regions = join_all(self.edge.regions.iter().map(|region| self.deliver_region(&plan, region)));
+        let (authority_attempt, regions) = futures::join!(authority, regions);
+
+        let authority_delivery = loaded.find(&Target::Authority);
+        let authority = authority_delivery.map(|d| authority_report(d, authority_attempt.as_ref()));
+        let mut attempted: Vec<Attempted> = Vec::new();
+        if let (Some(delivery), Some(attempt)) = (authority_delivery, authority_attempt) {
+            attempted.push(Attempted { delivery, result: attempt.result });
+        }
+        let mut reports = Vec::new();
+        for (report, region) in regions {
+            attempted.extend(region.attempted());
+            reports.push(report);
+        }
+        self.record(&attempted).await?;
+        Ok(Delivered { authority, regions: reports })
+    }
+
+    /// Reads an entry and its deliveries, and parses its record if the authority or a purge
+    /// needs it (a root key's entry has no purges).
+    async fn load(&self, id: i64) -> anyhow::Result<Loaded> {
+        let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
+        let needs_record = deliveries.iter().any(|d| matches!(d.target, Target::Authority | Target::Purge(_)));
+        let record = needs_record.then(|| Carried::parse(&entry)).transpose()?;
+        Ok(Loaded { entry, deliveries, record })
+    }
+
+    /// This pass's authority update: made in a pass that puts the change in force, while the
+    /// entry's update is pending.
+    async fn update_authority(&self, loaded: &Loaded, pass: Pass, started: Instant) -> Option<Attempt> {
+        let pending = loaded.find(&Target::Authority).is_some_and(Delivery::is_pending);
+        if !pass.puts_in_force() || !pending {
+            return None;
+        }
+        let (records, root_keys) = loaded.record.as_ref()?.authority_update();
+        let result = self.edge.update_authority(records, root_keys).await;
+        Some(Attempt::ended(result.map_err(DeliveryError::Authority), started))
+    }
+
+    /// One region's part of a pass: its KV write and its purge, at once, and its report.
+    async fn deliver_region<'a>(&self, plan: &PassPlan<'a>, region: &EdgeRegion) -> (RegionReport, RegionPass<'a>) {
+        let kv = plan.loaded.find(&Target::Kv(region.name.clone()));
+        let purge = plan.loaded.find(&Target::Purge(region.name.clone()));
+        let (kv_attempt, purge_attempt) =
+            futures::join!(self.write_kv(plan, region, kv), self.send_purge(plan, region, purge));
+        let lacks = match purge {
+            Some(_) => plan.authority_lacks().await.map(|reason| authority_lacks_message(&reason)),
+            None => None,
+        };
+        let pass = RegionPass { kv, purge, kv_attempt, purge_attempt };
+        (pass.report(region, lacks), pass)
+    }
+
+    /// A region's KV write, if this pass makes it and it is pending.
+    async fn write_kv(&self, plan: &PassPlan<'_>, region: &EdgeRegion, kv: Option<&Delivery>) -> Option<Attempt> {
+        if !plan.kv_now || !kv.is_some_and(Delivery::is_pending) {
+            return None;
+        }
+        let result = region.kv.put(&plan.loaded.entry.kv_key, plan.loaded.entry.record.clone()).await;
+        Some(plan.attempt(result.map_err(DeliveryError::Kv)))
+    }
+
+    /// A region's purge, if this pass makes it and it is pending. A purge-by-tag is not sent
+    /// while the key's authority lacks the change; it fails, to be retried with the authority.
+    async fn send_purge(
+        &self,
+        plan: &PassPlan<'_>,
+        region: &EdgeRegion,
+        purge: Option<&Delivery>,
+    ) -> Option<Attempt<Option<u64>>> {
+        let pending = plan.in_force_now && purge.is_some_and(Delivery::is_pending);
+        let record = plan.loaded.record.as_ref()?.key().filter(|_| pending)?;
+        if !region.purge_carries_record()
+            && let Some(reason) = plan.authority_lacks().await
+        {
+            return Some(plan.attempt(Err(DeliveryError::AuthorityLacks(reason))));
+        }
+        let result = self.edge.purge(region, std::slice::from_ref(record)).await;
+        Some(plan.attempt(result.map_err(DeliveryError::Purge)))
+    }
+
+    /// Records attempts in one transaction; a failure is retried with backoff.
+    async fn record(&self, attempted: &[Attempted<'_>]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let rows: Vec<AttemptOutcome> = attempted.iter().map(|a| a.outcome(now)).collect();
+        self.store.deliveries_attempted(&rows, now).await?;
+        Ok(())
+    }
+
+    /// Retries due deliveries until the process ends. At start, everything pending is due.
+    pub fn spawn_retrier(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            match self.store.retry_all_now(now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pending = n, "finishing deliveries left pending by the last run"),
+                Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+            }
+            loop {
+                let ids = match self.store.due_outbox_ids(now_ms(), 32).await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the outbox");
+                        Vec::new()
+                    }
+                };
+                let claimed: Vec<_> = ids.into_iter().filter_map(|id| self.try_claim(id)).collect();
+                join_all(claimed.iter().map(|claim| async {
+                    if let Err(e) = self.deliver_claimed(claim.id, Pass::All).await {
+                        tracing::error!(outbox = claim.id, error = %e, "delivery failed");
+                    }
+                }))
+                .await;
+                drop(claimed);
+                tokio::time::sleep(RETRY_TICK).await;
+            }
+        })
+    }
+}

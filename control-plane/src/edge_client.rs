@@ -1,0 +1,225 @@
+//! The control plane's client of the edge: each region's KV writer and purge, the keys'
+//! authority, and the signed requests to the workers' internal routes.
+//!
+//! The authority and signed purges are the worker's signed internal routes; a region
+//! acknowledges only by answering 200 to a signature it accepted. Every call has a deadline,
+//! whether the other side refuses connections or accepts and never answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use keyward_shared::internal::{
+    self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest,
+    SIGNATURE_HEADER, TIMESTAMP_HEADER,
+};
+use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
+use reqwest::StatusCode;
+
+use crate::cloudflare::{ACCOUNT_LIMIT, CloudflareApi, CloudflareError, RateLimiter};
+use crate::config::{Config, RegionConfig, Secret};
+use crate::delivery::{DeliveryError, KvState, RegionReport, error_text};
+use crate::kv::{BulkKv, CloudflareKv, DelayedKv, KvWriter};
+use crate::store::Reach;
+use crate::time::now_ms;
+
+/// How a region's copies are purged.
+pub enum PurgeVia {
+    /// The region's own signed `/internal/purge` route at its URL (local regions), carrying the
+    /// new record: the acknowledgement means the region answers from it.
+    Signed,
+    /// Cloudflare's purge-by-tag of Cache API entries (production): the acknowledgement means
+    /// Cloudflare accepted the purge; isolate memory is bounded by `max_staleness_ms` alone.
+    Tags(Arc<CloudflareApi>),
+}
+
+/// One region as the control plane reaches it (its settings are a [`RegionConfig`]).
+pub struct EdgeRegion {
+    pub name: String,
+    pub url: String,
+    pub kv: Arc<dyn KvWriter>,
+    pub purge: PurgeVia,
+}
+
+impl EdgeRegion {
+    /// Whether this region's purge carries the record (so it need not wait for the authority).
+    pub fn purge_carries_record(&self) -> bool {
+        matches!(self.purge, PurgeVia::Signed)
+    }
+
+    /// What this region's acknowledgement means, for answers and docs.
+    pub fn ack_means(&self) -> &'static str {
+        match self.purge {
+            PurgeVia::Signed => {
+                "the region holds the new record in memory, dropped its Cache API copy, and now rejects the key"
+            }
+            PurgeVia::Tags(_) => {
+                "Cloudflare accepted the purge-by-tag of Cache API copies; copies in isolate memory end within max_staleness_ms"
+            }
+        }
+    }
+
+    fn from_config(config: &RegionConfig, client: &reqwest::Client) -> EdgeRegion {
+        let kv: Arc<dyn KvWriter> = Arc::new(CloudflareKv::new(
+            client.clone(),
+            &config.kv_url,
+            &config.kv_namespace_id,
+            config.kv_token.clone(),
+        ));
+        let kv = if config.kv_delay_ms > 0 {
+            Arc::new(DelayedKv::new(kv, Duration::from_millis(config.kv_delay_ms)))
+        } else {
+            kv
+        };
+        EdgeRegion {
+            name: config.name.clone(),
+            url: config.url.trim_end_matches('/').to_owned(),
+            kv,
+            purge: PurgeVia::Signed,
+        }
+    }
+}
+
+/// Why a call to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("could not reach {url}")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("refused with {status}: {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("{0} answered no acknowledgement")]
+    NoAcknowledgement(&'static str, #[source] reqwest::Error),
+    #[error("cannot encode the request")]
+    Encode(#[from] serde_json::Error),
+    #[error("Cloudflare's purge by tag")]
+    Tags(#[source] CloudflareError),
+}
+
+/// The client for every call to the edge and Cloudflare: none may wait without bound, whether
+/// the other side refuses connections or accepts and never answers.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn bounded_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT).build()
+}
+
+/// Every configured region, the authority, and how to reach them.
+pub struct EdgeClient {
+    pub regions: Vec<EdgeRegion>,
+    authority_url: Option<String>,
+    client: reqwest::Client,
+    purge_secret: Secret,
+}
+
+impl EdgeClient {
+    pub fn from_config(config: &Config) -> anyhow::Result<EdgeClient> {
+        let client = bounded_client()?;
+        let mut regions: Vec<EdgeRegion> = config.regions.iter().map(|r| EdgeRegion::from_config(r, &client)).collect();
+        if let Some(settings) = &config.cloudflare {
+            let (limit, period) = ACCOUNT_LIMIT;
+            let api = Arc::new(CloudflareApi::new(client.clone(), settings.clone(), RateLimiter::new(limit, period)));
+            regions.push(EdgeRegion {
+                name: "cloudflare".into(),
+                url: settings.worker_url.trim_end_matches('/').to_owned(),
+                kv: Arc::new(BulkKv::new(api.clone())),
+                purge: PurgeVia::Tags(api),
+            });
+        }
+        let authority_url = config.authority_url.as_ref().map(|u| u.trim_end_matches('/').to_owned());
+        let purge_secret = config.purge_secret.clone().unwrap_or_default();
+        Ok(EdgeClient { regions, authority_url, client, purge_secret })
+    }
+
+    pub fn new(regions: Vec<EdgeRegion>, authority_url: Option<String>, purge_secret: Secret) -> EdgeClient {
+        let client = bounded_client().expect("a TLS backend");
+        EdgeClient { regions, authority_url, client, purge_secret }
+    }
+
+    pub fn has_authority(&self) -> bool {
+        self.authority_url.is_some()
+    }
+
+    /// What a change can be delivered to: the authority, if configured, and every region.
+    pub fn reach(&self) -> Reach {
+        Reach { authority: self.has_authority(), regions: self.regions.iter().map(|r| r.name.clone()).collect() }
+    }
+
+    /// Writes `value` under `kv_key` in every region's KV (root keys: no authority, no purge).
+    pub async fn write_everywhere(&self, kv_key: &str, value: &str) -> Vec<RegionReport> {
+        join_all(self.regions.iter().map(|region| async move {
+            let started = std::time::Instant::now();
+            let result = region.kv.put(kv_key, value.to_owned()).await;
+            RegionReport {
+                name: region.name.clone(),
+                kv: if result.is_ok() { KvState::Written } else { KvState::Failed },
+                acknowledged: None,
+                applied_at_ms: None,
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                ack_means: None,
+                error: result.err().map(|e| error_text(&DeliveryError::Kv(e))),
+            }
+        }))
+        .await
+    }
+
+    /// Sets keys' and root keys' records at their authority. Without one configured, there is
+    /// nothing to do.
+    pub async fn update_authority(&self, records: &[KeyRecord], root_keys: &[RootKeyRecord]) -> Result<(), EdgeError> {
+        let Some(url) = &self.authority_url else { return Ok(()) };
+        let body = serde_json::to_vec(&AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec() })?;
+        let response = self.signed_post(url, AUTHORITY_PATH, body).await?;
+        let _: AuthorityAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
+        Ok(())
+    }
+
+    /// Purges one region's copies of these keys: a signed region replaces them with the records
+    /// at once; purge-by-tag drops Cache API copies, so the next read refills from KV and the
+    /// authority.
+    /// Answers when a signed region began answering from the records, by its clock.
+    pub async fn purge(&self, region: &EdgeRegion, records: &[KeyRecord]) -> Result<Option<u64>, EdgeError> {
+        match &region.purge {
+            PurgeVia::Signed => {
+                let purge = PurgeRequest { region: region.name.clone(), records: records.to_vec() };
+                let body = serde_json::to_vec(&purge)?;
+                let response = self.signed_post(&region.url, PURGE_PATH, body).await?;
+                let ack: PurgeAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the region", e))?;
+                Ok(Some(ack.applied_at_ms))
+            }
+            PurgeVia::Tags(api) => {
+                let hashes: Vec<KeyHash> = records.iter().map(|r| r.hash).collect();
+                api.purge_tags(&hashes).await.map_err(EdgeError::Tags)?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn signed_post(&self, base: &str, path: &str, body: Vec<u8>) -> Result<reqwest::Response, EdgeError> {
+        let timestamp = now_ms();
+        let nonce = uuid::Uuid::new_v4().to_string();
+        let signature = internal::sign(self.purge_secret.expose().as_bytes(), "POST", path, timestamp, &nonce, &body);
+        let response = self
+            .client
+            .post(format!("{base}{path}"))
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(NONCE_HEADER, nonce)
+            .header(SIGNATURE_HEADER, signature)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| EdgeError::Unreachable { url: base.to_owned(), source })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(EdgeError::Refused { status, body: text.chars().take(200).collect() });
+        }
+        Ok(response)
+    }
+
+    /// Whether a region's worker answers its health route within a second.
+    pub async fn healthy(&self, region: &EdgeRegion) -> bool {
+        let probe = self.client.get(format!("{}/health", region.url)).timeout(Duration::from_secs(1)).send().await;
+        probe.is_ok_and(|r| r.status().is_success())
+    }
+}
