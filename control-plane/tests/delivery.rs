@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt;
+use keyward_control_plane::change::Actor;
 use keyward_control_plane::config::Config;
 use keyward_control_plane::delivery::{self, HANDOFF};
 use keyward_control_plane::edge::Edge;
@@ -191,7 +192,7 @@ impl Harness {
         record.version += 1;
         record.updated_at = now;
         let targets = delivery::targets(self.state.delivery.edge(), true);
-        self.state.store.update_key(&record, &delivery::new_outbox(&targets, true, now)).await.unwrap()
+        self.state.store.update_key(&record, &delivery::new_outbox(&targets, true, now), &Actor::System).await.unwrap()
     }
 
     /// The state of each of an outbox entry's deliveries, by target.
