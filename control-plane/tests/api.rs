@@ -338,6 +338,26 @@ async fn the_event_stream_resumes_without_missing_anything() {
 }
 
 #[tokio::test]
+async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
+    use keyward_shared::verify::MAX_REQUESTED_PERMISSIONS;
+    let h = harness().await;
+    let api = h.api().await;
+    let (_, created) = h.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}","permissions":["p0"]}}"#))).await;
+    let key = created["key"].as_str().unwrap();
+    let asking = |n: usize| {
+        let permissions: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        serde_json::json!({ "key": key, "permissions": permissions }).to_string()
+    };
+    let (status, at_limit) = h.call("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS))).await;
+    assert_eq!(status, StatusCode::OK, "{at_limit}");
+    assert_eq!(at_limit["code"], "INSUFFICIENT_PERMISSIONS", "{at_limit}");
+    let beyond = h.call("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS + 1))).await;
+    check(&beyond, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let message = beyond.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("at most {MAX_REQUESTED_PERMISSIONS} permissions")), "{message}");
+}
+
+#[tokio::test]
 async fn answers_to_changes_keep_their_shape() {
     let h = harness().await;
     let api = h.api().await;

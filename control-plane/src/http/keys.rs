@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::key::validate_prefix;
 use keyward_shared::record::KeyStatus;
-use keyward_shared::verify::Caller;
+use keyward_shared::verify::{Caller, MAX_REQUESTED_PERMISSIONS};
 use keyward_shared::{Key, KeyAction, KeyRecord, Scope, Source, VerifyRequest, VerifyResponse, decide};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -329,6 +329,12 @@ async fn verify(
 ) -> Result<Json<VerifyResponse>> {
     if !caller.scopes().can_verify_somewhere() {
         return Err(AppError::Forbidden("this root key has no `api.<id|*>.verify_key` scope".into()));
+    }
+    if request.permissions.len() > MAX_REQUESTED_PERMISSIONS {
+        return Err(AppError::BadRequest(format!(
+            "a verify request may ask for at most {MAX_REQUESTED_PERMISSIONS} permissions; this one asks for {}",
+            request.permissions.len()
+        )));
     }
     let Ok(key) = Key::parse(&request.key) else {
         return Ok(Json(VerifyResponse::malformed()));
