@@ -34,7 +34,8 @@ pub const MAX_VERIFY_BODY: usize = 4 * 1024;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    /// For reads; every change goes through [`AppState::change`].
+    /// Reads, and APIs' creation; every change to a key or a root key goes through
+    /// [`AppState::change`].
     pub store: Store,
     pub delivery: Arc<Deliverer>,
     pub change: Arc<ChangeService>,

@@ -1,5 +1,6 @@
-//! Root keys: stored hashed, with their scopes; listed and revoked within a workspace. A change
-//! that the edge must learn of is written with its outbox entry (KV writes), as keys' are.
+//! Root keys: stored hashed, with their scopes; created (with a new workspace, for a workspace's
+//! first), listed and revoked within a workspace. A change that the edge must learn of is written
+//! with its outbox entry (the authority and every region's KV), as keys' are.
 
 use anyhow::Context;
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
