@@ -1,4 +1,4 @@
-//! New keys from the operating system's secure random source.
+//! New keys from the operating system's secure random source, and new ids.
 
 use keyward_shared::{Key, KeyError};
 
@@ -12,9 +12,7 @@ pub fn generate(prefix: &str) -> Result<Key, KeyError> {
     Key::generate(prefix, random)
 }
 
-/// A 64-hex-character secret (for purge signing in local setups).
-pub fn secret_hex() -> String {
-    let mut random = [0u8; 32];
-    getrandom::fill(&mut random).expect("the operating system's random source is available");
-    random.iter().map(|b| format!("{b:02x}")).collect()
+/// A new id with this prefix (`key_01J...`); ids sort by creation time.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new())
 }

@@ -1,34 +1,37 @@
 //! `keyward serve`: open the database, make the first workspace and root key on an empty one,
-//! write verify-capable root keys to KV, and answer HTTP until SIGTERM or Ctrl-C.
+//! write verify-capable root keys to the authority and every region's KV, and answer HTTP until
+//! SIGTERM or Ctrl-C.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use keyward_shared::{Key, Scope, Scopes};
+use keyward_shared::Key;
 use tokio::net::TcpListener;
 
+use crate::change;
 use crate::config::Config;
-use crate::delivery::error_text;
 use crate::edge_client::EdgeClient;
-use crate::http::{AppState, app, new_id};
+use crate::http::{AppState, app};
 use crate::keygen::{self, ROOT_KEY_PREFIX};
-use crate::store::{NewRootKey, Store};
-use crate::time::now_ms;
+use crate::store::Store;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.database).await?;
     let edge = Arc::new(EdgeClient::from_config(&config)?);
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
-    sync_root_keys(&store, &edge).await?;
+    let state = AppState::new(store.clone(), edge);
+    state.change.publish_root_keys().await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}; set `listen` or KEYWARD_LISTEN", config.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %config.database.display(), regions = config.regions.len(), "keyward serving");
     println!("keyward listening on http://{addr}");
-    let state = AppState::new(store.clone(), edge);
     state.delivery.clone().spawn_retrier();
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    // With connection info, so that each change records the address it came from.
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
     store.close().await;
     Ok(())
 }
@@ -43,47 +46,11 @@ pub async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<(
         Some(text) => (Key::parse(text.trim()).context("KEYWARD_ROOT_KEY is not a well-formed Keyward key")?, false),
         None => (keygen::generate(ROOT_KEY_PREFIX)?, true),
     };
-    let workspace_id = new_id("ws");
-    let scopes = Scopes(Scope::all(true));
-    let root = NewRootKey {
-        id: &new_id("root"),
-        workspace_id: &workspace_id,
-        name: "bootstrap",
-        hash: &key.hash(),
-        start: key.start(),
-        scopes: &scopes,
-        now: now_ms(),
-    };
-    // No outbox entry: the start-up sync writes every active root key to KV.
-    store.create_workspace(&workspace_id, "default", root, None).await?;
-    tracing::info!(workspace = %workspace_id, root_key = key.start(), "created the first workspace and root key");
+    let minted = change::mint_first_root_key(store, key).await?;
+    tracing::info!(workspace = %minted.workspace_id, root_key = minted.key.start(), "created the first workspace and root key");
     if generated {
         // Printed once, straight to the terminal, never through the log.
-        println!("\nFirst root key (shown once, store it now): {}\n", key.expose());
-    }
-    Ok(())
-}
-
-/// Writes every active root key that may verify to the authority and to every region's KV, so
-/// a region whose KV was wiped learns its callers again, and the edge can confirm each with the
-/// authority at once (KV writes to a far region may lag). A failure is logged: the edge then
-/// refuses the callers it cannot confirm, and the next start tries again.
-async fn sync_root_keys(store: &Store, edge: &EdgeClient) -> anyhow::Result<()> {
-    let active: Vec<_> = store
-        .root_keys()
-        .await?
-        .into_iter()
-        .filter(|r| r.status == keyward_shared::KeyStatus::Active && crate::http::publishes_root_key(&r.scopes))
-        .collect();
-    if let Err(e) = edge.update_authority(&[], &active).await {
-        tracing::error!(error = %error_text(&e), "cannot write root keys to the authority at start-up");
-    }
-    for record in &active {
-        for report in crate::http::publish_root_key(edge, record).await.map_err(|e| anyhow::anyhow!("{e}"))? {
-            if let Some(error) = report.error {
-                tracing::error!(region = %report.name, %error, "cannot write a root key to KV at start-up");
-            }
-        }
+        println!("\nFirst root key (shown once, store it now): {}\n", minted.key.expose());
     }
     Ok(())
 }

@@ -341,3 +341,69 @@ async fn the_event_stream_resumes_without_missing_anything() {
         .unwrap();
     check(&h.send(bad).await, StatusCode::BAD_REQUEST, "BAD_REQUEST");
 }
+
+#[tokio::test]
+async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
+    use keyward_shared::verify::MAX_REQUESTED_PERMISSIONS;
+    let h = harness().await;
+    let api = h.api().await;
+    let (_, created) = h.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}","permissions":["p0"]}}"#))).await;
+    let key = created["key"].as_str().unwrap();
+    let asking = |n: usize| {
+        let permissions: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        serde_json::json!({ "key": key, "permissions": permissions }).to_string()
+    };
+    let (status, at_limit) = h.call("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS))).await;
+    assert_eq!(status, StatusCode::OK, "{at_limit}");
+    assert_eq!(at_limit["code"], "INSUFFICIENT_PERMISSIONS", "{at_limit}");
+    let beyond = h.call("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS + 1))).await;
+    check(&beyond, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let message = beyond.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("at most {MAX_REQUESTED_PERMISSIONS} permissions")), "{message}");
+}
+
+#[tokio::test]
+async fn answers_to_changes_keep_their_shape() {
+    let h = harness().await;
+    let api = h.api().await;
+    let fields = |value: &Value| value.as_object().unwrap().keys().cloned().collect::<Vec<_>>().join(",");
+    let (_, created) = h.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
+    // No authority is configured: `authority` is there, and null.
+    assert_eq!(fields(&created), "api_id,authority,id,key,regions,start");
+    assert!(created["authority"].is_null());
+    let id = created["id"].as_str().unwrap();
+    let (_, read) = h.call("GET", &format!("/v1/keys/{id}"), None).await;
+    let view = "api_id,created_at,enabled,expires_at,id,max_staleness_ms,meta,name,owner_id,permissions,start,status,\
+                updated_at,version,workspace_id";
+    assert_eq!(fields(&read), view);
+    assert!(read["name"].is_null() && read["owner_id"].is_null() && read.get("hash").is_none(), "{read}");
+    let (_, listed) = h.call("GET", &format!("/v1/keys?api_id={api}"), None).await;
+    assert_eq!(fields(&listed), "cursor,keys");
+    assert_eq!(fields(&listed["keys"][0]), view);
+    let (_, updated) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"name":"n"}"#)).await;
+    assert_eq!(fields(&updated), "authority,key,regions");
+    let (_, deleted) = h.call("DELETE", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(fields(&deleted), "authority,id,note,regions,status,version");
+
+    let (status, workspace) = h.call("POST", "/v1/workspaces", Some(r#"{"name":"tenant"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED, "{workspace}");
+    assert_eq!(fields(&workspace), "id,name,regions,root_key");
+    assert_eq!(fields(&workspace["root_key"]), "id,key,scopes,start");
+    assert_eq!(workspace["regions"][0]["kv"], "written", "the first root key may verify: {workspace}");
+    let body = r#"{"name":"reader","scopes":["api.read"]}"#;
+    let (status, root) = h.call("POST", "/v1/root-keys", Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{root}");
+    assert_eq!(fields(&root), "id,key,regions,scopes,start");
+    assert_eq!(root["regions"], serde_json::json!([]), "a root key that cannot verify is not written to KV");
+    let (_, listed) = h.call("GET", "/v1/root-keys", None).await;
+    assert_eq!(fields(&listed["root_keys"][1]), "id,name,scopes,start,status,updated_at");
+    assert_eq!(listed["root_keys"][1]["name"], "reader");
+    let root_id = root["id"].as_str().unwrap();
+    let (_, revoked) = h.call("POST", &format!("/v1/root-keys/{root_id}/revoke"), None).await;
+    assert_eq!(fields(&revoked), "authority,id,regions,status");
+    assert_eq!(revoked["status"], "revoked");
+    let (_, apis) = h.call("GET", "/v1/apis", None).await;
+    assert_eq!(fields(&apis["apis"][0]), "created_at,id,max_staleness_ms,name,prefix,workspace_id");
+    let (_, health) = h.call("GET", "/health", None).await;
+    assert_eq!(health, serde_json::json!({ "status": "ok" }));
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, Uri};
 use http_body_util::BodyExt;
+use keyward_control_plane::change::Actor;
 use keyward_control_plane::config::Config;
 use keyward_control_plane::delivery::HANDOFF;
 use keyward_control_plane::edge_client::EdgeClient;
@@ -194,7 +195,7 @@ impl Harness {
         record.status = KeyStatus::Revoked;
         record.version += 1;
         record.updated_at = now;
-        self.state.store.update_key(&record, &self.state.delivery.new_outbox(true, now)).await.unwrap()
+        self.state.store.update_key(&record, &self.state.delivery.new_outbox(true, now), &Actor::System).await.unwrap()
     }
 
     /// The state of each of an outbox entry's deliveries, by target.

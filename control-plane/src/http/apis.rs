@@ -7,12 +7,12 @@ use axum::routing::post;
 use keyward_shared::Scope;
 use keyward_shared::key::validate_prefix;
 use keyward_shared::record::DEFAULT_MAX_STALENESS_MS;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::auth::RootKey;
 use super::extract::Json;
-use super::{AppError, AppState, Result, new_id};
+use super::{AppError, AppState, Result};
+use crate::keygen::new_id;
 use crate::store::Api;
 use crate::time::now_ms;
 
@@ -37,7 +37,7 @@ async fn create(
     State(state): State<AppState>,
     caller: RootKey,
     Json(body): Json<CreateApi>,
-) -> Result<(StatusCode, axum::Json<Api>)> {
+) -> Result<(StatusCode, Json<Api>)> {
     caller.require(&Scope::ApiCreate)?;
     let name_ok = (1..=64).contains(&body.name.len())
         && body.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
@@ -61,11 +61,15 @@ async fn create(
         created_at: now_ms(),
     };
     state.store.create_api(&api).await?;
-    Ok((StatusCode::CREATED, axum::Json(api)))
+    Ok((StatusCode::CREATED, Json(api)))
 }
 
-async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Json<Value>> {
+#[derive(Serialize)]
+struct ApiList {
+    apis: Vec<Api>,
+}
+
+async fn list(State(state): State<AppState>, caller: RootKey) -> Result<Json<ApiList>> {
     caller.require(&Scope::ApiRead)?;
-    let apis = state.store.apis(caller.workspace_id()).await?;
-    Ok(axum::Json(json!({ "apis": apis })))
+    Ok(Json(ApiList { apis: state.store.apis(caller.workspace_id()).await? }))
 }

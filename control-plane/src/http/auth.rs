@@ -1,14 +1,29 @@
-//! The root key in `Authorization: Bearer <root key>`, as an extractor, and scope checks.
+//! The root key in `Authorization: Bearer <root key>`, as an extractor, and scope checks. The
+//! extractor also notes who is asking and from where, the [`Actor`] of any change it makes.
 
-use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
+use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
-use keyward_shared::{Key, RootKeyRecord, Scope};
+use keyward_shared::{Key, RootKeyRecord, Scope, Scopes};
 
 use super::{AppError, AppState};
+use crate::change::{Actor, RequestOrigin};
+use crate::keygen::new_id;
 
-/// An authenticated, active root key.
-pub struct RootKey(pub RootKeyRecord);
+/// The header a client may name its request by; without a usable one, an id is generated.
+const REQUEST_ID: &str = "x-request-id";
+/// The longest request id and user agent kept.
+const MAX_REQUEST_ID: usize = 128;
+const MAX_USER_AGENT: usize = 256;
+
+/// An authenticated, active root key, and the request it made.
+pub struct RootKey {
+    record: RootKeyRecord,
+    actor: Actor,
+}
 
 impl FromRequestParts<AppState> for RootKey {
     type Rejection = AppError;
@@ -21,22 +36,72 @@ impl FromRequestParts<AppState> for RootKey {
         let key = Key::parse(text).map_err(|_| invalid())?;
         let hash = key.hash();
         // The lookup is by hash; the stored hash is then compared in constant time.
-        let record = state.store.active_root_key(&hash).await?.filter(|r| r.hash == hash).ok_or_else(invalid)?;
-        Ok(RootKey(record))
+        let (record, name) =
+            state.store.active_root_key(&hash).await?.filter(|(r, _)| r.hash == hash).ok_or_else(invalid)?;
+        let origin = RequestOrigin {
+            root_key_id: record.id.clone(),
+            root_key_name: name,
+            request_id: request_id(&parts.headers),
+            remote_addr: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0),
+            user_agent: parts
+                .headers
+                .get(USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|ua| ua.chars().take(MAX_USER_AGENT).collect()),
+        };
+        Ok(RootKey { record, actor: Actor::Request(origin) })
     }
 }
 
 impl RootKey {
     pub fn workspace_id(&self) -> &str {
-        &self.0.workspace_id
+        &self.record.workspace_id
+    }
+
+    pub fn scopes(&self) -> &Scopes {
+        &self.record.scopes
+    }
+
+    /// Who is asking, for the changes this request makes.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
     }
 
     /// Fails with 403 unless this root key holds a scope that grants `scope`.
     pub fn require(&self, scope: &Scope) -> Result<(), AppError> {
-        if self.0.scopes.grants(scope) {
+        if self.record.scopes.grants(scope) {
             Ok(())
         } else {
             Err(AppError::Forbidden(format!("this root key lacks the `{scope}` scope")))
         }
+    }
+}
+
+/// The request's `x-request-id` when it is 1 to 128 visible ASCII characters; otherwise a new id,
+/// so that every change can be traced to one request.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| (1..=MAX_REQUEST_ID).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| new_id("req"), str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(REQUEST_ID, value.parse().unwrap());
+            request_id(&headers)
+        };
+        assert_eq!(with("abc-123"), "abc-123");
+        for unusable in ["", "has space", &"x".repeat(MAX_REQUEST_ID + 1)] {
+            assert!(with(unusable).starts_with("req_"), "{unusable}");
+        }
+        assert!(request_id(&HeaderMap::new()).starts_with("req_"));
     }
 }

@@ -12,9 +12,8 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
 use futures::Stream;
-use keyward_shared::{KeyAction, KeyRecord, Scope};
-use serde::Deserialize;
-use serde_json::json;
+use keyward_shared::{KeyAction, KeyHash, KeyRecord, KeyStatus, Scope};
+use serde::{Deserialize, Serialize};
 
 use super::auth::RootKey;
 use super::extract::Query;
@@ -42,7 +41,7 @@ async fn stream(
     headers: HeaderMap,
     Query(resume): Query<Resume>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    if !caller.0.scopes.0.iter().any(|s| matches!(s, Scope::Key { action: KeyAction::ReadKey, .. })) {
+    if !caller.scopes().0.iter().any(|s| matches!(s, Scope::Key { action: KeyAction::ReadKey, .. })) {
         return Err(AppError::Forbidden("this root key has no `api.<id|*>.read_key` scope".into()));
     }
     let from_header = match headers.get("last-event-id") {
@@ -55,8 +54,8 @@ async fn stream(
         None => None,
     };
     let cursor = from_header.or(resume.after).unwrap_or(0);
-    let scopes = caller.0.scopes.clone();
-    let workspace = caller.0.workspace_id.clone();
+    let scopes = caller.scopes().clone();
+    let workspace = caller.workspace_id().to_owned();
     let mut changes = state.changes.subscribe();
     changes.mark_unchanged();
     let start = (cursor, Vec::new(), changes);
@@ -89,18 +88,35 @@ async fn stream(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
+/// A tightening change as a subscriber sees it: what a cache of keys needs to drop or update
+/// its copy (the hash, to find it), and nothing it may not keep.
+#[derive(Serialize)]
+struct Tightened<'a> {
+    key_id: &'a str,
+    api_id: &'a str,
+    hash: &'a KeyHash,
+    start: &'a str,
+    status: KeyStatus,
+    enabled: bool,
+    expires_at: Option<i64>,
+    permissions: &'a [String],
+    version: u64,
+    updated_at: i64,
+}
+
 fn event(id: i64, record: &KeyRecord) -> Event {
-    let data = json!({
-        "key_id": record.id,
-        "api_id": record.api_id,
-        "hash": record.hash,
-        "start": record.start,
-        "status": record.status,
-        "enabled": record.enabled,
-        "expires_at": record.expires_at,
-        "permissions": record.permissions,
-        "version": record.version,
-        "updated_at": record.updated_at,
-    });
-    Event::default().id(id.to_string()).event("tightened").data(data.to_string())
+    let data = Tightened {
+        key_id: &record.id,
+        api_id: &record.api_id,
+        hash: &record.hash,
+        start: &record.start,
+        status: record.status,
+        enabled: record.enabled,
+        expires_at: record.expires_at,
+        permissions: &record.permissions,
+        version: record.version,
+        updated_at: record.updated_at,
+    };
+    let data = serde_json::to_string(&data).expect("an event's fields serialize");
+    Event::default().id(id.to_string()).event("tightened").data(data)
 }

@@ -1,4 +1,4 @@
-//! Extractors whose rejections answer in Keyward's JSON error shape.
+//! Extractors whose rejections answer in Keyward's JSON error shape, and the check of ids.
 
 use axum::extract::{FromRequest, FromRequestParts};
 
@@ -42,14 +42,10 @@ pub fn check_id(text: &str, prefix: &str) -> Result<(), AppError> {
     }
 }
 
-/// A new id with this prefix; ids sort by creation time.
-pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", ulid::Ulid::new())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keygen::new_id;
 
     #[test]
     fn ids() {

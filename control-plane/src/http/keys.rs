@@ -1,27 +1,27 @@
 //! Keys: create, read, list, update, revoke, delete, and the origin's own verification.
 //!
-//! Every change is committed to the database first, then written to KV in every region; a
-//! tightening change (see [`KeyRecord::is_tightened_by`]) also purges every region's copies, and
-//! the answer lists each region's acknowledgement.
+//! Handlers check what they are sent, make each change through [`crate::change`], and answer
+//! with what its delivery reached: the authority and each region, whose acknowledgement of a
+//! tightening change's purge (see [`KeyRecord::is_tightened_by`]) the answer lists.
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
-use keyward_shared::verify::Caller;
+use keyward_shared::key::validate_prefix;
+use keyward_shared::record::KeyStatus;
+use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
 use keyward_shared::{Key, KeyAction, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::auth::RootKey;
 use super::extract::{Json, Path, Query, check_id};
 use super::root_keys::check_name;
-use super::{AppError, AppState, MAX_VERIFY_BODY, Result, new_id};
-use crate::delivery::Delivered;
+use super::{AppError, AppState, Reached, Result};
+use crate::change::{FinalStatus, NewKey};
 use crate::store::KeyQuery;
 use crate::time::now_ms;
-use crate::{failpoint, keygen};
 
 const MAX_META_BYTES: usize = 16 * 1024;
 const MAX_PERMISSIONS: usize = 100;
@@ -38,44 +38,81 @@ pub fn router() -> Router<AppState> {
 
 /// A key as the admin API shows it: everything but the hash.
 #[derive(Serialize)]
-struct KeyView<'a> {
-    id: &'a str,
-    api_id: &'a str,
-    workspace_id: &'a str,
-    name: &'a Option<String>,
-    start: &'a str,
-    owner_id: &'a Option<String>,
-    meta: &'a Meta,
+struct KeyView {
+    id: String,
+    api_id: String,
+    workspace_id: String,
+    name: Option<String>,
+    start: String,
+    owner_id: Option<String>,
+    meta: Meta,
     enabled: bool,
     status: KeyStatus,
     expires_at: Option<i64>,
-    permissions: &'a [String],
+    permissions: Vec<String>,
     version: u64,
     max_staleness_ms: u64,
     created_at: i64,
     updated_at: i64,
 }
 
-impl<'a> From<&'a KeyRecord> for KeyView<'a> {
-    fn from(r: &'a KeyRecord) -> KeyView<'a> {
+impl From<KeyRecord> for KeyView {
+    fn from(r: KeyRecord) -> KeyView {
         KeyView {
-            id: &r.id,
-            api_id: &r.api_id,
-            workspace_id: &r.workspace_id,
-            name: &r.name,
-            start: &r.start,
-            owner_id: &r.owner_id,
-            meta: &r.meta,
+            id: r.id,
+            api_id: r.api_id,
+            workspace_id: r.workspace_id,
+            name: r.name,
+            start: r.start,
+            owner_id: r.owner_id,
+            meta: r.meta,
             enabled: r.enabled,
             status: r.status,
             expires_at: r.expires_at,
-            permissions: &r.permissions,
+            permissions: r.permissions,
             version: r.version,
             max_staleness_ms: r.max_staleness_ms,
             created_at: r.created_at,
             updated_at: r.updated_at,
         }
     }
+}
+
+/// The answer to creating a key: the only time its plaintext is shown.
+#[derive(Serialize)]
+struct CreatedKey {
+    id: String,
+    key: String,
+    start: String,
+    api_id: String,
+    #[serde(flatten)]
+    reached: Reached,
+}
+
+/// One page of keys, and the cursor of the next (`null` on the last).
+#[derive(Serialize)]
+struct KeyPage {
+    keys: Vec<KeyView>,
+    cursor: Option<String>,
+}
+
+/// The answer to a change: the key as it now is, and what the delivery reached.
+#[derive(Serialize)]
+struct UpdatedKey {
+    key: KeyView,
+    #[serde(flatten)]
+    reached: Reached,
+}
+
+/// The answer to revoke and delete.
+#[derive(Serialize)]
+struct StatusChanged {
+    id: String,
+    status: KeyStatus,
+    version: u64,
+    #[serde(flatten)]
+    reached: Reached,
+    note: &'static str,
 }
 
 #[derive(Deserialize)]
@@ -100,7 +137,7 @@ async fn create(
     State(state): State<AppState>,
     caller: RootKey,
     Json(body): Json<CreateKey>,
-) -> Result<(StatusCode, axum::Json<Value>)> {
+) -> Result<(StatusCode, Json<CreatedKey>)> {
     check_id(&body.api_id, "api")?;
     let api = state.store.api(caller.workspace_id(), &body.api_id).await?.ok_or_else(|| AppError::not_found("API"))?;
     caller.require(&Scope::key(&api.id, KeyAction::CreateKey))?;
@@ -109,40 +146,25 @@ async fn create(
         return Err(AppError::BadRequest("expires_at must be in the future (Unix milliseconds)".into()));
     }
     let prefix = body.prefix.as_deref().unwrap_or(&api.prefix);
-    let key = keygen::generate(prefix).map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
-    let record = KeyRecord {
-        schema: RECORD_SCHEMA,
-        id: new_id("key"),
-        hash: key.hash(),
-        api_id: api.id.clone(),
-        workspace_id: api.workspace_id.clone(),
+    validate_prefix(prefix).map_err(|e| AppError::BadRequest(format!("prefix `{prefix}`: {e}")))?;
+    let new = NewKey {
+        api: &api,
+        prefix,
         name: body.name.as_deref().map(check_name).transpose()?.map(str::to_owned),
-        start: key.start().to_owned(),
         owner_id: body.owner_id.as_deref().map(check_owner).transpose()?,
         meta: check_meta(body.meta.unwrap_or_default())?,
-        enabled: true,
-        status: KeyStatus::Active,
         expires_at: body.expires_at,
         permissions: check_permissions(body.permissions)?,
-        version: 1,
-        max_staleness_ms: api.max_staleness_ms,
-        created_at: now,
-        updated_at: now,
     };
-    let outbox = state.delivery.new_outbox(false, now);
-    let outbox_id = state.store.create_key(&record, &outbox).await?;
-    let delivered = state.delivery.deliver(outbox_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({
-            "id": record.id,
-            "key": key.expose(),
-            "start": record.start,
-            "api_id": record.api_id,
-            "authority": delivered.authority,
-            "regions": delivered.regions,
-        })),
-    ))
+    let created = state.change.create_key(caller.actor(), new, now).await?;
+    let answer = CreatedKey {
+        id: created.record.id,
+        key: created.key.expose().to_owned(),
+        start: created.record.start,
+        api_id: created.record.api_id,
+        reached: created.delivered.into(),
+    };
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 /// The key with this id if the caller's workspace has it (and it is not deleted) and the
@@ -159,9 +181,8 @@ async fn find(state: &AppState, caller: &RootKey, id: &str, action: KeyAction) -
     Ok(record)
 }
 
-async fn read(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
-    let record = find(&state, &caller, &id, KeyAction::ReadKey).await?;
-    Ok(axum::Json(json!(KeyView::from(&record))))
+async fn read(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<Json<KeyView>> {
+    Ok(Json(find(&state, &caller, &id, KeyAction::ReadKey).await?.into()))
 }
 
 #[derive(Deserialize)]
@@ -177,7 +198,7 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<ListQuery>) -> Result<axum::Json<Value>> {
+async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<ListQuery>) -> Result<Json<KeyPage>> {
     if q.api_id.is_none() && q.start.is_none() {
         return Err(AppError::BadRequest("give `api_id`, `start` (the visible beginning of a key), or both".into()));
     }
@@ -206,12 +227,12 @@ async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<Li
     records.truncate(limit as usize);
     let cursor = if more { records.last().map(|r| r.id.clone()) } else { None };
     // A search by start across APIs shows only keys of APIs the caller may read.
-    let keys: Vec<KeyView> = records
-        .iter()
-        .filter(|r| caller.0.scopes.grants(&Scope::key(&r.api_id, KeyAction::ReadKey)))
+    let keys = records
+        .into_iter()
+        .filter(|r| caller.scopes().grants(&Scope::key(&r.api_id, KeyAction::ReadKey)))
         .map(KeyView::from)
         .collect();
-    Ok(axum::Json(json!({ "keys": keys, "cursor": cursor })))
+    Ok(Json(KeyPage { keys, cursor }))
 }
 
 /// Deserializes a present field (even `null`) as `Some`, so `null` can mean "clear it".
@@ -242,7 +263,7 @@ async fn update(
     caller: RootKey,
     Path(id): Path<String>,
     Json(body): Json<UpdateKey>,
-) -> Result<axum::Json<Value>> {
+) -> Result<Json<UpdatedKey>> {
     let old = find(&state, &caller, &id, KeyAction::UpdateKey).await?;
     if old.status == KeyStatus::Revoked {
         return Err(AppError::Conflict("a revoked key cannot be changed; create a new key".into()));
@@ -267,76 +288,55 @@ async fn update(
     if let Some(permissions) = body.permissions {
         new.permissions = check_permissions(permissions)?;
     }
-    let (record, delivered) = commit(&state, old, new, now).await?;
-    Ok(axum::Json(
-        json!({ "key": KeyView::from(&record), "authority": delivered.authority, "regions": delivered.regions }),
-    ))
+    let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
+    Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
 }
 
-async fn revoke(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
-    let old = find(&state, &caller, &id, KeyAction::RevokeKey).await?;
-    let mut new = old.clone();
-    new.status = KeyStatus::Revoked;
-    let (record, delivered) = commit(&state, old, new, now_ms()).await?;
-    Ok(axum::Json(changed(&record, delivered)))
+async fn revoke(state: State<AppState>, caller: RootKey, id: Path<String>) -> Result<Json<StatusChanged>> {
+    set_status(state, caller, id, FinalStatus::Revoked).await
 }
 
-async fn delete(State(state): State<AppState>, caller: RootKey, Path(id): Path<String>) -> Result<axum::Json<Value>> {
-    let old = find(&state, &caller, &id, KeyAction::DeleteKey).await?;
-    let mut new = old.clone();
-    new.status = KeyStatus::Deleted;
-    let (record, delivered) = commit(&state, old, new, now_ms()).await?;
-    Ok(axum::Json(changed(&record, delivered)))
+async fn delete(state: State<AppState>, caller: RootKey, id: Path<String>) -> Result<Json<StatusChanged>> {
+    set_status(state, caller, id, FinalStatus::Deleted).await
 }
 
-/// Stores `new` as the next version of `old` with its outbox entry, in one transaction, then
-/// delivers it: the authority, every region's KV, and, when the change tightens the key, every
-/// region's purge. Revoking a revoked key changes nothing but delivers again, so a region that
-/// missed the first purge can be sent another.
-async fn commit(state: &AppState, old: KeyRecord, mut new: KeyRecord, now: i64) -> Result<(KeyRecord, Delivered)> {
-    let tightening = old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
-    let outbox = state.delivery.new_outbox(tightening, now);
-    let outbox_id = if new != old {
-        new.version = old.version + 1;
-        new.updated_at = now;
-        state.store.update_key(&new, &outbox).await?
-    } else {
-        state.store.resend(&new, &outbox).await?
+/// Revokes or deletes a key; each needs its own scope.
+async fn set_status(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+    status: FinalStatus,
+) -> Result<Json<StatusChanged>> {
+    let action = match status {
+        FinalStatus::Revoked => KeyAction::RevokeKey,
+        FinalStatus::Deleted => KeyAction::DeleteKey,
     };
-    failpoint::hit("abort_after_commit");
-    state.changes.send_replace(outbox_id);
-    let delivered = state.delivery.deliver(outbox_id).await?;
-    Ok((new, delivered))
+    let old = find(&state, &caller, &id, action).await?;
+    let (record, delivered) = state.change.set_status(caller.actor(), old, status).await?;
+    Ok(Json(StatusChanged {
+        id: record.id,
+        status: record.status,
+        version: record.version,
+        reached: delivered.into(),
+        note: ACK_NOTE,
+    }))
 }
 
 async fn verify(
     State(state): State<AppState>,
     caller: RootKey,
     Json(request): Json<VerifyRequest>,
-) -> Result<axum::Json<VerifyResponse>> {
-    if !caller.0.scopes.can_verify_somewhere() {
-        return Err(AppError::Forbidden("this root key has no `api.<id|*>.verify_key` scope".into()));
-    }
+) -> Result<Json<VerifyResponse>> {
+    caller.scopes().require_verify().map_err(|e| AppError::Forbidden(e.to_string()))?;
+    request.check().map_err(|e| AppError::BadRequest(e.to_string()))?;
     let Ok(key) = Key::parse(&request.key) else {
-        return Ok(axum::Json(VerifyResponse::malformed()));
+        return Ok(Json(VerifyResponse::malformed()));
     };
     let hash = key.hash();
     let record = state.store.key_by_hash(&hash).await?;
-    let who = Caller { workspace_id: caller.workspace_id(), scopes: &caller.0.scopes };
+    let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let decision = decide(record.as_ref(), &hash, who, &request, now_ms());
-    Ok(axum::Json(VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))))
-}
-
-/// The answer to revoke and delete.
-fn changed(record: &KeyRecord, delivered: Delivered) -> Value {
-    json!({
-        "id": record.id,
-        "status": record.status,
-        "version": record.version,
-        "authority": delivered.authority,
-        "regions": delivered.regions,
-        "note": ACK_NOTE,
-    })
+    Ok(Json(VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))))
 }
 
 /// What an acknowledgement means, said in every revoke and delete answer.

@@ -16,41 +16,72 @@ use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::Serialize;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::delivery::Deliverer;
+use crate::change::{ChangeError, ChangeService};
+use crate::delivery::RegionReport;
+use crate::delivery::{AuthorityReport, Delivered, Deliverer};
 use crate::edge_client::EdgeClient;
 use crate::store::Store;
 pub use error::{AppError, Result};
-pub use extract::new_id;
-pub use root_keys::{publish_record as publish_root_key, publishes as publishes_root_key};
 
 /// Largest admin request body.
 pub const MAX_ADMIN_BODY: usize = 64 * 1024;
-/// Largest verify request body.
-pub const MAX_VERIFY_BODY: usize = 4 * 1024;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
+    /// Reads, and APIs' creation; every change to a key or a root key goes through
+    /// [`AppState::change`].
     pub store: Store,
-    pub edge: Arc<EdgeClient>,
     pub delivery: Arc<Deliverer>,
+    pub change: Arc<ChangeService>,
     /// The id of the newest outbox entry, for event streams to wake on.
     pub changes: tokio::sync::watch::Sender<i64>,
 }
 
 impl AppState {
     pub fn new(store: Store, edge: Arc<EdgeClient>) -> AppState {
-        let delivery = Arc::new(Deliverer::new(store.clone(), edge.clone()));
-        AppState { store, edge, delivery, changes: tokio::sync::watch::channel(0).0 }
+        let delivery = Arc::new(Deliverer::new(store.clone(), edge));
+        let changes = tokio::sync::watch::channel(0).0;
+        let change = Arc::new(ChangeService::new(store.clone(), delivery.clone(), changes.clone()));
+        AppState { store, delivery, change, changes }
+    }
+}
+
+/// What a change's delivery reached, in every answer to a change: the authority (`null` when
+/// none is configured) and each region.
+#[derive(Serialize)]
+struct Reached {
+    authority: Option<AuthorityReport>,
+    regions: Vec<RegionReport>,
+}
+
+impl From<Delivered> for Reached {
+    fn from(delivered: Delivered) -> Reached {
+        Reached { authority: delivered.authority, regions: delivered.regions }
+    }
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+impl From<ChangeError> for AppError {
+    fn from(e: ChangeError) -> AppError {
+        match e {
+            ChangeError::Store(e) => e.into(),
+            ChangeError::Internal(e) => AppError::Internal(e),
+        }
     }
 }
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/health", get(|| async { Json(Health { status: "ok" }) }))
         .merge(workspaces::router())
         .merge(root_keys::router())
         .merge(apis::router())

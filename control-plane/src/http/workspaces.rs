@@ -5,16 +5,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use keyward_shared::{Scope, Scopes};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::auth::RootKey;
 use super::extract::Json;
-use super::root_keys::{check_name, delivered_regions, publishes};
-use super::{AppError, AppState, Result, new_id};
-use crate::keygen::{self, ROOT_KEY_PREFIX};
-use crate::store::NewRootKey;
-use crate::time::now_ms;
+use super::root_keys::{MintedView, check_name};
+use super::{AppState, Result};
+use crate::change::{MintRootKey, Workspace};
+use crate::delivery::RegionReport;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/workspaces", post(create))
@@ -26,37 +24,32 @@ struct CreateWorkspace {
     name: String,
 }
 
+/// The answer to creating a workspace: it, its first root key, and each region's KV write.
+#[derive(Serialize)]
+struct CreatedWorkspace {
+    id: String,
+    name: String,
+    root_key: MintedView,
+    regions: Vec<RegionReport>,
+}
+
 async fn create(
     State(state): State<AppState>,
     caller: RootKey,
     Json(body): Json<CreateWorkspace>,
-) -> Result<(StatusCode, axum::Json<Value>)> {
+) -> Result<(StatusCode, Json<CreatedWorkspace>)> {
     caller.require(&Scope::WorkspaceCreate)?;
     let name = check_name(&body.name)?;
-    let id = new_id("ws");
-    let key = keygen::generate(ROOT_KEY_PREFIX).map_err(|e| AppError::Internal(e.into()))?;
-    let root_id = new_id("root");
-    let scopes = Scopes(Scope::all(false));
-    let now = now_ms();
-    let outbox = publishes(&scopes).then(|| state.delivery.new_outbox(false, now));
-    let root = NewRootKey {
-        id: &root_id,
-        workspace_id: &id,
-        name: "first",
-        hash: &key.hash(),
-        start: key.start(),
-        scopes: &scopes,
-        now,
-    };
-    let outbox_id = state.store.create_workspace(&id, name, root, outbox.as_ref()).await?;
-    let regions = delivered_regions(&state, outbox_id).await?;
+    // Every scope inside the workspace; creating workspaces is not one of them.
+    let mint = MintRootKey { workspace: Workspace::New(name), name: "first", scopes: Scopes(Scope::all(false)) };
+    let minted = state.change.mint_root_key(caller.actor(), mint).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({
-            "id": id,
-            "name": name,
-            "root_key": { "id": root_id, "key": key.expose(), "start": key.start(), "scopes": scopes },
-            "regions": regions,
-        })),
+        Json(CreatedWorkspace {
+            id: minted.workspace_id,
+            name: name.to_owned(),
+            root_key: MintedView::new(minted.id, &minted.key, minted.scopes),
+            regions: minted.regions,
+        }),
     ))
 }

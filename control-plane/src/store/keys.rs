@@ -7,6 +7,7 @@ use sqlx::FromRow;
 
 use super::outbox::{Carried, NewOutbox, insert_outbox};
 use super::{Store, StoreError};
+use crate::change::Actor;
 
 /// Which keys to list: one page after `after` (a key id), by id.
 pub struct KeyQuery<'a> {
@@ -65,33 +66,27 @@ impl TryFrom<KeyRow> for KeyRecord {
 
 impl Store {
     /// Inserts a new key and its outbox entry in one transaction; answers the entry's id.
-    pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox) -> Result<i64, StoreError> {
+    /// `actor` made the change: the audit log will be written in this transaction.
+    pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox, actor: &Actor) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO keys (id, api_id, workspace_id, hash, start, name, owner_id, meta, enabled, status, \
-             expires_at, permissions, version, max_staleness_ms, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(&key.api_id)
-        .bind(&key.workspace_id)
-        .bind(key.hash.to_hex())
-        .bind(&key.start)
-        .bind(&key.name)
-        .bind(&key.owner_id)
-        .bind(meta_column(key)?)
-        .bind(key.enabled)
-        .bind(key.status.as_str())
-        .bind(key.expires_at)
-        .bind(permissions_column(key)?)
-        .bind(key.version as i64)
-        .bind(key.max_staleness_ms as i64)
-        .bind(key.created_at)
-        .bind(key.updated_at)
-        .execute(&mut *tx)
-        .await?;
+        let sql = format!(
+            "INSERT INTO keys (id, api_id, workspace_id, hash, start, max_staleness_ms, created_at, {}) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, {})",
+            CHANGEABLE.join(", "),
+            vec!["?"; CHANGEABLE.len()].join(", ")
+        );
+        let query = sqlx::query(&sql)
+            .bind(&key.id)
+            .bind(&key.api_id)
+            .bind(&key.workspace_id)
+            .bind(key.hash.to_hex())
+            .bind(&key.start)
+            .bind(key.max_staleness_ms as i64)
+            .bind(key.created_at);
+        bind_changeable(query, key)?.execute(&mut *tx).await?;
         let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
         tx.commit().await?;
+        actor.committed("key.create", &key.id, key.version);
         Ok(id)
     }
 
@@ -135,13 +130,45 @@ impl Store {
     }
 
     /// Writes a changed key whose `version` is one more than the stored one, and its outbox
-    /// entry, in one transaction; answers the entry's id.
-    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox) -> Result<i64, StoreError> {
+    /// entry, in one transaction; answers the entry's id. `actor` made the change: the audit log
+    /// will be written in this transaction.
+    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox, actor: &Actor) -> Result<i64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE keys SET name = ?, owner_id = ?, meta = ?, enabled = ?, status = ?, expires_at = ?, \
-             permissions = ?, version = ?, updated_at = ? WHERE id = ? AND version = ?",
-        )
+        let sql = format!("UPDATE keys SET {} = ? WHERE id = ? AND version = ?", CHANGEABLE.join(" = ?, "));
+        let done = bind_changeable(sqlx::query(&sql), key)?
+            .bind(&key.id)
+            .bind(key.version as i64 - 1)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::VersionConflict);
+        }
+        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
+        tx.commit().await?;
+        actor.committed("key.update", &key.id, key.version);
+        Ok(id)
+    }
+
+    /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
+    /// `actor` made the change: the audit log will be written in this transaction.
+    pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox, actor: &Actor) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
+        tx.commit().await?;
+        actor.committed("key.resend", &key.id, key.version);
+        Ok(id)
+    }
+}
+
+/// The columns a change may write, in the order [`bind_changeable`] binds them.
+const CHANGEABLE: [&str; 9] =
+    ["name", "owner_id", "meta", "enabled", "status", "expires_at", "permissions", "version", "updated_at"];
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds the [`CHANGEABLE`] columns of `key`, in order: one list for both inserts and updates.
+fn bind_changeable<'q>(query: Query<'q>, key: &'q KeyRecord) -> anyhow::Result<Query<'q>> {
+    Ok(query
         .bind(&key.name)
         .bind(&key.owner_id)
         .bind(meta_column(key)?)
@@ -150,26 +177,7 @@ impl Store {
         .bind(key.expires_at)
         .bind(permissions_column(key)?)
         .bind(key.version as i64)
-        .bind(key.updated_at)
-        .bind(&key.id)
-        .bind(key.version as i64 - 1)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::VersionConflict);
-        }
-        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
-    pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox) -> Result<i64, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
-        tx.commit().await?;
-        Ok(id)
-    }
+        .bind(key.updated_at))
 }
 
 /// The `meta` column: the key's meta as JSON text.

@@ -101,27 +101,6 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces").fetch_one(&self.pool).await?)
     }
 
-    /// Creates a workspace and its first root key (with the outbox entry writing it to KV, when
-    /// given) in one transaction; answers the entry's id.
-    pub async fn create_workspace(
-        &self,
-        id: &str,
-        name: &str,
-        root: NewRootKey<'_>,
-        outbox: Option<&NewOutbox>,
-    ) -> Result<Option<i64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")
-            .bind(id)
-            .bind(name)
-            .bind(root.now)
-            .execute(&mut *tx)
-            .await?;
-        let outbox_id = root_keys::insert_root_key(&mut tx, &root, outbox).await?;
-        tx.commit().await?;
-        Ok(outbox_id)
-    }
-
     pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO apis (id, workspace_id, name, prefix, max_staleness_ms, created_at) VALUES (?, ?, ?, ?, ?, ?)",

@@ -1,5 +1,6 @@
-//! Root keys: stored hashed, with their scopes; listed and revoked within a workspace. A change
-//! that the edge must learn of is written with its outbox entry (KV writes), as keys' are.
+//! Root keys: stored hashed, with their scopes; created (with a new workspace, for a workspace's
+//! first), listed and revoked within a workspace. A change that the edge must learn of is written
+//! with its outbox entry (the authority and every region's KV), as keys' are.
 
 use anyhow::Context;
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
@@ -8,6 +9,7 @@ use sqlx::FromRow;
 
 use super::outbox::{Carried, NewOutbox, insert_outbox};
 use super::{Store, StoreError};
+use crate::change::Actor;
 
 /// A new root key, as stored (hashed).
 pub struct NewRootKey<'a> {
@@ -34,8 +36,9 @@ struct RootKeyRow {
 /// The columns a [`RootKeyRow`] reads.
 const ROOT_KEY_COLUMNS: &str = "id, workspace_id, hash, scopes, status, version, updated_at";
 
+/// A root key with its name and display start, which the edge's record leaves out.
 #[derive(FromRow)]
-struct ListedRootKey {
+struct NamedRootKey {
     #[sqlx(flatten)]
     key: RootKeyRow,
     name: String,
@@ -60,27 +63,41 @@ impl TryFrom<RootKeyRow> for RootKeyRecord {
 }
 
 impl Store {
-    /// Stores a new root key, with an outbox entry writing it to KV when `outbox` is given (a
-    /// root key that may verify: the edge reads it from there); answers the entry's id.
+    /// Stores a new root key, after creating its workspace, named `new_workspace`, when given,
+    /// and with an outbox entry writing it to the edge when `outbox` is given (a root key that may
+    /// verify: the edge reads it), in one transaction; answers the entry's id. `actor` made the
+    /// change: the audit log will be written in this transaction.
     pub async fn create_root_key(
         &self,
         root: NewRootKey<'_>,
+        new_workspace: Option<&str>,
         outbox: Option<&NewOutbox>,
+        actor: &Actor,
     ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(name) = new_workspace {
+            sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")
+                .bind(root.workspace_id)
+                .bind(name)
+                .bind(root.now)
+                .execute(&mut *tx)
+                .await?;
+        }
         let outbox_id = insert_root_key(&mut tx, &root, outbox).await?;
         tx.commit().await?;
+        actor.committed("root_key.create", root.id, 1);
         Ok(outbox_id)
     }
 
-    /// The active root key with this hash, if any.
-    pub async fn active_root_key(&self, hash: &KeyHash) -> Result<Option<RootKeyRecord>, StoreError> {
-        let row: Option<RootKeyRow> =
-            sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE hash = ? AND status = 'active'"))
-                .bind(hash.to_hex())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(RootKeyRecord::try_from).transpose()?)
+    /// The active root key with this hash, if any, and its name.
+    pub async fn active_root_key(&self, hash: &KeyHash) -> Result<Option<(RootKeyRecord, String)>, StoreError> {
+        let row: Option<NamedRootKey> = sqlx::query_as(&format!(
+            "SELECT {ROOT_KEY_COLUMNS}, name, start FROM root_keys WHERE hash = ? AND status = 'active'"
+        ))
+        .bind(hash.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((RootKeyRecord::try_from(r.key)?, r.name))).transpose()
     }
 
     /// Every root key, for writing those that may verify to KV.
@@ -95,7 +112,7 @@ impl Store {
         &self,
         workspace_id: &str,
     ) -> Result<Vec<(RootKeyRecord, String, String)>, StoreError> {
-        let rows: Vec<ListedRootKey> = sqlx::query_as(&format!(
+        let rows: Vec<NamedRootKey> = sqlx::query_as(&format!(
             "SELECT {ROOT_KEY_COLUMNS}, name, start FROM root_keys WHERE workspace_id = ? ORDER BY id"
         ))
         .bind(workspace_id)
@@ -105,13 +122,14 @@ impl Store {
     }
 
     /// Revokes a root key of this workspace, with an outbox entry writing the revoked record to
-    /// KV, in one transaction; answers the record and the entry's id, `None` if there is no such
-    /// root key.
+    /// the edge, in one transaction; answers the record and the entry's id, `None` if there is no
+    /// such root key. `actor` made the change: the audit log will be written in this transaction.
     pub async fn revoke_root_key(
         &self,
         workspace_id: &str,
         id: &str,
         outbox: &NewOutbox,
+        actor: &Actor,
     ) -> Result<Option<(RootKeyRecord, i64)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let row: Option<RootKeyRow> = sqlx::query_as(&format!(
@@ -126,12 +144,13 @@ impl Store {
         let Some(record) = row.map(RootKeyRecord::try_from).transpose()? else { return Ok(None) };
         let outbox_id = insert_outbox(&mut tx, Carried::RootKey(&record), outbox).await?;
         tx.commit().await?;
+        actor.committed("root_key.revoke", &record.id, record.version);
         Ok(Some((record, outbox_id)))
     }
 }
 
 /// Inserts a root key and, when `outbox` is given, the outbox entry writing it to KV.
-pub(super) async fn insert_root_key(
+async fn insert_root_key(
     tx: &mut sqlx::SqliteConnection,
     root: &NewRootKey<'_>,
     outbox: Option<&NewOutbox>,

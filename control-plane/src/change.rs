@@ -1,0 +1,333 @@
+//! The change path, apart from HTTP: creating, changing, revoking and deleting keys, minting and
+//! revoking root keys, and writing root keys to the edge at start-up. Each change is committed
+//! to the database together with its outbox entry, then delivered (`delivery.rs`) by the call
+//! that made it, which answers what each target acknowledged. Handlers parse, call
+//! [`ChangeService`], and answer; `serve.rs` calls it at start-up.
+//!
+//! Every change carries its [`Actor`], who made it and from where, into the store function that
+//! runs its transaction, so that an audit log can be written in the change's own transaction.
+//! Until that log exists, the store logs each committed change with its actor.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
+use keyward_shared::{Key, KeyRecord, Meta, RootKeyRecord, Scope, Scopes, kv_key_for_root};
+use tokio::sync::watch;
+
+use crate::delivery::RegionReport;
+use crate::delivery::{Delivered, Deliverer};
+use crate::failpoint;
+use crate::keygen::{self, ROOT_KEY_PREFIX, new_id};
+use crate::store::{Api, NewOutbox, NewRootKey, Store, StoreError};
+use crate::time::now_ms;
+
+/// Who made a change and from where.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    /// Keyward itself, not an admin request: the first workspace and root key of an empty
+    /// database, at start-up.
+    System,
+    /// An admin request, authenticated by a root key.
+    Request(RequestOrigin),
+}
+
+/// The admin request that made a change.
+#[derive(Debug, Clone)]
+pub struct RequestOrigin {
+    pub root_key_id: String,
+    pub root_key_name: String,
+    /// The request's `x-request-id` header, or one generated for it.
+    pub request_id: String,
+    /// The peer's address; known when the server runs with connection info, as `keyward serve` does.
+    pub remote_addr: Option<SocketAddr>,
+    pub user_agent: Option<String>,
+}
+
+impl Actor {
+    /// Logs a change its transaction committed, with who made it: the record of who changed
+    /// what until the audit log is written in that transaction.
+    pub fn committed(&self, change: &str, id: &str, version: u64) {
+        match self {
+            Actor::System => tracing::info!(change, id, version, actor = "system", "change committed"),
+            Actor::Request(origin) => tracing::info!(
+                change,
+                id,
+                version,
+                root_key = %origin.root_key_id,
+                root_key_name = %origin.root_key_name,
+                request_id = %origin.request_id,
+                remote_addr = ?origin.remote_addr,
+                user_agent = ?origin.user_agent,
+                "change committed"
+            ),
+        }
+    }
+}
+
+/// Why a change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+type Result<T, E = ChangeError> = std::result::Result<T, E>;
+
+/// A new key, its fields checked by the caller.
+pub struct NewKey<'a> {
+    pub api: &'a Api,
+    /// The key's prefix, already checked with `validate_prefix`.
+    pub prefix: &'a str,
+    pub name: Option<String>,
+    pub owner_id: Option<String>,
+    pub meta: Meta,
+    pub expires_at: Option<i64>,
+    pub permissions: Vec<String>,
+}
+
+/// A created key: the key itself (its plaintext is shown once), its record, and its delivery.
+pub struct Created {
+    pub key: Key,
+    pub record: KeyRecord,
+    pub delivered: Delivered,
+}
+
+/// The status a key ends in: both are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalStatus {
+    Revoked,
+    Deleted,
+}
+
+/// A root key to mint.
+pub struct MintRootKey<'a> {
+    pub workspace: Workspace<'a>,
+    pub name: &'a str,
+    pub scopes: Scopes,
+}
+
+/// The workspace a new root key belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum Workspace<'a> {
+    /// An existing workspace, by id.
+    Existing(&'a str),
+    /// A new workspace with this name, created with the root key in one transaction.
+    New(&'a str),
+}
+
+/// A minted root key: the key itself (its plaintext is shown once), and each region's KV write
+/// (none for a root key that cannot verify, which the edge never reads).
+pub struct MintedRootKey {
+    pub key: Key,
+    pub id: String,
+    pub workspace_id: String,
+    pub scopes: Scopes,
+    pub regions: Vec<RegionReport>,
+}
+
+/// Whether a change tightens what its key allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    /// Revoked, deleted, disabled, expiring sooner, a permission removed: purged everywhere.
+    Tightens,
+    /// Anything else, creation included: written, not purged.
+    Loosens,
+}
+
+/// The change path: what handlers and start-up call to change keys and root keys.
+pub struct ChangeService {
+    store: Store,
+    delivery: Arc<Deliverer>,
+    /// The id of the newest outbox entry, for event streams to wake on.
+    committed: watch::Sender<i64>,
+}
+
+impl ChangeService {
+    pub fn new(store: Store, delivery: Arc<Deliverer>, committed: watch::Sender<i64>) -> ChangeService {
+        ChangeService { store, delivery, committed }
+    }
+
+    /// A change's outbox entry, to be stored with it. The store gives it its targets (the
+    /// authority when configured, every region's KV, and for a key's tightening change every
+    /// region's purge: `store::Reach`), from what the entry carries and its effect.
+    fn outbox(&self, effect: Effect, now: i64) -> NewOutbox {
+        self.delivery.new_outbox(effect == Effect::Tightens, now)
+    }
+
+    /// Creates a key with its outbox entry, then delivers it: the authority and every region's KV.
+    pub async fn create_key(&self, actor: &Actor, new: NewKey<'_>, now: i64) -> Result<Created> {
+        let key = keygen::generate(new.prefix).context("a checked prefix")?;
+        let record = KeyRecord {
+            schema: RECORD_SCHEMA,
+            id: new_id("key"),
+            hash: key.hash(),
+            api_id: new.api.id.clone(),
+            workspace_id: new.api.workspace_id.clone(),
+            name: new.name,
+            start: key.start().to_owned(),
+            owner_id: new.owner_id,
+            meta: new.meta,
+            enabled: true,
+            status: KeyStatus::Active,
+            expires_at: new.expires_at,
+            permissions: new.permissions,
+            version: 1,
+            max_staleness_ms: new.api.max_staleness_ms,
+            created_at: now,
+            updated_at: now,
+        };
+        let outbox = self.outbox(Effect::Loosens, now);
+        let outbox_id = self.store.create_key(&record, &outbox, actor).await?;
+        let delivered = self.delivery.deliver(outbox_id).await?;
+        Ok(Created { key, record, delivered })
+    }
+
+    /// Stores `new` as the next version of `old` with its outbox entry, in one transaction, then
+    /// delivers it: the authority, every region's KV, and, when the change tightens the key, every
+    /// region's purge. Revoking a revoked key changes nothing but delivers again, so a region that
+    /// missed the first purge can be sent another.
+    pub async fn commit(
+        &self,
+        actor: &Actor,
+        old: KeyRecord,
+        mut new: KeyRecord,
+        now: i64,
+    ) -> Result<(KeyRecord, Delivered)> {
+        let tightening = old.is_tightened_by(&new) || (old.status != KeyStatus::Active && old.status == new.status);
+        let outbox = self.outbox(if tightening { Effect::Tightens } else { Effect::Loosens }, now);
+        let outbox_id = if new != old {
+            new.version = old.version + 1;
+            new.updated_at = now;
+            self.store.update_key(&new, &outbox, actor).await?
+        } else {
+            self.store.resend(&new, &outbox, actor).await?
+        };
+        failpoint::hit("abort_after_commit");
+        self.committed.send_replace(outbox_id);
+        let delivered = self.delivery.deliver(outbox_id).await?;
+        Ok((new, delivered))
+    }
+
+    /// Revokes or deletes a key (again, if it already is: its purges are sent again).
+    pub async fn set_status(
+        &self,
+        actor: &Actor,
+        old: KeyRecord,
+        status: FinalStatus,
+    ) -> Result<(KeyRecord, Delivered)> {
+        let mut new = old.clone();
+        new.status = match status {
+            FinalStatus::Revoked => KeyStatus::Revoked,
+            FinalStatus::Deleted => KeyStatus::Deleted,
+        };
+        self.commit(actor, old, new, now_ms()).await
+    }
+
+    /// Mints a root key (and its new workspace, if it has one) and, when it may verify, writes it
+    /// to the authority and every region's KV through the outbox, so the edge can check the
+    /// callers it authenticates.
+    pub async fn mint_root_key(&self, actor: &Actor, mint: MintRootKey<'_>) -> Result<MintedRootKey> {
+        let key = keygen::generate(ROOT_KEY_PREFIX).context("the root key prefix")?;
+        let now = now_ms();
+        let outbox = publishes(&mint.scopes).then(|| self.outbox(Effect::Loosens, now));
+        let (mut minted, outbox_id) = insert_root_key(&self.store, actor, mint, key, outbox.as_ref(), now).await?;
+        if let Some(id) = outbox_id {
+            minted.regions = self.delivery.deliver(id).await?.regions;
+        }
+        Ok(minted)
+    }
+
+    /// Revokes a root key of this workspace: the control plane refuses it at once, and the edge
+    /// within its 1 s trust window, confirming root keys with the authority and KV (the higher
+    /// version wins). Both go through the outbox, so a target that missed its write gets it when
+    /// it returns. `None` when the workspace has no such root key.
+    pub async fn revoke_root_key(
+        &self,
+        actor: &Actor,
+        workspace_id: &str,
+        id: &str,
+    ) -> Result<Option<(RootKeyRecord, Delivered)>> {
+        let outbox = self.outbox(Effect::Tightens, now_ms());
+        let Some((record, outbox_id)) = self.store.revoke_root_key(workspace_id, id, &outbox, actor).await? else {
+            return Ok(None);
+        };
+        let delivered = self.delivery.deliver(outbox_id).await?;
+        Ok(Some((record, delivered)))
+    }
+
+    /// Writes every active root key that may verify to the authority and to every region's KV,
+    /// directly, so a region whose KV was wiped learns its callers again, and the edge can confirm
+    /// each with the authority at once (KV writes to a far region may lag). Each failure is
+    /// logged, with its region: the edge then refuses the callers it cannot confirm, and the
+    /// next start tries again.
+    pub async fn publish_root_keys(&self) -> Result<()> {
+        let edge = self.delivery.edge();
+        let active: Vec<RootKeyRecord> = self
+            .store
+            .root_keys()
+            .await?
+            .into_iter()
+            .filter(|r| r.status == KeyStatus::Active && publishes(&r.scopes))
+            .collect();
+        if let Err(e) = edge.update_authority(&[], &active).await {
+            tracing::error!(error = %format!("{e:#}"), "cannot write root keys to the authority at start-up");
+        }
+        for record in &active {
+            let value = serde_json::to_string(record).context("a root key record")?;
+            for report in edge.write_everywhere(&kv_key_for_root(&record.hash), &value).await {
+                if let Some(error) = report.error {
+                    tracing::error!(region = %report.name, root_key = %record.id, %error, "cannot write a root key to KV at start-up");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// On an empty database: the first workspace, named `default`, and its root key `key` with every
+/// scope. It has no outbox entry: the start-up sync ([`ChangeService::publish_root_keys`]) writes
+/// every active root key to the edge.
+pub async fn mint_first_root_key(store: &Store, key: Key) -> Result<MintedRootKey> {
+    let mint =
+        MintRootKey { workspace: Workspace::New("default"), name: "bootstrap", scopes: Scopes(Scope::all(true)) };
+    let (minted, _) = insert_root_key(store, &Actor::System, mint, key, None, now_ms()).await?;
+    Ok(minted)
+}
+
+/// Whether a root key with these scopes is written to the edge: only one that may verify
+/// somewhere, since the edge reads root keys only to check the callers of its verify route.
+fn publishes(scopes: &Scopes) -> bool {
+    scopes.can_verify_somewhere()
+}
+
+/// Stores a new root key, with its new workspace if it has one and its outbox entry if given:
+/// the one place root keys are minted. Answers the root key and the entry's id.
+async fn insert_root_key(
+    store: &Store,
+    actor: &Actor,
+    mint: MintRootKey<'_>,
+    key: Key,
+    outbox: Option<&NewOutbox>,
+    now: i64,
+) -> Result<(MintedRootKey, Option<i64>)> {
+    let id = new_id("root");
+    let (workspace_id, new_workspace) = match mint.workspace {
+        Workspace::Existing(id) => (id.to_owned(), None),
+        Workspace::New(name) => (new_id("ws"), Some(name)),
+    };
+    let root = NewRootKey {
+        id: &id,
+        workspace_id: &workspace_id,
+        name: mint.name,
+        hash: &key.hash(),
+        start: key.start(),
+        scopes: &mint.scopes,
+        now,
+    };
+    let outbox_id = store.create_root_key(root, new_workspace, outbox, actor).await?;
+    Ok((MintedRootKey { key, id, workspace_id, scopes: mint.scopes, regions: Vec::new() }, outbox_id))
+}
