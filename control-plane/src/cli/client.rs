@@ -15,11 +15,18 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Client {
     http: reqwest::Client,
     url: String,
-    root_key: Option<String>,
+    root_key: String,
 }
 
 impl Client {
+    /// Checks the settings before anything is sent (or read from stdin).
     pub fn new(url: &str, root_key: Option<String>) -> anyhow::Result<Client> {
+        let Some(root_key) = root_key.filter(|k| !k.trim().is_empty()) else {
+            bail!(
+                "no root key: set KEYWARD_ROOT_KEY (or pass --root-key) to a root key, such as the one \
+                 `keyward serve` printed when it created the database"
+            );
+        };
         let url = url.trim_end_matches('/').to_owned();
         let parsed = url::Url::parse(&url)
             .with_context(|| format!("`{url}` is not a URL; set KEYWARD_URL or --url to the control plane's"))?;
@@ -32,14 +39,10 @@ impl Client {
 
     /// Sends the request with the root key; answers the API's JSON, or an error that says what to fix.
     pub async fn call(&self, request: &Request) -> anyhow::Result<Value> {
-        let Some(root_key) = self.root_key.as_deref().filter(|k| !k.trim().is_empty()) else {
-            bail!(
-                "no root key: set KEYWARD_ROOT_KEY (or pass --root-key) to a root key, such as the one \
-                 `keyward serve` printed when it created the database"
-            );
-        };
-        let mut builder =
-            self.http.request(request.method.clone(), format!("{}{}", self.url, request.path)).bearer_auth(root_key);
+        let mut builder = self
+            .http
+            .request(request.method.clone(), format!("{}{}", self.url, request.path))
+            .bearer_auth(&self.root_key);
         if let Some(body) = &request.body {
             builder = builder.json(body);
         }

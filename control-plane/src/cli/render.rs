@@ -130,11 +130,14 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
                 ("name", text(&answer["name"])),
                 ("owner", text(&answer["owner_id"])),
                 ("expires", expiry(&answer["expires_at"])),
+                // Those of the permissions asked about that the key holds.
                 ("permissions held", list(&answer["permissions"])),
                 ("meta", meta(&answer["meta"])),
             ];
+            let shown: Vec<_> = fields.into_iter().filter(|(_, value)| value != "-").collect();
+            // No key id: the answer reveals nothing about a key (MALFORMED, NOT_FOUND).
             if answer["key_id"].is_string() {
-                out.push_str(&indent(&field_table(&fields)));
+                out.push_str(&indent(&field_table(&shown)));
             }
             out
         }
@@ -446,7 +449,10 @@ with the key's authority), and its purge is retried until delivered (GET /v1/reg
         let answer = json!({ "valid": false, "code": "REVOKED", "key_id": "key_01", "api_id": "api_01",
                              "permissions": [], "source": "origin" });
         let out = render(View::Verified, &answer, NOW);
-        assert!(out.starts_with("REVOKED: not valid (answered from origin)\n  key "), "{out}");
+        assert_eq!(
+            out,
+            "REVOKED: not valid (answered from origin)\n  key      key_01\n  api      api_01\n  expires  never\n"
+        );
         let malformed = json!({ "valid": false, "code": "MALFORMED", "permissions": [] });
         assert_eq!(render(View::Verified, &malformed, NOW), "MALFORMED: not valid\n");
     }
