@@ -1,0 +1,273 @@
+//! The `keyward` command line. `serve` runs the control plane; every other subcommand is an
+//! HTTP client of the admin API, so a change made here takes the same path as one made with curl.
+//!
+//! On a terminal the answers are tables and sentences (`render.rs`); with `--json`, or when
+//! stdout is a pipe, they are the API's JSON, for scripts.
+
+mod client;
+mod render;
+mod request;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use client::Client;
+use render::render;
+
+#[derive(Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Keyward: API keys that stop working everywhere, at once, when revoked.",
+    after_help = "Example:\n  export KEYWARD_ROOT_KEY=kw_root_...\n  keyward keys list --start sk_live_3xQ9ab\n  keyward keys revoke key_01..."
+)]
+pub struct Cli {
+    /// The control plane's base URL.
+    #[arg(long, global = true, env = "KEYWARD_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// A root key (prefer the environment variable: arguments show in `ps`).
+    #[arg(long, global = true, env = "KEYWARD_ROOT_KEY", hide_env_values = true)]
+    root_key: Option<String>,
+    /// Print the API's JSON answer (the default when stdout is not a terminal).
+    #[arg(long, global = true, conflicts_with = "format")]
+    json: bool,
+    /// How to print answers [default: `table` on a terminal, `json` otherwise].
+    #[arg(long, global = true, value_enum)]
+    format: Option<Format>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How answers are printed.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Tables and sentences for people.
+    Table,
+    /// The API's JSON, as it answered, for scripts.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane.
+    #[command(after_help = "Example:\n  keyward serve --config keyward.toml")]
+    Serve {
+        /// Config file (default `keyward.toml` if present; also `KEYWARD_CONFIG`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Create workspaces (tenants).
+    #[command(subcommand, after_help = "Example:\n  keyward workspaces create --name acme")]
+    Workspaces(WorkspaceCommand),
+    /// Create, list and revoke root keys, which call the admin API and the edge's verify route.
+    #[command(subcommand, name = "root-keys", after_help = "Example:\n  keyward root-keys list")]
+    RootKeys(RootKeyCommand),
+    /// Create and list APIs (keyspaces).
+    #[command(subcommand, after_help = "Example:\n  keyward apis create --name payments-live --prefix sk_live")]
+    Apis(ApiCommand),
+    /// Create, find, change, revoke and verify API keys.
+    #[command(subcommand, after_help = "Example:\n  keyward keys list --start sk_live_3xQ9ab")]
+    Keys(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum WorkspaceCommand {
+    /// Create a workspace and its first root key (shown once).
+    #[command(after_help = "Example:\n  keyward workspaces create --name acme")]
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootKeyCommand {
+    /// Create a root key with scopes this root key holds; the key is shown once.
+    #[command(after_help = "Example:\n  keyward root-keys create --name checkout-verifier --scope 'api.*.verify_key'")]
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A scope such as `api.*.verify_key`; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// List this workspace's root keys (never their secrets).
+    #[command(after_help = "Example:\n  keyward root-keys list")]
+    List,
+    /// Revoke a root key: refused by the control plane at once, by the edge within a second.
+    #[command(after_help = "Example:\n  keyward root-keys revoke root_01...")]
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum ApiCommand {
+    /// Create an API: a keyspace with its own key prefix.
+    #[command(
+        after_help = "Example:\n  keyward apis create --name payments-live --prefix sk_live --max-staleness-ms 1000"
+    )]
+    Create {
+        /// 1 to 64 characters of a-z, 0-9, `-` and `_`.
+        #[arg(long)]
+        name: String,
+        /// The beginning of every key of this API (default `sk`).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// How old an edge copy of a key may be before the edge confirms it (default 1000).
+        #[arg(long)]
+        max_staleness_ms: Option<u64>,
+    },
+    /// List this workspace's APIs.
+    #[command(after_help = "Example:\n  keyward apis list")]
+    List,
+}
+
+#[derive(Args)]
+struct KeyFields {
+    /// A display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Who the key belongs to, in your own terms (an account or user id).
+    #[arg(long)]
+    owner_id: Option<String>,
+    /// A JSON object.
+    #[arg(long)]
+    meta: Option<String>,
+    /// Unix milliseconds; for `update`, `now` expires the key at once and `never` clears it.
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// Comma-separated permission names.
+    #[arg(long, value_delimiter = ',')]
+    permissions: Option<Vec<String>>,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key; its plaintext is shown once, in this answer only.
+    #[command(
+        after_help = "Example:\n  keyward keys create --api-id api_01... --name checkout --owner-id acct_42 --permissions charges:write"
+    )]
+    Create {
+        #[arg(long)]
+        api_id: String,
+        /// Overrides the API's prefix for this key.
+        #[arg(long)]
+        prefix: Option<String>,
+        #[command(flatten)]
+        fields: KeyFields,
+    },
+    /// Show one key (never its secret).
+    #[command(after_help = "Example:\n  keyward keys get key_01...")]
+    Get { id: String },
+    /// Find keys by API or by the visible start of a leaked key.
+    #[command(
+        after_help = "Example:\n  keyward keys list --start sk_live_3xQ9ab\n  keyward keys list --api-id api_01... --limit 20"
+    )]
+    List {
+        #[arg(long)]
+        api_id: Option<String>,
+        /// The visible beginning of a key, like `sk_live_3xQ9ab`.
+        #[arg(long)]
+        start: Option<String>,
+        /// The last id of the page before (printed under a full page).
+        #[arg(long)]
+        cursor: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Change a key's name, owner, meta, expiry, permissions or whether it is enabled.
+    #[command(
+        after_help = "Example:\n  keyward keys update key_01... --enabled false\n  keyward keys update key_01... --expires-at now"
+    )]
+    Update {
+        id: String,
+        #[arg(long)]
+        enabled: Option<bool>,
+        #[command(flatten)]
+        fields: KeyFields,
+    },
+    /// Revoke a key everywhere; prints each region's acknowledgement.
+    #[command(after_help = "Example:\n  keyward keys revoke key_01...")]
+    Revoke { id: String },
+    /// Delete a key for good: it then verifies as NOT_FOUND.
+    #[command(after_help = "Example:\n  keyward keys delete key_01...")]
+    Delete { id: String },
+    /// Ask the origin whether a key is valid. Give `-` to read the key from stdin.
+    #[command(after_help = "Example:\n  keyward keys verify - <<< \"$KEY\"")]
+    Verify {
+        /// The key, or `-` to read it from stdin (arguments show in `ps`).
+        key: String,
+        #[arg(long)]
+        api_id: Option<String>,
+        /// A permission the key must hold; repeat for several.
+        #[arg(long = "permission")]
+        permissions: Vec<String>,
+    },
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Serve { config } = &cli.command {
+        init_tracing();
+        let config = Config::load(config.as_deref())?;
+        return crate::serve::serve(config).await;
+    }
+    let format = match (cli.json, cli.format) {
+        (true, _) => Format::Json,
+        (false, Some(format)) => format,
+        (false, None) if std::io::stdout().is_terminal() => Format::Table,
+        (false, None) => Format::Json,
+    };
+    let client = Client::new(&cli.url, cli.root_key)?;
+    let request = request::request_for(cli.command)?;
+    let answer = client.call(&request).await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+        Format::Table => print!("{}", render(request.view, &answer, crate::time::now_ms())),
+    }
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and subcommand says in one line what it does and shows an example.
+    #[test]
+    fn every_command_has_help_and_an_example() {
+        fn check(command: &clap::Command, path: &str) {
+            let about = command.get_about().map(|a| a.to_string()).unwrap_or_default();
+            assert!(!about.is_empty() && !about.contains('\n'), "`{path}` needs a one-line about");
+            let after = command.get_after_help().map(|a| a.to_string()).unwrap_or_default();
+            assert!(
+                after.starts_with("Example:\n") && after.contains("\n  keyward "),
+                "`{path}` needs an example, has {after:?}"
+            );
+            for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        Cli::command().debug_assert();
+        check(&Cli::command(), "keyward");
+    }
+
+    #[test]
+    fn json_and_format_are_global_and_exclusive() {
+        let cli = Cli::try_parse_from(["keyward", "keys", "get", "key_01", "--json"]).unwrap();
+        assert!(cli.json);
+        let cli = Cli::try_parse_from(["keyward", "--format", "table", "keys", "list"]).unwrap();
+        assert!(cli.format == Some(Format::Table));
+        let both = Cli::try_parse_from(["keyward", "--json", "--format", "table", "apis", "list"]);
+        assert_eq!(both.err().map(|e| e.kind()), Some(clap::error::ErrorKind::ArgumentConflict));
+    }
+}

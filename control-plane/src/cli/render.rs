@@ -1,0 +1,459 @@
+//! The CLI's answers for people: aligned tables and short sentences, made from the API's JSON.
+//!
+//! Pure functions of the answer and the time, so each view is tested without a server. A key's
+//! plaintext appears only in the answer to `create`, with a warning that it is shown once.
+
+use comfy_table::{CellAlignment, Table, presets};
+use serde_json::Value;
+
+/// Which answer is being printed, and so how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    WorkspaceCreated,
+    RootKeyCreated,
+    RootKeys,
+    RootKeyRevoked,
+    ApiCreated,
+    Apis,
+    KeyCreated,
+    Key,
+    Keys,
+    KeyUpdated,
+    KeyRevoked,
+    KeyDeleted,
+    Verified,
+}
+
+/// The text for `answer`, ending in a newline; `now` (Unix ms) decides whether a key has expired.
+pub fn render(view: View, answer: &Value, now: i64) -> String {
+    match view {
+        View::WorkspaceCreated => {
+            let root = &answer["root_key"];
+            format!(
+                "Created workspace {} ({}) and its first root key {}, with scopes: {}.\n{}",
+                text(&answer["id"]),
+                text(&answer["name"]),
+                text(&root["id"]),
+                list(&root["scopes"]),
+                shown_once("root key", &root["key"]),
+            )
+        }
+        View::RootKeyCreated => format!(
+            "Created root key {} with scopes: {}.\n{}",
+            text(&answer["id"]),
+            list(&answer["scopes"]),
+            shown_once("root key", &answer["key"]),
+        ),
+        View::RootKeys => {
+            let rows = items(&answer["root_keys"]).iter().map(|r| {
+                let fields = [&r["id"], &r["name"], &r["start"], &r["status"]];
+                let mut row: Vec<String> = fields.into_iter().map(text).collect();
+                // Last, since a root key may hold many scopes.
+                row.extend([date(&r["updated_at"]), list(&r["scopes"])]);
+                row
+            });
+            table(&["ID", "NAME", "START", "STATUS", "UPDATED", "SCOPES"], rows.collect(), "No root keys.")
+        }
+        View::RootKeyRevoked => format!(
+            "Revoked root key {}: the control plane refuses it now, and every region within 1 s.\n{}",
+            text(&answer["id"]),
+            delivery(answer),
+        ),
+        View::ApiCreated => format!(
+            "Created API {} ({}): its keys start with `{}_`, and edge copies older than {} ms are confirmed.\n",
+            text(&answer["id"]),
+            text(&answer["name"]),
+            text(&answer["prefix"]),
+            text(&answer["max_staleness_ms"]),
+        ),
+        View::Apis => {
+            let rows = items(&answer["apis"]).iter().map(|a| {
+                let fields = [&a["id"], &a["name"], &a["prefix"]];
+                let mut row: Vec<String> = fields.into_iter().map(text).collect();
+                row.extend([format!("{} ms", text(&a["max_staleness_ms"])), date(&a["created_at"])]);
+                row
+            });
+            let empty = "No APIs yet: create one with `keyward apis create --name <name>`.";
+            table(&["ID", "NAME", "PREFIX", "MAX STALENESS", "CREATED"], rows.collect(), empty)
+        }
+        View::KeyCreated => format!(
+            "Created key {} (start {}) in API {}.\n{}",
+            text(&answer["id"]),
+            text(&answer["start"]),
+            text(&answer["api_id"]),
+            shown_once("key", &answer["key"]),
+        ),
+        View::Key => key_fields(answer, now),
+        View::Keys => {
+            let rows = items(&answer["keys"]).iter().map(|k| {
+                let fields = [&k["id"], &k["start"], &k["name"], &k["owner_id"]];
+                let mut row: Vec<String> = fields.into_iter().map(text).collect();
+                row.extend([status(k, now), expiry(&k["expires_at"])]);
+                row
+            });
+            let mut out =
+                table(&["ID", "START", "NAME", "OWNER", "STATUS", "EXPIRES"], rows.collect(), "No keys match.");
+            if let Some(cursor) = answer["cursor"].as_str() {
+                out.push_str(&format!("More keys follow: add --cursor {cursor}\n"));
+            }
+            out
+        }
+        View::KeyUpdated => {
+            let key = &answer["key"];
+            format!(
+                "Updated key {} (version {}, {}).\n{}",
+                text(&key["id"]),
+                text(&key["version"]),
+                status(key, now),
+                delivery(answer)
+            )
+        }
+        View::KeyRevoked => {
+            format!("Revoked key {} (version {}).\n{}", text(&answer["id"]), text(&answer["version"]), delivery(answer))
+        }
+        View::KeyDeleted => format!(
+            "Deleted key {} (version {}): it now verifies as NOT_FOUND.\n{}",
+            text(&answer["id"]),
+            text(&answer["version"]),
+            delivery(answer)
+        ),
+        View::Verified => {
+            let valid = if answer["valid"] == Value::Bool(true) { "valid" } else { "not valid" };
+            let mut out = format!("{}: {valid}", text(&answer["code"]));
+            if let Some(source) = answer["source"].as_str() {
+                out.push_str(&format!(" (answered from {source})"));
+            }
+            out.push('\n');
+            let fields = [
+                ("key", text(&answer["key_id"])),
+                ("api", text(&answer["api_id"])),
+                ("name", text(&answer["name"])),
+                ("owner", text(&answer["owner_id"])),
+                ("expires", expiry(&answer["expires_at"])),
+                // Those of the permissions asked about that the key holds.
+                ("permissions held", list(&answer["permissions"])),
+                ("meta", meta(&answer["meta"])),
+            ];
+            let shown: Vec<_> = fields.into_iter().filter(|(_, value)| value != "-").collect();
+            // No key id: the answer reveals nothing about a key (MALFORMED, NOT_FOUND).
+            if answer["key_id"].is_string() {
+                out.push_str(&indent(&field_table(&shown)));
+            }
+            out
+        }
+    }
+}
+
+/// `get`: one field per line.
+fn key_fields(k: &Value, now: i64) -> String {
+    let fields = [
+        ("id", text(&k["id"])),
+        ("start", text(&k["start"])),
+        ("name", text(&k["name"])),
+        ("owner", text(&k["owner_id"])),
+        ("status", status(k, now)),
+        ("expires", expiry(&k["expires_at"])),
+        ("api", text(&k["api_id"])),
+        ("permissions", list(&k["permissions"])),
+        ("meta", meta(&k["meta"])),
+        ("version", text(&k["version"])),
+        ("max staleness", format!("{} ms", text(&k["max_staleness_ms"]))),
+        ("created", date(&k["created_at"])),
+        ("updated", date(&k["updated_at"])),
+    ];
+    field_table(&fields)
+}
+
+/// One line for the key's authority and one per region, then what the acknowledgements mean.
+fn delivery(answer: &Value) -> String {
+    let authority = &answer["authority"];
+    let regions = items(&answer["regions"]);
+    if !authority.is_object() && regions.is_empty() {
+        return "No key authority or edge region is configured: the control plane alone answers for it.\n".into();
+    }
+    let mut rows = Vec::new();
+    let mut missed = Vec::new();
+    if let a @ Value::Object(_) = authority {
+        rows.push(vec![
+            "authority".into(),
+            acknowledged(&a["acknowledged"]),
+            latency(&a["latency_ms"]),
+            text_or_empty(&a["error"]),
+        ]);
+        if a["acknowledged"] == Value::Bool(false) {
+            missed.push("The key's authority does not have the change yet: it is retried, and no region counts as acknowledged until it lands.".to_owned());
+        }
+    }
+    let mut meanings = Vec::new();
+    for r in regions {
+        // A region without a purge (a loosening change, a root key) only has its KV write.
+        let (state, kv) = match r["acknowledged"] {
+            Value::Bool(_) => (acknowledged(&r["acknowledged"]), format!("kv {}", text(&r["kv"]))),
+            _ => (format!("kv {}", text(&r["kv"])), String::new()),
+        };
+        let detail = [kv, text_or_empty(&r["error"])].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>();
+        rows.push(vec![text(&r["name"]), state, latency(&r["latency_ms"]), detail.join("  ")]);
+        match (&r["acknowledged"], r["ack_means"].as_str()) {
+            (Value::Bool(true), Some(means)) if !meanings.contains(&means) => meanings.push(means),
+            (Value::Bool(false), _) if missed.iter().all(|m| !m.starts_with("A region")) => missed.push(
+                "A region that did not acknowledge still rejects the key within its max_staleness_ms (older copies \
+                 are confirmed with the key's authority), and its purge is retried until delivered (GET /v1/regions)."
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+    }
+    let mut table = plain_table(rows);
+    if let Some(column) = table.column_mut(2) {
+        column.set_cell_alignment(CellAlignment::Right);
+    }
+    let mut out = indent(&format!("{}\n", table.trim_fmt()));
+    for means in meanings {
+        out.push_str(&format!("acknowledged: {means}.\n"));
+    }
+    for line in missed {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The plaintext of a key just created, set apart, with the warning that it is never shown again.
+fn shown_once(what: &str, key: &Value) -> String {
+    format!(
+        "\n    {}\n\nThis is the only time this {what} is shown: Keyward keeps only its hash. Store it now.\n",
+        text(key)
+    )
+}
+
+fn acknowledged(value: &Value) -> String {
+    match value {
+        Value::Bool(true) => "acknowledged".into(),
+        Value::Bool(false) => "NOT acknowledged".into(),
+        _ => "-".into(),
+    }
+}
+
+/// A table with a header row, or `empty` when there are no rows.
+fn table(header: &[&str], rows: Vec<Vec<String>>, empty: &str) -> String {
+    if rows.is_empty() {
+        return format!("{empty}\n");
+    }
+    let mut table = plain_table(rows);
+    table.set_header(header.to_vec());
+    format!("{}\n", table.trim_fmt())
+}
+
+/// Two columns: a field's name and its value.
+fn field_table(fields: &[(&str, String)]) -> String {
+    let rows = fields.iter().map(|(name, value)| vec![(*name).to_owned(), value.clone()]).collect();
+    format!("{}\n", plain_table(rows).trim_fmt())
+}
+
+/// Columns aligned by display width (so names in any script line up), two spaces apart, no borders.
+fn plain_table(rows: Vec<Vec<String>>) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING).add_rows(rows);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|line| format!("  {line}\n")).collect()
+}
+
+/// A string as is, a number or other value as JSON, and nothing as `-`.
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn text_or_empty(value: &Value) -> String {
+    if value.is_null() { String::new() } else { text(value) }
+}
+
+fn items(value: &Value) -> &[Value] {
+    value.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// A list of strings joined by commas; an empty list is `-`.
+fn list(value: &Value) -> String {
+    let items: Vec<String> = items(value).iter().map(text).collect();
+    if items.is_empty() { "-".into() } else { items.join(", ") }
+}
+
+fn meta(value: &Value) -> String {
+    match value.as_object() {
+        Some(map) if !map.is_empty() => value.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn latency(value: &Value) -> String {
+    value.as_f64().map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms"))
+}
+
+/// What a key's status means now: revoked and deleted are final; then disabled; then expired.
+fn status(key: &Value, now: i64) -> String {
+    let status = text(&key["status"]);
+    if status != "active" {
+        status
+    } else if key["enabled"] == Value::Bool(false) {
+        "disabled".into()
+    } else if key["expires_at"].as_i64().is_some_and(|at| at <= now) {
+        "expired".into()
+    } else {
+        status
+    }
+}
+
+fn expiry(value: &Value) -> String {
+    if value.is_null() { "never".into() } else { date(value) }
+}
+
+/// Unix milliseconds as `2026-11-18 11:06 UTC`.
+fn date(value: &Value) -> String {
+    let Some(ms) = value.as_i64() else {
+        return "-".into();
+    };
+    let secs = ms.div_euclid(1000);
+    let (days, of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", of_day / 3600, of_day % 3600 / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const NOW: i64 = 1_795_000_000_000;
+
+    fn key(id: &str, name: &str, start: &str) -> Value {
+        json!({ "id": id, "name": name, "start": start, "owner_id": "acct_42", "status": "active", "enabled": true,
+                "expires_at": null, "api_id": "api_01", "permissions": ["charges:write"], "meta": {},
+                "version": 1, "max_staleness_ms": 1000, "created_at": NOW, "updated_at": NOW })
+    }
+
+    #[test]
+    fn dates_are_utc_minutes() {
+        assert_eq!(date(&json!(0)), "1970-01-01 00:00 UTC");
+        assert_eq!(date(&json!(NOW)), "2026-11-18 11:06 UTC");
+        assert_eq!(date(&json!(951_782_400_000i64)), "2000-02-29 00:00 UTC");
+        assert_eq!(date(&Value::Null), "-");
+    }
+
+    #[test]
+    fn key_list_is_a_table_aligned_by_display_width() {
+        let mut expired = key("key_02", "支払い", "sk_live_Zz");
+        expired["expires_at"] = json!(NOW - 1);
+        let answer = json!({ "keys": [key("key_01", "checkout", "sk_live_3xQ9ab"), expired], "cursor": "key_02" });
+        let out = render(View::Keys, &answer, NOW);
+        let expected = "\
+ID      START           NAME      OWNER    STATUS   EXPIRES
+key_01  sk_live_3xQ9ab  checkout  acct_42  active   never
+key_02  sk_live_Zz      支払い    acct_42  expired  2026-11-18 11:06 UTC
+More keys follow: add --cursor key_02
+";
+        assert_eq!(out, expected);
+        assert_eq!(render(View::Keys, &json!({ "keys": [], "cursor": null }), NOW), "No keys match.\n");
+    }
+
+    #[test]
+    fn get_is_a_field_table() {
+        let mut k = key("key_01", "checkout", "sk_live_3xQ9ab");
+        k["enabled"] = json!(false);
+        let out = render(View::Key, &k, NOW);
+        assert!(out.starts_with("id             key_01\nstart          sk_live_3xQ9ab\n"), "{out}");
+        assert!(out.contains("\nstatus         disabled\n"), "{out}");
+        assert!(out.contains("\nmax staleness  1000 ms\n"), "{out}");
+    }
+
+    #[test]
+    fn revoke_prints_a_line_for_the_authority_and_each_region() {
+        let means = "the region holds the new record in memory, dropped its Cache API copy, and now rejects the key";
+        let answer = json!({
+            "id": "key_01", "status": "revoked", "version": 2,
+            "authority": { "acknowledged": true, "latency_ms": 18.14 },
+            "regions": [
+                { "name": "local", "kv": "pending", "acknowledged": true, "latency_ms": 9.5, "ack_means": means },
+                { "name": "eu-west", "kv": "pending", "acknowledged": false, "latency_ms": 501.0,
+                  "ack_means": means, "error": "connection refused" },
+            ],
+            "note": "...",
+        });
+        let out = render(View::KeyRevoked, &answer, NOW);
+        let expected = format!(
+            "\
+Revoked key key_01 (version 2).
+  authority  acknowledged       18.1 ms
+  local      acknowledged        9.5 ms  kv pending
+  eu-west    NOT acknowledged  501.0 ms  kv pending  connection refused
+acknowledged: {means}.
+A region that did not acknowledge still rejects the key within its max_staleness_ms (older copies are confirmed \
+with the key's authority), and its purge is retried until delivered (GET /v1/regions).
+"
+        );
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn revoke_without_regions_says_so() {
+        let answer = json!({ "id": "key_01", "status": "revoked", "version": 2, "regions": [] });
+        assert_eq!(
+            render(View::KeyRevoked, &answer, NOW),
+            "Revoked key key_01 (version 2).\nNo key authority or edge region is configured: the control plane alone answers for it.\n"
+        );
+    }
+
+    #[test]
+    fn a_root_key_revoke_shows_kv_writes() {
+        let answer = json!({ "id": "root_01", "status": "revoked",
+            "authority": { "acknowledged": false, "latency_ms": 3.0, "error": "refused" },
+            "regions": [{ "name": "local", "kv": "written", "latency_ms": 4.0 }] });
+        let out = render(View::RootKeyRevoked, &answer, NOW);
+        assert!(
+            out.contains("\n  authority  NOT acknowledged  3.0 ms  refused\n  local      kv written        4.0 ms\n"),
+            "{out}"
+        );
+        assert!(out.contains("does not have the change yet"), "{out}");
+    }
+
+    #[test]
+    fn create_shows_the_key_once_with_a_warning() {
+        let answer = json!({ "id": "key_01", "key": "sk_live_SECRET", "start": "sk_live_SECR", "api_id": "api_01",
+                             "regions": [] });
+        let out = render(View::KeyCreated, &answer, NOW);
+        assert_eq!(out.matches("sk_live_SECRET").count(), 1, "{out}");
+        assert!(out.contains("\n    sk_live_SECRET\n"), "{out}");
+        assert!(out.contains("only time this key is shown"), "{out}");
+    }
+
+    #[test]
+    fn verify_names_the_code_and_the_key() {
+        let answer = json!({ "valid": false, "code": "REVOKED", "key_id": "key_01", "api_id": "api_01",
+                             "permissions": [], "source": "origin" });
+        let out = render(View::Verified, &answer, NOW);
+        assert_eq!(
+            out,
+            "REVOKED: not valid (answered from origin)\n  key      key_01\n  api      api_01\n  expires  never\n"
+        );
+        let malformed = json!({ "valid": false, "code": "MALFORMED", "permissions": [] });
+        assert_eq!(render(View::Verified, &malformed, NOW), "MALFORMED: not valid\n");
+    }
+}

@@ -1,0 +1,148 @@
+//! The HTTP request each subcommand stands for, and which view prints its answer.
+
+use std::io::Read;
+
+use anyhow::Context;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use super::render::View;
+use super::{ApiCommand, Command, KeyCommand, KeyFields, RootKeyCommand, WorkspaceCommand};
+
+/// Everything but RFC 3986's unreserved characters is encoded, in a path segment or a query value.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+pub struct Request {
+    pub method: Method,
+    /// The path and query, encoded.
+    pub path: String,
+    pub body: Option<Value>,
+    pub view: View,
+}
+
+impl Request {
+    fn new(method: Method, path: String, body: Option<Value>, view: View) -> Request {
+        Request { method, path, body, view }
+    }
+}
+
+/// The request for a client subcommand (`serve` is not one).
+pub fn request_for(command: Command) -> anyhow::Result<Request> {
+    Ok(match command {
+        Command::Serve { .. } => unreachable!("`serve` runs the server, not a request"),
+        Command::Workspaces(WorkspaceCommand::Create { name }) => {
+            Request::new(Method::POST, "/v1/workspaces".into(), Some(json!({ "name": name })), View::WorkspaceCreated)
+        }
+        Command::RootKeys(RootKeyCommand::Create { name, scopes }) => Request::new(
+            Method::POST,
+            "/v1/root-keys".into(),
+            Some(json!({ "name": name, "scopes": scopes })),
+            View::RootKeyCreated,
+        ),
+        Command::RootKeys(RootKeyCommand::List) => {
+            Request::new(Method::GET, "/v1/root-keys".into(), None, View::RootKeys)
+        }
+        Command::RootKeys(RootKeyCommand::Revoke { id }) => {
+            Request::new(Method::POST, format!("/v1/root-keys/{}/revoke", encode(&id)), None, View::RootKeyRevoked)
+        }
+        Command::Apis(ApiCommand::Create { name, prefix, max_staleness_ms }) => {
+            let mut body = json!({ "name": name });
+            insert_some(&mut body, "prefix", prefix.map(Value::from));
+            insert_some(&mut body, "max_staleness_ms", max_staleness_ms.map(Value::from));
+            Request::new(Method::POST, "/v1/apis".into(), Some(body), View::ApiCreated)
+        }
+        Command::Apis(ApiCommand::List) => Request::new(Method::GET, "/v1/apis".into(), None, View::Apis),
+        Command::Keys(KeyCommand::Create { api_id, prefix, fields }) => {
+            let mut body = fields.into_json(false)?;
+            body["api_id"] = api_id.into();
+            insert_some(&mut body, "prefix", prefix.map(Value::from));
+            Request::new(Method::POST, "/v1/keys".into(), Some(body), View::KeyCreated)
+        }
+        Command::Keys(KeyCommand::Get { id }) => {
+            Request::new(Method::GET, format!("/v1/keys/{}", encode(&id)), None, View::Key)
+        }
+        Command::Keys(KeyCommand::List { api_id, start, cursor, limit }) => {
+            let pairs =
+                [("api_id", api_id), ("start", start), ("cursor", cursor), ("limit", limit.map(|l| l.to_string()))];
+            let query: Vec<String> =
+                pairs.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v)))).collect();
+            Request::new(Method::GET, format!("/v1/keys?{}", query.join("&")), None, View::Keys)
+        }
+        Command::Keys(KeyCommand::Update { id, enabled, fields }) => {
+            let mut body = fields.into_json(true)?;
+            insert_some(&mut body, "enabled", enabled.map(Value::from));
+            Request::new(Method::PATCH, format!("/v1/keys/{}", encode(&id)), Some(body), View::KeyUpdated)
+        }
+        Command::Keys(KeyCommand::Revoke { id }) => {
+            Request::new(Method::POST, format!("/v1/keys/{}/revoke", encode(&id)), None, View::KeyRevoked)
+        }
+        Command::Keys(KeyCommand::Delete { id }) => {
+            Request::new(Method::DELETE, format!("/v1/keys/{}", encode(&id)), None, View::KeyDeleted)
+        }
+        Command::Keys(KeyCommand::Verify { key, api_id, permissions }) => {
+            let key = if key == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text).context("reading the key from stdin")?;
+                text.trim().to_owned()
+            } else {
+                key
+            };
+            let mut body = json!({ "key": key, "permissions": permissions });
+            insert_some(&mut body, "api_id", api_id.map(Value::from));
+            Request::new(Method::POST, "/v1/keys/verify".into(), Some(body), View::Verified)
+        }
+    })
+}
+
+impl KeyFields {
+    fn into_json(self, for_update: bool) -> anyhow::Result<Value> {
+        let mut body = json!({});
+        insert_some(&mut body, "name", self.name.map(Value::from));
+        insert_some(&mut body, "owner_id", self.owner_id.map(Value::from));
+        if let Some(meta) = self.meta {
+            let meta: Map<String, Value> =
+                serde_json::from_str(&meta).context("--meta must be a JSON object, like '{\"plan\":\"pro\"}'")?;
+            body["meta"] = Value::Object(meta);
+        }
+        if let Some(at) = self.expires_at {
+            body["expires_at"] = match at.as_str() {
+                "now" if for_update => Value::from(0),
+                "never" if for_update => Value::Null,
+                ms => Value::from(ms.parse::<i64>().context("--expires-at must be Unix milliseconds")?),
+            };
+        }
+        insert_some(&mut body, "permissions", self.permissions.map(Value::from));
+        Ok(body)
+    }
+}
+
+fn insert_some(body: &mut Value, field: &str, value: Option<Value>) {
+    if let Some(value) = value {
+        body[field] = value;
+    }
+}
+
+/// `text` as one path segment or query value.
+fn encode(text: &str) -> String {
+    utf8_percent_encode(text, COMPONENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_query_values_are_encoded_as_one_component() {
+        assert_eq!(encode("key_01ARZ3NDEKTSV4RRFFQ69G5FAV"), "key_01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        assert_eq!(encode("a/b?c=d&e f#"), "a%2Fb%3Fc%3Dd%26e%20f%23");
+        assert_eq!(encode("é~.-"), "%C3%A9~.-");
+    }
+
+    #[test]
+    fn list_builds_its_query_from_the_given_filters_only() {
+        let command = KeyCommand::List { api_id: None, start: Some("sk_live_3x".into()), cursor: None, limit: Some(5) };
+        let request = request_for(Command::Keys(command)).unwrap();
+        assert_eq!(request.path, "/v1/keys?start=sk_live_3x&limit=5");
+    }
+}

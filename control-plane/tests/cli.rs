@@ -1,0 +1,215 @@
+//! The `keyward` binary as its users run it: `keyward serve` on a temp SQLite database, and the
+//! client subcommands against it in both forms (tables for people, JSON for scripts), with the
+//! errors that say what to fix.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+const KEYWARD: &str = env!("CARGO_BIN_EXE_keyward");
+
+/// `keyward serve`, stopped when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    root_key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `keyward serve` on a new database and a free port, and reads the first root key and
+/// the address from what it prints. Its key authority and its one region are on port 9 of
+/// loopback, where nothing listens, so every change reports both, unacknowledged.
+fn serve() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keyward.toml");
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{}\"\nauthority_url = \"http://127.0.0.1:9\"\n\
+         [[regions]]\nname = \"nowhere\"\nurl = \"http://127.0.0.1:9\"\n\
+         kv_url = \"http://127.0.0.1:9/cdn-cgi/explorer/api\"\nkv_namespace_id = \"keyward-test\"\n",
+        dir.path().join("keyward.sqlite").display(),
+        "s".repeat(32),
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut child = Command::new(KEYWARD)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .env("KEYWARD_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut root_key = None;
+    while let Some(Ok(line)) = lines.next() {
+        if let Some(key) = line.strip_prefix("First root key (shown once, store it now): ") {
+            root_key = Some(key.trim().to_owned());
+        }
+        if let Some(url) = line.strip_prefix("keyward listening on ") {
+            let url = url.trim().to_owned();
+            // Keep reading, so that the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            let root_key = root_key.expect("serve prints the first root key before it listens");
+            return Server { child, url, root_key, _dir: dir };
+        }
+    }
+    panic!("keyward serve exited before it listened: {:?}", child.wait());
+}
+
+/// Runs `keyward` with only these environment variables.
+fn keyward(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(KEYWARD)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+impl Server {
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with_stdin(args, None)
+    }
+
+    fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        keyward(args, &[("KEYWARD_URL", &self.url), ("KEYWARD_ROOT_KEY", &self.root_key)], stdin)
+    }
+
+    /// Runs a command that must succeed; answers what it printed.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(output.status.success(), "keyward {args:?} failed: {}", stderr(&output));
+        stdout(&output)
+    }
+
+    /// Runs a command that must succeed and print JSON.
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("keyward {args:?} printed no JSON ({e}): {out}"))
+    }
+}
+
+/// Each line split into its columns (runs of two or more spaces apart).
+fn columns(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .map(|line| line.trim().split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect())
+        .collect()
+}
+
+#[test]
+fn a_leaked_key_is_found_and_revoked_in_both_forms() {
+    let server = serve();
+    let api = server.json(&["apis", "create", "--name", "payments-live", "--prefix", "sk_live", "--json"]);
+    let api_id = api["id"].as_str().unwrap();
+
+    // `create` shows the plaintext once, set apart, with a warning.
+    let created = server.ok(&[
+        "keys",
+        "create",
+        "--api-id",
+        api_id,
+        "--name",
+        "checkout",
+        "--owner-id",
+        "acct_42",
+        "--format",
+        "table",
+    ]);
+    let plaintext = created.lines().map(str::trim).find(|l| l.starts_with("sk_live_")).expect(&created).to_owned();
+    assert_eq!(created.matches(&plaintext).count(), 1, "{created}");
+    assert!(created.contains("only time this key is shown"), "{created}");
+    let id = created.split_whitespace().nth(2).unwrap().to_owned();
+    assert!(id.starts_with("key_"), "{created}");
+    let start = &plaintext[..14];
+
+    // Piped and without flags, `list` prints the API's JSON; `--format table` a table.
+    let listed = server.json(&["keys", "list", "--start", start]);
+    assert_eq!(listed["keys"][0]["id"], id.as_str(), "{listed}");
+    let table = server.ok(&["keys", "list", "--start", start, "--format", "table"]);
+    let rows = columns(&table);
+    assert_eq!(rows[0], ["ID", "START", "NAME", "OWNER", "STATUS", "EXPIRES"], "{table}");
+    assert_eq!(
+        rows[1][..5],
+        [id.as_str(), listed["keys"][0]["start"].as_str().unwrap(), "checkout", "acct_42", "active"]
+    );
+    assert_eq!(rows[1][5], "never", "{table}");
+    assert_eq!(server.json(&["keys", "list", "--start", start, "--json"]), listed);
+
+    let got = server.ok(&["keys", "get", &id, "--format", "table"]);
+    assert!(columns(&got).contains(&vec!["status".into(), "active".into()]), "{got}");
+    assert_eq!(server.json(&["keys", "get", &id, "--json"])["name"], "checkout");
+
+    // `revoke` prints one line for the key's authority and one per region.
+    let revoked = server.ok(&["keys", "revoke", &id, "--format", "table"]);
+    assert!(revoked.starts_with(&format!("Revoked key {id} (version 2).\n")), "{revoked}");
+    let targets: Vec<Vec<String>> =
+        revoked.lines().filter(|l| l.starts_with("  ")).map(columns).map(|mut c| c.remove(0)).collect();
+    assert_eq!(targets.len(), 2, "{revoked}");
+    assert_eq!(targets[0][..2], ["authority", "NOT acknowledged"], "{revoked}");
+    assert_eq!(targets[1][..2], ["nowhere", "NOT acknowledged"], "{revoked}");
+    assert!(revoked.contains("retried"), "{revoked}");
+    let again = server.json(&["keys", "revoke", &id, "--json"]);
+    assert_eq!(again["status"], "revoked");
+    assert_eq!(again["regions"].as_array().map(Vec::len), Some(1), "{again}");
+    assert_eq!(again["authority"]["acknowledged"], false, "{again}");
+
+    let verify = server.run_with_stdin(&["keys", "verify", "-", "--format", "table"], Some(&plaintext));
+    assert!(verify.status.success(), "{}", stderr(&verify));
+    let verified = stdout(&verify);
+    assert!(verified.starts_with("REVOKED: not valid (answered from origin)\n"), "{verified}");
+
+    // Only `create` ever printed the plaintext.
+    for out in [&table, &got, &revoked, &verified, &listed.to_string(), &again.to_string()] {
+        assert!(!out.contains(&plaintext), "the plaintext leaked into: {out}");
+    }
+}
+
+#[test]
+fn errors_say_what_to_fix_and_exit_non_zero() {
+    let no_key = keyward(&["keys", "list", "--start", "sk_live_3x"], &[], None);
+    assert!(!no_key.status.success());
+    assert!(stderr(&no_key).contains("KEYWARD_ROOT_KEY"), "{}", stderr(&no_key));
+
+    // Nothing listens on port 9 of loopback.
+    let env = [("KEYWARD_URL", "http://127.0.0.1:9"), ("KEYWARD_ROOT_KEY", "kw_root_x")];
+    let unreachable = keyward(&["apis", "list"], &env, None);
+    assert!(!unreachable.status.success());
+    let message = stderr(&unreachable);
+    for needle in ["http://127.0.0.1:9", "KEYWARD_URL", "--url"] {
+        assert!(message.contains(needle), "no `{needle}` in: {message}");
+    }
+
+    let server = serve();
+    let missing = server.run(&["keys", "get", "key_01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("NOT_FOUND (404 Not Found): "), "{}", stderr(&missing));
+    let wrong_key =
+        keyward(&["apis", "list"], &[("KEYWARD_URL", &server.url), ("KEYWARD_ROOT_KEY", "kw_root_x")], None);
+    assert!(!wrong_key.status.success());
+    let message = stderr(&wrong_key);
+    assert!(message.contains("UNAUTHORIZED") && message.contains("KEYWARD_ROOT_KEY"), "{message}");
+}
