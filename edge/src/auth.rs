@@ -19,6 +19,7 @@ use keyward_shared::{ErrorCode, Key, KeyHash, RootKeyRecord, kv_key_for_root};
 use worker::{Context, Env, Request};
 
 use crate::error::EdgeError;
+use crate::misses::{self, Kind};
 use crate::{authority, lookup, memory};
 
 /// How long a confirmed root key is trusted before it is confirmed again.
@@ -60,6 +61,8 @@ pub(crate) enum AuthError {
     Invalid,
     /// The root key could not be confirmed in time.
     Unavailable,
+    /// This client presented more unknown root keys than it may have looked up.
+    Limited,
     Internal(String),
 }
 
@@ -73,6 +76,10 @@ impl From<AuthError> for EdgeError {
             AuthError::Unavailable => {
                 EdgeError::new(ErrorCode::Unavailable, "the root key could not be confirmed in time; retry")
             }
+            AuthError::Limited => EdgeError::new(
+                ErrorCode::CallerRateLimited,
+                format!("this client presented more than {} unknown root keys a second; retry later", misses::rate()),
+            ),
             AuthError::Internal(detail) => EdgeError::Internal(format!("root key lookup failed: {detail}")),
         }
     }
@@ -99,12 +106,26 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
             copy.record
         }
         Some(copy) => confirm(env, &hash, Some(copy.record), now_ms).await?,
-        None => confirm(env, &hash, None, now_ms).await?,
+        None => {
+            if misses::remembered(Kind::RootKey, hash.as_bytes(), now_ms) {
+                return Err(AuthError::Invalid);
+            }
+            if !misses::admit(Kind::RootKey, &client_address(req), now_ms) {
+                return Err(AuthError::Limited);
+            }
+            confirm(env, &hash, None, now_ms).await?
+        }
     };
     if record.hash != hash || record.status != KeyStatus::Active {
         return Err(AuthError::Invalid);
     }
     Ok(record)
+}
+
+/// Who sent the request, for the bound on root-key lookups: Cloudflare's `CF-Connecting-IP`,
+/// or one shared bucket where there is none (local regions).
+fn client_address(req: &Request) -> String {
+    req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn mark_refreshing(hash: &KeyHash) {
@@ -131,6 +152,7 @@ async fn confirm(
         }
         Err(e) => return Err(AuthError::Internal(e)),
     };
+    let known_missing = copy.is_none() && kv.is_none() && matches!(authority, AuthorityAnswer::Unknown);
     match freshness::resolve(copy, kv, authority) {
         Resolved::Record(Some(record), _) => {
             let kept = RootCopy { record, confirmed_at_ms: now_ms, refreshing: false };
@@ -143,7 +165,12 @@ async fn confirm(
             });
             Ok(kept.record)
         }
-        Resolved::Record(None, _) => Err(AuthError::Invalid),
+        Resolved::Record(None, _) => {
+            if known_missing {
+                misses::remember(Kind::RootKey, hash.as_bytes(), now_ms);
+            }
+            Err(AuthError::Invalid)
+        }
         Resolved::FailClosed(_) => Err(AuthError::Unavailable),
     }
 }

@@ -13,6 +13,7 @@ mod deadline;
 mod error;
 mod lookup;
 mod memory;
+mod misses;
 mod purge;
 mod signed;
 mod verify;

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use worker::{Cache, CacheDeletionOutcome, Env, Headers, Response, Result, console_warn};
 
 use crate::authority;
+use crate::misses::{self, Kind};
 use crate::{KV_BINDING, deadline, memory};
 
 /// How long the Cache API may keep a copy (it is confirmed with the authority after
@@ -45,6 +46,8 @@ pub(crate) enum Found {
     Record(Option<KeyRecord>, Source),
     /// The authority could not confirm the best record there is, and it is not final.
     Unconfirmed(KeyRecord, Source),
+    /// There was no copy, and the caller may not make the edge fetch more now.
+    CallerLimited,
 }
 
 impl Weigh for Entry {
@@ -73,7 +76,10 @@ fn cache_url(hash: &KeyHash) -> String {
     format!("https://keyward-cache.internal/key/{}", hash.to_hex())
 }
 
-pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64) -> Result<Found> {
+/// The record for `hash`, from the nearest tier that may answer. A lookup with no copy at all
+/// first checks the remembered misses, then asks `admit` whether its caller may make the edge
+/// fetch (see `crate::misses`).
+pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64, admit: impl FnOnce() -> bool) -> Result<Found> {
     let cache = Cache::default();
     let answerable = |entry: &Entry| !freshness::needs_confirmation(&entry.record, entry.confirmed_at_ms, now_ms);
     let mut stale = None;
@@ -94,6 +100,14 @@ pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64) -> Result<Found
             return Ok(Found::Record(Some(remember(hash, entry).record), Source::Cache));
         }
         stale = Some((entry.record, Source::Cache));
+    }
+    if stale.is_none() {
+        if misses::remembered(Kind::Key, hash.as_bytes(), now_ms) {
+            return Ok(Found::Record(None, Source::Memory));
+        }
+        if !admit() {
+            return Ok(Found::CallerLimited);
+        }
     }
     refresh(env, &cache, hash, stale, now_ms).await
 }
@@ -118,8 +132,15 @@ async fn refresh(
         None
     });
     let copy_source = stale.as_ref().map_or(Source::Kv, |(_, source)| *source);
+    // Only a miss both KV and a reachable authority agree on is remembered.
+    let known_missing = stale.is_none() && kv.is_none() && matches!(authority, AuthorityAnswer::Unknown);
     match freshness::resolve(stale.map(|(record, _)| record), kv, authority) {
-        Resolved::Record(None, _) => Ok(Found::Record(None, Source::Kv)),
+        Resolved::Record(None, _) => {
+            if known_missing {
+                misses::remember(Kind::Key, hash.as_bytes(), now_ms);
+            }
+            Ok(Found::Record(None, Source::Kv))
+        }
         Resolved::Record(Some(record), tier) => {
             let source = match tier {
                 Tier::Copy => copy_source,

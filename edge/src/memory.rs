@@ -12,6 +12,7 @@ use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use worker::{Date, Env, Request, Response, RouteContext};
 
 use crate::error::EdgeResult;
+use crate::misses::{self, Kind};
 use crate::{auth, lookup, signed};
 
 /// Bytes key and root-key copies may take together in one isolate, unless configured.
@@ -31,7 +32,8 @@ pub(crate) fn root_budget(total: Option<usize>) -> usize {
     total.unwrap_or(COPY_MEMORY_BYTES) / 16
 }
 
-/// Applies `COPY_MEMORY_BYTES` once per isolate (the first request).
+/// Applies `COPY_MEMORY_BYTES` and `CALLER_MISSES_PER_SECOND` once per isolate (the first
+/// request).
 pub(crate) fn configure(env: &Env) {
     if BUDGET.get().is_some() {
         return;
@@ -41,6 +43,9 @@ pub(crate) fn configure(env: &Env) {
     BUDGET.set(Some(total));
     lookup::set_budget(key_budget(Some(total)));
     auth::set_budget(root_budget(Some(total)));
+    if let Some(rate) = env.var("CALLER_MISSES_PER_SECOND").ok().and_then(|v| v.to_string().parse().ok()) {
+        misses::set_rate(rate);
+    }
 }
 
 pub(crate) async fn stats(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
@@ -53,6 +58,8 @@ pub(crate) async fn stats(mut req: Request, ctx: RouteContext<worker::Context>) 
         root_copy_bytes,
         copy_budget_bytes: BUDGET.get().unwrap_or(COPY_MEMORY_BYTES),
         wasm_memory_bytes: core::arch::wasm32::memory_size::<0>() * 65_536,
+        key_misses: misses::counts(Kind::Key),
+        root_key_misses: misses::counts(Kind::RootKey),
     };
     Ok(Response::from_json(&stats)?)
 }

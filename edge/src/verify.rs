@@ -5,6 +5,7 @@ use keyward_shared::{ErrorCode, Key, VerifyRequest, VerifyResponse, decide, deci
 use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
+use crate::misses::{self, Kind};
 use crate::{auth, lookup};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
@@ -20,17 +21,29 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         return Ok(Response::from_json(&VerifyResponse::malformed())?);
     };
     let hash = key.hash();
+    let caller_id = caller.id.clone();
     let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let now = now_ms as i64;
-    let (decision, record, source) = match lookup::find(&ctx.env, &hash, now_ms).await? {
+    let admit = || misses::admit(Kind::Key, &caller_id, now_ms);
+    let (decision, record, source) = match lookup::find(&ctx.env, &hash, now_ms, admit).await? {
         lookup::Found::Record(record, source) => {
             (decide(record.as_ref(), &hash, caller, &request, now), record, source)
         }
         lookup::Found::Unconfirmed(stale, source) => {
             (decide_unconfirmed(&stale, &hash, caller, &request, now), None, source)
         }
+        lookup::Found::CallerLimited => return Err(limited()),
     };
     Ok(Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))?)
+}
+
+/// The answer to a caller over its share of lookups without a copy.
+pub(crate) fn limited() -> EdgeError {
+    let message = format!(
+        "this caller asked for more than {} keys a second that this location holds no copy of; retry later",
+        misses::rate()
+    );
+    EdgeError::new(ErrorCode::CallerRateLimited, message)
 }
 
 fn refused(e: RequestError) -> EdgeError {

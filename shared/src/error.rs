@@ -32,6 +32,9 @@ pub enum ErrorCode {
     Replayed,
     /// A purge signed for another region.
     WrongRegion,
+    /// The caller made the edge look up too many keys it holds no copy of; retry later. (Not
+    /// the key's own `RATE_LIMITED` outcome, which belongs to the key being checked.)
+    CallerRateLimited,
     Internal,
     /// The worker's configuration makes the route unusable (its log says why).
     Misconfigured,
@@ -54,6 +57,7 @@ impl ErrorCode {
             Conflict => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
+            CallerRateLimited => 429,
             Internal => 500,
             Misconfigured | Unavailable | AuthorityUnavailable => 503,
         }
@@ -78,6 +82,7 @@ impl ErrorCode {
             BadSignature => "BAD_SIGNATURE",
             Replayed => "REPLAYED",
             WrongRegion => "WRONG_REGION",
+            CallerRateLimited => "CALLER_RATE_LIMITED",
             Internal => "INTERNAL",
             Misconfigured => "MISCONFIGURED",
             Unavailable => "UNAVAILABLE",
@@ -131,6 +136,7 @@ mod tests {
             ErrorCode::WrongRegion,
             ErrorCode::AuthorityUnavailable,
             ErrorCode::UnsupportedMediaType,
+            ErrorCode::CallerRateLimited,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

@@ -56,6 +56,19 @@ pub struct MemoryStats {
     /// The budget for both kinds of copies together.
     pub copy_budget_bytes: usize,
     pub wasm_memory_bytes: usize,
+    /// Lookups of keys with no copy here: answered from a remembered miss, fetched from KV and
+    /// the authority, refused (`CALLER_RATE_LIMITED`).
+    pub key_misses: MissCounts,
+    /// The same for root keys callers presented.
+    pub root_key_misses: MissCounts,
+}
+
+/// What one isolate did with lookups it held no copy for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissCounts {
+    pub remembered: u64,
+    pub fetched: u64,
+    pub refused: u64,
 }
 
 /// Sets keys' and root keys' authoritative records in their KeyState Durable Objects. Each

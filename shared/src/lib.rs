@@ -11,6 +11,7 @@ pub mod freshness;
 pub mod hash;
 pub mod internal;
 pub mod key;
+pub mod limit;
 pub mod record;
 pub mod scope;
 pub mod verify;

@@ -61,3 +61,89 @@ fn isolate_memory_for_copies_is_bounded_by_bytes_with_the_largest_records() {
     // The region still answers from memory for the newest keys and correctly for evicted ones.
     assert_eq!(world.edge_code(0, &first).0, "VALID");
 }
+
+/// A well-formed key (valid checksum) that was never issued.
+fn random_key(prefix: &str) -> String {
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).expect("random bytes");
+    keyward_shared::Key::generate(prefix, random).expect("a key").expose().to_owned()
+}
+
+/// Sends `verify(item)` for every item from 8 threads; answers the (HTTP status, code) of each.
+fn flood(items: &[String], verify: impl Fn(&str) -> (u16, String) + Sync) -> Vec<(u16, String)> {
+    let verify = &verify;
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = items
+            .chunks(items.len().div_ceil(8))
+            .map(|chunk| scope.spawn(move || chunk.iter().map(|item| verify(item)).collect::<Vec<_>>()))
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().expect("a poller")).collect()
+    })
+}
+
+fn count(answers: &[(u16, String)], status: u16, code: &str) -> usize {
+    answers.iter().filter(|(s, c)| *s == status && c == code).count()
+}
+
+#[test]
+#[ignore = "whole-system: starts keyward and a workerd region; run with `cargo xtask test`"]
+fn random_keys_cost_a_bounded_number_of_fetches_per_caller() {
+    // 10 a second: the bound must be reachable by a flood from this machine's 2 cores.
+    let vars = vec![("CALLER_MISSES_PER_SECOND".to_owned(), "10".to_owned())];
+    let world = World::start_opts(&[RegionPlan::Up], Options { vars, ..Options::default() }).expect("world");
+    let api = world.create_api("misses", 1_000);
+    let (status, other) = world.admin(
+        reqwest::Method::POST,
+        "/v1/root-keys",
+        Some(json!({ "name": "other service", "scopes": ["api.*.verify_key"] })),
+    );
+    assert_eq!(status, 201, "{other}");
+    let other = other["key"].as_str().expect("root key").to_owned();
+    let root = world.root_key.clone();
+    let not_found = (200, "NOT_FOUND".to_owned());
+
+    // A miss is remembered: asking again costs no fetch.
+    let missing = random_key("sk_test");
+    assert_eq!(world.verify_status(0, &root, &missing), not_found);
+    let before = stats(&world, 10);
+    for _ in 0..5 {
+        assert_eq!(world.verify_status(0, &root, &missing), not_found);
+    }
+    let after = stats(&world, 11);
+    assert_eq!(after.key_misses.remembered - before.key_misses.remembered, 5, "{after:?}");
+    assert_eq!(after.key_misses.fetched, before.key_misses.fetched, "{after:?}");
+
+    // One caller's flood of random keys is bounded, and answered with the caller's own code.
+    let keys: Vec<String> = (0..240).map(|_| random_key("sk_test")).collect();
+    let started = std::time::Instant::now();
+    let answers = flood(&keys, |key| world.verify_status(0, &root, key));
+    let elapsed = started.elapsed().as_secs_f64();
+    let flooded = stats(&world, 12);
+    let fetched = flooded.key_misses.fetched - after.key_misses.fetched;
+    let refused = count(&answers, 429, "CALLER_RATE_LIMITED");
+    println!("240 random keys in {elapsed:.2} s from one caller: {fetched} fetched, {refused} refused");
+    assert_eq!(refused + count(&answers, 200, "NOT_FOUND"), keys.len(), "{answers:?}");
+    assert!(refused > 0, "no caller limit: every random key cost a fetch");
+    assert!(fetched as f64 <= 10.0 + 10.0 * elapsed + 2.0, "{fetched} fetches in {elapsed:.2} s");
+    assert_eq!(flooded.key_misses.refused - after.key_misses.refused, refused as u64);
+
+    // Another caller is not limited by the first, and a new key is valid at once.
+    assert_eq!(world.verify_status(0, &other, &random_key("sk_test")), not_found);
+    let (_, fresh) = world.create_key(&api, json!({}));
+    assert_eq!(world.verify_status(0, &other, &fresh), (200, "VALID".to_owned()));
+
+    // Unknown root keys: remembered, and bounded per client.
+    let unknown_root = random_key("kw_root");
+    for _ in 0..3 {
+        assert_eq!(world.verify_status(0, &unknown_root, &fresh), (401, "UNAUTHORIZED".to_owned()));
+    }
+    assert!(stats(&world, 13).root_key_misses.remembered >= 2);
+    let fake_roots: Vec<String> = (0..240).map(|_| random_key("kw_root")).collect();
+    let answers = flood(&fake_roots, |fake| world.verify_status(0, fake, &fresh));
+    let limited = count(&answers, 429, "CALLER_RATE_LIMITED");
+    println!("240 unknown root keys: {limited} refused with CALLER_RATE_LIMITED");
+    assert!(limited > 0, "unknown root keys are not bounded");
+    assert_eq!(limited + count(&answers, 401, "UNAUTHORIZED"), fake_roots.len(), "{answers:?}");
+    // The known callers still verify.
+    assert_eq!(world.verify_status(0, &root, &fresh), (200, "VALID".to_owned()));
+}

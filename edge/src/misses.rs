@@ -1,0 +1,120 @@
+//! What a lookup that found nothing costs, bounded: "no such key" is remembered for
+//! [`MISS_MEMORY_MS`], so asking again costs no KV read and no Durable Object request (safe: a
+//! new key's hash is random and was never looked up before), and each caller may make the edge
+//! fetch for keys it has no copy of at most [`MISSES_PER_SECOND`] times a second (burst as
+//! much), per isolate, before it is answered 429 `CALLER_RATE_LIMITED`. Key misses are counted
+//! per root key; root-key misses (a caller presenting unknown root keys) per client address.
+//!
+//! Every remembered answer, fetch and refusal is counted; `POST /internal/stats` shows them.
+
+use std::cell::{Cell, RefCell};
+
+use keyward_shared::budget::{ByteLru, Weigh};
+use keyward_shared::internal::MissCounts as Counts;
+use keyward_shared::limit::Buckets;
+
+/// How long "no such key" is remembered.
+pub(crate) const MISS_MEMORY_MS: u64 = 5_000;
+/// How many lookups without a copy one caller may make a second, per isolate (and its burst),
+/// unless the worker's `CALLER_MISSES_PER_SECOND` says otherwise.
+pub(crate) const MISSES_PER_SECOND: u32 = 50;
+/// Bytes each kind of remembered miss may take (about 3,900 misses each).
+const MISS_MEMORY_BYTES: usize = 512 * 1024;
+
+/// Which lookups: keys being verified, or root keys presented by callers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Key,
+    RootKey,
+}
+
+/// Until when a miss is remembered (Unix ms).
+struct Until(u64);
+
+impl Weigh for Until {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Until>() + 32
+    }
+}
+
+struct Misses {
+    remembered: RefCell<ByteLru<[u8; 32], Until>>,
+    callers: RefCell<Buckets>,
+    counts: Cell<Counts>,
+}
+
+thread_local! {
+    static RATE: Cell<u32> = const { Cell::new(MISSES_PER_SECOND) };
+}
+
+/// Sets how many lookups without a copy one caller may make a second (at the isolate's start).
+pub(crate) fn set_rate(per_second: u32) {
+    let per_second = per_second.max(1);
+    RATE.set(per_second);
+    for kind in [Kind::Key, Kind::RootKey] {
+        with(kind, |m| *m.callers.borrow_mut() = Buckets::new(per_second, per_second));
+    }
+}
+
+/// How many lookups without a copy one caller may make a second.
+pub(crate) fn rate() -> u32 {
+    RATE.get()
+}
+
+impl Misses {
+    fn new() -> Misses {
+        Misses {
+            remembered: RefCell::new(ByteLru::new(MISS_MEMORY_BYTES)),
+            callers: RefCell::new(Buckets::new(MISSES_PER_SECOND, MISSES_PER_SECOND)),
+            counts: Cell::new(Counts::default()),
+        }
+    }
+
+    fn count(&self, change: impl FnOnce(&mut Counts)) {
+        let mut counts = self.counts.get();
+        change(&mut counts);
+        self.counts.set(counts);
+    }
+}
+
+thread_local! {
+    static KEYS: Misses = Misses::new();
+    static ROOT_KEYS: Misses = Misses::new();
+}
+
+fn with<T>(kind: Kind, f: impl FnOnce(&Misses) -> T) -> T {
+    match kind {
+        Kind::Key => KEYS.with(f),
+        Kind::RootKey => ROOT_KEYS.with(f),
+    }
+}
+
+/// Whether a lookup of `hash` found nothing less than [`MISS_MEMORY_MS`] ago (counted).
+pub(crate) fn remembered(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
+    with(kind, |m| {
+        let hit = m.remembered.borrow_mut().get(hash).is_some_and(|until| until.0 > now_ms);
+        if hit {
+            m.count(|c| c.remembered += 1);
+        }
+        hit
+    })
+}
+
+/// Remembers that nothing (no KV record, and an authority that answered it knows none) was
+/// found for `hash`.
+pub(crate) fn remember(kind: Kind, hash: &[u8; 32], now_ms: u64) {
+    with(kind, |m| m.remembered.borrow_mut().put(*hash, Until(now_ms + MISS_MEMORY_MS)));
+}
+
+/// Whether `caller` may make the edge fetch once more now (counted either way).
+pub(crate) fn admit(kind: Kind, caller: &str, now_ms: u64) -> bool {
+    with(kind, |m| {
+        let admitted = m.callers.borrow_mut().take(caller, now_ms);
+        m.count(|c| if admitted { c.fetched += 1 } else { c.refused += 1 });
+        admitted
+    })
+}
+
+pub(crate) fn counts(kind: Kind) -> Counts {
+    with(kind, |m| m.counts.get())
+}
