@@ -14,6 +14,7 @@ mod error;
 mod lookup;
 mod memory;
 mod misses;
+mod origin;
 mod purge;
 mod signed;
 mod verify;
@@ -41,6 +42,7 @@ fn start() {
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     memory::configure(&env);
+    origin::configure(&env, &req);
     Router::with_data(ctx)
         .get("/health", |_, ctx| {
             let region = ctx.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();

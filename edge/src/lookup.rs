@@ -27,7 +27,7 @@ use worker::{Cache, CacheDeletionOutcome, Env, Headers, Response, Result, consol
 
 use crate::authority;
 use crate::misses::{self, Kind};
-use crate::{KV_BINDING, deadline, memory};
+use crate::{KV_BINDING, deadline, memory, origin};
 
 /// How long the Cache API may keep a copy (it is confirmed with the authority after
 /// `max_staleness_ms` anyway; this only bounds the storage it takes).
@@ -71,9 +71,9 @@ pub(crate) fn held() -> (usize, usize) {
     MEMORY.with(|m| (m.borrow().len(), m.borrow().bytes()))
 }
 
-/// The synthetic URL under which a key's copy is stored in the Cache API.
+/// The URL under which a key's copy is stored in the Cache API.
 fn cache_url(hash: &KeyHash) -> String {
-    format!("https://keyward-cache.internal/key/{}", hash.to_hex())
+    origin::cache_url(&format!("key/{}", hash.to_hex()))
 }
 
 /// The record for `hash`, from the nearest tier that may answer. A lookup with no copy at all

@@ -12,7 +12,7 @@ use keyward_shared::internal::{
 use worker::{Cache, Env, Headers, Request, Response, console_error};
 
 use crate::error::{EdgeError, EdgeResult};
-use crate::{PURGE_SECRET, deadline};
+use crate::{PURGE_SECRET, deadline, origin};
 
 const MAX_BODY: usize = 256 * 1024;
 /// How long a nonce is remembered: past this its timestamp is refused anyway.
@@ -99,7 +99,7 @@ async fn first_use(nonce: &str, now_ms: u64) -> EdgeResult<bool> {
         return Ok(false);
     }
     let cache = Cache::default();
-    let url = format!("https://keyward-cache.internal/nonce/{nonce}");
+    let url = origin::cache_url(&format!("nonce/{nonce}"));
     let late = || EdgeError::new(ErrorCode::Unavailable, "the nonce store did not answer in time; retry");
     if deadline::within(deadline::CACHE_MS, cache.get(url.as_str(), false)).await.ok_or_else(late)??.is_some() {
         return Ok(false);
