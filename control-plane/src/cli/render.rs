@@ -44,16 +44,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             list(&answer["scopes"]),
             shown_once("root key", &answer["key"]),
         ),
-        View::RootKeys => {
-            let rows = items(&answer["root_keys"]).iter().map(|r| {
-                let fields = [&r["id"], &r["name"], &r["start"], &r["status"]];
-                let mut row: Vec<String> = fields.into_iter().map(text).collect();
-                // Last, since a root key may hold many scopes.
-                row.extend([date(&r["updated_at"]), list(&r["scopes"])]);
-                row
-            });
-            table(&["ID", "NAME", "START", "STATUS", "UPDATED", "SCOPES"], rows.collect(), "No root keys.")
-        }
+        View::RootKeys => root_keys(answer),
         View::RootKeyRevoked => format!(
             "Revoked root key {}: the control plane refuses it now, and every region within 1 s.\n{}",
             text(&answer["id"]),
@@ -66,16 +57,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             text(&answer["prefix"]),
             text(&answer["max_staleness_ms"]),
         ),
-        View::Apis => {
-            let rows = items(&answer["apis"]).iter().map(|a| {
-                let fields = [&a["id"], &a["name"], &a["prefix"]];
-                let mut row: Vec<String> = fields.into_iter().map(text).collect();
-                row.extend([format!("{} ms", text(&a["max_staleness_ms"])), date(&a["created_at"])]);
-                row
-            });
-            let empty = "No APIs yet: create one with `keyward apis create --name <name>`.";
-            table(&["ID", "NAME", "PREFIX", "MAX STALENESS", "CREATED"], rows.collect(), empty)
-        }
+        View::Apis => apis(answer),
         View::KeyCreated => format!(
             "Created key {} (start {}) in API {}.\n{}",
             text(&answer["id"]),
@@ -84,20 +66,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             shown_once("key", &answer["key"]),
         ),
         View::Key => key_fields(answer, now),
-        View::Keys => {
-            let rows = items(&answer["keys"]).iter().map(|k| {
-                let fields = [&k["id"], &k["start"], &k["name"], &k["owner_id"]];
-                let mut row: Vec<String> = fields.into_iter().map(text).collect();
-                row.extend([status(k, now), expiry(&k["expires_at"])]);
-                row
-            });
-            let mut out =
-                table(&["ID", "START", "NAME", "OWNER", "STATUS", "EXPIRES"], rows.collect(), "No keys match.");
-            if let Some(cursor) = answer["cursor"].as_str() {
-                out.push_str(&format!("More keys follow: add --cursor {cursor}\n"));
-            }
-            out
-        }
+        View::Keys => keys(answer, now),
         View::KeyUpdated => {
             let key = &answer["key"];
             format!(
@@ -117,31 +86,73 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             text(&answer["version"]),
             delivery(answer)
         ),
-        View::Verified => {
-            let valid = if answer["valid"] == Value::Bool(true) { "valid" } else { "not valid" };
-            let mut out = format!("{}: {valid}", text(&answer["code"]));
-            if let Some(source) = answer["source"].as_str() {
-                out.push_str(&format!(" (answered from {source})"));
-            }
-            out.push('\n');
-            let fields = [
-                ("key", text(&answer["key_id"])),
-                ("api", text(&answer["api_id"])),
-                ("name", text(&answer["name"])),
-                ("owner", text(&answer["owner_id"])),
-                ("expires", expiry(&answer["expires_at"])),
-                // Those of the permissions asked about that the key holds.
-                ("permissions held", list(&answer["permissions"])),
-                ("meta", meta(&answer["meta"])),
-            ];
-            let shown: Vec<_> = fields.into_iter().filter(|(_, value)| value != "-").collect();
-            // No key id: the answer reveals nothing about a key (MALFORMED, NOT_FOUND).
-            if answer["key_id"].is_string() {
-                out.push_str(&indent(&field_table(&shown)));
-            }
-            out
-        }
+        View::Verified => verified(answer),
     }
+}
+
+/// `root-keys list`: a table, scopes last.
+fn root_keys(answer: &Value) -> String {
+    let rows = items(&answer["root_keys"]).iter().map(|r| {
+        let fields = [&r["id"], &r["name"], &r["start"], &r["status"]];
+        let mut row: Vec<String> = fields.into_iter().map(text).collect();
+        // Last, since a root key may hold many scopes.
+        row.extend([date(&r["updated_at"]), list(&r["scopes"])]);
+        row
+    });
+    table(&["ID", "NAME", "START", "STATUS", "UPDATED", "SCOPES"], rows.collect(), "No root keys.")
+}
+
+/// `apis list`: a table.
+fn apis(answer: &Value) -> String {
+    let rows = items(&answer["apis"]).iter().map(|a| {
+        let fields = [&a["id"], &a["name"], &a["prefix"]];
+        let mut row: Vec<String> = fields.into_iter().map(text).collect();
+        row.extend([format!("{} ms", text(&a["max_staleness_ms"])), date(&a["created_at"])]);
+        row
+    });
+    let empty = "No APIs yet: create one with `keyward apis create --name <name>`.";
+    table(&["ID", "NAME", "PREFIX", "MAX STALENESS", "CREATED"], rows.collect(), empty)
+}
+
+/// `keys list`: a table, and how to page on.
+fn keys(answer: &Value, now: i64) -> String {
+    let rows = items(&answer["keys"]).iter().map(|k| {
+        let fields = [&k["id"], &k["start"], &k["name"], &k["owner_id"]];
+        let mut row: Vec<String> = fields.into_iter().map(text).collect();
+        row.extend([status(k, now), expiry(&k["expires_at"])]);
+        row
+    });
+    let mut out = table(&["ID", "START", "NAME", "OWNER", "STATUS", "EXPIRES"], rows.collect(), "No keys match.");
+    if let Some(cursor) = answer["cursor"].as_str() {
+        out.push_str(&format!("More keys follow: add --cursor {cursor}\n"));
+    }
+    out
+}
+
+/// `keys verify`: the outcome, and what the answer reveals of the key.
+fn verified(answer: &Value) -> String {
+    let valid = if answer["valid"] == Value::Bool(true) { "valid" } else { "not valid" };
+    let mut out = format!("{}: {valid}", text(&answer["code"]));
+    if let Some(source) = answer["source"].as_str() {
+        out.push_str(&format!(" (answered from {source})"));
+    }
+    out.push('\n');
+    let fields = [
+        ("key", text(&answer["key_id"])),
+        ("api", text(&answer["api_id"])),
+        ("name", text(&answer["name"])),
+        ("owner", text(&answer["owner_id"])),
+        ("expires", expiry(&answer["expires_at"])),
+        // Those of the permissions asked about that the key holds.
+        ("permissions held", list(&answer["permissions"])),
+        ("meta", meta(&answer["meta"])),
+    ];
+    let shown: Vec<_> = fields.into_iter().filter(|(_, value)| value != "-").collect();
+    // No key id: the answer reveals nothing about a key (MALFORMED, NOT_FOUND).
+    if answer["key_id"].is_string() {
+        out.push_str(&indent(&field_table(&shown)));
+    }
+    out
 }
 
 /// `get`: one field per line.
