@@ -110,9 +110,9 @@ pub fn run(plan: &Plan, against: Option<&str>) -> anyhow::Result<()> {
     }
     drop(baseline);
     let mut figures = Vec::new();
+    // The plaintext scan runs on the lossy worlds below: these hold thousands of keys.
     for side in &mut sides {
         side.world.assert_alive();
-        side.world.assert_no_plaintext();
         figures.push(revocation_figures(side));
     }
     drop(sides);
