@@ -121,7 +121,7 @@ async fn refresh(
     now_ms: u64,
 ) -> Result<Found> {
     let (kv, mut authority) =
-        futures::join!(read_kv(env, kv_key_for_key(hash), KeyRecord::from_json), authority::read(env, hash));
+        futures::join!(read_kv(env, kv_key_for_key(hash), KeyRecord::from_json), ask_authority(env, hash));
     let kv = kv.unwrap_or_else(|e| {
         // Without KV's answer, only the authority's own record may confirm: anything else is
         // as good as no answer (a final copy is still answered, others fail closed).
@@ -152,6 +152,16 @@ async fn refresh(
         }
         Resolved::FailClosed(record) => Ok(Found::Unconfirmed(record, copy_source)),
     }
+}
+
+/// The key's authority's answer. The KV-only baseline edge (feature `kv-only-baseline`, built
+/// by `cargo xtask bench` as the point of comparison) never asks: to it every key is unknown to
+/// the authority, so misses and confirmations read KV alone.
+async fn ask_authority(env: &Env, hash: &KeyHash) -> AuthorityAnswer<KeyRecord> {
+    if cfg!(feature = "kv-only-baseline") {
+        return AuthorityAnswer::Unknown;
+    }
+    authority::read(env, hash).await
 }
 
 /// The record under `kv_key` in this location's KV, within [`deadline::KV_MS`].

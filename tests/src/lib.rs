@@ -12,6 +12,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,17 +22,25 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-static KEYWARD_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+static KEYWARD_BIN: RwLock<Option<PathBuf>> = RwLock::new(None);
+static WORKER_MAIN: RwLock<Option<PathBuf>> = RwLock::new(None);
 
-/// Makes this process's fixtures run this `keyward` binary (benchmarks use the release build).
+/// Makes this process's fixtures start this `keyward` binary from now on (benchmarks use the
+/// release build, or another revision's).
 pub fn use_keyward_bin(path: PathBuf) {
-    let _ = KEYWARD_BIN.set(path);
+    *KEYWARD_BIN.write().unwrap_or_else(|e| e.into_inner()) = Some(path);
+}
+
+/// Makes this process's fixtures start workers from this entry module from now on, where a
+/// [`RegionSpec`] names none (benchmarks run another revision's worker); `None`: this checkout's.
+pub fn use_worker_main(main: Option<PathBuf>) {
+    *WORKER_MAIN.write().unwrap_or_else(|e| e.into_inner()) = main;
 }
 
 /// The `keyward` binary: the one set by [`use_keyward_bin`], else `KEYWARD_BIN`, else the debug
 /// build in the repository's target dir.
 pub fn keyward_bin() -> PathBuf {
-    KEYWARD_BIN.get().cloned().unwrap_or_else(|| {
+    KEYWARD_BIN.read().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| {
         std::env::var_os("KEYWARD_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/keyward"))
     })
 }
@@ -168,7 +177,8 @@ pub struct RegionSpec {
     pub objects: Objects,
     /// The dev registry every process of one local Keyward shares.
     pub registry: PathBuf,
-    /// The worker's entry module, when not this checkout's `edge/build/worker/shim.mjs`.
+    /// The worker's entry module, when not the one set by [`use_worker_main`] or this
+    /// checkout's `edge/build/worker/shim.mjs`.
     pub main: Option<PathBuf>,
     /// Extra `[vars]` of the worker (`PURGE_MODE`, `AUTHORITY_TIMEOUT_MS`, ...).
     pub vars: Vec<(String, String)>,
@@ -221,7 +231,9 @@ impl RegionSpec {
 
     fn start_once(&self) -> anyhow::Result<Proc> {
         let root = repo_root();
-        let main = self.main.clone().unwrap_or_else(|| root.join("edge/build/worker/shim.mjs"));
+        let main = (self.main.clone())
+            .or_else(|| WORKER_MAIN.read().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_else(|| root.join("edge/build/worker/shim.mjs"));
         if !main.exists() {
             bail!("the worker is not built ({} is missing): run `cargo xtask build`", main.display());
         }

@@ -2,7 +2,7 @@
 //! wasm-bindgen-cli matching Cargo.lock, wrangler and binaryen from package-lock.json) and building it.
 //! Every step is skipped when its result is already there, and says so.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -38,6 +38,11 @@ pub fn cargo_bin(name: &str) -> PathBuf {
     home.join("bin").join(name)
 }
 
+/// What `wasm-bindgen --version` prints, if it is installed.
+pub fn installed_wasm_bindgen() -> Option<String> {
+    version_of(&cargo_bin("wasm-bindgen"))
+}
+
 fn version_of(binary: &PathBuf) -> Option<String> {
     let out = Command::new(binary).arg("--version").output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -46,6 +51,11 @@ fn version_of(binary: &PathBuf) -> Option<String> {
 /// The wasm-bindgen version the Cargo.lock pins; wasm-bindgen-cli must match it exactly.
 fn locked_wasm_bindgen() -> anyhow::Result<String> {
     let lock = std::fs::read_to_string("Cargo.lock").context("read Cargo.lock")?;
+    wasm_bindgen_in(&lock)
+}
+
+/// The wasm-bindgen version a Cargo.lock's text pins.
+pub fn wasm_bindgen_in(lock: &str) -> anyhow::Result<String> {
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
         if line == "name = \"wasm-bindgen\""
@@ -73,7 +83,7 @@ pub fn setup() -> anyhow::Result<()> {
         cargo(&["install", "worker-build", "--version", WORKER_BUILD_VERSION], &[])?;
     }
     let bindgen = locked_wasm_bindgen()?;
-    if version_of(&cargo_bin("wasm-bindgen")).is_some_and(|v| v.trim().ends_with(&bindgen)) {
+    if installed_wasm_bindgen().is_some_and(|v| v.trim().ends_with(&bindgen)) {
         step(&format!("wasm-bindgen-cli {bindgen}: present"));
     } else {
         step(&format!("installing wasm-bindgen-cli {bindgen} (about 2 minutes)"));
@@ -100,15 +110,34 @@ fn modified(path: &str) -> Option<std::time::SystemTime> {
 pub fn build(release: bool) -> anyhow::Result<()> {
     step("building the edge worker (worker-build --release)");
     let root = keyward_tests::repo_root();
-    run(Command::new(cargo_bin("worker-build"))
-        .arg("--release")
-        .current_dir(root.join("edge"))
-        .env("WASM_BINDGEN_BIN", cargo_bin("wasm-bindgen"))
-        .env("WASM_OPT_BIN", root.join("node_modules/.bin/wasm-opt")))?;
+    worker_build(&root.join("edge"), "build", None, &[])?;
     step("building the keyward binary");
     let mut args = vec!["build", "-p", "keyward-control-plane"];
     if release {
         args.push("--release");
     }
     cargo(&args, &[])
+}
+
+/// `worker-build --release` of the edge crate in `crate_dir` into `out_dir` (relative to
+/// `crate_dir`, as worker-build wants it), with `target_dir` as `CARGO_TARGET_DIR` if given and
+/// `cargo_args` passed on to `cargo build`. Uses this checkout's wasm-bindgen-cli and wasm-opt.
+pub fn worker_build(
+    crate_dir: &Path,
+    out_dir: &str,
+    target_dir: Option<&Path>,
+    cargo_args: &[&str],
+) -> anyhow::Result<()> {
+    let root = keyward_tests::repo_root();
+    let mut command = Command::new(cargo_bin("worker-build"));
+    command
+        .args(["--release", "--out-dir", out_dir])
+        .args(cargo_args)
+        .current_dir(crate_dir)
+        .env("WASM_BINDGEN_BIN", cargo_bin("wasm-bindgen"))
+        .env("WASM_OPT_BIN", root.join("node_modules/.bin/wasm-opt"));
+    if let Some(target_dir) = target_dir {
+        command.env("CARGO_TARGET_DIR", target_dir);
+    }
+    run(&mut command)
 }

@@ -4,16 +4,23 @@
 //! hosting the KeyState Durable Objects every region binds to. Local state is in `.keyward/` (ignored by
 //! git): the database, persist directories, the dev root key (kept, so a second run finds the
 //! same workspace) and a fresh purge secret each run.
+//!
+//! Before anything starts it checks that no other `cargo xtask dev` runs (`.keyward/dev.pid`)
+//! and that every port it needs is free, naming the program that holds one; a stop at any
+//! moment, start-up included, ends every process it started (see `stop`).
+
+mod ports;
+mod stop;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
-use keyward_tests::{Objects, RegionSpec, new_root_key, new_secret, start_control_plane};
+use keyward_tests::{Objects, Proc, RegionSpec, new_root_key, new_secret, start_control_plane};
 
 use crate::tools::{self, step};
+use stop::{Lock, Stop};
 
 const STATE_DIR: &str = ".keyward";
 const EDGE_PORT: u16 = 8787;
@@ -22,21 +29,75 @@ const CONTROL_PLANE_PORT: u16 = 8080;
 
 pub fn run(regions: u16) -> anyhow::Result<()> {
     anyhow::ensure!((1..=8).contains(&regions), "--regions must be between 1 and 8");
-    tools::setup()?;
-    tools::build(false)?;
-    let root = keyward_tests::repo_root();
-    let state = root.join(STATE_DIR);
+    let stop = Stop::install().context("cannot install the signal handler")?;
+    let state = keyward_tests::repo_root().join(STATE_DIR);
     std::fs::create_dir_all(&state)?;
+    let _lock = Lock::take(&state)?;
+    let result = start_and_serve(&stop, regions, &state);
+    stop.finish();
+    match result {
+        Err(_) if stop.asked() => {
+            step("stopped during start-up; every process it started has ended");
+            Ok(())
+        }
+        result => result,
+    }
+}
+
+/// Every port `cargo xtask dev --regions <regions>` listens on.
+fn ports(regions: u16) -> Vec<u16> {
+    [CONTROL_PLANE_PORT, HOME_PORT].into_iter().chain((0..regions).map(|i| EDGE_PORT + i)).collect()
+}
+
+/// Builds, starts everything and runs until a stop or a process exits; what it started is
+/// stopped when this returns, however it returns.
+fn start_and_serve(stop: &Stop, regions: u16, state: &Path) -> anyhow::Result<()> {
+    ports::check_free(&ports(regions))?;
+    tools::setup()?;
+    stop.check()?;
+    tools::build(false)?;
+    stop.check()?;
+    // Checked again: the build takes a while.
+    ports::check_free(&ports(regions))?;
     let root_key = dev_root_key(&state.join("root_key"))?;
     let secret = new_secret();
     // For running `npx wrangler dev` by hand with the top-level wrangler.toml.
-    write_private(&root.join(".dev.vars"), &format!("PURGE_SECRET={secret}\n"))?;
+    write_private(&keyward_tests::repo_root().join(".dev.vars"), &format!("PURGE_SECRET={secret}\n"))?;
+    let (home, specs) = specs(state, regions, &secret);
+    let config = state.join("keyward.toml");
+    write_config(&config, state, &home, &specs, &secret)?;
+
+    let mut procs = Vec::new();
+    step(&format!("starting the home of the KeyState Durable Objects on 127.0.0.1:{HOME_PORT}"));
+    procs.push(home.start()?);
+    for region in &specs {
+        stop.check()?;
+        step(&format!("starting edge region `{}` (wrangler's dev server) on {}", region.name, region.url()));
+        procs.push(region.start()?);
+    }
+    stop.check()?;
+    step(&format!(
+        "starting the control plane on 127.0.0.1:{CONTROL_PLANE_PORT} (SQLite at {STATE_DIR}/keyward.sqlite)"
+    ));
+    procs.push(start_control_plane(&config, &root_key, CONTROL_PLANE_PORT, &state.join("control-plane.log"))?);
+    stop.check()?;
+    stop.running();
+    for region in &specs {
+        println!("  region {}: {}", region.name, region.url());
+    }
+    print_walkthrough(&root_key);
+    serve(stop, procs);
+    Ok(())
+}
+
+/// The home and the regions.
+fn specs(state: &Path, regions: u16, secret: &str) -> (RegionSpec, Vec<RegionSpec>) {
     let registry = state.join("registry");
     let spec = |name: String, port: u16, objects: Objects| RegionSpec {
         dir: state.join(format!("worker-{name}")),
         name,
         port,
-        purge_secret: secret.clone(),
+        purge_secret: secret.to_owned(),
         log_level: "warn",
         objects,
         registry: registry.clone(),
@@ -44,45 +105,38 @@ pub fn run(regions: u16) -> anyhow::Result<()> {
         vars: Vec::new(),
     };
     let home = spec("home".into(), HOME_PORT, Objects::Host);
-    let specs: Vec<RegionSpec> = (0..regions)
+    let specs = (0..regions)
         .map(|i| {
             let name = if i == 0 { "local".to_owned() } else { format!("local-{}", i + 1) };
             spec(name, EDGE_PORT + i, Objects::In(home.worker_name()))
         })
         .collect();
-    let config = state.join("keyward.toml");
+    (home, specs)
+}
+
+fn write_config(
+    config: &Path,
+    state: &Path,
+    home: &RegionSpec,
+    specs: &[RegionSpec],
+    secret: &str,
+) -> anyhow::Result<()> {
     let mut text = format!(
         "listen = \"127.0.0.1:{CONTROL_PLANE_PORT}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n\n",
         state.join("keyward.sqlite").display(),
         home.url()
     );
-    for region in &specs {
+    for region in specs {
         text.push_str(&region.config_toml(&region.url(), &region.url(), 0));
     }
-    write_private(&config, &text)?;
+    write_private(config, &text)
+}
 
-    step(&format!("starting the home of the KeyState Durable Objects on 127.0.0.1:{HOME_PORT}"));
-    let mut procs = vec![home.start()?];
-    for region in &specs {
-        step(&format!("starting edge region `{}` (wrangler's dev server) on {}", region.name, region.url()));
-        procs.push(region.start()?);
-    }
-    step(&format!(
-        "starting the control plane on 127.0.0.1:{CONTROL_PLANE_PORT} (SQLite at {STATE_DIR}/keyward.sqlite)"
-    ));
-    procs.push(start_control_plane(&config, &root_key, CONTROL_PLANE_PORT, &state.join("control-plane.log"))?);
-    for region in &specs {
-        println!("  region {}: {}", region.name, region.url());
-    }
-    print_walkthrough(&root_key);
-
-    let (tx, rx) = mpsc::channel();
-    ctrlc::set_handler(move || {
-        let _ = tx.send(());
-    })
-    .context("cannot install the Ctrl-C handler")?;
+/// Runs until a stop is asked for or a process exits, then stops the control plane first,
+/// then the workers.
+fn serve(stop: &Stop, mut procs: Vec<Proc>) {
     loop {
-        if rx.recv_timeout(Duration::from_millis(500)).is_ok() {
+        if stop.asked() {
             step("stopping");
             break;
         }
@@ -90,13 +144,12 @@ pub fn run(regions: u16) -> anyhow::Result<()> {
             eprintln!("{} exited; its log is {}", proc.name, proc.log.display());
             break;
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    // The control plane first, then the workers.
     while let Some(mut proc) = procs.pop() {
         proc.stop();
     }
     step("stopped; state kept in .keyward/ (delete it to start over)");
-    Ok(())
 }
 
 /// The dev root key: read from `path`, or made and saved there on the first run.
