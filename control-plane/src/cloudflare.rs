@@ -109,20 +109,24 @@ impl CloudflareApi {
         &self.settings.worker_url
     }
 
-    async fn call(&self, request: reqwest::RequestBuilder) -> Result<(), CloudflareError> {
+    async fn call(&self, request: reqwest::RequestBuilder) -> Result<serde_json::Value, CloudflareError> {
         self.limiter.acquire().await;
         send(request, self.settings.api_token.as_ref()).await
     }
 
-    /// `PUT /accounts/<id>/storage/kv/namespaces/<id>/bulk` with `[{key, value}]`.
-    pub async fn write_bulk(&self, pairs: &[(String, String)]) -> Result<(), CloudflareError> {
+    /// `PUT /accounts/<id>/storage/kv/namespaces/<id>/bulk` with `[{key, value}]`. Answers the
+    /// keys Cloudflare did not write (its `result.unsuccessful_keys`: to be retried), although
+    /// it answered `success: true`.
+    pub async fn write_bulk(&self, pairs: &[(String, String)]) -> Result<Vec<String>, CloudflareError> {
         let s = &self.settings;
         let url = format!("{}/accounts/{}/storage/kv/namespaces/{}/bulk", s.api_base, s.account_id, s.kv_namespace_id);
+        let mut unwritten = Vec::new();
         for chunk in pairs.chunks(MAX_BULK) {
             let body: Vec<_> = chunk.iter().map(|(key, value)| json!({ "key": key, "value": value })).collect();
-            self.call(self.client.put(&url).json(&body)).await?;
+            let result = self.call(self.client.put(&url).json(&body)).await?;
+            unwritten.extend(unsuccessful_keys(&result));
         }
-        Ok(())
+        Ok(unwritten)
     }
 
     /// `POST /zones/<id>/purge_cache` with `{"tags": [...]}`, a batch per call.
@@ -146,9 +150,19 @@ pub enum CloudflareError {
     Refused { status: StatusCode, errors: serde_json::Value },
 }
 
+/// The keys a bulk write's `result` names as not written.
+fn unsuccessful_keys(result: &serde_json::Value) -> Vec<String> {
+    let keys = result["unsuccessful_keys"].as_array().map(Vec::as_slice).unwrap_or_default();
+    keys.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect()
+}
+
 /// Sends a request in Cloudflare's REST format (with the token, if any) and checks its answer:
-/// a success status and `"success": true` in the envelope, or the envelope's `errors`.
-pub async fn send(request: reqwest::RequestBuilder, token: Option<&Secret>) -> Result<(), CloudflareError> {
+/// a success status and `"success": true` in the envelope, or the envelope's `errors`. Answers
+/// the envelope's `result`.
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    token: Option<&Secret>,
+) -> Result<serde_json::Value, CloudflareError> {
     let request = match token {
         Some(token) => request.bearer_auth(token.expose()),
         None => request,
@@ -159,5 +173,5 @@ pub async fn send(request: reqwest::RequestBuilder, token: Option<&Secret>) -> R
     if !status.is_success() || body["success"] != true {
         return Err(CloudflareError::Refused { status, errors: body["errors"].clone() });
     }
-    Ok(())
+    Ok(body["result"].clone())
 }

@@ -179,6 +179,11 @@ async fn keys_a_bulk_write_left_unwritten_fail_their_writers() {
     kept.unwrap();
     let error = lost.expect_err("Cloudflare said key:lost was not written");
     assert!(error.to_string().contains("not written"), "{error}");
+    assert_eq!(kv.unwritten(), 1, "a key left unwritten is counted");
+    // Written again, a second later: this time Cloudflare takes it.
+    kv.put("key:lost", record(1)).await.unwrap();
+    let writes = writes_of(&cf.calls(), "key:lost", Instant::now());
+    assert_eq!(writes.len(), 2, "{writes:?}");
 }
 
 /// Writes to one key that meet while it waits for its next second keep the highest version,
