@@ -382,13 +382,8 @@ fn hung_kv_fails_its_writes_within_seconds() {
     bounded(Duration::from_secs(20), async {
         let (url, _) = stand_in(Duration::ZERO).await;
         let (kv, api) = (hung(Hang::Silent), hung(Hang::Silent));
-        let h = harness(edge(Endpoints {
-            authority: Some(&url),
-            signed: Some((&url, &kv)),
-            cloudflare: Some(&api),
-            ..Endpoints::default()
-        }))
-        .await;
+        let h =
+            harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &kv)), cloudflare: Some(&api) })).await;
         let create = {
             let h = h.clone();
             async move { h.key().await }
