@@ -73,7 +73,8 @@ impl CloudflareKv {
 impl KvWriter for CloudflareKv {
     fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, Result<(), KvError>> {
         Box::pin(async move {
-            let request = self.client.put(self.value_url(key)).body(value);
+            let request =
+                self.client.put(self.value_url(key)).header("content-type", "application/octet-stream").body(value);
             cloudflare::send(request, self.token.as_ref()).await?;
             Ok(())
         })
