@@ -126,6 +126,13 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if (self.cloudflare.is_some() || !self.regions.is_empty()) && self.authority_url.is_none() {
+            bail!(
+                "[cloudflare] or [[regions]] is configured without authority_url: set authority_url to the URL of the \
+                 worker that hosts the KeyState Durable Objects (the deployed worker in production, the home process \
+                 locally); without it the edge trusts KV on every miss"
+            );
+        }
         if let Some(cf) = &self.cloudflare {
             if cf.api_token.is_none() {
                 bail!("[cloudflare] needs api_token (or KEYWARD_CF_API_TOKEN)");
@@ -189,7 +196,7 @@ mod tests {
 
     fn region_toml() -> String {
         format!(
-            "purge_secret = \"{SECRET}\"\n[[regions]]\nname = \"local\"\nurl = \"http://127.0.0.1:8787\"\n\
+            "purge_secret = \"{SECRET}\"\nauthority_url = \"http://127.0.0.1:8786\"\n[[regions]]\nname = \"local\"\nurl = \"http://127.0.0.1:8787\"\n\
              kv_url = \"http://127.0.0.1:8787/cdn-cgi/explorer/api\"\nkv_namespace_id = \"keyward-local\"\n"
         )
     }
@@ -217,9 +224,24 @@ mod tests {
         assert!(Config::parse(&no_secret, |_| None).is_err());
         assert!(Config::parse("listen = \"nope\"", |_| None).is_err());
         assert!(Config::parse("colour = 1", |_| None).is_err());
-        let twice = format!("{}{}", region_toml(), region_toml().lines().skip(1).collect::<Vec<_>>().join("\n"));
+        let twice = format!("{}{}", region_toml(), region_toml().lines().skip(2).collect::<Vec<_>>().join("\n"));
         let err = Config::parse(&twice, |_| None).unwrap_err();
         assert!(format!("{err:#}").contains("appears twice"), "{err:#}");
+    }
+
+    /// Without an authority the edge would trust KV on every miss: a configuration that sends
+    /// changes to the edge must name one.
+    #[test]
+    fn regions_or_cloudflare_need_an_authority() {
+        let cloudflare = "[cloudflare]\naccount_id = \"a\"\nzone_id = \"z\"\nkv_namespace_id = \"n\"\n\
+                          worker_url = \"https://keys.example.com\"\napi_token = \"t\"\n";
+        let without = region_toml().replace("authority_url = \"http://127.0.0.1:8786\"\n", "");
+        for text in [without, format!("purge_secret = \"{SECRET}\"\n{cloudflare}")] {
+            let err = Config::parse(&text, |_| None).unwrap_err();
+            assert!(format!("{err:#}").contains("set authority_url"), "{err:#}");
+        }
+        let with = format!("purge_secret = \"{SECRET}\"\nauthority_url = \"https://keys.example.com\"\n{cloudflare}");
+        Config::parse(&with, |_| None).unwrap();
     }
 
     #[test]

@@ -16,7 +16,7 @@ use keyward_shared::internal::{
 use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 use reqwest::StatusCode;
 
-use crate::cloudflare::{ACCOUNT_LIMIT, CloudflareApi, CloudflareError, RateLimiter};
+use crate::cloudflare::{CloudflareApi, CloudflareError};
 use crate::config::{Config, RegionConfig, Secret};
 use crate::delivery::{DeliveryError, KvState, RegionReport, error_text};
 use crate::kv::{BulkKv, CloudflareKv, DelayedKv, KvWriter};
@@ -117,8 +117,7 @@ impl EdgeClient {
         let client = bounded_client()?;
         let mut regions: Vec<EdgeRegion> = config.regions.iter().map(|r| EdgeRegion::from_config(r, &client)).collect();
         if let Some(settings) = &config.cloudflare {
-            let (limit, period) = ACCOUNT_LIMIT;
-            let api = Arc::new(CloudflareApi::new(client.clone(), settings.clone(), RateLimiter::new(limit, period)));
+            let api = Arc::new(CloudflareApi::new(client.clone(), settings.clone()));
             regions.push(EdgeRegion {
                 name: "cloudflare".into(),
                 url: settings.worker_url.trim_end_matches('/').to_owned(),
@@ -134,6 +133,17 @@ impl EdgeClient {
     pub fn new(regions: Vec<EdgeRegion>, authority_url: Option<String>, purge_secret: Secret) -> EdgeClient {
         let client = bounded_client().expect("a TLS backend");
         EdgeClient { regions, authority_url, client, purge_secret }
+    }
+
+    /// Checks at start what would otherwise fail silently: that Cloudflare's zone serves the
+    /// worker (a purge to another zone answers success and purges nothing).
+    pub async fn check(&self) -> Result<(), CloudflareError> {
+        for region in &self.regions {
+            if let PurgeVia::Tags(api) = &region.purge {
+                api.check_zone().await?;
+            }
+        }
+        Ok(())
     }
 
     pub fn has_authority(&self) -> bool {

@@ -19,6 +19,7 @@ use crate::store::Store;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.database).await?;
     let edge = Arc::new(EdgeClient::from_config(&config)?);
+    edge.check().await?;
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
     let state = AppState::new(store.clone(), edge);
     state.change.publish_root_keys().await?;

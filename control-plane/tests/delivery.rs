@@ -235,7 +235,8 @@ fn overlapping_deliveries_of_one_entry_finish_and_block_nobody() {
     bounded(Duration::from_secs(30), async {
         let (kv, _) = stand_in(Duration::ZERO).await;
         let region = hung(Hang::Silent);
-        let h = harness(edge(Endpoints { signed: Some((&region, &kv)), ..Endpoints::default() })).await;
+        let h = harness(edge(Endpoints { authority: Some(&kv), signed: Some((&region, &kv)), ..Endpoints::default() }))
+            .await;
         let (_, key) = h.key().await;
         let id = h.revoke_in_store(&key).await;
         let deliver = || {
@@ -265,7 +266,8 @@ fn overlapping_deliveries_of_one_entry_finish_and_block_nobody() {
 fn a_delivery_goes_on_when_its_caller_gives_up() {
     bounded(Duration::from_secs(20), async {
         let (url, seen) = stand_in(Duration::from_millis(500)).await;
-        let h = harness(edge(Endpoints { signed: Some((&url, &url)), ..Endpoints::default() })).await;
+        let h = harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &url)), ..Endpoints::default() }))
+            .await;
         let (_, key) = h.key().await;
         let id = h.revoke_in_store(&key).await;
         let started = Instant::now();
@@ -332,7 +334,9 @@ fn a_hung_region_fails_its_purge_within_seconds() {
         let (kv, _) = stand_in(Duration::ZERO).await;
         for hang in [Hang::Silent, Hang::AfterHeaders] {
             let region = hung(hang);
-            let h = harness(edge(Endpoints { signed: Some((&region, &kv)), ..Endpoints::default() })).await;
+            let h =
+                harness(edge(Endpoints { authority: Some(&kv), signed: Some((&region, &kv)), ..Endpoints::default() }))
+                    .await;
             let (created, _) = h.key().await;
             let path = format!("/v1/keys/{}/revoke", created["id"].as_str().unwrap());
             let revoke = {
@@ -378,8 +382,8 @@ fn hung_kv_fails_its_writes_within_seconds() {
     bounded(Duration::from_secs(20), async {
         let (url, _) = stand_in(Duration::ZERO).await;
         let (kv, api) = (hung(Hang::Silent), hung(Hang::Silent));
-        let h = harness(edge(Endpoints { signed: Some((&url, &kv)), cloudflare: Some(&api), ..Endpoints::default() }))
-            .await;
+        let h =
+            harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &kv)), cloudflare: Some(&api) })).await;
         let create = {
             let h = h.clone();
             async move { h.key().await }
