@@ -109,6 +109,11 @@ impl CloudflareApi {
         &self.settings.worker_url
     }
 
+    /// Most tags one purge_cache call carries (`max_tags_per_purge`), for batching purges.
+    pub fn max_tags_per_purge(&self) -> usize {
+        self.settings.max_tags_per_purge.max(1)
+    }
+
     async fn call(&self, request: reqwest::RequestBuilder) -> Result<(), CloudflareError> {
         self.limiter.acquire().await;
         send(request, self.settings.api_token.as_ref()).await

@@ -1,5 +1,6 @@
 //! The production Cloudflare client against a recording stand-in for Cloudflare's API: request
-//! formats (bulk KV, purge by tag), coalescing of writes to one key, and the rate limit.
+//! formats (bulk KV, purge by tag), coalescing of writes to one key, the rate limit, and purges
+//! by tag batched across keys with a fair share per workspace.
 //! (wrangler dev serves no bulk or purge_cache endpoint; its single-value KV endpoint, which
 //! `kv::CloudflareKv` speaks, is exercised by the whole-system tests.)
 
@@ -9,11 +10,14 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
-use keyward_control_plane::cloudflare::{CloudflareApi, RateLimiter, Settings};
-use keyward_control_plane::config::Secret;
+use keyward_control_plane::cloudflare::RateLimiter;
+use keyward_control_plane::delivery::TagBatcher;
 use keyward_control_plane::kv::{BulkKv, KvWriter};
 use keyward_shared::KeyHash;
 use serde_json::{Value, json};
+use support::cloudflare_api;
+
+mod support;
 
 /// One request the stand-in saw: method, path, `Authorization`, JSON body, arrival.
 type Call = (Method, String, Option<String>, Value, Instant);
@@ -43,23 +47,10 @@ async fn fake_cloudflare() -> (String, Recorded) {
     (url, log)
 }
 
-fn api(base: &str, limiter: RateLimiter) -> Arc<CloudflareApi> {
-    let settings = Settings {
-        api_base: base.to_owned(),
-        account_id: "acct".into(),
-        zone_id: "zone".into(),
-        kv_namespace_id: "ns".into(),
-        worker_url: "https://keys.example.com".into(),
-        api_token: Some(Secret::new("cf-token".into())),
-        max_tags_per_purge: 30,
-    };
-    Arc::new(CloudflareApi::new(reqwest::Client::new(), settings, limiter))
-}
-
 #[tokio::test]
 async fn bulk_writes_and_tag_purges_use_cloudflares_format() {
     let (base, log) = fake_cloudflare().await;
-    let api = api(&base, RateLimiter::new(1_200, Duration::from_secs(300)));
+    let api = cloudflare_api(&base, RateLimiter::new(1_200, Duration::from_secs(300)));
     api.write_bulk(&[("key:aa".into(), "{\"v\":1}".into()), ("root:bb".into(), "{}".into())]).await.unwrap();
     let hashes: Vec<KeyHash> = (0..45).map(|i| KeyHash::of(&i.to_string())).collect();
     api.purge_tags(&hashes).await.unwrap();
@@ -81,7 +72,7 @@ async fn bulk_writes_and_tag_purges_use_cloudflares_format() {
 #[tokio::test]
 async fn writes_to_one_key_are_coalesced_to_one_per_second() {
     let (base, log) = fake_cloudflare().await;
-    let kv = Arc::new(BulkKv::new(api(&base, RateLimiter::new(1_200, Duration::from_secs(300)))));
+    let kv = Arc::new(BulkKv::new(cloudflare_api(&base, RateLimiter::new(1_200, Duration::from_secs(300)))));
     let started = Instant::now();
     // Five versions of one key and one other key, all at once.
     let writes = (1..=5).map(|v| {
@@ -116,7 +107,7 @@ async fn writes_to_one_key_are_coalesced_to_one_per_second() {
 async fn calls_wait_for_the_rate_limit() {
     let (base, log) = fake_cloudflare().await;
     // 2 calls per second: the 5th of 5 calls cannot start before about 1.5 s.
-    let api = api(&base, RateLimiter::new(2, Duration::from_secs(1)));
+    let api = cloudflare_api(&base, RateLimiter::new(2, Duration::from_secs(1)));
     let started = Instant::now();
     for i in 0..5 {
         api.purge_tags(&[KeyHash::of(&i.to_string())]).await.unwrap();
@@ -125,4 +116,29 @@ async fn calls_wait_for_the_rate_limit() {
     assert_eq!(log.0.lock().unwrap().len(), 5);
     assert!(elapsed >= Duration::from_millis(1_400), "{elapsed:?}");
     assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
+}
+
+/// Issue 9, item 4: purges of many keys, from two workspaces at once, go out as few calls of at
+/// most 30 tags, and the smaller workspace's tags all go in the first call.
+#[tokio::test]
+async fn purges_by_tag_are_batched_across_keys_with_a_fair_share_per_workspace() {
+    let (base, log) = fake_cloudflare().await;
+    let batcher = TagBatcher::new(cloudflare_api(&base, RateLimiter::new(1_200, Duration::from_secs(300))));
+    let tags = |workspace: &str, n: usize| -> Vec<KeyHash> {
+        (0..n).map(|i| KeyHash::of(&format!("{workspace}-{i}"))).collect()
+    };
+    let (busy, quiet) = (tags("busy", 40), tags("quiet", 5));
+    let purges = busy.iter().map(|t| ("busy", t)).chain(quiet.iter().map(|t| ("quiet", t)));
+    let results = futures::future::join_all(purges.map(|(w, t)| batcher.purge(w, std::slice::from_ref(t)))).await;
+    assert!(results.iter().all(Result::is_ok));
+    let calls = log.0.lock().unwrap().clone();
+    let sent: Vec<Vec<String>> = calls
+        .iter()
+        .map(|(_, _, _, body, _)| {
+            body["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect()
+        })
+        .collect();
+    assert_eq!(sent.iter().map(Vec::len).collect::<Vec<_>>(), [30, 15], "45 purges in two calls");
+    let quiet_hex: Vec<String> = quiet.iter().map(KeyHash::to_hex).collect();
+    assert_eq!(sent[0].iter().filter(|t| quiet_hex.contains(t)).count(), 5, "the quiet workspace waits for no one");
 }

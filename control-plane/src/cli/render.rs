@@ -22,6 +22,8 @@ pub enum View {
     KeyRevoked,
     KeyDeleted,
     Verified,
+    OutboxStatus,
+    Redriven,
 }
 
 /// The text for `answer`, ending in a newline; `now` (Unix ms) decides whether a key has expired.
@@ -141,7 +143,38 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             }
             out
         }
+        View::OutboxStatus => outbox_status(answer, now),
+        View::Redriven => format!(
+            "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
+            answer["region"].as_str().map_or("every target".to_owned(), |r| format!("region {r}")),
+            text(&answer["revived"]),
+            text(&answer["made_due"]),
+        ),
     }
+}
+
+/// `outbox status`: every target's counts, then each stuck or dead-lettered delivery.
+fn outbox_status(answer: &Value, now: i64) -> String {
+    let targets = items(&answer["targets"]).iter().map(|t| {
+        let lag = t["lag_ms"].as_i64().map_or("-".into(), |ms| format!("{} s", ms / 1000));
+        let counts = ["pending", "stuck", "dead_lettered"].map(|field| text(&t[field]));
+        [vec![text(&t["target"])], counts.to_vec(), vec![lag, text(&t["last_error"])]].concat()
+    });
+    let header = ["TARGET", "PENDING", "STUCK", "DEAD-LETTERED", "OLDEST", "LAST ERROR"];
+    let mut out = table(&header, targets.collect(), "Nothing pending: every delivery has landed.");
+    let troubled = items(&answer["troubled"]).iter().map(|d| {
+        let age = d["created_at"].as_i64().map_or("-".into(), |at| format!("{} min", (now - at) / 60_000));
+        let fields = ["outbox_id", "workspace_id", "key_id", "target", "state", "attempts"].map(|f| text(&d[f]));
+        [fields.to_vec(), vec![age, text(&d["last_error"])]].concat()
+    });
+    let header = ["OUTBOX", "WORKSPACE", "KEY", "TARGET", "STATE", "ATTEMPTS", "AGE", "LAST ERROR"];
+    let stuck_after = text(&answer["stuck_after_s"]);
+    out.push_str(&table(
+        &header,
+        troubled.collect(),
+        &format!("None stuck (pending past {stuck_after} s) or dead-lettered."),
+    ));
+    out
 }
 
 /// `get`: one field per line.
