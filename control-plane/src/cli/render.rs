@@ -489,4 +489,30 @@ with the key's authority), and its purge is retried until delivered (GET /v1/reg
         let malformed = json!({ "valid": false, "code": "MALFORMED", "permissions": [] });
         assert_eq!(render(View::Verified, &malformed, NOW), "MALFORMED: not valid\n");
     }
+
+    #[test]
+    fn outbox_status_counts_each_target_and_lists_what_is_stuck() {
+        let answer = json!({
+            "stuck_after_s": 3600,
+            "targets": [{ "target": "purge:eu", "pending": 2, "stuck": 1, "dead_lettered": 0, "lag_ms": 7_200_000,
+                          "last_error": "purge: refused with 503" }],
+            "troubled": [{ "outbox_id": 7, "workspace_id": "ws_1", "key_id": "key_1", "target": "purge:eu",
+                           "state": "pending", "attempts": 40, "created_at": NOW - 7_200_000,
+                           "last_error": "purge: refused with 503" }],
+        });
+        let out = render(View::OutboxStatus, &answer, NOW);
+        assert!(out.contains("purge:eu  2        1      0              7200 s  purge: refused with 503"), "{out}");
+        assert!(
+            out.contains("7       ws_1       key_1  purge:eu  pending  40        120 min  purge: refused with 503"),
+            "{out}"
+        );
+        let empty = json!({ "stuck_after_s": 3600, "targets": [], "troubled": [] });
+        let out = render(View::OutboxStatus, &empty, NOW);
+        assert!(out.contains("Nothing pending") && out.contains("None stuck (pending past 3600 s)"), "{out}");
+        let redriven = json!({ "region": "eu", "revived": 1, "made_due": 2 });
+        assert_eq!(
+            render(View::Redriven, &redriven, NOW),
+            "Redrove region eu: 1 dead-lettered deliveries made pending again, 2 pending ones made due now.\n"
+        );
+    }
 }
