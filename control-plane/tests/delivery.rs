@@ -425,6 +425,19 @@ impl KvWriter for NoKv {
     }
 }
 
+/// A KV namespace that refuses every write while `refusing` is set.
+#[derive(Default)]
+struct FlakyKv {
+    refusing: std::sync::atomic::AtomicBool,
+}
+
+impl KvWriter for FlakyKv {
+    fn put<'a>(&'a self, _: &'a str, _: String) -> BoxFuture<'a, Result<(), KvError>> {
+        let refusing = self.refusing.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move { if refusing { Err(KvError::Stopped) } else { Ok(()) } })
+    }
+}
+
 /// Cloudflare's purge_cache as a stand-in that acknowledges every call and records its tags.
 #[derive(Clone, Default)]
 struct Purges(Arc<Mutex<Vec<Vec<String>>>>);
@@ -447,10 +460,14 @@ async fn purge_cache_stand_in() -> (String, Purges) {
 /// An edge with an authority at `authority` and one region, `cloudflare`, purged by tag through
 /// `api` (whose rate limit the test chooses), with KV that takes every write at once.
 fn tag_purged_edge(authority: &str, api: Arc<CloudflareApi>) -> EdgeClient {
+    tag_purged_edge_with_kv(authority, api, Arc::new(NoKv))
+}
+
+fn tag_purged_edge_with_kv(authority: &str, api: Arc<CloudflareApi>, kv: Arc<dyn KvWriter>) -> EdgeClient {
     let region = EdgeRegion {
         name: "cloudflare".into(),
         url: "https://keys.example.com".into(),
-        kv: Arc::new(NoKv),
+        kv,
         purge: PurgeVia::Tags(Arc::new(TagBatcher::new(api))),
     };
     EdgeClient::new(vec![region], Some(authority.to_owned()), Secret::new(SECRET.into()))
@@ -742,4 +759,33 @@ fn the_outbox_commands_show_and_redrive_stuck_deliveries() {
     assert!(stuck["last_error"].as_str().is_some_and(|e| e.contains("purge")), "{status}");
     let redriven = keyward(&["outbox", "redrive", "--region", "r1"]);
     assert!(redriven["made_due"].as_u64().unwrap() >= 1, "{redriven}");
+}
+
+/// Issue 9, items 4 and 8: a purge the retrier took while the purge budget is spent holds up
+/// only its own entry: another entry's failed KV write is retried meanwhile.
+#[test]
+fn a_purge_waiting_for_the_budget_holds_up_no_other_retry() {
+    bounded(Duration::from_secs(30), async {
+        let (authority, _) = stand_in(Duration::ZERO).await;
+        let (base, _) = purge_cache_stand_in().await;
+        let api = cloudflare_api(&base, RateLimiter::new(1, Duration::from_secs(600)));
+        api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
+        let kv = Arc::new(FlakyKv::default());
+        let h = harness(tag_purged_edge_with_kv(&authority, api, kv.clone())).await;
+        let (_, blocked) = h.key().await;
+        let blocked = h.revoke_in_store(&blocked).await;
+        kv.refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, key) = h.key().await;
+        let failed = h.newest_entry(&key).await;
+        // The retrier takes both at once: the revocation's purge waits ten minutes for the budget.
+        h.state.delivery.clone().spawn_retrier();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kv.refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let started = Instant::now();
+        while h.deliveries(failed).await[&Target::Kv("cloudflare".into())] != DeliveryState::Done {
+            assert!(started.elapsed() < Duration::from_secs(5), "the KV write waited behind the purge");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.deliveries(blocked).await[&purge("cloudflare")], DeliveryState::Pending);
+    });
 }

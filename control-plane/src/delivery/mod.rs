@@ -42,6 +42,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the retrier looks for due deliveries.
 const RETRY_TICK: Duration = Duration::from_millis(250);
+/// The most deliveries under way at once (the retrier's and the requests'), beyond which the
+/// retrier starts no more until some end.
+const RETRY_IN_FLIGHT: usize = 64;
 /// A new entry is left to the request that made it for this long before the retrier may take it.
 pub const HANDOFF: Duration = Duration::from_secs(5);
 /// The longest a change's caller waits for its delivery; what has not landed is reported pending.
@@ -393,21 +396,32 @@ impl Deliverer {
         })
     }
 
-    /// One round of the retrier: every due entry not being delivered already, at once.
-    async fn retry_due(&self) {
-        let ids = match self.store.due_outbox_ids(now_ms(), 32).await {
+    /// One round of the retrier: every due entry not being delivered already starts, in a task
+    /// of its own, up to [`RETRY_IN_FLIGHT`] deliveries under way at once. The round does not
+    /// wait for them: a purge waiting for its share of the budget, or a hung target, holds up
+    /// only its own entry.
+    async fn retry_due(self: &Arc<Self>) {
+        let in_flight = self.in_flight.lock().expect("not poisoned").len();
+        let room = RETRY_IN_FLIGHT.saturating_sub(in_flight);
+        if room == 0 {
+            return;
+        }
+        // Entries under way are still due until their outcome is recorded: look past them.
+        let ids = match self.store.due_outbox_ids(now_ms(), (room + in_flight) as u32).await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the outbox");
                 Vec::new()
             }
         };
-        let claimed: Vec<_> = ids.into_iter().filter_map(|id| self.try_claim(id)).collect();
-        join_all(claimed.iter().map(|claim| async {
-            if let Err(e) = self.deliver_claimed(claim.id, Pass::All).await {
-                tracing::error!(outbox = claim.id, error = %e, "delivery failed");
-            }
-        }))
-        .await;
+        for id in ids.into_iter().filter(|id| !self.in_flight.lock().expect("not poisoned").contains(id)).take(room) {
+            let deliverer = self.clone();
+            tokio::spawn(async move {
+                let Some(_claim) = deliverer.try_claim(id) else { return };
+                if let Err(e) = deliverer.deliver_claimed(id, Pass::All).await {
+                    tracing::error!(outbox = id, error = %e, "delivery failed");
+                }
+            });
+        }
     }
 }
