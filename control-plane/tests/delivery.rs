@@ -457,6 +457,15 @@ async fn purge_cache_stand_in() -> (String, Purges) {
     (url, purges)
 }
 
+/// Cloudflare's API at a purge_cache stand-in, allowed one call per ten minutes and that one
+/// spent now; answers it and what the stand-in records.
+async fn spent_budget() -> (Arc<CloudflareApi>, Purges) {
+    let (base, purges) = purge_cache_stand_in().await;
+    let api = cloudflare_api(&base, RateLimiter::new(1, Duration::from_secs(600)));
+    api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
+    (api, purges)
+}
+
 /// An edge with an authority at `authority` and one region, `cloudflare`, purged by tag through
 /// `api` (whose rate limit the test chooses), with KV that takes every write at once.
 fn tag_purged_edge(authority: &str, api: Arc<CloudflareApi>) -> EdgeClient {
@@ -560,10 +569,7 @@ fn a_repeated_revoke_resends_only_to_targets_that_have_not_acknowledged() {
 fn a_revoke_answers_within_five_seconds_whatever_the_budget() {
     bounded(Duration::from_secs(30), async {
         let (authority, _) = stand_in(Duration::ZERO).await;
-        let (base, purges) = purge_cache_stand_in().await;
-        // One call per ten minutes, and that one spent now.
-        let api = cloudflare_api(&base, RateLimiter::new(1, Duration::from_secs(600)));
-        api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
+        let (api, purges) = spent_budget().await;
         let h = harness(tag_purged_edge(&authority, api)).await;
         let ids = h.keys(1).await;
         let started = Instant::now();
@@ -767,9 +773,7 @@ fn the_outbox_commands_show_and_redrive_stuck_deliveries() {
 fn a_purge_waiting_for_the_budget_holds_up_no_other_retry() {
     bounded(Duration::from_secs(30), async {
         let (authority, _) = stand_in(Duration::ZERO).await;
-        let (base, _) = purge_cache_stand_in().await;
-        let api = cloudflare_api(&base, RateLimiter::new(1, Duration::from_secs(600)));
-        api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
+        let (api, _) = spent_budget().await;
         let kv = Arc::new(FlakyKv::default());
         let h = harness(tag_purged_edge_with_kv(&authority, api, kv.clone())).await;
         let (_, blocked) = h.key().await;
