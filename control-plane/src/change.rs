@@ -1,5 +1,5 @@
 //! The change path, apart from HTTP: creating, changing, revoking and deleting keys, minting and
-//! revoking root keys, and writing root keys to the edge at start-up. Each change is committed
+//! revoking root keys, and queuing root keys for the edge at start-up. Each change is committed
 //! to the database together with its outbox entry, then delivered (`delivery.rs`) by the call
 //! that made it, which answers what each target acknowledged. Handlers parse, call
 //! [`ChangeService`], and answer; `serve.rs` calls it at start-up.
@@ -12,15 +12,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures::StreamExt;
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
-use keyward_shared::{Key, KeyRecord, Meta, RootKeyRecord, Scope, Scopes, kv_key_for_root};
+use keyward_shared::{Key, KeyRecord, Meta, RootKeyRecord, Scope, Scopes};
 use tokio::sync::watch;
 
 use crate::delivery::RegionReport;
-use crate::delivery::{Delivered, Deliverer};
+use crate::delivery::{ANSWER_WITHIN, Delivered, Deliverer};
 use crate::failpoint;
 use crate::keygen::{self, ROOT_KEY_PREFIX, new_id};
-use crate::store::{Api, NewOutbox, NewRootKey, Store, StoreError};
+use crate::store::{Api, EntryKind, NewOutbox, NewRootKey, Store, StoreError};
 use crate::time::now_ms;
 
 /// Who made a change and from where.
@@ -188,8 +189,10 @@ impl ChangeService {
 
     /// Stores `new` as the next version of `old` with its outbox entry, in one transaction, then
     /// delivers it: the authority, every region's KV, and, when the change tightens the key, every
-    /// region's purge. Revoking a revoked key changes nothing but delivers again, so a region that
-    /// missed the first purge can be sent another.
+    /// region's purge. A change that changes nothing (revoking a revoked key) makes no new entry:
+    /// it delivers again only what the key's newest entry has not landed, so a repeated revoke
+    /// spends no purge on a region that acknowledged (`keyward outbox redrive` re-pushes by hand).
+    /// The answer comes within `delivery::ANSWER_WITHIN`, naming what is still pending.
     pub async fn commit(
         &self,
         actor: &Actor,
@@ -202,9 +205,20 @@ impl ChangeService {
         let outbox_id = if new != old {
             new.version = old.version + 1;
             new.updated_at = now;
-            self.store.update_key(&new, &outbox, actor).await?
+            Some(self.store.update_key(&new, &outbox, actor).await?)
         } else {
-            self.store.resend(&new, &outbox, actor).await?
+            None
+        };
+        let outbox_id = match outbox_id {
+            Some(id) => id,
+            None => match self.store.newest_entry(EntryKind::Key, &new.id).await? {
+                Some(id) => {
+                    tracing::info!(key = %new.id, outbox = id, "unchanged: delivering what has not landed");
+                    id
+                }
+                // Pruned: every target had it a week ago. Sent again, to every target.
+                None => self.store.resend(&new, &outbox, actor).await?,
+            },
         };
         failpoint::hit("abort_after_commit");
         self.committed.send_replace(outbox_id);
@@ -212,7 +226,7 @@ impl ChangeService {
         Ok((new, delivered))
     }
 
-    /// Revokes or deletes a key (again, if it already is: its purges are sent again).
+    /// Revokes or deletes a key (again, if it already is: what has not landed is sent again).
     pub async fn set_status(
         &self,
         actor: &Actor,
@@ -259,13 +273,12 @@ impl ChangeService {
         Ok(Some((record, delivered)))
     }
 
-    /// Writes every active root key that may verify to the authority and to every region's KV,
-    /// directly, so a region whose KV was wiped learns its callers again, and the edge can confirm
-    /// each with the authority at once (KV writes to a far region may lag). Each failure is
-    /// logged, with its region: the edge then refuses the callers it cannot confirm, and the
-    /// next start tries again.
-    pub async fn publish_root_keys(&self) -> Result<()> {
-        let edge = self.delivery.edge();
+    /// Queues every active root key that may verify for the authority and every region's KV
+    /// (the start-up sync), so a region whose KV was wiped learns its callers again, and the
+    /// edge can confirm each with the authority. One outbox entry each, delivered at once, a few
+    /// at a time, for at most `delivery::ANSWER_WITHIN`: what has not landed by then, or fails,
+    /// is the retrier's, and `GET /v1/regions` shows it pending. Answers the entries' ids.
+    pub async fn publish_root_keys(&self) -> Result<Vec<i64>> {
         let active: Vec<RootKeyRecord> = self
             .store
             .root_keys()
@@ -273,20 +286,24 @@ impl ChangeService {
             .into_iter()
             .filter(|r| r.status == KeyStatus::Active && publishes(&r.scopes))
             .collect();
-        if let Err(e) = edge.update_authority(&[], &active).await {
-            tracing::error!(error = %format!("{e:#}"), "cannot write root keys to the authority at start-up");
-        }
-        for record in &active {
-            let value = serde_json::to_string(record).context("a root key record")?;
-            for report in edge.write_everywhere(&kv_key_for_root(&record.hash), &value).await {
-                if let Some(error) = report.error {
-                    tracing::error!(region = %report.name, root_key = %record.id, %error, "cannot write a root key to KV at start-up");
+        let now = now_ms();
+        let outbox = NewOutbox { first_retry_at: now, ..self.outbox(Effect::Loosens, now) };
+        let ids = self.store.queue_root_keys(&active, &outbox).await?;
+        let deliveries =
+            futures::stream::iter(ids.iter().copied()).for_each_concurrent(SYNC_AT_ONCE, |id| async move {
+                if let Err(e) = self.delivery.deliver(id).await {
+                    tracing::error!(outbox = id, error = %format!("{e:#}"), "cannot deliver a root key at start-up");
                 }
-            }
+            });
+        if tokio::time::timeout(ANSWER_WITHIN, deliveries).await.is_err() {
+            tracing::warn!("root keys not yet delivered at start-up are left to the retrier");
         }
-        Ok(())
+        Ok(ids)
     }
 }
+
+/// How many root keys the start-up sync delivers at once.
+const SYNC_AT_ONCE: usize = 8;
 
 /// On an empty database: the first workspace, named `default`, and its root key `key` with every
 /// scope. It has no outbox entry: the start-up sync ([`ChangeService::publish_root_keys`]) writes

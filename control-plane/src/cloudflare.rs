@@ -199,6 +199,11 @@ impl CloudflareApi {
         &self.settings.worker_url
     }
 
+    /// Most tags one purge_cache call carries (`max_tags_per_purge`), for batching purges.
+    pub fn max_tags_per_purge(&self) -> usize {
+        self.settings.max_tags_per_purge.max(1)
+    }
+
     /// The deadline of a call whose caller named none.
     fn default_deadline(&self) -> Instant {
         Instant::now() + Duration::from_millis(self.settings.max_wait_ms)

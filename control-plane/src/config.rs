@@ -73,6 +73,9 @@ pub struct Config {
     /// The production path: one Cloudflare account's KV and zone (see `cloudflare.rs`).
     #[serde(default)]
     pub cloudflare: Option<crate::cloudflare::Settings>,
+    /// The outbox's ages: pruning, stuck and dead-lettered deliveries (see `delivery/upkeep.rs`).
+    #[serde(default)]
+    pub outbox: crate::delivery::OutboxSettings,
 }
 
 fn default_listen() -> SocketAddr {

@@ -8,17 +8,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use keyward_shared::internal::{
     self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest,
     SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
-use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
+use keyward_shared::{KeyRecord, RootKeyRecord};
 use reqwest::StatusCode;
 
 use crate::cloudflare::{CloudflareApi, CloudflareError};
 use crate::config::{Config, RegionConfig, Secret};
-use crate::delivery::{DeliveryError, KvState, RegionReport, error_text};
+use crate::delivery::{BatchError, TagBatcher};
 use crate::kv::{BulkKv, CloudflareKv, DelayedKv, KvWriter};
 use crate::store::Reach;
 use crate::time::now_ms;
@@ -28,9 +27,10 @@ pub enum PurgeVia {
     /// The region's own signed `/internal/purge` route at its URL (local regions), carrying the
     /// new record: the acknowledgement means the region answers from it.
     Signed,
-    /// Cloudflare's purge-by-tag of Cache API entries (production): the acknowledgement means
-    /// Cloudflare accepted the purge; isolate memory is bounded by `max_staleness_ms` alone.
-    Tags(Arc<CloudflareApi>),
+    /// Cloudflare's purge-by-tag of Cache API entries (production), batched across keys with a
+    /// fair share for each workspace: the acknowledgement means Cloudflare accepted the purge;
+    /// isolate memory is bounded by `max_staleness_ms` alone.
+    Tags(Arc<TagBatcher>),
 }
 
 /// One region as the control plane reaches it (its settings are a [`RegionConfig`]).
@@ -92,7 +92,7 @@ pub enum EdgeError {
     #[error("cannot encode the request")]
     Encode(#[from] serde_json::Error),
     #[error("Cloudflare's purge by tag")]
-    Tags(#[source] CloudflareError),
+    Tags(#[source] BatchError),
 }
 
 /// The client for every call to the edge and Cloudflare: none may wait without bound, whether
@@ -110,40 +110,42 @@ pub struct EdgeClient {
     authority_url: Option<String>,
     client: reqwest::Client,
     purge_secret: Secret,
+    /// Cloudflare's API, when configured: its zone is checked at start.
+    cloudflare: Option<Arc<CloudflareApi>>,
 }
 
 impl EdgeClient {
     pub fn from_config(config: &Config) -> anyhow::Result<EdgeClient> {
         let client = bounded_client()?;
         let mut regions: Vec<EdgeRegion> = config.regions.iter().map(|r| EdgeRegion::from_config(r, &client)).collect();
+        let mut cloudflare = None;
         if let Some(settings) = &config.cloudflare {
             let api = Arc::new(CloudflareApi::new(client.clone(), settings.clone()));
             regions.push(EdgeRegion {
                 name: "cloudflare".into(),
                 url: settings.worker_url.trim_end_matches('/').to_owned(),
                 kv: Arc::new(BulkKv::new(api.clone())),
-                purge: PurgeVia::Tags(api),
+                purge: PurgeVia::Tags(Arc::new(TagBatcher::new(api.clone()))),
             });
+            cloudflare = Some(api);
         }
         let authority_url = config.authority_url.as_ref().map(|u| u.trim_end_matches('/').to_owned());
         let purge_secret = config.purge_secret.clone().unwrap_or_default();
-        Ok(EdgeClient { regions, authority_url, client, purge_secret })
+        Ok(EdgeClient { regions, authority_url, client, purge_secret, cloudflare })
     }
 
     pub fn new(regions: Vec<EdgeRegion>, authority_url: Option<String>, purge_secret: Secret) -> EdgeClient {
         let client = bounded_client().expect("a TLS backend");
-        EdgeClient { regions, authority_url, client, purge_secret }
+        EdgeClient { regions, authority_url, client, purge_secret, cloudflare: None }
     }
 
     /// Checks at start what would otherwise fail silently: that Cloudflare's zone serves the
     /// worker (a purge to another zone answers success and purges nothing).
     pub async fn check(&self) -> Result<(), CloudflareError> {
-        for region in &self.regions {
-            if let PurgeVia::Tags(api) = &region.purge {
-                api.check_zone().await?;
-            }
+        match &self.cloudflare {
+            Some(api) => api.check_zone().await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn has_authority(&self) -> bool {
@@ -153,24 +155,6 @@ impl EdgeClient {
     /// What a change can be delivered to: the authority, if configured, and every region.
     pub fn reach(&self) -> Reach {
         Reach { authority: self.has_authority(), regions: self.regions.iter().map(|r| r.name.clone()).collect() }
-    }
-
-    /// Writes `value` under `kv_key` in every region's KV (root keys: no authority, no purge).
-    pub async fn write_everywhere(&self, kv_key: &str, value: &str) -> Vec<RegionReport> {
-        join_all(self.regions.iter().map(|region| async move {
-            let started = std::time::Instant::now();
-            let result = region.kv.put(kv_key, value.to_owned()).await;
-            RegionReport {
-                name: region.name.clone(),
-                kv: if result.is_ok() { KvState::Written } else { KvState::Failed },
-                acknowledged: None,
-                applied_at_ms: None,
-                latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                ack_means: None,
-                error: result.err().map(|e| error_text(&DeliveryError::Kv(e))),
-            }
-        }))
-        .await
     }
 
     /// Sets keys' and root keys' records at their authority. Without one configured, there is
@@ -196,9 +180,10 @@ impl EdgeClient {
                 let ack: PurgeAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the region", e))?;
                 Ok(Some(ack.applied_at_ms))
             }
-            PurgeVia::Tags(api) => {
-                let hashes: Vec<KeyHash> = records.iter().map(|r| r.hash).collect();
-                api.purge_tags(&hashes).await.map_err(EdgeError::Tags)?;
+            PurgeVia::Tags(batcher) => {
+                for record in records {
+                    batcher.purge(&record.workspace_id, &[record.hash]).await.map_err(EdgeError::Tags)?;
+                }
                 Ok(None)
             }
         }

@@ -1,6 +1,7 @@
 //! `keyward serve`: open the database, make the first workspace and root key on an empty one,
-//! write verify-capable root keys to the authority and every region's KV, and answer HTTP until
-//! SIGTERM or Ctrl-C.
+//! send verify-capable root keys to the authority and every region's KV through the outbox
+//! (waiting at most 5 s; the retrier finishes what is left), and answer HTTP until SIGTERM or
+//! Ctrl-C.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +22,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let edge = Arc::new(EdgeClient::from_config(&config)?);
     edge.check().await?;
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
-    let state = AppState::new(store.clone(), edge);
-    state.change.publish_root_keys().await?;
+    let state = AppState::with_outbox(store.clone(), edge, config.outbox);
+    let queued = state.change.publish_root_keys().await?;
+    tracing::info!(root_keys = queued.len(), "root keys sent to the edge through the outbox");
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}; set `listen` or KEYWARD_LISTEN", config.listen))?;

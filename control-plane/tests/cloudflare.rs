@@ -1,5 +1,6 @@
 //! The production Cloudflare client against a recording stand-in for Cloudflare's API: request
-//! formats (bulk KV, purge by tag), coalescing of writes to one key, and the rate limit. The
+//! formats (bulk KV, purge by tag), coalescing of writes to one key, the rate limit, and purges
+//! by tag batched across keys with a fair share per workspace. The
 //! stand-in can also answer as Cloudflare does when things go wrong: a bulk write that leaves
 //! some keys unwritten (`result.unsuccessful_keys`), 429 with `Retry-After`, another zone.
 //! (wrangler dev serves no bulk or purge_cache endpoint; its single-value KV endpoint, which
@@ -12,11 +13,14 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use keyward_control_plane::cloudflare::{CloudflareApi, Plan, Settings};
-use keyward_control_plane::config::Secret;
+use keyward_control_plane::cloudflare::{Plan, Settings};
+use keyward_control_plane::delivery::TagBatcher;
 use keyward_control_plane::kv::{BulkKv, CloudflareKv, KvWriter};
 use keyward_shared::KeyHash;
 use serde_json::{Value, json};
+use support::{api, settings};
+
+mod support;
 
 /// One request the stand-in saw.
 #[derive(Debug, Clone)]
@@ -121,27 +125,6 @@ fn writes_of(calls: &[Call], key: &str, started: Instant) -> Vec<(Value, Duratio
                 .map(move |p| (p["value"].clone(), call.at.duration_since(started)))
         })
         .collect()
-}
-
-fn settings(base: &str) -> Settings {
-    Settings {
-        api_base: base.to_owned(),
-        account_id: "acct".into(),
-        zone_id: "zone".into(),
-        kv_namespace_id: "ns".into(),
-        worker_url: "https://keys.example.com".into(),
-        api_token: Some(Secret::new("cf-token".into())),
-        max_tags_per_purge: 30,
-        api_limit: 1_000,
-        api_limit_window_secs: 300,
-        plan: Plan::Enterprise,
-        max_wait_ms: 5_000,
-        max_bulk_bytes: 100_000_000,
-    }
-}
-
-fn api(settings: Settings) -> Arc<CloudflareApi> {
-    Arc::new(CloudflareApi::new(reqwest::Client::new(), settings))
 }
 
 fn record(version: u64) -> String {
@@ -343,4 +326,28 @@ async fn a_zone_that_does_not_serve_the_worker_is_refused() {
     cf.script().zone_name = Some("keys.example.com".to_owned());
     api.check_zone().await.unwrap();
     assert!(cf.calls().iter().all(|c| c.method == Method::GET && c.path == "/client/v4/zones/zone"));
+}
+
+/// Purges of many keys, from two workspaces at once, go out as few calls of at most 30 tags, and
+/// the smaller workspace's tags all go in the first call.
+#[tokio::test]
+async fn purges_by_tag_are_batched_across_keys_with_a_fair_share_per_workspace() {
+    let (base, cf) = fake_cloudflare().await;
+    let batcher = TagBatcher::new(api(settings(&base)));
+    let tags = |workspace: &str, n: usize| -> Vec<KeyHash> {
+        (0..n).map(|i| KeyHash::of(&format!("{workspace}-{i}"))).collect()
+    };
+    let (busy, quiet) = (tags("busy", 40), tags("quiet", 5));
+    let purges = busy.iter().map(|t| ("busy", t)).chain(quiet.iter().map(|t| ("quiet", t)));
+    let results = futures::future::join_all(purges.map(|(w, t)| batcher.purge(w, std::slice::from_ref(t)))).await;
+    assert!(results.iter().all(Result::is_ok));
+    let sent: Vec<Vec<String>> = cf
+        .calls()
+        .iter()
+        .filter(|call| call.path.ends_with("/purge_cache"))
+        .map(|call| call.body["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_owned()).collect())
+        .collect();
+    assert_eq!(sent.iter().map(Vec::len).collect::<Vec<_>>(), [30, 15], "45 purges in two calls");
+    let quiet_hex: Vec<String> = quiet.iter().map(KeyHash::to_hex).collect();
+    assert_eq!(sent[0].iter().filter(|t| quiet_hex.contains(t)).count(), 5, "the quiet workspace waits for no one");
 }

@@ -11,19 +11,25 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, Uri};
+use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use keyward_control_plane::change::Actor;
-use keyward_control_plane::config::Config;
-use keyward_control_plane::delivery::HANDOFF;
-use keyward_control_plane::edge_client::EdgeClient;
+use keyward_control_plane::change::{Actor, mint_first_root_key};
+use keyward_control_plane::cloudflare::CloudflareApi;
+use keyward_control_plane::config::{Config, Secret};
+use keyward_control_plane::delivery::{HANDOFF, OutboxSettings, TagBatcher, Upkept, upkeep};
+use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
 use keyward_control_plane::http::{AppState, app};
+use keyward_control_plane::kv::{KvError, KvWriter};
 use keyward_control_plane::serve::bootstrap;
-use keyward_control_plane::store::{DeliveryState, Store, Target};
+use keyward_control_plane::store::{DeliveryState, EntryKind, Redrive, Store, Target};
 use keyward_control_plane::time::now_ms;
 use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
-use keyward_shared::{Key, KeyStatus};
+use keyward_shared::{Key, KeyHash, KeyStatus};
 use serde_json::{Value, json};
+use support::cloudflare_api;
 use tower::ServiceExt;
+
+mod support;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 /// Nothing listens on port 9 of loopback: connections there are refused at once.
@@ -153,11 +159,15 @@ struct Harness {
 }
 
 async fn harness(edge: EdgeClient) -> Harness {
+    harness_with(edge, OutboxSettings::default()).await
+}
+
+async fn harness_with(edge: EdgeClient, outbox: OutboxSettings) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
     let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
     bootstrap(&store, Some(root.clone())).await.unwrap();
-    Harness { _dir: Arc::new(dir), state: AppState::new(store, Arc::new(edge)), root }
+    Harness { _dir: Arc::new(dir), state: AppState::with_outbox(store, Arc::new(edge), outbox), root }
 }
 
 impl Harness {
@@ -176,9 +186,16 @@ impl Harness {
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
+    /// Creates an API, named anew each time; answers the creation's status and answer.
+    async fn api(&self) -> (StatusCode, Value) {
+        static APIS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = APIS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.call("POST", "/v1/apis", Some(&format!(r#"{{"name":"payments-{n}","prefix":"sk_live"}}"#))).await
+    }
+
     /// Creates an API and a key of it; answers the creation's answer and the key.
     async fn key(&self) -> (Value, Key) {
-        let (status, api) = self.call("POST", "/v1/apis", Some(r#"{"name":"payments-live","prefix":"sk_live"}"#)).await;
+        let (status, api) = self.api().await;
         assert_eq!(status, StatusCode::CREATED, "{api}");
         let body = format!(r#"{{"api_id":"{}"}}"#, api["id"].as_str().unwrap());
         let (status, created) = self.call("POST", "/v1/keys", Some(&body)).await;
@@ -196,6 +213,12 @@ impl Harness {
         record.version += 1;
         record.updated_at = now;
         self.state.store.update_key(&record, &self.state.delivery.new_outbox(true, now), &Actor::System).await.unwrap()
+    }
+
+    /// The newest outbox entry of `key`.
+    async fn newest_entry(&self, key: &Key) -> i64 {
+        let record = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
+        self.state.store.newest_entry(EntryKind::Key, &record.id).await.unwrap().unwrap()
     }
 
     /// The state of each of an outbox entry's deliveries, by target.
@@ -394,5 +417,394 @@ fn hung_kv_fails_its_writes_within_seconds() {
             assert!(region["error"].as_str().is_some(), "{created}");
         }
         assert_eq!(created["regions"].as_array().unwrap().len(), 2, "{created}");
+    });
+}
+
+/// A KV namespace that takes every write at once and keeps nothing.
+struct NoKv;
+
+impl KvWriter for NoKv {
+    fn put<'a>(&'a self, _: &'a str, _: String) -> BoxFuture<'a, Result<(), KvError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A KV namespace that refuses every write while `refusing` is set.
+#[derive(Default)]
+struct FlakyKv {
+    refusing: std::sync::atomic::AtomicBool,
+}
+
+impl KvWriter for FlakyKv {
+    fn put<'a>(&'a self, _: &'a str, _: String) -> BoxFuture<'a, Result<(), KvError>> {
+        let refusing = self.refusing.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move { if refusing { Err(KvError::Stopped) } else { Ok(()) } })
+    }
+}
+
+/// Cloudflare's purge_cache as a stand-in that acknowledges every call and records its tags.
+#[derive(Clone, Default)]
+struct Purges(Arc<Mutex<Vec<Vec<String>>>>);
+
+async fn purge_cache_stand_in() -> (String, Purges) {
+    let purges = Purges::default();
+    let log = purges.clone();
+    let app = axum::Router::new().fallback(move |body: String| {
+        let tags: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let tags = tags["tags"].as_array().into_iter().flatten().map(|t| t.as_str().unwrap().to_owned());
+        log.0.lock().unwrap().push(tags.collect());
+        async { axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": null })) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, purges)
+}
+
+/// Cloudflare's API at a purge_cache stand-in, allowed one call per ten minutes and that one
+/// spent now; answers it and what the stand-in records.
+async fn spent_budget() -> (Arc<CloudflareApi>, Purges) {
+    let (base, purges) = purge_cache_stand_in().await;
+    let api = cloudflare_api(&base, 1, 600);
+    api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
+    (api, purges)
+}
+
+/// An edge with an authority at `authority` and one region, `cloudflare`, purged by tag through
+/// `api` (whose rate limit the test chooses), with KV that takes every write at once.
+fn tag_purged_edge(authority: &str, api: Arc<CloudflareApi>) -> EdgeClient {
+    tag_purged_edge_with_kv(authority, api, Arc::new(NoKv))
+}
+
+fn tag_purged_edge_with_kv(authority: &str, api: Arc<CloudflareApi>, kv: Arc<dyn KvWriter>) -> EdgeClient {
+    let region = EdgeRegion {
+        name: "cloudflare".into(),
+        url: "https://keys.example.com".into(),
+        kv,
+        purge: PurgeVia::Tags(Arc::new(TagBatcher::new(api))),
+    };
+    EdgeClient::new(vec![region], Some(authority.to_owned()), Secret::new(SECRET.into()))
+}
+
+impl Harness {
+    /// A second workspace and its root key, made on the database as start-up makes the first.
+    async fn other_workspace(&self) -> Harness {
+        let key = Key::generate("kw_root", [4; 32]).unwrap();
+        let root = key.expose().to_owned();
+        mint_first_root_key(&self.state.store, key).await.unwrap();
+        Harness { root, ..self.clone() }
+    }
+
+    /// Creates `n` keys in a new API; answers their ids.
+    async fn keys(&self, n: usize) -> Vec<String> {
+        let (status, api) = self.api().await;
+        assert_eq!(status, StatusCode::CREATED, "{api}");
+        let body = format!(r#"{{"api_id":"{}"}}"#, api["id"].as_str().unwrap());
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let (status, created) = self.call("POST", "/v1/keys", Some(&body)).await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            ids.push(created["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    }
+
+    async fn revoke(&self, id: &str) -> (StatusCode, Value) {
+        self.call("POST", &format!("/v1/keys/{id}/revoke"), None).await
+    }
+}
+
+/// Issue 9, item 6: a workspace's `GET /v1/regions` shows its own deliveries only, never another
+/// tenant's counts or errors.
+#[test]
+fn regions_show_a_workspace_only_its_own_deliveries() {
+    bounded(Duration::from_secs(30), async {
+        let h = harness(edge(Endpoints {
+            authority: Some(REFUSING),
+            signed: Some((REFUSING, REFUSING)),
+            ..Endpoints::default()
+        }))
+        .await;
+        let other = h.other_workspace().await;
+        // The other workspace's key creation fails its KV write; its revocation, its purge.
+        let (_, key) = other.key().await;
+        let revoked = other.revoke_in_store(&key).await;
+        other.state.delivery.deliver(revoked).await.unwrap();
+        let (status, theirs) = other.call("GET", "/v1/regions", None).await;
+        assert_eq!(status, StatusCode::OK, "{theirs}");
+        let region = &theirs["regions"][0];
+        assert!(region["kv"]["pending"].as_i64().unwrap() >= 1, "{theirs}");
+        assert_eq!(region["purge"]["pending"], 1, "{theirs}");
+        assert!(region["purge"]["last_error"].as_str().is_some(), "{theirs}");
+        let (_, mine) = h.call("GET", "/v1/regions", None).await;
+        let region = &mine["regions"][0];
+        for target in ["kv", "purge"] {
+            assert_eq!(region[target]["pending"], 0, "another workspace's deliveries shown: {mine}");
+            assert_eq!(region[target]["last_error"], Value::Null, "another workspace's error shown: {mine}");
+        }
+    });
+}
+
+/// Issue 9, item 4: a repeated revoke sends nothing to a region that acknowledged, and tries
+/// again only what has not landed.
+#[test]
+fn a_repeated_revoke_resends_only_to_targets_that_have_not_acknowledged() {
+    bounded(Duration::from_secs(30), async {
+        let (url, seen) = stand_in(Duration::ZERO).await;
+        let h =
+            harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &url)), cloudflare: Some(REFUSING) }))
+                .await;
+        let (created, _) = h.key().await;
+        let id = created["id"].as_str().unwrap();
+        let (_, first) = h.revoke(id).await;
+        assert_eq!(first["regions"][0]["acknowledged"], true, "{first}");
+        assert_eq!(first["regions"][1]["acknowledged"], false, "{first}");
+        let (authority, purges) = (seen.count(AUTHORITY_PATH), seen.count(PURGE_PATH));
+        assert_eq!(purges, 1);
+        let (status, again) = h.revoke(id).await;
+        assert_eq!(status, StatusCode::OK, "{again}");
+        assert_eq!(seen.count(PURGE_PATH), purges, "r1 acknowledged, and was purged again");
+        assert_eq!(seen.count(AUTHORITY_PATH), authority, "the authority acknowledged, and was sent it again");
+        assert_eq!(again["authority"]["acknowledged"], true, "{again}");
+        assert_eq!(again["regions"][0]["acknowledged"], true, "{again}");
+        assert_eq!(again["regions"][1]["acknowledged"], false, "{again}");
+        assert!(again["regions"][1]["error"].as_str().is_some_and(|e| e.contains("purge")), "{again}");
+    });
+}
+
+/// Issue 9, item 4: with the purge budget spent, a revoke still answers within 5 s, naming
+/// the region whose purge is pending; the purge goes on.
+#[test]
+fn a_revoke_answers_within_five_seconds_whatever_the_budget() {
+    bounded(Duration::from_secs(30), async {
+        let (authority, _) = stand_in(Duration::ZERO).await;
+        let (api, purges) = spent_budget().await;
+        let h = harness(tag_purged_edge(&authority, api)).await;
+        let ids = h.keys(1).await;
+        let started = Instant::now();
+        let (status, revoked) = h.revoke(&ids[0]).await;
+        let took = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        assert!(took < Duration::from_secs(6), "the revoke took {took:?}");
+        assert_eq!(revoked["authority"]["acknowledged"], true, "{revoked}");
+        let region = &revoked["regions"][0];
+        assert_eq!(region["acknowledged"], false, "{revoked}");
+        // Pending: either the call waited out the 5 s, or the client saw at once that the budget
+        // cannot start it in time.
+        let pending = |e: &str| e.contains("still pending") || e.contains("api_limit");
+        assert!(region["error"].as_str().is_some_and(pending), "{revoked}");
+        assert_eq!(purges.0.lock().unwrap().len(), 1, "only the call that spent the budget");
+    });
+}
+
+/// Issue 9, item 4: one workspace revoking many keys at once batches their tags into few
+/// calls, and another workspace's revoke takes its share of the next call instead of waiting
+/// behind them all.
+#[test]
+fn purges_by_tag_are_batched_and_another_workspace_does_not_wait_behind_them() {
+    bounded(Duration::from_secs(60), async {
+        let (authority, _) = stand_in(Duration::ZERO).await;
+        let (base, purges) = purge_cache_stand_in().await;
+        // Two calls a second: 61 calls, one per revoke, would take half a minute.
+        let h = harness(tag_purged_edge(&authority, cloudflare_api(&base, 2, 1))).await;
+        let busy = h.keys(60).await;
+        let other = h.other_workspace().await;
+        let (created, quiet) = other.key().await;
+        let quiet_tag = quiet.hash().to_hex();
+        let revokes: Vec<_> = busy
+            .iter()
+            .map(|id| {
+                let (h, id) = (h.clone(), id.clone());
+                tokio::spawn(async move { h.revoke(&id).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let (status, revoked) = other.revoke(created["id"].as_str().unwrap()).await;
+        let took = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        assert_eq!(revoked["regions"][0]["acknowledged"], true, "{revoked}");
+        assert!(took < Duration::from_secs(3), "the other workspace's revoke waited {took:?}");
+        for revoke in revokes {
+            let (status, revoked) = revoke.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{revoked}");
+        }
+        let calls = purges.0.lock().unwrap().clone();
+        let tags: usize = calls.iter().map(Vec::len).sum();
+        assert!(calls.len() <= 8, "{} calls for 61 revokes: {calls:?}", calls.len());
+        assert!(calls.iter().all(|c| c.len() <= 30), "a call carried more than 30 tags");
+        assert!(tags >= 61, "every tag purged: {tags}");
+        assert!(calls.iter().any(|c| c.contains(&quiet_tag)));
+    });
+}
+
+/// Issue 9, item 4: the start-up sync of root keys goes through the outbox: what cannot be
+/// delivered stays pending, shown, and retried, instead of being logged and forgotten.
+#[test]
+fn the_start_up_root_key_sync_is_queued_in_the_outbox() {
+    bounded(Duration::from_secs(30), async {
+        let h = harness(edge(Endpoints {
+            authority: Some(REFUSING),
+            signed: Some((REFUSING, REFUSING)),
+            ..Endpoints::default()
+        }))
+        .await;
+        h.state.change.publish_root_keys().await.unwrap();
+        let (_, regions) = h.call("GET", "/v1/regions", None).await;
+        assert_eq!(regions["authority"]["pending"], 1, "{regions}");
+        assert_eq!(regions["regions"][0]["kv"]["pending"], 1, "{regions}");
+    });
+}
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// Issue 9, item 8: past their ages, what no promise depends on is dead-lettered (never for
+/// its attempts), what it depends on is stuck and still retried, and both are counted with
+/// their last error; a redrive makes them pending and due again.
+#[test]
+fn old_deliveries_are_stuck_or_dead_lettered_by_what_depends_on_them_and_redriven() {
+    bounded(Duration::from_secs(30), async {
+        // Everything promised and pending is stuck at once.
+        let outbox = OutboxSettings { stuck_after_s: 0, ..OutboxSettings::default() };
+        let refusing =
+            Endpoints { authority: Some(REFUSING), signed: Some((REFUSING, REFUSING)), ..Endpoints::default() };
+        let h = harness_with(edge(refusing), outbox).await;
+        let (_, key) = h.key().await;
+        let created_entry = h.newest_entry(&key).await;
+        let revoked_entry = h.revoke_in_store(&key).await;
+        h.state.delivery.deliver(revoked_entry).await.unwrap();
+        assert_eq!(h.deliveries(created_entry).await[&Target::Kv("r1".into())], DeliveryState::Superseded);
+        // Another key's creation: a loosening change, whose KV write no promise depends on.
+        let (_, other) = h.key().await;
+        let loosening = h.newest_entry(&other).await;
+        let store = &h.state.store;
+        let week_later = now_ms() + 8 * DAY_MS;
+        let upkept = upkeep(store, &OutboxSettings::default(), week_later).await.unwrap();
+        // The first creation, whose only delivery the revocation superseded, is pruned.
+        assert_eq!(upkept, Upkept { dead_lettered: 1, pruned: 1 });
+        assert!(store.outbox_entry(created_entry).await.unwrap().is_none());
+        assert_eq!(h.deliveries(loosening).await[&Target::Kv("r1".into())], DeliveryState::DeadLettered);
+        let revoked = h.deliveries(revoked_entry).await;
+        assert_eq!(revoked[&purge("r1")], DeliveryState::Pending, "a purge is never dead-lettered");
+        assert_eq!(revoked[&Target::Kv("r1".into())], DeliveryState::Pending, "nor a tightening KV write");
+
+        let (_, regions) = h.call("GET", "/v1/regions", None).await;
+        let region = &regions["regions"][0];
+        assert_eq!(region["kv"]["dead_lettered"], 1, "{regions}");
+        assert_eq!(region["kv"]["stuck"], 1, "the revocation's KV write: {regions}");
+        assert_eq!(region["purge"]["stuck"], 1, "{regions}");
+        assert!(region["purge"]["last_error"].as_str().is_some(), "{regions}");
+
+        let redriven = store.redrive(Redrive { region: Some("r1"), now: now_ms() }).await.unwrap();
+        assert_eq!((redriven.revived, redriven.made_due), (1, 2), "{redriven:?}");
+        assert_eq!(h.deliveries(loosening).await[&Target::Kv("r1".into())], DeliveryState::Pending);
+        let due = store.due_outbox_ids(now_ms(), 10).await.unwrap();
+        assert!(due.contains(&loosening) && due.contains(&revoked_entry), "{due:?}");
+    });
+}
+
+/// Issue 9, item 8: an entry whose every delivery landed is pruned once old enough; one with a
+/// delivery pending is kept whatever its age.
+#[test]
+fn delivered_entries_are_pruned_after_their_age() {
+    bounded(Duration::from_secs(30), async {
+        let (url, _) = stand_in(Duration::ZERO).await;
+        let h = harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &url)), ..Endpoints::default() }))
+            .await;
+        let (_, key) = h.key().await;
+        let delivered = h.newest_entry(&key).await;
+        h.key().await;
+        let pending = h.revoke_in_store(&key).await;
+        let store = &h.state.store;
+        assert_eq!(store.prune_delivered(now_ms() - DAY_MS).await.unwrap(), 0, "too young");
+        let pruned = upkeep(store, &OutboxSettings::default(), now_ms() + 8 * DAY_MS).await.unwrap().pruned;
+        assert_eq!(pruned, 2, "both creations; not the undelivered revocation");
+        assert!(store.outbox_entry(delivered).await.unwrap().is_none());
+        assert!(store.outbox_entry(pending).await.unwrap().is_some());
+    });
+}
+
+/// Issue 9, item 8: `keyward outbox status` shows the operator every workspace's stuck
+/// deliveries with their last error, and `keyward outbox redrive --region` makes them due.
+#[test]
+fn the_outbox_commands_show_and_redrive_stuck_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("keyward.sqlite");
+    bounded(Duration::from_secs(30), {
+        let database = database.clone();
+        async move {
+            let store = Store::open(&database).await.unwrap();
+            let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
+            bootstrap(&store, Some(root.clone())).await.unwrap();
+            let edge = edge(Endpoints {
+                authority: Some(REFUSING),
+                signed: Some((REFUSING, REFUSING)),
+                ..Endpoints::default()
+            });
+            let h = Harness {
+                _dir: Arc::new(tempfile::tempdir().unwrap()),
+                state: AppState::new(store, Arc::new(edge)),
+                root,
+            };
+            let (_, key) = h.key().await;
+            let id = h.revoke_in_store(&key).await;
+            h.state.delivery.deliver(id).await.unwrap();
+            h.state.store.close().await;
+        }
+    });
+    let keyward = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(args)
+            .arg("--database")
+            .arg(&database)
+            .arg("--json")
+            .env_clear()
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    // Everything promised and pending is stuck at once with these ages.
+    let config = format!(
+        "purge_secret = \"{SECRET}\"\nauthority_url = \"{REFUSING}\"\n[[regions]]\nname = \"r1\"\nurl = \"{REFUSING}\"\nkv_url = \"{REFUSING}\"\n\
+         kv_namespace_id = \"ns\"\n[outbox]\nstuck_after_s = 0\n"
+    );
+    std::fs::write(dir.path().join("keyward.toml"), config).unwrap();
+    let status = keyward(&["outbox", "status"]);
+    let purge = status["targets"].as_array().unwrap().iter().find(|t| t["target"] == "purge:r1").unwrap();
+    assert_eq!(purge["stuck"], 1, "{status}");
+    let troubled = status["troubled"].as_array().unwrap();
+    let stuck = troubled.iter().find(|d| d["target"] == "purge:r1").expect("the stuck purge is listed");
+    assert_eq!(stuck["state"], "pending", "{status}");
+    assert!(stuck["last_error"].as_str().is_some_and(|e| e.contains("purge")), "{status}");
+    let redriven = keyward(&["outbox", "redrive", "--region", "r1"]);
+    assert!(redriven["made_due"].as_u64().unwrap() >= 1, "{redriven}");
+}
+
+/// Issue 9, items 4 and 8: a purge the retrier took while the purge budget is spent holds up
+/// only its own entry: another entry's failed KV write is retried meanwhile.
+#[test]
+fn a_purge_waiting_for_the_budget_holds_up_no_other_retry() {
+    bounded(Duration::from_secs(30), async {
+        let (authority, _) = stand_in(Duration::ZERO).await;
+        let (api, _) = spent_budget().await;
+        let kv = Arc::new(FlakyKv::default());
+        let h = harness(tag_purged_edge_with_kv(&authority, api, kv.clone())).await;
+        let (_, blocked) = h.key().await;
+        let blocked = h.revoke_in_store(&blocked).await;
+        kv.refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, key) = h.key().await;
+        let failed = h.newest_entry(&key).await;
+        // The retrier takes both at once: the revocation's purge waits ten minutes for the budget.
+        h.state.delivery.clone().spawn_retrier();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        kv.refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let started = Instant::now();
+        while h.deliveries(failed).await[&Target::Kv("cloudflare".into())] != DeliveryState::Done {
+            assert!(started.elapsed() < Duration::from_secs(5), "the KV write waited behind the purge");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.deliveries(blocked).await[&purge("cloudflare")], DeliveryState::Pending);
     });
 }

@@ -1,10 +1,12 @@
-//! The `keyward` command line. `serve` runs the control plane; every other subcommand is an
+//! The `keyward` command line. `serve` runs the control plane, and `outbox` reads and redrives
+//! its deliveries on the database itself (the operator's commands); every other subcommand is an
 //! HTTP client of the admin API, so a change made here takes the same path as one made with curl.
 //!
 //! On a terminal the answers are tables and sentences (`render.rs`); with `--json`, or when
 //! stdout is a pipe, they are the API's JSON, for scripts.
 
 mod client;
+mod outbox;
 mod render;
 mod request;
 
@@ -71,6 +73,9 @@ enum Command {
     /// Create, find, change, revoke and verify API keys.
     #[command(subcommand, after_help = "Example:\n  keyward keys list --start sk_live_3xQ9ab")]
     Keys(KeyCommand),
+    /// The operator's view of every workspace's deliveries, and their redrive (on the database).
+    #[command(subcommand, after_help = "Example:\n  keyward outbox status --config keyward.toml")]
+    Outbox(outbox::OutboxCommand),
 }
 
 #[derive(Subcommand)]
@@ -220,12 +225,17 @@ pub async fn run() -> anyhow::Result<()> {
         (false, None) if std::io::stdout().is_terminal() => Format::Table,
         (false, None) => Format::Json,
     };
-    let client = Client::new(&cli.url, cli.root_key)?;
-    let request = request::request_for(cli.command)?;
-    let answer = client.call(&request).await?;
+    let (answer, view) = match cli.command {
+        Command::Outbox(command) => outbox::run(command).await?,
+        command => {
+            let client = Client::new(&cli.url, cli.root_key)?;
+            let request = request::request_for(command)?;
+            (client.call(&request).await?, request.view)
+        }
+    };
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-        Format::Table => print!("{}", render(request.view, &answer, crate::time::now_ms())),
+        Format::Table => print!("{}", render(view, &answer, crate::time::now_ms())),
     }
     Ok(())
 }

@@ -22,6 +22,8 @@ pub enum View {
     KeyRevoked,
     KeyDeleted,
     Verified,
+    OutboxStatus,
+    Redriven,
 }
 
 /// The text for `answer`, ending in a newline; `now` (Unix ms) decides whether a key has expired.
@@ -87,6 +89,13 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             delivery(answer)
         ),
         View::Verified => verified(answer),
+        View::OutboxStatus => outbox_status(answer, now),
+        View::Redriven => format!(
+            "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
+            answer["region"].as_str().map_or("every target".to_owned(), |r| format!("region {r}")),
+            text(&answer["revived"]),
+            text(&answer["made_due"]),
+        ),
     }
 }
 
@@ -152,6 +161,30 @@ fn verified(answer: &Value) -> String {
     if answer["key_id"].is_string() {
         out.push_str(&indent(&field_table(&shown)));
     }
+    out
+}
+
+/// `outbox status`: every target's counts, then each stuck or dead-lettered delivery.
+fn outbox_status(answer: &Value, now: i64) -> String {
+    let targets = items(&answer["targets"]).iter().map(|t| {
+        let lag = t["lag_ms"].as_i64().map_or("-".into(), |ms| format!("{} s", ms / 1000));
+        let counts = ["pending", "stuck", "dead_lettered"].map(|field| text(&t[field]));
+        [vec![text(&t["target"])], counts.to_vec(), vec![lag, text(&t["last_error"])]].concat()
+    });
+    let header = ["TARGET", "PENDING", "STUCK", "DEAD-LETTERED", "OLDEST", "LAST ERROR"];
+    let mut out = table(&header, targets.collect(), "Nothing pending: every delivery has landed.");
+    let troubled = items(&answer["troubled"]).iter().map(|d| {
+        let age = d["created_at"].as_i64().map_or("-".into(), |at| format!("{} min", (now - at) / 60_000));
+        let fields = ["outbox_id", "workspace_id", "key_id", "target", "state", "attempts"].map(|f| text(&d[f]));
+        [fields.to_vec(), vec![age, text(&d["last_error"])]].concat()
+    });
+    let header = ["OUTBOX", "WORKSPACE", "KEY", "TARGET", "STATE", "ATTEMPTS", "AGE", "LAST ERROR"];
+    let stuck_after = text(&answer["stuck_after_s"]);
+    out.push_str(&table(
+        &header,
+        troubled.collect(),
+        &format!("None stuck (pending past {stuck_after} s) or dead-lettered."),
+    ));
     out
 }
 
@@ -466,5 +499,31 @@ with the key's authority), and its purge is retried until delivered (GET /v1/reg
         );
         let malformed = json!({ "valid": false, "code": "MALFORMED", "permissions": [] });
         assert_eq!(render(View::Verified, &malformed, NOW), "MALFORMED: not valid\n");
+    }
+
+    #[test]
+    fn outbox_status_counts_each_target_and_lists_what_is_stuck() {
+        let answer = json!({
+            "stuck_after_s": 3600,
+            "targets": [{ "target": "purge:eu", "pending": 2, "stuck": 1, "dead_lettered": 0, "lag_ms": 7_200_000,
+                          "last_error": "purge: refused with 503" }],
+            "troubled": [{ "outbox_id": 7, "workspace_id": "ws_1", "key_id": "key_1", "target": "purge:eu",
+                           "state": "pending", "attempts": 40, "created_at": NOW - 7_200_000,
+                           "last_error": "purge: refused with 503" }],
+        });
+        let out = render(View::OutboxStatus, &answer, NOW);
+        assert!(out.contains("purge:eu  2        1      0              7200 s  purge: refused with 503"), "{out}");
+        assert!(
+            out.contains("7       ws_1       key_1  purge:eu  pending  40        120 min  purge: refused with 503"),
+            "{out}"
+        );
+        let empty = json!({ "stuck_after_s": 3600, "targets": [], "troubled": [] });
+        let out = render(View::OutboxStatus, &empty, NOW);
+        assert!(out.contains("Nothing pending") && out.contains("None stuck (pending past 3600 s)"), "{out}");
+        let redriven = json!({ "region": "eu", "revived": 1, "made_due": 2 });
+        assert_eq!(
+            render(View::Redriven, &redriven, NOW),
+            "Redrove region eu: 1 dead-lettered deliveries made pending again, 2 pending ones made due now.\n"
+        );
     }
 }

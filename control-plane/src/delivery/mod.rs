@@ -10,9 +10,14 @@
 //! A pass over an entry is a few named steps: `load` the entry, start its `update_authority`,
 //! `deliver_region` (its KV write and purge) for every region at once, report, and `record`
 //! every attempt in one transaction. Errors stay a [`DeliveryError`] until they are recorded as
-//! text; the attempts and reports are in `outcome.rs`.
+//! text; the attempts and reports are in `outcome.rs`. A change's caller waits at most
+//! [`ANSWER_WITHIN`], whatever the purge budget: what has not landed by then is reported
+//! pending, and goes on. Purges by tag are batched with a fair share per workspace (`tags.rs`);
+//! the retrier also prunes and dead-letters by age (`upkeep.rs`).
 
 mod outcome;
+mod tags;
+mod upkeep;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,8 +29,10 @@ use futures::future::{BoxFuture, Shared, join_all};
 use keyward_shared::{KeyRecord, RootKeyRecord};
 use tokio::sync::Notify;
 
-use self::outcome::{Attempt, Attempted, RegionPass, authority_lacks_message, authority_report};
+use self::outcome::{Attempt, Attempted, RegionPass, authority_lacks_message, authority_report, still_pending};
 pub use self::outcome::{AuthorityReport, Delivered, DeliveryError, KvState, RegionReport, error_text};
+pub use self::tags::{BatchError, FairQueue, TagBatcher, TagPurge};
+pub use self::upkeep::{OutboxSettings, UPKEEP_EVERY, Upkept, health_json, upkeep};
 use crate::edge_client::{EdgeClient, EdgeRegion};
 use crate::store::{AttemptOutcome, Delivery, EntryKind, NewOutbox, OutboxEntry, Store, Target};
 use crate::time::now_ms;
@@ -35,8 +42,13 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the retrier looks for due deliveries.
 const RETRY_TICK: Duration = Duration::from_millis(250);
+/// The most deliveries under way at once (the retrier's and the requests'), beyond which the
+/// retrier starts no more until some end.
+const RETRY_IN_FLIGHT: usize = 64;
 /// A new entry is left to the request that made it for this long before the retrier may take it.
 pub const HANDOFF: Duration = Duration::from_secs(5);
+/// The longest a change's caller waits for its delivery; what has not landed is reported pending.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// Which pending targets a delivery attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +154,7 @@ impl PassPlan<'_> {
 pub struct Deliverer {
     store: Store,
     edge: Arc<EdgeClient>,
+    settings: OutboxSettings,
     in_flight: Mutex<HashSet<i64>>,
     /// Notified when a claim is released, for deliveries waiting to claim the same entry.
     released: Notify,
@@ -163,12 +176,16 @@ impl Drop for Claim<'_> {
 }
 
 impl Deliverer {
-    pub fn new(store: Store, edge: Arc<EdgeClient>) -> Deliverer {
-        Deliverer { store, edge, in_flight: Mutex::new(HashSet::new()), released: Notify::new() }
+    pub fn new(store: Store, edge: Arc<EdgeClient>, settings: OutboxSettings) -> Deliverer {
+        Deliverer { store, edge, settings, in_flight: Mutex::new(HashSet::new()), released: Notify::new() }
     }
 
     pub fn edge(&self) -> &EdgeClient {
         &self.edge
+    }
+
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.settings
     }
 
     /// An outbox entry for a change committed at `now`, to be stored with it: the store gives it
@@ -205,10 +222,30 @@ impl Deliverer {
     /// once, after the answer: nothing reads KV without the authority beside it, so they cannot
     /// make the key valid again, and on 2 cores they would slow the purges down.
     /// The delivery runs in a task of its own: a caller that stops waiting (a handler whose
-    /// client disconnected) does not cancel it.
+    /// client disconnected) does not cancel it. The answer comes within [`ANSWER_WITHIN`]: by
+    /// then, what has not landed (a purge waiting for its share of the budget, a hung target) is
+    /// answered as pending, from the outbox, and its delivery goes on.
     pub async fn deliver(self: &Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
         let task = tokio::spawn(self.clone().deliver_in_force(id));
-        task.await.context("the delivery task stopped")?
+        match tokio::time::timeout(ANSWER_WITHIN, task).await {
+            Ok(done) => done.context("the delivery task stopped")?,
+            Err(_) => self.stored_report(id).await,
+        }
+    }
+
+    /// What an entry's deliveries have reached, as stored: a delivery still under way is pending.
+    async fn stored_report(&self, id: i64) -> anyhow::Result<Delivered> {
+        let loaded = self.load(id).await?;
+        let authority = loaded.find(&Target::Authority);
+        let lacks = authority.filter(|d| d.is_pending()).map(|d| authority_lacks_message(&still_pending(d)));
+        let regions = self.edge.regions.iter().map(|region| {
+            let kv = loaded.find(&Target::Kv(region.name.clone()));
+            let purge = loaded.find(&Target::Purge(region.name.clone()));
+            let pass = RegionPass { kv, purge, kv_attempt: None, purge_attempt: None };
+            let pending = purge.filter(|d| d.is_pending()).map(still_pending);
+            pass.report(region, pending.or(lacks.clone().filter(|_| purge.is_some())))
+        });
+        Ok(Delivered { authority: authority.map(|d| authority_report(d, None)), regions: regions.collect() })
     }
 
     async fn deliver_in_force(self: Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
@@ -232,11 +269,20 @@ impl Deliverer {
     /// 60 s), and is not sent while the authority lacks it: the refill that follows is then sure
     /// to find it. KV writes run alongside, except those of a tightening change in the pass that
     /// puts it in force: they get a pass of their own right after.
-    /// Outcomes are recorded together in one transaction.
+    /// The authority's outcome, and each region's, is recorded as soon as it is known, so that an
+    /// answer given while another target is still under way ([`ANSWER_WITHIN`]) shows it.
     async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let loaded = self.load(id).await?;
         let started = Instant::now();
-        let authority = self.update_authority(&loaded, pass, started).boxed().shared();
+        let authority_delivery = loaded.find(&Target::Authority);
+        let authority = async {
+            let attempt = self.update_authority(&loaded, pass, started).await;
+            if let (Some(delivery), Some(attempt)) = (authority_delivery, &attempt) {
+                self.record(&[Attempted { delivery, result: attempt.result.clone() }]).await;
+            }
+            attempt
+        };
+        let authority = authority.boxed().shared();
         let plan = PassPlan {
             loaded: &loaded,
             kv_now: pass.writes_kv(loaded.entry.purges()),
@@ -244,22 +290,14 @@ impl Deliverer {
             started,
             authority: authority.clone(),
         };
-        let regions = join_all(self.edge.regions.iter().map(|region| self.deliver_region(&plan, region)));
+        let regions = join_all(self.edge.regions.iter().map(|region| async {
+            let (report, attempts) = self.deliver_region(&plan, region).await;
+            self.record(&attempts.attempted().collect::<Vec<_>>()).await;
+            report
+        }));
         let (authority_attempt, regions) = futures::join!(authority, regions);
-
-        let authority_delivery = loaded.find(&Target::Authority);
         let authority = authority_delivery.map(|d| authority_report(d, authority_attempt.as_ref()));
-        let mut attempted: Vec<Attempted> = Vec::new();
-        if let (Some(delivery), Some(attempt)) = (authority_delivery, authority_attempt) {
-            attempted.push(Attempted { delivery, result: attempt.result });
-        }
-        let mut reports = Vec::new();
-        for (report, region) in regions {
-            attempted.extend(region.attempted());
-            reports.push(report);
-        }
-        self.record(&attempted).await?;
-        Ok(Delivered { authority, regions: reports })
+        Ok(Delivered { authority, regions })
     }
 
     /// Reads an entry and its deliveries, and parses its record if the authority or a purge
@@ -325,15 +363,18 @@ impl Deliverer {
         Some(plan.attempt(result.map_err(DeliveryError::Purge)))
     }
 
-    /// Records attempts in one transaction; a failure is retried with backoff.
-    async fn record(&self, attempted: &[Attempted<'_>]) -> anyhow::Result<()> {
+    /// Records attempts in one transaction; a failure is retried with backoff. An outcome that
+    /// cannot be recorded is logged: its delivery stays pending, and is made again.
+    async fn record(&self, attempted: &[Attempted<'_>]) {
         let now = now_ms();
         let rows: Vec<AttemptOutcome> = attempted.iter().map(|a| a.outcome(now)).collect();
-        self.store.deliveries_attempted(&rows, now).await?;
-        Ok(())
+        if let Err(e) = self.store.deliveries_attempted(&rows, now).await {
+            tracing::error!(error = %e, "cannot record delivery outcomes; they will be delivered again");
+        }
     }
 
-    /// Retries due deliveries until the process ends. At start, everything pending is due.
+    /// Retries due deliveries until the process ends, and every [`UPKEEP_EVERY`] prunes and
+    /// dead-letters by age (`upkeep.rs`). At start, everything pending is due.
     pub fn spawn_retrier(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             match self.store.retry_all_now(now_ms()).await {
@@ -341,24 +382,46 @@ impl Deliverer {
                 Ok(n) => tracing::info!(pending = n, "finishing deliveries left pending by the last run"),
                 Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
             }
+            let mut upkept: Option<Instant> = None;
             loop {
-                let ids = match self.store.due_outbox_ids(now_ms(), 32).await {
-                    Ok(ids) => ids,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the outbox");
-                        Vec::new()
+                if upkept.is_none_or(|at| at.elapsed() >= UPKEEP_EVERY) {
+                    if let Err(e) = upkeep(&self.store, &self.settings, now_ms()).await {
+                        tracing::error!(error = %e, "cannot prune the outbox");
                     }
-                };
-                let claimed: Vec<_> = ids.into_iter().filter_map(|id| self.try_claim(id)).collect();
-                join_all(claimed.iter().map(|claim| async {
-                    if let Err(e) = self.deliver_claimed(claim.id, Pass::All).await {
-                        tracing::error!(outbox = claim.id, error = %e, "delivery failed");
-                    }
-                }))
-                .await;
-                drop(claimed);
+                    upkept = Some(Instant::now());
+                }
+                self.retry_due().await;
                 tokio::time::sleep(RETRY_TICK).await;
             }
         })
+    }
+
+    /// One round of the retrier: every due entry not being delivered already starts, in a task
+    /// of its own, up to [`RETRY_IN_FLIGHT`] deliveries under way at once. The round does not
+    /// wait for them: a purge waiting for its share of the budget, or a hung target, holds up
+    /// only its own entry.
+    async fn retry_due(self: &Arc<Self>) {
+        let in_flight = self.in_flight.lock().expect("not poisoned").len();
+        let room = RETRY_IN_FLIGHT.saturating_sub(in_flight);
+        if room == 0 {
+            return;
+        }
+        // Entries under way are still due until their outcome is recorded: look past them.
+        let ids = match self.store.due_outbox_ids(now_ms(), (room + in_flight) as u32).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        for id in ids.into_iter().filter(|id| !self.in_flight.lock().expect("not poisoned").contains(id)).take(room) {
+            let deliverer = self.clone();
+            tokio::spawn(async move {
+                let Some(_claim) = deliverer.try_claim(id) else { return };
+                if let Err(e) = deliverer.deliver_claimed(id, Pass::All).await {
+                    tracing::error!(outbox = id, error = %e, "delivery failed");
+                }
+            });
+        }
     }
 }

@@ -93,6 +93,19 @@ pub(super) fn authority_lacks_message(reason: &str) -> String {
     format!("the key's authority does not hold this change yet: {reason}")
 }
 
+/// What a delivery not acknowledged when the answer was due is reported as: still pending, with
+/// its last error if an attempt failed before.
+pub(super) fn still_pending(delivery: &Delivery) -> String {
+    let what = format!(
+        "still pending after {} s: its delivery goes on (GET /v1/regions shows it)",
+        super::ANSWER_WITHIN.as_secs()
+    );
+    match &delivery.last_error {
+        Some(error) => format!("{what}; last error: {error}"),
+        None => what,
+    }
+}
+
 /// One attempt at one delivery in a pass: how it went, and when it ended. Cheap to clone, as
 /// the authority's attempt is awaited by every region whose purge depends on it.
 #[derive(Debug, Clone)]
@@ -142,9 +155,9 @@ pub(super) struct RegionPass<'a> {
 }
 
 impl<'a> RegionPass<'a> {
-    /// The region's report. A region is not reported as acknowledged while the key's authority
-    /// lacks the change (`lacks`), whatever it answered: a copy it refills from the authority
-    /// would be the old record.
+    /// The region's report. A region is not reported as acknowledged while `lacks` says why not,
+    /// whatever it answered: the key's authority lacks the change (a copy it refills from the
+    /// authority would be the old record), or its purge is still under way.
     pub(super) fn report(&self, region: &EdgeRegion, lacks: Option<String>) -> RegionReport {
         let kv = match (&self.kv_attempt, self.kv) {
             (Some(attempt), _) if attempt.result.is_ok() => KvState::Written,
@@ -187,6 +200,10 @@ pub(super) fn authority_report(delivery: &Delivery, attempt: Option<&Attempt>) -
             latency_ms: attempt.at_ms,
             error: attempt.result.as_ref().err().map(|e| error_text(&**e)),
         },
-        None => AuthorityReport { acknowledged: delivery.state == DeliveryState::Done, latency_ms: 0.0, error: None },
+        None => AuthorityReport {
+            acknowledged: delivery.state == DeliveryState::Done,
+            latency_ms: 0.0,
+            error: delivery.is_pending().then(|| still_pending(delivery)),
+        },
     }
 }

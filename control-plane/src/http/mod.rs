@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::change::{ChangeError, ChangeService};
 use crate::delivery::RegionReport;
-use crate::delivery::{AuthorityReport, Delivered, Deliverer};
+use crate::delivery::{AuthorityReport, Delivered, Deliverer, OutboxSettings};
 use crate::edge_client::EdgeClient;
 use crate::store::Store;
 pub use error::{AppError, Result};
@@ -43,8 +43,13 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// With the outbox's default ages.
     pub fn new(store: Store, edge: Arc<EdgeClient>) -> AppState {
-        let delivery = Arc::new(Deliverer::new(store.clone(), edge));
+        AppState::with_outbox(store, edge, OutboxSettings::default())
+    }
+
+    pub fn with_outbox(store: Store, edge: Arc<EdgeClient>, outbox: OutboxSettings) -> AppState {
+        let delivery = Arc::new(Deliverer::new(store.clone(), edge, outbox));
         let changes = tokio::sync::watch::channel(0).0;
         let change = Arc::new(ChangeService::new(store.clone(), delivery.clone(), changes.clone()));
         AppState { store, delivery, change, changes }

@@ -1,4 +1,7 @@
-//! `GET /v1/regions`: each region's health and how far behind its deliveries are.
+//! `GET /v1/regions`: each region's health and how far behind the caller's workspace's
+//! deliveries are there: pending, stuck and dead-lettered, with the last error. A workspace sees
+//! only its own changes' deliveries (another tenant's errors can name its keys and its load);
+//! the operator's view of every workspace is `keyward outbox status`, on the database itself.
 
 use axum::Router;
 use axum::extract::State;
@@ -9,7 +12,8 @@ use serde_json::{Value, json};
 
 use super::auth::RootKey;
 use super::{AppState, Result};
-use crate::store::{PendingTarget, Target};
+use crate::delivery::health_json;
+use crate::store::Target;
 use crate::time::now_ms;
 
 pub fn router() -> Router<AppState> {
@@ -18,19 +22,16 @@ pub fn router() -> Router<AppState> {
 
 async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Json<Value>> {
     caller.require(&Scope::ApiRead)?;
-    let pending = state.store.pending_by_target().await?;
     let now = now_ms();
-    let of = |target: Target| {
-        let p = pending.iter().find(|p| p.target == target);
-        let (count, lag) = p.map_or((0, 0), |p: &PendingTarget| (p.pending, now - p.oldest));
-        json!({ "pending": count, "lag_ms": lag, "last_error": p.and_then(|p| p.last_error.clone()) })
-    };
+    let stuck_before = state.delivery.settings().stuck_before(now);
+    let health = state.store.delivery_health(Some(caller.workspace_id()), stuck_before).await?;
+    let of = |target: Target| health_json(health.iter().find(|h| h.target == target), now);
     let edge = state.delivery.edge();
-    let health = join_all(edge.regions.iter().map(|r| edge.healthy(r))).await;
+    let up = join_all(edge.regions.iter().map(|r| edge.healthy(r))).await;
     let regions: Vec<Value> = edge
         .regions
         .iter()
-        .zip(health)
+        .zip(up)
         .map(|(region, healthy)| {
             json!({
                 "name": region.name,

@@ -18,8 +18,8 @@ use sqlx::{FromRow, SqlitePool};
 
 pub use keys::KeyQuery;
 pub use outbox::{
-    AttemptOutcome, Delivery, DeliveryState, EntryKind, NewOutbox, OutboxEntry, PendingTarget, Reach, Target,
-    UnknownTarget,
+    AttemptOutcome, Delivery, DeliveryState, EntryKind, NewOutbox, OutboxEntry, Reach, Redrive, Redriven, Target,
+    TargetHealth, TroubledDelivery, UnknownTarget,
 };
 pub use root_keys::NewRootKey;
 

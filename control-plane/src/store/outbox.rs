@@ -1,6 +1,7 @@
 //! The outbox: each change's deliveries (authority, KV per region, purge per region; a root key's
-//! change has no purges), their attempts, what is pending, and the tightening key changes that
-//! make the event stream.
+//! change has no purges), their attempts, what is pending, stuck or dead-lettered (per
+//! workspace), pruning by age, the operator's redrive, and the tightening key changes that make
+//! the event stream.
 
 use std::fmt;
 use std::str::FromStr;
@@ -43,15 +44,41 @@ pub enum Target {
     Purge(String),
 }
 
+impl Target {
+    /// Whether the promise depends on this delivery: the authority update, a purge, or a KV
+    /// write of a tightening change. Such a delivery is retried until it lands and never
+    /// dead-lettered; it is shown as stuck past its age limit. [`PROMISED_SQL`] says the same.
+    pub fn is_promised(&self, tightening: bool) -> bool {
+        match self {
+            Target::Authority | Target::Purge(_) => true,
+            Target::Kv(_) => tightening,
+        }
+    }
+
+    /// The region this target belongs to; the authority belongs to none.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            Target::Authority => None,
+            Target::Kv(region) | Target::Purge(region) => Some(region),
+        }
+    }
+}
+
+/// [`Target::is_promised`] in SQL, over `deliveries d JOIN outbox o`.
+const PROMISED_SQL: &str = "(d.target NOT LIKE 'kv:%' OR o.tightening = 1)";
+
 /// Where a delivery stands (column `state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Type)]
-#[sqlx(rename_all = "lowercase")]
+#[sqlx(rename_all = "snake_case")]
 pub enum DeliveryState {
     /// Not acknowledged yet: retried until it is.
     Pending,
     Done,
     /// Left to a newer entry of the same key with the same target, which carries the newer record.
     Superseded,
+    /// Given up by age: only a delivery no promise depends on ([`Target::is_promised`]), and
+    /// only by an operator's redrive tried again.
+    DeadLettered,
 }
 
 /// Where changes can be delivered: the authority (when configured) and each region, by name.
@@ -133,13 +160,53 @@ pub struct AttemptOutcome {
     pub retry_at: i64,
 }
 
-/// Pending deliveries to one target.
+/// How one target's deliveries stand: those not acknowledged yet, the promised ones among them
+/// that are stuck (older than the stuck age), and those dead-lettered.
 #[derive(Debug, Clone, FromRow)]
-pub struct PendingTarget {
+pub struct TargetHealth {
     pub target: Target,
     pub pending: i64,
-    pub oldest: i64,
+    /// When the oldest pending delivery's change was committed; `None` with nothing pending.
+    pub oldest: Option<i64>,
+    pub stuck: i64,
+    pub dead_lettered: i64,
+    /// The newest error among the pending and dead-lettered deliveries.
     pub last_error: Option<String>,
+}
+
+/// A stuck or dead-lettered delivery, for the operator.
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct TroubledDelivery {
+    pub outbox_id: i64,
+    pub workspace_id: Option<String>,
+    /// The key or root key whose record it carries.
+    pub key_id: String,
+    #[serde(serialize_with = "as_text")]
+    pub target: Target,
+    #[serde(serialize_with = "as_text")]
+    pub state: DeliveryState,
+    pub attempts: i64,
+    pub created_at: i64,
+    pub last_error: Option<String>,
+}
+
+fn as_text<T: fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+/// Which deliveries an operator's redrive makes due again.
+#[derive(Debug, Clone, Copy)]
+pub struct Redrive<'a> {
+    /// Only this region's deliveries (KV and purge); every target when `None`.
+    pub region: Option<&'a str>,
+    pub now: i64,
+}
+
+/// What a redrive did: dead-lettered deliveries made pending again, and pending ones made due now.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Redriven {
+    pub revived: u64,
+    pub made_due: u64,
 }
 
 /// Why a stored target could not be read.
@@ -154,6 +221,17 @@ impl fmt::Display for Target {
             Target::Kv(region) => write!(f, "kv:{region}"),
             Target::Purge(region) => write!(f, "purge:{region}"),
         }
+    }
+}
+
+impl fmt::Display for DeliveryState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Done => "done",
+            DeliveryState::Superseded => "superseded",
+            DeliveryState::DeadLettered => "dead_lettered",
+        })
     }
 }
 
@@ -257,17 +335,141 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Per target: pending deliveries, the creation time of the oldest, and its last error.
-    pub async fn pending_by_target(&self) -> Result<Vec<PendingTarget>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT d.target AS target, COUNT(*) AS pending, MIN(o.created_at) AS oldest, \
-             (SELECT last_error FROM deliveries d2 WHERE d2.target = d.target AND d2.state = ?1 \
-              AND d2.last_error IS NOT NULL ORDER BY d2.outbox_id DESC LIMIT 1) AS last_error \
-             FROM deliveries d JOIN outbox o ON o.id = d.outbox_id WHERE d.state = ?1 GROUP BY d.target",
-        )
-        .bind(DeliveryState::Pending)
-        .fetch_all(&self.pool)
-        .await?)
+    /// Per target, how its deliveries stand: of one workspace's changes, or of every
+    /// workspace's (the operator's view) when `workspace` is `None`. A promised delivery pending
+    /// since before `stuck_before` is stuck.
+    pub async fn delivery_health(
+        &self,
+        workspace: Option<&str>,
+        stuck_before: i64,
+    ) -> Result<Vec<TargetHealth>, StoreError> {
+        let sql = format!(
+            "SELECT d.target AS target, SUM(d.state = ?1) AS pending, \
+             MIN(CASE WHEN d.state = ?1 THEN o.created_at END) AS oldest, \
+             SUM(d.state = ?1 AND {PROMISED_SQL} AND o.created_at <= ?3) AS stuck, \
+             SUM(d.state = ?2) AS dead_lettered, \
+             (SELECT d2.last_error FROM deliveries d2 JOIN outbox o2 ON o2.id = d2.outbox_id \
+              WHERE d2.target = d.target AND d2.state IN (?1, ?2) AND d2.last_error IS NOT NULL \
+              AND (?4 IS NULL OR o2.workspace_id = ?4) ORDER BY d2.outbox_id DESC LIMIT 1) AS last_error \
+             FROM deliveries d JOIN outbox o ON o.id = d.outbox_id \
+             WHERE d.state IN (?1, ?2) AND (?4 IS NULL OR o.workspace_id = ?4) GROUP BY d.target"
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(DeliveryState::Pending)
+            .bind(DeliveryState::DeadLettered)
+            .bind(stuck_before)
+            .bind(workspace)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Every stuck delivery (promised, pending since before `stuck_before`) and every
+    /// dead-lettered one, oldest first, at most `limit`.
+    pub async fn troubled_deliveries(
+        &self,
+        stuck_before: i64,
+        limit: u32,
+    ) -> Result<Vec<TroubledDelivery>, StoreError> {
+        let sql = format!(
+            "SELECT d.outbox_id, o.workspace_id, o.key_id, d.target, d.state, d.attempts, o.created_at, d.last_error \
+             FROM deliveries d JOIN outbox o ON o.id = d.outbox_id \
+             WHERE d.state = ?1 OR (d.state = ?2 AND {PROMISED_SQL} AND o.created_at <= ?3) \
+             ORDER BY d.outbox_id LIMIT ?4"
+        );
+        Ok(sqlx::query_as(&sql)
+            .bind(DeliveryState::DeadLettered)
+            .bind(DeliveryState::Pending)
+            .bind(stuck_before)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Dead-letters the deliveries no promise depends on (KV writes of changes that do not
+    /// tighten) still pending from changes committed before `before`. Answers how many.
+    pub async fn dead_letter(&self, before: i64) -> Result<u64, StoreError> {
+        let sql = format!(
+            "UPDATE deliveries AS d SET state = ?1 FROM outbox AS o \
+             WHERE o.id = d.outbox_id AND d.state = ?2 AND NOT {PROMISED_SQL} AND o.created_at <= ?3"
+        );
+        let done = sqlx::query(&sql)
+            .bind(DeliveryState::DeadLettered)
+            .bind(DeliveryState::Pending)
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes the entries committed before `before` whose every delivery was acknowledged (or
+    /// superseded) before it too, with their deliveries. Answers how many entries went.
+    pub async fn prune_delivered(&self, before: i64) -> Result<u64, StoreError> {
+        // An entry is kept while any delivery of it is pending, dead-lettered, or acknowledged
+        // since `before`; once its deliveries are gone, nothing keeps it.
+        const PRUNABLE: &str = "SELECT o.id FROM outbox o WHERE o.created_at < ?1 AND NOT EXISTS \
+             (SELECT 1 FROM deliveries d WHERE d.outbox_id = o.id AND \
+              (d.state IN (?2, ?3) OR (d.state = ?4 AND d.done_at >= ?1)))";
+        let mut tx = self.pool.begin().await?;
+        let mut pruned = 0;
+        for delete in [
+            format!("DELETE FROM deliveries WHERE outbox_id IN ({PRUNABLE})"),
+            format!("DELETE FROM outbox WHERE id IN ({PRUNABLE})"),
+        ] {
+            let done = sqlx::query(&delete)
+                .bind(before)
+                .bind(DeliveryState::Pending)
+                .bind(DeliveryState::DeadLettered)
+                .bind(DeliveryState::Done)
+                .execute(&mut *tx)
+                .await?;
+            pruned = done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(pruned)
+    }
+
+    /// The operator's redrive: dead-lettered deliveries become pending again, and every pending
+    /// one (stuck ones included) is due now, of one region or of every target.
+    pub async fn redrive(&self, redrive: Redrive<'_>) -> Result<Redriven, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut counts = [0; 2];
+        for (count, from) in counts.iter_mut().zip([DeliveryState::Pending, DeliveryState::DeadLettered]) {
+            let done = sqlx::query(
+                "UPDATE deliveries SET state = ?1, next_attempt_at = ?3 WHERE state = ?2 \
+                 AND (?4 IS NULL OR target IN ('kv:' || ?4, 'purge:' || ?4))",
+            )
+            .bind(DeliveryState::Pending)
+            .bind(from)
+            .bind(redrive.now)
+            .bind(redrive.region)
+            .execute(&mut *tx)
+            .await?;
+            *count = done.rows_affected();
+        }
+        tx.commit().await?;
+        // Pending ones first, so that the revived are not counted twice.
+        Ok(Redriven { made_due: counts[0], revived: counts[1] })
+    }
+
+    /// The newest outbox entry of a key or root key, if one is kept.
+    pub async fn newest_entry(&self, kind: EntryKind, key_id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT MAX(id) FROM outbox WHERE kind = ? AND key_id = ?")
+            .bind(kind)
+            .bind(key_id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Queues root keys' records for the edge again, one entry each in one transaction (the
+    /// start-up sync): the retrier delivers them, and shows what fails.
+    pub async fn queue_root_keys(&self, records: &[RootKeyRecord], outbox: &NewOutbox) -> Result<Vec<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(records.len());
+        for record in records {
+            ids.push(insert_outbox(&mut tx, Carried::RootKey(record), outbox).await?);
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
 
     /// Tightening changes after `after` (an outbox id), in order: the event stream.
@@ -297,26 +499,31 @@ pub(super) enum Carried<'a> {
     RootKey(&'a RootKeyRecord),
 }
 
-/// Inserts an outbox entry with its deliveries, and supersedes the same targets' pending
-/// deliveries of older entries for the key: the new entry carries the newer record.
+/// Inserts an outbox entry with its deliveries, and supersedes the same targets' pending and
+/// dead-lettered deliveries of older entries for the key: the new entry carries the newer
+/// record, so a dead-lettered delivery is always its key's newest for its target, and a redrive
+/// never sends an older record after a newer one.
 pub(super) async fn insert_outbox(
     tx: &mut sqlx::SqliteConnection,
     carried: Carried<'_>,
     outbox: &NewOutbox,
 ) -> Result<i64, StoreError> {
-    let (kind, key_id, kv_key, record) = match carried {
-        Carried::Key(key) => (EntryKind::Key, &key.id, kv_key_for_key(&key.hash), serde_json::to_string(key)),
+    let (kind, key_id, workspace_id, kv_key, record) = match carried {
+        Carried::Key(key) => {
+            (EntryKind::Key, &key.id, &key.workspace_id, kv_key_for_key(&key.hash), serde_json::to_string(key))
+        }
         Carried::RootKey(root) => {
-            (EntryKind::RootKey, &root.id, kv_key_for_root(&root.hash), serde_json::to_string(root))
+            (EntryKind::RootKey, &root.id, &root.workspace_id, kv_key_for_root(&root.hash), serde_json::to_string(root))
         }
     };
     let record = record.context("record")?;
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox (kind, key_id, kv_key, record, tightening, created_at) VALUES (?, ?, ?, ?, ?, ?) \
-         RETURNING id",
+        "INSERT INTO outbox (kind, key_id, workspace_id, kv_key, record, tightening, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
     .bind(kind)
     .bind(key_id)
+    .bind(workspace_id)
     .bind(kv_key)
     .bind(record)
     .bind(outbox.tightening)
@@ -325,11 +532,12 @@ pub(super) async fn insert_outbox(
     .await?;
     for target in outbox.reach.targets(kind, outbox.tightening) {
         sqlx::query(
-            "UPDATE deliveries SET state = ? WHERE state = ? AND target = ? \
+            "UPDATE deliveries SET state = ? WHERE state IN (?, ?) AND target = ? \
              AND outbox_id IN (SELECT id FROM outbox WHERE kind = ? AND key_id = ? AND id < ?)",
         )
         .bind(DeliveryState::Superseded)
         .bind(DeliveryState::Pending)
+        .bind(DeliveryState::DeadLettered)
         .bind(&target)
         .bind(kind)
         .bind(key_id)
