@@ -39,6 +39,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A key's authority could not be written; the control plane retries.
     AuthorityUnavailable,
+    /// A root key, or its workspace, holds as many open event streams as it may.
+    TooManyStreams,
 }
 
 impl ErrorCode {
@@ -54,6 +56,7 @@ impl ErrorCode {
             Conflict => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
+            TooManyStreams => 429,
             Internal => 500,
             Misconfigured | Unavailable | AuthorityUnavailable => 503,
         }
@@ -82,6 +85,7 @@ impl ErrorCode {
             Misconfigured => "MISCONFIGURED",
             Unavailable => "UNAVAILABLE",
             AuthorityUnavailable => "AUTHORITY_UNAVAILABLE",
+            TooManyStreams => "TOO_MANY_STREAMS",
         }
     }
 }
@@ -131,6 +135,7 @@ mod tests {
             ErrorCode::WrongRegion,
             ErrorCode::AuthorityUnavailable,
             ErrorCode::UnsupportedMediaType,
+            ErrorCode::TooManyStreams,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
