@@ -465,6 +465,46 @@ async fn event_streams_are_limited_per_root_key_and_per_workspace() {
 }
 
 #[tokio::test]
+async fn listing_keys_needs_read_access_and_its_cursor_shows_nothing_else() {
+    let h = harness().await;
+    let hidden_api = h.api().await;
+    let (_, api) = h.call("POST", "/v1/apis", Some(r#"{"name":"payments-eu","prefix":"sk_live"}"#)).await;
+    let shown_api = api["id"].as_str().unwrap().to_owned();
+    // Keys of both APIs, interleaved in id order, all starting `sk_live_`.
+    let (mut hidden, mut shown) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        hidden.extend(h.keys(&hidden_api, 1).await);
+        shown.extend(h.keys(&shown_api, 1).await);
+    }
+
+    // A root key that may read no API's keys cannot list or search them at all.
+    let (_, verifier) = h.root_key(&[&format!("api.{shown_api}.verify_key")]).await;
+    let searched = h.call_as(&verifier, "GET", "/v1/keys?start=sk_live&limit=1", None).await;
+    check(&searched, StatusCode::FORBIDDEN, "FORBIDDEN");
+
+    // One that may read one API pages through its keys alone, and no cursor names another's.
+    let (_, reader) = h.root_key(&[&format!("api.{shown_api}.read_key")]).await;
+    let (mut seen, mut cursors, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+    loop {
+        let after = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let (status, page) = h.call_as(&reader, "GET", &format!("/v1/keys?start=sk_live&limit=1{after}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(page["keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_owned()));
+        cursor = page["cursor"].as_str().map(str::to_owned);
+        cursors.extend(cursor.clone());
+        if cursor.is_none() || seen.len() > 10 {
+            break;
+        }
+    }
+    // Ids made in the same millisecond are not in the order they were made.
+    shown.sort();
+    assert_eq!(seen, shown);
+    assert!(cursors.iter().all(|c| shown.contains(c)), "a cursor names a key the reader may not see: {cursors:?}");
+    let other = h.call_as(&reader, "GET", &format!("/v1/keys?api_id={hidden_api}&limit=1"), None).await;
+    check(&other, StatusCode::FORBIDDEN, "FORBIDDEN");
+}
+
+#[tokio::test]
 async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
     use keyward_shared::verify::MAX_REQUESTED_PERMISSIONS;
     let h = harness().await;
