@@ -11,6 +11,8 @@ use serde_json::Value;
 pub enum View {
     WorkspaceCreated,
     RootKeyCreated,
+    /// `admin recover`'s answer, made without the API.
+    RootKeyRecovered,
     RootKeys,
     RootKeyRevoked,
     ApiCreated,
@@ -44,6 +46,15 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             list(&answer["scopes"]),
             shown_once("root key", &answer["key"]),
         ),
+        View::RootKeyRecovered => {
+            let publishing = if answer["published"] == true {
+                "The running control plane accepts it now, and writes it to the edge from its outbox."
+            } else {
+                "The running control plane accepts it now; the edge learns it when `keyward serve` next starts."
+            };
+            let created = render(View::RootKeyCreated, answer, now);
+            format!("Workspace {}:\n{created}{publishing}\n", text(&answer["workspace_id"]))
+        }
         View::RootKeys => {
             let rows = items(&answer["root_keys"]).iter().map(|r| {
                 let fields = [&r["id"], &r["name"], &r["start"], &r["status"]];

@@ -30,7 +30,7 @@ impl Request {
 /// The request for a client subcommand (`serve` is not one).
 pub fn request_for(command: Command) -> anyhow::Result<Request> {
     Ok(match command {
-        Command::Serve { .. } => unreachable!("`serve` runs the server, not a request"),
+        Command::Serve { .. } | Command::Admin(_) => unreachable!("`serve` and `admin` run here, not a request"),
         Command::Workspaces(WorkspaceCommand::Create { name }) => {
             Request::new(Method::POST, "/v1/workspaces".into(), Some(json!({ "name": name })), View::WorkspaceCreated)
         }
