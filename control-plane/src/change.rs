@@ -21,7 +21,7 @@ use crate::delivery::RegionReport;
 use crate::delivery::{ANSWER_WITHIN, Delivered, Deliverer};
 use crate::failpoint;
 use crate::keygen::{self, ROOT_KEY_PREFIX, new_id};
-use crate::store::{Api, EntryKind, NewOutbox, NewRootKey, Store, StoreError};
+use crate::store::{Api, EntryKind, NewOutbox, NewRootKey, Reach, Store, StoreError};
 use crate::time::now_ms;
 
 /// Who made a change and from where.
@@ -30,6 +30,9 @@ pub enum Actor {
     /// Keyward itself, not an admin request: the first workspace and root key of an empty
     /// database, at start-up.
     System,
+    /// An operator on the control plane's machine, by a `keyward` command that opens the
+    /// database itself (`admin recover`), named here.
+    Console(&'static str),
     /// An admin request, authenticated by a root key.
     Request(RequestOrigin),
 }
@@ -52,6 +55,9 @@ impl Actor {
     pub fn committed(&self, change: &str, id: &str, version: u64) {
         match self {
             Actor::System => tracing::info!(change, id, version, actor = "system", "change committed"),
+            Actor::Console(command) => {
+                tracing::info!(change, id, version, actor = "console", command, "change committed")
+            }
             Actor::Request(origin) => tracing::info!(
                 change,
                 id,
@@ -313,6 +319,27 @@ pub async fn mint_first_root_key(store: &Store, key: Key) -> Result<MintedRootKe
         MintRootKey { workspace: Workspace::New("default"), name: "bootstrap", scopes: Scopes(Scope::all(true)) };
     let (minted, _) = insert_root_key(store, &Actor::System, mint, key, None, now_ms()).await?;
     Ok(minted)
+}
+
+/// For `keyward admin recover`, on a workspace none of whose root keys can manage it any more:
+/// mints a root key with every scope in it (and `workspace.create` if one of its root keys ever
+/// held it) straight into the database. Its outbox entry goes to `reach`, the targets the
+/// control plane last delivered to, with no hand-off delay: the running control plane's retrier
+/// delivers it, since nothing here talks to the edge. Answers the root key and whether it has an
+/// outbox entry (none when the control plane never delivered anything: it then writes every
+/// active root key to the edge when it starts).
+pub async fn recover_root_key(store: &Store, workspace_id: &str, reach: Reach) -> Result<(MintedRootKey, bool)> {
+    let root_keys = store.workspace_root_keys(workspace_id).await?;
+    let operator = root_keys.iter().any(|(record, _, _)| record.scopes.grants(&Scope::WorkspaceCreate));
+    let scopes = Scopes(Scope::all(operator));
+    let key = keygen::generate(ROOT_KEY_PREFIX).context("the root key prefix")?;
+    let now = now_ms();
+    let reaches = reach.authority || !reach.regions.is_empty();
+    let outbox = reaches.then_some(NewOutbox { reach, tightening: false, now, first_retry_at: now });
+    let mint = MintRootKey { workspace: Workspace::Existing(workspace_id), name: "recovered", scopes };
+    let actor = Actor::Console("admin recover");
+    let (minted, outbox_id) = insert_root_key(store, &actor, mint, key, outbox.as_ref(), now).await?;
+    Ok((minted, outbox_id.is_some()))
 }
 
 /// Whether a root key with these scopes is written to the edge: only one that may verify

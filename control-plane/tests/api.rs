@@ -2,8 +2,9 @@
 //! file, with a recording KV writer: input validation, error shapes, and what reaches KV.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
 use axum::http::{Request, StatusCode};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
@@ -52,21 +53,58 @@ async fn harness() -> Harness {
     Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
 }
 
+/// A whole answer: its status and its JSON body (`null` when it has none).
+async fn answer(response: axum::response::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
 impl Harness {
     async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
-        let response = app(self.state.clone()).oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        answer(app(self.state.clone()).oneshot(request).await.unwrap()).await
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<&str>) -> (StatusCode, Value) {
-        let mut builder =
-            Request::builder().method(method).uri(path).header("authorization", format!("Bearer {}", self.root));
+        self.call_as(&self.root, method, path, body).await
+    }
+
+    /// A call made with the root key `root`.
+    async fn call_as(&self, root: &str, method: &str, path: &str, body: Option<&str>) -> (StatusCode, Value) {
+        let mut builder = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {root}"));
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
         }
         self.send(builder.body(Body::from(body.unwrap_or("").to_owned())).unwrap()).await
+    }
+
+    /// The ids of `count` new keys of `api`.
+    async fn keys(&self, api: &str, count: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            let (status, created) = self.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            ids.push(created["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    }
+
+    /// A new root key of the workspace with these scopes: its id and the key.
+    async fn root_key(&self, scopes: &[&str]) -> (String, String) {
+        let body = serde_json::json!({ "name": "other", "scopes": scopes }).to_string();
+        let (status, root) = self.call("POST", "/v1/root-keys", Some(&body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{root}");
+        (root["id"].as_str().unwrap().to_owned(), root["key"].as_str().unwrap().to_owned())
+    }
+
+    /// Opens `GET /v1/events` with the root key `root`, resuming after `last` when given. The
+    /// stream stays open while the response is held.
+    async fn subscribe(&self, root: &str, last: Option<i64>) -> axum::response::Response {
+        let mut request = Request::builder().uri("/v1/events").header("authorization", format!("Bearer {root}"));
+        if let Some(last) = last {
+            request = request.header("last-event-id", last.to_string());
+        }
+        app(self.state.clone()).oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
     }
 
     async fn api(&self) -> String {
@@ -270,24 +308,46 @@ async fn bootstrap_is_idempotent_and_stores_only_hashes() {
     assert!(format!("{err:#}").contains("KEYWARD_ROOT_KEY"), "{err:#}");
 }
 
-/// Reads server-sent events from a response body until `count` have arrived (5 s at most).
-async fn read_events(response: axum::response::Response, count: usize) -> Vec<(i64, Value)> {
+/// One server-sent event: its name, its id if it has one, and its data.
+#[derive(Debug)]
+struct Frame {
+    event: String,
+    id: Option<i64>,
+    data: Value,
+}
+
+/// Reads server-sent events from a response body until `count` events with an id have arrived,
+/// the stream ends, or `within` has passed; answers the events and whether the stream ended.
+async fn read_frames(body: &mut BodyDataStream, count: usize, within: Duration) -> (Vec<Frame>, bool) {
     use futures::StreamExt;
-    let mut body = response.into_body().into_data_stream();
     let mut text = String::new();
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while events.len() < count {
-        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("events in time").unwrap().unwrap();
+    let mut frames: Vec<Frame> = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while frames.iter().filter(|f| f.id.is_some()).count() < count {
+        let chunk = match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(chunk)) => chunk.unwrap(),
+            Ok(None) => return (frames, true),
+            Err(_) => return (frames, false),
+        };
         text.push_str(std::str::from_utf8(&chunk).unwrap());
         while let Some(end) = text.find("\n\n") {
             let frame: String = text.drain(..end + 2).collect();
             let field = |name: &str| frame.lines().find_map(|l| l.strip_prefix(name).map(str::to_owned));
-            if let (Some(id), Some(data)) = (field("id: "), field("data: ")) {
-                events.push((id.parse().unwrap(), serde_json::from_str(&data).unwrap()));
+            if let (Some(event), Some(data)) = (field("event: "), field("data: ")) {
+                let id = field("id: ").map(|id| id.parse().unwrap());
+                frames.push(Frame { event, id, data: serde_json::from_str(&data).unwrap() });
             }
         }
     }
+    (frames, false)
+}
+
+/// Reads server-sent events from a response body until `count` have arrived (5 s at most).
+async fn read_events(response: axum::response::Response, count: usize) -> Vec<(i64, Value)> {
+    let mut body = response.into_body().into_data_stream();
+    let (frames, _) = read_frames(&mut body, count, Duration::from_secs(5)).await;
+    let events: Vec<(i64, Value)> = frames.into_iter().filter_map(|f| Some((f.id?, f.data))).collect();
+    assert_eq!(events.len(), count, "events in time: {events:?}");
     events
 }
 
@@ -295,34 +355,25 @@ async fn read_events(response: axum::response::Response, count: usize) -> Vec<(i
 async fn the_event_stream_resumes_without_missing_anything() {
     let h = harness().await;
     let api = h.api().await;
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        let (_, created) = h.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
-        ids.push(created["id"].as_str().unwrap().to_owned());
-    }
+    let ids = h.keys(&api, 3).await;
     h.call("POST", &format!("/v1/keys/{}/revoke", ids[0]), None).await;
     // Renaming loosens nothing: no event.
     h.call("PATCH", &format!("/v1/keys/{}", ids[2]), Some(r#"{"name":"renamed"}"#)).await;
     h.call("PATCH", &format!("/v1/keys/{}", ids[1]), Some(r#"{"enabled":false}"#)).await;
 
-    let subscribe = |last: Option<i64>| {
-        let mut request = Request::builder().uri("/v1/events").header("authorization", format!("Bearer {}", h.root));
-        if let Some(last) = last {
-            request = request.header("last-event-id", last.to_string());
-        }
-        app(h.state.clone()).oneshot(request.body(Body::empty()).unwrap())
-    };
-    let events = read_events(subscribe(None).await.unwrap(), 2).await;
+    let events = read_events(h.subscribe(&h.root, None).await, 2).await;
     assert_eq!(events[0].1["key_id"], ids[0].as_str());
     assert_eq!(events[0].1["status"], "revoked");
     assert_eq!(events[1].1["key_id"], ids[1].as_str());
     assert_eq!(events[1].1["enabled"], false);
     assert!(events[0].0 < events[1].0);
+    // The key view never shows a key's hash, and neither do events.
+    assert!(events.iter().all(|(_, e)| e.get("hash").is_none()), "{events:?}");
 
     // While nobody listens, a key is deleted; a subscriber resuming after the last event it saw
     // gets exactly that one, and then live events as they commit.
     h.call("DELETE", &format!("/v1/keys/{}", ids[2]), None).await;
-    let resumed = subscribe(Some(events[1].0)).await.unwrap();
+    let resumed = h.subscribe(&h.root, Some(events[1].0)).await;
     let live = async {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         h.call("DELETE", &format!("/v1/keys/{}", ids[0]), None).await;
@@ -340,6 +391,117 @@ async fn the_event_stream_resumes_without_missing_anything() {
         .body(Body::empty())
         .unwrap();
     check(&h.send(bad).await, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+}
+
+#[tokio::test]
+async fn an_event_stream_ends_when_its_root_key_is_revoked() {
+    let h = harness().await;
+    let api = h.api().await;
+    let ids = h.keys(&api, 2).await;
+    let (reader_id, reader) = h.root_key(&["api.*.read_key"]).await;
+    let stream = h.subscribe(&reader, None).await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut stream = stream.into_body().into_data_stream();
+    let h = &h;
+    let disable = |id: &str| {
+        let path = format!("/v1/keys/{id}");
+        async move { h.call("PATCH", &path, Some(r#"{"enabled":false}"#)).await }
+    };
+
+    // The stream is live: it sees the first key disabled. Then its root key is revoked, and the
+    // second key is disabled.
+    disable(&ids[0]).await;
+    let (frames, _) = read_frames(&mut stream, 1, Duration::from_secs(5)).await;
+    assert_eq!(frames[0].data["key_id"], ids[0].as_str(), "{frames:?}");
+    let (status, revoked) = h.call("POST", &format!("/v1/root-keys/{reader_id}/revoke"), None).await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    disable(&ids[1]).await;
+
+    let (frames, ended) = read_frames(&mut stream, 1, Duration::from_secs(3)).await;
+    assert!(frames.iter().all(|f| f.event != "tightened"), "a revoked root key still receives events: {frames:?}");
+    assert!(ended, "the stream of a revoked root key stays open: {frames:?}");
+    let closed = frames.last().expect("a last event says why the stream closed");
+    assert_eq!((closed.event.as_str(), &closed.data["code"]), ("closed", &Value::from("UNAUTHORIZED")), "{closed:?}");
+    // And it cannot open another.
+    let again = answer(h.subscribe(&reader, None).await).await;
+    check(&again, StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+}
+
+#[tokio::test]
+async fn event_streams_are_limited_per_root_key_and_per_workspace() {
+    use keyward_control_plane::http::{MAX_STREAMS_PER_ROOT_KEY, MAX_STREAMS_PER_WORKSPACE};
+    let h = harness().await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_ROOT_KEY {
+        open.push(h.subscribe(&h.root, None).await);
+        assert_eq!(open.last().unwrap().status(), StatusCode::OK);
+    }
+    let refused = h.subscribe(&h.root, None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS, "a fifth stream of one root key is open");
+    let refused = answer(refused).await;
+    check(&refused, StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS");
+    assert!(refused.1["error"]["message"].as_str().unwrap().contains("root key"), "{}", refused.1);
+    // A stream that closes gives its place back.
+    open.pop();
+    open.push(h.subscribe(&h.root, None).await);
+    assert_eq!(open.last().unwrap().status(), StatusCode::OK);
+
+    // Other root keys of the workspace fill it up to its own limit.
+    while open.len() < MAX_STREAMS_PER_WORKSPACE {
+        let (_, reader) = h.root_key(&["api.*.read_key"]).await;
+        for _ in 0..MAX_STREAMS_PER_ROOT_KEY.min(MAX_STREAMS_PER_WORKSPACE - open.len()) {
+            open.push(h.subscribe(&reader, None).await);
+            assert_eq!(open.last().unwrap().status(), StatusCode::OK);
+        }
+    }
+    let (_, late) = h.root_key(&["api.*.read_key"]).await;
+    let refused = h.subscribe(&late, None).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS, "a workspace's 33rd stream is open");
+    let refused = answer(refused).await;
+    check(&refused, StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS");
+    assert!(refused.1["error"]["message"].as_str().unwrap().contains("workspace"), "{}", refused.1);
+    drop(open);
+    assert_eq!(h.subscribe(&late, None).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn listing_keys_needs_read_access_and_its_cursor_shows_nothing_else() {
+    let h = harness().await;
+    let hidden_api = h.api().await;
+    let (_, api) = h.call("POST", "/v1/apis", Some(r#"{"name":"payments-eu","prefix":"sk_live"}"#)).await;
+    let shown_api = api["id"].as_str().unwrap().to_owned();
+    // Keys of both APIs, interleaved in id order, all starting `sk_live_`.
+    let (mut hidden, mut shown) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        hidden.extend(h.keys(&hidden_api, 1).await);
+        shown.extend(h.keys(&shown_api, 1).await);
+    }
+
+    // A root key that may read no API's keys cannot list or search them at all.
+    let (_, verifier) = h.root_key(&[&format!("api.{shown_api}.verify_key")]).await;
+    let searched = h.call_as(&verifier, "GET", "/v1/keys?start=sk_live&limit=1", None).await;
+    check(&searched, StatusCode::FORBIDDEN, "FORBIDDEN");
+
+    // One that may read one API pages through its keys alone, and no cursor names another's.
+    let (_, reader) = h.root_key(&[&format!("api.{shown_api}.read_key")]).await;
+    let (mut seen, mut cursors, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+    loop {
+        let after = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
+        let (status, page) = h.call_as(&reader, "GET", &format!("/v1/keys?start=sk_live&limit=1{after}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(page["keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_owned()));
+        cursor = page["cursor"].as_str().map(str::to_owned);
+        cursors.extend(cursor.clone());
+        if cursor.is_none() || seen.len() > 10 {
+            break;
+        }
+    }
+    // Ids made in the same millisecond are not in the order they were made.
+    shown.sort();
+    assert_eq!(seen, shown);
+    assert!(cursors.iter().all(|c| shown.contains(c)), "a cursor names a key the reader may not see: {cursors:?}");
+    let other = h.call_as(&reader, "GET", &format!("/v1/keys?api_id={hidden_api}&limit=1"), None).await;
+    check(&other, StatusCode::FORBIDDEN, "FORBIDDEN");
 }
 
 #[tokio::test]

@@ -3,7 +3,10 @@
 //! errors that say what to fix.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -14,6 +17,7 @@ struct Server {
     child: Child,
     url: String,
     root_key: String,
+    database: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -28,13 +32,19 @@ impl Drop for Server {
 /// the address from what it prints. Its key authority and its one region are on port 9 of
 /// loopback, where nothing listens, so every change reports both, unacknowledged.
 fn serve() -> Server {
+    serve_with_kv("http://127.0.0.1:9/cdn-cgi/explorer/api")
+}
+
+/// [`serve`], with its region's KV at `kv_url`.
+fn serve_with_kv(kv_url: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("keyward.toml");
+    let database = dir.path().join("keyward.sqlite");
     let toml = format!(
         "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{}\"\nauthority_url = \"http://127.0.0.1:9\"\n\
          [[regions]]\nname = \"nowhere\"\nurl = \"http://127.0.0.1:9\"\n\
-         kv_url = \"http://127.0.0.1:9/cdn-cgi/explorer/api\"\nkv_namespace_id = \"keyward-test\"\n",
-        dir.path().join("keyward.sqlite").display(),
+         kv_url = \"{kv_url}\"\nkv_namespace_id = \"keyward-test\"\n",
+        database.display(),
         "s".repeat(32),
     );
     std::fs::write(&config, toml).unwrap();
@@ -59,7 +69,7 @@ fn serve() -> Server {
             // Keep reading, so that the server never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
             let root_key = root_key.expect("serve prints the first root key before it listens");
-            return Server { child, url, root_key, _dir: dir };
+            return Server { child, url, root_key, database, _dir: dir };
         }
     }
     panic!("keyward serve exited before it listened: {:?}", child.wait());
@@ -212,4 +222,96 @@ fn errors_say_what_to_fix_and_exit_non_zero() {
     assert!(!wrong_key.status.success());
     let message = stderr(&wrong_key);
     assert!(message.contains("UNAUTHORIZED") && message.contains("KEYWARD_ROOT_KEY"), "{message}");
+}
+
+/// A stand-in for a region's KV API (wrangler's copy of Cloudflare's): it accepts every write
+/// and remembers the path of each. Answers its base URL and the paths written.
+fn recording_kv() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let seen = written.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let app = axum::Router::new().fallback(move |uri: axum::http::Uri| async move {
+                seen.lock().unwrap().push(uri.path().to_owned());
+                axum::Json(serde_json::json!({ "success": true }))
+            });
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (url, written)
+}
+
+#[test]
+fn a_workspace_locked_out_of_its_own_is_recovered_from_the_database() {
+    let (kv_url, written) = recording_kv();
+    let server = serve_with_kv(&kv_url);
+    let acme = server.json(&["workspaces", "create", "--name", "acme", "--json"]);
+    let acme_id = acme["id"].as_str().unwrap().to_owned();
+
+    // The only root key of the first workspace revokes itself: nobody can call the API now.
+    let roots = server.json(&["root-keys", "list", "--json"]);
+    let only = roots["root_keys"][0]["id"].as_str().unwrap().to_owned();
+    server.ok(&["root-keys", "revoke", &only]);
+    let locked = server.run(&["apis", "list"]);
+    assert!(!locked.status.success() && stderr(&locked).contains("UNAUTHORIZED"), "{}", stderr(&locked));
+
+    // With two workspaces, `recover` must be told which, and lists them; it never makes a database.
+    let database = server.database.to_str().unwrap();
+    let ambiguous = keyward(&["admin", "recover", "--database", database], &[], None);
+    assert!(!ambiguous.status.success());
+    let message = stderr(&ambiguous);
+    for needle in ["--workspace", &acme_id, "default"] {
+        assert!(message.contains(needle), "no `{needle}` in: {message}");
+    }
+    let first = message.lines().find(|l| l.ends_with("  default")).expect(&message);
+    let first = first.split_whitespace().next().unwrap().to_owned();
+    let nowhere = server._dir.path().join("nothing.sqlite");
+    let missing = keyward(&["admin", "recover", "--database", nowhere.to_str().unwrap()], &[], None);
+    assert!(!missing.status.success() && stderr(&missing).contains("no database at"), "{}", stderr(&missing));
+    assert!(!nowhere.exists());
+
+    let recovered = keyward(&["admin", "recover", "--database", database, "--workspace", &first, "--json"], &[], None);
+    assert!(recovered.status.success(), "{}", stderr(&recovered));
+    let recovered: Value = serde_json::from_str(&stdout(&recovered)).unwrap();
+    assert_eq!(recovered["workspace_id"], first.as_str(), "{recovered}");
+    assert_eq!(recovered["published"], true, "{recovered}");
+    let scopes = recovered["scopes"].to_string();
+    for scope in ["root_key.manage", "root_key.create", "workspace.create", "api.*.read_key"] {
+        assert!(scopes.contains(scope), "no `{scope}` in {scopes}");
+    }
+    let key = recovered["key"].as_str().unwrap();
+
+    // The running control plane accepts the new root key at once...
+    let env = [("KEYWARD_URL", server.url.as_str()), ("KEYWARD_ROOT_KEY", key)];
+    let listed = keyward(&["root-keys", "list", "--json"], &env, None);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    let states: Vec<(&str, &str)> = listed["root_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("bootstrap", "revoked"), ("recovered", "active")]);
+    // ...and writes it to the edge from its outbox: the region's KV receives it.
+    let hash = keyward_shared::Key::parse(key).unwrap().hash().to_hex();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !written.lock().unwrap().iter().any(|path| path.contains(&hash)) {
+        assert!(Instant::now() < deadline, "the recovered root key never reached KV: {:?}", written.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // For people: the key once, with its warning; another workspace's gets no `workspace.create`.
+    let table =
+        keyward(&["admin", "recover", "--database", database, "--workspace", &acme_id, "--format", "table"], &[], None);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let table = stdout(&table);
+    assert!(table.contains("only time this root key is shown") && table.contains(&acme_id), "{table}");
+    assert!(!table.contains("workspace.create"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.trim().starts_with("kw_root_")).count(), 1, "{table}");
 }

@@ -42,6 +42,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A key's authority could not be written; the control plane retries.
     AuthorityUnavailable,
+    /// A root key, or its workspace, holds as many open event streams as it may.
+    TooManyStreams,
 }
 
 impl ErrorCode {
@@ -58,6 +60,7 @@ impl ErrorCode {
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
             CallerRateLimited => 429,
+            TooManyStreams => 429,
             Internal => 500,
             Misconfigured | Unavailable | AuthorityUnavailable => 503,
         }
@@ -87,6 +90,7 @@ impl ErrorCode {
             Misconfigured => "MISCONFIGURED",
             Unavailable => "UNAVAILABLE",
             AuthorityUnavailable => "AUTHORITY_UNAVAILABLE",
+            TooManyStreams => "TOO_MANY_STREAMS",
         }
     }
 }
@@ -137,6 +141,7 @@ mod tests {
             ErrorCode::AuthorityUnavailable,
             ErrorCode::UnsupportedMediaType,
             ErrorCode::CallerRateLimited,
+            ErrorCode::TooManyStreams,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }

@@ -1,10 +1,12 @@
-//! The `keyward` command line. `serve` runs the control plane, and `outbox` reads and redrives
-//! its deliveries on the database itself (the operator's commands); every other subcommand is an
+//! The `keyward` command line. `serve` runs the control plane; `outbox` reads and redrives its
+//! deliveries, and `admin` mints a root key for a workspace locked out of its own, both on the
+//! database itself (the operator's commands, `outbox.rs` and `admin.rs`); every other subcommand is an
 //! HTTP client of the admin API, so a change made here takes the same path as one made with curl.
 //!
 //! On a terminal the answers are tables and sentences (`render.rs`); with `--json`, or when
 //! stdout is a pipe, they are the API's JSON, for scripts.
 
+mod admin;
 mod client;
 mod outbox;
 mod render;
@@ -17,7 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
 use client::Client;
-use render::render;
+use render::{View, render};
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +78,25 @@ enum Command {
     /// The operator's view of every workspace's deliveries, and their redrive (on the database).
     #[command(subcommand, after_help = "Example:\n  keyward outbox status --config keyward.toml")]
     Outbox(outbox::OutboxCommand),
+    /// Operator commands that open the control plane's database directly, never over HTTP.
+    #[command(subcommand, after_help = "Example:\n  keyward admin recover --database keyward.sqlite")]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Mint a root key with every scope for a workspace locked out of its own; shown once.
+    #[command(after_help = "Example:\n  keyward admin recover --database keyward.sqlite --workspace ws_01...\n\n\
+                      Run it on the control plane's machine, with access to its database file. The running \
+                      control plane accepts the new root key at once and writes it to the edge.")]
+    Recover {
+        /// The control plane's SQLite database file (`database` in keyward.toml).
+        #[arg(long, env = "KEYWARD_DATABASE")]
+        database: PathBuf,
+        /// The workspace's id [default: the only workspace, if there is one].
+        #[arg(long)]
+        workspace: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,6 +246,10 @@ pub async fn run() -> anyhow::Result<()> {
         (false, None) if std::io::stdout().is_terminal() => Format::Table,
         (false, None) => Format::Json,
     };
+    if let Command::Admin(AdminCommand::Recover { database, workspace }) = &cli.command {
+        let answer = admin::recover(database, workspace.as_deref()).await?;
+        return print(format, View::RootKeyRecovered, &answer);
+    }
     let (answer, view) = match cli.command {
         Command::Outbox(command) => outbox::run(command).await?,
         command => {
@@ -233,9 +258,14 @@ pub async fn run() -> anyhow::Result<()> {
             (client.call(&request).await?, request.view)
         }
     };
+    print(format, view, &answer)
+}
+
+/// Prints an answer as JSON or for people.
+fn print(format: Format, view: View, answer: &serde_json::Value) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-        Format::Table => print!("{}", render(view, &answer, crate::time::now_ms())),
+        Format::Json => println!("{}", serde_json::to_string_pretty(answer)?),
+        Format::Table => print!("{}", render(view, answer, crate::time::now_ms())),
     }
     Ok(())
 }

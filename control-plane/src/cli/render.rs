@@ -11,6 +11,8 @@ use serde_json::Value;
 pub enum View {
     WorkspaceCreated,
     RootKeyCreated,
+    /// `admin recover`'s answer, made without the API.
+    RootKeyRecovered,
     RootKeys,
     RootKeyRevoked,
     ApiCreated,
@@ -46,6 +48,15 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             list(&answer["scopes"]),
             shown_once("root key", &answer["key"]),
         ),
+        View::RootKeyRecovered => {
+            let publishing = if answer["published"] == true {
+                "The running control plane accepts it now, and writes it to the edge from its outbox."
+            } else {
+                "The running control plane accepts it now; the edge learns it when `keyward serve` next starts."
+            };
+            let created = render(View::RootKeyCreated, answer, now);
+            format!("Workspace {}:\n{created}{publishing}\n", text(&answer["workspace_id"]))
+        }
         View::RootKeys => root_keys(answer),
         View::RootKeyRevoked => format!(
             "Revoked root key {}: the control plane refuses it now, and every region within 1 s.\n{}",

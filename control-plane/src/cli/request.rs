@@ -31,7 +31,7 @@ impl Request {
 pub fn request_for(command: Command) -> anyhow::Result<Request> {
     Ok(match command {
         Command::Serve { .. } => unreachable!("`serve` runs the server, not a request"),
-        Command::Outbox(_) => unreachable!("`outbox` opens the database, not a request"),
+        Command::Outbox(_) | Command::Admin(_) => unreachable!("`outbox` and `admin` open the database, not a request"),
         Command::Workspaces(WorkspaceCommand::Create { name }) => {
             Request::new(Method::POST, "/v1/workspaces".into(), Some(json!({ "name": name })), View::WorkspaceCreated)
         }

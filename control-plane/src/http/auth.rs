@@ -7,7 +7,8 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, USER_AGENT};
 use axum::http::request::Parts;
-use keyward_shared::{Key, RootKeyRecord, Scope, Scopes};
+use keyward_shared::scope::ApiSelector;
+use keyward_shared::{Key, KeyAction, KeyHash, RootKeyRecord, Scope, Scopes};
 
 use super::{AppError, AppState};
 use crate::change::{Actor, RequestOrigin};
@@ -54,6 +55,15 @@ impl FromRequestParts<AppState> for RootKey {
 }
 
 impl RootKey {
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// The root key's hash, to look it up again (an event stream does, on every poll).
+    pub fn hash(&self) -> &KeyHash {
+        &self.record.hash
+    }
+
     pub fn workspace_id(&self) -> &str {
         &self.record.workspace_id
     }
@@ -73,6 +83,42 @@ impl RootKey {
             Ok(())
         } else {
             Err(AppError::Forbidden(format!("this root key lacks the `{scope}` scope")))
+        }
+    }
+}
+
+/// The APIs whose keys a root key may read (`api.<id|*>.read_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readable {
+    /// Every API of its workspace: it holds `api.*.read_key`.
+    Every,
+    /// These APIs only; none when empty.
+    Only(Vec<String>),
+}
+
+impl Readable {
+    pub fn of(scopes: &Scopes) -> Readable {
+        let mut only = Vec::new();
+        for scope in &scopes.0 {
+            match scope {
+                Scope::Key { api: ApiSelector::Any, action: KeyAction::ReadKey } => return Readable::Every,
+                Scope::Key { api: ApiSelector::Id(id), action: KeyAction::ReadKey } => only.push(id.clone()),
+                _ => {}
+            }
+        }
+        Readable::Only(only)
+    }
+
+    /// Whether it may read the keys of some API.
+    pub fn any(&self) -> bool {
+        !matches!(self, Readable::Only(ids) if ids.is_empty())
+    }
+
+    /// The APIs it may read, `None` meaning every one.
+    pub fn api_ids(&self) -> Option<&[String]> {
+        match self {
+            Readable::Every => None,
+            Readable::Only(ids) => Some(ids),
         }
     }
 }
@@ -103,5 +149,16 @@ mod tests {
             assert!(with(unusable).starts_with("req_"), "{unusable}");
         }
         assert!(request_id(&HeaderMap::new()).starts_with("req_"));
+    }
+
+    #[test]
+    fn readable_apis() {
+        let readable = |scopes: &str| Readable::of(&serde_json::from_str(scopes).unwrap());
+        assert_eq!(readable(r#"["api.a.read_key","api.*.read_key"]"#), Readable::Every);
+        let only = readable(r#"["api.a.read_key","api.*.verify_key","api.b.read_key","api.read"]"#);
+        assert_eq!(only.api_ids(), Some(&["a".to_owned(), "b".to_owned()][..]));
+        assert!(only.any());
+        assert!(!readable(r#"["api.*.verify_key","api.read","api.a.update_key"]"#).any());
+        assert!(readable(r#"["api.*.read_key"]"#).api_ids().is_none());
     }
 }

@@ -31,6 +31,8 @@ pub enum AppError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    TooManyStreams(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -50,6 +52,7 @@ impl AppError {
             AppError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             AppError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             AppError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            AppError::TooManyStreams(_) => ErrorCode::TooManyStreams,
             AppError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -2,8 +2,16 @@
 //! tightening change (revoke, delete, disable, expiry moved earlier, permission removed) is
 //! emitted as it commits, with its outbox id as the event id. A subscriber that reconnects with
 //! `Last-Event-ID` (or `?after=`) gets every event after that one, so it misses nothing.
+//!
+//! A stream lives no longer than its root key's right to it: every poll looks the root key up
+//! again, and a stream whose root key was revoked or no longer holds a `read_key` scope ends
+//! with a last `closed` event saying why. A root key may hold [`MAX_STREAMS_PER_ROOT_KEY`] open
+//! streams and a workspace [`MAX_STREAMS_PER_WORKSPACE`]; one more is refused with 429
+//! `TOO_MANY_STREAMS`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -12,16 +20,24 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
 use futures::Stream;
-use keyward_shared::{KeyAction, KeyHash, KeyRecord, KeyStatus, Scope};
+use keyward_shared::error::ErrorDetail;
+use keyward_shared::{ErrorCode, KeyAction, KeyHash, KeyRecord, KeyStatus, Scope, Scopes};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use super::auth::RootKey;
+use super::auth::{Readable, RootKey};
 use super::extract::Query;
 use super::{AppError, AppState, Result};
+use crate::store::Store;
 
+/// Open event streams one root key may hold at once.
+pub const MAX_STREAMS_PER_ROOT_KEY: usize = 4;
+/// Open event streams the root keys of one workspace may hold together.
+pub const MAX_STREAMS_PER_WORKSPACE: usize = 32;
 /// Events read from the database per query.
 const PAGE: u32 = 100;
-/// How long a quiet stream waits before looking again without a wake-up.
+/// How long a quiet stream waits before looking again without a wake-up: the longest a revoked
+/// root key's stream stays open when nothing else happens.
 const POLL: Duration = Duration::from_secs(1);
 
 pub fn router() -> Router<AppState> {
@@ -41,7 +57,7 @@ async fn stream(
     headers: HeaderMap,
     Query(resume): Query<Resume>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    if !caller.scopes().0.iter().any(|s| matches!(s, Scope::Key { action: KeyAction::ReadKey, .. })) {
+    if !Readable::of(caller.scopes()).any() {
         return Err(AppError::Forbidden("this root key has no `api.<id|*>.read_key` scope".into()));
     }
     let from_header = match headers.get("last-event-id") {
@@ -53,48 +69,116 @@ async fn stream(
         ),
         None => None,
     };
-    let cursor = from_header.or(resume.after).unwrap_or(0);
-    let scopes = caller.scopes().clone();
-    let workspace = caller.workspace_id().to_owned();
+    let place = state.streams.open(caller.id(), caller.workspace_id())?;
     let mut changes = state.changes.subscribe();
     changes.mark_unchanged();
-    let start = (cursor, Vec::new(), changes);
-    let events = futures::stream::unfold(start, move |(mut cursor, mut ready, mut changes)| {
-        let (store, scopes, workspace) = (state.store.clone(), scopes.clone(), workspace.clone());
-        async move {
-            loop {
-                if let Some(event) = ready.pop() {
-                    return Some((Ok(event), (cursor, ready, changes)));
-                }
-                match store.tightening_after(&workspace, cursor, PAGE).await {
-                    Ok(rows) if !rows.is_empty() => {
-                        for row in rows {
-                            cursor = row.id;
-                            let Ok(record) = KeyRecord::from_json(&row.record) else { continue };
-                            if scopes.grants(&Scope::key(&record.api_id, KeyAction::ReadKey)) {
-                                ready.push(event(row.id, &record));
-                            }
-                        }
-                        ready.reverse();
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot read events"),
-                }
-                let _ = tokio::time::timeout(POLL, changes.changed()).await;
-            }
-        }
-    });
+    let subscription = Subscription {
+        store: state.store.clone(),
+        root_key: *caller.hash(),
+        workspace: caller.workspace_id().to_owned(),
+        cursor: from_header.or(resume.after).unwrap_or(0),
+        ready: Vec::new(),
+        changes,
+        closed: false,
+        _place: place,
+    };
+    let events = futures::stream::unfold(subscription, |s| async move { s.next().await.map(|(e, s)| (Ok(e), s)) });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
+/// One open stream: where it is in the outbox, what it has read but not sent, and its place
+/// among the open streams (given back when the stream is dropped).
+struct Subscription {
+    store: Store,
+    /// The hash of the root key that opened it, looked up again on every poll.
+    root_key: KeyHash,
+    workspace: String,
+    cursor: i64,
+    /// Events read and not yet sent, the next one last.
+    ready: Vec<Event>,
+    changes: watch::Receiver<i64>,
+    /// Set once the `closed` event is out: the stream then ends.
+    closed: bool,
+    _place: Place,
+}
+
+impl Subscription {
+    /// The next event, waiting for one as long as it takes; `None` once the stream has closed.
+    async fn next(mut self) -> Option<(Event, Subscription)> {
+        loop {
+            if let Some(event) = self.ready.pop() {
+                return Some((event, self));
+            }
+            if self.closed {
+                return None;
+            }
+            match self.poll().await {
+                Err(closing) => {
+                    self.closed = true;
+                    return Some((closing, self));
+                }
+                Ok(true) => continue,
+                // Without a sender (the server is stopping) `changed` fails at once: wait anyway.
+                Ok(false) => {
+                    if let Ok(Err(_)) = tokio::time::timeout(POLL, self.changes.changed()).await {
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the root key again, then reads the next page of events it may see; answers
+    /// whether rows were read (more may follow at once), or the `closed` event that ends the
+    /// stream. A database error is logged and sends nothing: the next poll tries again.
+    async fn poll(&mut self) -> Result<bool, Event> {
+        let scopes = match self.store.active_root_key(&self.root_key).await {
+            Ok(Some((record, _))) => record.scopes,
+            Ok(None) => return Err(closing(ErrorCode::Unauthorized, "this root key was revoked")),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read an event stream's root key");
+                return Ok(false);
+            }
+        };
+        if !Readable::of(&scopes).any() {
+            return Err(closing(ErrorCode::Forbidden, "this root key no longer holds an `api.<id|*>.read_key` scope"));
+        }
+        let rows = match self.store.tightening_after(&self.workspace, self.cursor, PAGE).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read events");
+                return Ok(false);
+            }
+        };
+        for row in &rows {
+            self.cursor = row.id;
+            match KeyRecord::from_json(&row.record) {
+                Ok(record) if may_see(&scopes, &record) => self.ready.push(event(row.id, &record)),
+                Ok(_) => {}
+                Err(e) => tracing::error!(outbox = row.id, error = %e, "an event's record is unreadable"),
+            }
+        }
+        self.ready.reverse();
+        Ok(!rows.is_empty())
+    }
+}
+
+fn may_see(scopes: &Scopes, record: &KeyRecord) -> bool {
+    scopes.grants(&Scope::key(&record.api_id, KeyAction::ReadKey))
+}
+
+/// The last event of a stream that its root key may no longer hold.
+fn closing(code: ErrorCode, message: &str) -> Event {
+    let data = serde_json::to_string(&ErrorDetail { code, message }).expect("an error serializes");
+    Event::default().event("closed").data(data)
+}
+
 /// A tightening change as a subscriber sees it: what a cache of keys needs to drop or update
-/// its copy (the hash, to find it), and nothing it may not keep.
+/// its copy (the key's id, to find it), and nothing the key view does not show (no hash).
 #[derive(Serialize)]
 struct Tightened<'a> {
     key_id: &'a str,
     api_id: &'a str,
-    hash: &'a KeyHash,
     start: &'a str,
     status: KeyStatus,
     enabled: bool,
@@ -108,7 +192,6 @@ fn event(id: i64, record: &KeyRecord) -> Event {
     let data = Tightened {
         key_id: &record.id,
         api_id: &record.api_id,
-        hash: &record.hash,
         start: &record.start,
         status: record.status,
         enabled: record.enabled,
@@ -119,4 +202,61 @@ fn event(id: i64, record: &KeyRecord) -> Event {
     };
     let data = serde_json::to_string(&data).expect("an event's fields serialize");
     Event::default().id(id.to_string()).event("tightened").data(data)
+}
+
+/// The open event streams, counted per root key and per workspace.
+#[derive(Default)]
+pub struct Streams {
+    open: Mutex<OpenStreams>,
+}
+
+#[derive(Default)]
+struct OpenStreams {
+    by_root_key: HashMap<String, usize>,
+    by_workspace: HashMap<String, usize>,
+}
+
+impl Streams {
+    /// Takes a place for one more stream of this root key, unless it or its workspace already
+    /// holds as many as it may.
+    fn open(self: &Arc<Self>, root_key: &str, workspace: &str) -> Result<Place> {
+        let mut open = self.open.lock().expect("not poisoned");
+        if open.by_root_key.get(root_key).copied().unwrap_or(0) >= MAX_STREAMS_PER_ROOT_KEY {
+            return Err(AppError::TooManyStreams(format!(
+                "this root key has {MAX_STREAMS_PER_ROOT_KEY} event streams open, the most one root key may; \
+                 close one, or use another root key"
+            )));
+        }
+        if open.by_workspace.get(workspace).copied().unwrap_or(0) >= MAX_STREAMS_PER_WORKSPACE {
+            return Err(AppError::TooManyStreams(format!(
+                "this workspace's root keys have {MAX_STREAMS_PER_WORKSPACE} event streams open, the most one \
+                 workspace may; close one first"
+            )));
+        }
+        *open.by_root_key.entry(root_key.to_owned()).or_default() += 1;
+        *open.by_workspace.entry(workspace.to_owned()).or_default() += 1;
+        Ok(Place { streams: self.clone(), root_key: root_key.to_owned(), workspace: workspace.to_owned() })
+    }
+}
+
+/// One open stream's place, given back when it is dropped.
+struct Place {
+    streams: Arc<Streams>,
+    root_key: String,
+    workspace: String,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().expect("not poisoned");
+        let OpenStreams { by_root_key, by_workspace } = &mut *open;
+        for (counts, id) in [(by_root_key, &self.root_key), (by_workspace, &self.workspace)] {
+            if let Some(count) = counts.get_mut(id) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(id);
+                }
+            }
+        }
+    }
 }

@@ -15,7 +15,7 @@ use keyward_shared::{Key, KeyAction, KeyRecord, Meta, Scope, Source, VerifyReque
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-use super::auth::RootKey;
+use super::auth::{Readable, RootKey};
 use super::extract::{Json, Path, Query, check_id};
 use super::root_keys::check_name;
 use super::{AppError, AppState, Reached, Result};
@@ -199,13 +199,23 @@ struct ListQuery {
 }
 
 async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<ListQuery>) -> Result<Json<KeyPage>> {
-    if q.api_id.is_none() && q.start.is_none() {
-        return Err(AppError::BadRequest("give `api_id`, `start` (the visible beginning of a key), or both".into()));
-    }
-    if let Some(api_id) = &q.api_id {
-        check_id(api_id, "api")?;
-        state.store.api(caller.workspace_id(), api_id).await?.ok_or_else(|| AppError::not_found("API"))?;
-        caller.require(&Scope::key(api_id, KeyAction::ReadKey))?;
+    let readable = match &q.api_id {
+        Some(api_id) => {
+            check_id(api_id, "api")?;
+            state.store.api(caller.workspace_id(), api_id).await?.ok_or_else(|| AppError::not_found("API"))?;
+            caller.require(&Scope::key(api_id, KeyAction::ReadKey))?;
+            Readable::Only(vec![api_id.clone()])
+        }
+        None if q.start.is_none() => {
+            return Err(AppError::BadRequest(
+                "give `api_id`, `start` (the visible beginning of a key), or both".into(),
+            ));
+        }
+        // A search by start across APIs sees only keys of APIs the caller may read.
+        None => Readable::of(caller.scopes()),
+    };
+    if !readable.any() {
+        return Err(AppError::Forbidden("this root key has no `api.<id|*>.read_key` scope".into()));
     }
     let start = q.start.as_deref().map(check_start).transpose()?;
     if let Some(cursor) = &q.cursor {
@@ -217,7 +227,7 @@ async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<Li
     }
     let query = KeyQuery {
         workspace_id: caller.workspace_id(),
-        api_id: q.api_id.as_deref(),
+        api_ids: readable.api_ids(),
         start: start.as_deref(),
         after: q.cursor.as_deref(),
         limit: limit + 1,
@@ -225,14 +235,9 @@ async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<Li
     let mut records = state.store.keys(&query).await?;
     let more = records.len() > limit as usize;
     records.truncate(limit as usize);
+    // The page holds only keys the caller may read, so its last id gives nothing else away.
     let cursor = if more { records.last().map(|r| r.id.clone()) } else { None };
-    // A search by start across APIs shows only keys of APIs the caller may read.
-    let keys = records
-        .into_iter()
-        .filter(|r| caller.scopes().grants(&Scope::key(&r.api_id, KeyAction::ReadKey)))
-        .map(KeyView::from)
-        .collect();
-    Ok(Json(KeyPage { keys, cursor }))
+    Ok(Json(KeyPage { keys: records.into_iter().map(KeyView::from).collect(), cursor }))
 }
 
 /// Deserializes a present field (even `null`) as `Some`, so `null` can mean "clear it".

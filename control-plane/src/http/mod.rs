@@ -26,6 +26,7 @@ use crate::delivery::{AuthorityReport, Delivered, Deliverer, OutboxSettings};
 use crate::edge_client::EdgeClient;
 use crate::store::Store;
 pub use error::{AppError, Result};
+pub use events::{MAX_STREAMS_PER_ROOT_KEY, MAX_STREAMS_PER_WORKSPACE};
 
 /// Largest admin request body.
 pub const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub change: Arc<ChangeService>,
     /// The id of the newest outbox entry, for event streams to wake on.
     pub changes: tokio::sync::watch::Sender<i64>,
+    /// The open event streams, counted against their limits.
+    streams: Arc<events::Streams>,
 }
 
 impl AppState {
@@ -52,7 +55,7 @@ impl AppState {
         let delivery = Arc::new(Deliverer::new(store.clone(), edge, outbox));
         let changes = tokio::sync::watch::channel(0).0;
         let change = Arc::new(ChangeService::new(store.clone(), delivery.clone(), changes.clone()));
-        AppState { store, delivery, change, changes }
+        AppState { store, delivery, change, changes, streams: Arc::default() }
     }
 }
 

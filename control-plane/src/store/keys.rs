@@ -12,7 +12,8 @@ use crate::change::Actor;
 /// Which keys to list: one page after `after` (a key id), by id.
 pub struct KeyQuery<'a> {
     pub workspace_id: &'a str,
-    pub api_id: Option<&'a str>,
+    /// Keys of these APIs only; `None` for every API of the workspace.
+    pub api_ids: Option<&'a [String]>,
     pub start: Option<&'a str>,
     pub after: Option<&'a str>,
     pub limit: u32,
@@ -106,18 +107,21 @@ impl Store {
         Ok(row.map(KeyRecord::try_from).transpose()?)
     }
 
-    /// One page of keys that are not deleted, in id order (keyset pagination).
+    /// One page of keys that are not deleted, in id order (keyset pagination). Every key of the
+    /// page matches the query, so its last id is a cursor that names nothing else.
     pub async fn keys(&self, q: &KeyQuery<'_>) -> Result<Vec<KeyRecord>, StoreError> {
+        let api_ids = q.api_ids.map(serde_json::to_string).transpose().context("api ids")?;
         // `start` is matched as a prefix of the stored display start. Not with LIKE: `_`, which
         // every start contains, is a LIKE wildcard.
         let rows: Vec<KeyRow> = sqlx::query_as(
             "SELECT * FROM keys WHERE workspace_id = ? AND status != 'deleted' \
-             AND (? IS NULL OR api_id = ?) AND (? IS NULL OR substr(start, 1, length(?)) = ?) AND (? IS NULL OR id > ?) \
+             AND (? IS NULL OR api_id IN (SELECT value FROM json_each(?))) \
+             AND (? IS NULL OR substr(start, 1, length(?)) = ?) AND (? IS NULL OR id > ?) \
              ORDER BY id LIMIT ?",
         )
         .bind(q.workspace_id)
-        .bind(q.api_id)
-        .bind(q.api_id)
+        .bind(&api_ids)
+        .bind(&api_ids)
         .bind(q.start)
         .bind(q.start)
         .bind(q.start)

@@ -101,6 +101,11 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM workspaces").fetch_one(&self.pool).await?)
     }
 
+    /// Every workspace: (id, name), oldest first.
+    pub async fn workspaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as("SELECT id, name FROM workspaces ORDER BY created_at, id").fetch_all(&self.pool).await?)
+    }
+
     pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO apis (id, workspace_id, name, prefix, max_staleness_ms, created_at) VALUES (?, ?, ?, ?, ?, ?)",

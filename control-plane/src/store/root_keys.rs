@@ -7,7 +7,7 @@ use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{KeyHash, RootKeyRecord, Scopes};
 use sqlx::FromRow;
 
-use super::outbox::{Carried, NewOutbox, insert_outbox};
+use super::outbox::{Carried, NewOutbox, Reach, Target, insert_outbox};
 use super::{Store, StoreError};
 use crate::change::Actor;
 
@@ -105,6 +105,26 @@ impl Store {
         let rows: Vec<RootKeyRow> =
             sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys")).fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(RootKeyRecord::try_from).collect::<anyhow::Result<_>>()?)
+    }
+
+    /// Where the control plane last delivered a change: the targets of the newest outbox entry
+    /// that has deliveries (none when it never delivered anything). `keyward admin recover`
+    /// writes its root key's entry there: it opens the database without the configuration.
+    pub async fn last_reach(&self) -> Result<Reach, StoreError> {
+        let targets: Vec<Target> = sqlx::query_scalar(
+            "SELECT target FROM deliveries WHERE outbox_id = (SELECT MAX(outbox_id) FROM deliveries) ORDER BY target",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut reach = Reach::default();
+        for target in targets {
+            match target {
+                Target::Authority => reach.authority = true,
+                Target::Kv(region) => reach.regions.push(region),
+                Target::Purge(_) => {}
+            }
+        }
+        Ok(reach)
     }
 
     /// The workspace's root keys: (record, name, display start), oldest first.
