@@ -195,10 +195,6 @@ impl CloudflareApi {
         }
     }
 
-    pub fn worker_url(&self) -> &str {
-        &self.settings.worker_url
-    }
-
     /// Most tags one purge_cache call carries (`max_tags_per_purge`), for batching purges.
     pub fn max_tags_per_purge(&self) -> usize {
         self.settings.max_tags_per_purge.max(1)

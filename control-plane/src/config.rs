@@ -271,8 +271,11 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let config = Config::parse(&region_toml(), |_| Some("kvtoken-plaintext".into()).filter(|_| false)).unwrap();
+        let env = |name: &str| (name == "KEYWARD_KV_TOKEN").then(|| "kvtoken-plaintext".to_owned());
+        let config = Config::parse(&region_toml(), env).unwrap();
+        assert!(config.regions[0].kv_token.is_some(), "the token was read");
         let shown = format!("{config:?}");
         assert!(!shown.contains(SECRET), "{shown}");
+        assert!(!shown.contains("kvtoken-plaintext"), "{shown}");
     }
 }

@@ -8,7 +8,8 @@ use axum::extract::State;
 use axum::routing::get;
 use futures::future::join_all;
 use keyward_shared::Scope;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::auth::RootKey;
 use super::{AppState, Result};
@@ -20,7 +21,23 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v1/regions", get(list))
 }
 
-async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Json<Value>> {
+/// The answer: the authority's deliveries (when there is one) and each region's.
+#[derive(Serialize)]
+struct RegionsView {
+    authority: Option<Value>,
+    regions: Vec<RegionView>,
+}
+
+#[derive(Serialize)]
+struct RegionView {
+    name: String,
+    url: String,
+    healthy: bool,
+    kv: Value,
+    purge: Value,
+}
+
+async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Json<RegionsView>> {
     caller.require(&Scope::ApiRead)?;
     let now = now_ms();
     let stuck_before = state.delivery.settings().stuck_before(now);
@@ -28,20 +45,18 @@ async fn list(State(state): State<AppState>, caller: RootKey) -> Result<axum::Js
     let of = |target: Target| health_json(health.iter().find(|h| h.target == target), now);
     let edge = state.delivery.edge();
     let up = join_all(edge.regions.iter().map(|r| edge.healthy(r))).await;
-    let regions: Vec<Value> = edge
+    let regions = edge
         .regions
         .iter()
         .zip(up)
-        .map(|(region, healthy)| {
-            json!({
-                "name": region.name,
-                "url": region.url,
-                "healthy": healthy,
-                "kv": of(Target::Kv(region.name.clone())),
-                "purge": of(Target::Purge(region.name.clone())),
-            })
+        .map(|(region, healthy)| RegionView {
+            name: region.name.clone(),
+            url: region.url.clone(),
+            healthy,
+            kv: of(Target::Kv(region.name.clone())),
+            purge: of(Target::Purge(region.name.clone())),
         })
         .collect();
     let authority = edge.has_authority().then(|| of(Target::Authority));
-    Ok(axum::Json(json!({ "authority": authority, "regions": regions })))
+    Ok(axum::Json(RegionsView { authority, regions }))
 }
