@@ -197,7 +197,8 @@ impl ChangeService {
     /// delivers it: the authority, every region's KV, and, when the change tightens the key, every
     /// region's purge. A change that changes nothing (revoking a revoked key) makes no new entry:
     /// it delivers again only what the key's newest entry has not landed, so a repeated revoke
-    /// spends no purge on a region that acknowledged (`keyward outbox redrive` re-pushes by hand).
+    /// spends no purge on a region that acknowledged (`keyward outbox redrive` makes what is
+    /// pending or dead-lettered due at once; nothing sends an acknowledged purge again).
     /// The answer comes within `delivery::ANSWER_WITHIN`, naming what is still pending.
     pub async fn commit(
         &self,

@@ -401,7 +401,8 @@ pub async fn send(
     if status == StatusCode::TOO_MANY_REQUESTS {
         let seconds = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok());
         return Err(CloudflareError::TooManyRequests {
-            retry_after: seconds.map_or(DEFAULT_RETRY_AFTER, Duration::from_secs),
+            // At most an hour: a larger (or hostile) value must not overflow the clock.
+            retry_after: seconds.map_or(DEFAULT_RETRY_AFTER, |s: u64| Duration::from_secs(s.min(3_600))),
         });
     }
     let body: serde_json::Value = response.json().await.unwrap_or_default();

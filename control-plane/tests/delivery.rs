@@ -215,6 +215,17 @@ impl Harness {
         self.state.store.update_key(&record, &self.state.delivery.new_outbox(true, now), &Actor::System).await.unwrap()
     }
 
+    /// Commits a rename of `key` straight to the store (a change that tightens nothing),
+    /// delivering nothing yet; answers its outbox entry's id.
+    async fn rename_in_store(&self, key: &Key) -> i64 {
+        let mut record = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
+        let now = now_ms();
+        record.name = Some("renamed".into());
+        record.version += 1;
+        record.updated_at = now;
+        self.state.store.update_key(&record, &self.state.delivery.new_outbox(false, now), &Actor::System).await.unwrap()
+    }
+
     /// The newest outbox entry of `key`.
     async fn newest_entry(&self, key: &Key) -> i64 {
         let record = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
@@ -806,5 +817,24 @@ fn a_purge_waiting_for_the_budget_holds_up_no_other_retry() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(h.deliveries(blocked).await[&purge("cloudflare")], DeliveryState::Pending);
+    });
+}
+
+/// A tightening change whose authority update a newer change superseded still holds back its
+/// purge-by-tag until that newer update (which carries it) has reached the authority: the
+/// superseded update is not pending, but the authority lacks the change all the same.
+#[test]
+fn a_superseded_authority_update_still_holds_back_the_tag_purge() {
+    bounded(Duration::from_secs(30), async {
+        let (base, purges) = purge_cache_stand_in().await;
+        let h = harness(tag_purged_edge(REFUSING, cloudflare_api(&base, 1_000, 300))).await;
+        let (_, key) = h.key().await;
+        let revoked = h.revoke_in_store(&key).await;
+        let renamed = h.rename_in_store(&key).await;
+        assert_eq!(h.deliveries(revoked).await[&Target::Authority], DeliveryState::Superseded);
+        h.state.delivery.deliver(revoked).await.unwrap();
+        h.state.delivery.deliver(renamed).await.unwrap();
+        assert!(purges.0.lock().unwrap().is_empty(), "purged by tag while the authority lacked the revocation");
+        assert_eq!(h.deliveries(revoked).await[&purge("cloudflare")], DeliveryState::Pending);
     });
 }

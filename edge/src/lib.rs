@@ -42,7 +42,7 @@ fn start() {
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     memory::configure(&env);
-    origin::configure(&env, &req);
+    origin::configure(&env);
     Router::with_data(ctx)
         .get("/health", |_, ctx| {
             let region = ctx.var(REGION_VAR).map(|v| v.to_string()).unwrap_or_default();

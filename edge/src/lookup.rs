@@ -198,6 +198,7 @@ pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMo
     let hash = record.hash;
     let in_memory = MEMORY.with(|m| m.borrow().contains(hash.as_bytes()));
     if mode == PurgeMode::Record {
+        note_purged(&hash, record.version);
         remember(&hash, Entry { record, confirmed_at_ms });
     }
     // A drop that does not finish in time fails the purge, which the control plane then retries.
@@ -207,13 +208,47 @@ pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMo
     Ok(in_memory || matches!(in_cache, CacheDeletionOutcome::Success))
 }
 
-/// Puts a copy in memory unless memory holds a newer version of the key; answers the copy
+/// A version a purge brought, remembered apart from the copies: memory may evict a purged
+/// copy (it is bounded by bytes), and a refill that read KV and the authority before the purge
+/// must not then bring the older version back.
+struct Purged(u64);
+
+impl Weigh for Purged {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Purged>() + 32
+    }
+}
+
+/// Bytes for purged versions (about 7,700 keys).
+const PURGED_VERSIONS_BYTES: usize = 1 << 20;
+
+thread_local! {
+    static PURGED: RefCell<ByteLru<[u8; 32], Purged>> = RefCell::new(ByteLru::new(PURGED_VERSIONS_BYTES));
+}
+
+fn note_purged(hash: &KeyHash, version: u64) {
+    PURGED.with(|p| {
+        let mut purged = p.borrow_mut();
+        if purged.peek(hash.as_bytes()).is_none_or(|seen| seen.0 < version) {
+            purged.put(*hash.as_bytes(), Purged(version));
+        }
+    });
+}
+
+/// Whether a purge brought a newer version of the key than `version`.
+fn purged_newer(hash: &KeyHash, version: u64) -> bool {
+    PURGED.with(|p| p.borrow().peek(hash.as_bytes()).is_some_and(|seen| seen.0 > version))
+}
+
+/// Puts a copy in memory unless memory holds a newer version of the key, or a purge brought
+/// one (then nothing is kept: the copy only answers the request that read it); answers the copy
 /// memory holds afterwards.
 fn remember(hash: &KeyHash, entry: Entry) -> Entry {
     MEMORY.with(|m| {
         let mut memory = m.borrow_mut();
         match memory.get(hash.as_bytes()) {
             Some(held) if held.record.version > entry.record.version => held.clone(),
+            _ if purged_newer(hash, entry.record.version) => entry,
             _ => {
                 memory.put(*hash.as_bytes(), entry.clone());
                 entry
@@ -232,6 +267,9 @@ fn held_version(hash: &KeyHash) -> Option<u64> {
 /// way is written after it, so the Cache API never ends on the older record.
 async fn keep(cache: &Cache, hash: &KeyHash, entry: Entry) -> Result<KeyRecord> {
     let mut kept = remember(hash, entry);
+    if purged_newer(hash, kept.record.version) {
+        return Ok(kept.record);
+    }
     loop {
         let headers = Headers::new();
         headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;

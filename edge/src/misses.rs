@@ -115,6 +115,20 @@ pub(crate) fn admit(kind: Kind, caller: &str, now_ms: u64) -> bool {
     })
 }
 
+/// Takes one of `caller`'s lookups for an answer that needed no fetch but says the key is not
+/// the caller's (`NOT_FOUND` from a copy or a remembered miss): a caller past its share gets
+/// 429 whether or not this location holds a copy, so the limit cannot tell it which keys
+/// exist. Counted as refused when the share is spent.
+pub(crate) fn charge(kind: Kind, caller: &str, now_ms: u64) -> bool {
+    with(kind, |m| {
+        let taken = m.callers.borrow_mut().take(caller, now_ms);
+        if !taken {
+            m.count(|c| c.refused += 1);
+        }
+        taken
+    })
+}
+
 pub(crate) fn counts(kind: Kind) -> Counts {
     with(kind, |m| m.counts.get())
 }

@@ -1,7 +1,7 @@
 //! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide.
 
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY, RequestError};
-use keyward_shared::{ErrorCode, Key, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
+use keyward_shared::{Code, ErrorCode, Key, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
 use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
@@ -24,7 +24,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     let caller_id = caller.id.clone();
     let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let now = now_ms as i64;
-    let admit = || misses::admit(Kind::Key, &caller_id, now_ms);
+    let fetched = std::cell::Cell::new(false);
+    let admit = || {
+        fetched.set(true);
+        misses::admit(Kind::Key, &caller_id, now_ms)
+    };
     let (decision, record, source) = match lookup::find(&ctx.env, &hash, now_ms, admit).await? {
         lookup::Found::Record(record, source) => {
             (decide(record.as_ref(), &hash, caller, &request, now), record, source)
@@ -34,6 +38,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         }
         lookup::Found::CallerLimited => return Err(limited()),
     };
+    if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
+        return Err(limited());
+    }
     Ok(Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))?)
 }
 

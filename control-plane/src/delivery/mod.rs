@@ -112,6 +112,9 @@ struct Loaded {
     entry: OutboxEntry,
     deliveries: Vec<Delivery>,
     record: Option<Carried>,
+    /// This entry's authority update was superseded by a newer entry's, which has not been
+    /// delivered yet: the authority lacks this change as much as if its own were pending.
+    authority_behind: bool,
 }
 
 impl Loaded {
@@ -145,6 +148,9 @@ impl PassPlan<'_> {
             Some(attempt) => attempt.result.err().map(|e| error_text(&*e)),
             None if delivery.is_pending() => {
                 Some(delivery.last_error.clone().unwrap_or_else(|| "its update has not been delivered yet".to_owned()))
+            }
+            None if self.loaded.authority_behind => {
+                Some("a newer change's authority update, which carries this one, has not been delivered yet".to_owned())
             }
             None => None,
         }
@@ -306,7 +312,11 @@ impl Deliverer {
         let (entry, deliveries) = self.store.outbox_entry(id).await?.context("no such outbox entry")?;
         let needs_record = deliveries.iter().any(|d| matches!(d.target, Target::Authority | Target::Purge(_)));
         let record = needs_record.then(|| Carried::parse(&entry)).transpose()?;
-        Ok(Loaded { entry, deliveries, record })
+        let superseded = deliveries
+            .iter()
+            .any(|d| d.target == Target::Authority && d.state == crate::store::DeliveryState::Superseded);
+        let authority_behind = superseded && !self.store.newer_authority_update_delivered(&entry).await?;
+        Ok(Loaded { entry, deliveries, record, authority_behind })
     }
 
     /// This pass's authority update: made in a pass that puts the change in force, while the

@@ -267,6 +267,23 @@ impl<'r> Decode<'r, Sqlite> for Target {
 }
 
 impl Store {
+    /// Whether a newer entry of the same key (or root key) has delivered its authority update,
+    /// which carries this entry's change too (the authority keeps the highest version).
+    pub async fn newer_authority_update_delivered(&self, entry: &OutboxEntry) -> Result<bool, StoreError> {
+        let delivered: i64 = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM deliveries d JOIN outbox o ON o.id = d.outbox_id \
+                 WHERE o.kind = ? AND o.key_id = ? AND o.id > ? AND d.target = ? AND d.state = ?)",
+        )
+        .bind(entry.kind)
+        .bind(&entry.key_id)
+        .bind(entry.id)
+        .bind(Target::Authority)
+        .bind(DeliveryState::Done)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(delivered != 0)
+    }
+
     /// An outbox entry and its deliveries that are still pending.
     pub async fn outbox_entry(&self, id: i64) -> Result<Option<(OutboxEntry, Vec<Delivery>)>, StoreError> {
         let entry: Option<OutboxEntry> =
