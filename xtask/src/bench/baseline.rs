@@ -49,7 +49,7 @@ impl Baseline {
             objects: Objects::In(world.home.worker_name()),
             registry: world.dir.path().join("registry"),
             main: Some(main),
-            vars: Vec::new(),
+            vars: vec![("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned())],
         };
         let baseline = Baseline { _proc: spec.start()?, spec };
         let root_hash = keyward_shared::KeyHash::of(&world.root_key);
