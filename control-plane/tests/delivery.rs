@@ -147,6 +147,11 @@ fn edge(endpoints: Endpoints) -> EdgeClient {
     EdgeClient::from_config(&Config::parse(&text, |_| None).unwrap()).unwrap()
 }
 
+/// An edge whose authority and one signed region (purges and KV) refuse every connection.
+fn refusing_edge() -> EdgeClient {
+    edge(Endpoints { authority: Some(REFUSING), signed: Some((REFUSING, REFUSING)), ..Endpoints::default() })
+}
+
 fn purge(region: &str) -> Target {
     Target::Purge(region.to_owned())
 }
@@ -530,12 +535,7 @@ impl Harness {
 #[test]
 fn regions_show_a_workspace_only_its_own_deliveries() {
     bounded(Duration::from_secs(30), async {
-        let h = harness(edge(Endpoints {
-            authority: Some(REFUSING),
-            signed: Some((REFUSING, REFUSING)),
-            ..Endpoints::default()
-        }))
-        .await;
+        let h = harness(refusing_edge()).await;
         let other = h.other_workspace().await;
         // The other workspace's key creation fails its KV write; its revocation, its purge.
         let (_, key) = other.key().await;
@@ -654,12 +654,7 @@ fn purges_by_tag_are_batched_and_another_workspace_does_not_wait_behind_them() {
 #[test]
 fn the_start_up_root_key_sync_is_queued_in_the_outbox() {
     bounded(Duration::from_secs(30), async {
-        let h = harness(edge(Endpoints {
-            authority: Some(REFUSING),
-            signed: Some((REFUSING, REFUSING)),
-            ..Endpoints::default()
-        }))
-        .await;
+        let h = harness(refusing_edge()).await;
         h.state.change.publish_root_keys().await.unwrap();
         let (_, regions) = h.call("GET", "/v1/regions", None).await;
         assert_eq!(regions["authority"]["pending"], 1, "{regions}");
@@ -677,9 +672,7 @@ fn old_deliveries_are_stuck_or_dead_lettered_by_what_depends_on_them_and_redrive
     bounded(Duration::from_secs(30), async {
         // Everything promised and pending is stuck at once.
         let outbox = OutboxSettings { stuck_after_s: 0, ..OutboxSettings::default() };
-        let refusing =
-            Endpoints { authority: Some(REFUSING), signed: Some((REFUSING, REFUSING)), ..Endpoints::default() };
-        let h = harness_with(edge(refusing), outbox).await;
+        let h = harness_with(refusing_edge(), outbox).await;
         let (_, key) = h.key().await;
         let created_entry = h.newest_entry(&key).await;
         let revoked_entry = h.revoke_in_store(&key).await;
@@ -747,11 +740,7 @@ fn the_outbox_commands_show_and_redrive_stuck_deliveries() {
             let store = Store::open(&database).await.unwrap();
             let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
             bootstrap(&store, Some(root.clone())).await.unwrap();
-            let edge = edge(Endpoints {
-                authority: Some(REFUSING),
-                signed: Some((REFUSING, REFUSING)),
-                ..Endpoints::default()
-            });
+            let edge = refusing_edge();
             let h = Harness {
                 _dir: Arc::new(tempfile::tempdir().unwrap()),
                 state: AppState::new(store, Arc::new(edge)),

@@ -208,36 +208,28 @@ pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMo
     Ok(in_memory || matches!(in_cache, CacheDeletionOutcome::Success))
 }
 
-/// A version a purge brought, remembered apart from the copies: memory may evict a purged
-/// copy (it is bounded by bytes), and a refill that read KV and the authority before the purge
-/// must not then bring the older version back.
-struct Purged(u64);
-
-impl Weigh for Purged {
-    fn weight(&self) -> usize {
-        std::mem::size_of::<Purged>() + 32
-    }
-}
-
 /// Bytes for purged versions (about 7,700 keys).
 const PURGED_VERSIONS_BYTES: usize = 1 << 20;
 
 thread_local! {
-    static PURGED: RefCell<ByteLru<[u8; 32], Purged>> = RefCell::new(ByteLru::new(PURGED_VERSIONS_BYTES));
+    /// The versions purges brought, remembered apart from the copies: memory may evict a purged
+    /// copy (it is bounded by bytes), and a refill that read KV and the authority before the
+    /// purge must not then bring the older version back.
+    static PURGED: RefCell<ByteLru<[u8; 32], u64>> = RefCell::new(ByteLru::new(PURGED_VERSIONS_BYTES));
 }
 
 fn note_purged(hash: &KeyHash, version: u64) {
     PURGED.with(|p| {
         let mut purged = p.borrow_mut();
-        if purged.peek(hash.as_bytes()).is_none_or(|seen| seen.0 < version) {
-            purged.put(*hash.as_bytes(), Purged(version));
+        if purged.peek(hash.as_bytes()).is_none_or(|seen| *seen < version) {
+            purged.put(*hash.as_bytes(), version);
         }
     });
 }
 
 /// Whether a purge brought a newer version of the key than `version`.
 fn purged_newer(hash: &KeyHash, version: u64) -> bool {
-    PURGED.with(|p| p.borrow().peek(hash.as_bytes()).is_some_and(|seen| seen.0 > version))
+    PURGED.with(|p| p.borrow().peek(hash.as_bytes()).is_some_and(|seen| *seen > version))
 }
 
 /// Puts a copy in memory unless memory holds a newer version of the key, or a purge brought

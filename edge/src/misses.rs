@@ -9,7 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 
-use keyward_shared::budget::{ByteLru, Weigh};
+use keyward_shared::budget::ByteLru;
 use keyward_shared::internal::MissCounts as Counts;
 use keyward_shared::limit::Buckets;
 
@@ -28,17 +28,9 @@ pub(crate) enum Kind {
     RootKey,
 }
 
-/// Until when a miss is remembered (Unix ms).
-struct Until(u64);
-
-impl Weigh for Until {
-    fn weight(&self) -> usize {
-        std::mem::size_of::<Until>() + 32
-    }
-}
-
 struct Misses {
-    remembered: RefCell<ByteLru<[u8; 32], Until>>,
+    /// Until when each miss is remembered (Unix ms).
+    remembered: RefCell<ByteLru<[u8; 32], u64>>,
     callers: RefCell<Buckets>,
     counts: Cell<Counts>,
 }
@@ -92,7 +84,7 @@ fn with<T>(kind: Kind, f: impl FnOnce(&Misses) -> T) -> T {
 /// Whether a lookup of `hash` found nothing less than [`MISS_MEMORY_MS`] ago (counted).
 pub(crate) fn remembered(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
     with(kind, |m| {
-        let hit = m.remembered.borrow_mut().get(hash).is_some_and(|until| until.0 > now_ms);
+        let hit = m.remembered.borrow_mut().get(hash).is_some_and(|until| *until > now_ms);
         if hit {
             m.count(|c| c.remembered += 1);
         }
@@ -103,7 +95,7 @@ pub(crate) fn remembered(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
 /// Remembers that nothing (no KV record, and an authority that answered it knows none) was
 /// found for `hash`.
 pub(crate) fn remember(kind: Kind, hash: &[u8; 32], now_ms: u64) {
-    with(kind, |m| m.remembered.borrow_mut().put(*hash, Until(now_ms + MISS_MEMORY_MS)));
+    with(kind, |m| m.remembered.borrow_mut().put(*hash, now_ms + MISS_MEMORY_MS));
 }
 
 /// Whether `caller` may make the edge fetch once more now (counted either way).

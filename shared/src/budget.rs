@@ -16,6 +16,14 @@ pub trait Weigh {
 /// the high side.
 pub const ENTRY_OVERHEAD: usize = 96;
 
+/// A plain number kept beside its key (a version, a deadline): its own size and the 32-byte key
+/// hash it is kept under.
+impl Weigh for u64 {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<u64>() + 32
+    }
+}
+
 /// Heap bytes of a string, for [`Weigh`] implementations.
 pub fn heap_str(text: &str) -> usize {
     text.len()
