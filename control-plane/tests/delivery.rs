@@ -463,13 +463,21 @@ impl KvWriter for FlakyKv {
 struct Purges(Arc<Mutex<Vec<Vec<String>>>>);
 
 async fn purge_cache_stand_in() -> (String, Purges) {
+    purge_cache_stand_in_after(Duration::ZERO).await
+}
+
+/// [`purge_cache_stand_in`], answering each call `delay` after it arrives.
+async fn purge_cache_stand_in_after(delay: Duration) -> (String, Purges) {
     let purges = Purges::default();
     let log = purges.clone();
     let app = axum::Router::new().fallback(move |body: String| {
         let tags: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         let tags = tags["tags"].as_array().into_iter().flatten().map(|t| t.as_str().unwrap().to_owned());
         log.0.lock().unwrap().push(tags.collect());
-        async { axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": null })) }
+        async move {
+            tokio::time::sleep(delay).await;
+            axum::Json(json!({ "success": true, "errors": [], "messages": [], "result": null }))
+        }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -605,6 +613,36 @@ fn a_revoke_answers_within_five_seconds_whatever_the_budget() {
         let pending = |e: &str| e.contains("still pending") || e.contains("api_limit");
         assert!(region["error"].as_str().is_some_and(pending), "{revoked}");
         assert_eq!(purges.0.lock().unwrap().len(), 1, "only the call that spent the budget");
+    });
+}
+
+/// A delivery that outlasts the answer: the answer, read from the outbox at 5 s, shows what
+/// had landed by then (the authority's update), not only what the pass recorded at its end.
+#[test]
+fn an_answer_given_while_a_purge_is_under_way_shows_what_landed() {
+    bounded(Duration::from_secs(30), async {
+        let (authority, _) = stand_in(Duration::ZERO).await;
+        // One call per 6 s, and each takes 2 s to answer: the call that spends the budget ends
+        // 2 s into its window, so the revoke's purge waits about 4 s to start and lands about
+        // 6 s after the revoke starts, past the answer.
+        let (base, purges) = purge_cache_stand_in_after(Duration::from_secs(2)).await;
+        let api = cloudflare_api(&base, 1, 6);
+        api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
+        let h = harness(tag_purged_edge(&authority, api)).await;
+        let ids = h.keys(1).await;
+        let started = Instant::now();
+        let (status, revoked) = h.revoke(&ids[0]).await;
+        let took = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        assert!(took < Duration::from_secs(6), "the revoke took {took:?}");
+        assert_eq!(revoked["authority"]["acknowledged"], true, "{revoked}");
+        let region = &revoked["regions"][0];
+        assert_eq!(region["acknowledged"], false, "{revoked}");
+        assert!(region["error"].as_str().is_some_and(|e| e.contains("still pending")), "{revoked}");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(purges.0.lock().unwrap().len(), 2, "the purge went on after the answer");
+        let (_, regions) = h.call("GET", "/v1/regions", None).await;
+        assert_eq!(regions["regions"][0]["purge"]["pending"], 0, "{regions}");
     });
 }
 

@@ -9,7 +9,7 @@
 //!
 //! A pass over an entry is a few named steps: `load` the entry, start its `update_authority`,
 //! `deliver_region` (its KV write and purge) for every region at once, report, and `record`
-//! every attempt in one transaction. Errors stay a [`DeliveryError`] until they are recorded as
+//! the pass's attempts in one transaction. Errors stay a [`DeliveryError`] until they are recorded as
 //! text; the attempts and reports are in `outcome.rs`. A change's caller waits at most
 //! [`ANSWER_WITHIN`], whatever the purge budget: what has not landed by then is reported
 //! pending, and goes on. Purges by tag are batched with a fair share per workspace (`tags.rs`);
@@ -49,6 +49,9 @@ const RETRY_IN_FLIGHT: usize = 64;
 pub const HANDOFF: Duration = Duration::from_secs(5);
 /// The longest a change's caller waits for its delivery; what has not landed is reported pending.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// A pass that ends within this long records all its outcomes in one transaction (one commit
+/// instead of one per target); a longer one records each outcome as it comes from then on.
+const RECORD_TOGETHER_FOR: Duration = Duration::from_secs(1);
 
 /// Which pending targets a delivery attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +156,38 @@ impl PassPlan<'_> {
                 Some("a newer change's authority update, which carries this one, has not been delivered yet".to_owned())
             }
             None => None,
+        }
+    }
+}
+
+/// The outcomes of one pass, held to be recorded together, until the pass has run for
+/// [`RECORD_TOGETHER_FOR`]; from then on each is recorded as it comes. Every target of a pass is
+/// polled by the one task that runs the pass, so nothing is added while the held outcomes are
+/// being recorded.
+#[derive(Default)]
+struct Recorder<'a> {
+    held: Mutex<Vec<Attempted<'a>>>,
+    as_they_come: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Recorder<'a> {
+    async fn add(&self, deliverer: &Deliverer, attempted: Vec<Attempted<'a>>) {
+        if self.as_they_come.load(std::sync::atomic::Ordering::Relaxed) {
+            deliverer.record(&attempted).await;
+        } else {
+            self.held.lock().expect("not poisoned").extend(attempted);
+        }
+    }
+
+    async fn record_as_they_come(&self, deliverer: &Deliverer) {
+        self.as_they_come.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.record_held(deliverer).await;
+    }
+
+    async fn record_held(&self, deliverer: &Deliverer) {
+        let held = std::mem::take(&mut *self.held.lock().expect("not poisoned"));
+        if !held.is_empty() {
+            deliverer.record(&held).await;
         }
     }
 }
@@ -275,16 +310,19 @@ impl Deliverer {
     /// 60 s), and is not sent while the authority lacks it: the refill that follows is then sure
     /// to find it. KV writes run alongside, except those of a tightening change in the pass that
     /// puts it in force: they get a pass of their own right after.
-    /// The authority's outcome, and each region's, is recorded as soon as it is known, so that an
-    /// answer given while another target is still under way ([`ANSWER_WITHIN`]) shows it.
+    /// A pass that ends within [`RECORD_TOGETHER_FOR`] records its outcomes in one transaction;
+    /// one that runs longer records what is known by then, and each later outcome as it comes, so
+    /// that an answer given while a target is still under way ([`ANSWER_WITHIN`]) shows the rest.
     async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let loaded = self.load(id).await?;
         let started = Instant::now();
+        let recorder = Recorder::default();
         let authority_delivery = loaded.find(&Target::Authority);
         let authority = async {
             let attempt = self.update_authority(&loaded, pass, started).await;
             if let (Some(delivery), Some(attempt)) = (authority_delivery, &attempt) {
-                self.record(&[Attempted { delivery, result: attempt.result.clone() }]).await;
+                let attempted = Attempted { delivery, result: attempt.result.clone() };
+                recorder.add(self, vec![attempted]).await;
             }
             attempt
         };
@@ -298,10 +336,19 @@ impl Deliverer {
         };
         let regions = join_all(self.edge.regions.iter().map(|region| async {
             let (report, attempts) = self.deliver_region(&plan, region).await;
-            self.record(&attempts.attempted().collect::<Vec<_>>()).await;
+            recorder.add(self, attempts.attempted().collect()).await;
             report
         }));
-        let (authority_attempt, regions) = futures::join!(authority, regions);
+        let work = futures::future::join(authority, regions);
+        tokio::pin!(work);
+        let (authority_attempt, regions) = match tokio::time::timeout(RECORD_TOGETHER_FOR, &mut work).await {
+            Ok(done) => done,
+            Err(_) => {
+                recorder.record_as_they_come(self).await;
+                work.await
+            }
+        };
+        recorder.record_held(self).await;
         let authority = authority_delivery.map(|d| authority_report(d, authority_attempt.as_ref()));
         Ok(Delivered { authority, regions })
     }
