@@ -33,7 +33,7 @@ fn main() {
         created_at: 0,
         updated_at: 0,
     };
-    let request = VerifyRequest { key: text.clone(), api_id: None, permissions: vec!["read".into()] };
+    let request = VerifyRequest { key: text.clone(), api_id: None, permissions: vec!["read".into()], client: None };
     let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
     assert_eq!(decide(Some(&record), &key.hash(), caller, &request, 1).code, Code::Valid);
 

@@ -14,6 +14,7 @@ pub mod key;
 pub mod limit;
 pub mod record;
 pub mod scope;
+pub mod usage;
 pub mod verify;
 
 pub use error::ErrorCode;

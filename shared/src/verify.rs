@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::KeyHash;
 use crate::record::{KeyRecord, KeyStatus, Meta};
 use crate::scope::{KeyAction, Scope, Scopes};
+use crate::usage::ClientInfo;
 
 /// Most permissions a verify request may ask for.
 pub const MAX_REQUESTED_PERMISSIONS: usize = 64;
@@ -23,6 +24,9 @@ pub struct VerifyRequest {
     /// Names that must all be present on the key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
+    /// The end user the caller verifies for, recorded in the usage event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientInfo>,
 }
 
 impl VerifyRequest {
@@ -38,10 +42,14 @@ impl VerifyRequest {
         Ok(request)
     }
 
-    /// Refuses a request asking for more than [`MAX_REQUESTED_PERMISSIONS`] permissions.
+    /// Refuses a request asking for more than [`MAX_REQUESTED_PERMISSIONS`] permissions, or
+    /// naming its client with fields over their limits.
     pub fn check(&self) -> Result<(), RequestError> {
         if self.permissions.len() > MAX_REQUESTED_PERMISSIONS {
             return Err(RequestError::TooManyPermissions(self.permissions.len()));
+        }
+        if let Some(client) = &self.client {
+            client.check().map_err(RequestError::Client)?;
         }
         Ok(())
     }
@@ -56,6 +64,8 @@ pub enum RequestError {
     Invalid(String),
     #[error("a verify request asks for at most {MAX_REQUESTED_PERMISSIONS} permissions, not {0}")]
     TooManyPermissions(usize),
+    #[error("invalid verify request: {0}")]
+    Client(String),
 }
 
 /// The outcome of a verification.
@@ -250,6 +260,7 @@ mod tests {
             key: "sk_live_presented".into(),
             api_id: case.api_id.map(str::to_owned),
             permissions: case.permissions.iter().map(|p| p.to_string()).collect(),
+            client: None,
         };
         let decision = decide(Some(&record), &presented, caller, &request, NOW);
         assert_eq!(decision.code, case.expected, "{}", case.name);
@@ -418,7 +429,7 @@ mod tests {
     fn absent_record_is_not_found() {
         let scopes = Scopes(vec![]);
         let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
-        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![] };
+        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![], client: None };
         assert_eq!(decide(None, &KeyHash::of("k"), caller, &request, NOW).code, Code::NotFound);
     }
 
@@ -453,7 +464,7 @@ mod tests {
         let presented = KeyHash::of("k");
         let all = Scopes(vec!["api.*.verify_key".parse().unwrap()]);
         let none = Scopes(vec!["api.other.verify_key".parse().unwrap()]);
-        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![] };
+        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![], client: None };
         type Row<'a> = (&'a str, fn(&mut KeyRecord), &'a Scopes, &'a str, Code);
         let rows: [Row; 5] = [
             ("valid record, caller may see it", |_| {}, &all, "ws_1", Code::Unavailable),
