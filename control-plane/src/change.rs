@@ -50,6 +50,14 @@ pub struct RequestOrigin {
 }
 
 impl Actor {
+    /// The admin request, when this actor is one.
+    pub fn request(&self) -> Option<&RequestOrigin> {
+        match self {
+            Actor::Request(origin) => Some(origin),
+            _ => None,
+        }
+    }
+
     /// Logs a change its transaction committed, with who made it: the record of who changed
     /// what until the audit log is written in that transaction.
     pub fn committed(&self, change: &str, id: &str, version: u64) {

@@ -134,6 +134,11 @@ impl EdgeClient {
         Ok(EdgeClient { regions, authority_url, client, purge_secret, cloudflare })
     }
 
+    /// The secret internal requests are signed with, both ways.
+    pub fn purge_secret(&self) -> &Secret {
+        &self.purge_secret
+    }
+
     pub fn new(regions: Vec<EdgeRegion>, authority_url: Option<String>, purge_secret: Secret) -> EdgeClient {
         let client = bounded_client().expect("a TLS backend");
         EdgeClient { regions, authority_url, client, purge_secret, cloudflare: None }

@@ -18,3 +18,4 @@ pub mod kv;
 pub mod serve;
 pub mod store;
 pub mod time;
+pub mod usage;

@@ -32,9 +32,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, database = %config.database.display(), regions = config.regions.len(), "keyward serving");
     println!("keyward listening on http://{addr}");
     state.delivery.clone().spawn_retrier();
+    state.usage.clone().spawn_upkeep();
     // With connection info, so that each change records the address it came from.
+    let usage = state.usage.clone();
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
+    if !usage.flush_origin().await {
+        tracing::error!("the origin's last usage events could not be stored; they are lost");
+    }
     store.close().await;
     Ok(())
 }

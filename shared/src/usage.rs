@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::verify::{Code, Source};
+use crate::verify::{Code, Source, VerifyRequest, VerifyResponse};
 
 /// Signed, body [`UsageBatch`]: the control plane's ingestion route.
 pub const USAGE_PATH: &str = "/internal/usage";
@@ -31,6 +31,8 @@ pub const MAX_HELD_EVENTS: usize = 20_000;
 pub const MAX_IP: usize = 64;
 pub const MAX_USER_AGENT: usize = 256;
 pub const MAX_COUNTRY: usize = 8;
+/// The longest text kept for an id (request, workspace, API, key) or a region.
+pub const MAX_ID: usize = 128;
 
 /// The end user a verification was made for, as the caller names them in the verify request
 /// (all optional; the caller's own address and agent are recorded apart).
@@ -91,6 +93,45 @@ pub struct UsageEvent {
     pub user_agent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientInfo>,
+}
+
+/// Where, when and for whom a verification was answered: what its event needs beside the
+/// request and the answer.
+#[derive(Debug, Clone)]
+pub struct Answered<'a> {
+    pub at_ms: u64,
+    pub request_id: String,
+    pub workspace_id: &'a str,
+    pub region: &'a str,
+    pub caller_ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl UsageEvent {
+    /// The event of one answered verification. It names the key (and its version) only where
+    /// the answer does; the API is the one asked for, or the key's where the answer shows it.
+    pub fn of(
+        answered: Answered<'_>,
+        request: &VerifyRequest,
+        response: &VerifyResponse,
+        version: Option<u64>,
+    ) -> UsageEvent {
+        let cut = |text: Option<String>, limit: usize| text.map(|t| t.chars().take(limit).collect::<String>());
+        UsageEvent {
+            at_ms: answered.at_ms,
+            request_id: cut(Some(answered.request_id), MAX_ID).unwrap_or_default(),
+            workspace_id: answered.workspace_id.to_owned(),
+            api_id: cut(request.api_id.clone().or_else(|| response.api_id.clone()), MAX_ID),
+            key_id: response.key_id.clone(),
+            region: answered.region.to_owned(),
+            code: response.code,
+            version: version.filter(|_| response.key_id.is_some()),
+            source: response.source,
+            caller_ip: cut(answered.caller_ip, MAX_IP),
+            user_agent: cut(answered.user_agent, MAX_USER_AGENT),
+            client: request.client.clone(),
+        }
+    }
 }
 
 /// What a holder ships: its events since the last batch, numbered so that the receiver can

@@ -33,6 +33,9 @@ pub enum AppError {
     MethodNotAllowed(String),
     #[error("{0}")]
     TooManyStreams(String),
+    /// An error whose code is given: the internal routes' signature refusals, unavailability.
+    #[error("{1}")]
+    Coded(ErrorCode, String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -53,6 +56,7 @@ impl AppError {
             AppError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             AppError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             AppError::TooManyStreams(_) => ErrorCode::TooManyStreams,
+            AppError::Coded(code, _) => *code,
             AppError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::key::validate_prefix;
 use keyward_shared::record::KeyStatus;
+use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
 use keyward_shared::{Key, KeyAction, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -335,13 +336,31 @@ async fn verify(
     caller.scopes().require_verify().map_err(|e| AppError::Forbidden(e.to_string()))?;
     request.check().map_err(|e| AppError::BadRequest(e.to_string()))?;
     let Ok(key) = Key::parse(&request.key) else {
-        return Ok(Json(VerifyResponse::malformed()));
+        let response = VerifyResponse::malformed();
+        state.usage.record(UsageEvent::of(answered(&caller, now_ms()), &request, &response, None));
+        return Ok(Json(response));
     };
     let hash = key.hash();
     let record = state.store.key_by_hash(&hash).await?;
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
-    let decision = decide(record.as_ref(), &hash, who, &request, now_ms());
-    Ok(Json(VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))))
+    let now = now_ms();
+    let decision = decide(record.as_ref(), &hash, who, &request, now);
+    let response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin));
+    state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response, record.map(|r| r.version)));
+    Ok(Json(response))
+}
+
+/// The origin's verification as its usage event sees it: region `origin`, the caller's request.
+fn answered(caller: &RootKey, now: i64) -> Answered<'_> {
+    let origin = caller.actor().request();
+    Answered {
+        at_ms: now as u64,
+        request_id: origin.map_or_else(|| crate::keygen::new_id("req"), |o| o.request_id.clone()),
+        workspace_id: caller.workspace_id(),
+        region: "origin",
+        caller_ip: origin.and_then(|o| o.remote_addr).map(|a| a.ip().to_string()),
+        user_agent: origin.and_then(|o| o.user_agent.clone()),
+    }
 }
 
 /// What an acknowledgement means, said in every revoke and delete answer.

@@ -8,6 +8,7 @@ mod extract;
 mod keys;
 mod regions;
 mod root_keys;
+mod usage;
 mod workspaces;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::delivery::RegionReport;
 use crate::delivery::{AuthorityReport, Delivered, Deliverer, OutboxSettings};
 use crate::edge_client::EdgeClient;
 use crate::store::Store;
+use crate::usage::UsageLog;
 pub use error::{AppError, Result};
 pub use events::{MAX_STREAMS_PER_ROOT_KEY, MAX_STREAMS_PER_WORKSPACE};
 
@@ -43,6 +45,8 @@ pub struct AppState {
     pub changes: tokio::sync::watch::Sender<i64>,
     /// The open event streams, counted against their limits.
     streams: Arc<events::Streams>,
+    /// Usage events: the edge's batches, and the origin's own verifications.
+    pub usage: Arc<UsageLog>,
 }
 
 impl AppState {
@@ -52,10 +56,11 @@ impl AppState {
     }
 
     pub fn with_outbox(store: Store, edge: Arc<EdgeClient>, outbox: OutboxSettings) -> AppState {
-        let delivery = Arc::new(Deliverer::new(store.clone(), edge, outbox));
         let changes = tokio::sync::watch::channel(0).0;
+        let usage = Arc::new(UsageLog::new(store.clone(), Some(edge.purge_secret().clone())));
+        let delivery = Arc::new(Deliverer::new(store.clone(), edge, outbox));
         let change = Arc::new(ChangeService::new(store.clone(), delivery.clone(), changes.clone()));
-        AppState { store, delivery, change, changes, streams: Arc::default() }
+        AppState { store, delivery, change, changes, streams: Arc::default(), usage }
     }
 }
 
@@ -96,6 +101,7 @@ pub fn app(state: AppState) -> Router {
         .merge(keys::router())
         .merge(regions::router())
         .merge(events::router())
+        .merge(usage::router())
         .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())

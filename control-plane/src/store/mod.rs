@@ -8,6 +8,7 @@
 mod keys;
 mod outbox;
 mod root_keys;
+pub mod usage;
 
 use std::path::Path;
 use std::str::FromStr;
