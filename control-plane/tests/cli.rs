@@ -315,3 +315,36 @@ fn a_workspace_locked_out_of_its_own_is_recovered_from_the_database() {
     assert!(!table.contains("workspace.create"), "{table}");
     assert_eq!(table.lines().filter(|l| l.trim().starts_with("kw_root_")).count(), 1, "{table}");
 }
+
+/// `keys usage`: the origin's own verifications, shipped within about 2 s, read back as the
+/// responder reads them, in both forms.
+#[test]
+fn usage_shows_who_used_a_key_in_both_forms() {
+    let server = serve();
+    let api = server.json(&["apis", "create", "--name", "usage", "--json"]);
+    let created = server.json(&["keys", "create", "--api-id", api["id"].as_str().unwrap(), "--json"]);
+    let (id, plaintext) = (created["id"].as_str().unwrap(), created["key"].as_str().unwrap());
+    for _ in 0..2 {
+        assert!(server.run_with_stdin(&["keys", "verify", "-", "--json"], Some(plaintext)).status.success());
+    }
+    server.ok(&["keys", "revoke", id, "--json"]);
+    assert!(server.run_with_stdin(&["keys", "verify", "-", "--json"], Some(plaintext)).status.success());
+    let started = Instant::now();
+    let usage = loop {
+        let usage = server.json(&["keys", "usage", id, "--json"]);
+        if usage["total"] == 3 || started.elapsed() > Duration::from_secs(10) {
+            break usage;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(usage["totals"], serde_json::json!({ "REVOKED": 1, "VALID": 2 }), "{usage}");
+    assert!(usage["last_valid_ms"].as_i64().unwrap() < usage["last_used_ms"].as_i64().unwrap(), "{usage}");
+    let table = server.ok(&["keys", "usage", id, "--hours", "1", "--format", "table"]);
+    let rows = columns(&table);
+    assert!(table.contains("3 verifications"), "{table}");
+    assert!(rows.contains(&vec!["VALID".into(), "2".into()]), "{table}");
+    assert!(rows.contains(&vec!["REVOKED".into(), "1".into()]), "{table}");
+    assert!(rows.contains(&vec!["region".into(), "origin".into(), "3".into()]), "{table}");
+    assert!(table.contains("0 events lost"), "{table}");
+    assert!(!table.contains(plaintext));
+}

@@ -220,6 +220,15 @@ enum KeyCommand {
     /// Delete a key for good: it then verifies as NOT_FOUND.
     #[command(after_help = "Example:\n  keyward keys delete key_01...")]
     Delete { id: String },
+    /// Who used a key, from where and how much: counts by outcome, top sources, sources new
+    /// to the key, and what was lost.
+    #[command(after_help = "Example:\n  keyward keys usage key_01...\n  keyward keys usage key_01... --hours 168")]
+    Usage {
+        id: String,
+        /// How far back to look, in hours (default 24; counts are kept a year).
+        #[arg(long, default_value_t = 24)]
+        hours: u32,
+    },
     /// Ask the origin whether a key is valid. Give `-` to read the key from stdin.
     #[command(after_help = "Example:\n  keyward keys verify - <<< \"$KEY\"")]
     Verify {

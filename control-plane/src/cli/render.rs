@@ -26,6 +26,7 @@ pub enum View {
     Verified,
     OutboxStatus,
     Redriven,
+    Usage,
 }
 
 /// The text for `answer`, ending in a newline; `now` (Unix ms) decides whether a key has expired.
@@ -100,6 +101,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             delivery(answer)
         ),
         View::Verified => verified(answer),
+        View::Usage => usage(answer),
         View::OutboxStatus => outbox_status(answer, now),
         View::Redriven => format!(
             "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
@@ -176,6 +178,42 @@ fn verified(answer: &Value) -> String {
 }
 
 /// `outbox status`: every target's counts, then each stuck or dead-lettered delivery.
+/// A usage report: totals by outcome, last use, top and new sources, and the losses beside them.
+fn usage(answer: &Value) -> String {
+    let totals = answer["totals"].as_object().map(|t| t.iter().map(|(code, n)| vec![code.clone(), text(n)]).collect());
+    let mut out = format!(
+        "Usage from {} to {}: {} verifications.\n",
+        date(&answer["from_ms"]),
+        date(&answer["to_ms"]),
+        text(&answer["total"])
+    );
+    out += &table(&["outcome", "count"], totals.unwrap_or_default(), "No verifications in this range.");
+    if answer.get("last_used_ms").is_some() {
+        out +=
+            &format!("Last used {}; last VALID {}.\n", date(&answer["last_used_ms"]), date(&answer["last_valid_ms"]));
+    }
+    let sources = |of: &Value| {
+        let mut rows = Vec::new();
+        for (kind, list) in of.as_object().into_iter().flatten() {
+            rows.extend(items(list).iter().map(|s| vec![kind.clone(), text(&s["value"]), text(&s["count"])]));
+        }
+        rows
+    };
+    out += "Top sources:\n";
+    out += &table(&["source", "value", "count"], sources(&answer["top"]), "None.");
+    out += "New to this key in the last 24 hours (not seen in the 30 days before):\n";
+    out += &table(&["source", "value", "count"], sources(&answer["new_sources"]), "None.");
+    let losses = &answer["losses"]["total"];
+    out += &format!(
+        "Losses (all workspaces): {} batches missing, {} events lost, {} dropped, at most {} possibly lost.\n",
+        text(&losses["missing_batches"]),
+        text(&losses["lost_events"]),
+        text(&losses["dropped_events"]),
+        text(&losses["possibly_lost_events"]),
+    );
+    out
+}
+
 fn outbox_status(answer: &Value, now: i64) -> String {
     let targets = items(&answer["targets"]).iter().map(|t| {
         let lag = t["lag_ms"].as_i64().map_or("-".into(), |ms| format!("{} s", ms / 1000));

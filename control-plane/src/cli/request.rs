@@ -81,6 +81,10 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
         Command::Keys(KeyCommand::Delete { id }) => {
             Request::new(Method::DELETE, format!("/v1/keys/{}", encode(&id)), None, View::KeyDeleted)
         }
+        Command::Keys(KeyCommand::Usage { id, hours }) => {
+            let from_ms = crate::time::now_ms() - i64::from(hours) * 3_600_000;
+            Request::new(Method::GET, format!("/v1/keys/{}/usage?from_ms={from_ms}", encode(&id)), None, View::Usage)
+        }
         Command::Keys(KeyCommand::Verify { key, api_id, permissions }) => {
             let key = if key == "-" {
                 let mut text = String::new();
