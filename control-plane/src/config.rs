@@ -61,6 +61,9 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(default = "default_database")]
     pub database: PathBuf,
+    /// Where `/metrics` answers, apart from the admin API: `host:port`, or `off`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
     /// Shared with every region's worker (as its `PURGE_SECRET`) to sign internal requests.
     #[serde(default)]
     pub purge_secret: Option<Secret>,
@@ -80,6 +83,10 @@ pub struct Config {
 
 fn default_listen() -> SocketAddr {
     "127.0.0.1:8080".parse().expect("valid address")
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9090".into()
 }
 
 fn default_database() -> PathBuf {
@@ -110,6 +117,9 @@ impl Config {
         if let Some(listen) = env("KEYWARD_LISTEN") {
             config.listen = listen.parse().with_context(|| format!("KEYWARD_LISTEN={listen} is not host:port"))?;
         }
+        if let Some(metrics) = env("KEYWARD_METRICS_LISTEN") {
+            config.metrics_listen = metrics;
+        }
         if let Some(database) = env("KEYWARD_DATABASE") {
             config.database = PathBuf::from(database);
         }
@@ -128,7 +138,18 @@ impl Config {
         Ok(config)
     }
 
+    /// The metrics address, `None` when `metrics_listen` is `off`.
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.metrics_listen.as_str() {
+            "off" => Ok(None),
+            text => {
+                text.parse().map(Some).with_context(|| format!("metrics_listen `{text}` is not host:port or `off`"))
+            }
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.metrics_addr()?;
         if (self.cloudflare.is_some() || !self.regions.is_empty()) && self.authority_url.is_none() {
             bail!(
                 "[cloudflare] or [[regions]] is configured without authority_url: set authority_url to the URL of the \

@@ -15,6 +15,7 @@ pub mod failpoint;
 pub mod http;
 pub mod keygen;
 pub mod kv;
+pub mod metrics;
 pub mod serve;
 pub mod store;
 pub mod time;

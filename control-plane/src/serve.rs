@@ -18,6 +18,7 @@ use crate::keygen::{self, ROOT_KEY_PREFIX};
 use crate::store::Store;
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics_addr = config.metrics_addr()?;
     let store = Store::open(&config.database).await?;
     let edge = Arc::new(EdgeClient::from_config(&config)?);
     edge.check().await?;
@@ -29,6 +30,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}; set `listen` or KEYWARD_LISTEN", config.listen))?;
     let addr = listener.local_addr()?;
+    if let Some(metrics_addr) = metrics_addr {
+        let bound = crate::metrics::serve(metrics_addr, state.clone()).await?;
+        println!("keyward metrics on http://{bound}/metrics");
+    }
     tracing::info!(%addr, database = %config.database.display(), regions = config.regions.len(), "keyward serving");
     println!("keyward listening on http://{addr}");
     state.delivery.clone().spawn_retrier();

@@ -16,6 +16,7 @@ use keyward_shared::usage::{MAX_BATCH_EVENTS, MAX_ID as MAX_FIELD, UsageAck, Usa
 
 use crate::config::Secret;
 use crate::keygen::new_id;
+use crate::metrics;
 use crate::store::{Store, StoreError};
 use crate::time::now_ms;
 
@@ -79,6 +80,15 @@ impl UsageLog {
     pub async fn ingest(&self, batch: &UsageBatch, now: i64) -> Result<UsageAck, IngestError> {
         check(batch).map_err(IngestError::Invalid)?;
         let duplicate = self.store.ingest_usage(batch, now).await?;
+        if !duplicate {
+            for e in &batch.events {
+                let code =
+                    serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                metrics::VERIFICATIONS.with_label_values(&[code.as_str(), e.region.as_str()]).inc();
+                let lag_ms = (now - e.at_ms as i64).max(0);
+                metrics::INGESTION_LAG.with_label_values(&[batch.region.as_str()]).observe(lag_ms as f64 / 1e3);
+            }
+        }
         Ok(UsageAck { seq: batch.seq, duplicate })
     }
 

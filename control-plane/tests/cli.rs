@@ -17,6 +17,8 @@ struct Server {
     child: Child,
     url: String,
     root_key: String,
+    /// Where `/metrics` answers.
+    metrics: String,
     database: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -41,7 +43,7 @@ fn serve_with_kv(kv_url: &str) -> Server {
     let config = dir.path().join("keyward.toml");
     let database = dir.path().join("keyward.sqlite");
     let toml = format!(
-        "listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{}\"\nauthority_url = \"http://127.0.0.1:9\"\n\
+        "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{}\"\nauthority_url = \"http://127.0.0.1:9\"\n\
          [[regions]]\nname = \"nowhere\"\nurl = \"http://127.0.0.1:9\"\n\
          kv_url = \"{kv_url}\"\nkv_namespace_id = \"keyward-test\"\n",
         database.display(),
@@ -60,7 +62,11 @@ fn serve_with_kv(kv_url: &str) -> Server {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut root_key = None;
+    let mut metrics = None;
     while let Some(Ok(line)) = lines.next() {
+        if let Some(url) = line.strip_prefix("keyward metrics on ") {
+            metrics = Some(url.trim().to_owned());
+        }
         if let Some(key) = line.strip_prefix("First root key (shown once, store it now): ") {
             root_key = Some(key.trim().to_owned());
         }
@@ -69,7 +75,8 @@ fn serve_with_kv(kv_url: &str) -> Server {
             // Keep reading, so that the server never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
             let root_key = root_key.expect("serve prints the first root key before it listens");
-            return Server { child, url, root_key, database, _dir: dir };
+            let metrics = metrics.expect("serve prints where its metrics are before it listens");
+            return Server { child, url, root_key, metrics, database, _dir: dir };
         }
     }
     panic!("keyward serve exited before it listened: {:?}", child.wait());
@@ -347,4 +354,13 @@ fn usage_shows_who_used_a_key_in_both_forms() {
     assert!(rows.contains(&vec!["region".into(), "origin".into(), "3".into()]), "{table}");
     assert!(table.contains("0 events lost"), "{table}");
     assert!(!table.contains(plaintext));
+
+    // `/metrics` answers on its own address, not on the admin API, with no workspace label.
+    let metrics = reqwest::blocking::get(&server.metrics).unwrap().text().unwrap();
+    assert!(metrics.contains(r#"keyward_verifications_total{outcome="VALID",region="origin"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"keyward_outbox_pending{target="purge:nowhere"} 1"#), "{metrics}");
+    assert!(metrics.contains("keyward_kv_write_errors_total"), "{metrics}");
+    assert!(!metrics.contains("workspace"), "{metrics}");
+    let admin = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap();
+    assert_eq!(admin.status(), 404);
 }

@@ -133,7 +133,7 @@ impl World {
         let authority_url = authority_gate.as_ref().map_or_else(|| home.url(), Gate::url);
         let config = dir.path().join("keyward.toml");
         let mut text = format!(
-            "listen = \"127.0.0.1:{cp_port}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n",
+            "listen = \"127.0.0.1:{cp_port}\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n",
             dir.path().join("keyward.sqlite").display(),
             authority_url
         );

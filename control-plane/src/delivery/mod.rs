@@ -321,7 +321,7 @@ impl Deliverer {
         let authority = async {
             let attempt = self.update_authority(&loaded, pass, started).await;
             if let (Some(delivery), Some(attempt)) = (authority_delivery, &attempt) {
-                let attempted = Attempted { delivery, result: attempt.result.clone() };
+                let attempted = Attempted { delivery, result: attempt.result.clone(), at_ms: attempt.at_ms };
                 recorder.add(self, vec![attempted]).await;
             }
             attempt
@@ -423,6 +423,9 @@ impl Deliverer {
     /// Records attempts in one transaction; a failure is retried with backoff. An outcome that
     /// cannot be recorded is logged: its delivery stays pending, and is made again.
     async fn record(&self, attempted: &[Attempted<'_>]) {
+        for a in attempted {
+            a.count();
+        }
         let now = now_ms();
         let rows: Vec<AttemptOutcome> = attempted.iter().map(|a| a.outcome(now)).collect();
         if let Err(e) = self.store.deliveries_attempted(&rows, now).await {

@@ -9,7 +9,8 @@ use serde::Serialize;
 use super::{FIRST_BACKOFF, MAX_BACKOFF};
 use crate::edge_client::{EdgeError, EdgeRegion};
 use crate::kv::KvError;
-use crate::store::{AttemptOutcome, Delivery, DeliveryState};
+use crate::metrics;
+use crate::store::{AttemptOutcome, Delivery, DeliveryState, Target};
 
 /// How the authority update went.
 #[derive(Debug, Clone, Serialize)]
@@ -126,9 +127,25 @@ impl<T> Attempt<T> {
 pub(super) struct Attempted<'a> {
     pub(super) delivery: &'a Delivery,
     pub(super) result: Result<(), Arc<DeliveryError>>,
+    /// When it ended, from the start of the pass, in milliseconds.
+    pub(super) at_ms: f64,
 }
 
 impl Attempted<'_> {
+    /// Counts the attempt in `/metrics`: its latency when it landed, a failure when not.
+    pub(super) fn count(&self) {
+        let target = self.delivery.target.to_string();
+        match &self.result {
+            Ok(()) => metrics::DELIVERY_LATENCY.with_label_values(&[target.as_str()]).observe(self.at_ms / 1e3),
+            Err(_) => {
+                metrics::DELIVERY_FAILURES.with_label_values(&[target.as_str()]).inc();
+                if matches!(self.delivery.target, Target::Kv(_)) {
+                    metrics::KV_WRITE_ERRORS.inc();
+                }
+            }
+        }
+    }
+
     pub(super) fn outcome(&self, now: i64) -> AttemptOutcome {
         let d = self.delivery;
         let error = self.result.as_ref().err().map(|e| error_text(&**e));
@@ -186,9 +203,9 @@ impl<'a> RegionPass<'a> {
 
     /// This pass's attempts, to record.
     pub(super) fn attempted(self) -> impl Iterator<Item = Attempted<'a>> {
-        let kv = self.kv.zip(self.kv_attempt.map(|a| a.result));
-        let purge = self.purge.zip(self.purge_attempt.map(|a| a.result.map(|_| ())));
-        kv.into_iter().chain(purge).map(|(delivery, result)| Attempted { delivery, result })
+        let kv = self.kv.zip(self.kv_attempt.map(|a| (a.result, a.at_ms)));
+        let purge = self.purge.zip(self.purge_attempt.map(|a| (a.result.map(|_| ()), a.at_ms)));
+        kv.into_iter().chain(purge).map(|(delivery, (result, at_ms))| Attempted { delivery, result, at_ms })
     }
 }
 
