@@ -45,6 +45,14 @@ pub static INGESTION_LAG: LazyLock<HistogramVec> = LazyLock::new(|| {
     .expect("registered once")
 });
 
+pub static DUPLICATE_BATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "keyward_usage_duplicate_batches_total",
+        "Usage batches received again (a retry whose first copy had been stored): acknowledged, not stored twice."
+    )
+    .expect("registered once")
+});
+
 pub static USAGE_LOSSES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         opts!(

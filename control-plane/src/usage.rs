@@ -80,7 +80,10 @@ impl UsageLog {
     pub async fn ingest(&self, batch: &UsageBatch, now: i64) -> Result<UsageAck, IngestError> {
         check(batch).map_err(IngestError::Invalid)?;
         let duplicate = self.store.ingest_usage(batch, now).await?;
-        if !duplicate {
+        if duplicate {
+            metrics::DUPLICATE_BATCHES.inc();
+            tracing::info!(holder = %batch.holder, seq = batch.seq, "usage batch received again: acknowledged, not stored twice");
+        } else {
             for e in &batch.events {
                 let code =
                     serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
@@ -148,7 +151,7 @@ impl UsageLog {
         };
         match self.ingest(&batch, now).await {
             Ok(ack) => {
-                self.origin.lock().expect("not poisoned").acknowledged(ack.seq);
+                self.origin.lock().expect("not poisoned").acknowledged(ack.seq, now_ms() as u64);
                 Some(true)
             }
             Err(e) => {

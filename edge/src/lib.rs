@@ -17,6 +17,7 @@ mod misses;
 mod origin;
 mod purge;
 mod signed;
+mod usage;
 mod verify;
 
 use keyward_shared::ErrorCode;

@@ -1,12 +1,14 @@
-//! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide.
+//! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide, and
+//! keep the answer's usage event for shipping (`usage.rs`), off the response path.
 
+use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY, RequestError};
 use keyward_shared::{Code, ErrorCode, Key, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
 use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, lookup};
+use crate::{auth, lookup, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -17,12 +19,22 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         return Err(refused(RequestError::TooLarge));
     }
     let request = VerifyRequest::from_json(&req.bytes().await?).map_err(refused)?;
+    let shipping = usage::destination(&ctx.env);
+    let answer = |response: VerifyResponse, version: Option<u64>| -> EdgeResult<Response> {
+        if let Some(url) = shipping.clone() {
+            let region = usage::region(&ctx.env, &req);
+            let answered = usage::answered(&req, &caller.workspace_id, &region, now_ms);
+            let event = UsageEvent::of(answered, &request, &response, version);
+            usage::record(&ctx.env, &ctx.data, url, event);
+        }
+        Ok(Response::from_json(&response)?)
+    };
     let Ok(key) = Key::parse(&request.key) else {
-        return Ok(Response::from_json(&VerifyResponse::malformed())?);
+        return answer(VerifyResponse::malformed(), None);
     };
     let hash = key.hash();
     let caller_id = caller.id.clone();
-    let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
+    let who = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
     let now = now_ms as i64;
     let fetched = std::cell::Cell::new(false);
     let admit = || {
@@ -30,18 +42,17 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         misses::admit(Kind::Key, &caller_id, now_ms)
     };
     let (decision, record, source) = match lookup::find(&ctx.env, &hash, now_ms, admit).await? {
-        lookup::Found::Record(record, source) => {
-            (decide(record.as_ref(), &hash, caller, &request, now), record, source)
-        }
+        lookup::Found::Record(record, source) => (decide(record.as_ref(), &hash, who, &request, now), record, source),
         lookup::Found::Unconfirmed(stale, source) => {
-            (decide_unconfirmed(&stale, &hash, caller, &request, now), None, source)
+            (decide_unconfirmed(&stale, &hash, who, &request, now), None, source)
         }
         lookup::Found::CallerLimited => return Err(limited()),
     };
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    Ok(Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))?)
+    let version = record.as_ref().map(|r| r.version);
+    answer(VerifyResponse::new(decision, record.as_ref(), Some(source)), version)
 }
 
 /// The answer to a caller over its share of lookups without a copy.
@@ -56,7 +67,9 @@ pub(crate) fn limited() -> EdgeError {
 fn refused(e: RequestError) -> EdgeError {
     let code = match e {
         RequestError::TooLarge => ErrorCode::PayloadTooLarge,
-        RequestError::Invalid(_) | RequestError::TooManyPermissions(_) => ErrorCode::BadRequest,
+        RequestError::Invalid(_) | RequestError::TooManyPermissions(_) | RequestError::Client(_) => {
+            ErrorCode::BadRequest
+        }
     };
     EdgeError::new(code, e.to_string())
 }

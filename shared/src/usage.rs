@@ -222,10 +222,13 @@ impl UsageBuffer {
             || (waiting && now_ms.saturating_sub(self.last_batch_at_ms) >= SHIP_EVERY_MS)
     }
 
-    /// The batch to send now: the unacknowledged one again, unchanged, or a new one of up to
-    /// [`MAX_BATCH_EVENTS`] events. `None` when there is nothing to send.
+    /// The batch to send now: the unacknowledged one again (the same number and events, with
+    /// `held_after` as it is now), or a new one of up to [`MAX_BATCH_EVENTS`] events. `None`
+    /// when there is nothing to send.
     pub fn batch(&mut self, now_ms: u64) -> Option<UsageBatch> {
-        if let Some(batch) = &self.in_flight {
+        let held = self.held.len() as u64;
+        if let Some(batch) = &mut self.in_flight {
+            batch.held_after = held;
             return Some(batch.clone());
         }
         if self.held.is_empty() && self.dropped == 0 {
@@ -249,11 +252,24 @@ impl UsageBuffer {
         Some(batch)
     }
 
-    /// The receiver took batch `seq`: it is not sent again.
-    pub fn acknowledged(&mut self, seq: u64) {
+    /// The receiver took batch `seq`: it is not sent again. The next batch is due
+    /// [`SHIP_EVERY_MS`] from now, or at once with a full batch held.
+    pub fn acknowledged(&mut self, seq: u64, now_ms: u64) {
         if self.in_flight.as_ref().is_some_and(|b| b.seq == seq) {
             self.in_flight = None;
+            self.last_batch_at_ms = now_ms;
         }
+    }
+
+    /// Batch `seq` is given up (refused as invalid, or unacknowledged for too long): it is not
+    /// sent again, and the receiver counts it, from the numbering, once a later batch arrives.
+    pub fn abandon(&mut self, seq: u64, now_ms: u64) {
+        self.acknowledged(seq, now_ms);
+    }
+
+    /// The number of the batch under way, if one is.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.in_flight.as_ref().map(|b| b.seq)
     }
 }
 
@@ -308,7 +324,7 @@ mod tests {
         let first = b.batch(5).unwrap();
         assert_eq!((first.seq, first.first_event, first.events.len(), first.held_after), (1, 0, MAX_BATCH_EVENTS, 3));
         assert_eq!(b.holding(), MAX_BATCH_EVENTS as u64 + 3);
-        b.acknowledged(1);
+        b.acknowledged(1, 6);
         let second = b.batch(6).unwrap();
         assert_eq!((second.seq, second.first_event, second.events.len(), second.held_after), (2, 500, 3, 0));
     }
@@ -318,12 +334,20 @@ mod tests {
         let mut b = buffer(10_000);
         b.push(event(1));
         let sent = b.batch(1).unwrap();
+        assert_eq!(sent.held_after, 0);
         b.push(event(2));
         assert!(b.due(1), "the batch under way is due until acknowledged");
-        assert_eq!(b.batch(2).unwrap(), sent);
-        b.acknowledged(99);
-        assert_eq!(b.batch(3).unwrap(), sent, "another number's ack does not end it");
-        b.acknowledged(sent.seq);
+        let again = b.batch(2).unwrap();
+        assert_eq!(
+            (again.seq, &again.events, again.held_after),
+            (sent.seq, &sent.events, 1),
+            "held_after as it is now"
+        );
+        b.acknowledged(99, 3);
+        assert_eq!(b.batch(3).unwrap().events, sent.events, "another number's ack does not end it");
+        b.acknowledged(sent.seq, 100);
+        assert!(!b.due(100 + SHIP_EVERY_MS - 1), "the next batch waits its interval from the ack");
+        assert!(b.due(100 + SHIP_EVERY_MS));
         let next = b.batch(4).unwrap();
         assert_eq!((next.seq, next.first_event, next.events[0].at_ms), (2, 1, 2));
     }
@@ -336,7 +360,7 @@ mod tests {
         }
         let batch = b.batch(1).unwrap();
         assert_eq!((batch.events.len(), batch.dropped), (2, 3));
-        b.acknowledged(batch.seq);
+        b.abandon(batch.seq, 1);
         assert_eq!(b.batch(2), None, "the drops went with the batch");
         b.push(event(9));
         b.push(event(9));

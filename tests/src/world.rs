@@ -46,13 +46,21 @@ pub struct Options {
     /// The control plane reaches the authority through a [`Gate`] (`World::authority_gate`);
     /// regions still reach it directly.
     pub gated_authority: bool,
+    /// Regions ship usage events to the control plane through a [`Gate`] (`World::usage_gate`).
+    pub gated_usage: bool,
     /// More `[vars]` for every worker (`COPY_MEMORY_BYTES`, ...).
     pub vars: Vec<(String, String)>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { log_level: "warn", purge_mode: PurgeMode::Record, gated_authority: false, vars: Vec::new() }
+        Options {
+            log_level: "warn",
+            purge_mode: PurgeMode::Record,
+            gated_authority: false,
+            gated_usage: false,
+            vars: Vec::new(),
+        }
     }
 }
 
@@ -75,6 +83,8 @@ pub struct World {
     pub cp_port: u16,
     /// Between the control plane and the authority, when [`Options::gated_authority`].
     pub authority_gate: Option<Gate>,
+    /// Between the regions and the control plane's usage ingestion, when [`Options::gated_usage`].
+    pub usage_gate: Option<Gate>,
     config: PathBuf,
     home_proc: Option<Proc>,
     control_plane: Option<Proc>,
@@ -102,6 +112,12 @@ impl World {
                 ("PURGE_TAG_DELAY_MS".to_owned(), delay_ms.to_string()),
             ],
         };
+        // Every region ships its usage events to the control plane (`USAGE_SHIPPING=off` in
+        // `options.vars` turns that off).
+        let cp_port = free_port();
+        let usage_gate = if options.gated_usage { Some(Gate::start(cp_port)?) } else { None };
+        let usage_url = usage_gate.as_ref().map_or_else(|| format!("http://127.0.0.1:{cp_port}"), Gate::url);
+        vars.push(("USAGE_URL".to_owned(), usage_url));
         vars.extend(options.vars);
         let dir = tempfile::Builder::new().prefix("keyward-e2e-").tempdir()?;
         let secret = new_secret();
@@ -128,7 +144,6 @@ impl World {
             let kv_gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
             regions.push(Region { spec, plan: *plan, gate, kv_gate, proc });
         }
-        let cp_port = free_port();
         let authority_gate = if options.gated_authority { Some(Gate::start(home.port)?) } else { None };
         let authority_url = authority_gate.as_ref().map_or_else(|| home.url(), Gate::url);
         let config = dir.path().join("keyward.toml");
@@ -154,6 +169,7 @@ impl World {
             regions,
             cp_port,
             authority_gate,
+            usage_gate,
             config,
             home_proc,
             control_plane: None,
@@ -327,6 +343,14 @@ impl World {
 
     pub fn restart_control_plane(&mut self) -> anyhow::Result<()> {
         self.restart_control_plane_with(&[])
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the control plane: it accepts connections and
+    /// answers none while stopped.
+    pub fn freeze_control_plane(&self, frozen: bool) {
+        if let Some(proc) = &self.control_plane {
+            proc.signal(if frozen { "STOP" } else { "CONT" });
+        }
     }
 
     /// Waits until the control plane's process has exited (after a failpoint, say).

@@ -136,6 +136,8 @@ struct UsageReport {
     /// Verifications by outcome code, in whole minutes of the range.
     totals: BTreeMap<String, i64>,
     total: i64,
+    /// The same counts per region (`origin` for the control plane's own verify route).
+    regions: BTreeMap<String, BTreeMap<String, i64>>,
     series: Vec<SeriesPoint>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_used_ms: Option<Option<i64>>,
@@ -216,6 +218,10 @@ async fn report(state: &AppState, of: &UsageOf, range: &Range) -> Result<UsageRe
     let totals: BTreeMap<String, i64> =
         store.usage_totals(of, range.from_ms, range.to_ms).await?.into_iter().map(|c| (c.value, c.count)).collect();
     let series = store.usage_series(of, range.from_ms, range.to_ms, range.granularity).await?;
+    let mut regions: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (region, code, count) in store.usage_by_region(of, range.from_ms, range.to_ms).await? {
+        regions.entry(region).or_default().insert(code, count);
+    }
     let raw_from = range.from_ms.max(range.now_ms - RAW_RETENTION_MS);
     let mut top = BTreeMap::new();
     let mut new_sources = BTreeMap::new();
@@ -237,6 +243,7 @@ async fn report(state: &AppState, of: &UsageOf, range: &Range) -> Result<UsageRe
         granularity: range.granularity,
         total: totals.values().sum(),
         totals,
+        regions,
         series,
         last_used_ms: None,
         last_valid_ms: None,

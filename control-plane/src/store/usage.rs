@@ -192,6 +192,21 @@ impl Store {
         Ok(q.build_query_as().fetch_all(&self.pool).await?)
     }
 
+    /// Counts by region and outcome over `[from_ms, to_ms)`, in whole minutes.
+    pub async fn usage_by_region(
+        &self,
+        of: &UsageOf,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut q = QueryBuilder::new("SELECT region, code, SUM(count) FROM usage_minutes WHERE ");
+        of.push_filter(&mut q);
+        q.push(" AND bucket >= ").push_bind(floor(from_ms, MINUTE_MS));
+        q.push(" AND bucket < ").push_bind(to_ms);
+        q.push(" GROUP BY region, code ORDER BY region, code");
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
     /// Counts per period and outcome over `[from_ms, to_ms)`.
     pub async fn usage_series(
         &self,
