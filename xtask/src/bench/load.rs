@@ -19,6 +19,8 @@ pub struct Load {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    /// How many wrk runs this is (more than one once merged).
+    pub runs: u64,
 }
 
 impl Load {
@@ -35,6 +37,7 @@ impl Load {
             p50_ms: loads.iter().map(|l| l.p50_ms).sum::<f64>() / n,
             p99_ms: loads.iter().map(|l| l.p99_ms).sum::<f64>() / n,
             errors: loads.iter().map(|l| l.errors).sum(),
+            runs: loads.iter().map(|l| l.runs).sum(),
         }
     }
 }
@@ -146,7 +149,7 @@ fn parse_wrk(text: &str) -> anyhow::Result<Load> {
             Some((n.trim().parse::<u64>().ok()?, to_ms(elapsed.trim()) / 1e3))
         })
         .context("wrk printed no request count")?;
-    Ok(Load { requests, seconds, rps: requests as f64 / seconds, p50_ms, p99_ms, errors })
+    Ok(Load { requests, seconds, rps: requests as f64 / seconds, p50_ms, p99_ms, errors, runs: 1 })
 }
 
 /// wrk's durations: `812.00us`, `2.71ms`, `1.02s`, `1.00m`.

@@ -8,6 +8,7 @@ mod against;
 mod baseline;
 mod load;
 mod revocation;
+mod usage;
 mod verify;
 
 use std::path::PathBuf;
@@ -41,6 +42,18 @@ pub enum Which {
         #[arg(long, value_name = "REV")]
         against: Option<String>,
     },
+    /// Edge verify with usage shipping on and off (same build, alternated, stored events checked
+    /// against requests made); ingestion of signed batches and a 30-day per-minute series query.
+    Usage {
+        /// Seconds of load per side and round.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Events sent through the ingestion route, spread over the past 30 days.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+    },
     /// Edge verify (served from memory) beside the health route; shared's decision beside SHA-256.
     Verify {
         /// Seconds of load per route and round.
@@ -70,6 +83,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             };
             revocation::run(&plan, against.as_deref())
         }
+        Which::Usage { seconds, rounds, events } => {
+            usage::run(std::time::Duration::from_secs(seconds), rounds.max(1), events)
+        }
         Which::Verify { seconds, connections, rounds, against } => {
             verify::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), against.as_deref())
         }
@@ -90,9 +106,15 @@ impl Build {
     /// caller asking for thousands of keys a second that no region holds: the per-caller bound
     /// on such lookups (`CALLER_MISSES_PER_SECOND`) is lifted, or it would measure the bound.
     pub fn world(&self, plans: &[RegionPlan]) -> anyhow::Result<World> {
+        self.world_with(plans, &[])
+    }
+
+    /// [`Build::world`], with more worker variables.
+    pub fn world_with(&self, plans: &[RegionPlan], extra: &[(&str, &str)]) -> anyhow::Result<World> {
         keyward_tests::use_keyward_bin(self.keyward.clone());
         keyward_tests::use_worker_main(self.worker_main.clone());
-        let vars = vec![("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned())];
+        let mut vars = vec![("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned())];
+        vars.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         World::start_opts(plans, Options { log_level: "error", vars, ..Options::default() })
     }
 }
