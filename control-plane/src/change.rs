@@ -220,7 +220,7 @@ impl ChangeService {
         let outbox_id = if new != old {
             new.version = old.version + 1;
             new.updated_at = now;
-            Some(self.store.update_key(&new, &outbox, actor).await?)
+            Some(self.store.update_key(&old, &new, &outbox, actor).await?)
         } else {
             None
         };

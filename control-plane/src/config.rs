@@ -67,6 +67,10 @@ pub struct Config {
     /// Shared with every region's worker (as its `PURGE_SECRET`) to sign internal requests.
     #[serde(default)]
     pub purge_secret: Option<Secret>,
+    /// Keys the audit log's chain (`KEYWARD_AUDIT_SECRET`); without it, `purge_secret` does.
+    /// Kept outside the database, so that someone with the database alone cannot rewrite the log.
+    #[serde(default)]
+    pub audit_secret: Option<Secret>,
     /// Base URL of a worker that hosts the KeyState Durable Objects (the "home" process locally,
     /// the deployed worker in production); updates go to its signed `/internal/authority` route.
     #[serde(default)]
@@ -123,6 +127,9 @@ impl Config {
         if let Some(database) = env("KEYWARD_DATABASE") {
             config.database = PathBuf::from(database);
         }
+        if let Some(secret) = env("KEYWARD_AUDIT_SECRET") {
+            config.audit_secret = Some(Secret(secret));
+        }
         if let Some(secret) = env("KEYWARD_PURGE_SECRET") {
             config.purge_secret = Some(Secret(secret));
         }
@@ -136,6 +143,12 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The audit chain's key: `audit_secret`, else `purge_secret`; `None` with neither.
+    pub fn audit_key(&self) -> Option<crate::store::audit::AuditKey> {
+        let secret = self.audit_secret.as_ref().or(self.purge_secret.as_ref())?;
+        Some(crate::store::audit::AuditKey::new(secret.0.as_bytes()))
     }
 
     /// The metrics address, `None` when `metrics_listen` is `off`.

@@ -20,6 +20,15 @@ use crate::store::Store;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics_addr = config.metrics_addr()?;
     let store = Store::open(&config.database).await?;
+    let store = match config.audit_key() {
+        Some(key) => store.with_audit_key(key),
+        None => {
+            tracing::warn!(
+                "no audit_secret or purge_secret: the audit log is chained without a secret, so anyone with the database can rewrite it"
+            );
+            store
+        }
+    };
     let edge = Arc::new(EdgeClient::from_config(&config)?);
     edge.check().await?;
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
@@ -38,6 +47,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("keyward listening on http://{addr}");
     state.delivery.clone().spawn_retrier();
     state.usage.clone().spawn_upkeep();
+    spawn_checkpoints(store.clone());
     // With connection info, so that each change records the address it came from.
     let usage = state.usage.clone();
     let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -66,6 +76,23 @@ pub async fn bootstrap(store: &Store, given: Option<String>) -> anyhow::Result<(
         println!("\nFirst root key (shown once, store it now): {}\n", minted.key.expose());
     }
     Ok(())
+}
+
+/// Logs the audit chain's signed head every hour, so that a copy lives outside the database.
+fn spawn_checkpoints(store: Store) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3_600));
+        loop {
+            every.tick().await;
+            match store.audit_checkpoint(crate::time::now_ms()).await {
+                Ok(Some(cp)) => tracing::info!(
+                    id = cp.id, mac = %cp.mac, at_ms = cp.at_ms, signature = %cp.signature, "audit checkpoint"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the audit log's head"),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

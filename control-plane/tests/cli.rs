@@ -282,7 +282,10 @@ fn a_workspace_locked_out_of_its_own_is_recovered_from_the_database() {
     assert!(!missing.status.success() && stderr(&missing).contains("no database at"), "{}", stderr(&missing));
     assert!(!nowhere.exists());
 
-    let recovered = keyward(&["admin", "recover", "--database", database, "--workspace", &first, "--json"], &[], None);
+    // The audit log's chain goes on with the control plane's secret, from its config.
+    let config = server.database.with_file_name("keyward.toml");
+    let env = [("KEYWARD_CONFIG", config.to_str().unwrap())];
+    let recovered = keyward(&["admin", "recover", "--database", database, "--workspace", &first, "--json"], &env, None);
     assert!(recovered.status.success(), "{}", stderr(&recovered));
     let recovered: Value = serde_json::from_str(&stdout(&recovered)).unwrap();
     assert_eq!(recovered["workspace_id"], first.as_str(), "{recovered}");
@@ -363,4 +366,166 @@ fn usage_shows_who_used_a_key_in_both_forms() {
     assert!(!metrics.contains("workspace"), "{metrics}");
     let admin = reqwest::blocking::get(format!("{}/metrics", server.url)).unwrap();
     assert_eq!(admin.status(), 404);
+}
+
+/// The audit log: each writing admin route leaves one entry naming its root key and request;
+/// `audit verify` passes, then fails naming the entry after a row is edited by hand, after a row
+/// is edited and the chain recomputed without the secret, and after the last rows are deleted
+/// (against a checkpoint saved before).
+#[test]
+fn every_admin_change_is_audited_and_tampering_is_found() {
+    let server = serve();
+    let api = server.json(&["apis", "create", "--name", "audited", "--json"]);
+    let api_id = api["id"].as_str().unwrap();
+    let key = server.json(&["keys", "create", "--api-id", api_id, "--json"]);
+    let key_id = key["id"].as_str().unwrap();
+    server.ok(&["keys", "update", key_id, "--name", "renamed", "--json"]);
+    server.ok(&["keys", "revoke", key_id, "--json"]);
+    let other = server.json(&["keys", "create", "--api-id", api_id, "--json"]);
+    server.ok(&["keys", "delete", other["id"].as_str().unwrap(), "--json"]);
+    let root = server.json(&["root-keys", "create", "--name", "reader", "--scope", "audit.read", "--json"]);
+    server.ok(&["root-keys", "revoke", root["id"].as_str().unwrap(), "--json"]);
+    let second = server.json(&["workspaces", "create", "--name", "second", "--json"]);
+    let config = server.database.with_file_name("keyward.toml");
+    let config = config.to_str().unwrap();
+    assert!(keyward(&["outbox", "redrive", "--config", config, "--json"], &[], None).status.success());
+
+    let entries = server.json(&["audit", "list", "--json"])["entries"].clone();
+    let actions: Vec<&str> = entries.as_array().unwrap().iter().rev().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "workspace.create",
+            "api.create",
+            "key.create",
+            "key.update",
+            "key.revoke",
+            "key.create",
+            "key.delete",
+            "root_key.create",
+            "root_key.revoke",
+        ],
+        "{entries}"
+    );
+    assert_eq!(entries[8]["actor"], "system", "the first workspace, made at start-up");
+    let first_root = server.json(&["root-keys", "list", "--json"])["root_keys"][0]["id"].clone();
+    // The second workspace's creation is in its own log, and only there.
+    let theirs_key = second["root_key"]["key"].as_str().unwrap();
+    let theirs =
+        keyward(&["audit", "list", "--json"], &[("KEYWARD_URL", &server.url), ("KEYWARD_ROOT_KEY", theirs_key)], None);
+    let theirs: Value = serde_json::from_str(&stdout(&theirs)).unwrap();
+    assert_eq!(theirs["entries"].as_array().map(Vec::len), Some(1), "{theirs}");
+    assert_eq!(theirs["entries"][0]["action"], "workspace.create", "{theirs}");
+    assert_eq!(theirs["entries"][0]["root_key_id"], first_root, "{theirs}");
+    for entry in entries.as_array().unwrap().iter().take(8) {
+        assert_eq!(entry["actor"], "request", "{entry}");
+        assert_eq!(entry["root_key_id"], first_root, "{entry}");
+        assert!(entry["request_id"].as_str().is_some_and(|id| !id.is_empty()), "{entry}");
+        assert!(!entry.to_string().contains("\"hash\""), "a record's hash in the audit log: {entry}");
+    }
+    let revoke = &entries[4];
+    assert_eq!(
+        (revoke["before"]["status"].as_str(), revoke["after"]["status"].as_str()),
+        (Some("active"), Some("revoked"))
+    );
+    let key_only = server.json(&["audit", "list", "--target", key_id, "--json"]);
+    assert_eq!(key_only["entries"].as_array().unwrap().len(), 3, "{key_only}");
+
+    let checkpoint = server.database.with_file_name("checkpoint.json");
+    std::fs::write(&checkpoint, server.ok(&["audit", "checkpoint", "--json"])).unwrap();
+    let cp = checkpoint.to_str().unwrap();
+    let verify = || keyward(&["audit", "verify", "--config", config, "--checkpoint", cp], &[], None);
+    let passed = verify();
+    assert!(passed.status.success(), "{}", stderr(&passed));
+    assert!(stdout(&passed).contains("\"verified\": true"), "{}", stdout(&passed));
+
+    let db = Db::open(&server.database);
+    assert_eq!(db.count("action = 'outbox.redrive' AND body LIKE '%\"console\"%'"), 1, "the operator's redrive");
+    let (id, body) = db.row(4);
+    // Edited in place: the body changed, the chain value left.
+    db.exec(&format!(
+        "UPDATE audit_log SET body = '{}' WHERE id = {id}",
+        body.replace("renamed", "innocent").replace('\'', "''")
+    ));
+    assert_broken(verify(), id, "does not match");
+    db.exec(&format!("UPDATE audit_log SET body = '{}' WHERE id = {id}", body.replace('\'', "''")));
+    assert!(verify().status.success());
+    // Edited, and the chain recomputed from there with a guessed secret.
+    let macs = db.macs();
+    db.exec(&format!(
+        "UPDATE audit_log SET body = '{}' WHERE id = {id}",
+        body.replace("renamed", "innocent").replace('\'', "''")
+    ));
+    db.rechain(id, b"a guess");
+    assert_broken(verify(), id, "does not match");
+    db.exec(&format!("UPDATE audit_log SET body = '{}' WHERE id = {id}", body.replace('\'', "''")));
+    for (id, mac) in &macs {
+        db.exec(&format!("UPDATE audit_log SET mac = '{mac}' WHERE id = {id}"));
+    }
+    assert!(verify().status.success());
+    // The last two entries deleted: the chain alone still holds, the checkpoint does not.
+    let last = macs.last().unwrap().0;
+    db.exec(&format!("DELETE FROM audit_log WHERE id > {}", last - 2));
+    let alone = keyward(&["audit", "verify", "--config", config], &[], None);
+    assert!(alone.status.success(), "{}", stderr(&alone));
+    assert_broken(verify(), last, "deleted");
+}
+
+fn assert_broken(output: Output, id: i64, why: &str) {
+    let message = stderr(&output);
+    assert!(!output.status.success(), "tampering was not found");
+    assert!(message.contains(&format!("at entry {id}")) && message.contains(why), "{message}");
+}
+
+/// The control plane's SQLite file, opened beside it as someone with the file would.
+struct Db(tokio::runtime::Runtime, sqlx::SqlitePool);
+
+impl Db {
+    fn open(path: &std::path::Path) -> Db {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let pool = runtime.block_on(sqlx::SqlitePool::connect(&format!("sqlite:{}", path.display()))).unwrap();
+        Db(runtime, pool)
+    }
+
+    fn exec(&self, sql: &str) {
+        self.0.block_on(sqlx::query(sql).execute(&self.1)).unwrap();
+    }
+
+    /// The `n`th entry (1-based, oldest first): its id and body.
+    fn row(&self, n: i64) -> (i64, String) {
+        let q = sqlx::query_as("SELECT id, body FROM audit_log ORDER BY id LIMIT 1 OFFSET ?").bind(n - 1);
+        self.0.block_on(q.fetch_one(&self.1)).unwrap()
+    }
+
+    fn count(&self, filter: &str) -> i64 {
+        let q = format!("SELECT COUNT(*) FROM audit_log WHERE {filter}");
+        self.0.block_on(sqlx::query_scalar(&q).fetch_one(&self.1)).unwrap()
+    }
+
+    fn macs(&self) -> Vec<(i64, String)> {
+        self.0.block_on(sqlx::query_as("SELECT id, mac FROM audit_log ORDER BY id").fetch_all(&self.1)).unwrap()
+    }
+
+    /// Recomputes every chain value from entry `from` on, keyed with `secret`.
+    fn rechain(&self, from: i64, secret: &[u8]) {
+        use hmac::Mac;
+        let rows: Vec<(i64, String, String)> = self
+            .0
+            .block_on(sqlx::query_as("SELECT id, body, mac FROM audit_log ORDER BY id").fetch_all(&self.1))
+            .unwrap();
+        let mut previous = String::new();
+        for (id, body, mac) in rows {
+            if id >= from {
+                let mut h = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+                h.update(previous.as_bytes());
+                h.update(b"\n");
+                h.update(body.as_bytes());
+                let recomputed = hex::encode(h.finalize().into_bytes());
+                self.exec(&format!("UPDATE audit_log SET mac = '{recomputed}' WHERE id = {id}"));
+                previous = recomputed;
+            } else {
+                previous = mac;
+            }
+        }
+    }
 }

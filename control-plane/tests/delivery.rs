@@ -212,23 +212,33 @@ impl Harness {
     /// Commits `key`'s revocation straight to the store, delivering nothing yet; answers its
     /// outbox entry's id.
     async fn revoke_in_store(&self, key: &Key) -> i64 {
-        let mut record = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
+        let before = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
+        let mut record = before.clone();
         let now = now_ms();
         record.status = KeyStatus::Revoked;
         record.version += 1;
         record.updated_at = now;
-        self.state.store.update_key(&record, &self.state.delivery.new_outbox(true, now), &Actor::System).await.unwrap()
+        self.state
+            .store
+            .update_key(&before, &record, &self.state.delivery.new_outbox(true, now), &Actor::System)
+            .await
+            .unwrap()
     }
 
     /// Commits a rename of `key` straight to the store (a change that tightens nothing),
     /// delivering nothing yet; answers its outbox entry's id.
     async fn rename_in_store(&self, key: &Key) -> i64 {
-        let mut record = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
+        let before = self.state.store.key_by_hash(&key.hash()).await.unwrap().unwrap();
+        let mut record = before.clone();
         let now = now_ms();
         record.name = Some("renamed".into());
         record.version += 1;
         record.updated_at = now;
-        self.state.store.update_key(&record, &self.state.delivery.new_outbox(false, now), &Actor::System).await.unwrap()
+        self.state
+            .store
+            .update_key(&before, &record, &self.state.delivery.new_outbox(false, now), &Actor::System)
+            .await
+            .unwrap()
     }
 
     /// The newest outbox entry of `key`.
@@ -737,7 +747,8 @@ fn old_deliveries_are_stuck_or_dead_lettered_by_what_depends_on_them_and_redrive
         assert_eq!(region["purge"]["stuck"], 1, "{regions}");
         assert!(region["purge"]["last_error"].as_str().is_some(), "{regions}");
 
-        let redriven = store.redrive(Redrive { region: Some("r1"), now: now_ms() }).await.unwrap();
+        let actor = keyward_control_plane::change::Actor::Console("outbox redrive");
+        let redriven = store.redrive(Redrive { region: Some("r1"), now: now_ms() }, &actor).await.unwrap();
         assert_eq!((redriven.revived, redriven.made_due), (1, 2), "{redriven:?}");
         assert_eq!(h.deliveries(loosening).await[&Target::Kv("r1".into())], DeliveryState::Pending);
         let due = store.due_outbox_ids(now_ms(), 10).await.unwrap();

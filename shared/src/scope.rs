@@ -58,6 +58,8 @@ pub enum Scope {
     RootKeyManage,
     ApiCreate,
     ApiRead,
+    /// Read the workspace's audit log and the log's signed checkpoint.
+    AuditRead,
     Key {
         api: ApiSelector,
         action: KeyAction,
@@ -85,7 +87,7 @@ impl Scope {
         if with_workspace_create {
             all.push(Scope::WorkspaceCreate);
         }
-        all.extend([Scope::RootKeyCreate, Scope::RootKeyManage, Scope::ApiCreate, Scope::ApiRead]);
+        all.extend([Scope::RootKeyCreate, Scope::RootKeyManage, Scope::ApiCreate, Scope::ApiRead, Scope::AuditRead]);
         all.extend(KeyAction::ALL.map(|action| Scope::Key { api: ApiSelector::Any, action }));
         all
     }
@@ -94,7 +96,7 @@ impl Scope {
 /// Why a scope's text was not understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown scope `{0}`: expected workspace.create, root_key.create, root_key.manage, api.create, api.read or api.<api id|*>.<create_key|read_key|update_key|revoke_key|delete_key|verify_key>"
+    "unknown scope `{0}`: expected workspace.create, root_key.create, root_key.manage, api.create, api.read, audit.read or api.<api id|*>.<create_key|read_key|update_key|revoke_key|delete_key|verify_key>"
 )]
 pub struct ScopeError(pub String);
 
@@ -109,6 +111,7 @@ impl FromStr for Scope {
             "root_key.manage" => return Ok(Scope::RootKeyManage),
             "api.create" => return Ok(Scope::ApiCreate),
             "api.read" => return Ok(Scope::ApiRead),
+            "audit.read" => return Ok(Scope::AuditRead),
             _ => {}
         }
         let rest = text.strip_prefix("api.").ok_or_else(err)?;
@@ -135,6 +138,7 @@ impl fmt::Display for Scope {
             Scope::RootKeyManage => f.write_str("root_key.manage"),
             Scope::ApiCreate => f.write_str("api.create"),
             Scope::ApiRead => f.write_str("api.read"),
+            Scope::AuditRead => f.write_str("audit.read"),
             Scope::Key { api: ApiSelector::Any, action } => write!(f, "api.*.{}", action.as_str()),
             Scope::Key { api: ApiSelector::Id(id), action } => {
                 write!(f, "api.{id}.{}", action.as_str())
@@ -225,6 +229,7 @@ mod tests {
             "root_key.create",
             "root_key.manage",
             "api.read",
+            "audit.read",
             "api.*.delete_key",
             "api.api_01J.create_key",
         ] {

@@ -39,6 +39,11 @@ pub async fn recover(database: &Path, workspace: Option<&str>) -> anyhow::Result
             listed()
         ),
     };
+    let key = crate::config::Config::load(None)
+        .context("the audit log's chain needs the control plane's config (KEYWARD_CONFIG or keyward.toml)")?
+        .audit_key()
+        .context("no audit_secret or purge_secret in the config (or KEYWARD_AUDIT_SECRET): the audit log's chain cannot be continued")?;
+    let store = store.with_audit_key(key);
     let reach = store.last_reach().await?;
     let (minted, published) =
         change::recover_root_key(&store, &workspace_id, reach).await.context("cannot mint the root key")?;

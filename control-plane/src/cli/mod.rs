@@ -7,6 +7,7 @@
 //! stdout is a pipe, they are the API's JSON, for scripts.
 
 mod admin;
+mod audit;
 mod client;
 mod outbox;
 mod render;
@@ -78,6 +79,12 @@ enum Command {
     /// The operator's view of every workspace's deliveries, and their redrive (on the database).
     #[command(subcommand, after_help = "Example:\n  keyward outbox status --config keyward.toml")]
     Outbox(outbox::OutboxCommand),
+    /// Read the audit log, save its signed checkpoint, and verify its chain (on the database).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  keyward audit list --target key_01...\n  keyward audit verify --config keyward.toml --checkpoint cp.json"
+    )]
+    Audit(AuditCommand),
     /// Operator commands that open the control plane's database directly, never over HTTP.
     #[command(subcommand, after_help = "Example:\n  keyward admin recover --database keyward.sqlite")]
     Admin(AdminCommand),
@@ -96,6 +103,38 @@ enum AdminCommand {
         /// The workspace's id [default: the only workspace, if there is one].
         #[arg(long)]
         workspace: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// This workspace's audit entries, newest first (needs `audit.read`).
+    #[command(
+        after_help = "Example:\n  keyward audit list --target key_01...\n  keyward audit list --action key.revoke --limit 20"
+    )]
+    List {
+        /// The id of what changed: a key, a root key, an API or a workspace.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        root_key_id: Option<String>,
+        /// `key.create`, `key.update`, `key.revoke`, `key.delete`, `root_key.create`, ...
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// The chain's head, signed: save it (`--json > cp.json`) to check deletions later.
+    #[command(after_help = "Example:\n  keyward audit checkpoint --json > checkpoint.json")]
+    Checkpoint,
+    /// Walk the chain on the database with the config's secret; non-zero naming a broken entry.
+    #[command(after_help = "Example:\n  keyward audit verify --config keyward.toml --checkpoint checkpoint.json")]
+    Verify {
+        #[command(flatten)]
+        database: outbox::DatabaseArgs,
+        /// A checkpoint saved before: entries deleted from the end since are found.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
     },
 }
 
@@ -261,6 +300,9 @@ pub async fn run() -> anyhow::Result<()> {
     }
     let (answer, view) = match cli.command {
         Command::Outbox(command) => outbox::run(command).await?,
+        Command::Audit(AuditCommand::Verify { database, checkpoint }) => {
+            (audit::verify(database, checkpoint).await?, View::AuditVerified)
+        }
         command => {
             let client = Client::new(&cli.url, cli.root_key)?;
             let request = request::request_for(command)?;

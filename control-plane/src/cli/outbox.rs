@@ -66,7 +66,8 @@ pub async fn run(command: OutboxCommand) -> anyhow::Result<(Value, super::render
             {
                 bail!("no region named `{region}` in the config; `keyward outbox status` lists the targets");
             }
-            let redriven = store.redrive(Redrive { region: region.as_deref(), now: now_ms() }).await?;
+            let actor = crate::change::Actor::Console("outbox redrive");
+            let redriven = store.redrive(Redrive { region: region.as_deref(), now: now_ms() }, &actor).await?;
             store.close().await;
             Ok((
                 json!({ "region": region, "revived": redriven.revived, "made_due": redriven.made_due }),
@@ -93,7 +94,7 @@ pub async fn status(store: &Store, config: &Config) -> anyhow::Result<Value> {
     Ok(json!({ "stuck_after_s": config.outbox.stuck_after_s, "targets": targets, "troubled": troubled }))
 }
 
-async fn open(args: DatabaseArgs) -> anyhow::Result<(Store, Config)> {
+pub(super) async fn open(args: DatabaseArgs) -> anyhow::Result<(Store, Config)> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(database) = args.database {
         config.database = database;
@@ -101,5 +102,10 @@ async fn open(args: DatabaseArgs) -> anyhow::Result<(Store, Config)> {
     if !config.database.exists() {
         bail!("no database at {}; pass --database or --config as `keyward serve` runs", config.database.display());
     }
-    Ok((Store::open(&config.database).await?, config))
+    let store = Store::open(&config.database).await?;
+    let store = match config.audit_key() {
+        Some(key) => store.with_audit_key(key),
+        None => bail!("no audit_secret or purge_secret in the config: the audit log's chain cannot be continued"),
+    };
+    Ok((store, config))
 }

@@ -27,6 +27,9 @@ pub enum View {
     OutboxStatus,
     Redriven,
     Usage,
+    Audit,
+    AuditCheckpoint,
+    AuditVerified,
 }
 
 /// The text for `answer`, ending in a newline; `now` (Unix ms) decides whether a key has expired.
@@ -102,6 +105,21 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         ),
         View::Verified => verified(answer),
         View::Usage => usage(answer),
+        View::Audit => audit(answer),
+        View::AuditCheckpoint => format!(
+            "Audit checkpoint: entry {}, chain value {}, signed at {}.\nSave it with `--json` to check later that no entry was deleted.\n",
+            text(&answer["id"]),
+            text(&answer["mac"]),
+            date(&answer["at_ms"]),
+        ),
+        View::AuditVerified => format!(
+            "The audit log verifies: {} entries, chained to entry {}{}.\n",
+            text(&answer["entries"]),
+            text(&answer["head"]["id"]),
+            answer["checkpoint"]
+                .as_i64()
+                .map_or(String::new(), |id| format!(", and reaches the checkpoint at entry {id}")),
+        ),
         View::OutboxStatus => outbox_status(answer, now),
         View::Redriven => format!(
             "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
@@ -178,6 +196,20 @@ fn verified(answer: &Value) -> String {
 }
 
 /// `outbox status`: every target's counts, then each stuck or dead-lettered delivery.
+/// Audit entries, newest first: when, who, what, on what.
+fn audit(answer: &Value) -> String {
+    let rows = items(&answer["entries"])
+        .iter()
+        .map(|e| {
+            let who = e["root_key_name"]
+                .as_str()
+                .map_or_else(|| text(&e["actor"]), |name| format!("{name} ({})", text(&e["root_key_id"])));
+            vec![text(&e["id"]), date(&e["at_ms"]), who, text(&e["action"]), text(&e["target"])]
+        })
+        .collect();
+    table(&["#", "at", "by", "action", "target"], rows, "No audit entries.")
+}
+
 /// A usage report: totals by outcome, last use, top and new sources, and the losses beside them.
 fn usage(answer: &Value) -> String {
     let totals = answer["totals"].as_object().map(|t| t.iter().map(|(code, n)| vec![code.clone(), text(n)]).collect());

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::render::View;
-use super::{ApiCommand, Command, KeyCommand, KeyFields, RootKeyCommand, WorkspaceCommand};
+use super::{ApiCommand, AuditCommand, Command, KeyCommand, KeyFields, RootKeyCommand, WorkspaceCommand};
 
 /// Everything but RFC 3986's unreserved characters is encoded, in a path segment or a query value.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
@@ -31,7 +31,23 @@ impl Request {
 pub fn request_for(command: Command) -> anyhow::Result<Request> {
     Ok(match command {
         Command::Serve { .. } => unreachable!("`serve` runs the server, not a request"),
-        Command::Outbox(_) | Command::Admin(_) => unreachable!("`outbox` and `admin` open the database, not a request"),
+        Command::Outbox(_) | Command::Admin(_) | Command::Audit(AuditCommand::Verify { .. }) => {
+            unreachable!("`outbox`, `admin` and `audit verify` open the database, not a request")
+        }
+        Command::Audit(AuditCommand::List { target, root_key_id, action, limit }) => {
+            let pairs = [
+                ("target", target),
+                ("root_key_id", root_key_id),
+                ("action", action),
+                ("limit", limit.map(|l| l.to_string())),
+            ];
+            let query: Vec<String> =
+                pairs.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v)))).collect();
+            Request::new(Method::GET, format!("/v1/audit?{}", query.join("&")), None, View::Audit)
+        }
+        Command::Audit(AuditCommand::Checkpoint) => {
+            Request::new(Method::GET, "/v1/audit/checkpoint".into(), None, View::AuditCheckpoint)
+        }
         Command::Workspaces(WorkspaceCommand::Create { name }) => {
             Request::new(Method::POST, "/v1/workspaces".into(), Some(json!({ "name": name })), View::WorkspaceCreated)
         }

@@ -60,7 +60,7 @@ async fn create(
         max_staleness_ms,
         created_at: now_ms(),
     };
-    state.store.create_api(&api).await?;
+    state.store.create_api(&api, caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(api)))
 }
 

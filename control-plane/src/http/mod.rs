@@ -1,6 +1,7 @@
 //! The HTTP surface: `app(state)` builds the router, one module per resource.
 
 mod apis;
+mod audit;
 mod auth;
 pub mod error;
 mod events;
@@ -102,6 +103,7 @@ pub fn app(state: AppState) -> Router {
         .merge(regions::router())
         .merge(events::router())
         .merge(usage::router())
+        .merge(audit::router())
         .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())

@@ -5,6 +5,7 @@ use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{KeyHash, KeyRecord};
 use sqlx::FromRow;
 
+use super::audit::{self, Change, key_json};
 use super::outbox::{Carried, NewOutbox, insert_outbox};
 use super::{Store, StoreError};
 use crate::change::Actor;
@@ -69,6 +70,7 @@ impl Store {
     /// Inserts a new key and its outbox entry in one transaction; answers the entry's id.
     /// `actor` made the change: the audit log will be written in this transaction.
     pub async fn create_key(&self, key: &KeyRecord, outbox: &NewOutbox, actor: &Actor) -> Result<i64, StoreError> {
+        let _chain = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "INSERT INTO keys (id, api_id, workspace_id, hash, start, max_staleness_ms, created_at, {}) \
@@ -86,6 +88,14 @@ impl Store {
             .bind(key.created_at);
         bind_changeable(query, key)?.execute(&mut *tx).await?;
         let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
+        let change = Change {
+            workspace_id: &key.workspace_id,
+            action: "key.create",
+            target: &key.id,
+            before: None,
+            after: Some(key_json(key)),
+        };
+        audit::append(&mut tx, &self.audit_key, actor, change, outbox.now).await?;
         tx.commit().await?;
         actor.committed("key.create", &key.id, key.version);
         Ok(id)
@@ -133,10 +143,20 @@ impl Store {
         Ok(rows.into_iter().map(KeyRecord::try_from).collect::<anyhow::Result<_>>()?)
     }
 
-    /// Writes a changed key whose `version` is one more than the stored one, and its outbox
-    /// entry, in one transaction; answers the entry's id. `actor` made the change: the audit log
+    /// Writes a changed key whose `version` is one more than the stored one (`before`, as the
+    /// caller read it: the compare-and-set on its version makes it the stored record), and its
+    /// outbox entry, in one transaction; answers the entry's id. `actor` made the change: the audit log
     /// will be written in this transaction.
-    pub async fn update_key(&self, key: &KeyRecord, outbox: &NewOutbox, actor: &Actor) -> Result<i64, StoreError> {
+    pub async fn update_key(
+        &self,
+        before: &KeyRecord,
+        key: &KeyRecord,
+        outbox: &NewOutbox,
+        actor: &Actor,
+    ) -> Result<i64, StoreError> {
+        let _chain = self.audit_lock.lock().await;
+        // The first statement writes: a transaction that read first could not then write while
+        // another connection had written since (SQLite refuses the upgrade).
         let mut tx = self.pool.begin().await?;
         let sql = format!("UPDATE keys SET {} = ? WHERE id = ? AND version = ?", CHANGEABLE.join(" = ?, "));
         let done = bind_changeable(sqlx::query(&sql), key)?
@@ -148,6 +168,14 @@ impl Store {
             return Err(StoreError::VersionConflict);
         }
         let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
+        let change = Change {
+            workspace_id: &key.workspace_id,
+            action: update_action(before, key),
+            target: &key.id,
+            before: Some(key_json(before)),
+            after: Some(key_json(key)),
+        };
+        audit::append(&mut tx, &self.audit_key, actor, change, outbox.now).await?;
         tx.commit().await?;
         actor.committed("key.update", &key.id, key.version);
         Ok(id)
@@ -156,11 +184,34 @@ impl Store {
     /// Adds an outbox entry for a key without changing it (revoking again re-sends purges).
     /// `actor` made the change: the audit log will be written in this transaction.
     pub async fn resend(&self, key: &KeyRecord, outbox: &NewOutbox, actor: &Actor) -> Result<i64, StoreError> {
+        let _chain = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await?;
         let id = insert_outbox(&mut tx, Carried::Key(key), outbox).await?;
+        let action = match key.status {
+            KeyStatus::Revoked => "key.revoke",
+            KeyStatus::Deleted => "key.delete",
+            _ => "key.resend",
+        };
+        let change = Change {
+            workspace_id: &key.workspace_id,
+            action,
+            target: &key.id,
+            before: None,
+            after: Some(key_json(key)),
+        };
+        audit::append(&mut tx, &self.audit_key, actor, change, outbox.now).await?;
         tx.commit().await?;
         actor.committed("key.resend", &key.id, key.version);
         Ok(id)
+    }
+}
+
+/// What an update did, as the audit log names it: a final status reached, or an update.
+fn update_action(before: &KeyRecord, after: &KeyRecord) -> &'static str {
+    match after.status {
+        KeyStatus::Revoked if before.status != KeyStatus::Revoked => "key.revoke",
+        KeyStatus::Deleted if before.status != KeyStatus::Deleted => "key.delete",
+        _ => "key.update",
     }
 }
 

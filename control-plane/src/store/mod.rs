@@ -5,6 +5,7 @@
 //! with a compare-and-set on the old version, so two concurrent changes cannot lose one another,
 //! and is written together with its outbox entry (`outbox.rs`).
 
+pub mod audit;
 mod keys;
 mod outbox;
 mod root_keys;
@@ -28,6 +29,11 @@ pub use root_keys::NewRootKey;
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// The audit chain's key ([`Store::with_audit_key`]).
+    audit_key: audit::AuditKey,
+    /// Held while an audited change's transaction appends to the chain, so that appends in this
+    /// process go one at a time (another process's append fails its transaction and is retried).
+    audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why a store call failed in a way the caller should answer for.
@@ -95,7 +101,13 @@ impl Store {
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
         sqlx::migrate!("./migrations").run(&pool).await.context("database migration failed")?;
-        Ok(Store { pool })
+        Ok(Store { pool, audit_key: audit::AuditKey::default(), audit_lock: Default::default() })
+    }
+
+    /// The same store, chaining its audit log with `key`.
+    pub fn with_audit_key(mut self, key: audit::AuditKey) -> Store {
+        self.audit_key = key;
+        self
     }
 
     pub async fn workspace_count(&self) -> Result<i64, StoreError> {
@@ -107,7 +119,9 @@ impl Store {
         Ok(sqlx::query_as("SELECT id, name FROM workspaces ORDER BY created_at, id").fetch_all(&self.pool).await?)
     }
 
-    pub async fn create_api(&self, api: &Api) -> Result<(), StoreError> {
+    pub async fn create_api(&self, api: &Api, actor: &crate::change::Actor) -> Result<(), StoreError> {
+        let _chain = self.audit_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "INSERT INTO apis (id, workspace_id, name, prefix, max_staleness_ms, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
@@ -117,14 +131,28 @@ impl Store {
         .bind(&api.prefix)
         .bind(api.max_staleness_ms as i64)
         .bind(api.created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await;
         match result {
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(StoreError::Conflict(format!("an API named `{}` already exists in this workspace", api.name)))
+                return Err(StoreError::Conflict(format!(
+                    "an API named `{}` already exists in this workspace",
+                    api.name
+                )));
             }
-            other => other.map(|_| ()).map_err(Into::into),
-        }
+            other => other?,
+        };
+        let after = serde_json::to_value(api).map_err(anyhow::Error::from)?;
+        let change = audit::Change {
+            workspace_id: &api.workspace_id,
+            action: "api.create",
+            target: &api.id,
+            before: None,
+            after: Some(after),
+        };
+        audit::append(&mut tx, &self.audit_key, actor, change, api.created_at).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn apis(&self, workspace_id: &str) -> Result<Vec<Api>, StoreError> {

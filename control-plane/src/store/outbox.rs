@@ -13,7 +13,9 @@ use sqlx::error::BoxDynError;
 use sqlx::sqlite::{SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
 use sqlx::{Decode, Encode, FromRow, Sqlite, Type};
 
+use super::audit::{self, Change};
 use super::{Store, StoreError};
+use crate::change::Actor;
 
 /// What an outbox entry carries: a key's record or a root key's (column `kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Type)]
@@ -447,7 +449,8 @@ impl Store {
 
     /// The operator's redrive: dead-lettered deliveries become pending again, and every pending
     /// one (stuck ones included) is due now, of one region or of every target.
-    pub async fn redrive(&self, redrive: Redrive<'_>) -> Result<Redriven, StoreError> {
+    pub async fn redrive(&self, redrive: Redrive<'_>, actor: &Actor) -> Result<Redriven, StoreError> {
+        let _chain = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await?;
         let mut counts = [0; 2];
         for (count, from) in counts.iter_mut().zip([DeliveryState::Pending, DeliveryState::DeadLettered]) {
@@ -463,6 +466,10 @@ impl Store {
             .await?;
             *count = done.rows_affected();
         }
+        let after = serde_json::json!({ "region": redrive.region, "made_due": counts[0], "revived": counts[1] });
+        let target = redrive.region.unwrap_or("*");
+        let change = Change { workspace_id: "*", action: "outbox.redrive", target, before: None, after: Some(after) };
+        audit::append(&mut tx, &self.audit_key, actor, change, redrive.now).await?;
         tx.commit().await?;
         // Pending ones first, so that the revived are not counted twice.
         Ok(Redriven { made_due: counts[0], revived: counts[1] })

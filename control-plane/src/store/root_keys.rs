@@ -7,6 +7,7 @@ use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{KeyHash, RootKeyRecord, Scopes};
 use sqlx::FromRow;
 
+use super::audit::{self, Change, root_key_json};
 use super::outbox::{Carried, NewOutbox, Reach, Target, insert_outbox};
 use super::{Store, StoreError};
 use crate::change::Actor;
@@ -74,6 +75,7 @@ impl Store {
         outbox: Option<&NewOutbox>,
         actor: &Actor,
     ) -> Result<Option<i64>, StoreError> {
+        let _chain = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await?;
         if let Some(name) = new_workspace {
             sqlx::query("INSERT INTO workspaces (id, name, created_at) VALUES (?, ?, ?)")
@@ -84,6 +86,16 @@ impl Store {
                 .await?;
         }
         let outbox_id = insert_root_key(&mut tx, &root, outbox).await?;
+        let after = serde_json::json!({
+            "id": root.id, "workspace_id": root.workspace_id, "name": root.name, "start": root.start,
+            "scopes": root.scopes, "workspace_name": new_workspace,
+        });
+        let (action, target) = match new_workspace {
+            Some(_) => ("workspace.create", root.workspace_id),
+            None => ("root_key.create", root.id),
+        };
+        let change = Change { workspace_id: root.workspace_id, action, target, before: None, after: Some(after) };
+        audit::append(&mut tx, &self.audit_key, actor, change, root.now).await?;
         tx.commit().await?;
         actor.committed("root_key.create", root.id, 1);
         Ok(outbox_id)
@@ -151,6 +163,7 @@ impl Store {
         outbox: &NewOutbox,
         actor: &Actor,
     ) -> Result<Option<(RootKeyRecord, i64)>, StoreError> {
+        let _chain = self.audit_lock.lock().await;
         let mut tx = self.pool.begin().await?;
         let row: Option<RootKeyRow> = sqlx::query_as(&format!(
             "UPDATE root_keys SET status = 'revoked', version = version + CASE status WHEN 'revoked' THEN 0 ELSE 1 END, \
@@ -163,6 +176,14 @@ impl Store {
         .await?;
         let Some(record) = row.map(RootKeyRecord::try_from).transpose()? else { return Ok(None) };
         let outbox_id = insert_outbox(&mut tx, Carried::RootKey(&record), outbox).await?;
+        let change = Change {
+            workspace_id,
+            action: "root_key.revoke",
+            target: &record.id,
+            before: None,
+            after: Some(root_key_json(&record)),
+        };
+        audit::append(&mut tx, &self.audit_key, actor, change, outbox.now).await?;
         tx.commit().await?;
         actor.committed("root_key.revoke", &record.id, record.version);
         Ok(Some((record, outbox_id)))

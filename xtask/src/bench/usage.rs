@@ -81,7 +81,9 @@ fn stored_events(world: &World, key_id: &str, load: &Load, connections: u64) -> 
             std::thread::sleep(Duration::from_secs(3));
             let (_, usage) = world.admin(reqwest::Method::GET, &format!("/v1/keys/{key_id}/usage"), None);
             let total = usage["total"].as_u64().unwrap_or(0);
-            println!("usage events stored: {total}; requests made: {counted} counted, up to {most} with those in flight");
+            println!(
+                "usage events stored: {total}; requests made: {counted} counted, up to {most} with those in flight"
+            );
             ensure!((counted..=most).contains(&total), "stored {total} usage events: {}", usage["losses"]);
             ensure!(usage["losses"]["total"]["lost_events"] == 0, "losses: {}", usage["losses"]);
             return Ok(total);
