@@ -284,8 +284,9 @@ fn a_workspace_locked_out_of_its_own_is_recovered_from_the_database() {
 
     // The audit log's chain goes on with the control plane's secret, from its config.
     let config = server.database.with_file_name("keyward.toml");
-    let env = [("KEYWARD_CONFIG", config.to_str().unwrap())];
-    let recovered = keyward(&["admin", "recover", "--database", database, "--workspace", &first, "--json"], &env, None);
+    let env_config = [("KEYWARD_CONFIG", config.to_str().unwrap())];
+    let recovered =
+        keyward(&["admin", "recover", "--database", database, "--workspace", &first, "--json"], &env_config, None);
     assert!(recovered.status.success(), "{}", stderr(&recovered));
     let recovered: Value = serde_json::from_str(&stdout(&recovered)).unwrap();
     assert_eq!(recovered["workspace_id"], first.as_str(), "{recovered}");
@@ -316,9 +317,15 @@ fn a_workspace_locked_out_of_its_own_is_recovered_from_the_database() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // Without the config, recovery refuses: the audit log's chain needs its secret.
+    let refused = keyward(&["admin", "recover", "--database", database, "--workspace", &acme_id], &[], None);
+    assert!(!refused.status.success() && stderr(&refused).contains("audit"), "{}", stderr(&refused));
     // For people: the key once, with its warning; another workspace's gets no `workspace.create`.
-    let table =
-        keyward(&["admin", "recover", "--database", database, "--workspace", &acme_id, "--format", "table"], &[], None);
+    let table = keyward(
+        &["admin", "recover", "--database", database, "--workspace", &acme_id, "--format", "table"],
+        &env_config,
+        None,
+    );
     assert!(table.status.success(), "{}", stderr(&table));
     let table = stdout(&table);
     assert!(table.contains("only time this root key is shown") && table.contains(&acme_id), "{table}");
