@@ -16,6 +16,7 @@ pub mod http;
 pub mod keygen;
 pub mod kv;
 pub mod metrics;
+pub mod proof;
 pub mod serve;
 pub mod store;
 pub mod time;

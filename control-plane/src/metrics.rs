@@ -94,6 +94,14 @@ pub static DELIVERY_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("registered once")
 });
 
+pub static PROOF_VIOLATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "keyward_proof_violations_total",
+        "VALID answers past the promise's bound found by revocation proofs (a proof computed twice counts twice)."
+    )
+    .expect("registered once")
+});
+
 pub static KV_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!("keyward_kv_write_errors_total", "Failed Workers KV writes, every region together.")
         .expect("registered once")

@@ -154,6 +154,12 @@ impl UsageLog {
                 self.origin.lock().expect("not poisoned").acknowledged(ack.seq, now_ms() as u64);
                 Some(true)
             }
+            Err(IngestError::Invalid(why)) => {
+                // Sending it again cannot help: it is given up, and counted as missing.
+                tracing::error!(seq = batch.seq, %why, "the origin's usage batch is invalid; given up");
+                self.origin.lock().expect("not poisoned").abandon(batch.seq, now_ms() as u64);
+                Some(true)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, seq = batch.seq, "cannot store the origin's usage batch; will retry");
                 Some(false)

@@ -365,6 +365,11 @@ fn usage_shows_who_used_a_key_in_both_forms() {
     assert!(table.contains("0 events lost"), "{table}");
     assert!(!table.contains(plaintext));
 
+    // The proof: the origin's VALID answers came before the revoke; none after it.
+    let proof = server.ok(&["keys", "proof", id, "--format", "table"]);
+    assert!(proof.contains("revoked") && proof.contains("0 violations"), "{proof}");
+    assert_eq!(server.json(&["keys", "proof", id, "--json"])["within_promise"], 0);
+
     // `/metrics` answers on its own address, not on the admin API, with no workspace label.
     let metrics = reqwest::blocking::get(&server.metrics).unwrap().text().unwrap();
     assert!(metrics.contains(r#"keyward_verifications_total{outcome="VALID",region="origin"} 2"#), "{metrics}");

@@ -240,3 +240,42 @@ async fn sources_new_to_a_key_are_marked_and_usage_needs_read_key() {
     let (status, refused) = h.call("GET", &format!("/v1/keys/{key}/usage?from_ms={now}&to_ms={now}"), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
 }
+
+/// The revocation proof, from evidence sent through the real ingestion route: a `VALID` before
+/// the revoke, one after it within the promise (no region acknowledged, so the bound is the
+/// answer plus `max_staleness_ms`), and one past it, reported as a violation.
+#[tokio::test]
+async fn the_proof_judges_every_valid_answer_after_a_revocation() {
+    let h = harness().await;
+    let (api, key, _) = h.key().await;
+    let (status, refused) = h.call("GET", &format!("/v1/keys/{key}/proof"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a valid key has nothing to prove: {refused}");
+    let before = event(&h, &api, Some(&key), "r1", Code::Valid, now_ms() - 5_000, "198.51.100.1");
+    assert_eq!(h.post_batch(&batch("iso-p", 1, 0, 0, vec![before]), SECRET, &nonce()).await.0, StatusCode::OK);
+    let (status, revoked) = h.call("POST", &format!("/v1/keys/{key}/revoke"), None).await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    let answered = now_ms();
+    let mut within = event(&h, &api, Some(&key), "r1", Code::Valid, answered + 500, "198.51.100.1");
+    let mut late = event(&h, &api, Some(&key), "r2", Code::Valid, answered + 3_000, "203.0.113.5");
+    within.version = Some(1);
+    late.version = Some(1);
+    let rejected = event(&h, &api, Some(&key), "r1", Code::Revoked, answered + 600, "198.51.100.1");
+    let after = vec![within, rejected, late];
+    assert_eq!(h.post_batch(&batch("iso-p", 2, 1, 0, after), SECRET, &nonce()).await.0, StatusCode::OK);
+
+    let (status, proof) = h.call("GET", &format!("/v1/keys/{key}/proof"), None).await;
+    assert_eq!(status, StatusCode::OK, "{proof}");
+    assert_eq!(proof["change"]["kind"], "revoked", "{proof}");
+    assert_eq!(proof["change"]["version"], 2, "{proof}");
+    assert!(proof["change"]["answered_at_ms"].as_i64().is_some(), "{proof}");
+    assert_eq!(proof["by"]["action"], "key.revoke", "{proof}");
+    assert_eq!((proof["violations"].as_u64(), proof["within_promise"].as_u64()), (Some(1), Some(1)), "{proof}");
+    let regions = proof["regions"].as_array().unwrap();
+    let r1 = regions.iter().find(|r| r["region"] == "r1").unwrap();
+    let r2 = regions.iter().find(|r| r["region"] == "r2").unwrap();
+    assert!(r1["last_valid_before"]["at_ms"].as_i64().is_some(), "{r1}");
+    assert_eq!(r1["valid_after"][0]["verdict"], "within_promise", "{r1}");
+    assert_eq!(r1["rejections_since"]["REVOKED"], 1, "{r1}");
+    assert_eq!(r2["valid_after"][0]["verdict"], "violation", "{r2}");
+    assert_eq!(r2["valid_after"][0]["bound"], "answer + max_staleness_ms + skew", "{r2}");
+}

@@ -100,8 +100,6 @@ async fn ship_until_empty(env: &Env, url: &str) {
     let started = Date::now().as_millis();
     let give_up_ms = env.var("USAGE_GIVE_UP_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(GIVE_UP_MS);
     let mut backoff_ms = FIRST_BACKOFF_MS;
-    // The batch under way and when it was first sent.
-    let mut first_sent: Option<(u64, u64)> = None;
     loop {
         let now = Date::now().as_millis();
         if now.saturating_sub(started) >= LOOP_MS {
@@ -120,11 +118,8 @@ async fn ship_until_empty(env: &Env, url: &str) {
             Delay::from(Duration::from_millis(TICK_MS)).await;
             continue;
         };
-        let since = match first_sent {
-            Some((seq, at)) if seq == batch.seq => at,
-            _ => now,
-        };
-        first_sent = Some((batch.seq, since));
+        // When the batch was first sent, by whichever loop: kept by the buffer across loops.
+        let since = BUFFER.with(|b| b.borrow().as_ref().and_then(UsageBuffer::in_flight)).map_or(now, |(_, at)| at);
         match send(env, url, &batch).await {
             Sent::Acknowledged(seq) => {
                 let now = Date::now().as_millis();

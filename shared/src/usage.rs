@@ -25,8 +25,9 @@ pub const MAX_BATCH_EVENTS: usize = 500;
 /// A holder ships at least this often while it holds events.
 pub const SHIP_EVERY_MS: u64 = 2_000;
 /// The most events a holder keeps waiting to be shipped; beyond, new events are dropped and
-/// counted ([`UsageBatch::dropped`]).
-pub const MAX_HELD_EVENTS: usize = 20_000;
+/// counted ([`UsageBatch::dropped`]). An event is at most about 3 KiB (its fields are bounded),
+/// so a full buffer holds at most about 15 MiB, and typically a tenth of that.
+pub const MAX_HELD_EVENTS: usize = 5_000;
 /// The longest text kept for an IP address, a user agent or a country.
 pub const MAX_IP: usize = 64;
 pub const MAX_USER_AGENT: usize = 256;
@@ -116,7 +117,10 @@ impl UsageEvent {
         response: &VerifyResponse,
         version: Option<u64>,
     ) -> UsageEvent {
-        let cut = |text: Option<String>, limit: usize| text.map(|t| t.chars().take(limit).collect::<String>());
+        // Cut to their limits; empty texts are left out (the receiver refuses empty ids).
+        let cut = |text: Option<String>, limit: usize| {
+            text.map(|t| t.chars().take(limit).collect::<String>()).filter(|t| !t.is_empty())
+        };
         UsageEvent {
             at_ms: answered.at_ms,
             request_id: cut(Some(answered.request_id), MAX_ID).unwrap_or_default(),
@@ -129,7 +133,7 @@ impl UsageEvent {
             source: response.source,
             caller_ip: cut(answered.caller_ip, MAX_IP),
             user_agent: cut(answered.user_agent, MAX_USER_AGENT),
-            client: request.client.clone(),
+            client: request.client.clone().filter(|c| c.ip.is_some() || c.user_agent.is_some() || c.country.is_some()),
         }
     }
 }
@@ -148,7 +152,8 @@ pub struct UsageBatch {
     /// How many events the holder put in batches before this one: where this batch's events
     /// start in the holder's numbering.
     pub first_event: u64,
-    /// Events the holder dropped since its previous batch because its buffer was full.
+    /// Events the holder has dropped so far because its buffer was full (a running total, so a
+    /// batch that never arrives loses no count).
     pub dropped: u64,
     /// Events the holder still holds after this batch.
     pub held_after: u64,
@@ -170,12 +175,16 @@ pub struct UsageBuffer {
     holder: String,
     region: String,
     held: VecDeque<UsageEvent>,
-    /// The batch sent and not yet acknowledged: sent again, unchanged, until it is.
+    /// The batch sent and not yet acknowledged: sent again, unchanged, until it is; and when it
+    /// was first sent.
     in_flight: Option<UsageBatch>,
+    in_flight_since_ms: u64,
     next_seq: u64,
     /// Events put in batches so far.
     batched: u64,
     dropped: u64,
+    /// The running total of drops the last batch carried.
+    dropped_shipped: u64,
     last_batch_at_ms: u64,
     max_held: usize,
 }
@@ -191,9 +200,11 @@ impl UsageBuffer {
             region,
             held: VecDeque::new(),
             in_flight: None,
+            in_flight_since_ms: 0,
             next_seq: 1,
             batched: 0,
             dropped: 0,
+            dropped_shipped: 0,
             last_batch_at_ms: now_ms,
             max_held,
         }
@@ -216,7 +227,7 @@ impl UsageBuffer {
     /// Whether a batch should go now: one is under way and unacknowledged (retry it), a full
     /// batch is held, or events (or drops) have waited [`SHIP_EVERY_MS`].
     pub fn due(&self, now_ms: u64) -> bool {
-        let waiting = !self.held.is_empty() || self.dropped > 0;
+        let waiting = !self.held.is_empty() || self.dropped > self.dropped_shipped;
         self.in_flight.is_some()
             || self.held.len() >= MAX_BATCH_EVENTS
             || (waiting && now_ms.saturating_sub(self.last_batch_at_ms) >= SHIP_EVERY_MS)
@@ -231,7 +242,7 @@ impl UsageBuffer {
             batch.held_after = held;
             return Some(batch.clone());
         }
-        if self.held.is_empty() && self.dropped == 0 {
+        if self.held.is_empty() && self.dropped == self.dropped_shipped {
             return None;
         }
         let take = self.held.len().min(MAX_BATCH_EVENTS);
@@ -241,14 +252,16 @@ impl UsageBuffer {
             region: self.region.clone(),
             seq: self.next_seq,
             first_event: self.batched,
-            dropped: std::mem::take(&mut self.dropped),
+            dropped: self.dropped,
             held_after: self.held.len() as u64,
             events,
         };
         self.next_seq += 1;
         self.batched += batch.events.len() as u64;
+        self.dropped_shipped = self.dropped;
         self.last_batch_at_ms = now_ms;
         self.in_flight = Some(batch.clone());
+        self.in_flight_since_ms = now_ms;
         Some(batch)
     }
 
@@ -267,9 +280,9 @@ impl UsageBuffer {
         self.acknowledged(seq, now_ms);
     }
 
-    /// The number of the batch under way, if one is.
-    pub fn in_flight(&self) -> Option<u64> {
-        self.in_flight.as_ref().map(|b| b.seq)
+    /// The batch under way, if one is: its number and when it was first sent.
+    pub fn in_flight(&self) -> Option<(u64, u64)> {
+        self.in_flight.as_ref().map(|b| (b.seq, self.in_flight_since_ms))
     }
 }
 
@@ -361,12 +374,16 @@ mod tests {
         let batch = b.batch(1).unwrap();
         assert_eq!((batch.events.len(), batch.dropped), (2, 3));
         b.abandon(batch.seq, 1);
-        assert_eq!(b.batch(2), None, "the drops went with the batch");
+        assert_eq!(b.batch(2), None, "nothing new to send");
         b.push(event(9));
         b.push(event(9));
         b.push(event(9));
         let next = b.batch(3).unwrap();
-        assert_eq!((next.seq, next.first_event, next.dropped), (2, 2, 1));
+        assert_eq!(
+            (next.seq, next.first_event, next.dropped),
+            (2, 2, 4),
+            "a running total: the abandoned batch's count survives"
+        );
     }
 
     #[test]

@@ -259,6 +259,10 @@ enum KeyCommand {
     /// Delete a key for good: it then verifies as NOT_FOUND.
     #[command(after_help = "Example:\n  keyward keys delete key_01...")]
     Delete { id: String },
+    /// Show that a revoked, disabled, expired or deleted key stopped working: each region's
+    /// acknowledgement and every VALID answer since, judged; exits 3 on a violation.
+    #[command(after_help = "Example:\n  keyward keys proof key_01...")]
+    Proof { id: String },
     /// Who used a key, from where and how much: counts by outcome, top sources, sources new
     /// to the key, and what was lost.
     #[command(after_help = "Example:\n  keyward keys usage key_01...\n  keyward keys usage key_01... --hours 168")]
@@ -309,7 +313,12 @@ pub async fn run() -> anyhow::Result<()> {
             (client.call(&request).await?, request.view)
         }
     };
-    print(format, view, &answer)
+    print(format, view, &answer)?;
+    if view == View::Proof && answer["violations"].as_u64().is_some_and(|n| n > 0) {
+        eprintln!("{} VALID answers broke the promise: see `violation` above", answer["violations"]);
+        std::process::exit(3);
+    }
+    Ok(())
 }
 
 /// Prints an answer as JSON or for people.

@@ -28,6 +28,7 @@ pub enum View {
     Redriven,
     Usage,
     Audit,
+    Proof,
     AuditCheckpoint,
     AuditVerified,
 }
@@ -106,6 +107,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         View::Verified => verified(answer),
         View::Usage => usage(answer),
         View::Audit => audit(answer),
+        View::Proof => proof(answer),
         View::AuditCheckpoint => format!(
             "Audit checkpoint: entry {}, chain value {}, signed at {}.\nSave it with `--json` to check later that no entry was deleted.\n",
             text(&answer["id"]),
@@ -196,6 +198,44 @@ fn verified(answer: &Value) -> String {
 }
 
 /// `outbox status`: every target's counts, then each stuck or dead-lettered delivery.
+/// A revocation proof: the change, each region's acknowledgement, every VALID since, judged.
+fn proof(answer: &Value) -> String {
+    let change = &answer["change"];
+    let by = answer["by"]["root_key_name"].as_str().map_or(String::new(), |n| format!(" by root key {n}"));
+    let mut out = format!(
+        "Key {} {} at {}{by} (version {}); answered {}.\n",
+        text(&answer["key_id"]),
+        text(&change["kind"]),
+        date(&change["at_ms"]),
+        text(&change["version"]),
+        date(&change["answered_at_ms"]),
+    );
+    let rows = items(&answer["regions"])
+        .iter()
+        .map(|r| {
+            let took = &r["took"];
+            let ack = match took["acknowledged"].as_bool() {
+                Some(true) => format!("acknowledged, applied {}", date(&took["applied_at_ms"])),
+                Some(false) => "NOT acknowledged".to_owned(),
+                None => "-".to_owned(),
+            };
+            let valid_after = items(&r["valid_after"]);
+            let broken = valid_after.iter().filter(|v| v["verdict"] == "violation").count();
+            let rejected: i64 =
+                r["rejections_since"].as_object().map_or(0, |m| m.values().filter_map(Value::as_i64).sum());
+            vec![text(&r["region"]), ack, valid_after.len().to_string(), broken.to_string(), rejected.to_string()]
+        })
+        .collect();
+    out += &table(&["region", "purge", "VALID since", "violations", "rejected since"], rows, "No region has answered.");
+    out += &format!(
+        "{} violations; {} VALID within the promise (clock allowance {} ms).\n",
+        text(&answer["violations"]),
+        text(&answer["within_promise"]),
+        text(&answer["skew_ms"]),
+    );
+    out
+}
+
 /// Audit entries, newest first: when, who, what, on what.
 fn audit(answer: &Value) -> String {
     let rows = items(&answer["entries"])

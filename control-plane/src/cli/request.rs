@@ -97,6 +97,9 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
         Command::Keys(KeyCommand::Delete { id }) => {
             Request::new(Method::DELETE, format!("/v1/keys/{}", encode(&id)), None, View::KeyDeleted)
         }
+        Command::Keys(KeyCommand::Proof { id }) => {
+            Request::new(Method::GET, format!("/v1/keys/{}/proof", encode(&id)), None, View::Proof)
+        }
         Command::Keys(KeyCommand::Usage { id, hours }) => {
             let from_ms = crate::time::now_ms() - i64::from(hours) * 3_600_000;
             Request::new(Method::GET, format!("/v1/keys/{}/usage?from_ms={from_ms}", encode(&id)), None, View::Usage)

@@ -321,7 +321,8 @@ impl Deliverer {
         let authority = async {
             let attempt = self.update_authority(&loaded, pass, started).await;
             if let (Some(delivery), Some(attempt)) = (authority_delivery, &attempt) {
-                let attempted = Attempted { delivery, result: attempt.result.clone(), at_ms: attempt.at_ms };
+                let attempted =
+                    Attempted { delivery, result: attempt.result.clone(), at_ms: attempt.at_ms, applied_at_ms: None };
                 recorder.add(self, vec![attempted]).await;
             }
             attempt

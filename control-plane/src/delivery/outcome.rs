@@ -127,6 +127,8 @@ impl<T> Attempt<T> {
 pub(super) struct Attempted<'a> {
     pub(super) delivery: &'a Delivery,
     pub(super) result: Result<(), Arc<DeliveryError>>,
+    /// A signed purge's acknowledgement: when the region began answering from its record.
+    pub(super) applied_at_ms: Option<u64>,
     /// When it ended, from the start of the pass, in milliseconds.
     pub(super) at_ms: f64,
 }
@@ -158,6 +160,7 @@ impl Attempted<'_> {
             target: d.target.clone(),
             error,
             retry_at: now + backoff.as_millis() as i64,
+            applied_at: self.applied_at_ms.map(|ms| ms as i64),
         }
     }
 }
@@ -203,9 +206,17 @@ impl<'a> RegionPass<'a> {
 
     /// This pass's attempts, to record.
     pub(super) fn attempted(self) -> impl Iterator<Item = Attempted<'a>> {
-        let kv = self.kv.zip(self.kv_attempt.map(|a| (a.result, a.at_ms)));
-        let purge = self.purge.zip(self.purge_attempt.map(|a| (a.result.map(|_| ()), a.at_ms)));
-        kv.into_iter().chain(purge).map(|(delivery, (result, at_ms))| Attempted { delivery, result, at_ms })
+        let kv = self.kv.zip(self.kv_attempt.map(|a| (a.result, a.at_ms, None)));
+        let purge = self.purge.zip(self.purge_attempt.map(|a| {
+            let applied = a.result.as_ref().ok().copied().flatten();
+            (a.result.map(|_| ()), a.at_ms, applied)
+        }));
+        kv.into_iter().chain(purge).map(|(delivery, (result, at_ms, applied_at_ms))| Attempted {
+            delivery,
+            result,
+            at_ms,
+            applied_at_ms,
+        })
     }
 }
 

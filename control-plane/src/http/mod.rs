@@ -7,6 +7,7 @@ pub mod error;
 mod events;
 mod extract;
 mod keys;
+mod proof;
 mod regions;
 mod root_keys;
 mod usage;
@@ -104,6 +105,7 @@ pub fn app(state: AppState) -> Router {
         .merge(events::router())
         .merge(usage::router())
         .merge(audit::router())
+        .merge(proof::router())
         .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())

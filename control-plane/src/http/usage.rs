@@ -23,8 +23,9 @@ use crate::store::usage::{
 use crate::time::now_ms;
 use crate::usage::IngestError;
 
-/// Largest usage batch body: 500 events of up to about 1.5 KiB each.
-pub const MAX_USAGE_BODY: usize = 1024 * 1024;
+/// Largest usage batch body: 500 events whose bounded fields, escaped as JSON at worst, take up
+/// to about 6 KiB each.
+pub const MAX_USAGE_BODY: usize = 4 * 1024 * 1024;
 /// The longest range a per-minute series may cover.
 const MAX_MINUTE_RANGE_MS: i64 = 31 * DAY_MS;
 const TOP: i64 = 10;
@@ -103,8 +104,11 @@ struct Range {
 impl RangeQuery {
     fn range(&self) -> Result<Range> {
         let now = now_ms();
+        if self.from_ms.is_some_and(|t| t < 0) || self.to_ms.is_some_and(|t| t < 0) {
+            return Err(AppError::BadRequest("from_ms and to_ms are Unix milliseconds, not negative".into()));
+        }
         let to_ms = self.to_ms.unwrap_or(now);
-        let from_ms = self.from_ms.unwrap_or(to_ms - DAY_MS);
+        let from_ms = self.from_ms.unwrap_or(to_ms.saturating_sub(DAY_MS));
         if from_ms >= to_ms {
             return Err(AppError::BadRequest("from_ms must be before to_ms".into()));
         }

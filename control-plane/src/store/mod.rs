@@ -8,6 +8,7 @@
 pub mod audit;
 mod keys;
 mod outbox;
+pub mod proof;
 mod root_keys;
 pub mod usage;
 

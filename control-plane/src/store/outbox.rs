@@ -160,6 +160,8 @@ pub struct AttemptOutcome {
     pub error: Option<String>,
     /// When to try again if it failed.
     pub retry_at: i64,
+    /// A signed purge's acknowledgement: when the region began answering from its record.
+    pub applied_at: Option<i64>,
 }
 
 /// How one target's deliveries stand: those not acknowledged yet, the promised ones among them
@@ -312,11 +314,12 @@ impl Store {
         for attempt in attempts {
             let query = match &attempt.error {
                 None => sqlx::query(
-                    "UPDATE deliveries SET state = ?, attempts = attempts + 1, done_at = ?, last_error = NULL \
-                     WHERE outbox_id = ? AND target = ? AND state = ?",
+                    "UPDATE deliveries SET state = ?, attempts = attempts + 1, done_at = ?, last_error = NULL, \
+                     applied_at = ? WHERE outbox_id = ? AND target = ? AND state = ?",
                 )
                 .bind(DeliveryState::Done)
-                .bind(now),
+                .bind(now)
+                .bind(attempt.applied_at),
                 Some(error) => sqlx::query(
                     "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? \
                      WHERE outbox_id = ? AND target = ? AND state = ?",
@@ -473,6 +476,16 @@ impl Store {
         tx.commit().await?;
         // Pending ones first, so that the revived are not counted twice.
         Ok(Redriven { made_due: counts[0], revived: counts[1] })
+    }
+
+    /// Notes when a change's caller was answered (the first answer only).
+    pub async fn note_answered(&self, outbox_id: i64, now: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox SET answered_at = ? WHERE id = ? AND answered_at IS NULL")
+            .bind(now)
+            .bind(outbox_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The newest outbox entry of a key or root key, if one is kept.

@@ -19,6 +19,9 @@ pub const ROLLUP_RETENTION_MS: i64 = 365 * DAY_MS;
 /// A holder whose last batch said it still held events, and that has sent nothing for this
 /// long, shows them as a possible loss.
 pub const SILENT_AFTER_MS: i64 = 10_000;
+/// Rows deleted per statement when pruning (periods, for the rollups).
+const PRUNE_CHUNK: u64 = 5_000;
+const PRUNE_PERIODS: u64 = 60;
 /// Rows per multi-row insert (17 columns each, well under SQLite's bound on parameters).
 const INSERT_ROWS: usize = 100;
 
@@ -118,7 +121,8 @@ pub struct Losses {
     pub missing_batches: i64,
     /// The events those batches carried: exact, from where each holder's events are numbered.
     pub lost_events: i64,
-    /// Events holders dropped because their buffers were full (reported in later batches).
+    /// Events holders dropped because their buffers were full (each holder reports a running
+    /// total in every batch; the highest received counts).
     pub dropped_events: i64,
     /// Events holders said they still held and never sent (the holder has been silent for
     /// [`SILENT_AFTER_MS`]): at most this many are lost.
@@ -311,17 +315,38 @@ impl Store {
     pub async fn prune_usage(&self, now_ms: i64) -> Result<u64, StoreError> {
         let raw_before = now_ms - RAW_RETENTION_MS;
         let rollups_before = now_ms - ROLLUP_RETENTION_MS;
-        let events =
-            sqlx::query("DELETE FROM usage_events WHERE at_ms < ?").bind(raw_before).execute(&self.pool).await?;
-        sqlx::query("DELETE FROM usage_batches WHERE received_at_ms < ?").bind(raw_before).execute(&self.pool).await?;
-        sqlx::query("DELETE FROM usage_holders WHERE last_at_ms < ?").bind(raw_before).execute(&self.pool).await?;
-        for table in ["usage_minutes", "usage_days"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE bucket < ?"))
-                .bind(rollups_before)
-                .execute(&self.pool)
-                .await?;
+        let mut pruned = 0;
+        for (table, column, before) in [
+            ("usage_events", "at_ms", raw_before),
+            ("usage_batches", "received_at_ms", raw_before),
+            ("usage_holders", "last_at_ms", raw_before),
+            ("usage_minutes", "bucket", rollups_before),
+            ("usage_days", "bucket", rollups_before),
+        ] {
+            // In chunks, each its own short transaction: a change waiting for the write lock
+            // waits for one chunk, never for the whole prune.
+            // Rollup tables have no rowid: they go a few periods at a time.
+            let sql = if column == "bucket" {
+                format!(
+                    "DELETE FROM {table} WHERE bucket IN \
+                     (SELECT DISTINCT bucket FROM {table} WHERE bucket < ? LIMIT {PRUNE_PERIODS})"
+                )
+            } else {
+                format!(
+                    "DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {column} < ? LIMIT {PRUNE_CHUNK})"
+                )
+            };
+            loop {
+                let done = sqlx::query(&sql).bind(before).execute(&self.pool).await?.rows_affected();
+                if table == "usage_events" {
+                    pruned += done;
+                }
+                if done == 0 || (column != "bucket" && done < PRUNE_CHUNK) {
+                    break;
+                }
+            }
         }
-        Ok(events.rows_affected())
+        Ok(pruned)
     }
 }
 
@@ -336,7 +361,7 @@ async fn note_holder(tx: &mut Transaction<'_, Sqlite>, batch: &UsageBatch, now_m
            max_seq = MAX(max_seq, excluded.max_seq), \
            numbered = MAX(numbered, excluded.numbered), \
            stored = stored + excluded.stored, \
-           dropped = dropped + excluded.dropped, \
+           dropped = MAX(dropped, excluded.dropped), \
            last_at_ms = MAX(last_at_ms, excluded.last_at_ms)",
     )
     .bind(&batch.holder)

@@ -1,0 +1,123 @@
+//! What a revocation proof reads: the change's outbox entry and its deliveries, and a key's
+//! usage events around the change.
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use super::{Store, StoreError};
+
+/// One region's purge of the change, as delivered.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct PurgeDelivery {
+    /// `purge:<region>`.
+    pub target: String,
+    pub state: String,
+    /// When the control plane recorded the acknowledgement (its clock).
+    pub done_at: Option<i64>,
+    /// When the region began answering from the purge's record (the region's clock).
+    pub applied_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// The outbox entry that carried a key's change: when it was committed and answered.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct ChangeEntry {
+    pub id: i64,
+    pub created_at: i64,
+    pub answered_at: Option<i64>,
+}
+
+/// One usage event of the key, as the proof shows it.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct Answer {
+    pub at_ms: i64,
+    pub region: String,
+    pub code: String,
+    pub version: Option<i64>,
+    pub source: Option<String>,
+    pub caller_ip: Option<String>,
+    pub client_ip: Option<String>,
+}
+
+impl Store {
+    /// The first outbox entry that carried version `version` of key `key_id`.
+    pub async fn change_entry(&self, key_id: &str, version: u64) -> Result<Option<ChangeEntry>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, created_at, answered_at FROM outbox WHERE kind = 'key' AND key_id = ? \
+             AND json_extract(record, '$.version') = ? ORDER BY id LIMIT 1",
+        )
+        .bind(key_id)
+        .bind(version as i64)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// An entry's purges, one per region.
+    pub async fn purge_deliveries(&self, outbox_id: i64) -> Result<Vec<PurgeDelivery>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT target, state, done_at, applied_at, last_error FROM deliveries \
+             WHERE outbox_id = ? AND target LIKE 'purge:%' ORDER BY target",
+        )
+        .bind(outbox_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The key's `VALID` answers decided at or after `since_ms`, oldest first (at most `limit`).
+    pub async fn valid_answers_since(
+        &self,
+        key_id: &str,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Answer>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT at_ms, region, code, version, source, caller_ip, client_ip FROM usage_events \
+             WHERE key_id = ? AND code = 'VALID' AND at_ms >= ? ORDER BY at_ms LIMIT ?",
+        )
+        .bind(key_id)
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Per region, the key's last `VALID` answer decided before `before_ms`.
+    pub async fn last_valid_before(&self, key_id: &str, before_ms: i64) -> Result<Vec<Answer>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT MAX(at_ms) AS at_ms, region, code, version, source, caller_ip, client_ip FROM usage_events \
+             WHERE key_id = ? AND code = 'VALID' AND at_ms < ? GROUP BY region ORDER BY region",
+        )
+        .bind(key_id)
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The key's rejections since `since_ms`: per region and code, how many.
+    pub async fn rejections_since(
+        &self,
+        key_id: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT region, code, COUNT(*) FROM usage_events WHERE key_id = ? AND code != 'VALID' AND at_ms >= ? \
+             GROUP BY region, code ORDER BY region, code",
+        )
+        .bind(key_id)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The sources (caller and client addresses) that have kept trying the key since `since_ms`.
+    pub async fn sources_since(&self, key_id: &str, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT COALESCE(client_ip, caller_ip, '?') AS source, COUNT(*) FROM usage_events \
+             WHERE key_id = ? AND at_ms >= ? GROUP BY source ORDER BY COUNT(*) DESC LIMIT 20",
+        )
+        .bind(key_id)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
