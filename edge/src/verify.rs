@@ -18,18 +18,21 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     }
     let request = VerifyRequest::from_json(&req.bytes().await?).map_err(refused)?;
     let Ok(key) = Key::parse(&request.key) else {
-        return Ok(Response::from_json(&VerifyResponse::malformed())?);
+        return Ok(Response::from_json(&VerifyResponse::malformed().decided_at(now_ms))?);
     };
     let hash = key.hash();
     let caller_id = caller.id.clone();
     let caller = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
-    let now = now_ms as i64;
     let fetched = std::cell::Cell::new(false);
     let admit = || {
         fetched.set(true);
         misses::admit(Kind::Key, &caller_id, now_ms)
     };
-    let (decision, record, source) = match lookup::find(&ctx.env, &hash, now_ms, admit).await? {
+    let found = lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit).await?;
+    // Decided, and stamped, once the record is found.
+    let decided_at_ms = Date::now().as_millis();
+    let now = decided_at_ms as i64;
+    let (decision, record, source) = match found {
         lookup::Found::Record(record, source) => {
             (decide(record.as_ref(), &hash, caller, &request, now), record, source)
         }
@@ -41,7 +44,8 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    Ok(Response::from_json(&VerifyResponse::new(decision, record.as_ref(), Some(source)))?)
+    let answer = VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms);
+    Ok(Response::from_json(&answer)?)
 }
 
 /// The answer to a caller over its share of lookups without a copy.

@@ -340,8 +340,10 @@ async fn verify(
     let hash = key.hash();
     let record = state.store.key_by_hash(&hash).await?;
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
-    let decision = decide(record.as_ref(), &hash, who, &request, now_ms());
-    Ok(Json(VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))))
+    let decided_at_ms = now_ms();
+    let decision = decide(record.as_ref(), &hash, who, &request, decided_at_ms);
+    let answer = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin));
+    Ok(Json(answer.decided_at(u64::try_from(decided_at_ms).unwrap_or(0))))
 }
 
 /// What an acknowledgement means, said in every revoke and delete answer.
