@@ -146,17 +146,22 @@ fn copy_of(hash: &KeyHash, now_ms: u64) -> Held {
 }
 
 /// Confirms a stale copy or a miss, unless another request's confirmation of this root key is
-/// under way: then its answer serves this request too.
+/// under way: then its answer serves this request too (a copy it left stale, one the authority
+/// did not confirm in time, refuses this caller too).
 async fn confirm_once(
     env: &Env,
     hash: &KeyHash,
     copy: Option<RootKeyRecord>,
     now_ms: u64,
 ) -> Result<RootKeyRecord, AuthError> {
-    if let Some(now) = fresh::join(Kind::RootKey, hash.as_bytes(), now_ms).await
-        && let Held::Answer(copy) = copy_of(hash, now)
-    {
-        return Ok(copy.record);
+    if let Some(now) = fresh::join(Kind::RootKey, hash.as_bytes(), now_ms).await {
+        match copy_of(hash, now) {
+            Held::Answer(copy) => return Ok(copy.record),
+            // The authority did not confirm it in time for that request: nor for this one.
+            Held::Stale(_) => return Err(AuthError::Unavailable),
+            Held::None if misses::remembered(Kind::RootKey, hash.as_bytes(), now) => return Err(AuthError::Invalid),
+            Held::None => {}
+        }
     }
     let _flight = fresh::begin(Kind::RootKey, hash.as_bytes(), now_ms);
     fresh::count(Kind::RootKey, Confirmation::Waited);

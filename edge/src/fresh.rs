@@ -7,7 +7,8 @@
 //!   miss, waits for a confirmation.
 //! - Single flight: one confirmation per key is under way at a time in an isolate. A request
 //!   that would start another, in the background or for a stale copy or a miss, waits for the
-//!   one under way (at most the authority's deadline and KV's), then looks at memory again.
+//!   one under way (at most as long as a confirmation may take), then looks again: a copy that
+//!   confirmation left stale was not confirmed in time, and the request fails closed at once.
 //! - Memory trust: where purges reach only the Cache API (`PURGE_MODE` `tag-only`, as
 //!   Cloudflare's purge-by-tag), memory answers a key's copy for `MEMORY_TRUST_MS` (default
 //!   [`MEMORY_TRUST_MS`]) after the Cache API last showed it, then reads the Cache API again.
@@ -37,7 +38,8 @@ struct Settings {
     refresh_ahead_percent: u64,
     /// `None` where purges reach memory (`PURGE_MODE` other than `tag-only`).
     memory_trust_ms: Option<u64>,
-    /// The longest a confirmation may take: the authority's deadline and KV's.
+    /// The longest a confirmation may take: the longer of the authority's deadline and KV's
+    /// (they are read together), and the Cache API's write.
     flight_ms: u64,
 }
 
@@ -58,7 +60,7 @@ pub(crate) fn configure(env: &Env) {
     SETTINGS.set(Some(Settings {
         refresh_ahead_percent: number("REFRESH_AHEAD_PERCENT").unwrap_or(freshness::REFRESH_AHEAD_PERCENT),
         memory_trust_ms: tag_only.then(|| number("MEMORY_TRUST_MS").unwrap_or(MEMORY_TRUST_MS)),
-        flight_ms: deadline::authority_ms(env) + deadline::KV_MS,
+        flight_ms: deadline::authority_ms(env).max(deadline::KV_MS) + deadline::CACHE_MS,
     }));
 }
 
@@ -66,7 +68,7 @@ fn settings() -> Settings {
     SETTINGS.get().unwrap_or(Settings {
         refresh_ahead_percent: freshness::REFRESH_AHEAD_PERCENT,
         memory_trust_ms: None,
-        flight_ms: deadline::MAX_AUTHORITY_MS + deadline::KV_MS,
+        flight_ms: deadline::MAX_AUTHORITY_MS.max(deadline::KV_MS) + deadline::CACHE_MS,
     })
 }
 

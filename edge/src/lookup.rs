@@ -100,21 +100,11 @@ pub(crate) async fn find(
     admit: impl FnOnce() -> bool,
 ) -> Result<Found> {
     let cache = Cache::default();
-    let (stale, untrusted) = match from_memory(hash, now_ms) {
-        Held::Answer(entry) => return Ok(answer(env, ctx, hash, entry, Source::Memory, now_ms)),
-        Held::Stale(record) => (Some((record, Source::Memory)), None),
-        Held::Untrusted(entry) => (None, Some(entry)),
-        Held::None => (None, None),
+    let stale = match nearest(env, ctx, &cache, hash, now_ms).await? {
+        Nearest::Found(found) => return Ok(found),
+        Nearest::Stale(record, source) => Some((record, source)),
+        Nearest::None => None,
     };
-    let mut stale = stale;
-    if stale.is_none() {
-        match from_cache(&cache, hash, untrusted, now_ms).await? {
-            Held::Answer(entry) => return Ok(answer(env, ctx, hash, entry, Source::Cache, now_ms)),
-            Held::Stale(record) => stale = Some((record, Source::Cache)),
-            Held::Untrusted(entry) => stale = Some((entry.record, Source::Memory)),
-            Held::None => {}
-        }
-    }
     if stale.is_none() {
         if misses::remembered(Kind::Key, hash.as_bytes(), now_ms) {
             return Ok(Found::Record(None, Source::Memory));
@@ -124,14 +114,46 @@ pub(crate) async fn find(
         }
     }
     // Another request's confirmation of this key is under way: its answer serves this one too.
-    if let Some(now) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await
-        && let Held::Answer(entry) = from_memory(hash, now)
-    {
-        return Ok(Found::Record(Some(entry.record), Source::Memory));
+    // A copy it left stale is one the authority did not confirm in time: this request fails
+    // closed too, rather than wait as long again.
+    if let Some(now) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await {
+        match nearest(env, ctx, &cache, hash, now).await? {
+            Nearest::Found(found) => return Ok(found),
+            Nearest::Stale(record, source) => return Ok(Found::Unconfirmed(record, source)),
+            Nearest::None if misses::remembered(Kind::Key, hash.as_bytes(), now) => {
+                return Ok(Found::Record(None, Source::Memory));
+            }
+            Nearest::None => {}
+        }
     }
     let _flight = fresh::begin(Kind::Key, hash.as_bytes(), now_ms);
     fresh::count(Kind::Key, Confirmation::Waited);
     refresh(env, &cache, hash, stale, now_ms).await
+}
+
+/// What memory and the Cache API hold for a key.
+enum Nearest {
+    /// Answered from a copy.
+    Found(Found),
+    /// The nearest copy, which must be confirmed first.
+    Stale(KeyRecord, Source),
+    None,
+}
+
+/// Memory's copy, or the Cache API's where memory has none it may answer from alone.
+async fn nearest(env: &Env, ctx: &Context, cache: &Cache, hash: &KeyHash, now_ms: u64) -> Result<Nearest> {
+    let untrusted = match from_memory(hash, now_ms) {
+        Held::Answer(entry) => return Ok(Nearest::Found(answer(env, ctx, hash, entry, Source::Memory, now_ms))),
+        Held::Stale(record) => return Ok(Nearest::Stale(record, Source::Memory)),
+        Held::Untrusted(entry) => Some(entry),
+        Held::None => None,
+    };
+    Ok(match from_cache(cache, hash, untrusted, now_ms).await? {
+        Held::Answer(entry) => Nearest::Found(answer(env, ctx, hash, entry, Source::Cache, now_ms)),
+        Held::Stale(record) => Nearest::Stale(record, Source::Cache),
+        Held::Untrusted(entry) => Nearest::Stale(entry.record, Source::Memory),
+        Held::None => Nearest::None,
+    })
 }
 
 /// What a tier holds for a key.
