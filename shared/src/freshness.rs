@@ -62,11 +62,14 @@ impl KeyStatus {
 /// The share of its trust, in percent, after which a copy that is still answered from is
 /// confirmed again in the background, unless a region's `REFRESH_AHEAD_PERCENT` says otherwise.
 ///
-/// At 50 a confirmation asked at half of a 1 s `max_staleness_ms` has 500 ms to land before the
-/// copy goes stale: the edge's whole deadline for the authority (500 ms by default), so even
-/// an authority answering at its deadline never makes a hot key's request wait. A hot key then
-/// costs two authority calls a second per isolate (measured: BENCHMARKS.md).
-pub const REFRESH_AHEAD_PERCENT: u64 = 50;
+/// At 75 a confirmation asked at three quarters of a 1 s `max_staleness_ms` has 250 ms to land
+/// before the copy goes stale: more than the 80-200 ms of a cross-world round trip to the
+/// authority, and a request that finds the copy stale while it is still under way waits only
+/// for its remainder (the edge's single flight). A hot key costs 1.33 authority calls a second
+/// per isolate. Measured beside 50 (which covers the authority's whole 500 ms deadline): 7.8
+/// against 15.1 authority calls per 1,000 verifications, 13.8 before refresh ahead
+/// (BENCHMARKS.md, `cargo xtask bench fresh`).
+pub const REFRESH_AHEAD_PERCENT: u64 = 75;
 
 /// Whether a copy confirmed at `confirmed_at_ms`, trusted for `trust_ms`, is due to be
 /// confirmed again in the background at `now_ms`: it is still fresh (it may be answered from)

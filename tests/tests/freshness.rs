@@ -128,7 +128,7 @@ fn a_hot_key_is_confirmed_ahead_of_expiry_and_its_requests_never_wait() {
         println!(
             "r{i} ({}): {} verifications, {} answered after a confirmation (p50 {:?}, p99 {:?}), {} from memory \
              (p50 {:?}, p99 {:?}); authority calls {} waited + {} ahead = {:.1} per 1,000 verifications, {} shared",
-            if i == 0 { "refresh ahead at 50%" } else { "refresh ahead off" },
+            if i == 0 { "refresh ahead, the default" } else { "refresh ahead off" },
             answers.len(),
             waited.len(),
             percentile(&waited, 0.5),
@@ -146,7 +146,7 @@ fn a_hot_key_is_confirmed_ahead_of_expiry_and_its_requests_never_wait() {
     }
     let seconds = POLL_FOR.as_secs();
     // Refresh ahead: no request waited; the copy was confirmed in the background, about once
-    // per half of max_staleness_ms, one confirmation at a time.
+    // per three quarters of max_staleness_ms, one confirmation at a time.
     assert!(on.iter().all(|a| a.source == "memory"), "r0: a request waited for a confirmation");
     assert_eq!(counts[0].waited, 0, "r0: {:?}", counts[0]);
     assert!((seconds..=2 * seconds + 2).contains(&counts[0].ahead), "r0: {:?}", counts[0]);
