@@ -166,8 +166,10 @@ fn concurrent_requests_for_one_key_share_one_confirmation() {
     let (_, warm) = world.create_key(&api, json!({}));
     // The caller's root key is in memory from here on.
     world.make_hot(0, &warm);
-    let mut totals = ConfirmCounts::default();
-    for round in 0..3 {
+    // Rounds until one shows the requests overlapping (some shared a confirmation): requests
+    // that arrive after the first confirmation landed are answered from memory and prove nothing.
+    let mut overlapped = false;
+    for round in 0..8 {
         let (_, key) = world.create_key(&api, json!({}));
         let before = stats(&world, 0);
         let barrier = std::sync::Barrier::new(CALLERS);
@@ -185,15 +187,14 @@ fn concurrent_requests_for_one_key_share_one_confirmation() {
         assert!(codes.iter().all(|c| c == "VALID"), "{codes:?}");
         let c = delta(stats(&world, 0).key_confirmations, before.key_confirmations);
         println!("round {round}: {CALLERS} concurrent first verifications: {c:?}");
-        totals = ConfirmCounts {
-            waited: totals.waited + c.waited,
-            ahead: totals.ahead + c.ahead,
-            shared: totals.shared + c.shared,
-        };
+        // Without the single flight every request that found no copy asked the authority itself.
+        assert_eq!(c.waited, 1, "round {round}: {c:?}");
+        if c.shared > 0 {
+            overlapped = true;
+            break;
+        }
     }
-    // Without the single flight every request that found no copy asked the authority itself.
-    assert!(totals.waited < 3 * CALLERS as u64 / 2, "{totals:?}");
-    assert!(totals.shared >= 3, "no request shared another's confirmation: {totals:?}");
+    assert!(overlapped, "no round had requests overlapping: the single flight was not exercised");
     world.assert_no_plaintext();
 }
 
