@@ -97,9 +97,11 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
             if !copy.record.status.is_final()
                 && freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, percent)
             {
-                let (env, record) = (env.clone(), copy.record.clone());
-                fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, move || async move {
-                    let _ = confirm(&env, &hash, Some(record), now_ms).await;
+                fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, || {
+                    let (env, record) = (env.clone(), copy.record.clone());
+                    async move {
+                        let _ = confirm(&env, &hash, Some(record), now_ms).await;
+                    }
                 });
             }
             copy.record

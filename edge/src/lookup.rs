@@ -209,10 +209,13 @@ fn answerable(entry: &Entry, now_ms: u64) -> bool {
 /// Answers from `entry`, first starting its confirmation in the background if it is due.
 fn answer(env: &Env, ctx: &Context, hash: &KeyHash, entry: Entry, source: Source, now_ms: u64) -> Found {
     if freshness::key_refresh_ahead(&entry.record, entry.confirmed_at_ms, now_ms, fresh::refresh_ahead_percent()) {
-        let (env, hash, record) = (env.clone(), *hash, entry.record.clone());
-        fresh::ahead(ctx, Kind::Key, hash.as_bytes(), now_ms, move || async move {
-            if let Err(e) = refresh(&env, &Cache::default(), &hash, Some((record, source)), now_ms).await {
-                console_warn!("confirmation ahead of expiry failed: {e}");
+        // Cloned only when no confirmation of the key is under way.
+        fresh::ahead(ctx, Kind::Key, hash.as_bytes(), now_ms, || {
+            let (env, hash, record) = (env.clone(), *hash, entry.record.clone());
+            async move {
+                if let Err(e) = refresh(&env, &Cache::default(), &hash, Some((record, source)), now_ms).await {
+                    console_warn!("confirmation ahead of expiry failed: {e}");
+                }
             }
         });
     }
