@@ -17,7 +17,6 @@
 //! confirmed from when it was asked, so none of this moves the `max_staleness_ms` bound.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
 use keyward_shared::freshness;
 use keyward_shared::internal::ConfirmCounts;
@@ -45,8 +44,9 @@ struct Settings {
 
 thread_local! {
     static SETTINGS: Cell<Option<Settings>> = const { Cell::new(None) };
-    /// Confirmations under way, by kind and hash: when each was asked.
-    static IN_FLIGHT: RefCell<HashMap<(bool, [u8; 32]), u64>> = RefCell::new(HashMap::new());
+    /// Confirmations under way, by kind and hash, and when each was asked: a few at a time, so
+    /// a list (smaller in the worker than another map type).
+    static IN_FLIGHT: RefCell<Vec<(Id, u64)>> = const { RefCell::new(Vec::new()) };
     static COUNTS: Cell<[ConfirmCounts; 2]> = const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0 }; 2]) };
 }
 
@@ -118,24 +118,32 @@ pub(crate) fn counts(kind: Kind) -> ConfirmCounts {
 /// A confirmation under way; it is no longer under way once dropped (finished, failed or
 /// cancelled).
 pub(crate) struct Flight {
-    id: (bool, [u8; 32]),
+    id: Id,
+    asked_ms: u64,
 }
 
 impl Drop for Flight {
     fn drop(&mut self) {
-        IN_FLIGHT.with(|f| f.borrow_mut().remove(&self.id));
+        // Only this flight's mark: one that replaced it (this one ran past its time) stays.
+        IN_FLIGHT.with(|f| f.borrow_mut().retain(|held| *held != (self.id, self.asked_ms)));
     }
 }
 
-fn id(kind: Kind, hash: &[u8; 32]) -> (bool, [u8; 32]) {
+/// A key's confirmation: whether of a root key, and the hash.
+type Id = (bool, [u8; 32]);
+
+fn id(kind: Kind, hash: &[u8; 32]) -> Id {
     (matches!(kind, Kind::RootKey), *hash)
+}
+
+fn asked_at(id: &Id) -> Option<u64> {
+    IN_FLIGHT.with(|f| f.borrow().iter().find(|(held, _)| held == id).map(|(_, asked)| *asked))
 }
 
 /// Whether a confirmation of this key is under way (asked within the longest a confirmation
 /// may take).
 fn under_way(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
-    let asked = IN_FLIGHT.with(|f| f.borrow().get(&id(kind, hash)).copied());
-    asked.is_some_and(|asked| now_ms.saturating_sub(asked) < settings().flight_ms)
+    asked_at(&id(kind, hash)).is_some_and(|asked| now_ms.saturating_sub(asked) < settings().flight_ms)
 }
 
 /// Marks a confirmation of this key as under way, asked at `now_ms`, unless one already is.
@@ -143,8 +151,14 @@ pub(crate) fn begin(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<Flight> 
     if under_way(kind, hash, now_ms) {
         return None;
     }
-    IN_FLIGHT.with(|f| f.borrow_mut().insert(id(kind, hash), now_ms));
-    Some(Flight { id: id(kind, hash) })
+    let id = id(kind, hash);
+    IN_FLIGHT.with(|f| {
+        let mut flights = f.borrow_mut();
+        // One past its time (a confirmation that never finished) gives way.
+        flights.retain(|(held, _)| *held != id);
+        flights.push((id, now_ms));
+    });
+    Some(Flight { id, asked_ms: now_ms })
 }
 
 /// Starts `confirm()` after the answer (`wait_until`) unless a confirmation of this key is
