@@ -9,7 +9,8 @@
 //! a 429 blocks them all for its `Retry-After`. Cache API copies are purged by tag (the edge
 //! tags each copy with its key hash), at most `max_tags_per_purge` tags per call, within the
 //! purge limit of the zone's plan. An acknowledgement here means Cloudflare accepted the
-//! purge; isolate memory at each location is bounded by `max_staleness_ms` alone. Local
+//! purge; isolate memory at each location re-reads the Cache API after the worker's memory
+//! trust (`MEMORY_TRUST_MS`) and is bounded by `max_staleness_ms` whatever happens. Local
 //! regions' KV (wrangler dev) answers in the same format.
 
 use std::collections::VecDeque;

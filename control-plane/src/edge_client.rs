@@ -29,7 +29,9 @@ pub enum PurgeVia {
     Signed,
     /// Cloudflare's purge-by-tag of Cache API entries (production), batched across keys with a
     /// fair share for each workspace: the acknowledgement means Cloudflare accepted the purge;
-    /// isolate memory is bounded by `max_staleness_ms` alone.
+    /// isolate memory, which no purge reaches, re-reads the Cache API after the worker's
+    /// memory trust (`MEMORY_TRUST_MS`, with `PURGE_MODE` `tag-only`), and `max_staleness_ms`
+    /// bounds it whatever happens.
     Tags(Arc<TagBatcher>),
 }
 
@@ -54,7 +56,7 @@ impl EdgeRegion {
                 "the region holds the new record in memory, dropped its Cache API copy, and now rejects the key"
             }
             PurgeVia::Tags(_) => {
-                "Cloudflare accepted the purge-by-tag of Cache API copies; copies in isolate memory end within max_staleness_ms"
+                "Cloudflare accepted the purge-by-tag of Cache API copies; copies in isolate memory re-read the Cache API within the worker's MEMORY_TRUST_MS (PURGE_MODE tag-only), and end within max_staleness_ms whatever happens"
             }
         }
     }

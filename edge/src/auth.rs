@@ -5,9 +5,10 @@
 //!
 //! KV has no conditional write, so a late retry of a root key's creation can land in KV after
 //! its revocation; the authority keeps only the highest version, so the revocation wins. A copy
-//! older than half its trust is confirmed again in the background after the answer
-//! (`wait_until`), so a busy caller's requests never wait for the authority; only a copy past
-//! its trust (an idle caller) does. A root key that cannot be confirmed (the authority does not
+//! that has used its share of its trust is confirmed again in the background after the answer
+//! (`crate::fresh`, the mechanism key copies use), so a busy caller's requests never wait for
+//! the authority; only a copy past its trust (an idle caller) does, and one confirmation per
+//! root key is under way at a time. A root key that cannot be confirmed (the authority does not
 //! answer in time) refuses its caller with 503, unless what is known of it is final.
 
 use std::cell::RefCell;
@@ -19,19 +20,18 @@ use keyward_shared::{ErrorCode, Key, KeyHash, RootKeyRecord, kv_key_for_root};
 use worker::{Context, Env, Request};
 
 use crate::error::EdgeError;
+use crate::fresh::{self, Confirmation};
 use crate::misses::{self, Kind};
 use crate::{authority, lookup, memory};
 
 /// How long a confirmed root key is trusted before it is confirmed again.
 const ROOT_TRUST_MS: u64 = 1_000;
 
-/// A root key's copy, when its confirmation was asked, and whether a background confirmation
-/// of it is under way.
+/// A root key's copy and when its confirmation was asked.
 #[derive(Clone)]
 struct RootCopy {
     record: RootKeyRecord,
     confirmed_at_ms: u64,
-    refreshing: bool,
 }
 
 impl Weigh for RootCopy {
@@ -91,29 +91,30 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
     let text = header.strip_prefix("Bearer ").ok_or(AuthError::Missing)?.trim();
     let key = Key::parse(text).map_err(|_| AuthError::Invalid)?;
     let hash = key.hash();
-    let held = ROOTS.with(|roots| roots.borrow_mut().get(hash.as_bytes()).cloned());
-    let record = match held {
-        Some(copy) if copy.record.status.is_final() => copy.record,
-        Some(copy) if freshness::is_fresh(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms) => {
-            if !copy.refreshing && now_ms - copy.confirmed_at_ms >= ROOT_TRUST_MS / 2 {
-                mark_refreshing(&hash);
-                let (env, record) = (env.clone(), copy.record.clone());
-                ctx.wait_until(async move {
-                    let _ = confirm(&env, &hash, Some(record), now_ms).await;
+    let record = match copy_of(&hash, now_ms) {
+        Held::Answer(copy) => {
+            let percent = fresh::refresh_ahead_percent();
+            if !copy.record.status.is_final()
+                && freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, percent)
+            {
+                fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, || {
+                    let (env, record) = (env.clone(), copy.record.clone());
+                    async move {
+                        let _ = confirm(&env, &hash, Some(record), now_ms).await;
+                    }
                 });
-                // The copy is still within its trust while the background confirmation runs.
             }
             copy.record
         }
-        Some(copy) => confirm(env, &hash, Some(copy.record), now_ms).await?,
-        None => {
+        Held::Stale(record) => confirm_once(env, &hash, Some(record), now_ms).await?,
+        Held::None => {
             if misses::remembered(Kind::RootKey, hash.as_bytes(), now_ms) {
                 return Err(AuthError::Invalid);
             }
             if !misses::admit(Kind::RootKey, &client_address(req), now_ms) {
                 return Err(AuthError::Limited);
             }
-            confirm(env, &hash, None, now_ms).await?
+            confirm_once(env, &hash, None, now_ms).await?
         }
     };
     if record.hash != hash || record.status != KeyStatus::Active {
@@ -128,8 +129,45 @@ fn client_address(req: &Request) -> String {
     req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn mark_refreshing(hash: &KeyHash) {
-    ROOTS.with(|roots| roots.borrow_mut().update(hash.as_bytes(), |copy| copy.refreshing = true));
+/// What memory holds for a root key.
+enum Held {
+    /// A copy within its trust, or final.
+    Answer(RootCopy),
+    /// A copy past its trust.
+    Stale(RootKeyRecord),
+    None,
+}
+
+fn copy_of(hash: &KeyHash, now_ms: u64) -> Held {
+    match ROOTS.with(|roots| roots.borrow_mut().get(hash.as_bytes()).cloned()) {
+        Some(copy) if copy.record.status.is_final() => Held::Answer(copy),
+        Some(copy) if freshness::is_fresh(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms) => Held::Answer(copy),
+        Some(copy) => Held::Stale(copy.record),
+        None => Held::None,
+    }
+}
+
+/// Confirms a stale copy or a miss, unless another request's confirmation of this root key is
+/// under way: then its answer serves this request too (a copy it left stale, one the authority
+/// did not confirm in time, refuses this caller too).
+async fn confirm_once(
+    env: &Env,
+    hash: &KeyHash,
+    copy: Option<RootKeyRecord>,
+    now_ms: u64,
+) -> Result<RootKeyRecord, AuthError> {
+    if let Some(now) = fresh::join(Kind::RootKey, hash.as_bytes(), now_ms).await {
+        match copy_of(hash, now) {
+            Held::Answer(copy) => return Ok(copy.record),
+            // The authority did not confirm it in time for that request: nor for this one.
+            Held::Stale(_) => return Err(AuthError::Unavailable),
+            Held::None if misses::remembered(Kind::RootKey, hash.as_bytes(), now) => return Err(AuthError::Invalid),
+            Held::None => {}
+        }
+    }
+    let _flight = fresh::begin(Kind::RootKey, hash.as_bytes(), now_ms);
+    fresh::count(Kind::RootKey, Confirmation::Waited);
+    confirm(env, hash, copy, now_ms).await
 }
 
 /// Reads KV and the authority together and keeps the higher version, confirmed as of `now_ms`
@@ -155,11 +193,15 @@ async fn confirm(
     let known_missing = copy.is_none() && kv.is_none() && matches!(authority, AuthorityAnswer::Unknown);
     match freshness::resolve(copy, kv, authority) {
         Resolved::Record(Some(record), _) => {
-            let kept = RootCopy { record, confirmed_at_ms: now_ms, refreshing: false };
+            let kept = RootCopy { record, confirmed_at_ms: now_ms };
             ROOTS.with(|roots| {
                 let mut roots = roots.borrow_mut();
-                // Never trade a copy for an older version (a slow confirmation finishing late).
-                if roots.peek(hash.as_bytes()).is_none_or(|held| held.record.version <= kept.record.version) {
+                // Never trade a copy for an older version or an older confirmation of the same
+                // one (a slow confirmation finishing late).
+                let older = |held: &RootCopy| {
+                    (held.record.version, held.confirmed_at_ms) <= (kept.record.version, kept.confirmed_at_ms)
+                };
+                if roots.peek(hash.as_bytes()).is_none_or(older) {
                     roots.put(*hash.as_bytes(), kept.clone());
                 }
             });

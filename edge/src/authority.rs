@@ -37,6 +37,16 @@ fn version_of(text: &str) -> Result<u64> {
     serde_json::from_str::<Versioned>(text).map(|v| v.version).map_err(|e| worker::Error::RustError(e.to_string()))
 }
 
+thread_local! {
+    /// Reads the KeyState objects in this isolate answered (shown by `/internal/stats`).
+    static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many reads the KeyState objects this isolate hosts have answered.
+pub(crate) fn reads_answered() -> u64 {
+    READS.get()
+}
+
 #[durable_object]
 pub struct KeyState {
     state: State,
@@ -51,6 +61,9 @@ impl DurableObject for KeyState {
     /// if its version is higher than the one held; answers the record held afterwards.
     async fn fetch(&self, mut req: Request) -> Result<Response> {
         let incoming = if req.method() == Method::Put { Some(req.text().await?) } else { None };
+        if incoming.is_none() {
+            READS.set(READS.get() + 1);
+        }
         let storage = self.state.storage();
         // Stored as JSON text so that 64-bit versions survive the JS boundary exactly.
         let held: Option<String> = storage.get(RECORD).await?;

@@ -11,6 +11,7 @@ mod auth;
 mod authority;
 mod deadline;
 mod error;
+mod fresh;
 mod lookup;
 mod memory;
 mod misses;
@@ -43,6 +44,7 @@ fn start() {
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     memory::configure(&env);
+    fresh::configure(&env);
     origin::configure(&env);
     Router::with_data(ctx)
         .get("/health", |_, ctx| {

@@ -12,9 +12,15 @@
 //! [`crate::deadline::AUTHORITY_MS`] counts as unreachable, and the caller gets `UNAVAILABLE`
 //! (fail closed) unless the best record is final.
 //!
-//! Memory never trades a copy for an older version: a refill that read KV and the authority
-//! before a purge arrived, and finishes after it, keeps (and answers) the purge's newer record,
-//! and puts that in the Cache API too.
+//! A copy answered from that has used its share of `max_staleness_ms` is confirmed again in the
+//! background, and one confirmation per key is under way at a time (`crate::fresh`). Where
+//! purges reach only the Cache API (tag-only), memory answers a copy only for its own short
+//! trust after the Cache API last showed one, then reads the Cache API again: the copy the
+//! Cache API holds keeps its own confirmation time, so the `max_staleness_ms` bound holds too.
+//!
+//! Memory never trades a copy for an older version: a refill (or a confirmation ahead of
+//! expiry) that read KV and the authority before a purge arrived, and finishes after it, keeps
+//! (and answers) the purge's newer record, and puts that in the Cache API too.
 
 use std::cell::RefCell;
 
@@ -23,9 +29,10 @@ use keyward_shared::freshness::{self, AuthorityAnswer, Resolved, Tier};
 use keyward_shared::record::RecordError;
 use keyward_shared::{KeyHash, KeyRecord, Source, kv_key_for_key};
 use serde::{Deserialize, Serialize};
-use worker::{Cache, CacheDeletionOutcome, Env, Headers, Response, Result, console_warn};
+use worker::{Cache, CacheDeletionOutcome, Context, Env, Headers, Response, Result, console_warn};
 
 use crate::authority;
+use crate::fresh::{self, Confirmation};
 use crate::misses::{self, Kind};
 use crate::{KV_BINDING, deadline, memory, origin};
 
@@ -38,6 +45,10 @@ const CACHE_MAX_AGE_S: u64 = 3_600;
 struct Entry {
     record: KeyRecord,
     confirmed_at_ms: u64,
+    /// Memory only: since when memory trusts the copy, where purges reach only the Cache API
+    /// (the Cache API showed it then, or its confirmation was asked then).
+    #[serde(skip)]
+    checked_at_ms: u64,
 }
 
 /// What the lookup found.
@@ -78,29 +89,22 @@ fn cache_url(hash: &KeyHash) -> String {
 
 /// The record for `hash`, from the nearest tier that may answer. A lookup with no copy at all
 /// first checks the remembered misses, then asks `admit` whether its caller may make the edge
-/// fetch (see `crate::misses`).
-pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64, admit: impl FnOnce() -> bool) -> Result<Found> {
+/// fetch (see `crate::misses`). A copy answered from that is due is confirmed again after the
+/// answer (see `crate::fresh`); a stale copy or a miss waits for a confirmation, another
+/// request's if one is under way.
+pub(crate) async fn find(
+    env: &Env,
+    ctx: &Context,
+    hash: &KeyHash,
+    now_ms: u64,
+    admit: impl FnOnce() -> bool,
+) -> Result<Found> {
     let cache = Cache::default();
-    let answerable = |entry: &Entry| !freshness::needs_confirmation(&entry.record, entry.confirmed_at_ms, now_ms);
-    let mut stale = None;
-    if let Some(entry) = MEMORY.with(|m| m.borrow_mut().get(hash.as_bytes()).cloned()) {
-        if answerable(&entry) {
-            return Ok(Found::Record(Some(entry.record), Source::Memory));
-        }
-        stale = Some((entry.record, Source::Memory));
-    }
-    // A Cache API read that does not answer in time counts as a miss: KV and the authority
-    // decide then, which is never less safe than a copy.
-    if stale.is_none()
-        && let Some(cached) = deadline::within(deadline::CACHE_MS, cache.get(cache_url(hash), false)).await
-        && let Some(mut response) = cached?
-        && let Ok(entry) = response.json::<Entry>().await
-    {
-        if answerable(&entry) {
-            return Ok(Found::Record(Some(remember(hash, entry).record), Source::Cache));
-        }
-        stale = Some((entry.record, Source::Cache));
-    }
+    let stale = match nearest(env, ctx, &cache, hash, now_ms).await? {
+        Nearest::Found(found) => return Ok(found),
+        Nearest::Stale(record, source) => Some((record, source)),
+        Nearest::None => None,
+    };
     if stale.is_none() {
         if misses::remembered(Kind::Key, hash.as_bytes(), now_ms) {
             return Ok(Found::Record(None, Source::Memory));
@@ -109,7 +113,113 @@ pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64, admit: impl FnO
             return Ok(Found::CallerLimited);
         }
     }
+    // Another request's confirmation of this key is under way: its answer serves this one too.
+    // A copy it left stale is one the authority did not confirm in time: this request fails
+    // closed too, rather than wait as long again.
+    if let Some(now) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await {
+        match nearest(env, ctx, &cache, hash, now).await? {
+            Nearest::Found(found) => return Ok(found),
+            Nearest::Stale(record, source) => return Ok(Found::Unconfirmed(record, source)),
+            Nearest::None if misses::remembered(Kind::Key, hash.as_bytes(), now) => {
+                return Ok(Found::Record(None, Source::Memory));
+            }
+            Nearest::None => {}
+        }
+    }
+    let _flight = fresh::begin(Kind::Key, hash.as_bytes(), now_ms);
+    fresh::count(Kind::Key, Confirmation::Waited);
     refresh(env, &cache, hash, stale, now_ms).await
+}
+
+/// What memory and the Cache API hold for a key.
+enum Nearest {
+    /// Answered from a copy.
+    Found(Found),
+    /// The nearest copy, which must be confirmed first.
+    Stale(KeyRecord, Source),
+    None,
+}
+
+/// Memory's copy, or the Cache API's where memory has none it may answer from alone.
+async fn nearest(env: &Env, ctx: &Context, cache: &Cache, hash: &KeyHash, now_ms: u64) -> Result<Nearest> {
+    let untrusted = match from_memory(hash, now_ms) {
+        Held::Answer(entry) => return Ok(Nearest::Found(answer(env, ctx, hash, entry, Source::Memory, now_ms))),
+        Held::Stale(record) => return Ok(Nearest::Stale(record, Source::Memory)),
+        Held::Untrusted(entry) => Some(entry),
+        Held::None => None,
+    };
+    Ok(match from_cache(cache, hash, untrusted, now_ms).await? {
+        Held::Answer(entry) => Nearest::Found(answer(env, ctx, hash, entry, Source::Cache, now_ms)),
+        Held::Stale(record) => Nearest::Stale(record, Source::Cache),
+        Held::Untrusted(entry) => Nearest::Stale(entry.record, Source::Memory),
+        Held::None => Nearest::None,
+    })
+}
+
+/// What a tier holds for a key.
+enum Held {
+    /// A copy that may be answered from now.
+    Answer(Entry),
+    /// A copy that must be confirmed first.
+    Stale(KeyRecord),
+    /// Memory's copy, past memory's own trust: the Cache API decides whether it still stands.
+    Untrusted(Entry),
+    None,
+}
+
+fn from_memory(hash: &KeyHash, now_ms: u64) -> Held {
+    let Some(entry) = MEMORY.with(|m| m.borrow_mut().get(hash.as_bytes()).cloned()) else {
+        return Held::None;
+    };
+    if !freshness::memory_trusted(&entry.record, entry.checked_at_ms, fresh::memory_trust_ms(), now_ms) {
+        Held::Untrusted(entry)
+    } else if answerable(&entry, now_ms) {
+        Held::Answer(entry)
+    } else {
+        Held::Stale(entry.record)
+    }
+}
+
+/// The Cache API's copy, read within its deadline (a read past it counts as a miss: KV and the
+/// authority decide then, which is never less safe than a copy). Memory's `untrusted` copy
+/// stands where the Cache API holds a copy of the key (a tag purge would have dropped it), and
+/// wins if newer; where the Cache API holds none, memory's copy is stale whatever its age.
+async fn from_cache(cache: &Cache, hash: &KeyHash, untrusted: Option<Entry>, now_ms: u64) -> Result<Held> {
+    let mut cached = None;
+    if let Some(read) = deadline::within(deadline::CACHE_MS, cache.get(cache_url(hash), false)).await
+        && let Some(mut response) = read?
+    {
+        cached = response.json::<Entry>().await.ok();
+    }
+    let best = match (cached, untrusted) {
+        (None, Some(memory)) => return Ok(Held::Untrusted(memory)),
+        (None, None) => return Ok(Held::None),
+        (Some(cached), Some(memory)) if memory.record.version > cached.record.version => memory,
+        (Some(cached), _) => cached,
+    };
+    // The Cache API showed a copy when this read was asked: memory may trust it from then.
+    let entry = remember(hash, Entry { checked_at_ms: now_ms, ..best });
+    Ok(if answerable(&entry, now_ms) { Held::Answer(entry) } else { Held::Stale(entry.record) })
+}
+
+fn answerable(entry: &Entry, now_ms: u64) -> bool {
+    !freshness::needs_confirmation(&entry.record, entry.confirmed_at_ms, now_ms)
+}
+
+/// Answers from `entry`, first starting its confirmation in the background if it is due.
+fn answer(env: &Env, ctx: &Context, hash: &KeyHash, entry: Entry, source: Source, now_ms: u64) -> Found {
+    if freshness::key_refresh_ahead(&entry.record, entry.confirmed_at_ms, now_ms, fresh::refresh_ahead_percent()) {
+        // Cloned only when no confirmation of the key is under way.
+        fresh::ahead(ctx, Kind::Key, hash.as_bytes(), now_ms, || {
+            let (env, hash, record) = (env.clone(), *hash, entry.record.clone());
+            async move {
+                if let Err(e) = refresh(&env, &Cache::default(), &hash, Some((record, source)), now_ms).await {
+                    console_warn!("confirmation ahead of expiry failed: {e}");
+                }
+            }
+        });
+    }
+    Found::Record(Some(entry.record), source)
 }
 
 /// A stale copy, or none: reads KV and the authority together and keeps what wins.
@@ -147,7 +257,8 @@ async fn refresh(
                 Tier::Kv => Source::Kv,
                 Tier::Authority => Source::Authority,
             };
-            let record = keep(cache, hash, Entry { record, confirmed_at_ms: now_ms }).await?;
+            let entry = Entry { record, confirmed_at_ms: now_ms, checked_at_ms: now_ms };
+            let record = keep(cache, hash, entry).await?;
             Ok(Found::Record(Some(record), source))
         }
         Resolved::FailClosed(record) => Ok(Found::Unconfirmed(record, copy_source)),
@@ -199,7 +310,7 @@ pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMo
     let in_memory = MEMORY.with(|m| m.borrow().contains(hash.as_bytes()));
     if mode == PurgeMode::Record {
         note_purged(&hash, record.version);
-        remember(&hash, Entry { record, confirmed_at_ms });
+        remember(&hash, Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
     }
     // A drop that does not finish in time fails the purge, which the control plane then retries.
     let in_cache = deadline::within(deadline::CACHE_MS, Cache::default().delete(cache_url(&hash), false))
@@ -234,18 +345,23 @@ fn purged_newer(hash: &KeyHash, version: u64) -> bool {
 
 /// Puts a copy in memory unless memory holds a newer version of the key, or a purge brought
 /// one (then nothing is kept: the copy only answers the request that read it); answers the copy
-/// memory holds afterwards.
-fn remember(hash: &KeyHash, entry: Entry) -> Entry {
+/// memory holds afterwards. Of two copies of one version, memory keeps the later confirmation
+/// and check times (a confirmation finishing late never shortens what another established).
+fn remember(hash: &KeyHash, mut entry: Entry) -> Entry {
     MEMORY.with(|m| {
         let mut memory = m.borrow_mut();
         match memory.get(hash.as_bytes()) {
-            Some(held) if held.record.version > entry.record.version => held.clone(),
-            _ if purged_newer(hash, entry.record.version) => entry,
-            _ => {
-                memory.put(*hash.as_bytes(), entry.clone());
-                entry
+            Some(held) if held.record.version > entry.record.version => return held.clone(),
+            Some(held) if held.record.version == entry.record.version => {
+                entry.confirmed_at_ms = entry.confirmed_at_ms.max(held.confirmed_at_ms);
+                entry.checked_at_ms = entry.checked_at_ms.max(held.checked_at_ms);
             }
+            _ => {}
         }
+        if !purged_newer(hash, entry.record.version) {
+            memory.put(*hash.as_bytes(), entry.clone());
+        }
+        entry
     })
 }
 

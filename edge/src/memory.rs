@@ -4,7 +4,8 @@
 //! (`keyward_shared::Meta`), so a copy costs about its stored size.
 //!
 //! `POST /internal/stats` (signed, body `{}`) answers what this isolate holds and the size of
-//! its wasm memory, so a test (or an operator) can see the bound hold.
+//! its wasm memory, so a test (or an operator) can see the bound hold, and how it confirmed
+//! its copies (authority calls a request waited for, made ahead of expiry, or shared).
 
 use std::cell::Cell;
 
@@ -13,7 +14,7 @@ use worker::{Date, Env, Request, Response, RouteContext};
 
 use crate::error::EdgeResult;
 use crate::misses::{self, Kind};
-use crate::{auth, lookup, signed};
+use crate::{auth, authority, fresh, lookup, signed};
 
 /// Bytes key and root-key copies may take together in one isolate, unless configured.
 pub(crate) const COPY_MEMORY_BYTES: usize = 16 << 20;
@@ -60,6 +61,9 @@ pub(crate) async fn stats(mut req: Request, ctx: RouteContext<worker::Context>) 
         wasm_memory_bytes: core::arch::wasm32::memory_size::<0>() * 65_536,
         key_misses: misses::counts(Kind::Key),
         root_key_misses: misses::counts(Kind::RootKey),
+        key_confirmations: fresh::counts(Kind::Key),
+        root_key_confirmations: fresh::counts(Kind::RootKey),
+        authority_reads_answered: authority::reads_answered(),
     };
     Ok(Response::from_json(&stats)?)
 }

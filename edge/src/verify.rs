@@ -20,28 +20,31 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     }
     let request = VerifyRequest::from_json(&req.bytes().await?).map_err(refused)?;
     let shipping = usage::destination(&ctx.env);
-    let answer = |response: VerifyResponse, version: Option<u64>| -> EdgeResult<Response> {
+    let answer = |response: VerifyResponse| -> EdgeResult<Response> {
         if let Some(url) = shipping.clone() {
             let region = usage::region(&ctx.env, &req);
             let answered = usage::answered(&req, &caller.workspace_id, &region, now_ms);
-            let event = UsageEvent::of(answered, &request, &response, version);
+            let event = UsageEvent::of(answered, &request, &response);
             usage::record(&ctx.env, &ctx.data, url, event);
         }
         Ok(Response::from_json(&response)?)
     };
     let Ok(key) = Key::parse(&request.key) else {
-        return answer(VerifyResponse::malformed(), None);
+        return answer(VerifyResponse::malformed().decided_at(now_ms));
     };
     let hash = key.hash();
     let caller_id = caller.id.clone();
     let who = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
-    let now = now_ms as i64;
     let fetched = std::cell::Cell::new(false);
     let admit = || {
         fetched.set(true);
         misses::admit(Kind::Key, &caller_id, now_ms)
     };
-    let (decision, record, source) = match lookup::find(&ctx.env, &hash, now_ms, admit).await? {
+    let found = lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit).await?;
+    // Decided, and stamped, once the record is found.
+    let decided_at_ms = Date::now().as_millis();
+    let now = decided_at_ms as i64;
+    let (decision, record, source) = match found {
         lookup::Found::Record(record, source) => (decide(record.as_ref(), &hash, who, &request, now), record, source),
         lookup::Found::Unconfirmed(stale, source) => {
             (decide_unconfirmed(&stale, &hash, who, &request, now), None, source)
@@ -51,8 +54,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    let version = record.as_ref().map(|r| r.version);
-    answer(VerifyResponse::new(decision, record.as_ref(), Some(source)), version)
+    answer(VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms))
 }
 
 /// The answer to a caller over its share of lookups without a copy.

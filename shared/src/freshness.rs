@@ -11,6 +11,11 @@
 //!   than a revocation loses to the authority (or to the copy held here).
 //! - Without an answer from the authority, only a final state is answered; anything else fails
 //!   closed.
+//! - A copy that has used [`REFRESH_AHEAD_PERCENT`] of its trust is confirmed again while it is
+//!   still answered from (refresh ahead), so a hot key's requests never wait for the authority;
+//!   the confirmation counts from when it is asked, so the bound above does not move.
+//! - Where purges cannot reach isolate memory (tag-only), memory answers a copy only for its own
+//!   short trust since the Cache API (which such purges clear) last showed a copy.
 
 use crate::record::{KeyRecord, KeyStatus, RootKeyRecord};
 
@@ -52,6 +57,43 @@ impl KeyStatus {
     pub fn is_final(self) -> bool {
         matches!(self, KeyStatus::Revoked | KeyStatus::Deleted)
     }
+}
+
+/// The share of its trust, in percent, after which a copy that is still answered from is
+/// confirmed again in the background, unless a region's `REFRESH_AHEAD_PERCENT` says otherwise.
+///
+/// At 75 a confirmation asked at three quarters of a 1 s `max_staleness_ms` has 250 ms to land
+/// before the copy goes stale: more than the 80-200 ms of a cross-world round trip to the
+/// authority, and a request that finds the copy stale while it is still under way waits only
+/// for its remainder (the edge's single flight). A hot key costs 1.33 authority calls a second
+/// per isolate. Measured beside 50 (which covers the authority's whole 500 ms deadline): 7.8
+/// against 15.1 authority calls per 1,000 verifications, 13.8 before refresh ahead
+/// (BENCHMARKS.md, `cargo xtask bench fresh`).
+pub const REFRESH_AHEAD_PERCENT: u64 = 75;
+
+/// Whether a copy confirmed at `confirmed_at_ms`, trusted for `trust_ms`, is due to be
+/// confirmed again in the background at `now_ms`: it is still fresh (it may be answered from)
+/// and has used at least `percent` of its trust. Never for a stale copy (that one waits for its
+/// confirmation), and never at 100 or more (refresh ahead off).
+pub fn refresh_ahead(confirmed_at_ms: u64, trust_ms: u64, now_ms: u64, percent: u64) -> bool {
+    is_fresh(confirmed_at_ms, trust_ms, now_ms)
+        && percent < 100
+        && u128::from(now_ms - confirmed_at_ms) * 100 >= u128::from(trust_ms) * u128::from(percent)
+}
+
+/// Whether a key's copy that may be answered from should be confirmed again in the background
+/// (see [`refresh_ahead`]); a final copy never needs it.
+pub fn key_refresh_ahead(record: &KeyRecord, confirmed_at_ms: u64, now_ms: u64, percent: u64) -> bool {
+    !record.status.is_final() && refresh_ahead(confirmed_at_ms, record.max_staleness_ms, now_ms, percent)
+}
+
+/// Whether isolate memory may answer a copy without reading the Cache API again, where purges
+/// reach only the Cache API: the Cache API last showed a copy of the key (or memory took it
+/// from a confirmation asked) at `checked_at_ms`, and memory trusts that for `memory_trust_ms`.
+/// `None` (purges reach memory): always. A final copy is always answered (nothing makes it
+/// accepted again).
+pub fn memory_trusted(record: &KeyRecord, checked_at_ms: u64, memory_trust_ms: Option<u64>, now_ms: u64) -> bool {
+    record.status.is_final() || memory_trust_ms.is_none_or(|trust| is_fresh(checked_at_ms, trust, now_ms))
 }
 
 /// Whether a copy must be confirmed with the authority before it is answered from.
@@ -175,6 +217,61 @@ mod tests {
         disabled.enabled = false;
         assert!(needs_confirmation(&disabled, 0, 10 * max), "disabled can be enabled again: not final");
         assert!(needs_confirmation(&at(1, KeyStatus::Active), 2_000, 1_000), "stamped in the future");
+    }
+
+    #[test]
+    fn refresh_ahead_table() {
+        // (confirmed at, trust, now, percent, due)
+        for (confirmed, trust, now, percent, due) in [
+            (1_000, 1_000, 1_000, 50, false),
+            (1_000, 1_000, 1_499, 50, false),
+            (1_000, 1_000, 1_500, 50, true),
+            (1_000, 1_000, 1_999, 50, true),
+            // Stale: the request waits for its own confirmation instead.
+            (1_000, 1_000, 2_000, 50, false),
+            (1_000, 1_000, 1_749, 75, false),
+            (1_000, 1_000, 1_750, 75, true),
+            // 0: every answer from a fresh copy starts one (the single flight bounds them).
+            (1_000, 1_000, 1_000, 0, true),
+            // 100 and more: off.
+            (1_000, 1_000, 1_999, 100, false),
+            (1_000, 1_000, 1_999, 150, false),
+            // Stamped in the future: stale, never due.
+            (2_000, 1_000, 1_000, 50, false),
+            // No overflow at the extremes.
+            (0, u64::MAX, u64::MAX - 1, 50, true),
+        ] {
+            assert_eq!(
+                refresh_ahead(confirmed, trust, now, percent),
+                due,
+                "confirmed {confirmed}, trust {trust}, now {now}, percent {percent}"
+            );
+        }
+        let max = sample(KeyHash::of("x")).max_staleness_ms;
+        assert!(key_refresh_ahead(&at(1, KeyStatus::Active), 0, max - 1, 50));
+        assert!(!key_refresh_ahead(&at(1, KeyStatus::Revoked), 0, max - 1, 50), "final: never confirmed");
+    }
+
+    #[test]
+    fn memory_trust_table() {
+        let (active, revoked) = (at(1, KeyStatus::Active), at(2, KeyStatus::Revoked));
+        // (record, checked at, memory trust, now, trusted)
+        for (record, checked, trust, now, trusted) in [
+            (&active, 1_000, None, 90_000, true),
+            (&active, 1_000, Some(100), 1_000, true),
+            (&active, 1_000, Some(100), 1_099, true),
+            (&active, 1_000, Some(100), 1_100, false),
+            (&active, 1_000, Some(0), 1_000, false),
+            (&active, 2_000, Some(100), 1_000, false),
+            (&revoked, 1_000, Some(100), 90_000, true),
+        ] {
+            assert_eq!(
+                memory_trusted(record, checked, trust, now),
+                trusted,
+                "{:?} checked {checked}, trust {trust:?}, now {now}",
+                record.status
+            );
+        }
     }
 
     #[test]

@@ -61,6 +61,29 @@ pub struct MemoryStats {
     pub key_misses: MissCounts,
     /// The same for root keys callers presented.
     pub root_key_misses: MissCounts,
+    /// Confirmations of key copies with KV and the authority.
+    #[serde(default)]
+    pub key_confirmations: ConfirmCounts,
+    /// The same for root keys.
+    #[serde(default)]
+    pub root_key_confirmations: ConfirmCounts,
+    /// Reads the KeyState objects this isolate hosts answered (the authority's home; 0 in a
+    /// region that hosts none).
+    #[serde(default)]
+    pub authority_reads_answered: u64,
+}
+
+/// How one isolate confirmed its copies with KV and the authority: each confirmation is one
+/// authority call (`waited` + `ahead` of them in all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmCounts {
+    /// Confirmations a request waited for (a stale copy or a miss).
+    pub waited: u64,
+    /// Confirmations ahead of expiry, in the background, while the copy was answered from.
+    pub ahead: u64,
+    /// Requests that waited for another request's confirmation of the same key instead of
+    /// asking themselves (the single flight).
+    pub shared: u64,
 }
 
 /// What one isolate did with lookups it held no copy for.

@@ -109,27 +109,23 @@ pub struct Answered<'a> {
 }
 
 impl UsageEvent {
-    /// The event of one answered verification. It names the key (and its version) only where
-    /// the answer does; the API is the one asked for, or the key's where the answer shows it.
-    pub fn of(
-        answered: Answered<'_>,
-        request: &VerifyRequest,
-        response: &VerifyResponse,
-        version: Option<u64>,
-    ) -> UsageEvent {
+    /// The event of one answered verification, at the answer's `decided_at_ms`. It names the key
+    /// (and the version decided on) only where the answer does; the API is the one asked for, or
+    /// the key's where the answer shows it.
+    pub fn of(answered: Answered<'_>, request: &VerifyRequest, response: &VerifyResponse) -> UsageEvent {
         // Cut to their limits; empty texts are left out (the receiver refuses empty ids).
         let cut = |text: Option<String>, limit: usize| {
             text.map(|t| t.chars().take(limit).collect::<String>()).filter(|t| !t.is_empty())
         };
         UsageEvent {
-            at_ms: answered.at_ms,
+            at_ms: response.decided_at_ms.unwrap_or(answered.at_ms),
             request_id: cut(Some(answered.request_id), MAX_ID).unwrap_or_default(),
             workspace_id: answered.workspace_id.to_owned(),
             api_id: cut(request.api_id.clone().or_else(|| response.api_id.clone()), MAX_ID),
             key_id: response.key_id.clone(),
             region: answered.region.to_owned(),
             code: response.code,
-            version: version.filter(|_| response.key_id.is_some()),
+            version: response.version.filter(|_| response.key_id.is_some()),
             source: response.source,
             caller_ip: cut(answered.caller_ip, MAX_IP),
             user_agent: cut(answered.user_agent, MAX_USER_AGENT),

@@ -201,6 +201,15 @@ pub struct VerifyResponse {
     pub permissions: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    /// The version of the record the outcome was decided on, where the answer may say anything
+    /// about the key ([`Decision::reveals_key`]): a run can tell an answer given before a
+    /// change from one given after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The deciding clock's time (Unix milliseconds) when the outcome was decided, after the
+    /// record was found: what to compare with the moment of a revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
 }
 
 impl VerifyResponse {
@@ -219,8 +228,15 @@ impl VerifyResponse {
             // Where a key that is not found was looked for would tell another workspace's key
             // (found in memory, the cache or the authority) from one that does not exist.
             source: source.filter(|_| decision.code != Code::NotFound),
+            version: shown.map(|r| r.version),
+            decided_at_ms: None,
             permissions: decision.permissions_matched,
         }
+    }
+
+    /// The same answer, saying it was decided at `decided_at_ms`.
+    pub fn decided_at(self, decided_at_ms: u64) -> VerifyResponse {
+        VerifyResponse { decided_at_ms: Some(decided_at_ms), ..self }
     }
 
     /// The answer for a key that failed the format or checksum: no lookup was made.
@@ -439,9 +455,13 @@ mod tests {
         let hidden = VerifyResponse::new(Decision::of(Code::NotFound), Some(&record), Some(Source::Kv));
         assert_eq!(hidden.key_id, None);
         assert_eq!(hidden.owner_id, None);
+        assert_eq!(hidden.version, None, "a version would tell that the key exists");
         let shown = VerifyResponse::new(Decision::of(Code::Revoked), Some(&record), Some(Source::Kv));
         assert_eq!(shown.key_id.as_deref(), Some("key_1"));
+        assert_eq!(shown.version, Some(record.version));
         assert!(!shown.valid);
+        let json = serde_json::to_value(shown.decided_at(1_234)).unwrap();
+        assert_eq!((json["version"].as_u64(), json["decided_at_ms"].as_u64()), (Some(record.version), Some(1_234)));
         let json = serde_json::to_value(VerifyResponse::malformed()).unwrap();
         assert_eq!(json["code"], "MALFORMED");
         assert_eq!(json["valid"], false);

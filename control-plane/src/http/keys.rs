@@ -336,8 +336,9 @@ async fn verify(
     caller.scopes().require_verify().map_err(|e| AppError::Forbidden(e.to_string()))?;
     request.check().map_err(|e| AppError::BadRequest(e.to_string()))?;
     let Ok(key) = Key::parse(&request.key) else {
-        let response = VerifyResponse::malformed();
-        state.usage.record(UsageEvent::of(answered(&caller, now_ms()), &request, &response, None));
+        let now = now_ms();
+        let response = VerifyResponse::malformed().decided_at(u64::try_from(now).unwrap_or(0));
+        state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response));
         return Ok(Json(response));
     };
     let hash = key.hash();
@@ -345,8 +346,9 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
-    let response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin));
-    state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response, record.map(|r| r.version)));
+    let response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))
+        .decided_at(u64::try_from(now).unwrap_or(0));
+    state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response));
     Ok(Json(response))
 }
 

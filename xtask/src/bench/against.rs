@@ -3,7 +3,7 @@
 //! artifacts are taken; the benches run them under this checkout's fixtures, so a revision
 //! whose control plane's API or configuration differs from this one's cannot be driven.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -25,6 +25,30 @@ pub fn build(rev: &str) -> anyhow::Result<Build> {
         build_in_worktree(&commit, &dir)?;
     }
     Ok(Build { label: format!("old {short}"), keyward, worker_main: Some(main) })
+}
+
+/// Builds only `rev`'s worker (once per commit), into `target/against/<commit>-worker/`, with
+/// this checkout's cargo target dir (the dependencies are this checkout's, so only the
+/// changed crates compile), and answers its entry module.
+pub fn worker_only(rev: &str) -> anyhow::Result<PathBuf> {
+    let commit = git(&["rev-parse", "--verify", &format!("{rev}^{{commit}}")])
+        .with_context(|| format!("`{rev}` names no commit of this repository"))?;
+    let root = keyward_tests::repo_root();
+    let dir = root.join("target/against").join(format!("{commit}-worker"));
+    let main = dir.join("build/worker/shim.mjs");
+    if main.exists() {
+        step(&format!("{rev}: its worker was built before, in {}", dir.display()));
+        return Ok(main);
+    }
+    check_wasm_bindgen(&commit)?;
+    let src = dir.join("src");
+    step(&format!("building {rev}'s worker in a git worktree ({})", src.display()));
+    let _ = std::fs::remove_dir_all(&src);
+    tools::run(Command::new("git").args(["worktree", "prune"]))?;
+    tools::run(Command::new("git").args(["worktree", "add", "--detach"]).arg(&src).arg(&commit))?;
+    let built = tools::worker_build(&src.join("edge"), "../../build", Some(&root.join("target")), &[]);
+    tools::run(Command::new("git").args(["worktree", "remove", "--force"]).arg(&src))?;
+    built.map(|()| main)
 }
 
 /// Checks out `commit` in `dir/src`, builds its worker into `dir/build` and its release

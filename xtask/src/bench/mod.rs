@@ -6,6 +6,7 @@
 
 mod against;
 mod baseline;
+mod fresh;
 mod load;
 mod revocation;
 mod usage;
@@ -70,6 +71,22 @@ pub enum Which {
         #[arg(long, value_name = "REV")]
         against: Option<String>,
     },
+    /// Authority calls per 1,000 verifications of a hot key and its verify latency, with refresh
+    /// ahead off, at 50% (the default) and at 75%, side by side in one world.
+    Fresh {
+        /// Seconds of load per region and round.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Concurrent connections (wrk -c), from one wrk thread.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Rounds of measurement; each loads every region, alternating which goes first.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Also run this revision's worker as one more region (only its worker is built).
+        #[arg(long, value_name = "REV")]
+        before: Option<String>,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -88,6 +105,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         }
         Which::Verify { seconds, connections, rounds, against } => {
             verify::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), against.as_deref())
+        }
+        Which::Fresh { seconds, connections, rounds, before } => {
+            fresh::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), before.as_deref())
         }
     }
 }

@@ -1,0 +1,194 @@
+//! How this isolate keeps its copies of keys and root keys confirmed, one mechanism for both:
+//! refresh ahead, the single flight, and memory trust.
+//!
+//! - Refresh ahead: a copy that has used `REFRESH_AHEAD_PERCENT` of its trust (default
+//!   [`freshness::REFRESH_AHEAD_PERCENT`]; 100 turns it off) is confirmed again after the
+//!   answer (`wait_until`) while requests go on being answered from it. Only a stale copy, or a
+//!   miss, waits for a confirmation.
+//! - Single flight: one confirmation per key is under way at a time in an isolate. A request
+//!   that would start another, in the background or for a stale copy or a miss, waits for the
+//!   one under way (at most as long as a confirmation may take), then looks again: a copy that
+//!   confirmation left stale was not confirmed in time, and the request fails closed at once.
+//! - Memory trust: where purges reach only the Cache API (`PURGE_MODE` `tag-only`, as
+//!   Cloudflare's purge-by-tag), memory answers a key's copy for `MEMORY_TRUST_MS` (default
+//!   [`MEMORY_TRUST_MS`]) after the Cache API last showed it, then reads the Cache API again.
+//!
+//! A confirmation's result never replaces a newer copy (see `crate::lookup`), and counts as
+//! confirmed from when it was asked, so none of this moves the `max_staleness_ms` bound.
+
+use std::cell::{Cell, RefCell};
+
+use keyward_shared::freshness;
+use keyward_shared::internal::ConfirmCounts;
+use worker::{Context, Date, Delay, Env};
+
+use crate::deadline;
+use crate::misses::Kind;
+
+/// How long isolate memory trusts a key's copy after the Cache API last showed it, where
+/// purges reach only the Cache API, unless the worker's `MEMORY_TRUST_MS` says otherwise.
+pub(crate) const MEMORY_TRUST_MS: u64 = 100;
+/// How often a request waiting for another's confirmation looks at it again.
+const JOIN_POLL_MS: u64 = 5;
+
+/// This isolate's settings, read from the worker's variables at its first request.
+#[derive(Clone, Copy)]
+struct Settings {
+    refresh_ahead_percent: u64,
+    /// `None` where purges reach memory (`PURGE_MODE` other than `tag-only`).
+    memory_trust_ms: Option<u64>,
+    /// The longest a confirmation may take: the longer of the authority's deadline and KV's
+    /// (they are read together), and the Cache API's write.
+    flight_ms: u64,
+}
+
+thread_local! {
+    static SETTINGS: Cell<Option<Settings>> = const { Cell::new(None) };
+    /// Confirmations under way, by kind and hash, and when each was asked: a few at a time, so
+    /// a list (smaller in the worker than another map type).
+    static IN_FLIGHT: RefCell<Vec<(Id, u64)>> = const { RefCell::new(Vec::new()) };
+    static COUNTS: Cell<[ConfirmCounts; 2]> = const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0 }; 2]) };
+}
+
+/// Reads `REFRESH_AHEAD_PERCENT`, `PURGE_MODE` and `MEMORY_TRUST_MS` once per isolate.
+pub(crate) fn configure(env: &Env) {
+    if SETTINGS.get().is_some() {
+        return;
+    }
+    let number = |name: &str| env.var(name).ok().and_then(|v| v.to_string().parse::<u64>().ok());
+    let tag_only = env.var("PURGE_MODE").is_ok_and(|v| v.to_string() == "tag-only");
+    SETTINGS.set(Some(Settings {
+        refresh_ahead_percent: number("REFRESH_AHEAD_PERCENT").unwrap_or(freshness::REFRESH_AHEAD_PERCENT),
+        memory_trust_ms: tag_only.then(|| number("MEMORY_TRUST_MS").unwrap_or(MEMORY_TRUST_MS)),
+        flight_ms: deadline::authority_ms(env).max(deadline::KV_MS) + deadline::CACHE_MS,
+    }));
+}
+
+fn settings() -> Settings {
+    SETTINGS.get().unwrap_or(Settings {
+        refresh_ahead_percent: freshness::REFRESH_AHEAD_PERCENT,
+        memory_trust_ms: None,
+        flight_ms: deadline::MAX_AUTHORITY_MS.max(deadline::KV_MS) + deadline::CACHE_MS,
+    })
+}
+
+/// The share of its trust after which a copy is confirmed ahead of expiry, in percent.
+pub(crate) fn refresh_ahead_percent() -> u64 {
+    settings().refresh_ahead_percent
+}
+
+/// How long memory trusts a key's copy after the Cache API showed it; `None`: for as long as
+/// the copy is fresh (purges reach memory).
+pub(crate) fn memory_trust_ms() -> Option<u64> {
+    settings().memory_trust_ms
+}
+
+/// What one confirmation was.
+#[derive(Clone, Copy)]
+pub(crate) enum Confirmation {
+    Waited,
+    Ahead,
+    Shared,
+}
+
+fn slot(kind: Kind) -> usize {
+    match kind {
+        Kind::Key => 0,
+        Kind::RootKey => 1,
+    }
+}
+
+/// Counts a confirmation of `kind`.
+pub(crate) fn count(kind: Kind, what: Confirmation) {
+    let mut counts = COUNTS.get();
+    let c = &mut counts[slot(kind)];
+    match what {
+        Confirmation::Waited => c.waited += 1,
+        Confirmation::Ahead => c.ahead += 1,
+        Confirmation::Shared => c.shared += 1,
+    }
+    COUNTS.set(counts);
+}
+
+/// How this isolate confirmed copies of `kind`.
+pub(crate) fn counts(kind: Kind) -> ConfirmCounts {
+    COUNTS.get()[slot(kind)]
+}
+
+/// A confirmation under way; it is no longer under way once dropped (finished, failed or
+/// cancelled).
+pub(crate) struct Flight {
+    id: Id,
+    asked_ms: u64,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Only this flight's mark: one that replaced it (this one ran past its time) stays.
+        IN_FLIGHT.with(|f| f.borrow_mut().retain(|held| *held != (self.id, self.asked_ms)));
+    }
+}
+
+/// A key's confirmation: whether of a root key, and the hash.
+type Id = (bool, [u8; 32]);
+
+fn id(kind: Kind, hash: &[u8; 32]) -> Id {
+    (matches!(kind, Kind::RootKey), *hash)
+}
+
+fn asked_at(id: &Id) -> Option<u64> {
+    IN_FLIGHT.with(|f| f.borrow().iter().find(|(held, _)| held == id).map(|(_, asked)| *asked))
+}
+
+/// Whether a confirmation of this key is under way (asked within the longest a confirmation
+/// may take).
+fn under_way(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
+    asked_at(&id(kind, hash)).is_some_and(|asked| now_ms.saturating_sub(asked) < settings().flight_ms)
+}
+
+/// Marks a confirmation of this key as under way, asked at `now_ms`, unless one already is.
+pub(crate) fn begin(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<Flight> {
+    if under_way(kind, hash, now_ms) {
+        return None;
+    }
+    let id = id(kind, hash);
+    IN_FLIGHT.with(|f| {
+        let mut flights = f.borrow_mut();
+        // One past its time (a confirmation that never finished) gives way.
+        flights.retain(|(held, _)| *held != id);
+        flights.push((id, now_ms));
+    });
+    Some(Flight { id, asked_ms: now_ms })
+}
+
+/// Starts `confirm()` after the answer (`wait_until`) unless a confirmation of this key is
+/// under way; counts it as a confirmation ahead of expiry.
+pub(crate) fn ahead<F>(ctx: &Context, kind: Kind, hash: &[u8; 32], now_ms: u64, confirm: impl FnOnce() -> F)
+where
+    F: Future<Output = ()> + 'static,
+{
+    let Some(flight) = begin(kind, hash, now_ms) else {
+        return;
+    };
+    count(kind, Confirmation::Ahead);
+    let confirmation = confirm();
+    ctx.wait_until(async move {
+        confirmation.await;
+        drop(flight);
+    });
+}
+
+/// Waits while another request's confirmation of this key is under way (at most the longest
+/// a confirmation may take); answers whether there was one, and the time after the wait.
+pub(crate) async fn join(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<u64> {
+    if !under_way(kind, hash, now_ms) {
+        return None;
+    }
+    count(kind, Confirmation::Shared);
+    let mut now = now_ms;
+    while under_way(kind, hash, now) && now.saturating_sub(now_ms) < settings().flight_ms {
+        Delay::from(std::time::Duration::from_millis(JOIN_POLL_MS)).await;
+        now = Date::now().as_millis();
+    }
+    Some(now)
+}
