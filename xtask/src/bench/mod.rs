@@ -9,6 +9,7 @@ mod baseline;
 mod load;
 mod revocation;
 mod verify;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -57,6 +58,16 @@ pub enum Which {
         #[arg(long, value_name = "REV")]
         against: Option<String>,
     },
+    /// The worker's upload size (`wrangler deploy --dry-run`, plain and gzipped) and its cold
+    /// start (a fresh worker process to its first answer).
+    Worker {
+        /// How many fresh starts to time per build.
+        #[arg(long, default_value_t = 5)]
+        starts: usize,
+        /// Also measure this revision's worker, alternated with this checkout's, and print the ratios.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -73,6 +84,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Verify { seconds, connections, rounds, against } => {
             verify::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), against.as_deref())
         }
+        Which::Worker { starts, against } => worker::run(starts.max(1), against.as_deref()),
     }
 }
 
