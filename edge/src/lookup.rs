@@ -80,7 +80,6 @@ fn cache_url(hash: &KeyHash) -> String {
 /// first checks the remembered misses, then asks `admit` whether its caller may make the edge
 /// fetch (see `crate::misses`).
 pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64, admit: impl FnOnce() -> bool) -> Result<Found> {
-    let cache = Cache::default();
     let answerable = |entry: &Entry| !freshness::needs_confirmation(&entry.record, entry.confirmed_at_ms, now_ms);
     let mut stale = None;
     if let Some(entry) = MEMORY.with(|m| m.borrow_mut().get(hash.as_bytes()).cloned()) {
@@ -89,6 +88,8 @@ pub(crate) async fn find(env: &Env, hash: &KeyHash, now_ms: u64, admit: impl FnO
         }
         stale = Some((entry.record, Source::Memory));
     }
+    // Only past a fresh copy in memory: opening the cache is calls into the runtime.
+    let cache = Cache::default();
     // A Cache API read that does not answer in time counts as a miss: KV and the authority
     // decide then, which is never less safe than a copy.
     if stale.is_none()
