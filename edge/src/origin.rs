@@ -6,7 +6,8 @@
 
 use std::cell::RefCell;
 
-use worker::{Env, Url, console_log};
+use keyward_shared::origin::origin_of;
+use worker::{Env, console_log};
 
 thread_local! {
     static ORIGIN: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -20,14 +21,11 @@ pub(crate) fn configure(env: &Env) {
     if ORIGIN.with(|o| o.borrow().is_some()) {
         return;
     }
-    let configured = env.var("WORKER_URL").ok().and_then(|v| Url::parse(&v.to_string()).ok());
-    let origin = configured.map_or_else(
-        || {
-            console_log!("WORKER_URL is not set: Cache API copies are stored under {FALLBACK}");
-            FALLBACK.to_owned()
-        },
-        |u| u.origin().ascii_serialization(),
-    );
+    let configured = env.var("WORKER_URL").ok().and_then(|v| origin_of(&v.to_string()));
+    let origin = configured.unwrap_or_else(|| {
+        console_log!("WORKER_URL is not set to an http(s) URL: Cache API copies are stored under {FALLBACK}");
+        FALLBACK.to_owned()
+    });
     ORIGIN.with(|o| *o.borrow_mut() = Some(origin));
 }
 

@@ -12,6 +12,7 @@ pub mod hash;
 pub mod internal;
 pub mod key;
 pub mod limit;
+pub mod origin;
 pub mod record;
 pub mod scope;
 pub mod usage;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod dev;
+mod size;
 mod tools;
 
 use clap::{Parser, Subcommand};
@@ -26,7 +27,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         regions: u16,
     },
-    /// Set up, build, then fmt check, clippy, native tests, wasm tests and end-to-end tests.
+    /// Set up, build, then fmt check, clippy, the worker's size budget, native tests, wasm tests
+    /// and end-to-end tests.
     Test,
     /// Print benchmark numbers.
     Bench {
@@ -74,6 +76,8 @@ fn test() -> anyhow::Result<()> {
         &[],
     )?;
     tools::build(false)?;
+    tools::step("the worker's upload within its size budget");
+    size::check()?;
     // The whole-system tests are `#[ignore]`d so that a plain `cargo test` reports them as not
     // run instead of passing them unrun; here they run.
     tools::step("native and whole-system tests");

@@ -108,7 +108,7 @@ fn modified(path: &str) -> Option<std::time::SystemTime> {
 
 /// Builds the edge worker (`edge/build`) and the `keyward` binary (debug, or release).
 pub fn build(release: bool) -> anyhow::Result<()> {
-    step("building the edge worker (worker-build --release)");
+    step("building the edge worker (worker-build, the `worker` profile)");
     let root = keyward_tests::repo_root();
     worker_build(&root.join("edge"), "build", None, &[])?;
     step("building the keyward binary");
@@ -119,9 +119,11 @@ pub fn build(release: bool) -> anyhow::Result<()> {
     cargo(&args, &[])
 }
 
-/// `worker-build --release` of the edge crate in `crate_dir` into `out_dir` (relative to
-/// `crate_dir`, as worker-build wants it), with `target_dir` as `CARGO_TARGET_DIR` if given and
-/// `cargo_args` passed on to `cargo build`. Uses this checkout's wasm-bindgen-cli and wasm-opt.
+/// `worker-build` of the edge crate in `crate_dir` into `out_dir` (relative to `crate_dir`, as
+/// worker-build wants it), with `target_dir` as `CARGO_TARGET_DIR` if given and `cargo_args`
+/// passed on to `cargo build`. Uses this checkout's wasm-bindgen-cli and wasm-opt. The profile
+/// is the workspace's size-optimised `worker` profile, or `--release` for a revision that has
+/// none (an older build for `--against`).
 pub fn worker_build(
     crate_dir: &Path,
     out_dir: &str,
@@ -129,9 +131,13 @@ pub fn worker_build(
     cargo_args: &[&str],
 ) -> anyhow::Result<()> {
     let root = keyward_tests::repo_root();
+    let manifest = std::fs::read_to_string(crate_dir.join("../Cargo.toml")).unwrap_or_default();
+    let profile: &[&str] =
+        if manifest.contains("\n[profile.worker]\n") { &["--profile", "worker"] } else { &["--release"] };
     let mut command = Command::new(cargo_bin("worker-build"));
     command
-        .args(["--release", "--out-dir", out_dir])
+        .args(profile)
+        .args(["--out-dir", out_dir])
         .args(cargo_args)
         .current_dir(crate_dir)
         .env("WASM_BINDGEN_BIN", cargo_bin("wasm-bindgen"))

@@ -11,6 +11,7 @@ mod load;
 mod revocation;
 mod usage;
 mod verify;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -87,6 +88,16 @@ pub enum Which {
         #[arg(long, value_name = "REV")]
         before: Option<String>,
     },
+    /// The worker's upload size (`wrangler deploy --dry-run`, plain and gzipped) and its cold
+    /// start (a fresh worker process to its first answer).
+    Worker {
+        /// How many fresh starts to time per build.
+        #[arg(long, default_value_t = 5)]
+        starts: usize,
+        /// Also measure this revision's worker, alternated with this checkout's, and print the ratios.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -109,6 +120,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Fresh { seconds, connections, rounds, before } => {
             fresh::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), before.as_deref())
         }
+        Which::Worker { starts, against } => worker::run(starts.max(1), against.as_deref()),
     }
 }
 
