@@ -1,6 +1,7 @@
 //! A whole local Keyward for one test: a home process for the KeyState Durable Objects, edge
 //! regions, a control plane on its own SQLite file, a bootstrap root key, all in one temporary
-//! directory that is scanned for plaintext keys at the end.
+//! directory that is scanned for plaintext keys at the end. Optionally placed in a
+//! [`Geography`]: every link that crosses a network in production passes a delayed relay.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use crate::gate::Gate;
+use crate::geography::{self, Geography};
 use crate::{Objects, Proc, RegionSpec, free_port, new_root_key, new_secret, start_control_plane_with};
 
 /// How a region of the test world behaves.
@@ -48,11 +50,20 @@ pub struct Options {
     pub gated_authority: bool,
     /// More `[vars]` for every worker (`COPY_MEMORY_BYTES`, ...).
     pub vars: Vec<(String, String)>,
+    /// The delays of the links between processes; `None`: plain loopback. By default the one
+    /// named by `KEYWARD_GEOGRAPHY` (a preset's name, or `none`).
+    pub geography: Option<Geography>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { log_level: "warn", purge_mode: PurgeMode::Record, gated_authority: false, vars: Vec::new() }
+        Options {
+            log_level: "warn",
+            purge_mode: PurgeMode::Record,
+            gated_authority: false,
+            vars: Vec::new(),
+            geography: Geography::from_env().unwrap_or_else(|e| panic!("KEYWARD_GEOGRAPHY: {e:#}")),
+        }
     }
 }
 
@@ -63,7 +74,43 @@ pub struct Region {
     pub gate: Option<Gate>,
     /// Between the control plane and the region's KV, for [`RegionPlan::Gated`].
     pub kv_gate: Option<Gate>,
+    /// Between the control plane and the region (purges and KV writes), delayed by the
+    /// geography's link, for a running region that is not gated (gates then carry the delay).
+    pub link: Option<Gate>,
+    /// Between the region and the home's Durable Objects, delayed by the geography's link.
+    pub authority_relay: Option<Gate>,
     proc: Option<Proc>,
+}
+
+impl Region {
+    /// Region `i` with its gates and, under a geography, its delayed relays; started unless
+    /// its plan is [`RegionPlan::Down`].
+    fn start(
+        mut spec: RegionSpec,
+        plan: RegionPlan,
+        i: usize,
+        home: &RegionSpec,
+        geography: Option<&Geography>,
+        dir: &Path,
+    ) -> anyhow::Result<Region> {
+        let to_region = geography.map(|g| g.control_to_region(i));
+        let authority_relay = match geography {
+            Some(g) => {
+                let registry = dir.join(format!("registry-{}", spec.name));
+                Some(geography::route_to_home(home, &mut spec, registry, g.region_to_home(i))?)
+            }
+            None => None,
+        };
+        let proc = if plan == RegionPlan::Down { None } else { Some(spec.start()?) };
+        let gated = plan == RegionPlan::Gated;
+        let gate = if gated { Some(Gate::start_with(spec.port, to_region)?) } else { None };
+        let kv_gate = if gated { Some(Gate::start_with(spec.port, to_region)?) } else { None };
+        let link = match to_region {
+            Some(link) if !gated && plan != RegionPlan::Down => Some(Gate::start_with(spec.port, Some(link))?),
+            _ => None,
+        };
+        Ok(Region { spec, plan, gate, kv_gate, link, authority_relay, proc })
+    }
 }
 
 pub struct World {
@@ -73,8 +120,10 @@ pub struct World {
     pub home: RegionSpec,
     pub regions: Vec<Region>,
     pub cp_port: u16,
-    /// Between the control plane and the authority, when [`Options::gated_authority`].
+    /// Between the control plane and the authority, when [`Options::gated_authority`] or a
+    /// geography (then delayed by its link).
     pub authority_gate: Option<Gate>,
+    pub geography: Option<Geography>,
     config: PathBuf,
     home_proc: Option<Proc>,
     control_plane: Option<Proc>,
@@ -95,6 +144,7 @@ impl World {
     /// A world with these regions and options.
     pub fn start_opts(plans: &[RegionPlan], options: Options) -> anyhow::Result<World> {
         let log_level = options.log_level;
+        let geography = options.geography.clone();
         let mut vars = match options.purge_mode {
             PurgeMode::Record => Vec::new(),
             PurgeMode::TagOnly(delay_ms) => vec![
@@ -123,13 +173,14 @@ impl World {
         for (i, plan) in plans.iter().enumerate() {
             let region_secret = if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() };
             let spec = spec(format!("r{i}"), region_secret, Objects::In(home.worker_name()));
-            let proc = if *plan == RegionPlan::Down { None } else { Some(spec.start()?) };
-            let gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
-            let kv_gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
-            regions.push(Region { spec, plan: *plan, gate, kv_gate, proc });
+            regions.push(Region::start(spec, *plan, i, &home, geography.as_ref(), dir.path())?);
         }
         let cp_port = free_port();
-        let authority_gate = if options.gated_authority { Some(Gate::start(home.port)?) } else { None };
+        let authority_gate = match &geography {
+            Some(geography) => Some(Gate::start_with(home.port, Some(geography.control_to_home))?),
+            None if options.gated_authority => Some(Gate::start(home.port)?),
+            None => None,
+        };
         let authority_url = authority_gate.as_ref().map_or_else(|| home.url(), Gate::url);
         let config = dir.path().join("keyward.toml");
         let mut text = format!(
@@ -138,8 +189,9 @@ impl World {
             authority_url
         );
         for region in &regions {
-            let purge_url = region.gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
-            let kv_base = region.kv_gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let direct = region.link.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let purge_url = region.gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
+            let kv_base = region.kv_gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
             let delay = if let RegionPlan::DelayedKv(ms) = region.plan { ms } else { 0 };
             text.push_str(&region.spec.config_toml(&purge_url, &kv_base, delay));
         }
@@ -154,6 +206,7 @@ impl World {
             regions,
             cp_port,
             authority_gate,
+            geography,
             config,
             home_proc,
             control_plane: None,
@@ -389,8 +442,12 @@ impl World {
         self.home_proc.take();
     }
 
+    /// Starts the home again; under a geography the regions' relays follow its new debug port.
     pub fn start_home(&mut self) -> anyhow::Result<()> {
         self.home_proc = Some(self.home.start()?);
+        for relay in self.regions.iter().filter_map(|r| r.authority_relay.as_ref()) {
+            geography::repoint_to_home(&self.home, relay)?;
+        }
         Ok(())
     }
 
