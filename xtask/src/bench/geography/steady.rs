@@ -25,6 +25,8 @@ pub struct Answer {
     pub arrived_ms: f64,
     /// HTTP status; 0 when no answer came.
     pub status: u16,
+    /// The outcome's code, or the error's (`TIMEOUT` when no answer came).
+    pub code: String,
     pub valid: bool,
     /// The edge waited for the authority (and KV): `source` `authority` or `kv`.
     pub waited: bool,
@@ -56,10 +58,14 @@ impl Load<'_> {
         let interval = Duration::from_secs_f64(1.0 / self.rate as f64);
         let slots = (self.duration.as_secs_f64() * self.rate as f64) as usize;
         let start = Instant::now() + Duration::from_millis(200);
+        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build()?;
         std::thread::scope(|scope| {
             let workers: Vec<_> = (0..self.world.regions.len())
                 .flat_map(|region| (0..WORKERS).map(move |w| (region, w)))
-                .map(|(region, w)| scope.spawn(move || self.worker(region, w, slots, start, interval)))
+                .map(|(region, w)| {
+                    let client = client.clone();
+                    scope.spawn(move || self.worker(&client, region, w, slots, start, interval))
+                })
                 .collect();
             let revoked = self.revocations(start);
             let answers = workers.into_iter().flat_map(|w| w.join().expect("a load worker")).collect();
@@ -68,8 +74,15 @@ impl Load<'_> {
     }
 
     /// Worker `w` of `region`: slots `w`, `w + WORKERS`, ..., each sent at its time.
-    fn worker(&self, region: usize, w: usize, slots: usize, start: Instant, interval: Duration) -> Vec<Answer> {
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().expect("a client");
+    fn worker(
+        &self,
+        client: &reqwest::blocking::Client,
+        region: usize,
+        w: usize,
+        slots: usize,
+        start: Instant,
+        interval: Duration,
+    ) -> Vec<Answer> {
         let url = format!("{}/v1/keys/verify", self.world.regions[region].spec.url());
         let mut answers = Vec::new();
         for slot in (w..slots).step_by(WORKERS) {
@@ -84,12 +97,14 @@ impl Load<'_> {
                 Err(_) => (0, Value::Null),
             };
             let source = answer["source"].as_str().unwrap_or("");
+            let code = answer["code"].as_str().or(answer["error"]["code"].as_str()).unwrap_or("TIMEOUT");
             answers.push(Answer {
                 region,
                 key,
                 latency_ms: at.elapsed().as_secs_f64() * 1e3,
                 arrived_ms: epoch_ms(),
                 status,
+                code: code.to_owned(),
                 valid: answer["valid"] == true,
                 waited: source == "authority" || source == "kv",
                 version: answer["version"].as_u64(),
