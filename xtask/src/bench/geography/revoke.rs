@@ -23,6 +23,16 @@ pub fn hot_keys(world: &World, api: &str, count: usize) -> anyhow::Result<Vec<(S
     Ok(keys)
 }
 
+/// Makes `key` hot in every region at once, so that every copy is younger than a miss's round
+/// trip when the caller revokes it right after.
+fn hot_now(world: &World, key: &str) {
+    std::thread::scope(|scope| {
+        for region in 0..world.regions.len() {
+            scope.spawn(move || world.make_hot(region, key));
+        }
+    });
+}
+
 /// Signed purges: from each revoke call's start to the last region's stamp (ms), every region
 /// checked to answer `REVOKED` right after the call.
 pub fn signed(world: &World, api: &str, count: usize) -> anyhow::Result<Vec<f64>> {
@@ -59,8 +69,10 @@ pub fn tag_only(
     trust_ms: u64,
 ) -> anyhow::Result<Vec<TagOnly>> {
     let mut seen = Vec::new();
-    for (id, key) in hot_keys(world, api, count)? {
+    let keys: Vec<(String, String)> = (0..count).map(|_| world.create_key(api, json!({}))).collect();
+    for (id, key) in keys {
         let key = key.as_str();
+        hot_now(world, key);
         let (start, start_ms) = (Instant::now(), epoch_ms());
         let (polls, answer) = std::thread::scope(|scope| {
             let pollers: Vec<_> = (0..world.regions.len())
@@ -106,7 +118,9 @@ fn poll_until_revoked(world: &World, region: usize, key: &str, start: Instant) -
 pub fn lost(world: &World, api: &str, count: usize) -> anyhow::Result<Vec<(f64, f64)>> {
     let gate = world.regions[1].gate.as_ref().context("region 1 is gated")?;
     let mut times = Vec::new();
-    for (id, key) in hot_keys(world, api, count)? {
+    let keys: Vec<(String, String)> = (0..count).map(|_| world.create_key(api, json!({}))).collect();
+    for (id, key) in keys {
+        world.make_hot(1, &key);
         gate.set_open(false);
         let answer = revoke(world, &id);
         let answered_ms = epoch_ms();
