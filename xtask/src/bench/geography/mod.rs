@@ -48,8 +48,12 @@ pub fn run(plan: &Plan) -> anyhow::Result<()> {
         round_trips(&world, name, &mut figures)?;
         let api = world.create_api("near-and-far", MAX_STALENESS_MS);
         step(&format!("{name}: {} misses per region", plan.misses));
-        let misses = revoke::misses(&world, &api, plan.misses)?;
+        let (misses, unavailable) = revoke::misses(&world, &api, plan.misses)?;
         region_spread(&mut figures, &format!("{name}_miss"), misses);
+        for (i, count) in unavailable.iter().enumerate() {
+            println!("{name}_miss: region {i}: {count} answered UNAVAILABLE (not timed)");
+            figures.add(&format!("{name}_miss_r{i}_unavailable"), *count as f64, 0);
+        }
         held(&world, name);
         places.push(Place { name, geography, world, api, segments: Vec::new() });
     }
