@@ -10,7 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU8, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,9 +46,6 @@ impl GateMode {
 pub struct DirectionStats {
     pub chunks: u64,
     pub bytes: u64,
-    /// Chunks that followed a chunk in the other direction (or opened their connection): one
-    /// per request-answer exchange when calls on a connection do not overlap.
-    pub exchanges: u64,
     /// Sum and largest of the time each chunk was held, from its arrival until it was written
     /// on (the applied delay, as measured, not as drawn).
     pub held_ms_sum: f64,
@@ -68,20 +65,11 @@ pub struct LinkStats {
     pub back: DirectionStats,
 }
 
-/// The counters of one gate, and which direction last carried a chunk (for exchanges).
-#[derive(Default)]
-struct Counters {
-    stats: LinkStats,
-    /// Per connection id, whether its last chunk went forward.
-    last_forward: std::collections::HashMap<u64, bool>,
-}
-
 pub struct Gate {
     pub port: u16,
     mode: Arc<AtomicU8>,
     live: Arc<Mutex<Vec<TcpStream>>>,
-    target: Arc<AtomicU16>,
-    counters: Arc<Mutex<Counters>>,
+    counters: Arc<Mutex<LinkStats>>,
 }
 
 impl Gate {
@@ -97,11 +85,9 @@ impl Gate {
         let port = listener.local_addr()?.port();
         let mode = Arc::new(AtomicU8::new(GateMode::Open as u8));
         let live = Arc::new(Mutex::new(Vec::new()));
-        let target = Arc::new(AtomicU16::new(target));
-        let counters = Arc::new(Mutex::new(Counters::default()));
-        let (current, connections, to, counted) = (mode.clone(), live.clone(), target.clone(), counters.clone());
+        let counters = Arc::new(Mutex::new(LinkStats::default()));
+        let (current, connections, counted) = (mode.clone(), live.clone(), counters.clone());
         std::thread::spawn(move || {
-            let mut ids = 0u64;
             for client in listener.incoming().flatten() {
                 match GateMode::from_u8(current.load(Ordering::SeqCst)) {
                     GateMode::Refuse => {
@@ -118,26 +104,20 @@ impl Gate {
                     }
                     GateMode::Open => {}
                 }
-                let Ok(server) = TcpStream::connect(("127.0.0.1", to.load(Ordering::SeqCst))) else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
                 if let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) {
                     connections.lock().expect("not poisoned").extend([c, s]);
                 }
-                ids += 1;
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
-                relay(client, server, link.map(|link| (link, ids, counted.clone())));
+                relay(client, server, link.map(|link| (link, counted.clone())));
             }
         });
-        Ok(Gate { port, mode, live, target, counters })
-    }
-
-    /// Relays new connections to `127.0.0.1:<target>` from now on.
-    pub fn set_target(&self, target: u16) {
-        self.target.store(target, Ordering::SeqCst);
+        Ok(Gate { port, mode, live, counters })
     }
 
     /// What the gate relayed and the delays it applied (zeros unless it has a [`Link`]).
     pub fn stats(&self) -> LinkStats {
-        self.counters.lock().expect("not poisoned").stats
+        *self.counters.lock().expect("not poisoned")
     }
 
     pub fn url(&self) -> String {
@@ -182,8 +162,8 @@ fn answer_503(mut client: TcpStream) {
     let _ = client.shutdown(Shutdown::Both);
 }
 
-/// A link's delay on one connection: the link, the connection's id, the gate's counters.
-type Delayed = (Link, u64, Arc<Mutex<Counters>>);
+/// A link's delay on one connection: the link and the gate's counters.
+type Delayed = (Link, Arc<Mutex<LinkStats>>);
 
 fn relay(client: TcpStream, server: TcpStream, delay: Option<Delayed>) {
     let pairs = [(client.try_clone(), server.try_clone(), true), (server.try_clone(), client.try_clone(), false)];
@@ -211,7 +191,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 
 /// Copies `from` to `to`, each chunk written a draw of the link's delay after it was read and
 /// never before an earlier chunk: a reader thread stamps chunks, a writer thread holds them.
-fn pump_delayed(mut from: TcpStream, mut to: TcpStream, forward: bool, (link, id, counters): Delayed) {
+fn pump_delayed(mut from: TcpStream, mut to: TcpStream, forward: bool, (link, counters): Delayed) {
     let (send, receive) = mpsc::channel::<(Instant, Instant, Vec<u8>)>();
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
@@ -233,19 +213,17 @@ fn pump_delayed(mut from: TcpStream, mut to: TcpStream, forward: bool, (link, id
             if to.write_all(&chunk).is_err() {
                 break;
             }
-            count(&counters, id, forward, chunk.len(), arrived.elapsed());
+            count(&counters, forward, chunk.len(), arrived.elapsed());
         }
         let _ = to.shutdown(Shutdown::Write);
     });
 }
 
-fn count(counters: &Mutex<Counters>, id: u64, forward: bool, bytes: usize, held: Duration) {
+fn count(counters: &Mutex<LinkStats>, forward: bool, bytes: usize, held: Duration) {
     let mut counters = counters.lock().expect("not poisoned");
-    let turned = counters.last_forward.insert(id, forward) != Some(forward);
-    let stats = if forward { &mut counters.stats.forward } else { &mut counters.stats.back };
+    let stats = if forward { &mut counters.forward } else { &mut counters.back };
     stats.chunks += 1;
     stats.bytes += bytes as u64;
-    stats.exchanges += u64::from(turned);
     let held_ms = held.as_secs_f64() * 1e3;
     stats.held_ms_sum += held_ms;
     stats.held_ms_max = stats.held_ms_max.max(held_ms);

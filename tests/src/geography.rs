@@ -178,7 +178,9 @@ fn home_debug_port(home: &RegionSpec, timeout: Duration) -> anyhow::Result<(u16,
 /// `link`'s round trip (each chunk held `link` / [`BINDING_ROUND_TRIPS`]): starts the relay in
 /// front of the home's debug port (read from the home's registry entry, so the home
 /// must be running), gives the region a registry directory of its own at `registry` and writes
-/// there the home's entry naming the relay. Call before starting the region.
+/// there the home's entry naming the relay. Call before starting the region, and again after
+/// the home restarted (its debug port changes): the entry then names a new relay, and the
+/// region, which watches its registry, drops its connection to the old one.
 pub fn route_to_home(
     home: &RegionSpec,
     region: &mut RegionSpec,
@@ -190,14 +192,6 @@ pub fn route_to_home(
     region.registry = registry;
     write_home_entry(home, entry, &region.registry, relay.port)?;
     Ok(relay)
-}
-
-/// Points `relay` at the home's current debug port (after the home restarted: workerd picks a
-/// new one). The regions' registry entries name the relay, which stays where it is.
-pub fn repoint_to_home(home: &RegionSpec, relay: &Gate) -> anyhow::Result<()> {
-    let (port, _) = home_debug_port(home, Duration::from_secs(10))?;
-    relay.set_target(port);
-    Ok(())
 }
 
 /// Writes `registry`'s entry for the home: the home's own, with the relay's address. Its

@@ -442,11 +442,16 @@ impl World {
         self.home_proc.take();
     }
 
-    /// Starts the home again; under a geography the regions' relays follow its new debug port.
+    /// Starts the home again; under a geography each region gets a relay to its new debug port.
     pub fn start_home(&mut self) -> anyhow::Result<()> {
+        // The stopped home's dev registry entry names its old debug port.
+        let _ = std::fs::remove_file(self.home.registry.join(self.home.worker_name()));
         self.home_proc = Some(self.home.start()?);
-        for relay in self.regions.iter().filter_map(|r| r.authority_relay.as_ref()) {
-            geography::repoint_to_home(&self.home, relay)?;
+        let Some(geography) = &self.geography else { return Ok(()) };
+        for (i, region) in self.regions.iter_mut().enumerate() {
+            let registry = region.spec.registry.clone();
+            let link = geography.region_to_home(i);
+            region.authority_relay = Some(geography::route_to_home(&self.home, &mut region.spec, registry, link)?);
         }
         Ok(())
     }
