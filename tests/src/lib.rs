@@ -5,6 +5,7 @@
 //! there is one way to bring Keyward up.
 
 pub mod gate;
+pub mod geography;
 pub mod world;
 
 use std::fs::File;

@@ -1,6 +1,7 @@
 //! A whole local Keyward for one test: a home process for the KeyState Durable Objects, edge
 //! regions, a control plane on its own SQLite file, a bootstrap root key, all in one temporary
-//! directory that is scanned for plaintext keys at the end.
+//! directory that is scanned for plaintext keys at the end. Optionally placed in a
+//! [`Geography`]: every link that crosses a network in production passes a delayed relay.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use crate::gate::Gate;
+use crate::geography::{self, Geography};
 use crate::{Objects, Proc, RegionSpec, free_port, new_root_key, new_secret, start_control_plane_with};
 
 /// How a region of the test world behaves.
@@ -50,6 +52,9 @@ pub struct Options {
     pub gated_usage: bool,
     /// More `[vars]` for every worker (`COPY_MEMORY_BYTES`, ...).
     pub vars: Vec<(String, String)>,
+    /// The delays of the links between processes; `None`: plain loopback. By default the one
+    /// named by `KEYWARD_GEOGRAPHY` (a preset's name, or `none`).
+    pub geography: Option<Geography>,
 }
 
 impl Default for Options {
@@ -60,6 +65,7 @@ impl Default for Options {
             gated_authority: false,
             gated_usage: false,
             vars: Vec::new(),
+            geography: Geography::from_env().unwrap_or_else(|e| panic!("KEYWARD_GEOGRAPHY: {e:#}")),
         }
     }
 }
@@ -71,7 +77,43 @@ pub struct Region {
     pub gate: Option<Gate>,
     /// Between the control plane and the region's KV, for [`RegionPlan::Gated`].
     pub kv_gate: Option<Gate>,
+    /// Between the control plane and the region (purges and KV writes), delayed by the
+    /// geography's link, for a running region that is not gated (gates then carry the delay).
+    pub link: Option<Gate>,
+    /// Between the region and the home's Durable Objects, delayed by the geography's link.
+    pub authority_relay: Option<Gate>,
     proc: Option<Proc>,
+}
+
+impl Region {
+    /// Region `i` with its gates and, under a geography, its delayed relays; started unless
+    /// its plan is [`RegionPlan::Down`].
+    fn start(
+        mut spec: RegionSpec,
+        plan: RegionPlan,
+        i: usize,
+        home: &RegionSpec,
+        geography: Option<&Geography>,
+        dir: &Path,
+    ) -> anyhow::Result<Region> {
+        let to_region = geography.map(|g| g.control_to_region(i));
+        let authority_relay = match geography {
+            Some(g) => {
+                let registry = dir.join(format!("registry-{}", spec.name));
+                Some(geography::route_to_home(home, &mut spec, registry, g.region_to_home(i))?)
+            }
+            None => None,
+        };
+        let proc = if plan == RegionPlan::Down { None } else { Some(spec.start()?) };
+        let gated = plan == RegionPlan::Gated;
+        let gate = if gated { Some(Gate::start_with(spec.port, to_region)?) } else { None };
+        let kv_gate = if gated { Some(Gate::start_with(spec.port, to_region)?) } else { None };
+        let link = match to_region {
+            Some(link) if !gated && plan != RegionPlan::Down => Some(Gate::start_with(spec.port, Some(link))?),
+            _ => None,
+        };
+        Ok(Region { spec, plan, gate, kv_gate, link, authority_relay, proc })
+    }
 }
 
 pub struct World {
@@ -81,10 +123,12 @@ pub struct World {
     pub home: RegionSpec,
     pub regions: Vec<Region>,
     pub cp_port: u16,
-    /// Between the control plane and the authority, when [`Options::gated_authority`].
+    /// Between the control plane and the authority, when [`Options::gated_authority`] or a
+    /// geography (then delayed by its link).
     pub authority_gate: Option<Gate>,
     /// Between the regions and the control plane's usage ingestion, when [`Options::gated_usage`].
     pub usage_gate: Option<Gate>,
+    pub geography: Option<Geography>,
     config: PathBuf,
     home_proc: Option<Proc>,
     control_plane: Option<Proc>,
@@ -105,6 +149,7 @@ impl World {
     /// A world with these regions and options.
     pub fn start_opts(plans: &[RegionPlan], options: Options) -> anyhow::Result<World> {
         let log_level = options.log_level;
+        let geography = options.geography.clone();
         let mut vars = match options.purge_mode {
             PurgeMode::Record => Vec::new(),
             PurgeMode::TagOnly(delay_ms) => vec![
@@ -139,12 +184,13 @@ impl World {
         for (i, plan) in plans.iter().enumerate() {
             let region_secret = if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() };
             let spec = spec(format!("r{i}"), region_secret, Objects::In(home.worker_name()));
-            let proc = if *plan == RegionPlan::Down { None } else { Some(spec.start()?) };
-            let gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
-            let kv_gate = if *plan == RegionPlan::Gated { Some(Gate::start(spec.port)?) } else { None };
-            regions.push(Region { spec, plan: *plan, gate, kv_gate, proc });
+            regions.push(Region::start(spec, *plan, i, &home, geography.as_ref(), dir.path())?);
         }
-        let authority_gate = if options.gated_authority { Some(Gate::start(home.port)?) } else { None };
+        let authority_gate = match &geography {
+            Some(geography) => Some(Gate::start_with(home.port, Some(geography.control_to_home))?),
+            None if options.gated_authority => Some(Gate::start(home.port)?),
+            None => None,
+        };
         let authority_url = authority_gate.as_ref().map_or_else(|| home.url(), Gate::url);
         let config = dir.path().join("keyward.toml");
         let mut text = format!(
@@ -153,8 +199,9 @@ impl World {
             authority_url
         );
         for region in &regions {
-            let purge_url = region.gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
-            let kv_base = region.kv_gate.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let direct = region.link.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let purge_url = region.gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
+            let kv_base = region.kv_gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
             let delay = if let RegionPlan::DelayedKv(ms) = region.plan { ms } else { 0 };
             text.push_str(&region.spec.config_toml(&purge_url, &kv_base, delay));
         }
@@ -170,6 +217,7 @@ impl World {
             cp_port,
             authority_gate,
             usage_gate,
+            geography,
             config,
             home_proc,
             control_plane: None,
@@ -413,8 +461,17 @@ impl World {
         self.home_proc.take();
     }
 
+    /// Starts the home again; under a geography each region gets a relay to its new debug port.
     pub fn start_home(&mut self) -> anyhow::Result<()> {
+        // The stopped home's dev registry entry names its old debug port.
+        let _ = std::fs::remove_file(self.home.registry.join(self.home.worker_name()));
         self.home_proc = Some(self.home.start()?);
+        let Some(geography) = &self.geography else { return Ok(()) };
+        for (i, region) in self.regions.iter_mut().enumerate() {
+            let registry = region.spec.registry.clone();
+            let link = geography.region_to_home(i);
+            region.authority_relay = Some(geography::route_to_home(&self.home, &mut region.spec, registry, link)?);
+        }
         Ok(())
     }
 

@@ -26,6 +26,10 @@ enum Command {
         /// How many edge regions to run, each its own wrangler dev server process.
         #[arg(long, default_value_t = 1)]
         regions: u16,
+        /// Place the processes apart: every link that crosses a network in production gets the
+        /// preset's one-way delays (metro, continent, world). Default: plain loopback.
+        #[arg(long, value_name = "NAME")]
+        geography: Option<String>,
     },
     /// Set up, build, then fmt check, clippy, the worker's size budget, native tests, wasm tests
     /// and end-to-end tests.
@@ -46,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             tools::setup()?;
             tools::build(false)
         }
-        Command::Dev { regions } => dev::run(regions),
+        Command::Dev { regions, geography } => dev::run(regions, geography.as_deref()),
         Command::Test => test(),
         Command::Bench { which } => bench::run(which),
     }

@@ -7,6 +7,7 @@
 mod against;
 mod baseline;
 mod fresh;
+mod geography;
 mod load;
 mod revocation;
 mod usage;
@@ -55,6 +56,33 @@ pub enum Which {
         /// Events sent through the ingestion route, spread over the past 30 days.
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
+    },
+    /// The system placed apart (`keyward_tests::geography`): hot keys under steady load at
+    /// `metro` and at `world` in one run, checked against revocations made during it;
+    /// revocation at `world` with signed purges, tag-only purges and a lost purge; misses.
+    Geography {
+        /// Seconds of steady load per geography.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Hot keys under the steady load.
+        #[arg(long, default_value_t = 20)]
+        keys: usize,
+        /// Requests per second per region, spread evenly over the keys.
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        /// Revocations timed at `world`, in each purge mode.
+        #[arg(long, default_value_t = 20)]
+        revocations: usize,
+        /// Misses timed per region and geography.
+        #[arg(long, default_value_t = 20)]
+        misses: usize,
+        /// The edge's memory trust in tag-only purge mode (its default), for the bound checked.
+        #[arg(long, default_value_t = 100)]
+        memory_trust_ms: u64,
+        /// How long a tag-only purge takes to drop Cache API copies after it arrives (Cloudflare's
+        /// purge-by-tag propagation, modelled with `PURGE_TAG_DELAY_MS`).
+        #[arg(long, default_value_t = 150)]
+        tag_delay_ms: u64,
     },
     /// Edge verify (served from memory) beside the health route; shared's decision beside SHA-256.
     Verify {
@@ -114,6 +142,17 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Usage { seconds, rounds, events } => {
             usage::run(std::time::Duration::from_secs(seconds), rounds.max(1), events)
         }
+        Which::Geography { seconds, keys, rate, revocations, misses, memory_trust_ms, tag_delay_ms } => {
+            geography::run(&geography::Plan {
+                duration: std::time::Duration::from_secs(seconds),
+                keys: keys.max(1),
+                rate: rate.max(1),
+                revocations: revocations.max(1),
+                misses: misses.max(1),
+                memory_trust_ms,
+                tag_delay_ms,
+            })
+        }
         Which::Verify { seconds, connections, rounds, against } => {
             verify::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), against.as_deref())
         }
@@ -138,16 +177,21 @@ impl Build {
     /// caller asking for thousands of keys a second that no region holds: the per-caller bound
     /// on such lookups (`CALLER_MISSES_PER_SECOND`) is lifted, or it would measure the bound.
     pub fn world(&self, plans: &[RegionPlan]) -> anyhow::Result<World> {
-        self.world_with(plans, &[])
+        self.world_in(plans, Options::default())
     }
 
     /// [`Build::world`], with more worker variables.
     pub fn world_with(&self, plans: &[RegionPlan], extra: &[(&str, &str)]) -> anyhow::Result<World> {
+        let vars = extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        self.world_in(plans, Options { vars, ..Options::default() })
+    }
+
+    /// [`Build::world`] with these options (log level and the lifted bound as there).
+    pub fn world_in(&self, plans: &[RegionPlan], mut options: Options) -> anyhow::Result<World> {
         keyward_tests::use_keyward_bin(self.keyward.clone());
         keyward_tests::use_worker_main(self.worker_main.clone());
-        let mut vars = vec![("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned())];
-        vars.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        World::start_opts(plans, Options { log_level: "error", vars, ..Options::default() })
+        options.vars.push(("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned()));
+        World::start_opts(plans, Options { log_level: "error", ..options })
     }
 }
 

@@ -235,7 +235,7 @@ fn poll_until_revoked(url: &str, root: &str, body: &[u8], start: Instant, pause:
 }
 
 /// The revoke call for key `id`; every region must have acknowledged it.
-fn revoke(world: &World, id: &str) -> anyhow::Result<serde_json::Value> {
+pub(super) fn revoke(world: &World, id: &str) -> anyhow::Result<serde_json::Value> {
     let (status, answer) = world.admin(reqwest::Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     anyhow::ensure!(status == 200, "revoke answered {status}: {answer}");
     Ok(answer)
@@ -264,7 +264,7 @@ fn quiet(side: &mut Side, count: usize) -> anyhow::Result<()> {
 
 /// Each region's `applied_at_ms` from a revoke answer, in the answer's (configuration) order;
 /// every region must have acknowledged.
-fn applied_stamps(answer: &serde_json::Value) -> anyhow::Result<Vec<u64>> {
+pub(super) fn applied_stamps(answer: &serde_json::Value) -> anyhow::Result<Vec<u64>> {
     answer["regions"]
         .as_array()
         .into_iter()
@@ -301,7 +301,7 @@ fn throughputs(target: &mut Target, sides: &[Side], baseline: &Baseline, duratio
 
 /// Waits until the control plane has delivered every change to the authority and every
 /// region's KV.
-fn settle(world: &World) -> anyhow::Result<()> {
+pub(super) fn settle(world: &World) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let status = world.regions_status();

@@ -5,6 +5,10 @@
 //! git): the database, persist directories, the dev root key (kept, so a second run finds the
 //! same workspace) and a fresh purge secret each run.
 //!
+//! `--geography NAME` places the processes as a preset of `keyward_tests::geography` does:
+//! the control plane reaches the home and each region, and each region its Durable Objects,
+//! through relays that hold every chunk for the link's one-way delay.
+//!
 //! Before anything starts it checks that no other `cargo xtask dev` runs (`.keyward/dev.pid`)
 //! and that every port it needs is free, naming the program that holds one; a stop at any
 //! moment, start-up included, ends every process it started (see `stop`).
@@ -17,6 +21,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use keyward_tests::gate::Gate;
+use keyward_tests::geography::{self, Geography};
 use keyward_tests::{Objects, Proc, RegionSpec, new_root_key, new_secret, start_control_plane};
 
 use crate::tools::{self, step};
@@ -27,13 +33,14 @@ const EDGE_PORT: u16 = 8787;
 const HOME_PORT: u16 = 8786;
 const CONTROL_PLANE_PORT: u16 = 8080;
 
-pub fn run(regions: u16) -> anyhow::Result<()> {
+pub fn run(regions: u16, geography: Option<&str>) -> anyhow::Result<()> {
     anyhow::ensure!((1..=8).contains(&regions), "--regions must be between 1 and 8");
+    let geography = geography.map(Geography::preset).transpose()?;
     let stop = Stop::install().context("cannot install the signal handler")?;
     let state = keyward_tests::repo_root().join(STATE_DIR);
     std::fs::create_dir_all(&state)?;
     let _lock = Lock::take(&state)?;
-    let result = start_and_serve(&stop, regions, &state);
+    let result = start_and_serve(&stop, regions, geography.as_ref(), &state);
     stop.finish();
     match result {
         Err(_) if stop.asked() => {
@@ -51,7 +58,7 @@ fn ports(regions: u16) -> Vec<u16> {
 
 /// Builds, starts everything and runs until a stop or a process exits; what it started is
 /// stopped when this returns, however it returns.
-fn start_and_serve(stop: &Stop, regions: u16, state: &Path) -> anyhow::Result<()> {
+fn start_and_serve(stop: &Stop, regions: u16, geography: Option<&Geography>, state: &Path) -> anyhow::Result<()> {
     ports::check_free(&ports(regions))?;
     tools::setup()?;
     stop.check()?;
@@ -63,19 +70,28 @@ fn start_and_serve(stop: &Stop, regions: u16, state: &Path) -> anyhow::Result<()
     let secret = new_secret();
     // For running `npx wrangler dev` by hand with the top-level wrangler.toml.
     write_private(&keyward_tests::repo_root().join(".dev.vars"), &format!("PURGE_SECRET={secret}\n"))?;
-    let (home, specs) = specs(state, regions, &secret);
-    let config = state.join("keyward.toml");
-    write_config(&config, state, &home, &specs, &secret)?;
+    let (home, mut specs) = specs(state, regions, &secret);
 
     let mut procs = Vec::new();
     step(&format!("starting the home of the KeyState Durable Objects on 127.0.0.1:{HOME_PORT}"));
     procs.push(home.start()?);
-    for region in &specs {
+    if let Some(geography) = geography {
+        step(&geography.describe(specs.len()));
+    }
+    let mut relays = Vec::new();
+    for (i, region) in specs.iter_mut().enumerate() {
         stop.check()?;
+        if let Some(geography) = geography {
+            let registry = state.join(format!("registry-{}", region.name));
+            relays.push(geography::route_to_home(&home, region, registry, geography.region_to_home(i))?);
+        }
         step(&format!("starting edge region `{}` (wrangler's dev server) on {}", region.name, region.url()));
         procs.push(region.start()?);
     }
     stop.check()?;
+    let links = Links::start(geography, &home, &specs)?;
+    let config = state.join("keyward.toml");
+    write_config(&config, state, &links, &specs, &secret)?;
     step(&format!(
         "starting the control plane on 127.0.0.1:{CONTROL_PLANE_PORT} (SQLite at {STATE_DIR}/keyward.sqlite)"
     ));
@@ -87,7 +103,34 @@ fn start_and_serve(stop: &Stop, regions: u16, state: &Path) -> anyhow::Result<()
     }
     print_walkthrough(&root_key);
     serve(stop, procs);
+    drop((relays, links));
     Ok(())
+}
+
+/// Where the control plane sends authority updates and each region's purges and KV writes:
+/// straight to the process, or through a relay delayed by the geography's link.
+struct Links {
+    authority: String,
+    regions: Vec<String>,
+    _relays: Vec<Gate>,
+}
+
+impl Links {
+    fn start(geography: Option<&Geography>, home: &RegionSpec, specs: &[RegionSpec]) -> anyhow::Result<Links> {
+        let Some(geography) = geography else {
+            return Ok(Links {
+                authority: home.url(),
+                regions: specs.iter().map(RegionSpec::url).collect(),
+                _relays: Vec::new(),
+            });
+        };
+        let mut relays = vec![Gate::start_with(home.port, Some(geography.control_to_home))?];
+        for (i, region) in specs.iter().enumerate() {
+            relays.push(Gate::start_with(region.port, Some(geography.control_to_region(i)))?);
+        }
+        let urls: Vec<String> = relays.iter().map(Gate::url).collect();
+        Ok(Links { authority: urls[0].clone(), regions: urls[1..].to_vec(), _relays: relays })
+    }
 }
 
 /// The home and the regions.
@@ -114,20 +157,14 @@ fn specs(state: &Path, regions: u16, secret: &str) -> (RegionSpec, Vec<RegionSpe
     (home, specs)
 }
 
-fn write_config(
-    config: &Path,
-    state: &Path,
-    home: &RegionSpec,
-    specs: &[RegionSpec],
-    secret: &str,
-) -> anyhow::Result<()> {
+fn write_config(config: &Path, state: &Path, links: &Links, specs: &[RegionSpec], secret: &str) -> anyhow::Result<()> {
     let mut text = format!(
         "listen = \"127.0.0.1:{CONTROL_PLANE_PORT}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n\n",
         state.join("keyward.sqlite").display(),
-        home.url()
+        links.authority
     );
-    for region in specs {
-        text.push_str(&region.config_toml(&region.url(), &region.url(), 0));
+    for (region, url) in specs.iter().zip(&links.regions) {
+        text.push_str(&region.config_toml(url, url, 0));
     }
     write_private(config, &text)
 }
