@@ -193,19 +193,7 @@ impl World {
         };
         let authority_url = authority_gate.as_ref().map_or_else(|| home.url(), Gate::url);
         let config = dir.path().join("keyward.toml");
-        let mut text = format!(
-            "listen = \"127.0.0.1:{cp_port}\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{}\"\n",
-            dir.path().join("keyward.sqlite").display(),
-            authority_url
-        );
-        for region in &regions {
-            let direct = region.link.as_ref().map_or_else(|| region.spec.url(), Gate::url);
-            let purge_url = region.gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
-            let kv_base = region.kv_gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
-            let delay = if let RegionPlan::DelayedKv(ms) = region.plan { ms } else { 0 };
-            text.push_str(&region.spec.config_toml(&purge_url, &kv_base, delay));
-        }
-        std::fs::write(&config, text)?;
+        std::fs::write(&config, Self::control_plane_toml(dir.path(), cp_port, &secret, &authority_url, &regions))?;
         let root_key = new_root_key();
         let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build()?;
         let mut world = World {
@@ -327,6 +315,29 @@ impl World {
 
     /// A request to a worker's internal route at `base`, signed with the world's secret at
     /// `timestamp_ms` with `nonce`; answers the status and the body's text.
+    /// The control plane's config: its port, database and secret, the authority, and each region
+    /// as the control plane reaches it (through its gates and links, where it has them).
+    fn control_plane_toml(
+        dir: &std::path::Path,
+        cp_port: u16,
+        secret: &str,
+        authority_url: &str,
+        regions: &[Region],
+    ) -> String {
+        let mut text = format!(
+            "listen = \"127.0.0.1:{cp_port}\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{authority_url}\"\n",
+            dir.join("keyward.sqlite").display(),
+        );
+        for region in regions {
+            let direct = region.link.as_ref().map_or_else(|| region.spec.url(), Gate::url);
+            let purge_url = region.gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
+            let kv_base = region.kv_gate.as_ref().map_or_else(|| direct.clone(), Gate::url);
+            let delay = if let RegionPlan::DelayedKv(ms) = region.plan { ms } else { 0 };
+            text.push_str(&region.spec.config_toml(&purge_url, &kv_base, delay));
+        }
+        text
+    }
+
     pub fn signed_post(&self, base: &str, path: &str, body: &Value, timestamp_ms: i64, nonce: &str) -> (u16, String) {
         signed_post(&self.secret, base, path, body, timestamp_ms, nonce)
     }

@@ -108,20 +108,8 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         View::Usage => usage(answer),
         View::Audit => audit(answer),
         View::Proof => proof(answer),
-        View::AuditCheckpoint => format!(
-            "Audit checkpoint: entry {}, chain value {}, signed at {}.\nSave it with `--json` to check later that no entry was deleted.\n",
-            text(&answer["id"]),
-            text(&answer["mac"]),
-            date(&answer["at_ms"]),
-        ),
-        View::AuditVerified => format!(
-            "The audit log verifies: {} entries, chained to entry {}{}.\n",
-            text(&answer["entries"]),
-            text(&answer["head"]["id"]),
-            answer["checkpoint"]
-                .as_i64()
-                .map_or(String::new(), |id| format!(", and reaches the checkpoint at entry {id}")),
-        ),
+        View::AuditCheckpoint => audit_checkpoint(answer),
+        View::AuditVerified => audit_verified(answer),
         View::OutboxStatus => outbox_status(answer, now),
         View::Redriven => format!(
             "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
@@ -234,6 +222,25 @@ fn proof(answer: &Value) -> String {
         text(&answer["skew_ms"]),
     );
     out
+}
+
+fn audit_checkpoint(answer: &Value) -> String {
+    format!(
+        "Audit checkpoint: entry {}, chain value {}, signed at {}.\nSave it with `--json` to check later that no entry was deleted.\n",
+        text(&answer["id"]),
+        text(&answer["mac"]),
+        date(&answer["at_ms"]),
+    )
+}
+
+fn audit_verified(answer: &Value) -> String {
+    let checkpoint =
+        answer["checkpoint"].as_i64().map_or(String::new(), |id| format!(", and reaches the checkpoint at entry {id}"));
+    format!(
+        "The audit log verifies: {} entries, chained to entry {}{checkpoint}.\n",
+        text(&answer["entries"]),
+        text(&answer["head"]["id"]),
+    )
 }
 
 /// Audit entries, newest first: when, who, what, on what.

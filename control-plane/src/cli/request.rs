@@ -34,20 +34,7 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
         Command::Outbox(_) | Command::Admin(_) | Command::Audit(AuditCommand::Verify { .. }) => {
             unreachable!("`outbox`, `admin` and `audit verify` open the database, not a request")
         }
-        Command::Audit(AuditCommand::List { target, root_key_id, action, limit }) => {
-            let pairs = [
-                ("target", target),
-                ("root_key_id", root_key_id),
-                ("action", action),
-                ("limit", limit.map(|l| l.to_string())),
-            ];
-            let query: Vec<String> =
-                pairs.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v)))).collect();
-            Request::new(Method::GET, format!("/v1/audit?{}", query.join("&")), None, View::Audit)
-        }
-        Command::Audit(AuditCommand::Checkpoint) => {
-            Request::new(Method::GET, "/v1/audit/checkpoint".into(), None, View::AuditCheckpoint)
-        }
+        Command::Audit(command) => audit_request(command),
         Command::Workspaces(WorkspaceCommand::Create { name }) => {
             Request::new(Method::POST, "/v1/workspaces".into(), Some(json!({ "name": name })), View::WorkspaceCreated)
         }
@@ -117,6 +104,27 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             Request::new(Method::POST, "/v1/keys/verify".into(), Some(body), View::Verified)
         }
     })
+}
+
+/// The request for `audit list` or `audit checkpoint` (`audit verify` opens the database).
+fn audit_request(command: AuditCommand) -> Request {
+    match command {
+        AuditCommand::List { target, root_key_id, action, limit } => {
+            let pairs = [
+                ("target", target),
+                ("root_key_id", root_key_id),
+                ("action", action),
+                ("limit", limit.map(|l| l.to_string())),
+            ];
+            let query: Vec<String> =
+                pairs.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v)))).collect();
+            Request::new(Method::GET, format!("/v1/audit?{}", query.join("&")), None, View::Audit)
+        }
+        AuditCommand::Checkpoint => {
+            Request::new(Method::GET, "/v1/audit/checkpoint".into(), None, View::AuditCheckpoint)
+        }
+        AuditCommand::Verify { .. } => unreachable!("`audit verify` opens the database, not a request"),
+    }
 }
 
 impl KeyFields {
