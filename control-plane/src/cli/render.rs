@@ -53,15 +53,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             list(&answer["scopes"]),
             shown_once("root key", &answer["key"]),
         ),
-        View::RootKeyRecovered => {
-            let publishing = if answer["published"] == true {
-                "The running control plane accepts it now, and writes it to the edge from its outbox."
-            } else {
-                "The running control plane accepts it now; the edge learns it when `keyward serve` next starts."
-            };
-            let created = render(View::RootKeyCreated, answer, now);
-            format!("Workspace {}:\n{created}{publishing}\n", text(&answer["workspace_id"]))
-        }
+        View::RootKeyRecovered => root_key_recovered(answer, now),
         View::RootKeys => root_keys(answer),
         View::RootKeyRevoked => format!(
             "Revoked root key {}: the control plane refuses it now, and every region within 1 s.\n{}",
@@ -222,6 +214,16 @@ fn proof(answer: &Value) -> String {
         text(&answer["skew_ms"]),
     );
     out
+}
+
+fn root_key_recovered(answer: &Value, now: i64) -> String {
+    let publishing = if answer["published"] == true {
+        "The running control plane accepts it now, and writes it to the edge from its outbox."
+    } else {
+        "The running control plane accepts it now; the edge learns it when `keyward serve` next starts."
+    };
+    let created = render(View::RootKeyCreated, answer, now);
+    format!("Workspace {}:\n{created}{publishing}\n", text(&answer["workspace_id"]))
 }
 
 fn audit_checkpoint(answer: &Value) -> String {
