@@ -298,6 +298,9 @@ pub fn start_control_plane_with(
 ) -> anyhow::Result<Proc> {
     let mut command = Command::new(keyward_bin());
     command.arg("serve").arg("--config").arg(config).env("KEYWARD_ROOT_KEY", root_key).env_remove("KEYWARD_CONFIG");
+    // Metrics on a free port, by environment (an older build measured beside this one ignores
+    // it, where its config file would refuse an unknown key).
+    command.env("KEYWARD_METRICS_LISTEN", "127.0.0.1:0");
     command.envs(env.iter().copied());
     let mut proc = Proc::spawn("control plane", command, log)?;
     wait_healthy(&mut proc, &format!("http://127.0.0.1:{port}/health"), Duration::from_secs(30))?;

@@ -325,7 +325,7 @@ impl World {
         regions: &[Region],
     ) -> String {
         let mut text = format!(
-            "listen = \"127.0.0.1:{cp_port}\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{authority_url}\"\n",
+            "listen = \"127.0.0.1:{cp_port}\"\ndatabase = \"{}\"\npurge_secret = \"{secret}\"\nauthority_url = \"{authority_url}\"\n",
             dir.join("keyward.sqlite").display(),
         );
         for region in regions {
