@@ -225,6 +225,8 @@ async fn sources_new_to_a_key_are_marked_and_usage_needs_read_key() {
     assert_eq!(usage["granularity"], "hour", "20 days: hourly by default");
     assert_eq!(usage["new_sources"]["caller_ip"], json!([{ "value": "203.0.113.66", "count": 1 }]), "{usage}");
     assert_eq!(usage["new_sources"]["region"], json!([{ "value": "r2", "count": 1 }]));
+    let counts = h.call("GET", &format!("/v1/keys/{key}/usage?from_ms={}&parts=counts", now - 20 * day), None).await.1;
+    assert_eq!((counts["total"].as_i64(), counts["top"].as_object().map(|t| t.len())), (Some(3), Some(0)), "{counts}");
     let api_usage = h.call("GET", &format!("/v1/apis/{api}/usage?granularity=hour"), None).await.1;
     assert_eq!(api_usage["total"], 2, "the last 24 hours: {api_usage}");
     assert!(api_usage["series"].as_array().unwrap().iter().all(|p| p["at_ms"].as_i64().unwrap() % 3_600_000 == 0));

@@ -92,12 +92,25 @@ struct RangeQuery {
     granularity: Option<Granularity>,
     #[serde(default)]
     owner_id: Option<String>,
+    /// `counts` leaves out the top and new sources (the parts that read raw events): totals,
+    /// series and losses only, from the per-minute and per-day counts. Default `all`.
+    #[serde(default)]
+    parts: Option<Parts>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Parts {
+    All,
+    Counts,
 }
 
 struct Range {
     from_ms: i64,
     to_ms: i64,
     granularity: Granularity,
+    /// Whether the raw-event parts (top and new sources) are read.
+    sources: bool,
     now_ms: i64,
 }
 
@@ -126,7 +139,7 @@ impl RangeQuery {
         if granularity == Granularity::Minute && span > MAX_MINUTE_RANGE_MS {
             return Err(AppError::BadRequest("a per-minute series covers at most 31 days".into()));
         }
-        Ok(Range { from_ms, to_ms, granularity, now_ms: now })
+        Ok(Range { from_ms, to_ms, granularity, now_ms: now, sources: self.parts != Some(Parts::Counts) })
     }
 }
 
@@ -230,7 +243,7 @@ async fn report(state: &AppState, of: &UsageOf, range: &Range) -> Result<UsageRe
     let mut top = BTreeMap::new();
     let mut new_sources = BTreeMap::new();
     let recent = range.to_ms - DAY_MS;
-    for column in SourceColumn::ALL {
+    for column in SourceColumn::ALL.into_iter().filter(|_| range.sources) {
         let name = source_name(column);
         top.insert(name, store.usage_top(of, column, raw_from, range.to_ms, TOP).await?);
         new_sources.insert(name, store.usage_new_sources(of, column, recent, range.to_ms, RAW_RETENTION_MS).await?);
