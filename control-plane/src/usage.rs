@@ -85,8 +85,7 @@ impl UsageLog {
             tracing::info!(holder = %batch.holder, seq = batch.seq, "usage batch received again: acknowledged, not stored twice");
         } else {
             for e in &batch.events {
-                let code =
-                    serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let code = crate::store::usage::code_name(e.code);
                 metrics::VERIFICATIONS.with_label_values(&[code.as_str(), e.region.as_str()]).inc();
                 let lag_ms = (now - e.at_ms as i64).max(0);
                 metrics::INGESTION_LAG.with_label_values(&[batch.region.as_str()]).observe(lag_ms as f64 / 1e3);

@@ -232,11 +232,12 @@ fn no_owner(q: &RangeQuery) -> Result<()> {
 
 async fn report(state: &AppState, of: &UsageOf, range: &Range) -> Result<UsageReport> {
     let store = &state.store;
-    let totals: BTreeMap<String, i64> =
-        store.usage_totals(of, range.from_ms, range.to_ms).await?.into_iter().map(|c| (c.value, c.count)).collect();
     let series = store.usage_series(of, range.from_ms, range.to_ms, range.granularity).await?;
+    // The totals are the regions' counts added up: one read of the per-minute counts for both.
     let mut regions: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut totals: BTreeMap<String, i64> = BTreeMap::new();
     for (region, code, count) in store.usage_by_region(of, range.from_ms, range.to_ms).await? {
+        *totals.entry(code.clone()).or_default() += count;
         regions.entry(region).or_default().insert(code, count);
     }
     let raw_from = range.from_ms.max(range.now_ms - RAW_RETENTION_MS);
@@ -244,7 +245,7 @@ async fn report(state: &AppState, of: &UsageOf, range: &Range) -> Result<UsageRe
     let mut new_sources = BTreeMap::new();
     let recent = range.to_ms - DAY_MS;
     for column in SourceColumn::ALL.into_iter().filter(|_| range.sources) {
-        let name = source_name(column);
+        let name = column.name();
         top.insert(name, store.usage_top(of, column, raw_from, range.to_ms, TOP).await?);
         new_sources.insert(name, store.usage_new_sources(of, column, recent, range.to_ms, RAW_RETENTION_MS).await?);
     }
@@ -268,13 +269,4 @@ async fn report(state: &AppState, of: &UsageOf, range: &Range) -> Result<UsageRe
         new_sources,
         losses: LossReport { total, by_region, note: LOSS_NOTE },
     })
-}
-
-fn source_name(column: SourceColumn) -> &'static str {
-    match column {
-        SourceColumn::CallerIp => "caller_ip",
-        SourceColumn::ClientIp => "client_ip",
-        SourceColumn::Country => "country",
-        SourceColumn::Region => "region",
-    }
 }

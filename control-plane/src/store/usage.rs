@@ -88,6 +88,16 @@ impl SourceColumn {
     pub const ALL: [SourceColumn; 4] =
         [SourceColumn::CallerIp, SourceColumn::ClientIp, SourceColumn::Country, SourceColumn::Region];
 
+    /// The name reports use for it (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceColumn::CallerIp => "caller_ip",
+            SourceColumn::ClientIp => "client_ip",
+            SourceColumn::Country => "country",
+            SourceColumn::Region => "region",
+        }
+    }
+
     fn column(self) -> &'static str {
         match self {
             SourceColumn::CallerIp => "caller_ip",
@@ -184,16 +194,6 @@ impl Store {
         note_last_use(&mut tx, &batch.events).await?;
         tx.commit().await?;
         Ok(false)
-    }
-
-    /// Counts by outcome over `[from_ms, to_ms)`, in whole minutes (from the per-minute counts).
-    pub async fn usage_totals(&self, of: &UsageOf, from_ms: i64, to_ms: i64) -> Result<Vec<SourceCount>, StoreError> {
-        let mut q = QueryBuilder::new("SELECT code AS value, SUM(count) AS count FROM usage_minutes WHERE ");
-        of.push_filter(&mut q);
-        q.push(" AND bucket >= ").push_bind(floor(from_ms, MINUTE_MS));
-        q.push(" AND bucket < ").push_bind(to_ms);
-        q.push(" GROUP BY code ORDER BY code");
-        Ok(q.build_query_as().fetch_all(&self.pool).await?)
     }
 
     /// Counts by region and outcome over `[from_ms, to_ms)`, in whole minutes.
@@ -505,7 +505,12 @@ async fn note_last_use(tx: &mut Transaction<'_, Sqlite>, events: &[UsageEvent]) 
 }
 
 fn code_text(event: &UsageEvent) -> String {
-    json_text(&event.code)
+    code_name(event.code)
+}
+
+/// An outcome code as stored and labelled (`VALID`).
+pub fn code_name(code: keyward_shared::Code) -> String {
+    json_text(&code)
 }
 
 /// A unit enum's serde name (`"VALID"` → `VALID`).
