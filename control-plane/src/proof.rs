@@ -14,7 +14,7 @@
 
 use serde::Serialize;
 
-use crate::store::proof::{Answer, PurgeDelivery};
+use crate::store::proof::{Answer, Delivery};
 
 /// The allowance for clock differences between the control plane and the regions.
 pub const SKEW_MS: i64 = 250;
@@ -63,7 +63,7 @@ pub struct Judged {
 }
 
 impl RegionTook {
-    pub fn of(delivery: &PurgeDelivery, by_tag: bool) -> RegionTook {
+    pub fn of(delivery: &Delivery, by_tag: bool) -> RegionTook {
         RegionTook {
             region: delivery.target.trim_start_matches("purge:").to_owned(),
             acknowledged: delivery.state == "done",

@@ -365,6 +365,15 @@ fn usage_shows_who_used_a_key_in_both_forms() {
     assert!(table.contains("0 events lost"), "{table}");
     assert!(!table.contains(plaintext));
 
+    // An incident without a terminal revokes nothing unless told to (`--yes`).
+    let second = server.json(&["keys", "create", "--api-id", api["id"].as_str().unwrap(), "--json"]);
+    let refused = server.run_with_stdin(&["incident", second["id"].as_str().unwrap()], Some("y\n"));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pass --yes"), "{refused:?}");
+    assert_eq!(server.json(&["keys", "get", second["id"].as_str().unwrap(), "--json"])["status"], "active");
+    let unknown = server.run_with_stdin(&["incident", "sk_nothing_like_it"], None);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no key starts with"), "{unknown:?}");
+
     // The proof: the origin's VALID answers came before the revoke; none after it.
     let proof = server.ok(&["keys", "proof", id, "--format", "table"]);
     assert!(proof.contains("revoked") && proof.contains("0 violations"), "{proof}");

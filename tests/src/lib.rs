@@ -4,6 +4,7 @@
 //! Used by the whole-system tests in `tests/tests` and by `cargo xtask dev` and `bench`, so
 //! there is one way to bring Keyward up.
 
+pub mod baseline;
 pub mod gate;
 pub mod geography;
 pub mod world;

@@ -391,6 +391,14 @@ impl World {
         Ok(())
     }
 
+    /// The running control plane's `/metrics` URL, as it printed it on starting (it listens on a
+    /// port the system chose).
+    pub fn metrics_url(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("control-plane.log")).unwrap_or_default();
+        let line = log.lines().rev().find_map(|l| l.strip_prefix("keyward metrics on "));
+        line.expect("the control plane printed its metrics address").to_owned()
+    }
+
     /// Stops the control plane (TERM, as an operator would) and starts it again on the same
     /// database and config, with `env` added (a failpoint, say).
     pub fn restart_control_plane_with(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {

@@ -20,7 +20,11 @@ enum Command {
     /// Install missing tools (wasm target, worker-build, wasm-bindgen-cli, npm packages).
     Setup,
     /// Set up, then build the edge worker and the `keyward` binary.
-    Build,
+    Build {
+        /// Also build the KV-only baseline edge (benchmarks and the proof tests use it).
+        #[arg(long)]
+        baseline: bool,
+    },
     /// Set up, build, and run the control plane on SQLite plus the edge under wrangler's dev server.
     Dev {
         /// How many edge regions to run, each its own wrangler dev server process.
@@ -46,9 +50,13 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(keyward_tests::repo_root())?;
     match cli.command {
         Command::Setup => tools::setup(),
-        Command::Build => {
+        Command::Build { baseline } => {
             tools::setup()?;
-            tools::build(false)
+            tools::build(false)?;
+            if baseline {
+                tools::build_baseline()?;
+            }
+            Ok(())
         }
         Command::Dev { regions, geography } => dev::run(regions, geography.as_deref()),
         Command::Test => test(),
@@ -80,6 +88,7 @@ fn test() -> anyhow::Result<()> {
         &[],
     )?;
     tools::build(false)?;
+    tools::build_baseline()?;
     tools::step("the worker's upload within its size budget");
     size::check()?;
     // The whole-system tests are `#[ignore]`d so that a plain `cargo test` reports them as not

@@ -119,6 +119,23 @@ pub fn build(release: bool) -> anyhow::Result<()> {
     cargo(&args, &[])
 }
 
+/// Builds the KV-only baseline edge (feature `kv-only-baseline`) into
+/// [`keyward_tests::baseline::DIR`] (cargo's and worker-build's own checks make a repeat cheap)
+/// and answers its entry module.
+pub fn build_baseline() -> anyhow::Result<std::path::PathBuf> {
+    use keyward_tests::baseline::DIR;
+    step(&format!("building the KV-only baseline edge (feature kv-only-baseline) in {DIR}"));
+    let root = keyward_tests::repo_root();
+    let target_dir = root.join(DIR).join("cargo");
+    worker_build(
+        &root.join("edge"),
+        &format!("../{DIR}/build"),
+        Some(&target_dir),
+        &["--features", "kv-only-baseline"],
+    )?;
+    keyward_tests::baseline::main_module()
+}
+
 /// `worker-build` of the edge crate in `crate_dir` into `out_dir` (relative to `crate_dir`, as
 /// worker-build wants it), with `target_dir` as `CARGO_TARGET_DIR` if given and `cargo_args`
 /// passed on to `cargo build`. Uses this checkout's wasm-bindgen-cli and wasm-opt. The profile

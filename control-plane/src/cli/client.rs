@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use reqwest::Method;
 use serde_json::Value;
 
 use super::request::Request;
@@ -12,6 +13,7 @@ use super::request::Request;
 /// bounded by seconds), short enough that a silent server does not hang a script.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     url: String,
@@ -39,11 +41,22 @@ impl Client {
 
     /// Sends the request with the root key; answers the API's JSON, or an error that says what to fix.
     pub async fn call(&self, request: &Request) -> anyhow::Result<Value> {
-        let mut builder = self
-            .http
-            .request(request.method.clone(), format!("{}{}", self.url, request.path))
-            .bearer_auth(&self.root_key);
-        if let Some(body) = &request.body {
+        self.send(request.method.clone(), &request.path, request.body.as_ref()).await
+    }
+
+    /// `GET path` (encoded, with its query).
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(Method::GET, path, None).await
+    }
+
+    /// `POST path` without a body.
+    pub async fn post(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(Method::POST, path, None).await
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let mut builder = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.root_key);
+        if let Some(body) = body {
             builder = builder.json(body);
         }
         let response = builder.send().await.map_err(|e| self.unreachable(&e))?;

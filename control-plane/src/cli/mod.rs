@@ -9,6 +9,7 @@
 mod admin;
 mod audit;
 mod client;
+mod incident;
 mod outbox;
 mod render;
 mod request;
@@ -76,6 +77,18 @@ enum Command {
     /// Create, find, change, revoke and verify API keys.
     #[command(subcommand, after_help = "Example:\n  keyward keys list --start sk_live_3xQ9ab")]
     Keys(KeyCommand),
+    /// Respond to a leaked key: find it, see who used it, revoke it, follow each region's
+    /// acknowledgement, wait out the promise's bound, and print the proof; exits 3 on a violation.
+    #[command(
+        after_help = "Example:\n  keyward incident sk_live_3xQ9ab\n  keyward incident key_01... --yes --json > incident.json"
+    )]
+    Incident {
+        /// The key's id, or the visible start of the leaked key (as much of it as you have).
+        key: String,
+        /// Revoke without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// The operator's view of every workspace's deliveries, and their redrive (on the database).
     #[command(subcommand, after_help = "Example:\n  keyward outbox status --config keyward.toml")]
     Outbox(outbox::OutboxCommand),
@@ -298,6 +311,17 @@ pub async fn run() -> anyhow::Result<()> {
         (false, None) if std::io::stdout().is_terminal() => Format::Table,
         (false, None) => Format::Json,
     };
+    render::set_colour(
+        format == Format::Table && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    );
+    if let Command::Incident { key, yes } = &cli.command {
+        let client = Client::new(&cli.url, cli.root_key.clone())?;
+        if incident::run(&client, key, *yes, format == Format::Json).await? {
+            eprintln!("VALID answers broke the promise after the revocation: see the proof above");
+            std::process::exit(3);
+        }
+        return Ok(());
+    }
     if let Command::Admin(AdminCommand::Recover { database, workspace }) = &cli.command {
         let answer = admin::recover(database, workspace.as_deref()).await?;
         return print(format, View::RootKeyRecovered, &answer);

@@ -3,8 +3,40 @@
 //! Pure functions of the answer and the time, so each view is tested without a server. A key's
 //! plaintext appears only in the answer to `create`, with a warning that it is shown once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use comfy_table::{CellAlignment, Table, presets};
 use serde_json::Value;
+
+/// Whether text is coloured: on a terminal, unless `NO_COLOR` is set (set by `cli::run`).
+static COLOUR: AtomicBool = AtomicBool::new(false);
+
+pub fn set_colour(on: bool) {
+    COLOUR.store(on, Ordering::Relaxed);
+}
+
+/// The colours the CLI uses: good news, bad news, waiting, and emphasis.
+#[derive(Debug, Clone, Copy)]
+pub enum Paint {
+    Green,
+    Red,
+    Yellow,
+    Bold,
+}
+
+/// `text` in a colour, when colour is on; as it is otherwise.
+pub fn paint(text: &str, paint: Paint) -> String {
+    if !COLOUR.load(Ordering::Relaxed) {
+        return text.to_owned();
+    }
+    let code = match paint {
+        Paint::Green => "32",
+        Paint::Red => "1;31",
+        Paint::Yellow => "33",
+        Paint::Bold => "1",
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
 
 /// Which answer is being printed, and so how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,19 +215,22 @@ fn proof(answer: &Value) -> String {
     let change = &answer["change"];
     let by = answer["by"]["root_key_name"].as_str().map_or(String::new(), |n| format!(" by root key {n}"));
     let mut out = format!(
-        "Key {} {} at {}{by} (version {}); answered {}.\n",
+        "Key {} {} at {}{by} (version {}); answered at {}.\n",
         text(&answer["key_id"]),
         text(&change["kind"]),
-        date(&change["at_ms"]),
+        moment(&change["at_ms"]),
         text(&change["version"]),
-        date(&change["answered_at_ms"]),
+        clock(&change["answered_at_ms"]),
     );
     let rows = items(&answer["regions"])
         .iter()
         .map(|r| {
             let took = &r["took"];
             let ack = match took["acknowledged"].as_bool() {
-                Some(true) => format!("acknowledged, applied {}", date(&took["applied_at_ms"])),
+                Some(true) if took["applied_at_ms"].is_null() => {
+                    format!("acknowledged {}", clock(&took["acknowledged_at_ms"]))
+                }
+                Some(true) => format!("acknowledged, applied {}", clock(&took["applied_at_ms"])),
                 Some(false) => "NOT acknowledged".to_owned(),
                 None => "-".to_owned(),
             };
@@ -207,12 +242,27 @@ fn proof(answer: &Value) -> String {
         })
         .collect();
     out += &table(&["region", "purge", "VALID since", "violations", "rejected since"], rows, "No region has answered.");
-    out += &format!(
-        "{} violations; {} VALID within the promise (clock allowance {} ms).\n",
+    let violations: Vec<Vec<String>> = items(&answer["regions"])
+        .iter()
+        .flat_map(|r| items(&r["valid_after"]).iter().filter(|v| v["verdict"] == "violation"))
+        .map(|v| {
+            let late =
+                v["at_ms"].as_i64().zip(v["bound_ms"].as_i64()).map_or("-".into(), |(at, b)| format!("{} ms", at - b));
+            vec![text(&v["region"]), clock(&v["at_ms"]), text(&v["version"]), late, text(&v["bound"])]
+        })
+        .collect();
+    if !violations.is_empty() {
+        out += &paint("VALID answers that broke the promise:\n", Paint::Red);
+        out += &table(&["region", "decided at", "on version", "late by", "bound"], violations, "");
+    }
+    let summary = format!(
+        "{} violations; {} VALID within the promise (clock allowance {} ms).",
         text(&answer["violations"]),
         text(&answer["within_promise"]),
         text(&answer["skew_ms"]),
     );
+    let colour = if answer["violations"].as_u64() == Some(0) { Paint::Green } else { Paint::Red };
+    out += &format!("{}\n", paint(&summary, colour));
     out
 }
 
@@ -409,7 +459,7 @@ fn acknowledged(value: &Value) -> String {
 }
 
 /// A table with a header row, or `empty` when there are no rows.
-fn table(header: &[&str], rows: Vec<Vec<String>>, empty: &str) -> String {
+pub fn table(header: &[&str], rows: Vec<Vec<String>>, empty: &str) -> String {
     if rows.is_empty() {
         return format!("{empty}\n");
     }
@@ -419,7 +469,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>, empty: &str) -> String {
 }
 
 /// Two columns: a field's name and its value.
-fn field_table(fields: &[(&str, String)]) -> String {
+pub fn field_table(fields: &[(&str, String)]) -> String {
     let rows = fields.iter().map(|(name, value)| vec![(*name).to_owned(), value.clone()]).collect();
     format!("{}\n", plain_table(rows).trim_fmt())
 }
@@ -439,7 +489,7 @@ fn indent(text: &str) -> String {
 }
 
 /// A string as is, a number or other value as JSON, and nothing as `-`.
-fn text(value: &Value) -> String {
+pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -451,12 +501,12 @@ fn text_or_empty(value: &Value) -> String {
     if value.is_null() { String::new() } else { text(value) }
 }
 
-fn items(value: &Value) -> &[Value] {
+pub fn items(value: &Value) -> &[Value] {
     value.as_array().map_or(&[], Vec::as_slice)
 }
 
 /// A list of strings joined by commas; an empty list is `-`.
-fn list(value: &Value) -> String {
+pub fn list(value: &Value) -> String {
     let items: Vec<String> = items(value).iter().map(text).collect();
     if items.is_empty() { "-".into() } else { items.join(", ") }
 }
@@ -473,7 +523,7 @@ fn latency(value: &Value) -> String {
 }
 
 /// What a key's status means now: revoked and deleted are final; then disabled; then expired.
-fn status(key: &Value, now: i64) -> String {
+pub fn status(key: &Value, now: i64) -> String {
     let status = text(&key["status"]);
     if status != "active" {
         status
@@ -490,8 +540,25 @@ fn expiry(value: &Value) -> String {
     if value.is_null() { "never".into() } else { date(value) }
 }
 
+/// Unix milliseconds as the time of day to the millisecond, `11:06:05.123` (UTC).
+pub fn clock(value: &Value) -> String {
+    let Some(ms) = value.as_i64() else {
+        return "-".into();
+    };
+    let of_day = ms.rem_euclid(86_400_000);
+    format!("{:02}:{:02}:{:02}.{:03}", of_day / 3_600_000, of_day / 60_000 % 60, of_day / 1000 % 60, of_day % 1000)
+}
+
+/// Unix milliseconds as `2026-11-18 11:06:05.123 UTC`.
+pub fn moment(value: &Value) -> String {
+    match date(value).strip_suffix(" UTC") {
+        Some(day) if value.is_i64() => format!("{} {} UTC", &day[..10], clock(value)),
+        _ => "-".into(),
+    }
+}
+
 /// Unix milliseconds as `2026-11-18 11:06 UTC`.
-fn date(value: &Value) -> String {
+pub fn date(value: &Value) -> String {
     let Some(ms) = value.as_i64() else {
         return "-".into();
     };
@@ -522,6 +589,26 @@ mod tests {
         json!({ "id": id, "name": name, "start": start, "owner_id": "acct_42", "status": "active", "enabled": true,
                 "expires_at": null, "api_id": "api_01", "permissions": ["charges:write"], "meta": {},
                 "version": 1, "max_staleness_ms": 1000, "created_at": NOW, "updated_at": NOW })
+    }
+
+    #[test]
+    fn a_proof_lists_each_violation_with_how_late_it_was() {
+        let valid = |at: i64, verdict: &str| json!({ "region": "r2", "at_ms": at, "version": 1, "verdict": verdict, "bound_ms": NOW + 1_250, "bound": "answer + max_staleness_ms + skew" });
+        let proof = json!({
+            "key_id": "key_01", "change": { "kind": "revoked", "at_ms": NOW, "version": 2, "answered_at_ms": NOW + 5 },
+            "by": { "root_key_name": "ops" }, "violations": 1, "within_promise": 1, "skew_ms": 250,
+            "regions": [{ "region": "r2", "took": { "acknowledged": false }, "valid_after": [valid(NOW + 600, "within_promise"), valid(NOW + 3_250, "violation")], "rejections_since": { "REVOKED": 4 } }],
+        });
+        let text = render(View::Proof, &proof, NOW);
+        assert!(
+            text.starts_with("Key key_01 revoked at 2026-11-18 11:06:40.000 UTC by root key ops (version 2)"),
+            "{text}"
+        );
+        assert!(text.contains("VALID answers that broke the promise"), "{text}");
+        let rows = text.lines().filter(|l| l.starts_with("r2 ")).collect::<Vec<_>>();
+        assert_eq!(rows.len(), 2, "the region's row and its one violation: {text}");
+        assert!(rows[1].contains("11:06:43.250") && rows[1].contains("2000 ms"), "{text}");
+        assert!(text.contains("1 violations; 1 VALID within the promise"), "{text}");
     }
 
     #[test]

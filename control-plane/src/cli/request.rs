@@ -31,6 +31,7 @@ impl Request {
 pub fn request_for(command: Command) -> anyhow::Result<Request> {
     Ok(match command {
         Command::Serve { .. } => unreachable!("`serve` runs the server, not a request"),
+        Command::Incident { .. } => unreachable!("`incident` makes several requests (`incident.rs`)"),
         Command::Outbox(_) | Command::Admin(_) | Command::Audit(AuditCommand::Verify { .. }) => {
             unreachable!("`outbox`, `admin` and `audit verify` open the database, not a request")
         }
@@ -156,7 +157,7 @@ fn insert_some(body: &mut Value, field: &str, value: Option<Value>) {
 }
 
 /// `text` as one path segment or query value.
-fn encode(text: &str) -> String {
+pub fn encode(text: &str) -> String {
     utf8_percent_encode(text, COMPONENT).to_string()
 }
 

@@ -3,6 +3,7 @@
 mod apis;
 mod audit;
 mod auth;
+mod delivery;
 pub mod error;
 mod events;
 mod extract;
@@ -106,6 +107,7 @@ pub fn app(state: AppState) -> Router {
         .merge(usage::router())
         .merge(audit::router())
         .merge(proof::router())
+        .merge(delivery::router())
         .fallback(|| async { AppError::NotFound("no such route; see README.md for the API".into()) })
         .method_not_allowed_fallback(|| async {
             AppError::MethodNotAllowed("this route does not take that method".into())

@@ -63,7 +63,9 @@ async fn proof(State(state): State<AppState>, caller: RootKey, Path(id): Path<St
     };
     change.answered_at_ms = entry.as_ref().and_then(|e| e.answered_at);
     let deliveries = match &entry {
-        Some(entry) => store.purge_deliveries(entry.id).await?,
+        Some(entry) => {
+            store.deliveries_of(entry.id).await?.into_iter().filter(|d| d.target.starts_with("purge:")).collect()
+        }
         None => Vec::new(),
     };
     let edge = state.delivery.edge();

@@ -6,12 +6,14 @@ use sqlx::FromRow;
 
 use super::{Store, StoreError};
 
-/// One region's purge of the change, as delivered.
+/// One target's delivery of a change: the authority, a region's KV or a region's purge.
 #[derive(Debug, Clone, Serialize, FromRow)]
-pub struct PurgeDelivery {
-    /// `purge:<region>`.
+pub struct Delivery {
+    /// `authority`, `kv:<region>` or `purge:<region>`.
     pub target: String,
+    /// `pending`, `done`, `superseded` or `dead_lettered`.
     pub state: String,
+    pub attempts: i64,
     /// When the control plane recorded the acknowledgement (its clock).
     pub done_at: Option<i64>,
     /// When the region began answering from the purge's record (the region's clock).
@@ -52,11 +54,11 @@ impl Store {
         .await?)
     }
 
-    /// An entry's purges, one per region.
-    pub async fn purge_deliveries(&self, outbox_id: i64) -> Result<Vec<PurgeDelivery>, StoreError> {
+    /// An entry's deliveries, one per target, by target.
+    pub async fn deliveries_of(&self, outbox_id: i64) -> Result<Vec<Delivery>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT target, state, done_at, applied_at, last_error FROM deliveries \
-             WHERE outbox_id = ? AND target LIKE 'purge:%' ORDER BY target",
+            "SELECT target, state, attempts, done_at, applied_at, last_error FROM deliveries \
+             WHERE outbox_id = ? ORDER BY target",
         )
         .bind(outbox_id)
         .fetch_all(&self.pool)

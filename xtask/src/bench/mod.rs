@@ -5,7 +5,6 @@
 //! apt-get if missing).
 
 mod against;
-mod baseline;
 mod fresh;
 mod geography;
 mod load;

@@ -16,10 +16,10 @@ use anyhow::Context;
 use keyward_tests::world::{RegionPlan, World};
 use serde_json::json;
 
-use super::baseline::{self, Baseline};
 use super::load::{self, Load};
 use super::{Build, Figures, epoch_ms, order, percentile, report};
 use crate::tools::step;
+use keyward_tests::baseline::Baseline;
 
 /// What to measure, per build.
 pub struct Plan {
@@ -74,7 +74,7 @@ struct Target {
 
 pub fn run(plan: &Plan, against: Option<&str>) -> anyhow::Result<()> {
     let builds = super::builds(against)?;
-    let baseline_main = baseline::build()?;
+    let baseline_main = crate::tools::build_baseline()?;
     let mut sides = Vec::new();
     for build in &builds {
         step(&format!("{}: starting the home, 3 regions (log level error) and the control plane", build.label));
@@ -84,7 +84,8 @@ pub fn run(plan: &Plan, against: Option<&str>) -> anyhow::Result<()> {
     }
     let current = sides.len() - 1;
     step("starting the KV-only baseline edge beside the current build's regions");
-    let baseline = Baseline::start(&sides[current].world, baseline_main)?;
+    let misses = vec![("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned())];
+    let baseline = Baseline::start(&sides[current].world, baseline_main, "kv-only", misses)?;
     let mut targets = targets(&sides, &baseline)?;
     let per_round = plan.keys.div_ceil(plan.rounds).max(1);
     for round in 0..plan.rounds {
