@@ -11,9 +11,7 @@
 //! root key is under way at a time. A root key that cannot be confirmed (the authority does not
 //! answer in time) refuses its caller with 503, unless what is known of it is final.
 
-use std::cell::RefCell;
-
-use keyward_shared::budget::{ByteLru, Weigh};
+use keyward_shared::budget::Weigh;
 use keyward_shared::freshness::{self, AuthorityAnswer, Resolved};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::{ErrorCode, Key, KeyHash, RootKeyRecord, kv_key_for_root};
@@ -21,8 +19,9 @@ use worker::{Context, Env, Request};
 
 use crate::error::EdgeError;
 use crate::fresh::{self, Confirmation};
+use crate::memory::{self, Copies};
 use crate::misses::{self, Kind};
-use crate::{authority, lookup, memory};
+use crate::{authority, lookup};
 
 /// How long a confirmed root key is trusted before it is confirmed again.
 const ROOT_TRUST_MS: u64 = 1_000;
@@ -42,17 +41,17 @@ impl Weigh for RootCopy {
 
 thread_local! {
     /// Root-key copies, bounded by bytes (see `crate::memory`).
-    static ROOTS: RefCell<ByteLru<[u8; 32], RootCopy>> = RefCell::new(ByteLru::new(memory::root_budget(None)));
+    static ROOTS: Copies<RootCopy> = Copies::new(memory::root_budget(None));
 }
 
 /// Sets the bytes root-key copies may take in this isolate.
 pub(crate) fn set_budget(bytes: usize) {
-    ROOTS.with(|roots| roots.borrow_mut().set_budget(bytes));
+    ROOTS.with(|roots| roots.set_budget(bytes));
 }
 
 /// How many root-key copies memory holds, and their bytes.
 pub(crate) fn held() -> (usize, usize) {
-    ROOTS.with(|roots| (roots.borrow().len(), roots.borrow().bytes()))
+    ROOTS.with(Copies::held)
 }
 
 /// Why a caller was refused.
@@ -139,7 +138,7 @@ enum Held {
 }
 
 fn copy_of(hash: &KeyHash, now_ms: u64) -> Held {
-    match ROOTS.with(|roots| roots.borrow_mut().get(hash.as_bytes()).cloned()) {
+    match ROOTS.with(|roots| roots.get(hash)) {
         Some(copy) if copy.record.status.is_final() => Held::Answer(copy),
         Some(copy) if freshness::is_fresh(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms) => Held::Answer(copy),
         Some(copy) => Held::Stale(copy.record),
@@ -195,15 +194,16 @@ async fn confirm(
         Resolved::Record(Some(record), _) => {
             let kept = RootCopy { record, confirmed_at_ms: now_ms };
             ROOTS.with(|roots| {
-                let mut roots = roots.borrow_mut();
-                // Never trade a copy for an older version or an older confirmation of the same
-                // one (a slow confirmation finishing late).
-                let older = |held: &RootCopy| {
-                    (held.record.version, held.confirmed_at_ms) <= (kept.record.version, kept.confirmed_at_ms)
-                };
-                if roots.peek(hash.as_bytes()).is_none_or(older) {
-                    roots.put(*hash.as_bytes(), kept.clone());
-                }
+                roots.with(|roots| {
+                    // Never trade a copy for an older version or an older confirmation of the
+                    // same one (a slow confirmation finishing late).
+                    let older = |held: &RootCopy| {
+                        (held.record.version, held.confirmed_at_ms) <= (kept.record.version, kept.confirmed_at_ms)
+                    };
+                    if roots.peek(hash.as_bytes()).is_none_or(older) {
+                        roots.put(*hash.as_bytes(), kept.clone());
+                    }
+                })
             });
             Ok(kept.record)
         }

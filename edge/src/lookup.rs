@@ -33,8 +33,9 @@ use worker::{Cache, CacheDeletionOutcome, Context, Env, Headers, Response, Resul
 
 use crate::authority;
 use crate::fresh::{self, Confirmation};
+use crate::memory::{self, Copies};
 use crate::misses::{self, Kind};
-use crate::{KV_BINDING, deadline, memory, origin};
+use crate::{KV_BINDING, deadline, origin};
 
 /// How long the Cache API may keep a copy (it is confirmed with the authority after
 /// `max_staleness_ms` anyway; this only bounds the storage it takes).
@@ -69,17 +70,17 @@ impl Weigh for Entry {
 
 thread_local! {
     /// Key copies, bounded by bytes (see `crate::memory`).
-    static MEMORY: RefCell<ByteLru<[u8; 32], Entry>> = RefCell::new(ByteLru::new(memory::key_budget(None)));
+    static MEMORY: Copies<Entry> = Copies::new(memory::key_budget(None));
 }
 
 /// Sets the bytes key copies may take in this isolate.
 pub(crate) fn set_budget(bytes: usize) {
-    MEMORY.with(|m| m.borrow_mut().set_budget(bytes));
+    MEMORY.with(|m| m.set_budget(bytes));
 }
 
 /// How many key copies memory holds, and their bytes.
 pub(crate) fn held() -> (usize, usize) {
-    MEMORY.with(|m| (m.borrow().len(), m.borrow().bytes()))
+    MEMORY.with(Copies::held)
 }
 
 /// The URL under which a key's copy is stored in the Cache API.
@@ -168,7 +169,7 @@ enum Held {
 }
 
 fn from_memory(hash: &KeyHash, now_ms: u64) -> Held {
-    let Some(entry) = MEMORY.with(|m| m.borrow_mut().get(hash.as_bytes()).cloned()) else {
+    let Some(entry) = MEMORY.with(|m| m.get(hash)) else {
         return Held::None;
     };
     if !freshness::memory_trusted(&entry.record, entry.checked_at_ms, fresh::memory_trust_ms(), now_ms) {
@@ -307,7 +308,7 @@ pub(crate) enum PurgeMode {
 /// does not drop the copy within its deadline.
 pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMode) -> Result<bool> {
     let hash = record.hash;
-    let in_memory = MEMORY.with(|m| m.borrow().contains(hash.as_bytes()));
+    let in_memory = MEMORY.with(|m| m.with(|m| m.contains(hash.as_bytes())));
     if mode == PurgeMode::Record {
         note_purged(&hash, record.version);
         remember(&hash, Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
@@ -349,24 +350,25 @@ fn purged_newer(hash: &KeyHash, version: u64) -> bool {
 /// and check times (a confirmation finishing late never shortens what another established).
 fn remember(hash: &KeyHash, mut entry: Entry) -> Entry {
     MEMORY.with(|m| {
-        let mut memory = m.borrow_mut();
-        match memory.get(hash.as_bytes()) {
-            Some(held) if held.record.version > entry.record.version => return held.clone(),
-            Some(held) if held.record.version == entry.record.version => {
-                entry.confirmed_at_ms = entry.confirmed_at_ms.max(held.confirmed_at_ms);
-                entry.checked_at_ms = entry.checked_at_ms.max(held.checked_at_ms);
+        m.with(|memory| {
+            match memory.get(hash.as_bytes()) {
+                Some(held) if held.record.version > entry.record.version => return held.clone(),
+                Some(held) if held.record.version == entry.record.version => {
+                    entry.confirmed_at_ms = entry.confirmed_at_ms.max(held.confirmed_at_ms);
+                    entry.checked_at_ms = entry.checked_at_ms.max(held.checked_at_ms);
+                }
+                _ => {}
             }
-            _ => {}
-        }
-        if !purged_newer(hash, entry.record.version) {
-            memory.put(*hash.as_bytes(), entry.clone());
-        }
-        entry
+            if !purged_newer(hash, entry.record.version) {
+                memory.put(*hash.as_bytes(), entry.clone());
+            }
+            entry
+        })
     })
 }
 
 fn held_version(hash: &KeyHash) -> Option<u64> {
-    MEMORY.with(|m| m.borrow().peek(hash.as_bytes()).map(|held| held.record.version))
+    MEMORY.with(|m| m.with(|m| m.peek(hash.as_bytes()).map(|held| held.record.version)))
 }
 
 /// Keeps a confirmed copy in memory and the Cache API (tagged with the key hash, for

@@ -7,8 +7,10 @@
 //! its wasm memory, so a test (or an operator) can see the bound hold, and how it confirmed
 //! its copies (authority calls a request waited for, made ahead of expiry, or shared).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
+use keyward_shared::KeyHash;
+use keyward_shared::budget::{ByteLru, Weigh};
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use worker::{Date, Env, Request, Response, RouteContext};
 
@@ -21,6 +23,37 @@ pub(crate) const COPY_MEMORY_BYTES: usize = 16 << 20;
 
 thread_local! {
     static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Copies of one kind of record in isolate memory, by key hash, bounded by bytes (least
+/// recently used out first). Kept in a `thread_local!`; nothing here awaits, so no borrow
+/// outlives a call.
+pub(crate) struct Copies<V: Weigh>(RefCell<ByteLru<[u8; 32], V>>);
+
+impl<V: Weigh + Clone> Copies<V> {
+    pub(crate) fn new(budget: usize) -> Copies<V> {
+        Copies(RefCell::new(ByteLru::new(budget)))
+    }
+
+    pub(crate) fn set_budget(&self, bytes: usize) {
+        self.0.borrow_mut().set_budget(bytes);
+    }
+
+    /// How many copies are held, and their bytes.
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let copies = self.0.borrow();
+        (copies.len(), copies.bytes())
+    }
+
+    /// The copy of `hash`, now the most recently used.
+    pub(crate) fn get(&self, hash: &KeyHash) -> Option<V> {
+        self.0.borrow_mut().get(hash.as_bytes()).cloned()
+    }
+
+    /// Runs `f` on the copies, to read, compare and replace under one borrow.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut ByteLru<[u8; 32], V>) -> R) -> R {
+        f(&mut self.0.borrow_mut())
+    }
 }
 
 /// The bytes key copies may take, of `total` (or the default).
