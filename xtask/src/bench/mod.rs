@@ -190,8 +190,25 @@ impl Build {
         keyward_tests::use_keyward_bin(self.keyward.clone());
         keyward_tests::use_worker_main(self.worker_main.clone());
         options.vars.push(("CALLER_MISSES_PER_SECOND".to_owned(), "1000000".to_owned()));
+        options.vars.extend(bench_vars()?);
         World::start_opts(plans, Options { log_level: "error", ..options })
     }
+}
+
+/// Worker variables for every world a bench starts, from `KEYWARD_BENCH_VARS`
+/// (`NAME=value,NAME=value`): to measure both sides of a comparison with a feature off, for
+/// example `USAGE_SHIPPING=off` (a build that does not know a variable ignores it).
+fn bench_vars() -> anyhow::Result<Vec<(String, String)>> {
+    let Ok(text) = std::env::var("KEYWARD_BENCH_VARS") else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) if !name.trim().is_empty() => Ok((name.trim().to_owned(), value.trim().to_owned())),
+            _ => anyhow::bail!("KEYWARD_BENCH_VARS takes NAME=value pairs separated by commas; `{pair}` is not one"),
+        })
+        .collect()
 }
 
 /// Installs what is missing (wrk too), builds this checkout's worker and release `keyward`,
