@@ -16,3 +16,12 @@ pub fn generate(prefix: &str) -> Result<Key, KeyError> {
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", ulid::Ulid::new())
 }
+
+/// Whether `text` has the shape of an id [`new_id`] makes with `prefix`: `<prefix>_` and a ULID
+/// (26 characters of Crockford's base 32).
+pub fn is_id(text: &str, prefix: &str) -> bool {
+    text.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('_')).is_some_and(|ulid| {
+        ulid.len() == 26
+            && ulid.bytes().all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b)))
+    })
+}

@@ -93,7 +93,7 @@ pub fn judge(change: &Change, took: Option<&RegionTook>, answer: Answer) -> Judg
 }
 
 /// The latest a `VALID` on an older record may be decided in a region, and which rule says so.
-fn bound(change: &Change, took: Option<&RegionTook>) -> (Option<i64>, &'static str) {
+pub fn bound(change: &Change, took: Option<&RegionTook>) -> (Option<i64>, &'static str) {
     if change.kind == "expired" {
         return (Some(change.at_ms + SKEW_MS), "expires_at + skew");
     }

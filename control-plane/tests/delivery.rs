@@ -349,6 +349,57 @@ fn no_signed_region_is_acknowledged_while_the_authority_lacks_the_change() {
         let region = &revoked["regions"][0];
         assert_eq!(region["acknowledged"], false, "{revoked}");
         assert!(region["error"].as_str().is_some_and(|e| e.contains("authority")), "{revoked}");
+        // Followed target by target, the region's purge is not acknowledged either.
+        let (status, delivery) = h.call("GET", &format!("/v1/keys/{id}/delivery"), None).await;
+        assert_eq!(status, StatusCode::OK, "{delivery}");
+        let target = |name: &str| delivery["targets"].as_array().unwrap().iter().find(|t| t["target"] == name).cloned();
+        let purge = target("purge:r1").unwrap_or_else(|| panic!("{delivery}"));
+        assert_eq!(purge["acknowledged"], false, "{delivery}");
+        let authority = target("authority").unwrap_or_else(|| panic!("{delivery}"));
+        assert_eq!((&authority["state"], &authority["acknowledged"]), (&json!("pending"), &json!(false)), "{delivery}");
+        assert!(authority["last_error"].is_string(), "{delivery}");
+        assert!(delivery["pending"].as_u64() >= Some(2), "{delivery}");
+    });
+}
+
+/// `GET /v1/keys/{id}/delivery` follows one change target by target: each acknowledgement with
+/// its time, the region's `applied_at`, and the change's status; a root key without `read_key`
+/// is refused, and another workspace's key is not found.
+#[test]
+fn a_change_is_followed_target_by_target() {
+    bounded(Duration::from_secs(20), async {
+        let (url, _) = stand_in(Duration::ZERO).await;
+        let h = harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &url)), ..Endpoints::default() }))
+            .await;
+        let (created, _) = h.key().await;
+        let id = created["id"].as_str().unwrap();
+        let (status, revoked) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        let path = format!("/v1/keys/{id}/delivery");
+        let (status, delivery) = h.call("GET", &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{delivery}");
+        assert_eq!((&delivery["version"], &delivery["status"]), (&json!(2), &json!("revoked")), "{delivery}");
+        assert!(delivery["answered_at_ms"].as_i64().unwrap() >= delivery["committed_at_ms"].as_i64().unwrap());
+        let targets = delivery["targets"].as_array().unwrap();
+        let names: Vec<&str> = targets.iter().map(|t| t["target"].as_str().unwrap()).collect();
+        assert_eq!(names, ["authority", "kv:r1", "purge:r1"], "{delivery}");
+        for t in targets.iter().filter(|t| t["target"] != "kv:r1") {
+            assert_eq!((&t["state"], &t["acknowledged"]), (&json!("done"), &json!(true)), "{delivery}");
+            assert!(t["attempts"].as_i64() >= Some(1) && t["done_at"].is_i64(), "{delivery}");
+        }
+        assert_eq!(targets[2]["applied_at"], 1, "the region's own clock, as it answered: {delivery}");
+        let (status, created_version) = h.call("GET", &format!("{path}?version=1"), None).await;
+        assert_eq!((status, &created_version["status"]), (StatusCode::OK, &json!("active")), "{created_version}");
+
+        let body = r#"{"name":"verifier","scopes":["api.*.verify_key"]}"#;
+        let (status, verifier) = h.call("POST", "/v1/root-keys", Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{verifier}");
+        let verifier = Harness { root: verifier["key"].as_str().unwrap().to_owned(), ..h.clone() };
+        assert_eq!(verifier.call("GET", &path, None).await.0, StatusCode::FORBIDDEN);
+        let (status, other) = h.call("POST", "/v1/workspaces", Some(r#"{"name":"other"}"#)).await;
+        assert_eq!(status, StatusCode::CREATED, "{other}");
+        let other = Harness { root: other["root_key"]["key"].as_str().unwrap().to_owned(), ..h.clone() };
+        assert_eq!(other.call("GET", &path, None).await.0, StatusCode::NOT_FOUND);
     });
 }
 

@@ -194,7 +194,7 @@ async fn confirm(
         Resolved::Record(Some(record), _) => {
             let kept = RootCopy { record, confirmed_at_ms: now_ms };
             ROOTS.with(|roots| {
-                roots.with(|roots| {
+                roots.update(|roots| {
                     // Never trade a copy for an older version or an older confirmation of the
                     // same one (a slow confirmation finishing late).
                     let older = |held: &RootCopy| {

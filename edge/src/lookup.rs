@@ -308,7 +308,7 @@ pub(crate) enum PurgeMode {
 /// does not drop the copy within its deadline.
 pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMode) -> Result<bool> {
     let hash = record.hash;
-    let in_memory = MEMORY.with(|m| m.with(|m| m.contains(hash.as_bytes())));
+    let in_memory = MEMORY.with(|m| m.update(|m| m.contains(hash.as_bytes())));
     if mode == PurgeMode::Record {
         note_purged(&hash, record.version);
         remember(&hash, Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
@@ -350,7 +350,7 @@ fn purged_newer(hash: &KeyHash, version: u64) -> bool {
 /// and check times (a confirmation finishing late never shortens what another established).
 fn remember(hash: &KeyHash, mut entry: Entry) -> Entry {
     MEMORY.with(|m| {
-        m.with(|memory| {
+        m.update(|memory| {
             match memory.get(hash.as_bytes()) {
                 Some(held) if held.record.version > entry.record.version => return held.clone(),
                 Some(held) if held.record.version == entry.record.version => {
@@ -368,7 +368,7 @@ fn remember(hash: &KeyHash, mut entry: Entry) -> Entry {
 }
 
 fn held_version(hash: &KeyHash) -> Option<u64> {
-    MEMORY.with(|m| m.with(|m| m.peek(hash.as_bytes()).map(|held| held.record.version)))
+    MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|held| held.record.version)))
 }
 
 /// Keeps a confirmed copy in memory and the Cache API (tagged with the key hash, for

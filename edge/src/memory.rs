@@ -51,7 +51,7 @@ impl<V: Weigh + Clone> Copies<V> {
     }
 
     /// Runs `f` on the copies, to read, compare and replace under one borrow.
-    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut ByteLru<[u8; 32], V>) -> R) -> R {
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut ByteLru<[u8; 32], V>) -> R) -> R {
         f(&mut self.0.borrow_mut())
     }
 }

@@ -131,6 +131,7 @@ fn incident_in_a_terminal_finds_revokes_follows_and_proves() {
         assert!(shown.contains(expected), "the key's description shows {expected}: {shown}");
     }
     screen.send_line("y").unwrap();
+    let confirmed = std::time::Instant::now();
     let followed = screen.exp_string("Waiting until the promise's bound").expect("follows the delivery");
     // (rexpect reads the screen byte by byte, so the line's leading mark is not compared.)
     for target in ["authority", "purge:r0", "purge:r1", "purge:r2"] {
@@ -141,7 +142,15 @@ fn incident_in_a_terminal_finds_revokes_follows_and_proves() {
     }
     screen.exp_string("Revocation proof").expect("prints the proof");
     let proof_text = screen.exp_eof().expect("ends");
+    // The proof is read only once the bound (1 s) and the evidence's lag (3 s) have passed.
+    assert!(confirmed.elapsed() >= Duration::from_secs(4), "read after {:?}", confirmed.elapsed());
     assert!(proof_text.contains("0 violations"), "{proof_text}");
+    for i in 0..3 {
+        let row =
+            proof_text.lines().find(|l| l.starts_with(&format!("r{i} "))).unwrap_or_else(|| panic!("{proof_text}"));
+        let rejected: u64 = row.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(rejected > 0, "region r{i} shows its rejections: {proof_text}");
+    }
     let status = screen.process_mut().wait().unwrap();
     assert!(matches!(status, rexpect::process::wait::WaitStatus::Exited(_, 0)), "{status:?}: {proof_text}");
 
@@ -167,7 +176,9 @@ fn incident_in_a_terminal_finds_revokes_follows_and_proves() {
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_lost_purge_stays_within_the_bound_and_a_stale_answer_past_it_is_a_violation() {
-    const STALENESS_MS: i64 = 3_000;
+    // Long enough that r1's copy answers well after the revoke (refresh ahead confirms it at
+    // three quarters of this), and the stale edge's well past the bound.
+    const STALENESS_MS: i64 = 10_000;
     let main = baseline::main_module().unwrap();
     let mut world = World::start(&[RegionPlan::Up, RegionPlan::Gated]).unwrap();
     let stale = Baseline::start(&world, main, "stale", world.regions[0].spec.vars.clone()).unwrap();
@@ -176,10 +187,11 @@ fn a_lost_purge_stays_within_the_bound_and_a_stale_answer_past_it_is_a_violation
     stale.copy_keys(&world, std::slice::from_ref(&key)).unwrap();
     let mut edges = region_edges(&world);
     edges.push(("stale".to_owned(), stale.url()));
+    let clients = Clients::start(&edges, &world.root_key, &key);
+    // Hot just before the revoke, so r1's copy has its whole trust ahead of it.
     for i in 0..2 {
         world.make_hot(i, &key);
     }
-    let clients = Clients::start(&edges, &world.root_key, &key);
     // Region r1 loses every purge and KV write from here on.
     for gate in [&world.regions[1].gate, &world.regions[1].kv_gate] {
         gate.as_ref().expect("gated region").set_mode(GateMode::Refuse);
@@ -216,6 +228,7 @@ fn a_lost_purge_stays_within_the_bound_and_a_stale_answer_past_it_is_a_violation
         assert!(v["at_ms"].as_i64() > v["bound_ms"].as_i64(), "{v}");
         assert_eq!(v["bound"], "answer + max_staleness_ms + skew", "{v}");
     }
+    assert_eq!(region_proof(&proof, "stale")["violations"], broken.len(), "{proof}");
     assert_eq!(proof["violations"], broken.len(), "only the stale edge broke the promise: {proof}");
 
     // The CLI says so loudly and exits 3, in both forms.
@@ -227,9 +240,28 @@ fn a_lost_purge_stays_within_the_bound_and_a_stale_answer_past_it_is_a_violation
     let table = String::from_utf8_lossy(&table_run.stdout);
     assert_eq!(table_run.status.code(), Some(3), "{table}");
     assert!(table.contains("VALID answers that broke the promise") && table.contains("stale"), "{table}");
-    let metrics = reqwest::blocking::get(world.metrics_url()).unwrap().text().unwrap();
-    let counted = metrics.lines().find(|l| l.starts_with("keyward_proof_violations_total")).unwrap_or_default();
-    assert!(!counted.ends_with(" 0"), "violations are counted in /metrics: {counted}");
+    // One more proof counts its violations once more in /metrics.
+    let counted = || -> u64 {
+        let metrics = reqwest::blocking::get(world.metrics_url()).unwrap().text().unwrap();
+        let line = metrics.lines().find(|l| l.starts_with("keyward_proof_violations_total")).unwrap_or_default();
+        line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{metrics}"))
+    };
+    let before = counted();
+    let again = proof_of(&world, &id);
+    assert_eq!(counted() - before, again["violations"].as_u64().unwrap(), "{again}");
+
+    // r1 recovers (the retrier delivers its purge). The incident on a key already revoked
+    // follows that change, waits for nothing (the bound has passed), and exits 3 with the proof
+    // in its JSON.
+    for gate in [&world.regions[1].gate, &world.regions[1].kv_gate] {
+        gate.as_ref().expect("gated region").set_mode(GateMode::Open);
+    }
+    let incident = keyward(&world).args(["incident", &id, "--yes", "--json"]).output().unwrap();
+    assert_eq!(incident.status.code(), Some(3), "{}", String::from_utf8_lossy(&incident.stderr));
+    let printed: Value = serde_json::from_slice(&incident.stdout).unwrap();
+    assert!(printed["proof"]["violations"].as_u64() >= Some(broken.len() as u64), "{printed}");
+    assert_eq!(printed["delivery"]["status"], "revoked", "{printed}");
+    assert!(printed["revoke"].is_null() && printed["waited_ms"].as_i64() < Some(1_000), "{printed}");
     drop(stale);
     world.assert_no_plaintext();
 }

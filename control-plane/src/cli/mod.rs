@@ -312,7 +312,9 @@ pub async fn run() -> anyhow::Result<()> {
         (false, None) => Format::Json,
     };
     render::set_colour(
-        format == Format::Table && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        format == Format::Table
+            && std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
     );
     if let Command::Incident { key, yes } = &cli.command {
         let client = Client::new(&cli.url, cli.root_key.clone())?;

@@ -137,7 +137,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         View::OutboxStatus => outbox_status(answer, now),
         View::Redriven => format!(
             "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
-            answer["region"].as_str().map_or("every target".to_owned(), |r| format!("region {r}")),
+            answer["region"].as_str().map_or("every target".to_owned(), |r| format!("region {}", printable(r))),
             text(&answer["revived"]),
             text(&answer["made_due"]),
         ),
@@ -187,7 +187,7 @@ fn keys(answer: &Value, now: i64) -> String {
 fn verified(answer: &Value) -> String {
     let valid = if answer["valid"] == Value::Bool(true) { "valid" } else { "not valid" };
     let mut out = format!("{}: {valid}", text(&answer["code"]));
-    if let Some(source) = answer["source"].as_str() {
+    if let Some(source) = answer["source"].as_str().map(printable) {
         out.push_str(&format!(" (answered from {source})"));
     }
     out.push('\n');
@@ -210,10 +210,13 @@ fn verified(answer: &Value) -> String {
 }
 
 /// `outbox status`: every target's counts, then each stuck or dead-lettered delivery.
+/// The violations a proof lists on a terminal; `--json` has every one.
+const MAX_VIOLATIONS_SHOWN: usize = 20;
+
 /// A revocation proof: the change, each region's acknowledgement, every VALID since, judged.
 fn proof(answer: &Value) -> String {
     let change = &answer["change"];
-    let by = answer["by"]["root_key_name"].as_str().map_or(String::new(), |n| format!(" by root key {n}"));
+    let by = answer["by"]["root_key_name"].as_str().map_or(String::new(), |n| format!(" by root key {}", printable(n)));
     let mut out = format!(
         "Key {} {} at {}{by} (version {}); answered at {}.\n",
         text(&answer["key_id"]),
@@ -234,11 +237,11 @@ fn proof(answer: &Value) -> String {
                 Some(false) => "NOT acknowledged".to_owned(),
                 None => "-".to_owned(),
             };
-            let valid_after = items(&r["valid_after"]);
-            let broken = valid_after.iter().filter(|v| v["verdict"] == "violation").count();
+            let listed = items(&r["valid_after"]).len();
+            let valid = if r["truncated"] == true { format!("{listed}+") } else { listed.to_string() };
             let rejected: i64 =
                 r["rejections_since"].as_object().map_or(0, |m| m.values().filter_map(Value::as_i64).sum());
-            vec![text(&r["region"]), ack, valid_after.len().to_string(), broken.to_string(), rejected.to_string()]
+            vec![text(&r["region"]), ack, valid, text(&r["violations"]), rejected.to_string()]
         })
         .collect();
     out += &table(&["region", "purge", "VALID since", "violations", "rejected since"], rows, "No region has answered.");
@@ -253,7 +256,17 @@ fn proof(answer: &Value) -> String {
         .collect();
     if !violations.is_empty() {
         out += &paint("VALID answers that broke the promise:\n", Paint::Red);
-        out += &table(&["region", "decided at", "on version", "late by", "bound"], violations, "");
+        let more = violations.len().saturating_sub(MAX_VIOLATIONS_SHOWN);
+        let shown = violations.into_iter().take(MAX_VIOLATIONS_SHOWN).collect();
+        out += &table(&["region", "decided at", "on version", "late by", "bound"], shown, "");
+        if more > 0 {
+            out += &format!("and {more} more listed (`--json` shows them all)\n");
+        }
+    }
+    let sources: Vec<String> =
+        items(&answer["sources_since"]).iter().map(|s| format!("{} ({})", text(&s[0]), text(&s[1]))).collect();
+    if !sources.is_empty() {
+        out += &format!("Still trying since the change: {}.\n", sources.join(", "));
     }
     let summary = format!(
         "{} violations; {} VALID within the promise (clock allowance {} ms).",
@@ -302,7 +315,7 @@ fn audit(answer: &Value) -> String {
         .map(|e| {
             let who = e["root_key_name"]
                 .as_str()
-                .map_or_else(|| text(&e["actor"]), |name| format!("{name} ({})", text(&e["root_key_id"])));
+                .map_or_else(|| text(&e["actor"]), |name| format!("{} ({})", printable(name), text(&e["root_key_id"])));
             vec![text(&e["id"]), date(&e["at_ms"]), who, text(&e["action"]), text(&e["target"])]
         })
         .collect();
@@ -492,9 +505,20 @@ fn indent(text: &str) -> String {
 pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         other => other.to_string(),
     }
+}
+
+/// `s` with every control character (C0, DEL, C1: escapes, carriage returns, newlines) and
+/// every bidirectional override written as `\u{..}`: names, owners and client addresses are
+/// anyone's text, and must not rewrite the terminal they are printed on.
+pub fn printable(s: &str) -> String {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return s.to_owned();
+    }
+    s.chars().map(|c| if unsafe_char(c) { c.escape_unicode().to_string() } else { c.to_string() }).collect()
 }
 
 fn text_or_empty(value: &Value) -> String {
@@ -597,7 +621,7 @@ mod tests {
         let proof = json!({
             "key_id": "key_01", "change": { "kind": "revoked", "at_ms": NOW, "version": 2, "answered_at_ms": NOW + 5 },
             "by": { "root_key_name": "ops" }, "violations": 1, "within_promise": 1, "skew_ms": 250,
-            "regions": [{ "region": "r2", "took": { "acknowledged": false }, "valid_after": [valid(NOW + 600, "within_promise"), valid(NOW + 3_250, "violation")], "rejections_since": { "REVOKED": 4 } }],
+            "regions": [{ "region": "r2", "took": { "acknowledged": false }, "violations": 1, "valid_after": [valid(NOW + 600, "within_promise"), valid(NOW + 3_250, "violation")], "rejections_since": { "REVOKED": 4 } }],
         });
         let text = render(View::Proof, &proof, NOW);
         assert!(
@@ -609,6 +633,14 @@ mod tests {
         assert_eq!(rows.len(), 2, "the region's row and its one violation: {text}");
         assert!(rows[1].contains("11:06:43.250") && rows[1].contains("2000 ms"), "{text}");
         assert!(text.contains("1 violations; 1 VALID within the promise"), "{text}");
+    }
+
+    #[test]
+    fn text_from_anyone_cannot_rewrite_the_terminal() {
+        let hostile = json!({ "id": "key_01", "name": "\u{1b}[2J\r\u{202E}evil", "start": "sk_x", "owner_id": "a\u{9b}b", "status": "active", "enabled": true, "expires_at": null });
+        let text = render(View::Keys, &json!({ "keys": [hostile], "cursor": null }), NOW);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(text.contains("\\u{1b}[2J\\u{d}\\u{202e}evil") && text.contains("a\\u{9b}b"), "{text}");
     }
 
     #[test]

@@ -29,12 +29,38 @@ struct DeliveryQuery {
 struct ChangeDelivery {
     key_id: String,
     version: u64,
+    /// The status the change gave the key (`active`, `revoked`, `deleted`).
+    status: Option<String>,
     /// When the change was committed, and when its caller was answered (the control plane's clock).
     committed_at_ms: i64,
     answered_at_ms: Option<i64>,
-    /// Targets not yet acknowledged.
+    /// Targets not yet acknowledged that still may be (not left to a newer change).
     pending: usize,
-    targets: Vec<Delivery>,
+    targets: Vec<TargetView>,
+}
+
+#[derive(Serialize)]
+struct TargetView {
+    #[serde(flatten)]
+    delivery: Delivery,
+    /// Whether the change is in force there. For a region's purge: the region took it *and*
+    /// the authority holds the change (a region that confirms a copy with an authority lacking
+    /// it could take the old record back); the revoke call's answer says the same. Otherwise:
+    /// its delivery is done.
+    acknowledged: bool,
+}
+
+/// Each delivery with whether it counts as acknowledged.
+fn views(deliveries: Vec<Delivery>) -> Vec<TargetView> {
+    let authority_lacks = deliveries.iter().any(|d| d.target == "authority" && d.state != "done");
+    deliveries
+        .into_iter()
+        .map(|delivery| {
+            let done = delivery.state == "done";
+            let acknowledged = done && !(delivery.target.starts_with("purge:") && authority_lacks);
+            TargetView { delivery, acknowledged }
+        })
+        .collect()
 }
 
 async fn delivery(
@@ -58,13 +84,17 @@ async fn delivery(
         .change_entry(&id, version)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no delivery of version {version} is kept")))?;
-    let targets = state.store.deliveries_of(entry.id).await?;
+    let targets = views(state.store.deliveries_of(entry.id).await?);
     Ok(Json(ChangeDelivery {
         key_id: id,
         version,
+        status: entry.status,
         committed_at_ms: entry.created_at,
         answered_at_ms: entry.answered_at,
-        pending: targets.iter().filter(|t| t.state == "pending").count(),
+        pending: targets
+            .iter()
+            .filter(|t| !t.acknowledged && matches!(t.delivery.state.as_str(), "pending" | "done"))
+            .count(),
         targets,
     }))
 }

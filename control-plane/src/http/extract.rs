@@ -28,11 +28,7 @@ pub struct Path<T>(pub T);
 /// Checks that `text` is an id Keyward made with this prefix (`key_01J...`): the prefix, `_`,
 /// and 26 Crockford base32 characters.
 pub fn check_id(text: &str, prefix: &str) -> Result<(), AppError> {
-    let ok = text.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('_')).is_some_and(|ulid| {
-        ulid.len() == 26
-            && ulid.bytes().all(|b| b.is_ascii_digit() || (b.is_ascii_uppercase() && !b"ILOU".contains(&b)))
-    });
-    if ok {
+    if crate::keygen::is_id(text, prefix) {
         Ok(())
     } else {
         Err(AppError::InvalidId(format!(

@@ -16,9 +16,10 @@ use super::auth::RootKey;
 use super::extract::{Json, Path, check_id};
 use super::{AppError, AppState, Result};
 use crate::metrics;
-use crate::proof::{Change, Judged, RegionTook, SKEW_MS, judge};
+use crate::proof::{Change, Judged, RegionTook, SKEW_MS, bound, judge};
 use crate::store::audit::AuditQuery;
 use crate::store::proof::Answer;
+use crate::store::usage::Losses;
 use crate::time::now_ms;
 
 /// The most `VALID` answers after the change a proof lists.
@@ -37,9 +38,14 @@ struct Proof {
     regions: Vec<RegionProof>,
     /// Caller or client addresses that kept trying the key since the change, with counts.
     sources_since: Vec<(String, i64)>,
-    violations: usize,
-    within_promise: usize,
+    /// Every `VALID` on an older record past its region's bound, counted over all the evidence
+    /// (not only the answers listed).
+    violations: i64,
+    within_promise: i64,
     skew_ms: i64,
+    /// What the usage evidence lost since the change, per region (over every workspace: a lost
+    /// batch's events cannot be told apart): an answer lost cannot be judged.
+    losses_since: BTreeMap<String, Losses>,
 }
 
 #[derive(Serialize)]
@@ -47,7 +53,12 @@ struct RegionProof {
     region: String,
     took: Option<RegionTook>,
     last_valid_before: Option<Answer>,
+    /// The first [`MAX_LISTED`] `VALID` answers since the change, judged.
     valid_after: Vec<Judged>,
+    /// Whether more `VALID` answers came than are listed.
+    truncated: bool,
+    violations: i64,
+    within_promise: i64,
     rejections_since: BTreeMap<String, i64>,
 }
 
@@ -62,21 +73,48 @@ async fn proof(State(state): State<AppState>, caller: RootKey, Path(id): Path<St
         None => None,
     };
     change.answered_at_ms = entry.as_ref().and_then(|e| e.answered_at);
-    let deliveries = match &entry {
-        Some(entry) => {
-            store.deliveries_of(entry.id).await?.into_iter().filter(|d| d.target.starts_with("purge:")).collect()
-        }
+    let took = match &entry {
+        Some(entry) => regions_took(&state, entry.id).await?,
         None => Vec::new(),
     };
+    let regions = region_proofs(&state, &id, &change, took).await?;
+    let (violations, within_promise) =
+        regions.iter().fold((0, 0), |(v, w), r| (v + r.violations, w + r.within_promise));
+    metrics::PROOF_VIOLATIONS.inc_by(violations as u64);
+    let losses_since = store.usage_losses(change.at_ms, now_ms()).await?.into_iter().collect();
+    Ok(Json(Proof {
+        key_id: id.clone(),
+        sources_since: store.sources_since(&id, change.at_ms).await?,
+        change,
+        by,
+        regions,
+        violations,
+        within_promise,
+        skew_ms: SKEW_MS,
+        losses_since,
+    }))
+}
+
+/// How each region took the change, from its purge's delivery.
+async fn regions_took(state: &AppState, outbox_id: i64) -> Result<Vec<RegionTook>> {
+    let deliveries = state.store.deliveries_of(outbox_id).await?;
     let edge = state.delivery.edge();
-    let took: Vec<RegionTook> = deliveries
+    Ok(deliveries
         .iter()
+        .filter(|d| d.target.starts_with("purge:"))
         .map(|d| {
             let name = d.target.trim_start_matches("purge:");
             let by_tag = edge.regions.iter().find(|r| r.name == name).is_some_and(|r| !r.purge_carries_record());
             RegionTook::of(d, by_tag)
         })
-        .collect();
+        .collect())
+}
+
+/// Every region that took the change or answered for the key around it: its last `VALID`
+/// before, its `VALID`s since (the first [`MAX_LISTED`] judged one by one, all of them counted
+/// against its bound), and its rejections.
+async fn region_proofs(state: &AppState, id: &str, change: &Change, took: Vec<RegionTook>) -> Result<Vec<RegionProof>> {
+    let store = &state.store;
     let mut regions: BTreeMap<String, RegionProof> = BTreeMap::new();
     let region = |regions: &mut BTreeMap<String, RegionProof>, name: &str| {
         regions.entry(name.to_owned()).or_insert_with(|| RegionProof {
@@ -84,46 +122,43 @@ async fn proof(State(state): State<AppState>, caller: RootKey, Path(id): Path<St
             took: took.iter().find(|t| t.region == name).cloned(),
             last_valid_before: None,
             valid_after: Vec::new(),
+            truncated: false,
+            violations: 0,
+            within_promise: 0,
             rejections_since: BTreeMap::new(),
         });
     };
     for t in &took {
         region(&mut regions, &t.region);
     }
-    for before in store.last_valid_before(&id, change.at_ms).await? {
+    for before in store.last_valid_before(id, change.at_ms).await? {
         let name = before.region.clone();
         region(&mut regions, &name);
         regions.get_mut(&name).expect("just made").last_valid_before = Some(before);
     }
-    let (mut violations, mut within) = (0, 0);
-    for answer in store.valid_answers_since(&id, change.at_ms, MAX_LISTED).await? {
+    for answer in store.valid_answers_since(id, change.at_ms, MAX_LISTED).await? {
         let name = answer.region.clone();
         region(&mut regions, &name);
         let r = regions.get_mut(&name).expect("just made");
-        let judged = judge(&change, r.took.as_ref(), answer);
-        match judged.verdict {
-            "violation" => violations += 1,
-            "within_promise" => within += 1,
-            _ => {}
-        }
+        let judged = judge(change, r.took.as_ref(), answer);
         r.valid_after.push(judged);
     }
-    for (name, code, count) in store.rejections_since(&id, change.at_ms).await? {
+    for (name, count) in store.valid_counts_since(id, change.at_ms).await? {
+        region(&mut regions, &name);
+        let r = regions.get_mut(&name).expect("just made");
+        r.truncated = count > r.valid_after.len() as i64;
+        let older = store.older_valid_after(id, &name, change.at_ms - 1, change.version).await?;
+        r.violations = match bound(change, r.took.as_ref()).0 {
+            Some(bound_ms) => store.older_valid_after(id, &name, bound_ms, change.version).await?,
+            None => 0,
+        };
+        r.within_promise = older - r.violations;
+    }
+    for (name, code, count) in store.rejections_since(id, change.at_ms).await? {
         region(&mut regions, &name);
         regions.get_mut(&name).expect("just made").rejections_since.insert(code, count);
     }
-    metrics::PROOF_VIOLATIONS.inc_by(violations as u64);
-    let sources_since = store.sources_since(&id, change.at_ms).await?;
-    Ok(Json(Proof {
-        key_id: id.clone(),
-        change,
-        by,
-        regions: regions.into_values().collect(),
-        sources_since,
-        violations,
-        within_promise: within,
-        skew_ms: SKEW_MS,
-    }))
+    Ok(regions.into_values().collect())
 }
 
 /// The change that made the key invalid, and who made it: the audit log's first entry that

@@ -27,6 +27,8 @@ pub struct ChangeEntry {
     pub id: i64,
     pub created_at: i64,
     pub answered_at: Option<i64>,
+    /// The status of the record the entry carried (`active`, `revoked`, `deleted`).
+    pub status: Option<String>,
 }
 
 /// One usage event of the key, as the proof shows it.
@@ -45,7 +47,8 @@ impl Store {
     /// The first outbox entry that carried version `version` of key `key_id`.
     pub async fn change_entry(&self, key_id: &str, version: u64) -> Result<Option<ChangeEntry>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT id, created_at, answered_at FROM outbox WHERE kind = 'key' AND key_id = ? \
+            "SELECT id, created_at, answered_at, json_extract(record, '$.status') AS status FROM outbox \
+             WHERE kind = 'key' AND key_id = ? \
              AND json_extract(record, '$.version') = ? ORDER BY id LIMIT 1",
         )
         .bind(key_id)
@@ -81,6 +84,41 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Per region, how many `VALID` answers the key had at or after `since_ms`.
+    pub async fn valid_counts_since(&self, key_id: &str, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT region, COUNT(*) FROM usage_events WHERE key_id = ? AND code = 'VALID' AND at_ms >= ? \
+             GROUP BY region ORDER BY region",
+        )
+        .bind(key_id)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// How many of the key's `VALID` answers in `region` were decided after `after_ms` on a
+    /// record older than `version` (any record, for `None`, or when the answer names none).
+    pub async fn older_valid_after(
+        &self,
+        key_id: &str,
+        region: &str,
+        after_ms: i64,
+        version: Option<u64>,
+    ) -> Result<i64, StoreError> {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM usage_events WHERE key_id = ? AND code = 'VALID' AND region = ? AND at_ms > ? \
+             AND (? IS NULL OR version IS NULL OR version < ?)",
+        )
+        .bind(key_id)
+        .bind(region)
+        .bind(after_ms)
+        .bind(version.map(|v| v as i64))
+        .bind(version.map(|v| v as i64))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count)
     }
 
     /// Per region, the key's last `VALID` answer decided before `before_ms`.
