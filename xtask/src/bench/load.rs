@@ -62,12 +62,13 @@ pub fn throughput(
     connections: usize,
     duration: Duration,
 ) -> anyhow::Result<Load> {
-    let valid = || {
+    let valid = |when: &str| {
         let (status, answer) =
             world.call(base, Some(root), reqwest::Method::POST, "/v1/keys/verify", Some(json!({ "key": key })));
-        status == 200 && answer["valid"] == true
+        anyhow::ensure!(status == 200 && answer["valid"] == true, "key not valid at {base} {when}: {status} {answer}");
+        Ok(())
     };
-    anyhow::ensure!(valid(), "key not valid at {base}");
+    valid("before the load")?;
     let script = world.dir.path().join("verify.lua");
     std::fs::write(
         &script,
@@ -75,7 +76,7 @@ pub fn throughput(
     )?;
     let load = wrk(&format!("{base}/v1/keys/verify"), Some(&script), connections, duration);
     std::fs::remove_file(&script)?;
-    anyhow::ensure!(valid(), "key not valid at {base} after the load");
+    valid("after the load")?;
     load
 }
 
