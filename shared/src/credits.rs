@@ -189,8 +189,8 @@ pub struct LeaseAnswer {
     pub lease: u64,
     pub granted: u64,
     pub ttl_ms: u64,
-    /// The balance left to lease after this one (an upper bound of what remains globally,
-    /// with what holders hold unspent).
+    /// An upper bound of what remains globally after this lease: the balance left to lease and
+    /// every lease not yet reported, this one included ([`Ledger::upper_bound`]).
     pub remaining: u64,
     pub verdict: Verdict,
 }
@@ -282,6 +282,12 @@ impl Ledger {
         self.leases.iter().filter(|l| l.expires_at_ms <= now_ms).map(|l| l.granted).sum()
     }
 
+    /// An upper bound of what may still be spent: the balance and every lease not yet reported
+    /// (some of which holders may have spent).
+    pub fn upper_bound(&self) -> u64 {
+        self.available() + self.leases.iter().map(|l| l.granted).sum::<u64>()
+    }
+
     /// Given up on: the unspent parts of leases never reported within [`REPORT_GRACE_MS`].
     pub fn stranded(&self) -> u64 {
         self.stranded
@@ -338,7 +344,7 @@ impl Ledger {
     pub fn lease(&mut self, key: Key<'_>, request: &LeaseRequest, now_ms: i64) -> LeaseAnswer {
         self.apply(key, now_ms);
         self.take_reports(&request.reports);
-        let none = |verdict| LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: self.available(), verdict };
+        let none = |verdict| LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: self.upper_bound(), verdict };
         if !key.usable {
             return none(Verdict::Void);
         }
@@ -350,7 +356,13 @@ impl Ledger {
         self.next_lease += 1;
         self.balance -= granted as i64;
         self.leases.push(Lease { id, granted, expires_at_ms: now_ms + LEASE_TTL_MS as i64 });
-        LeaseAnswer { lease: id, granted, ttl_ms: LEASE_TTL_MS, remaining: self.available(), verdict: Verdict::Granted }
+        LeaseAnswer {
+            lease: id,
+            granted,
+            ttl_ms: LEASE_TTL_MS,
+            remaining: self.upper_bound(),
+            verdict: Verdict::Granted,
+        }
     }
 
     /// Settles one verification of `cost` here and now (after [`Ledger::apply`]); with an
@@ -370,7 +382,7 @@ impl Ledger {
         } else {
             Verdict::Exceeded
         };
-        let settlement = Settlement { verdict, remaining: self.available(), decided_at_ms: now_ms.max(0) as u64 };
+        let settlement = Settlement { verdict, remaining: self.upper_bound(), decided_at_ms: now_ms.max(0) as u64 };
         if let (Some(k), true) = (&request.idempotency_key, key.usable) {
             self.settled.push(Remembered { key: k.clone(), settlement });
         }
@@ -500,10 +512,10 @@ mod tests {
         assert_eq!(ledger.unreported(10_000), 100);
         let back = ledger.lease(key(&credits, true), &ask(1, 1, vec![Report { lease: 1, spent: 0 }]), 10_001);
         assert_eq!(back.verdict, Verdict::Granted);
-        assert_eq!(back.remaining, 25 - 1);
+        assert_eq!((ledger.available(), back.remaining), (24, 100));
         // A report of a lease already reported returns nothing again.
         let again = ledger.lease(key(&credits, true), &ask(0, 0, vec![Report { lease: 1, spent: 0 }]), 10_002);
-        assert_eq!(again.remaining, back.remaining - again.granted);
+        assert_eq!(ledger.available(), 24 - again.granted);
     }
 
     #[test]
@@ -513,11 +525,11 @@ mod tests {
         let lease = ledger.lease(key(&credits, true), &ask(1, 100, vec![]), 0);
         assert_eq!(lease.granted, 3);
         let void = ledger.lease(key(&credits, false), &ask(1, 100, vec![]), 1);
-        assert_eq!((void.verdict, void.granted, void.remaining), (Verdict::Void, 0, 7));
+        assert_eq!((void.verdict, void.granted, void.remaining, ledger.available()), (Verdict::Void, 0, 10, 7));
         // Re-enabled: the lease is still out, so 7 is all there is.
         assert_eq!(ledger.outstanding(2), 3);
         let s = ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: None, cost: 7 }, 3);
-        assert_eq!((s.verdict, s.remaining), (Verdict::Granted, 0));
+        assert_eq!((s.verdict, s.remaining), (Verdict::Granted, 3));
         let s = ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: None, cost: 1 }, 4);
         assert_eq!(s.verdict, Verdict::Exceeded);
     }
@@ -567,6 +579,7 @@ mod tests {
         let with = |k: &str| SettleRequest { idempotency_key: Some(k.into()), cost: 1 };
         let first = ledger.settle(key(&credits, true), &with("a"), 10);
         assert_eq!((first.verdict, first.remaining), (Verdict::Granted, 1));
+        assert_eq!(ledger.upper_bound(), 1);
         assert_eq!(ledger.settle(key(&credits, true), &with("a"), 20), first);
         assert_eq!(ledger.available(), 1);
         assert_eq!(ledger.settle(key(&credits, true), &with("b"), 30).remaining, 0);

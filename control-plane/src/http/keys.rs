@@ -8,12 +8,14 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use keyward_shared::credits::{Credits, Period, Refill};
+use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Settlement, Verdict};
 use keyward_shared::key::validate_prefix;
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
-use keyward_shared::{Key, KeyAction, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide};
+use keyward_shared::{
+    Code, Key, KeyAction, KeyHash, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
@@ -434,10 +436,39 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
-    let response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))
+    let settled = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
+        Some(_) => Some(settle(&state, hash, &request).await),
+        None => None,
+    };
+    let decision = match settled {
+        Some(Some(s)) if s.verdict == Verdict::Exceeded => decision.refused_by_credits(Code::UsageExceeded),
+        Some(Some(s)) if s.verdict != Verdict::Void => decision,
+        Some(_) => decision.refused_by_credits(Code::Unavailable),
+        None => decision,
+    };
+    let mut response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))
         .decided_at(u64::try_from(now).unwrap_or(0));
+    if let Some(Some(s)) =
+        settled.filter(|s| response.code != Code::Unavailable && s.is_some_and(|s| s.verdict != Verdict::Unlimited))
+    {
+        response = response.with_credits(s.remaining);
+    }
     state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response));
     Ok(Json(response))
+}
+
+/// Settles the request's cost of the key's credits at its authority, as the edge does with an
+/// idempotency key; `None` when it could not (the answer is then `UNAVAILABLE`).
+async fn settle(state: &AppState, hash: KeyHash, request: &VerifyRequest) -> Option<Settlement> {
+    let settle = SettleRequest { idempotency_key: request.idempotency_key.clone(), cost: request.cost.unwrap_or(1) };
+    match state.delivery.edge().settle(hash, settle).await {
+        Ok(Some(settlement)) => Some(settlement),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot settle credits at the key's authority");
+            None
+        }
+    }
 }
 
 /// The origin's verification as its usage event sees it: region `origin`, the caller's request.
