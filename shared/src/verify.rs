@@ -123,6 +123,7 @@ impl Decision {
             return self;
         }
         match code {
+            Code::Valid => self,
             Code::UsageExceeded => Decision { code, ..self },
             _ => Decision::of(Code::Unavailable),
         }
@@ -582,6 +583,7 @@ mod tests {
     #[test]
     fn credits_refuse_only_valid_decisions() {
         let valid = Decision { code: Code::Valid, permissions_matched: vec!["read".into()] };
+        assert_eq!(valid.clone().refused_by_credits(Code::Valid), valid);
         let exceeded = valid.clone().refused_by_credits(Code::UsageExceeded);
         assert_eq!((exceeded.code, exceeded.reveals_key()), (Code::UsageExceeded, true));
         let unavailable = valid.refused_by_credits(Code::Unavailable);
