@@ -81,7 +81,8 @@ fn valid(answers: &[(String, Value)]) -> usize {
 }
 
 fn key_with_credits(world: &World, remaining: u64, refill: Option<Value>) -> (String, String) {
-    let api = world.create_api("credits", 1_000);
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let api = world.create_api(&format!("credits-{}", N.fetch_add(1, Ordering::SeqCst)), 1_000);
     let mut credits = json!({ "remaining": remaining });
     if let Some(refill) = refill {
         credits["refill"] = refill;
@@ -91,16 +92,19 @@ fn key_with_credits(world: &World, remaining: u64, refill: Option<Value>) -> (St
 
 /// Runs 1,000 verifications (60 in flight) against a balance of 100, then, once the leases
 /// have expired, rounds of 300 until the balance is spent; answers (VALID in the first round,
-/// VALID in all, how long the stranded part took to come back).
+/// VALID in all, how long the stranded part took to come back). With `kill_region_2`, region
+/// 2 is killed after the first 45 verifications, holding whatever share it had then.
 fn spend_a_hundred(world: &mut World, kill_region_2: bool) -> (usize, usize, Duration) {
     let (_, key) = key_with_credits(world, 100, None);
     let before = authority_calls(world);
-    let mut answers = burst(world, &key, &[0, 1, 2], 400, 60);
+    let mut answers = burst(world, &key, &[0, 1, 2], 45, 45);
     if kill_region_2 {
+        let held = answers.iter().filter(|(code, _)| code == "VALID").count();
         world.stop_region(2);
-        answers.extend(burst(world, &key, &[0, 1], 600, 60));
+        println!("region 2 killed after {held} VALID of 45");
+        answers.extend(burst(world, &key, &[0, 1], 955, 60));
     } else {
-        answers.extend(burst(world, &key, &[0, 1, 2], 600, 60));
+        answers.extend(burst(world, &key, &[0, 1, 2], 955, 60));
     }
     let first = valid(&answers);
     let round_one_over = Instant::now();
