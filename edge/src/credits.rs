@@ -15,7 +15,6 @@
 //! - A verification with an idempotency key is settled at the authority, one round trip.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
 use keyward_shared::credits::{LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict};
 use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleOrder};
@@ -118,12 +117,25 @@ impl Holding {
 }
 
 thread_local! {
-    static HOLDINGS: RefCell<HashMap<[u8; 32], Holding>> = RefCell::new(HashMap::new());
+    /// Holdings by key hash: a list (smaller in the worker than a map type); one whose leases
+    /// and reports are all gone is given up when another key needs a place.
+    static HOLDINGS: RefCell<Vec<([u8; 32], Holding)>> = const { RefCell::new(Vec::new()) };
     static COUNTS: Cell<CreditCounts> = const { Cell::new(CreditCounts { leases_waited: 0, leases_ahead: 0, settled: 0, unavailable: 0 }) };
 }
 
 fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
-    HOLDINGS.with(|h| f(h.borrow_mut().entry(*hash.as_bytes()).or_default()))
+    HOLDINGS.with(|h| {
+        let mut holdings = h.borrow_mut();
+        let at = match holdings.iter().position(|(held, _)| held == hash.as_bytes()) {
+            Some(at) => at,
+            None => {
+                holdings.retain(|(_, h)| !h.leases.is_empty() || !h.reports.is_empty() || h.asking_since.is_some());
+                holdings.push((*hash.as_bytes(), Holding::default()));
+                holdings.len() - 1
+            }
+        };
+        f(&mut holdings[at].1)
+    })
 }
 
 fn count(f: impl FnOnce(&mut CreditCounts)) {
@@ -141,7 +153,7 @@ pub(crate) fn counts() -> CreditCounts {
 /// of them is reported at the next contact.
 pub(crate) fn drop_shares(hash: &KeyHash) {
     HOLDINGS.with(|h| {
-        if let Some(holding) = h.borrow_mut().get_mut(hash.as_bytes()) {
+        if let Some((_, holding)) = h.borrow_mut().iter_mut().find(|(held, _)| held == hash.as_bytes()) {
             holding.close_expired(u64::MAX);
             holding.remaining = holding.remaining.saturating_sub(holding.spent_since);
             holding.spent_since = 0;

@@ -70,9 +70,11 @@ pub struct Refill {
 }
 
 /// When refills fall due. Periods begin at 00:00 UTC, but intervals, which count from the
-/// key's creation.
+/// key's creation. On the wire: `{"kind":"daily"}`, `{"kind":"monthly","day":15}`,
+/// `{"kind":"anniversary"}`, `{"kind":"interval","ms":10000}` (read through a flat struct: an
+/// internally tagged enum would bring serde's buffering into the worker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(try_from = "PeriodWire", into = "PeriodWire")]
 pub enum Period {
     Daily,
     /// On this day of each month (1-31); a day past the month's end means its last day.
@@ -85,6 +87,52 @@ pub enum Period {
     Interval {
         ms: u64,
     },
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum PeriodKind {
+    Daily,
+    Monthly,
+    Anniversary,
+    Interval,
+}
+
+/// A [`Period`] as JSON carries it.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeriodWire {
+    kind: PeriodKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    day: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ms: Option<u64>,
+}
+
+impl TryFrom<PeriodWire> for Period {
+    type Error = &'static str;
+
+    fn try_from(wire: PeriodWire) -> Result<Period, &'static str> {
+        match (wire.kind, wire.day, wire.ms) {
+            (PeriodKind::Daily, None, None) => Ok(Period::Daily),
+            (PeriodKind::Monthly, Some(day), None) => Ok(Period::Monthly { day }),
+            (PeriodKind::Anniversary, None, None) => Ok(Period::Anniversary),
+            (PeriodKind::Interval, None, Some(ms)) => Ok(Period::Interval { ms }),
+            _ => Err("a period is daily, monthly with a day, anniversary, or interval with ms"),
+        }
+    }
+}
+
+impl From<Period> for PeriodWire {
+    fn from(period: Period) -> PeriodWire {
+        let (kind, day, ms) = match period {
+            Period::Daily => (PeriodKind::Daily, None, None),
+            Period::Monthly { day } => (PeriodKind::Monthly, Some(day), None),
+            Period::Anniversary => (PeriodKind::Anniversary, None, None),
+            Period::Interval { ms } => (PeriodKind::Interval, None, Some(ms)),
+        };
+        PeriodWire { kind, day, ms }
+    }
 }
 
 /// Days since 1970-01-01 of a civil date (proleptic Gregorian).
@@ -598,6 +646,22 @@ mod tests {
         ledger.lease(key(&credits, true), &ask(1, 100, vec![]), 0);
         ledger.apply(key(&credits, true), LEASE_TTL_MS as i64 + REPORT_GRACE_MS);
         assert_eq!((ledger.stranded(), ledger.available()), (2, 6));
+    }
+
+    #[test]
+    fn periods_on_the_wire() {
+        for (period, text) in [
+            (Period::Daily, r#"{"kind":"daily"}"#),
+            (Period::Monthly { day: 31 }, r#"{"kind":"monthly","day":31}"#),
+            (Period::Anniversary, r#"{"kind":"anniversary"}"#),
+            (Period::Interval { ms: 10_000 }, r#"{"kind":"interval","ms":10000}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&period).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Period>(text).unwrap(), period);
+        }
+        for bad in [r#"{"kind":"monthly"}"#, r#"{"kind":"daily","ms":5}"#, r#"{"kind":"weekly"}"#] {
+            assert!(serde_json::from_str::<Period>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
