@@ -179,7 +179,8 @@ impl EdgeClient {
     /// verify route spends through the same ledger as the edge). `None` without an authority.
     pub async fn settle(&self, hash: KeyHash, settle: SettleRequest) -> Result<Option<Settlement>, EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(None) };
-        let body = serde_json::to_vec(&SettleOrder { hash, settle })?;
+        let body =
+            serde_json::to_vec(&SettleOrder { hash, cost: settle.cost, idempotency_key: settle.idempotency_key })?;
         let response = self.signed_post(url, SETTLE_PATH, body).await?;
         let settlement = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
         Ok(Some(settlement))

@@ -15,7 +15,7 @@
 //! read the record and the ledger and write the ledger the same way, so a revoked or disabled
 //! key's leases are void in the one place that grants them.
 
-use keyward_shared::credits::{self, Credits, LeaseAnswer, LeaseRequest, Ledger, SettleRequest, Verdict};
+use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Verdict, text};
 use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
 use keyward_shared::record::RecordError;
@@ -121,7 +121,7 @@ impl KeyState {
         let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
         let now = Date::now().as_millis() as i64;
         ledger.apply(ledger_key(&record, credits, now), now);
-        storage.put(LEDGER, serde_json::to_string(&ledger)?).await
+        storage.put(LEDGER, text::ledger(&ledger)).await
     }
 
     /// A lease or a settlement, by path: reads the record and the ledger, answers, and stores
@@ -133,32 +133,29 @@ impl KeyState {
             return Response::error("no record", 404);
         };
         let now = Date::now().as_millis() as i64;
-        let bad = |e: serde_json::Error| worker::Error::RustError(e.to_string());
         let Some(credits) = &record.credits else {
             let unlimited = LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: 0, verdict: Verdict::Unlimited };
-            return Response::from_json(&unlimited);
+            return Response::ok(text::lease_answer(&unlimited));
         };
         let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
         let key = ledger_key(&record, credits, now);
+        let bad = || worker::Error::RustError(format!("not a credits request: {body}"));
         let answer = match path {
-            LEASE_PATH => {
-                let request: LeaseRequest = serde_json::from_str(body).map_err(bad)?;
-                serde_json::to_string(&ledger.lease(key, &request, now))?
-            }
-            _ => {
-                let request: SettleRequest = serde_json::from_str(body).map_err(bad)?;
-                serde_json::to_string(&ledger.settle(key, &request, now))?
-            }
+            LEASE_PATH => text::lease_answer(&ledger.lease(key, &text::read_lease_request(body).ok_or_else(bad)?, now)),
+            _ => text::settlement(&ledger.settle(key, &text::read_settle_request(body).ok_or_else(bad)?, now)),
         };
-        storage.put(LEDGER, serde_json::to_string(&ledger)?).await?;
+        storage.put(LEDGER, text::ledger(&ledger)).await?;
         Response::ok(answer)
     }
 }
 
-/// The ledger held (stored as JSON text, like the record, so 64-bit numbers survive), or a new one.
-fn load_ledger(text: Option<String>) -> Result<Ledger> {
-    let parsed = text.map(|t| serde_json::from_str(&t)).transpose();
-    Ok(parsed.map_err(|e| worker::Error::RustError(e.to_string()))?.unwrap_or_default())
+/// The ledger held (stored as [`text::ledger`], so 64-bit numbers survive the JS boundary), or
+/// a new one.
+fn load_ledger(stored: Option<String>) -> Result<Ledger> {
+    match stored {
+        None => Ok(Ledger::default()),
+        Some(t) => text::read_ledger(&t).ok_or_else(|| worker::Error::RustError("unreadable ledger".into())),
+    }
 }
 
 /// What the ledger needs to know of the key.

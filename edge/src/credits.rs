@@ -16,7 +16,9 @@
 
 use std::cell::{Cell, RefCell};
 
-use keyward_shared::credits::{LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict};
+use keyward_shared::credits::{
+    LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict, text,
+};
 use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleOrder};
 use keyward_shared::{Code, KeyHash};
 use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
@@ -219,9 +221,8 @@ async fn post(env: &Env, hash: &KeyHash, path: &str, body: String) -> Result<Str
 /// Settles one verification at the key's authority (idempotent with `idempotency_key`).
 pub(crate) async fn settle(env: &Env, hash: &KeyHash, request: &SettleRequest) -> Spent {
     count(|c| c.settled += 1);
-    let body = serde_json::to_string(request).unwrap_or_default();
-    let answer = post(env, hash, SETTLE_PATH, body).await;
-    match answer.ok().and_then(|t| serde_json::from_str::<Settlement>(&t).ok()) {
+    let answer = post(env, hash, SETTLE_PATH, text::settle_request(request)).await;
+    match answer.ok().and_then(|t| text::read_settlement(&t)) {
         Some(settlement) if settlement.verdict == Verdict::Unlimited => Spent::Unlimited,
         Some(settlement) => Spent::Settled(settlement),
         None => unavailable(),
@@ -241,8 +242,8 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
         h.asking_since = Some(asked_ms);
         LeaseRequest { need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
     });
-    let answer = post(env, hash, LEASE_PATH, serde_json::to_string(&request).unwrap_or_default()).await;
-    let answer = answer.ok().and_then(|t| serde_json::from_str::<LeaseAnswer>(&t).ok());
+    let answer = post(env, hash, LEASE_PATH, text::lease_request(&request)).await;
+    let answer = answer.ok().and_then(|t| text::read_lease_answer(&t));
     let now_ms = Date::now().as_millis();
     with(hash, |h| {
         h.asking_since = None;
@@ -317,7 +318,8 @@ pub(crate) async fn handle_settle(
 ) -> crate::error::EdgeResult<worker::Response> {
     let now_ms = Date::now().as_millis();
     let order = crate::signed::parse::<SettleOrder>(&mut req, &ctx.env, SETTLE_PATH_INTERNAL, now_ms).await?.body;
-    let settlement = match settle(&ctx.env, &order.hash, &order.settle).await {
+    let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost };
+    let settlement = match settle(&ctx.env, &order.hash, &request).await {
         Spent::Settled(s) => s,
         Spent::Unlimited => Settlement { verdict: Verdict::Unlimited, remaining: 0, decided_at_ms: now_ms },
         _ => {

@@ -438,6 +438,163 @@ impl Ledger {
     }
 }
 
+/// The text the KeyState object and its holders exchange, and the ledger's stored form: numbers
+/// and tokens separated by spaces, one record per line. Not JSON: every type serde_json reads in
+/// the worker costs its upload a deserializer of its own (measured: BENCHMARKS.md). An
+/// idempotency key is one token (visible ASCII, no spaces: [`is_idempotency_key`]).
+pub mod text {
+    use super::*;
+
+    fn verdict_char(verdict: Verdict) -> char {
+        match verdict {
+            Verdict::Granted => 'g',
+            Verdict::Exceeded => 'e',
+            Verdict::Void => 'v',
+            Verdict::Unlimited => 'u',
+        }
+    }
+
+    fn verdict_of(token: &str) -> Option<Verdict> {
+        Some(match token {
+            "g" => Verdict::Granted,
+            "e" => Verdict::Exceeded,
+            "v" => Verdict::Void,
+            "u" => Verdict::Unlimited,
+            _ => return None,
+        })
+    }
+
+    fn numbers<const N: usize>(line: &str) -> Option<[i64; N]> {
+        let mut out = [0i64; N];
+        let mut tokens = line.split(' ');
+        for slot in &mut out {
+            *slot = tokens.next()?.parse().ok()?;
+        }
+        tokens.next().is_none().then_some(out)
+    }
+
+    fn pair(token: &str) -> Option<(u64, u64)> {
+        let (a, b) = token.split_once(':')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    }
+
+    /// `need rate [lease:spent ...]`
+    pub fn lease_request(r: &LeaseRequest) -> String {
+        let mut out = format!("{} {}", r.need, r.rate_per_s);
+        for report in &r.reports {
+            out.push_str(&format!(" {}:{}", report.lease, report.spent));
+        }
+        out
+    }
+
+    pub fn read_lease_request(text: &str) -> Option<LeaseRequest> {
+        let mut tokens = text.split(' ');
+        let need = tokens.next()?.parse().ok()?;
+        let rate_per_s = tokens.next()?.parse().ok()?;
+        let reports = tokens.map(|t| pair(t).map(|(lease, spent)| Report { lease, spent })).collect::<Option<_>>()?;
+        Some(LeaseRequest { need, rate_per_s, reports })
+    }
+
+    /// `lease granted ttl remaining verdict`
+    pub fn lease_answer(a: &LeaseAnswer) -> String {
+        format!("{} {} {} {} {}", a.lease, a.granted, a.ttl_ms, a.remaining, verdict_char(a.verdict))
+    }
+
+    pub fn read_lease_answer(text: &str) -> Option<LeaseAnswer> {
+        let (numbers_part, verdict) = text.rsplit_once(' ')?;
+        let [lease, granted, ttl_ms, remaining] = numbers::<4>(numbers_part)?.map(|n| n as u64);
+        Some(LeaseAnswer { lease, granted, ttl_ms, remaining, verdict: verdict_of(verdict)? })
+    }
+
+    /// `cost [idempotency key]`
+    pub fn settle_request(r: &SettleRequest) -> String {
+        match &r.idempotency_key {
+            Some(key) => format!("{} {key}", r.cost),
+            None => r.cost.to_string(),
+        }
+    }
+
+    pub fn read_settle_request(text: &str) -> Option<SettleRequest> {
+        let (cost, key) = match text.split_once(' ') {
+            Some((cost, key)) => (cost, Some(key.to_owned()).filter(|k| is_idempotency_key(k))?.into()),
+            None => (text, None),
+        };
+        Some(SettleRequest { idempotency_key: key, cost: cost.parse().ok()? })
+    }
+
+    /// `verdict remaining decided_at_ms`
+    pub fn settlement(s: &Settlement) -> String {
+        format!("{} {} {}", verdict_char(s.verdict), s.remaining, s.decided_at_ms)
+    }
+
+    pub fn read_settlement(text: &str) -> Option<Settlement> {
+        let (verdict, rest) = text.split_once(' ')?;
+        let [remaining, decided_at_ms] = numbers::<2>(rest)?.map(|n| n as u64);
+        Some(Settlement { verdict: verdict_of(verdict)?, remaining, decided_at_ms })
+    }
+
+    /// Three lines: `balance set_version added period next_lease stranded`; the leases as
+    /// `id:granted:expires_at_ms`; the remembered settlements as `key verdict remaining at` each
+    /// after a `|`.
+    pub fn ledger(l: &Ledger) -> String {
+        let mut out =
+            format!("{} {} {} {} {} {}\n", l.balance, l.set_version, l.added, l.period, l.next_lease, l.stranded);
+        let leases: Vec<String> =
+            l.leases.iter().map(|x| format!("{}:{}:{}", x.id, x.granted, x.expires_at_ms)).collect();
+        out.push_str(&leases.join(" "));
+        out.push('\n');
+        for r in &l.settled {
+            out.push_str(&format!("|{} {}", r.key, settlement(&r.settlement)));
+        }
+        out
+    }
+
+    pub fn read_ledger(text: &str) -> Option<Ledger> {
+        let mut lines = text.splitn(3, '\n');
+        let [balance, set_version, added, period, next_lease, stranded] = numbers::<6>(lines.next()?)?;
+        let leases = lines
+            .next()?
+            .split(' ')
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                let mut parts = t.split(':');
+                let (id, granted, expires) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(Lease {
+                    id: id.parse().ok()?,
+                    granted: granted.parse().ok()?,
+                    expires_at_ms: expires.parse().ok()?,
+                })
+            })
+            .collect::<Option<_>>()?;
+        let settled = lines
+            .next()
+            .unwrap_or("")
+            .split('|')
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                let (key, rest) = t.split_once(' ')?;
+                Some(Remembered { key: key.to_owned(), settlement: read_settlement(rest)? })
+            })
+            .collect::<Option<_>>()?;
+        Some(Ledger {
+            balance,
+            set_version: set_version as u64,
+            added,
+            period,
+            next_lease: next_lease as u64,
+            leases,
+            settled,
+            stranded: stranded as u64,
+        })
+    }
+}
+
+/// Whether `text` may be an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] bytes of visible
+/// ASCII, no spaces (and no `|`, which the ledger's stored form uses).
+pub fn is_idempotency_key(text: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic() && b != b'|')
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "wasm32")]
@@ -662,6 +819,33 @@ mod tests {
         for bad in [r#"{"kind":"monthly"}"#, r#"{"kind":"daily","ms":5}"#, r#"{"kind":"weekly"}"#] {
             assert!(serde_json::from_str::<Period>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn text_round_trips() {
+        let request = LeaseRequest { need: 3, rate_per_s: 40, reports: vec![Report { lease: 7, spent: 2 }] };
+        assert_eq!(text::read_lease_request(&text::lease_request(&request)), Some(request));
+        let bare = LeaseRequest { need: 0, rate_per_s: 0, reports: vec![] };
+        assert_eq!(text::read_lease_request(&text::lease_request(&bare)), Some(bare));
+        let answer = LeaseAnswer { lease: 9, granted: 25, ttl_ms: 2_000, remaining: 100, verdict: Verdict::Granted };
+        assert_eq!(text::read_lease_answer(&text::lease_answer(&answer)), Some(answer));
+        for key in [None, Some("order-4711:x".to_owned())] {
+            let settle = SettleRequest { idempotency_key: key, cost: 3 };
+            assert_eq!(text::read_settle_request(&text::settle_request(&settle)), Some(settle));
+        }
+        assert_eq!(text::read_settle_request("1 two words"), None);
+        let credits = Credits { set_to: 10, set_version: 1, added: -2, refill: None };
+        let mut ledger = Ledger::default();
+        ledger.lease(key(&credits, true), &ask(1, 100, vec![]), 5);
+        ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: Some("a".into()), cost: 1 }, 6);
+        ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: Some("b!".into()), cost: 1 }, 7);
+        assert_eq!(text::read_ledger(&text::ledger(&ledger)), Some(ledger.clone()));
+        assert_eq!(text::read_ledger(&text::ledger(&Ledger::default())), Some(Ledger::default()));
+        for bad in ["", "1 2 3", "x y", "g 1", "1 2 3 4 5 6\n1:2\n"] {
+            assert_eq!(text::read_lease_answer(bad), None, "{bad}");
+            assert_eq!(text::read_ledger(bad), None, "{bad}");
+        }
+        assert!(!is_idempotency_key("") && !is_idempotency_key("a b") && !is_idempotency_key("a|b"));
     }
 
     #[test]

@@ -129,12 +129,15 @@ pub struct AuthorityUpdate {
     pub root_keys: Vec<RootKeyRecord>,
 }
 
-/// A verification of the key with this hash, settled at its authority.
+/// A verification of the key with this hash, settled at its authority: what it costs, and its
+/// idempotency key if it has one (a [`crate::credits::SettleRequest`], flat).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SettleOrder {
     pub hash: crate::KeyHash,
-    pub settle: crate::credits::SettleRequest,
+    pub cost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// The shortest secret the control plane and the workers accept for signing internal requests.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
-use crate::credits::MAX_IDEMPOTENCY_KEY;
+use crate::credits::{MAX_IDEMPOTENCY_KEY, is_idempotency_key};
 use crate::record::{KeyRecord, KeyStatus, Meta};
 use crate::scope::{KeyAction, Scope, Scopes};
 use crate::usage::ClientInfo;
@@ -60,8 +60,9 @@ impl VerifyRequest {
         if let Some(client) = &self.client {
             client.check().map_err(RequestError::Client)?;
         }
-        if self.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY) {
-            return Err(RequestError::Invalid(format!("idempotency_key is 1 to {MAX_IDEMPOTENCY_KEY} bytes")));
+        if self.idempotency_key.as_ref().is_some_and(|k| !is_idempotency_key(k)) {
+            let message = format!("idempotency_key is 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters but `|`");
+            return Err(RequestError::Invalid(message));
         }
         Ok(())
     }
