@@ -589,6 +589,71 @@ pub mod text {
     }
 }
 
+/// A record's credits as one string (`set_to set_version added[ refill]`, the refill as
+/// `kind[:day|:ms] amount[ cap]`), for `#[serde(with)]` on [`crate::KeyRecord::credits`]: the
+/// worker reads records from several sources, and each nested struct would cost it a
+/// deserializer per source (measured: BENCHMARKS.md). The admin API shows [`Credits`] as JSON.
+pub mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{Credits, Period, Refill};
+
+    pub fn write(credits: &Credits) -> String {
+        let mut out = format!("{} {} {}", credits.set_to, credits.set_version, credits.added);
+        if let Some(refill) = &credits.refill {
+            let every = match refill.every {
+                Period::Daily => "daily".to_owned(),
+                Period::Monthly { day } => format!("monthly:{day}"),
+                Period::Anniversary => "anniversary".to_owned(),
+                Period::Interval { ms } => format!("interval:{ms}"),
+            };
+            out.push_str(&format!(" {every} {}", refill.amount));
+            if let Some(cap) = refill.cap {
+                out.push_str(&format!(" {cap}"));
+            }
+        }
+        out
+    }
+
+    pub fn read(text: &str) -> Option<Credits> {
+        let mut tokens = text.split(' ');
+        let set_to = tokens.next()?.parse().ok()?;
+        let set_version = tokens.next()?.parse().ok()?;
+        let added = tokens.next()?.parse().ok()?;
+        let refill = match tokens.next() {
+            None => None,
+            Some(every) => {
+                let every = match every.split_once(':') {
+                    None if every == "daily" => Period::Daily,
+                    None if every == "anniversary" => Period::Anniversary,
+                    Some(("monthly", day)) => Period::Monthly { day: day.parse().ok()? },
+                    Some(("interval", ms)) => Period::Interval { ms: ms.parse().ok()? },
+                    _ => return None,
+                };
+                let amount = tokens.next()?.parse().ok()?;
+                let cap = tokens.next().map(str::parse).transpose().ok()?;
+                Some(Refill { every, amount, cap })
+            }
+        };
+        tokens.next().is_none().then_some(Credits { set_to, set_version, added, refill })
+    }
+
+    pub fn serialize<S: Serializer>(credits: &Option<Credits>, s: S) -> Result<S::Ok, S::Error> {
+        match credits {
+            Some(c) => s.serialize_some(&write(c)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Credits>, D::Error> {
+        let text = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.map(|t| {
+            read(&t).ok_or_else(|| serde::de::Error::custom("credits are not `set_to set_version added[ refill]`"))
+        })
+        .transpose()
+    }
+}
+
 /// Whether `text` may be an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] bytes of visible
 /// ASCII, no spaces (and no `|`, which the ledger's stored form uses).
 pub fn is_idempotency_key(text: &str) -> bool {
@@ -846,6 +911,24 @@ mod tests {
             assert_eq!(text::read_ledger(bad), None, "{bad}");
         }
         assert!(!is_idempotency_key("") && !is_idempotency_key("a b") && !is_idempotency_key("a|b"));
+    }
+
+    #[test]
+    fn credits_as_text() {
+        let refills = [
+            None,
+            Some(Refill { every: Period::Daily, amount: 5, cap: None }),
+            Some(Refill { every: Period::Monthly { day: 31 }, amount: 5, cap: Some(9) }),
+            Some(Refill { every: Period::Anniversary, amount: 1, cap: None }),
+            Some(Refill { every: Period::Interval { ms: 10_000 }, amount: 7, cap: Some(70) }),
+        ];
+        for refill in refills {
+            let credits = Credits { set_to: 100, set_version: 3, added: -4, refill };
+            assert_eq!(as_text::read(&as_text::write(&credits)), Some(credits));
+        }
+        for bad in ["", "1 2", "1 2 3 weekly 5", "1 2 3 daily", "1 2 3 daily 5 6 7", "-1 2 3"] {
+            assert_eq!(as_text::read(bad), None, "{bad}");
+        }
     }
 
     #[test]

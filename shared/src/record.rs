@@ -62,8 +62,9 @@ pub struct KeyRecord {
     pub max_staleness_ms: u64,
     pub created_at: i64,
     pub updated_at: i64,
-    /// The key's usage credits; `None`: unlimited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The key's usage credits; `None`: unlimited. Stored as one string
+    /// ([`crate::credits::as_text`]).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::credits::as_text")]
     pub credits: Option<Credits>,
 }
 
@@ -288,6 +289,18 @@ pub(crate) mod tests {
         let mut never = expiring.clone();
         never.expires_at = None;
         assert!(!expiring.is_tightened_by(&never));
+    }
+
+    #[test]
+    fn credits_travel_as_text() {
+        let mut record = sample(KeyHash::of("x"));
+        record.credits = Some(Credits { set_to: 5, set_version: 1, added: 2, refill: None });
+        let text = serde_json::to_string(&record).unwrap();
+        assert!(text.contains(r#""credits":"5 1 2""#), "{text}");
+        assert_eq!(KeyRecord::from_json(&text).unwrap(), record);
+        let without = serde_json::to_string(&sample(KeyHash::of("x"))).unwrap();
+        assert!(!without.contains("credits"));
+        assert_eq!(KeyRecord::from_json(&without).unwrap().credits, None);
     }
 
     #[test]
