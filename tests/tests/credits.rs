@@ -297,3 +297,45 @@ fn revoked_or_disabled_keys_shares_are_not_spent_past_the_bound_nor_returned_ear
     let (status, origin) = world.origin_verify(&world.root_key, back);
     assert_eq!((status, &origin["code"]), (200, &json!("VALID")), "the share never came back: {origin}");
 }
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn set_increment_and_decrement_reach_the_authority_once() {
+    let world = World::start(&[RegionPlan::Up]).expect("world");
+    let (id, key) = key_with_credits(&world, 5, None);
+    let spend = |cost: u64| {
+        let (status, answer) = world.origin_verify(&world.root_key, json!({ "key": key, "cost": cost }));
+        assert_eq!(status, 200, "{answer}");
+        answer["code"].as_str().unwrap_or("?").to_owned()
+    };
+    let change = |op: &str, amount: u64| {
+        let body = json!({ "op": op, "amount": amount });
+        let (status, answer) = world.admin(Method::POST, &format!("/v1/keys/{id}/credits"), Some(body));
+        assert_eq!(status, 200, "{answer}");
+        answer
+    };
+    assert_eq!(spend(5), "VALID");
+    assert_eq!(spend(1), "USAGE_EXCEEDED");
+    change("increment", 3);
+    let decremented = change("decrement", 1);
+    assert_eq!(decremented["key"]["credits"]["added"], 2, "{decremented}");
+    // The edge spends from the same balance: 2 left in all.
+    assert_eq!(verify(&world, 0, &json!({ "key": key, "cost": 2 })).0, "VALID");
+    std::thread::sleep(LEASES_EXPIRED);
+    assert_eq!(spend(1), "USAGE_EXCEEDED");
+    let set = change("set", 10);
+    assert_eq!(
+        (set["key"]["credits"]["set_to"].as_u64(), set["key"]["credits"]["added"].as_i64()),
+        (Some(10), Some(0))
+    );
+    assert_eq!(spend(10), "VALID");
+    assert_eq!(spend(1), "USAGE_EXCEEDED");
+    let (status, view) = world.admin(Method::GET, &format!("/v1/keys/{id}"), None);
+    assert_eq!((status, &view["credits"]["set_to"]), (200, &json!(10)), "{view}");
+    // A key without credits cannot be incremented; setting them makes it limited.
+    let api = world.create_api("unlimited", 1_000);
+    let (plain, _) = world.create_key(&api, json!({}));
+    let body = json!({ "op": "increment", "amount": 1 });
+    let (status, refused) = world.admin(Method::POST, &format!("/v1/keys/{plain}/credits"), Some(body));
+    assert_eq!(status, 409, "{refused}");
+}
