@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::now_ms;
-use keyward_tests::world::{RegionPlan, World};
+use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -258,23 +258,47 @@ fn idempotent_retries_spend_once_in_any_region() {
     assert_eq!(after.0 - before.0, 7, "one settlement per idempotent verification");
 }
 
+/// Revokes a key with leases out in every region while verifications go on: no `VALID` is
+/// decided past the revoke's answer plus `max_staleness_ms` (1 s).
+fn no_valid_past_the_bound_with_leases_out(world: &World) {
+    let (id, key) = key_with_credits(world, 1_000, None);
+    burst(world, &key, &[0, 1, 2], 60, 6);
+    let (answers, answered) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| burst(world, &key, &[0, 1, 2], 600, 6));
+        std::thread::sleep(Duration::from_millis(300));
+        let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+        assert_eq!(status, 200, "{revoked}");
+        let answered = now_ms();
+        (load.join().expect("load"), answered)
+    });
+    let late: Vec<_> = answers
+        .iter()
+        .filter(|(code, a)| code == "VALID" && a["decided_at_ms"].as_i64().unwrap_or(0) > answered + 1_000)
+        .collect();
+    let last_valid = answers
+        .iter()
+        .filter(|(code, _)| code == "VALID")
+        .filter_map(|(_, a)| a["decided_at_ms"].as_i64())
+        .max()
+        .map(|at| at - answered);
+    println!("around the revocation: {:?}; last VALID {last_valid:?} ms after the answer", tally(&answers));
+    assert!(late.is_empty(), "VALID past the bound: {late:?}");
+    assert_eq!(verify(world, 0, &json!({ "key": key })).0, "REVOKED");
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn revoked_with_leases_out_in_tag_only_mode_no_valid_past_the_bound() {
+    let options = Options { purge_mode: PurgeMode::TagOnly(150), ..Options::default() };
+    let world = World::start_opts(&THREE, options).expect("world");
+    no_valid_past_the_bound_with_leases_out(&world);
+}
+
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn revoked_or_disabled_keys_shares_are_not_spent_past_the_bound_nor_returned_early() {
     let world = World::start(&THREE).expect("world");
-    // Revoked with leases out in every region: no VALID past the answer plus max_staleness_ms.
-    let (id, key) = key_with_credits(&world, 1_000, None);
-    burst(&world, &key, &[0, 1, 2], 60, 6);
-    let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
-    assert_eq!(status, 200, "{revoked}");
-    let answered = now_ms();
-    let after = burst(&world, &key, &[0, 1, 2], 60, 6);
-    let late: Vec<_> = after
-        .iter()
-        .filter(|(code, a)| code == "VALID" && a["decided_at_ms"].as_i64().unwrap_or(0) > answered + 1_000)
-        .collect();
-    println!("after the revocation: {:?}", tally(&after));
-    assert!(late.is_empty(), "VALID past the bound: {late:?}");
+    no_valid_past_the_bound_with_leases_out(&world);
 
     // Disabled with a share out in region 0, enabled again at once: the share is not back in
     // the balance until region 0 reports it.
