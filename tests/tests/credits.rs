@@ -356,6 +356,10 @@ fn set_increment_and_decrement_reach_the_authority_once() {
     assert_eq!(spend(1), "USAGE_EXCEEDED");
     let (status, view) = world.admin(Method::GET, &format!("/v1/keys/{id}"), None);
     assert_eq!((status, &view["credits"]["set_to"]), (200, &json!(10)), "{view}");
+    // Each change appended its audit entry.
+    let (status, audit) = world.admin(Method::GET, &format!("/v1/audit?target={id}&action=key.credits"), None);
+    assert_eq!(status, 200, "{audit}");
+    assert_eq!(audit["entries"].as_array().map(Vec::len), Some(3), "{audit}");
     // A key without credits cannot be incremented; setting them makes it limited.
     let api = world.create_api("unlimited", 1_000);
     let (plain, _) = world.create_key(&api, json!({}));
