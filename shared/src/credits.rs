@@ -361,6 +361,11 @@ impl Ledger {
         if let Some(refill) = credits.refill {
             let period = period_index(refill.every, key.created_at_ms, now_ms);
             if period > self.period {
+                if refill.cap.is_none() {
+                    // A set refill replaces the balance: a late report of an expired lease must
+                    // not add to it (as for a set).
+                    self.leases.retain(|l| l.expires_at_ms > now_ms);
+                }
                 let due = (period - self.period) as u64;
                 self.balance = refilled(&refill, self.balance, self.outstanding(now_ms), due);
                 self.period = period;
@@ -840,6 +845,13 @@ mod tests {
         // Idle for three periods: a set refill does not pile up.
         ledger.apply(key(&credits, true), 7_500);
         assert_eq!(ledger.available(), 5);
+        // A lease that expired unreported before the next refill adds nothing when reported late.
+        let lease = ledger.lease(key(&credits, true), &ask(1, 1_000, vec![]), 7_600);
+        assert_eq!((lease.granted, ledger.available()), (2, 3));
+        ledger.apply(key(&credits, true), 10_100);
+        assert_eq!(ledger.available(), 5);
+        ledger.lease(key(&credits, true), &ask(0, 0, vec![Report { lease: lease.lease, spent: 0 }]), 10_200);
+        assert_eq!(ledger.upper_bound(), 5, "the refill's 5, not 7");
     }
 
     #[test]
