@@ -367,3 +367,36 @@ fn set_increment_and_decrement_reach_the_authority_once() {
     let (status, refused) = world.admin(Method::POST, &format!("/v1/keys/{plain}/credits"), Some(body));
     assert_eq!(status, 409, "{refused}");
 }
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn a_lowered_balance_takes_full_effect_within_one_lease_lifetime() {
+    // Tag-only purges never reach isolate memory: the shares out are spent until they expire.
+    let options = Options { purge_mode: PurgeMode::TagOnly(150), ..Options::default() };
+    let world = World::start_opts(&THREE, options).expect("world");
+    let (id, key) = key_with_credits(&world, 1_000_000, None);
+    burst(&world, &key, &[0, 1, 2], 60, 6);
+    let (answers, answered) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| burst(&world, &key, &[0, 1, 2], 1_500, 6));
+        std::thread::sleep(Duration::from_millis(300));
+        let body = json!({ "op": "set", "amount": 0 });
+        let (status, set) = world.admin(Method::POST, &format!("/v1/keys/{id}/credits"), Some(body));
+        assert_eq!(status, 200, "{set}");
+        let answered = now_ms();
+        (load.join().expect("load"), answered)
+    });
+    let last_valid = answers
+        .iter()
+        .filter(|(code, _)| code == "VALID")
+        .filter_map(|(_, a)| a["decided_at_ms"].as_i64())
+        .max()
+        .map(|at| at - answered);
+    let after: Vec<_> = answers
+        .iter()
+        .filter(|(_, a)| a["decided_at_ms"].as_i64().is_some_and(|at| at > answered + 2_000))
+        .map(|(code, _)| code.clone())
+        .collect();
+    println!("set to 0: {:?}; last VALID {last_valid:?} ms after the answer", tally(&answers));
+    assert!(last_valid.is_some_and(|ms| ms <= 2_000), "VALID more than one lease lifetime after the set");
+    assert!(!after.is_empty() && after.iter().all(|c| c == "USAGE_EXCEEDED"), "{after:?}");
+}
