@@ -4,6 +4,7 @@
 //!    and, alternated with it in the same world, a key with a large balance (every holder
 //!    leases about once a second of its rate, so it leases again often); requests/s, p50, p99,
 //!    and the authority calls the home answered per 1,000 verifications for each.
+//!    `KEYWARD_GEOGRAPHY=world` places the processes apart (`keyward_tests::geography`).
 //! 2. Overspend: verifications spread over 3 regions, 60 in flight, against a balance of
 //!    1,000: how many were `VALID` (overspend is what passes the balance, and must be 0), what
 //!    was stranded when the balance ran out, and, once the leases expired, what a second round
@@ -30,6 +31,10 @@ pub fn run(duration: Duration, connections: usize, rounds: usize) -> anyhow::Res
     let build = super::builds(None)?.pop().ok_or_else(|| anyhow::anyhow!("the current build"))?;
     step("starting the home, 3 regions (log level error) and the control plane");
     let world = build.world(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up])?;
+    match &world.geography {
+        Some(geography) => step(&format!("placed apart (KEYWARD_GEOGRAPHY): {}", geography.describe(3))),
+        None => step("on loopback (KEYWARD_GEOGRAPHY unset)"),
+    }
     let api = world.create_api("bench-limits", 1_000);
     let keys = [
         ("plain", world.create_key(&api, json!({})).1),
