@@ -1,6 +1,6 @@
 //! `cargo xtask bench limits`: what credits cost a verification, and whether they hold.
 //!
-//! 1. Throughput: `wrk` on region 0's verify route for a key without credits (plain, warm)
+//! 1. Throughput: `wrk` on one region's verify route (`--region`, 0 by default) for a key without credits (plain, warm)
 //!    and, alternated with it in the same world, a key with a large balance (every holder
 //!    leases about once a second of its rate, so it leases again often); requests/s, p50, p99,
 //!    and the authority calls the home answered per 1,000 verifications for each.
@@ -27,7 +27,7 @@ const LARGE: u64 = 1_000_000_000;
 /// The balance of the overspend key.
 const BALANCE: u64 = 1_000;
 
-pub fn run(duration: Duration, connections: usize, rounds: usize) -> anyhow::Result<()> {
+pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize) -> anyhow::Result<()> {
     let build = super::builds(None)?.pop().ok_or_else(|| anyhow::anyhow!("the current build"))?;
     step("starting the home, 3 regions (log level error) and the control plane");
     let world = build.world(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up])?;
@@ -40,14 +40,18 @@ pub fn run(duration: Duration, connections: usize, rounds: usize) -> anyhow::Res
         ("plain", world.create_key(&api, json!({})).1),
         ("credits", world.create_key(&api, json!({ "credits": { "remaining": LARGE } })).1),
     ];
-    let base = world.regions[0].spec.url();
+    let base = world.regions[region].spec.url();
     let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
     let mut calls = [0u64; 2];
     let mut n = 0;
     for round in 0..rounds {
         for i in order(round, 2) {
             let (name, key) = &keys[i];
-            step(&format!("round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{}s", round + 1, duration.as_secs()));
+            let secs = duration.as_secs();
+            step(&format!(
+                "round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{secs}s on region {region}",
+                round + 1
+            ));
             let before = home_calls(&world, &mut n)?;
             loads[i].push(load::throughput(&world, &base, &world.root_key, key, connections, duration)?);
             calls[i] += home_calls(&world, &mut n)? - before;

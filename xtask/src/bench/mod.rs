@@ -129,6 +129,9 @@ pub enum Which {
         connections: usize,
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// The region (0-2) wrk loads; under a geography, 2 is the farthest from the home.
+        #[arg(long, default_value_t = 0)]
+        region: usize,
     },
     /// The worker's upload size (`wrangler deploy --dry-run`, plain and gzipped) and its cold
     /// start (a fresh worker process to its first answer).
@@ -173,8 +176,8 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Fresh { seconds, connections, rounds, before } => {
             fresh::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), before.as_deref())
         }
-        Which::Limits { seconds, connections, rounds } => {
-            limits::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1))
+        Which::Limits { seconds, connections, rounds, region } => {
+            limits::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), region.min(2))
         }
         Which::Worker { starts, against } => worker::run(starts.max(1), against.as_deref()),
     }
