@@ -7,9 +7,11 @@
 //! - A lease the holder will spend no more from (expired, or dropped by a purge) is reported
 //!   with what was spent of it at the next contact with the authority, which then returns the
 //!   unspent part to the balance. The authority never returns a lease on its own.
-//! - When a share runs below a quarter of its lease, or a quarter of its time is left, another
-//!   lease is asked for after the answer (`wait_until`): a steady stream of requests does not
-//!   wait for the authority. One request per key is under way at a time in an isolate; others
+//! - When a share covers less than half a second of the holder's rate, or half of its time is
+//!   left, another lease is asked for after the answer (`wait_until`): a steady stream of
+//!   requests does not wait for the authority, even one a few hundred milliseconds away.
+//! - A lease's id is the holder's choice: when a request times out, the id is reported unspent
+//!   at the next contact, so a grant whose answer was lost is returned, not stranded. One request per key is under way at a time in an isolate; others
 //!   that need it wait for it.
 //! - With no share left and the authority unreachable, the answer is `UNAVAILABLE` (fail closed).
 //! - A verification with an idempotency key is settled at the authority, one round trip.
@@ -101,7 +103,7 @@ impl Holding {
     fn running_low(&self, now_ms: u64, ttl_ms: u64) -> bool {
         let left: u64 = self.leases.iter().map(|h| h.left).sum();
         let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
-        self.leases.len() < 2 && (left * 4 < self.rate(now_ms).max(1) || latest < now_ms + ttl_ms / 4)
+        self.leases.len() < 2 && (left * 2 < self.rate(now_ms).max(1) || latest < now_ms + ttl_ms / 2)
     }
 
     /// Takes the authority's answer to a request asked at `asked_ms`.
@@ -234,13 +236,23 @@ fn unavailable() -> Spent {
     Spent::Unavailable
 }
 
+/// A lease id of this holder's choosing: random, never 0.
+fn lease_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = (Date::now().as_millis() ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes).max(1)
+}
+
 /// Asks the authority for a lease for `need`, reporting what this isolate will spend no more
 /// from; takes the answer into the holding. `None`: unreachable.
 async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
     let asked_ms = Date::now().as_millis();
+    let lease = lease_id();
     let request = with(hash, |h| {
         h.asking_since = Some(asked_ms);
-        LeaseRequest { need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
+        LeaseRequest { lease, need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
     });
     let answer = post(env, hash, LEASE_PATH, text::lease_request(&request)).await;
     let answer = answer.ok().and_then(|t| text::read_lease_answer(&t));
@@ -249,8 +261,12 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
         h.asking_since = None;
         match &answer {
             Some(a) => h.answered(a, asked_ms, now_ms),
-            // The reports may not have arrived: kept for the next contact (a report is taken once).
-            None => h.reports.extend(request.reports),
+            // The reports may not have arrived: kept for the next contact (a report is taken
+            // once); a lease granted without its answer arriving is reported unspent.
+            None => {
+                h.reports.extend(request.reports);
+                h.reports.push(Report { lease, spent: 0 });
+            }
         }
     });
     answer

@@ -214,6 +214,10 @@ pub fn lease_size(need: u64, rate_per_s: u64, available: u64) -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
+    /// The id the holder chose for the lease it asks for (random, not 0): a holder whose request
+    /// timed out reports this id as unspent at its next contact, so a grant whose answer never
+    /// arrived is returned rather than stranded.
+    pub lease: u64,
     /// What the request waiting for this lease spends (0 when asked ahead).
     pub need: u64,
     /// What the holder spent a second lately.
@@ -297,6 +301,7 @@ pub struct Ledger {
     set_version: u64,
     added: i64,
     period: i64,
+    /// Not 0 once the ledger has applied its first set.
     next_lease: u64,
     leases: Vec<Lease>,
     settled: Vec<Remembered>,
@@ -402,11 +407,14 @@ impl Ledger {
             return none(Verdict::Void);
         }
         let granted = lease_size(request.need, request.rate_per_s, self.available());
+        let id = request.lease;
+        if id == 0 || self.leases.iter().any(|l| l.id == id) {
+            // Not a lease id a holder chooses, or one already granted: nothing more on it.
+            return none(Verdict::Granted);
+        }
         if granted == 0 {
             return none(if request.need == 0 { Verdict::Granted } else { Verdict::Exceeded });
         }
-        let id = self.next_lease;
-        self.next_lease += 1;
         self.balance -= granted as i64;
         self.leases.push(Lease { id, granted, expires_at_ms: now_ms + LEASE_TTL_MS as i64 });
         LeaseAnswer {
@@ -483,9 +491,9 @@ pub mod text {
         Some((a.parse().ok()?, b.parse().ok()?))
     }
 
-    /// `need rate [lease:spent ...]`
+    /// `lease need rate [lease:spent ...]`
     pub fn lease_request(r: &LeaseRequest) -> String {
-        let mut out = format!("{} {}", r.need, r.rate_per_s);
+        let mut out = format!("{} {} {}", r.lease, r.need, r.rate_per_s);
         for report in &r.reports {
             out.push_str(&format!(" {}:{}", report.lease, report.spent));
         }
@@ -494,10 +502,11 @@ pub mod text {
 
     pub fn read_lease_request(text: &str) -> Option<LeaseRequest> {
         let mut tokens = text.split(' ');
+        let lease = tokens.next()?.parse().ok()?;
         let need = tokens.next()?.parse().ok()?;
         let rate_per_s = tokens.next()?.parse().ok()?;
         let reports = tokens.map(|t| pair(t).map(|(lease, spent)| Report { lease, spent })).collect::<Option<_>>()?;
-        Some(LeaseRequest { need, rate_per_s, reports })
+        Some(LeaseRequest { lease, need, rate_per_s, reports })
     }
 
     /// `lease granted ttl remaining verdict`
@@ -767,7 +776,8 @@ mod tests {
     }
 
     fn ask(need: u64, rate: u64, reports: Vec<Report>) -> LeaseRequest {
-        LeaseRequest { need, rate_per_s: rate, reports }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        LeaseRequest { lease: NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst), need, rate_per_s: rate, reports }
     }
 
     #[test]
@@ -775,8 +785,14 @@ mod tests {
         let credits = Credits { set_to: 100, set_version: 1, added: 0, refill: None };
         let mut ledger = Ledger::default();
         let mut leased = 0;
+        let mut first = 0;
         for i in 0..200 {
             let answer = ledger.lease(key(&credits, true), &ask(1, 1_000, vec![]), i);
+            if i == 0 {
+                (first, leased) = (answer.lease, answer.granted);
+                assert_eq!(leased, 25);
+                continue;
+            }
             leased += answer.granted;
             assert!(leased <= 100);
         }
@@ -785,12 +801,29 @@ mod tests {
         // Expiry alone returns nothing; the holder's report does.
         assert_eq!(ledger.lease(key(&credits, true), &ask(1, 1, vec![]), 10_000).verdict, Verdict::Exceeded);
         assert_eq!(ledger.unreported(10_000), 100);
-        let back = ledger.lease(key(&credits, true), &ask(1, 1, vec![Report { lease: 1, spent: 0 }]), 10_001);
+        let back = ledger.lease(key(&credits, true), &ask(1, 1, vec![Report { lease: first, spent: 0 }]), 10_001);
         assert_eq!(back.verdict, Verdict::Granted);
         assert_eq!((ledger.available(), back.remaining), (24, 100));
         // A report of a lease already reported returns nothing again.
-        let again = ledger.lease(key(&credits, true), &ask(0, 0, vec![Report { lease: 1, spent: 0 }]), 10_002);
+        let again = ledger.lease(key(&credits, true), &ask(0, 0, vec![Report { lease: first, spent: 0 }]), 10_002);
         assert_eq!(ledger.available(), 24 - again.granted);
+    }
+
+    #[test]
+    fn a_grant_whose_answer_was_lost_comes_back_on_report() {
+        let credits = Credits { set_to: 100, set_version: 1, added: 0, refill: None };
+        let mut ledger = Ledger::default();
+        let lost = ask(1, 1_000, vec![]);
+        assert_eq!(ledger.lease(key(&credits, true), &lost, 0).granted, 25);
+        // The holder timed out, so it reports the id it chose as unspent.
+        ledger.lease(key(&credits, true), &ask(0, 0, vec![Report { lease: lost.lease, spent: 0 }]), 600);
+        assert_eq!(ledger.available() + ledger.outstanding(600), 100);
+        // An id already granted gets nothing more, nor does 0.
+        let again = ledger.lease(key(&credits, true), &ask(1, 1, vec![]), 700);
+        let repeat = LeaseRequest { lease: again.lease, need: 1, rate_per_s: 1, reports: vec![] };
+        assert_eq!(ledger.lease(key(&credits, true), &repeat, 800).granted, 0);
+        let zero = LeaseRequest { lease: 0, need: 1, rate_per_s: 1, reports: vec![] };
+        assert_eq!(ledger.lease(key(&credits, true), &zero, 800).granted, 0);
     }
 
     #[test]
@@ -900,9 +933,10 @@ mod tests {
 
     #[test]
     fn text_round_trips() {
-        let request = LeaseRequest { need: 3, rate_per_s: 40, reports: vec![Report { lease: 7, spent: 2 }] };
+        let request =
+            LeaseRequest { lease: u64::MAX, need: 3, rate_per_s: 40, reports: vec![Report { lease: 7, spent: 2 }] };
         assert_eq!(text::read_lease_request(&text::lease_request(&request)), Some(request));
-        let bare = LeaseRequest { need: 0, rate_per_s: 0, reports: vec![] };
+        let bare = LeaseRequest { lease: 1, need: 0, rate_per_s: 0, reports: vec![] };
         assert_eq!(text::read_lease_request(&text::lease_request(&bare)), Some(bare));
         let answer = LeaseAnswer { lease: 9, granted: 25, ttl_ms: 2_000, remaining: 100, verdict: Verdict::Granted };
         assert_eq!(text::read_lease_answer(&text::lease_answer(&answer)), Some(answer));
