@@ -204,13 +204,13 @@ impl Spent {
     }
 }
 
-async fn post(env: &Env, hash: &KeyHash, path: &str, body: String) -> Result<String, Unreachable> {
+/// Posts to the key's authority within `ms` milliseconds.
+async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> Result<String, Unreachable> {
     let mut init = RequestInit::new();
     init.with_method(Method::Post).with_body(Some(body.into()));
     let url = format!("https://key-state.internal{path}");
     let request = Request::new_with_init(&url, &init).map_err(|e| Unreachable(e.to_string()))?;
     let name = authority::object_name(hash, false);
-    let ms = deadline::authority_ms(env);
     let answered = deadline::within(ms, authority::call(env, &name, request)).await;
     match answered {
         Some(Ok(Some(text))) => Ok(text),
@@ -223,7 +223,7 @@ async fn post(env: &Env, hash: &KeyHash, path: &str, body: String) -> Result<Str
 /// Settles one verification at the key's authority (idempotent with `idempotency_key`).
 pub(crate) async fn settle(env: &Env, hash: &KeyHash, request: &SettleRequest) -> Spent {
     count(|c| c.settled += 1);
-    let answer = post(env, hash, SETTLE_PATH, text::settle_request(request)).await;
+    let answer = post(env, hash, SETTLE_PATH, text::settle_request(request), deadline::authority_ms(env)).await;
     match answer.ok().and_then(|t| text::read_settlement(&t)) {
         Some(settlement) if settlement.verdict == Verdict::Unlimited => Spent::Unlimited,
         Some(settlement) => Spent::Settled(settlement),
@@ -246,7 +246,9 @@ fn lease_id() -> u64 {
 }
 
 /// Asks the authority for a lease for `need`, reporting what this isolate will spend no more
-/// from; takes the answer into the holding. `None`: unreachable.
+/// from; takes the answer into the holding. `None`: unreachable. A request waits for it at most
+/// the authority's deadline; one asked ahead (`need` 0), which no request waits for but one
+/// that finds the share spent meanwhile, at most [`deadline::MAX_AUTHORITY_MS`].
 async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
     let asked_ms = Date::now().as_millis();
     let lease = lease_id();
@@ -254,7 +256,8 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
         h.asking_since = Some(asked_ms);
         LeaseRequest { lease, need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
     });
-    let answer = post(env, hash, LEASE_PATH, text::lease_request(&request)).await;
+    let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
+    let answer = post(env, hash, LEASE_PATH, text::lease_request(&request), ms).await;
     let answer = answer.ok().and_then(|t| text::read_lease_answer(&t));
     let now_ms = Date::now().as_millis();
     with(hash, |h| {
