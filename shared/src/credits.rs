@@ -515,9 +515,11 @@ pub mod text {
     }
 
     pub fn read_lease_answer(text: &str) -> Option<LeaseAnswer> {
-        let (numbers_part, verdict) = text.rsplit_once(' ')?;
-        let [lease, granted, ttl_ms, remaining] = numbers::<4>(numbers_part)?.map(|n| n as u64);
-        Some(LeaseAnswer { lease, granted, ttl_ms, remaining, verdict: verdict_of(verdict)? })
+        let mut tokens = text.split(' ');
+        let mut number = || tokens.next()?.parse::<u64>().ok();
+        let (lease, granted, ttl_ms, remaining) = (number()?, number()?, number()?, number()?);
+        let verdict = verdict_of(tokens.next()?)?;
+        tokens.next().is_none().then_some(LeaseAnswer { lease, granted, ttl_ms, remaining, verdict })
     }
 
     /// `cost [idempotency key]`
@@ -938,8 +940,11 @@ mod tests {
         assert_eq!(text::read_lease_request(&text::lease_request(&request)), Some(request));
         let bare = LeaseRequest { lease: 1, need: 0, rate_per_s: 0, reports: vec![] };
         assert_eq!(text::read_lease_request(&text::lease_request(&bare)), Some(bare));
-        let answer = LeaseAnswer { lease: 9, granted: 25, ttl_ms: 2_000, remaining: 100, verdict: Verdict::Granted };
-        assert_eq!(text::read_lease_answer(&text::lease_answer(&answer)), Some(answer));
+        // Lease ids are random 64-bit numbers: every one must survive.
+        for lease in [9, u64::MAX] {
+            let answer = LeaseAnswer { lease, granted: 25, ttl_ms: 2_000, remaining: 100, verdict: Verdict::Granted };
+            assert_eq!(text::read_lease_answer(&text::lease_answer(&answer)), Some(answer));
+        }
         for key in [None, Some("order-4711:x".to_owned())] {
             let settle = SettleRequest { idempotency_key: key, cost: 3 };
             assert_eq!(text::read_settle_request(&text::settle_request(&settle)), Some(settle));
@@ -948,6 +953,8 @@ mod tests {
         let credits = Credits { set_to: 10, set_version: 1, added: -2, refill: None };
         let mut ledger = Ledger::default();
         ledger.lease(key(&credits, true), &ask(1, 100, vec![]), 5);
+        let huge = LeaseRequest { lease: u64::MAX, need: 1, rate_per_s: 1, reports: vec![] };
+        ledger.lease(key(&credits, true), &huge, 5);
         ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: Some("a".into()), cost: 1 }, 6);
         ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: Some("b!".into()), cost: 1 }, 7);
         assert_eq!(text::read_ledger(&text::ledger(&ledger)), Some(ledger.clone()));
