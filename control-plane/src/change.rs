@@ -102,6 +102,8 @@ pub struct NewKey<'a> {
     pub meta: Meta,
     pub expires_at: Option<i64>,
     pub permissions: Vec<String>,
+    /// The key's credits (its `set_version` is 1, the new key's version); `None`: unlimited.
+    pub credits: Option<keyward_shared::credits::Credits>,
 }
 
 /// A created key: the key itself (its plaintext is shown once), its record, and its delivery.
@@ -194,6 +196,7 @@ impl ChangeService {
             max_staleness_ms: new.api.max_staleness_ms,
             created_at: now,
             updated_at: now,
+            credits: new.credits,
         };
         let outbox = self.outbox(Effect::Loosens, now);
         let outbox_id = self.store.create_key(&record, &outbox, actor).await?;

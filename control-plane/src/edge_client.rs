@@ -8,11 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keyward_shared::credits::{SettleRequest, Settlement};
 use keyward_shared::internal::{
-    self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest,
-    SIGNATURE_HEADER, TIMESTAMP_HEADER,
+    self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest, SETTLE_PATH,
+    SIGNATURE_HEADER, SettleOrder, TIMESTAMP_HEADER,
 };
-use keyward_shared::{KeyRecord, RootKeyRecord};
+use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 use reqwest::StatusCode;
 
 use crate::cloudflare::{CloudflareApi, CloudflareError};
@@ -172,6 +173,17 @@ impl EdgeClient {
         let response = self.signed_post(url, AUTHORITY_PATH, body).await?;
         let _: AuthorityAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
         Ok(())
+    }
+
+    /// Settles one verification of the key with this hash at its authority (the origin's own
+    /// verify route spends through the same ledger as the edge). `None` without an authority.
+    pub async fn settle(&self, hash: KeyHash, settle: SettleRequest) -> Result<Option<Settlement>, EdgeError> {
+        let Some(url) = &self.authority_url else { return Ok(None) };
+        let body =
+            serde_json::to_vec(&SettleOrder { hash, cost: settle.cost, idempotency_key: settle.idempotency_key })?;
+        let response = self.signed_post(url, SETTLE_PATH, body).await?;
+        let settlement = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
+        Ok(Some(settlement))
     }
 
     /// Purges one region's copies of these keys: a signed region replaces them with the records

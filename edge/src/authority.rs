@@ -9,7 +9,13 @@
 //! The read-compare-write of an update is atomic: the request body is read first, and between
 //! the storage read and the storage write there is no other await, so the object's input gate
 //! keeps every other request out (a retried v5 and a new v6 cannot both see v4).
+//!
+//! A key with credits also has its [`Ledger`] here, next to its record: a record update applies
+//! the credits it carries in the same step, and lease and settle requests (`crate::credits`)
+//! read the record and the ledger and write the ledger the same way, so a revoked or disabled
+//! key's leases are void in the one place that grants them.
 
+use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Verdict, text};
 use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
 use keyward_shared::record::RecordError;
@@ -26,6 +32,11 @@ use crate::{deadline, signed};
 /// The Durable Object namespace binding.
 pub(crate) const KEY_STATE_BINDING: &str = "KEY_STATE";
 const RECORD: &str = "record";
+const LEDGER: &str = "ledger";
+/// The object's path for a holder's lease request ([`LeaseRequest`]).
+pub(crate) const LEASE_PATH: &str = "/lease";
+/// The object's path for a verification settled here ([`SettleRequest`]).
+pub(crate) const SETTLE_PATH: &str = "/settle";
 
 /// The one field the object reads of the record it holds.
 #[derive(Deserialize)]
@@ -40,6 +51,13 @@ fn version_of(text: &str) -> Result<u64> {
 thread_local! {
     /// Reads the KeyState objects in this isolate answered (shown by `/internal/stats`).
     static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Lease and settle requests the KeyState objects in this isolate answered.
+    static CREDIT_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many lease and settle requests the KeyState objects this isolate hosts have answered.
+pub(crate) fn credit_calls_answered() -> u64 {
+    CREDIT_CALLS.get()
 }
 
 /// How many reads the KeyState objects this isolate hosts have answered.
@@ -58,8 +76,16 @@ impl DurableObject for KeyState {
     }
 
     /// `GET`: the record held (200 with its JSON) or none (404). `PUT` with a record: keeps it
-    /// if its version is higher than the one held; answers the record held afterwards.
+    /// if its version is higher than the one held (applying its credits to the ledger);
+    /// answers the record held afterwards. `POST` to [`LEASE_PATH`] or [`SETTLE_PATH`]: the
+    /// credits' lease or settlement (404 without a record).
     async fn fetch(&self, mut req: Request) -> Result<Response> {
+        if req.method() == Method::Post {
+            let path = req.path();
+            let body = req.text().await?;
+            CREDIT_CALLS.set(CREDIT_CALLS.get() + 1);
+            return self.credits(&path, &body).await;
+        }
         let incoming = if req.method() == Method::Put { Some(req.text().await?) } else { None };
         if incoming.is_none() {
             READS.set(READS.get() + 1);
@@ -70,6 +96,7 @@ impl DurableObject for KeyState {
         let held = match incoming {
             Some(text) if held.as_deref().map(version_of).transpose()? < Some(version_of(&text)?) => {
                 storage.put(RECORD, &text).await?;
+                self.apply_credits(&text).await?;
                 Some(text)
             }
             _ => held,
@@ -81,15 +108,70 @@ impl DurableObject for KeyState {
     }
 }
 
+impl KeyState {
+    /// Applies a newly held record's credits to the ledger (a key record's; root keys have none).
+    async fn apply_credits(&self, text: &str) -> Result<()> {
+        let Ok(record) = KeyRecord::from_json(text) else {
+            return Ok(());
+        };
+        let Some(credits) = &record.credits else {
+            return Ok(());
+        };
+        let storage = self.state.storage();
+        let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
+        let now = Date::now().as_millis() as i64;
+        ledger.apply(ledger_key(&record, credits, now), now);
+        storage.put(LEDGER, text::ledger(&ledger)).await
+    }
+
+    /// A lease or a settlement, by path: reads the record and the ledger, answers, and stores
+    /// the ledger, with no other await between.
+    async fn credits(&self, path: &str, body: &str) -> Result<Response> {
+        let storage = self.state.storage();
+        let held: Option<String> = storage.get(RECORD).await?;
+        let Some(record) = held.as_deref().and_then(|t| KeyRecord::from_json(t).ok()) else {
+            return Response::error("no record", 404);
+        };
+        let now = Date::now().as_millis() as i64;
+        let Some(credits) = &record.credits else {
+            let unlimited = LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: 0, verdict: Verdict::Unlimited };
+            return Response::ok(text::lease_answer(&unlimited));
+        };
+        let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
+        let key = ledger_key(&record, credits, now);
+        let bad = || worker::Error::RustError(format!("not a credits request: {body}"));
+        let answer = match path {
+            LEASE_PATH => text::lease_answer(&ledger.lease(key, &text::read_lease_request(body).ok_or_else(bad)?, now)),
+            _ => text::settlement(&ledger.settle(key, &text::read_settle_request(body).ok_or_else(bad)?, now)),
+        };
+        storage.put(LEDGER, text::ledger(&ledger)).await?;
+        Response::ok(answer)
+    }
+}
+
+/// The ledger held (stored as [`text::ledger`], so 64-bit numbers survive the JS boundary), or
+/// a new one.
+fn load_ledger(stored: Option<String>) -> Result<Ledger> {
+    match stored {
+        None => Ok(Ledger::default()),
+        Some(t) => text::read_ledger(&t).ok_or_else(|| worker::Error::RustError("unreadable ledger".into())),
+    }
+}
+
+/// What the ledger needs to know of the key.
+fn ledger_key<'a>(record: &KeyRecord, credits: &'a Credits, now_ms: i64) -> credits::Key<'a> {
+    credits::Key { credits, created_at_ms: record.created_at, usable: record.is_usable(now_ms) }
+}
+
 /// The authority could not be asked (the home of the objects is down, hangs, or failed).
 pub(crate) struct Unreachable(pub String);
 
 /// The object's name: a key's hash, or `root:` and a root key's hash.
-fn object_name(hash: &KeyHash, root: bool) -> String {
+pub(crate) fn object_name(hash: &KeyHash, root: bool) -> String {
     if root { format!("root:{}", hash.to_hex()) } else { hash.to_hex() }
 }
 
-async fn call(env: &Env, name: &str, request: Request) -> std::result::Result<Option<String>, Unreachable> {
+pub(crate) async fn call(env: &Env, name: &str, request: Request) -> std::result::Result<Option<String>, Unreachable> {
     let stub = env
         .durable_object(KEY_STATE_BINDING)
         .and_then(|ns| ns.get_by_name(name))

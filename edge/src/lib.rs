@@ -9,6 +9,7 @@
 
 mod auth;
 mod authority;
+mod credits;
 mod deadline;
 mod error;
 mod fresh;
@@ -22,7 +23,7 @@ mod usage;
 mod verify;
 
 use keyward_shared::ErrorCode;
-use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH, STATS_PATH};
+use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH, SETTLE_PATH, STATS_PATH};
 use worker::{Context, Env, Request, Response, Result, Router, event};
 
 use crate::error::EdgeError;
@@ -54,6 +55,7 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         .post_async("/v1/keys/verify", |req, ctx| async { error::answer(verify::handle(req, ctx).await) })
         .post_async(PURGE_PATH, |req, ctx| async { error::answer(purge::handle(req, ctx).await) })
         .post_async(AUTHORITY_PATH, |req, ctx| async { error::answer(authority::handle(req, ctx).await) })
+        .post_async(SETTLE_PATH, |req, ctx| async { error::answer(credits::handle_settle(req, ctx).await) })
         .post_async(STATS_PATH, |req, ctx| async { error::answer(memory::stats(req, ctx).await) })
         .or_else_any_method("/*rest", |_, _| {
             error::answer(Err(EdgeError::new(ErrorCode::NotFoundRoute, "no such route")))

@@ -16,7 +16,7 @@ use worker::{Date, Env, Request, Response, RouteContext};
 
 use crate::error::EdgeResult;
 use crate::misses::{self, Kind};
-use crate::{auth, authority, fresh, lookup, signed};
+use crate::{auth, authority, credits, fresh, lookup, signed};
 
 /// Bytes key and root-key copies may take together in one isolate, unless configured.
 pub(crate) const COPY_MEMORY_BYTES: usize = 16 << 20;
@@ -97,6 +97,8 @@ pub(crate) async fn stats(mut req: Request, ctx: RouteContext<worker::Context>) 
         key_confirmations: fresh::counts(Kind::Key),
         root_key_confirmations: fresh::counts(Kind::RootKey),
         authority_reads_answered: authority::reads_answered(),
+        authority_credit_calls_answered: authority::credit_calls_answered(),
+        credits: credits::counts(),
     };
     Ok(Response::from_json(&stats)?)
 }

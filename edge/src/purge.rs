@@ -6,7 +6,7 @@
 //! signed and the time it arrived, never later, so a purge held back and delivered late buys no
 //! extra trust. A region whose `PURGE_MODE` variable is `tag-only` behaves as Cloudflare's
 //! purge-by-tag does in production: it only drops Cache API copies, `PURGE_TAG_DELAY_MS` after
-//! acknowledging, and never touches isolate memory.
+//! acknowledging, and never touches isolate memory (nor the credit shares held there).
 
 use keyward_shared::ErrorCode;
 use keyward_shared::freshness;
@@ -15,7 +15,7 @@ use worker::{Context, Date, Delay, Request, Response, RouteContext, console_erro
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, signed};
+use crate::{REGION_VAR, credits, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
@@ -40,8 +40,12 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
         });
         return Ok(Response::from_json(&PurgeAck { region, purged: 0, applied_at_ms: arrived_ms })?);
     }
-    // Memory takes the records before the first await of each purge.
+    // Memory takes the records before the first await of each purge; the shares of their
+    // credits are dropped with them (a purge carries a tightening change).
     let applied_at_ms = Date::now().as_millis();
+    for record in &records {
+        credits::drop_shares(&record.hash);
+    }
     let replaced =
         futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))).await?;
     let purged = replaced.into_iter().filter(|had_copy| *had_copy).count();

@@ -1,14 +1,16 @@
-//! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide, and
-//! keep the answer's usage event for shipping (`usage.rs`), off the response path.
+//! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide,
+//! spend its credits when it has them and is valid in every other way (`credits.rs`), and keep
+//! the answer's usage event for shipping (`usage.rs`), off the response path.
 
+use keyward_shared::credits::SettleRequest;
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY, RequestError};
-use keyward_shared::{Code, ErrorCode, Key, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
+use keyward_shared::{Code, ErrorCode, Key, KeyHash, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
 use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, lookup, usage};
+use crate::{auth, credits, lookup, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -54,7 +56,42 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    answer(VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms))
+    // Credits come last: only a key that is valid in every other way spends.
+    let spent = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
+        Some(_) => Some(spend(&ctx, &hash, &request, decided_at_ms).await),
+        None => None,
+    };
+    let decided_at_ms = match &spent {
+        Some(credits::Spent::Settled(s)) => s.decided_at_ms,
+        _ => decided_at_ms,
+    };
+    let decision = match &spent {
+        Some(s) => decision.refused_by_credits(s.code()),
+        None => decision,
+    };
+    let response = VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms);
+    match spent.and_then(|s| s.remaining()) {
+        Some(remaining) if response.code != Code::Unavailable => answer(response.with_credits(remaining)),
+        _ => answer(response),
+    }
+}
+
+/// Spends the request's cost of the key's credits: settled at the authority with an
+/// idempotency key, else from this isolate's share.
+async fn spend(
+    ctx: &RouteContext<worker::Context>,
+    hash: &KeyHash,
+    request: &VerifyRequest,
+    now_ms: u64,
+) -> credits::Spent {
+    let cost = request.cost.unwrap_or(1);
+    match &request.idempotency_key {
+        Some(key) => {
+            let settle = SettleRequest { idempotency_key: Some(key.clone()), cost };
+            credits::settle(&ctx.env, hash, &settle).await
+        }
+        None => credits::spend(&ctx.env, &ctx.data, hash, cost, now_ms).await,
+    }
 }
 
 /// The answer to a caller over its share of lookups without a copy.

@@ -32,8 +32,16 @@ fn main() {
         max_staleness_ms: 1_000,
         created_at: 0,
         updated_at: 0,
+        credits: None,
     };
-    let request = VerifyRequest { key: text.clone(), api_id: None, permissions: vec!["read".into()], client: None };
+    let request = VerifyRequest {
+        key: text.clone(),
+        api_id: None,
+        permissions: vec!["read".into()],
+        client: None,
+        cost: None,
+        idempotency_key: None,
+    };
     let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
     assert_eq!(decide(Some(&record), &key.hash(), caller, &request, 1).code, Code::Valid);
 

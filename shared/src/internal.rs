@@ -12,6 +12,9 @@ use crate::{KeyRecord, RootKeyRecord};
 
 pub const PURGE_PATH: &str = "/internal/purge";
 pub const AUTHORITY_PATH: &str = "/internal/authority";
+/// Signed, body [`SettleOrder`]: one verification of a key settled at its authority (the
+/// control plane's own verify route), answered with its [`crate::credits::Settlement`].
+pub const SETTLE_PATH: &str = "/internal/settle";
 /// Signed, body `{}`: what this isolate's memory holds ([`MemoryStats`]).
 pub const STATS_PATH: &str = "/internal/stats";
 pub const TIMESTAMP_HEADER: &str = "x-keyward-timestamp";
@@ -71,6 +74,26 @@ pub struct MemoryStats {
     /// region that hosts none).
     #[serde(default)]
     pub authority_reads_answered: u64,
+    /// Credit lease and settle requests the KeyState objects this isolate hosts answered.
+    #[serde(default)]
+    pub authority_credit_calls_answered: u64,
+    /// What this isolate, as a holder of credit leases, asked its keys' authorities.
+    #[serde(default)]
+    pub credits: CreditCounts,
+}
+
+/// What one isolate asked of its keys' authorities for credits: each of `leases_waited`,
+/// `leases_ahead` and `settled` is one authority call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditCounts {
+    /// Lease requests a verification waited for (its share was spent).
+    pub leases_waited: u64,
+    /// Lease requests ahead of need, after the answer.
+    pub leases_ahead: u64,
+    /// Verifications settled at the authority (an idempotency key, or the origin's).
+    pub settled: u64,
+    /// Verifications answered `UNAVAILABLE` because credits could not be asked.
+    pub unavailable: u64,
 }
 
 /// How one isolate confirmed its copies with KV and the authority: each confirmation is one
@@ -104,6 +127,17 @@ pub struct AuthorityUpdate {
     pub records: Vec<KeyRecord>,
     #[serde(default)]
     pub root_keys: Vec<RootKeyRecord>,
+}
+
+/// A verification of the key with this hash, settled at its authority: what it costs, and its
+/// idempotency key if it has one (a [`crate::credits::SettleRequest`], flat).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleOrder {
+    pub hash: crate::KeyHash,
+    pub cost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// The shortest secret the control plane and the workers accept for signing internal requests.

@@ -6,6 +6,7 @@
 //! requests, and the verification decision itself.
 
 pub mod budget;
+pub mod credits;
 pub mod error;
 pub mod freshness;
 pub mod hash;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
+use crate::credits::Credits;
 use crate::scope::Scopes;
 
 /// The schema written by this version of Keyward.
@@ -61,12 +62,17 @@ pub struct KeyRecord {
     pub max_staleness_ms: u64,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The key's usage credits; `None`: unlimited. Stored as one string
+    /// ([`crate::credits::as_text`]).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::credits::as_text")]
+    pub credits: Option<Credits>,
 }
 
 impl KeyRecord {
     /// Whether going from `self` to `next` can turn an accepted verification into a rejected
     /// one: revoke, delete, disable, expiry set or moved earlier, a permission removed, or a
-    /// move to another API or workspace. Such a change must be purged from edge copies at once.
+    /// move to another API or workspace, credits given to an unlimited key or lowered (see
+    /// [`Credits::is_tightened_by`]). Such a change must be purged from edge copies at once.
     pub fn is_tightened_by(&self, next: &KeyRecord) -> bool {
         let expiry_earlier = match (self.expires_at, next.expires_at) {
             (_, None) => false,
@@ -79,6 +85,16 @@ impl KeyRecord {
             || self.permissions.iter().any(|p| !next.permissions.contains(p))
             || self.api_id != next.api_id
             || self.workspace_id != next.workspace_id
+            || match (&self.credits, &next.credits) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(old), Some(new)) => old.is_tightened_by(new),
+            }
+    }
+
+    /// Whether the key may be spent from at `now_ms`: active, enabled and unexpired.
+    pub fn is_usable(&self, now_ms: i64) -> bool {
+        self.status == KeyStatus::Active && self.enabled && self.expires_at.is_none_or(|at| now_ms < at)
     }
 }
 
@@ -221,6 +237,7 @@ pub(crate) mod tests {
             max_staleness_ms: DEFAULT_MAX_STALENESS_MS,
             created_at: 1_000,
             updated_at: 1_000,
+            credits: None,
         }
     }
 
@@ -252,6 +269,17 @@ pub(crate) mod tests {
         check(|r| r.name = Some("renamed".into()), false);
         check(|r| r.meta = Meta::from_map(&serde_json::json!({ "plan": 1 }).as_object().unwrap().clone()), false);
         check(|r| r.api_id = "api_2".into(), true);
+        let credits = Credits { set_to: 5, set_version: 1, added: 0, refill: None };
+        check(|r| r.credits = Some(Credits { set_to: 5, set_version: 1, added: 0, refill: None }), true);
+        let mut limited = sample(KeyHash::of("x"));
+        limited.credits = Some(credits.clone());
+        let mut more = limited.clone();
+        more.credits = Some(Credits { added: 3, ..credits.clone() });
+        assert!(!limited.is_tightened_by(&more));
+        assert!(more.is_tightened_by(&limited));
+        let mut unlimited = limited.clone();
+        unlimited.credits = None;
+        assert!(!limited.is_tightened_by(&unlimited));
         let mut expiring = sample(KeyHash::of("x"));
         expiring.expires_at = Some(100);
         let mut later = expiring.clone();
@@ -261,6 +289,18 @@ pub(crate) mod tests {
         let mut never = expiring.clone();
         never.expires_at = None;
         assert!(!expiring.is_tightened_by(&never));
+    }
+
+    #[test]
+    fn credits_travel_as_text() {
+        let mut record = sample(KeyHash::of("x"));
+        record.credits = Some(Credits { set_to: 5, set_version: 1, added: 2, refill: None });
+        let text = serde_json::to_string(&record).unwrap();
+        assert!(text.contains(r#""credits":"5 1 2""#), "{text}");
+        assert_eq!(KeyRecord::from_json(&text).unwrap(), record);
+        let without = serde_json::to_string(&sample(KeyHash::of("x"))).unwrap();
+        assert!(!without.contains("credits"));
+        assert_eq!(KeyRecord::from_json(&without).unwrap().credits, None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
+use crate::credits::{MAX_IDEMPOTENCY_KEY, is_idempotency_key};
 use crate::record::{KeyRecord, KeyStatus, Meta};
 use crate::scope::{KeyAction, Scope, Scopes};
 use crate::usage::ClientInfo;
@@ -27,6 +28,14 @@ pub struct VerifyRequest {
     /// The end user the caller verifies for, recorded in the usage event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientInfo>,
+    /// The credits this verification spends when the key has credits (default 1; 0 checks
+    /// that one is left without spending it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u64>,
+    /// Settles the spend at the key's authority; a retry with the same key within 10 minutes,
+    /// in any region, gets the same credits answer and spends nothing more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl VerifyRequest {
@@ -50,6 +59,10 @@ impl VerifyRequest {
         }
         if let Some(client) = &self.client {
             client.check().map_err(RequestError::Client)?;
+        }
+        if self.idempotency_key.as_ref().is_some_and(|k| !is_idempotency_key(k)) {
+            let message = format!("idempotency_key is 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters but `|`");
+            return Err(RequestError::Invalid(message));
         }
         Ok(())
     }
@@ -102,6 +115,19 @@ pub struct Decision {
 impl Decision {
     fn of(code: Code) -> Decision {
         Decision { code, permissions_matched: Vec::new() }
+    }
+
+    /// A `VALID` decision the key's credits refused: `USAGE_EXCEEDED`, or `UNAVAILABLE` when
+    /// they could not be asked. Any other decision stays as it is (credits come last).
+    pub fn refused_by_credits(self, code: Code) -> Decision {
+        if self.code != Code::Valid {
+            return self;
+        }
+        match code {
+            Code::Valid => self,
+            Code::UsageExceeded => Decision { code, ..self },
+            _ => Decision::of(Code::Unavailable),
+        }
     }
 
     /// Whether the answer may say anything about the key (its id, owner, meta). Never for a key
@@ -210,6 +236,18 @@ pub struct VerifyResponse {
     /// record was found: what to compare with the moment of a revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at_ms: Option<u64>,
+    /// The key's credits, when it has them and the verification reached them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsLeft>,
+}
+
+/// What a verify answer says of a key's credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditsLeft {
+    /// An upper bound of what remains globally: what the answering holder knew at its last
+    /// contact with the key's authority (the balance and every share leased out), less what it
+    /// spent since. Other holders may have spent some of it.
+    pub remaining: u64,
 }
 
 impl VerifyResponse {
@@ -230,6 +268,7 @@ impl VerifyResponse {
             source: source.filter(|_| decision.code != Code::NotFound),
             version: shown.map(|r| r.version),
             decided_at_ms: None,
+            credits: None,
             permissions: decision.permissions_matched,
         }
     }
@@ -237,6 +276,11 @@ impl VerifyResponse {
     /// The same answer, saying it was decided at `decided_at_ms`.
     pub fn decided_at(self, decided_at_ms: u64) -> VerifyResponse {
         VerifyResponse { decided_at_ms: Some(decided_at_ms), ..self }
+    }
+
+    /// The same answer, saying what remains of the key's credits.
+    pub fn with_credits(self, remaining: u64) -> VerifyResponse {
+        VerifyResponse { credits: Some(CreditsLeft { remaining }), ..self }
     }
 
     /// The answer for a key that failed the format or checksum: no lookup was made.
@@ -277,6 +321,8 @@ mod tests {
             api_id: case.api_id.map(str::to_owned),
             permissions: case.permissions.iter().map(|p| p.to_string()).collect(),
             client: None,
+            cost: None,
+            idempotency_key: None,
         };
         let decision = decide(Some(&record), &presented, caller, &request, NOW);
         assert_eq!(decision.code, case.expected, "{}", case.name);
@@ -445,7 +491,14 @@ mod tests {
     fn absent_record_is_not_found() {
         let scopes = Scopes(vec![]);
         let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
-        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![], client: None };
+        let request = VerifyRequest {
+            key: "k".into(),
+            api_id: None,
+            permissions: vec![],
+            client: None,
+            cost: None,
+            idempotency_key: None,
+        };
         assert_eq!(decide(None, &KeyHash::of("k"), caller, &request, NOW).code, Code::NotFound);
     }
 
@@ -484,7 +537,14 @@ mod tests {
         let presented = KeyHash::of("k");
         let all = Scopes(vec!["api.*.verify_key".parse().unwrap()]);
         let none = Scopes(vec!["api.other.verify_key".parse().unwrap()]);
-        let request = VerifyRequest { key: "k".into(), api_id: None, permissions: vec![], client: None };
+        let request = VerifyRequest {
+            key: "k".into(),
+            api_id: None,
+            permissions: vec![],
+            client: None,
+            cost: None,
+            idempotency_key: None,
+        };
         type Row<'a> = (&'a str, fn(&mut KeyRecord), &'a Scopes, &'a str, Code);
         let rows: [Row; 5] = [
             ("valid record, caller may see it", |_| {}, &all, "ws_1", Code::Unavailable),
@@ -519,5 +579,18 @@ mod tests {
         let at_limit: Vec<String> = many[..MAX_REQUESTED_PERMISSIONS].to_vec();
         let body = serde_json::to_vec(&serde_json::json!({ "key": "k", "permissions": at_limit })).unwrap();
         assert!(VerifyRequest::from_json(&body).is_ok());
+    }
+
+    #[test]
+    fn credits_refuse_only_valid_decisions() {
+        let valid = Decision { code: Code::Valid, permissions_matched: vec!["read".into()] };
+        assert_eq!(valid.clone().refused_by_credits(Code::Valid), valid);
+        let exceeded = valid.clone().refused_by_credits(Code::UsageExceeded);
+        assert_eq!((exceeded.code, exceeded.reveals_key()), (Code::UsageExceeded, true));
+        let unavailable = valid.refused_by_credits(Code::Unavailable);
+        assert_eq!((unavailable.code, unavailable.reveals_key()), (Code::Unavailable, false));
+        for code in [Code::Revoked, Code::Disabled, Code::NotFound, Code::InsufficientPermissions] {
+            assert_eq!(Decision::of(code).refused_by_credits(Code::UsageExceeded).code, code);
+        }
     }
 }

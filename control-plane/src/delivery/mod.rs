@@ -80,14 +80,14 @@ impl Pass {
 
 /// The record an entry carries, parsed: the authority and purges take it as a value.
 enum Carried {
-    Key(KeyRecord),
+    Key(Box<KeyRecord>),
     RootKey(RootKeyRecord),
 }
 
 impl Carried {
     fn parse(entry: &OutboxEntry) -> anyhow::Result<Carried> {
         Ok(match entry.kind {
-            EntryKind::Key => Carried::Key(KeyRecord::from_json(&entry.record).context("outbox record")?),
+            EntryKind::Key => Carried::Key(Box::new(KeyRecord::from_json(&entry.record).context("outbox record")?)),
             EntryKind::RootKey => Carried::RootKey(RootKeyRecord::from_json(&entry.record).context("outbox root key")?),
         })
     }

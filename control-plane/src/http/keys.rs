@@ -8,11 +8,14 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Settlement, Verdict};
 use keyward_shared::key::validate_prefix;
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
-use keyward_shared::{Key, KeyAction, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide};
+use keyward_shared::{
+    Code, Key, KeyAction, KeyHash, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
@@ -34,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/keys", post(create).get(list))
         .route("/v1/keys/{id}", get(read).patch(update).delete(delete))
         .route("/v1/keys/{id}/revoke", post(revoke))
+        .route("/v1/keys/{id}/credits", post(change_credits))
         .route("/v1/keys/verify", post(verify).layer(DefaultBodyLimit::max(MAX_VERIFY_BODY)))
 }
 
@@ -55,6 +59,10 @@ struct KeyView {
     max_staleness_ms: u64,
     created_at: i64,
     updated_at: i64,
+    /// The credits setting (`null`: unlimited): the last set and the net increments since. The
+    /// balance itself is kept by the key's authority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits: Option<Credits>,
 }
 
 impl From<KeyRecord> for KeyView {
@@ -75,6 +83,7 @@ impl From<KeyRecord> for KeyView {
             max_staleness_ms: r.max_staleness_ms,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            credits: r.credits,
         }
     }
 }
@@ -132,6 +141,39 @@ struct CreateKey {
     permissions: Vec<String>,
     #[serde(default)]
     owner_id: Option<String>,
+    #[serde(default)]
+    credits: Option<CreditsInput>,
+}
+
+/// A key's credits as an admin sets them: the balance that may still be spent from now, and
+/// an optional refill.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditsInput {
+    remaining: u64,
+    #[serde(default)]
+    refill: Option<Refill>,
+}
+
+/// The credits a set makes at record version `version`.
+fn set_credits(input: CreditsInput, version: u64) -> Result<Credits> {
+    if let Some(refill) = &input.refill {
+        check_refill(refill)?;
+    }
+    Ok(Credits { set_to: input.remaining, set_version: version, added: 0, refill: input.refill })
+}
+
+fn check_refill(refill: &Refill) -> Result<()> {
+    let bad = |m: &str| Err(AppError::BadRequest(m.into()));
+    match refill.every {
+        Period::Interval { ms } if ms < 1_000 => return bad("a refill interval is at least 1000 ms"),
+        Period::Monthly { day } if !(1..=31).contains(&day) => return bad("a monthly refill's day is 1 to 31"),
+        _ => {}
+    }
+    if refill.cap.is_some_and(|cap| cap < refill.amount) {
+        return bad("a refill's cap is at least its amount");
+    }
+    Ok(())
 }
 
 async fn create(
@@ -156,6 +198,7 @@ async fn create(
         meta: check_meta(body.meta.unwrap_or_default())?,
         expires_at: body.expires_at,
         permissions: check_permissions(body.permissions)?,
+        credits: body.credits.map(|c| set_credits(c, 1)).transpose()?,
     };
     let created = state.change.create_key(caller.actor(), new, now).await?;
     let answer = CreatedKey {
@@ -262,6 +305,9 @@ struct UpdateKey {
     expires_at: Option<Option<i64>>,
     #[serde(default)]
     permissions: Option<Vec<String>>,
+    /// Sets the credits (`null`: unlimited).
+    #[serde(default, deserialize_with = "present")]
+    credits: Option<Option<CreditsInput>>,
 }
 
 async fn update(
@@ -294,7 +340,51 @@ async fn update(
     if let Some(permissions) = body.permissions {
         new.permissions = check_permissions(permissions)?;
     }
+    if let Some(credits) = body.credits {
+        new.credits = credits.map(|c| set_credits(c, old.version + 1)).transpose()?;
+    }
     let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
+    Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
+}
+
+/// `POST /v1/keys/{id}/credits`: `set` (this much may still be spent from now), `increment`
+/// or `decrement` a key's balance. The change travels with the key's record to its authority,
+/// which applies it once; a decrement or a set is tightening (purged like a revocation).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditsChange {
+    op: CreditsOp,
+    amount: u64,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum CreditsOp {
+    Set,
+    Increment,
+    Decrement,
+}
+
+async fn change_credits(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+    Json(body): Json<CreditsChange>,
+) -> Result<Json<UpdatedKey>> {
+    let old = find(&state, &caller, &id, KeyAction::UpdateKey).await?;
+    if old.status == KeyStatus::Revoked {
+        return Err(AppError::Conflict("a revoked key cannot be changed; create a new key".into()));
+    }
+    let amount = i64::try_from(body.amount).map_err(|_| AppError::BadRequest("amount is too large".into()))?;
+    let mut new = old.clone();
+    let refill = old.credits.as_ref().and_then(|c| c.refill);
+    new.credits = Some(match (body.op, old.credits.clone()) {
+        (CreditsOp::Set, _) => Credits { set_to: body.amount, set_version: old.version + 1, added: 0, refill },
+        (_, None) => return Err(AppError::Conflict("this key has no credits (unlimited): set them first".into())),
+        (CreditsOp::Increment, Some(c)) => Credits { added: c.added.saturating_add(amount), ..c },
+        (CreditsOp::Decrement, Some(c)) => Credits { added: c.added.saturating_sub(amount), ..c },
+    });
+    let (record, delivered) = state.change.commit(caller.actor(), old, new, now_ms()).await?;
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
 }
 
@@ -346,10 +436,39 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
-    let response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))
+    let settled = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
+        Some(_) => Some(settle(&state, hash, &request).await),
+        None => None,
+    };
+    let decision = match settled {
+        Some(Some(s)) if s.verdict == Verdict::Exceeded => decision.refused_by_credits(Code::UsageExceeded),
+        Some(Some(s)) if s.verdict != Verdict::Void => decision,
+        Some(_) => decision.refused_by_credits(Code::Unavailable),
+        None => decision,
+    };
+    let mut response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))
         .decided_at(u64::try_from(now).unwrap_or(0));
+    if let Some(Some(s)) =
+        settled.filter(|s| response.code != Code::Unavailable && s.is_some_and(|s| s.verdict != Verdict::Unlimited))
+    {
+        response = response.with_credits(s.remaining);
+    }
     state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response));
     Ok(Json(response))
+}
+
+/// Settles the request's cost of the key's credits at its authority, as the edge does with an
+/// idempotency key; `None` when it could not (the answer is then `UNAVAILABLE`).
+async fn settle(state: &AppState, hash: KeyHash, request: &VerifyRequest) -> Option<Settlement> {
+    let settle = SettleRequest { idempotency_key: request.idempotency_key.clone(), cost: request.cost.unwrap_or(1) };
+    match state.delivery.edge().settle(hash, settle).await {
+        Ok(Some(settlement)) => Some(settlement),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot settle credits at the key's authority");
+            None
+        }
+    }
 }
 
 /// The origin's verification as its usage event sees it: region `origin`, the caller's request.

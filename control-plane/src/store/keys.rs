@@ -38,6 +38,7 @@ struct KeyRow {
     max_staleness_ms: i64,
     created_at: i64,
     updated_at: i64,
+    credits: Option<String>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -50,6 +51,7 @@ impl TryFrom<KeyRow> for KeyRecord {
             meta: serde_json::from_str(&r.meta).context("stored meta is not a JSON object")?,
             status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
             permissions: serde_json::from_str(&r.permissions).context("stored permissions are not a list")?,
+            credits: r.credits.as_deref().map(serde_json::from_str).transpose().context("stored credits")?,
             id: r.id,
             api_id: r.api_id,
             workspace_id: r.workspace_id,
@@ -211,13 +213,14 @@ fn update_action(before: &KeyRecord, after: &KeyRecord) -> &'static str {
     match after.status {
         KeyStatus::Revoked if before.status != KeyStatus::Revoked => "key.revoke",
         KeyStatus::Deleted if before.status != KeyStatus::Deleted => "key.delete",
+        _ if before.credits != after.credits => "key.credits",
         _ => "key.update",
     }
 }
 
 /// The columns a change may write, in the order [`bind_changeable`] binds them.
-const CHANGEABLE: [&str; 9] =
-    ["name", "owner_id", "meta", "enabled", "status", "expires_at", "permissions", "version", "updated_at"];
+const CHANGEABLE: [&str; 10] =
+    ["name", "owner_id", "meta", "enabled", "status", "expires_at", "permissions", "version", "updated_at", "credits"];
 
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
@@ -232,7 +235,8 @@ fn bind_changeable<'q>(query: Query<'q>, key: &'q KeyRecord) -> anyhow::Result<Q
         .bind(key.expires_at)
         .bind(permissions_column(key)?)
         .bind(key.version as i64)
-        .bind(key.updated_at))
+        .bind(key.updated_at)
+        .bind(key.credits.as_ref().map(serde_json::to_string).transpose().context("credits")?))
 }
 
 /// The `meta` column: the key's meta as JSON text.

@@ -7,6 +7,7 @@
 mod against;
 mod fresh;
 mod geography;
+mod limits;
 mod load;
 mod revocation;
 mod usage;
@@ -115,6 +116,22 @@ pub enum Which {
         #[arg(long, value_name = "REV")]
         before: Option<String>,
     },
+    /// Edge verify of a plain key (warm) beside a key with credits, alternated in one world:
+    /// req/s, p50, p99 and authority calls per 1,000 verifications; then overspend (must be 0)
+    /// and what is stranded when a balance of 1,000 runs out over 3 regions.
+    Limits {
+        /// Seconds of load per key and round.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent connections (wrk -c), from one wrk thread.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// The region (0-2) wrk loads; under a geography, 2 is the farthest from the home.
+        #[arg(long, default_value_t = 0)]
+        region: usize,
+    },
     /// The worker's upload size (`wrangler deploy --dry-run`, plain and gzipped) and its cold
     /// start (a fresh worker process to its first answer).
     Worker {
@@ -157,6 +174,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         }
         Which::Fresh { seconds, connections, rounds, before } => {
             fresh::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), before.as_deref())
+        }
+        Which::Limits { seconds, connections, rounds, region } => {
+            limits::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), region.min(2))
         }
         Which::Worker { starts, against } => worker::run(starts.max(1), against.as_deref()),
     }

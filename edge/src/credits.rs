@@ -1,0 +1,350 @@
+//! This isolate as a holder of credit leases: it spends a key's credits in memory from leases
+//! its authority granted, and asks for more when its share runs low.
+//!
+//! - A lease is spent only until its time-to-live has passed by this isolate's clock, counted
+//!   from *before* it was asked; the authority counts the same time from when it granted it,
+//!   which is later, so the holder always stops first (clocks need only run at the same rate).
+//! - A lease the holder will spend no more from (expired, or dropped by a purge) is reported
+//!   with what was spent of it at the next contact with the authority, which then returns the
+//!   unspent part to the balance. The authority never returns a lease on its own.
+//! - When a share covers less than half a second of the holder's rate, or half of its time is
+//!   left, another lease is asked for after the answer (`wait_until`): a steady stream of
+//!   requests does not wait for the authority, even one a few hundred milliseconds away.
+//! - A lease's id is the holder's choice: when a request times out, the id is reported unspent
+//!   at the next contact, so a grant whose answer was lost is returned, not stranded. One request per key is under way at a time in an isolate; others
+//!   that need it wait for it.
+//! - With no share left and the authority unreachable, the answer is `UNAVAILABLE` (fail closed).
+//! - A verification with an idempotency key is settled at the authority, one round trip.
+
+use std::cell::{Cell, RefCell};
+
+use keyward_shared::credits::{
+    LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict, text,
+};
+use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleOrder};
+use keyward_shared::{Code, KeyHash};
+use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
+
+use crate::authority::{self, LEASE_PATH, SETTLE_PATH, Unreachable};
+use crate::deadline;
+
+/// How long an isolate answers `USAGE_EXCEEDED` from memory after the authority said there was
+/// not enough, before asking again.
+const EXHAUSTED_MS: u64 = 250;
+/// How often a request waiting for another's lease request looks at it again.
+const JOIN_POLL_MS: u64 = 5;
+/// The window over which a holder measures its rate.
+const RATE_WINDOW_MS: u64 = 1_000;
+
+/// One lease held: what is left of it, what was spent, and until when (this clock) it may be.
+#[derive(Clone, Copy)]
+struct Held {
+    lease: u64,
+    left: u64,
+    spent: u64,
+    until_ms: u64,
+}
+
+/// What this isolate holds of one key's credits.
+#[derive(Default)]
+struct Holding {
+    leases: Vec<Held>,
+    /// Leases spent no more from, to report at the next contact.
+    reports: Vec<Report>,
+    /// The authority's upper bound at the last contact, and what was spent here since.
+    remaining: u64,
+    spent_since: u64,
+    /// A lease request under way, asked at this time.
+    asking_since: Option<u64>,
+    /// Until when the authority's "not enough" is answered from memory.
+    exhausted_until: u64,
+    /// The rate window: its start and the credits wanted in it; the last full window's rate.
+    window_start: u64,
+    window_wanted: u64,
+    rate_per_s: u64,
+}
+
+impl Holding {
+    /// Moves leases past their time to the reports.
+    fn close_expired(&mut self, now_ms: u64) {
+        let (done, live): (Vec<Held>, Vec<Held>) =
+            self.leases.iter().partition(|h| h.until_ms <= now_ms || h.left == 0);
+        self.reports.extend(done.iter().map(|h| Report { lease: h.lease, spent: h.spent }));
+        self.leases = live;
+    }
+
+    /// Notes `cost` wanted at `now_ms` for the rate.
+    fn want(&mut self, cost: u64, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.window_start);
+        if elapsed >= RATE_WINDOW_MS {
+            self.rate_per_s = self.window_wanted * 1_000 / elapsed.max(1);
+            self.window_start = now_ms;
+            self.window_wanted = 0;
+        }
+        self.window_wanted += cost.max(1);
+    }
+
+    /// The rate to ask with: the last window's, or the current one's so far (at least 100 ms of it).
+    fn rate(&self, now_ms: u64) -> u64 {
+        let elapsed = now_ms.saturating_sub(self.window_start).max(100);
+        self.rate_per_s.max(self.window_wanted * 1_000 / elapsed)
+    }
+
+    /// Spends `cost` (0: checks one is left) from the first lease that covers it.
+    fn take(&mut self, cost: u64) -> Option<u64> {
+        let held = self.leases.iter_mut().find(|h| h.left >= cost.max(1))?;
+        held.left -= cost;
+        held.spent += cost;
+        self.spent_since += cost;
+        Some(self.remaining.saturating_sub(self.spent_since))
+    }
+
+    /// Whether another lease should be asked for ahead of need.
+    fn running_low(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        let left: u64 = self.leases.iter().map(|h| h.left).sum();
+        let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
+        self.leases.len() < 2 && (left * 2 < self.rate(now_ms).max(1) || latest < now_ms + ttl_ms / 2)
+    }
+
+    /// Takes the authority's answer to a request asked at `asked_ms`.
+    fn answered(&mut self, answer: &LeaseAnswer, asked_ms: u64, now_ms: u64) {
+        self.remaining = answer.remaining;
+        self.spent_since = 0;
+        if answer.granted > 0 {
+            let until_ms = asked_ms + answer.ttl_ms;
+            self.leases.push(Held { lease: answer.lease, left: answer.granted, spent: 0, until_ms });
+        }
+        if answer.verdict == Verdict::Exceeded {
+            self.exhausted_until = now_ms + EXHAUSTED_MS;
+        }
+    }
+}
+
+thread_local! {
+    /// Holdings by key hash: a list (smaller in the worker than a map type); one whose leases
+    /// and reports are all gone is given up when another key needs a place.
+    static HOLDINGS: RefCell<Vec<([u8; 32], Holding)>> = const { RefCell::new(Vec::new()) };
+    static COUNTS: Cell<CreditCounts> = const { Cell::new(CreditCounts { leases_waited: 0, leases_ahead: 0, settled: 0, unavailable: 0 }) };
+}
+
+fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
+    HOLDINGS.with(|h| {
+        let mut holdings = h.borrow_mut();
+        let at = match holdings.iter().position(|(held, _)| held == hash.as_bytes()) {
+            Some(at) => at,
+            None => {
+                holdings.retain(|(_, h)| !h.leases.is_empty() || !h.reports.is_empty() || h.asking_since.is_some());
+                holdings.push((*hash.as_bytes(), Holding::default()));
+                holdings.len() - 1
+            }
+        };
+        f(&mut holdings[at].1)
+    })
+}
+
+fn count(f: impl FnOnce(&mut CreditCounts)) {
+    let mut counts = COUNTS.get();
+    f(&mut counts);
+    COUNTS.set(counts);
+}
+
+/// What this isolate did with credits.
+pub(crate) fn counts() -> CreditCounts {
+    COUNTS.get()
+}
+
+/// Drops this isolate's shares of a key (a purge carried a tightening change): what was spent
+/// of them is reported at the next contact.
+pub(crate) fn drop_shares(hash: &KeyHash) {
+    HOLDINGS.with(|h| {
+        if let Some((_, holding)) = h.borrow_mut().iter_mut().find(|(held, _)| held == hash.as_bytes()) {
+            holding.close_expired(u64::MAX);
+            holding.remaining = holding.remaining.saturating_sub(holding.spent_since);
+            holding.spent_since = 0;
+        }
+    });
+}
+
+/// What credits said about one verification.
+pub(crate) enum Spent {
+    /// Spent (or, at cost 0, one is left): the upper bound of what remains.
+    Yes(u64),
+    /// Not enough: `USAGE_EXCEEDED`, with the upper bound of what remains.
+    Exceeded(u64),
+    /// The authority could not be asked, or says the key may not be spent: `UNAVAILABLE`.
+    Unavailable,
+    /// The key has no credits at its authority.
+    Unlimited,
+    /// Settled at the authority (an idempotency key): its settlement.
+    Settled(Settlement),
+}
+
+impl Spent {
+    /// The code this gives a `VALID` decision (`VALID` when spent).
+    pub(crate) fn code(&self) -> Code {
+        match self {
+            Spent::Yes(_) | Spent::Unlimited => Code::Valid,
+            Spent::Exceeded(_) => Code::UsageExceeded,
+            Spent::Unavailable => Code::Unavailable,
+            Spent::Settled(s) => match s.verdict {
+                Verdict::Granted | Verdict::Unlimited => Code::Valid,
+                Verdict::Exceeded => Code::UsageExceeded,
+                Verdict::Void => Code::Unavailable,
+            },
+        }
+    }
+
+    /// The upper bound of what remains, where known.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self {
+            Spent::Yes(r) | Spent::Exceeded(r) => Some(*r),
+            Spent::Settled(s) if s.verdict != Verdict::Void => Some(s.remaining),
+            _ => None,
+        }
+    }
+}
+
+/// Posts to the key's authority within `ms` milliseconds.
+async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> Result<String, Unreachable> {
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post).with_body(Some(body.into()));
+    let url = format!("https://key-state.internal{path}");
+    let request = Request::new_with_init(&url, &init).map_err(|e| Unreachable(e.to_string()))?;
+    let name = authority::object_name(hash, false);
+    let answered = deadline::within(ms, authority::call(env, &name, request)).await;
+    match answered {
+        Some(Ok(Some(text))) => Ok(text),
+        Some(Ok(None)) => Err(Unreachable("the authority holds no record".into())),
+        Some(Err(e)) => Err(e),
+        None => Err(Unreachable(format!("no answer within {ms} ms"))),
+    }
+}
+
+/// Settles one verification at the key's authority (idempotent with `idempotency_key`).
+pub(crate) async fn settle(env: &Env, hash: &KeyHash, request: &SettleRequest) -> Spent {
+    count(|c| c.settled += 1);
+    let answer = post(env, hash, SETTLE_PATH, text::settle_request(request), deadline::authority_ms(env)).await;
+    match answer.ok().and_then(|t| text::read_settlement(&t)) {
+        Some(settlement) if settlement.verdict == Verdict::Unlimited => Spent::Unlimited,
+        Some(settlement) => Spent::Settled(settlement),
+        None => unavailable(),
+    }
+}
+
+fn unavailable() -> Spent {
+    count(|c| c.unavailable += 1);
+    Spent::Unavailable
+}
+
+/// A lease id of this holder's choosing: random, never 0.
+fn lease_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes = (Date::now().as_millis() ^ 0x9e37_79b9_7f4a_7c15).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes).max(1)
+}
+
+/// Asks the authority for a lease for `need`, reporting what this isolate will spend no more
+/// from; takes the answer into the holding. `None`: unreachable. A request waits for it at most
+/// the authority's deadline; one asked ahead (`need` 0), which no request waits for but one
+/// that finds the share spent meanwhile, at most [`deadline::MAX_AUTHORITY_MS`].
+async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
+    let asked_ms = Date::now().as_millis();
+    let lease = lease_id();
+    let request = with(hash, |h| {
+        h.asking_since = Some(asked_ms);
+        LeaseRequest { lease, need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
+    });
+    let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
+    let answer = post(env, hash, LEASE_PATH, text::lease_request(&request), ms).await;
+    let answer = answer.ok().and_then(|t| text::read_lease_answer(&t));
+    let now_ms = Date::now().as_millis();
+    with(hash, |h| {
+        h.asking_since = None;
+        match &answer {
+            Some(a) => h.answered(a, asked_ms, now_ms),
+            // The reports may not have arrived: kept for the next contact (a report is taken
+            // once); a lease granted without its answer arriving is reported unspent.
+            None => {
+                h.reports.extend(request.reports);
+                h.reports.push(Report { lease, spent: 0 });
+            }
+        }
+    });
+    answer
+}
+
+/// Spends `cost` of a key's credits for a verification decided `VALID` at `now_ms`: from the
+/// share in hand, else after the lease request under way (waiting at most the authority's
+/// longest deadline), else from a lease asked for now (whose first `cost` is this request's).
+pub(crate) async fn spend(env: &Env, ctx: &Context, hash: &KeyHash, cost: u64, now_ms: u64) -> Spent {
+    let mut now = now_ms;
+    with(hash, |h| h.want(cost, now));
+    loop {
+        let (taken, under_way, exhausted) = with(hash, |h| {
+            h.close_expired(now);
+            let under_way = h.asking_since.is_some_and(|at| now.saturating_sub(at) < deadline::MAX_AUTHORITY_MS);
+            (h.take(cost), under_way, h.exhausted_until > now)
+        });
+        if let Some(remaining) = taken {
+            if !under_way && with(hash, |h| h.running_low(now, LEASE_TTL_MS)) {
+                ahead(env, ctx, hash);
+            }
+            return Spent::Yes(remaining);
+        }
+        if exhausted {
+            return Spent::Exceeded(with(hash, |h| h.remaining.saturating_sub(h.spent_since)));
+        }
+        if !under_way {
+            return asked(env, hash, cost).await;
+        }
+        if now.saturating_sub(now_ms) > deadline::MAX_AUTHORITY_MS {
+            return unavailable();
+        }
+        Delay::from(std::time::Duration::from_millis(JOIN_POLL_MS)).await;
+        now = Date::now().as_millis();
+    }
+}
+
+/// Asks for a lease for `cost` and spends it from the answer at once.
+async fn asked(env: &Env, hash: &KeyHash, cost: u64) -> Spent {
+    count(|c| c.leases_waited += 1);
+    match ask(env, hash, cost.max(1)).await.map(|a| a.verdict) {
+        None | Some(Verdict::Void) => unavailable(),
+        Some(Verdict::Unlimited) => Spent::Unlimited,
+        Some(Verdict::Exceeded) => Spent::Exceeded(with(hash, |h| h.remaining)),
+        // No await since the answer was taken: the lease is this request's first.
+        Some(Verdict::Granted) => with(hash, |h| h.take(cost)).map_or_else(unavailable, Spent::Yes),
+    }
+}
+
+/// Asks for another lease after the answer, while the share in hand goes on being spent.
+fn ahead(env: &Env, ctx: &Context, hash: &KeyHash) {
+    count(|c| c.leases_ahead += 1);
+    let (env, hash) = (env.clone(), *hash);
+    with(&hash, |h| h.asking_since = Some(Date::now().as_millis()));
+    ctx.wait_until(async move {
+        ask(&env, &hash, 0).await;
+    });
+}
+
+/// `POST /internal/settle`: the control plane's signed request to settle one verification at
+/// the key's authority (its own verify route spends through the same ledger).
+pub(crate) async fn handle_settle(
+    mut req: worker::Request,
+    ctx: worker::RouteContext<Context>,
+) -> crate::error::EdgeResult<worker::Response> {
+    let now_ms = Date::now().as_millis();
+    let order = crate::signed::parse::<SettleOrder>(&mut req, &ctx.env, SETTLE_PATH_INTERNAL, now_ms).await?.body;
+    let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost };
+    let settlement = match settle(&ctx.env, &order.hash, &request).await {
+        Spent::Settled(s) => s,
+        Spent::Unlimited => Settlement { verdict: Verdict::Unlimited, remaining: 0, decided_at_ms: now_ms },
+        _ => {
+            let message = "the key's authority could not settle the verification; retry";
+            return Err(crate::error::EdgeError::new(keyward_shared::ErrorCode::AuthorityUnavailable, message));
+        }
+    };
+    Ok(worker::Response::from_json(&settlement)?)
+}

@@ -1,0 +1,132 @@
+//! `cargo xtask bench limits`: what credits cost a verification, and whether they hold.
+//!
+//! 1. Throughput: `wrk` on one region's verify route (`--region`, 0 by default) for a key without credits (plain, warm)
+//!    and, alternated with it in the same world, a key with a large balance (every holder
+//!    leases about once a second of its rate, so it leases again often); requests/s, p50, p99,
+//!    and the authority calls the home answered per 1,000 verifications for each.
+//!    `KEYWARD_GEOGRAPHY=world` places the processes apart (`keyward_tests::geography`).
+//! 2. Overspend: verifications spread over 3 regions, 60 in flight, against a balance of
+//!    1,000: how many were `VALID` (overspend is what passes the balance, and must be 0), what
+//!    was stranded when the balance ran out, and, once the leases expired, what a second round
+//!    spent of it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use keyward_shared::internal::{MemoryStats, STATS_PATH};
+use keyward_tests::world::{RegionPlan, World};
+use serde_json::json;
+
+use super::load::{self, Load};
+use super::{Figures, order, report};
+use crate::tools::step;
+
+/// The balance of the throughput key: more than any run spends.
+const LARGE: u64 = 1_000_000_000;
+/// The balance of the overspend key.
+const BALANCE: u64 = 1_000;
+
+pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize) -> anyhow::Result<()> {
+    let build = super::builds(None)?.pop().ok_or_else(|| anyhow::anyhow!("the current build"))?;
+    step("starting the home, 3 regions (log level error) and the control plane");
+    let world = build.world(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up])?;
+    match &world.geography {
+        Some(geography) => step(&format!("placed apart (KEYWARD_GEOGRAPHY): {}", geography.describe(3))),
+        None => step("on loopback (KEYWARD_GEOGRAPHY unset)"),
+    }
+    let api = world.create_api("bench-limits", 1_000);
+    let keys = [
+        ("plain", world.create_key(&api, json!({})).1),
+        ("credits", world.create_key(&api, json!({ "credits": { "remaining": LARGE } })).1),
+    ];
+    let base = world.regions[region].spec.url();
+    let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
+    let mut calls = [0u64; 2];
+    let mut n = 0;
+    for round in 0..rounds {
+        for i in order(round, 2) {
+            let (name, key) = &keys[i];
+            let secs = duration.as_secs();
+            step(&format!(
+                "round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{secs}s on region {region}",
+                round + 1
+            ));
+            let before = home_calls(&world, &mut n)?;
+            loads[i].push(load::throughput(&world, &base, &world.root_key, key, connections, duration)?);
+            calls[i] += home_calls(&world, &mut n)? - before;
+        }
+    }
+    let mut figures = Figures::default();
+    for (i, (name, _)) in keys.iter().enumerate() {
+        let merged = Load::merge(&loads[i]);
+        let per_1000 = calls[i] as f64 * 1_000.0 / merged.requests.max(1) as f64;
+        println!("{name}: {merged}; authority calls per 1,000 verifications {per_1000:.1}");
+        figures.add(&format!("{name}_rps"), merged.rps, 0);
+        figures.add(&format!("{name}_p50_ms"), merged.p50_ms, 2);
+        figures.add(&format!("{name}_p99_ms"), merged.p99_ms, 2);
+        figures.add(&format!("{name}_authority_calls_per_1000"), per_1000, 1);
+    }
+    let (plain, credits) = (Load::merge(&loads[0]), Load::merge(&loads[1]));
+    figures.add("credits_over_plain_rps", credits.rps / plain.rps, 3);
+    overspend(&world, &api, &mut figures)?;
+    report(&figures, None);
+    Ok(())
+}
+
+/// Authority calls the home answered so far: credit calls and record reads.
+fn home_calls(world: &World, n: &mut u32) -> anyhow::Result<u64> {
+    *n += 1;
+    let nonce = format!("bench-limits-stats-{}-{n}", keyward_tests::now_ms());
+    let (status, text) = world.signed_post(&world.home.url(), STATS_PATH, &json!({}), keyward_tests::now_ms(), &nonce);
+    ensure!(status == 200, "stats answered {status}: {text}");
+    let stats: MemoryStats = serde_json::from_str(&text)?;
+    Ok(stats.authority_credit_calls_answered + stats.authority_reads_answered)
+}
+
+/// `count` verifications of `key` over the 3 regions, `in_flight` at a time: how many were VALID.
+fn burst(world: &World, key: &str, count: usize, in_flight: usize) -> usize {
+    let next = AtomicUsize::new(0);
+    let body = json!({ "key": key });
+    std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..in_flight)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut valid = 0;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= count {
+                            return valid;
+                        }
+                        let (status, answer) = world.edge_verify(i % 3, &world.root_key, body.clone());
+                        valid += usize::from(status == 200 && answer["code"] == "VALID");
+                    }
+                })
+            })
+            .collect();
+        callers.into_iter().map(|c| c.join().unwrap_or(0)).sum()
+    })
+}
+
+/// Spends a balance of [`BALANCE`] from 3 regions at once, and again after the leases expired.
+fn overspend(world: &World, api: &str, figures: &mut Figures) -> anyhow::Result<()> {
+    let (_, key) = world.create_key(api, json!({ "credits": { "remaining": BALANCE } }));
+    let count = BALANCE as usize * 5;
+    step(&format!("overspend: {count} verifications over 3 regions, 60 in flight, against a balance of {BALANCE}"));
+    let started = Instant::now();
+    let first = burst(world, &key, count, 60);
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(2_300));
+    let second = burst(world, &key, BALANCE as usize, 30);
+    let total = first + second;
+    println!(
+        "overspend: {first} VALID in {took:.2?} against {BALANCE}; stranded when it ran out {}; \
+         after the leases expired {second} more, {total} in all",
+        BALANCE as usize - first.min(BALANCE as usize)
+    );
+    figures.add("overspend", total.saturating_sub(BALANCE as usize) as f64, 0);
+    figures.add("stranded_at_run_out", BALANCE.saturating_sub(first as u64) as f64, 0);
+    figures.add("stranded_after_expiry", BALANCE.saturating_sub(total as u64) as f64, 0);
+    ensure!(total <= BALANCE as usize, "overspent: {total} VALID against a balance of {BALANCE}");
+    Ok(())
+}
