@@ -550,3 +550,38 @@ impl Db {
         }
     }
 }
+
+/// Credits through the CLI: set with a refill on create, shown by `keys get`, changed by
+/// `keys credits`, removed by `update --credits unlimited`; a bad refill says what it takes.
+/// (This control plane has no authority: what remains is for the whole-system tests.)
+#[test]
+fn credits_are_set_shown_and_changed_from_the_cli() {
+    let server = serve();
+    let api = server.json(&["apis", "create", "--name", "credited", "--json"]);
+    let api_id = api["id"].as_str().unwrap();
+    let args =
+        ["keys", "create", "--api-id", api_id, "--credits", "100", "--refill-every", "10s", "--refill-amount", "5"];
+    let created = server.json(&[&args[..], &["--refill-cap", "200", "--json"]].concat());
+    let id = created["id"].as_str().unwrap();
+    let key = server.json(&["keys", "get", id, "--json"]);
+    assert_eq!(
+        key["credits"],
+        serde_json::json!({ "set_to": 100, "set_version": 1, "added": 0,
+            "refill": { "every": { "kind": "interval", "ms": 10000 }, "amount": 5, "cap": 200 } }),
+        "{key}"
+    );
+    let table = server.ok(&["keys", "get", id, "--format", "table"]);
+    assert!(table.contains("set to 100 at version 1; refill every 10000 ms: +5 up to 200"), "{table}");
+    let changed = server.json(&["keys", "credits", id, "increment", "20", "--json"]);
+    assert_eq!(changed["key"]["credits"]["added"], 20, "{changed}");
+    let asked = server.run(&["keys", "credits", id, "--format", "table"]);
+    assert!(stdout(&asked).contains("did not answer"), "no authority here: {}", stdout(&asked));
+    let cleared = server.json(&["keys", "update", id, "--credits", "unlimited", "--json"]);
+    assert!(cleared["key"]["credits"].is_null(), "{cleared}");
+    let bad =
+        server.run(&["keys", "update", id, "--credits", "5", "--refill-every", "fortnightly", "--refill-amount", "1"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--refill-every takes `daily`"), "{}", stderr(&bad));
+    let no_amount = server.run(&["keys", "credits", id, "set"]);
+    assert!(!no_amount.status.success(), "set needs an amount");
+}

@@ -356,10 +356,28 @@ fn set_increment_and_decrement_reach_the_authority_once() {
     assert_eq!(spend(1), "USAGE_EXCEEDED");
     let (status, view) = world.admin(Method::GET, &format!("/v1/keys/{id}"), None);
     assert_eq!((status, &view["credits"]["set_to"]), (200, &json!(10)), "{view}");
+    // What remains, by the authority's account (nothing is spent asking), and through the CLI.
+    let (status, credits) = world.admin(Method::GET, &format!("/v1/keys/{id}/credits"), None);
+    assert_eq!((status, &credits["remaining"]), (200, &json!(0)), "{credits}");
+    let keyward = |args: &[&str]| {
+        let output = std::process::Command::new(keyward_tests::keyward_bin())
+            .args(args)
+            .env("KEYWARD_URL", world.origin())
+            .env("KEYWARD_ROOT_KEY", &world.root_key)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "keyward {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    keyward(&["keys", "credits", &id, "increment", "4", "--json"]);
+    let shown: Value = serde_json::from_str(&keyward(&["keys", "credits", &id, "--json"])).unwrap();
+    assert_eq!(shown["remaining"], 4, "{shown}");
+    let table = keyward(&["keys", "get", &id, "--format", "table"]);
+    assert!(table.contains("4 remaining, set to 10 at version"), "{table}");
     // Each change appended its audit entry.
     let (status, audit) = world.admin(Method::GET, &format!("/v1/audit?target={id}&action=key.credits"), None);
     assert_eq!(status, 200, "{audit}");
-    assert_eq!(audit["entries"].as_array().map(Vec::len), Some(3), "{audit}");
+    assert_eq!(audit["entries"].as_array().map(Vec::len), Some(4), "{audit}");
     // A key without credits cannot be incremented; setting them makes it limited.
     let api = world.create_api("unlimited", 1_000);
     let (plain, _) = world.create_key(&api, json!({}));

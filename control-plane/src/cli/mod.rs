@@ -47,6 +47,14 @@ pub struct Cli {
     command: Command,
 }
 
+/// A change to a key's credits.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CreditsOp {
+    Set,
+    Increment,
+    Decrement,
+}
+
 /// How answers are printed.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -219,6 +227,19 @@ struct KeyFields {
     /// Comma-separated permission names.
     #[arg(long, value_delimiter = ',')]
     permissions: Option<Vec<String>>,
+    /// Credits that may still be spent from now; `unlimited` (for `update`) removes them.
+    #[arg(long)]
+    credits: Option<String>,
+    /// When credits refill: `daily`, `monthly:<day>`, `anniversary`, or an interval like `10s`,
+    /// `5m`, `1h` (needs `--credits` and `--refill-amount`).
+    #[arg(long, requires_all = ["credits", "refill_amount"])]
+    refill_every: Option<String>,
+    /// How many credits each refill gives: the balance is set to it, or with `--refill-cap`
+    /// added up to the cap.
+    #[arg(long, requires = "refill_every")]
+    refill_amount: Option<u64>,
+    #[arg(long, requires = "refill_every")]
+    refill_cap: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -265,6 +286,17 @@ enum KeyCommand {
         enabled: Option<bool>,
         #[command(flatten)]
         fields: KeyFields,
+    },
+    /// Show a key's credits as its authority holds them, or set, increment or decrement them.
+    #[command(
+        after_help = "Example:\n  keyward keys credits key_01...\n  keyward keys credits key_01... set 1000\n  keyward keys credits key_01... increment 50"
+    )]
+    Credits {
+        id: String,
+        /// `set` (this much may still be spent from now), `increment` or `decrement`.
+        #[arg(value_enum, requires = "amount")]
+        op: Option<CreditsOp>,
+        amount: Option<u64>,
     },
     /// Revoke a key everywhere; prints each region's acknowledgement.
     #[command(after_help = "Example:\n  keyward keys revoke key_01...")]
@@ -336,7 +368,13 @@ pub async fn run() -> anyhow::Result<()> {
         command => {
             let client = Client::new(&cli.url, cli.root_key)?;
             let request = request::request_for(command)?;
-            (client.call(&request).await?, request.view)
+            let mut answer = client.call(&request).await?;
+            // A key with credits: what remains, from its authority (a second call).
+            if request.view == View::Key && !answer["credits"].is_null() {
+                let credits = client.get(&format!("{}/credits", request.path)).await?;
+                answer["credits_remaining"] = credits["remaining"].clone();
+            }
+            (answer, request.view)
         }
     };
     print(format, view, &answer)?;

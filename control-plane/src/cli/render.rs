@@ -61,6 +61,8 @@ pub enum View {
     Usage,
     Audit,
     Proof,
+    /// A key's credits as its authority holds them.
+    Credits,
     AuditCheckpoint,
     AuditVerified,
 }
@@ -132,6 +134,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         View::Usage => usage(answer),
         View::Audit => audit(answer),
         View::Proof => proof(answer),
+        View::Credits => credits_view(answer),
         View::AuditCheckpoint => audit_checkpoint(answer),
         View::AuditVerified => audit_verified(answer),
         View::OutboxStatus => outbox_status(answer, now),
@@ -395,10 +398,56 @@ fn key_fields(k: &Value, now: i64) -> String {
         ("meta", meta(&k["meta"])),
         ("version", text(&k["version"])),
         ("max staleness", format!("{} ms", text(&k["max_staleness_ms"]))),
+        ("credits", credits(&k["credits"], &k["credits_remaining"])),
         ("created", date(&k["created_at"])),
         ("updated", date(&k["updated_at"])),
     ];
     field_table(&fields)
+}
+
+/// A key's credits: what remains (where the authority was asked), the last set and what was
+/// added since, and the refill.
+fn credits(setting: &Value, remaining: &Value) -> String {
+    if setting.is_null() {
+        return "unlimited".into();
+    }
+    let now = match remaining.as_u64() {
+        Some(n) => format!("{n} remaining, "),
+        None => String::new(),
+    };
+    let added = setting["added"].as_i64().unwrap_or(0);
+    let mut out = format!("{now}set to {} at version {}", text(&setting["set_to"]), text(&setting["set_version"]));
+    if added != 0 {
+        out += &format!(", {added:+} since");
+    }
+    let refill = &setting["refill"];
+    if !refill.is_null() {
+        let every = &refill["every"];
+        let when = match every["kind"].as_str() {
+            Some("monthly") => format!("monthly on day {}", text(&every["day"])),
+            Some("interval") => format!("every {} ms", text(&every["ms"])),
+            Some(kind) => kind.to_owned(),
+            None => "-".into(),
+        };
+        out += &match refill["cap"].as_u64() {
+            Some(cap) => format!("; refill {when}: +{} up to {cap}", text(&refill["amount"])),
+            None => format!("; refill {when}: to {}", text(&refill["amount"])),
+        };
+    }
+    out
+}
+
+/// `keys credits`: what remains, by the authority's account.
+fn credits_view(answer: &Value) -> String {
+    let line = credits(&answer["credits"], &answer["remaining"]);
+    let mut out = format!("Key {} credits: {line}.\n", text(&answer["key_id"]));
+    if !answer["credits"].is_null() {
+        out += "remaining is an upper bound: the authority's balance plus the shares leased to regions and not yet reported.\n";
+    }
+    if let Some(error) = answer["error"].as_str() {
+        out += &format!("{}\n", paint(error, Paint::Yellow));
+    }
+    out
 }
 
 /// One line for the key's authority and one per region, then what the acknowledgements mean.

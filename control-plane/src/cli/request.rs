@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::render::View;
-use super::{ApiCommand, AuditCommand, Command, KeyCommand, KeyFields, RootKeyCommand, WorkspaceCommand};
+use super::{ApiCommand, AuditCommand, Command, CreditsOp, KeyCommand, KeyFields, RootKeyCommand, WorkspaceCommand};
 
 /// Everything but RFC 3986's unreserved characters is encoded, in a path segment or a query value.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
@@ -79,6 +79,18 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             insert_some(&mut body, "enabled", enabled.map(Value::from));
             Request::new(Method::PATCH, format!("/v1/keys/{}", encode(&id)), Some(body), View::KeyUpdated)
         }
+        Command::Keys(KeyCommand::Credits { id, op: None, .. }) => {
+            Request::new(Method::GET, format!("/v1/keys/{}/credits", encode(&id)), None, View::Credits)
+        }
+        Command::Keys(KeyCommand::Credits { id, op: Some(op), amount }) => {
+            let op = match op {
+                CreditsOp::Set => "set",
+                CreditsOp::Increment => "increment",
+                CreditsOp::Decrement => "decrement",
+            };
+            let body = json!({ "op": op, "amount": amount.unwrap_or(0) });
+            Request::new(Method::POST, format!("/v1/keys/{}/credits", encode(&id)), Some(body), View::KeyUpdated)
+        }
         Command::Keys(KeyCommand::Revoke { id }) => {
             Request::new(Method::POST, format!("/v1/keys/{}/revoke", encode(&id)), None, View::KeyRevoked)
         }
@@ -146,8 +158,53 @@ impl KeyFields {
             };
         }
         insert_some(&mut body, "permissions", self.permissions.map(Value::from));
+        if let Some(credits) = self.credits {
+            body["credits"] = match credits.as_str() {
+                "unlimited" if for_update => Value::Null,
+                n => {
+                    let remaining: u64 =
+                        n.parse().context("--credits must be a number of credits (or `unlimited` for update)")?;
+                    let mut credits = json!({ "remaining": remaining });
+                    if let (Some(every), Some(amount)) = (self.refill_every, self.refill_amount) {
+                        credits["refill"] = json!({ "every": period(&every)?, "amount": amount });
+                        insert_some(&mut credits["refill"], "cap", self.refill_cap.map(Value::from));
+                    }
+                    credits
+                }
+            };
+        }
         Ok(body)
     }
+}
+
+/// A refill period as the API takes it, from `daily`, `monthly:<day>`, `anniversary` or an
+/// interval (`10s`, `5m`, `1h`, `1500ms`).
+fn period(text: &str) -> anyhow::Result<Value> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--refill-every takes `daily`, `monthly:<day 1-31>`, `anniversary` or an interval like `10s`, `5m`, `1h`; not `{text}`"
+        )
+    };
+    Ok(match text {
+        "daily" => json!({ "kind": "daily" }),
+        "anniversary" => json!({ "kind": "anniversary" }),
+        _ if text.starts_with("monthly:") => {
+            let day: u8 = text["monthly:".len()..].parse().map_err(|_| bad())?;
+            json!({ "kind": "monthly", "day": day })
+        }
+        _ => {
+            let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+            let n: u64 = text[..split].parse().map_err(|_| bad())?;
+            let unit_ms = match &text[split..] {
+                "ms" => 1,
+                "s" => 1_000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                _ => return Err(bad()),
+            };
+            json!({ "kind": "interval", "ms": n.checked_mul(unit_ms).ok_or_else(bad)? })
+        }
+    })
 }
 
 fn insert_some(body: &mut Value, field: &str, value: Option<Value>) {

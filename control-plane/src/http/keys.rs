@@ -37,7 +37,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/keys", post(create).get(list))
         .route("/v1/keys/{id}", get(read).patch(update).delete(delete))
         .route("/v1/keys/{id}/revoke", post(revoke))
-        .route("/v1/keys/{id}/credits", post(change_credits))
+        .route("/v1/keys/{id}/credits", post(change_credits).get(read_credits))
         .route("/v1/keys/verify", post(verify).layer(DefaultBodyLimit::max(MAX_VERIFY_BODY)))
 }
 
@@ -388,6 +388,41 @@ async fn change_credits(
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
 }
 
+/// A key's credits as its authority holds them now.
+#[derive(Serialize)]
+struct CreditsView {
+    key_id: String,
+    /// The setting the record carries (`null`: unlimited).
+    credits: Option<Credits>,
+    /// What may still be spent, globally, by the authority's account: its balance plus the
+    /// shares leased out and not yet reported (an upper bound). `null` for an unlimited key, or
+    /// when the authority did not answer (`error` says why).
+    remaining: Option<u64>,
+    /// The authority's clock when it answered.
+    as_of_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+/// `GET /v1/keys/{id}/credits`: asks the key's authority what remains (a settlement of cost 0:
+/// nothing is spent).
+async fn read_credits(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+) -> Result<Json<CreditsView>> {
+    let record = find(&state, &caller, &id, KeyAction::ReadKey).await?;
+    let mut view =
+        CreditsView { key_id: id, credits: record.credits.clone(), remaining: None, as_of_ms: None, error: None };
+    if record.credits.is_some() {
+        match settle(&state, record.hash, SettleRequest { idempotency_key: None, cost: 0 }).await {
+            Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
+            None => view.error = Some("the key's authority did not answer: try again"),
+        }
+    }
+    Ok(Json(view))
+}
+
 async fn revoke(state: State<AppState>, caller: RootKey, id: Path<String>) -> Result<Json<StatusChanged>> {
     set_status(state, caller, id, FinalStatus::Revoked).await
 }
@@ -437,7 +472,11 @@ async fn verify(
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
     let settled = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
-        Some(_) => Some(settle(&state, hash, &request).await),
+        Some(_) => {
+            let cost =
+                SettleRequest { idempotency_key: request.idempotency_key.clone(), cost: request.cost.unwrap_or(1) };
+            Some(settle(&state, hash, cost).await)
+        }
         None => None,
     };
     let decision = match settled {
@@ -459,8 +498,7 @@ async fn verify(
 
 /// Settles the request's cost of the key's credits at its authority, as the edge does with an
 /// idempotency key; `None` when it could not (the answer is then `UNAVAILABLE`).
-async fn settle(state: &AppState, hash: KeyHash, request: &VerifyRequest) -> Option<Settlement> {
-    let settle = SettleRequest { idempotency_key: request.idempotency_key.clone(), cost: request.cost.unwrap_or(1) };
+async fn settle(state: &AppState, hash: KeyHash, settle: SettleRequest) -> Option<Settlement> {
     match state.delivery.edge().settle(hash, settle).await {
         Ok(Some(settlement)) => Some(settlement),
         Ok(None) => None,
