@@ -47,9 +47,30 @@ pub fn keyward_bin() -> PathBuf {
     })
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, never handed out twice by this process.
+///
+/// Chosen below the system's ephemeral range (32768 and up on Linux), from which every
+/// outgoing connection takes its local port: a port the system picked for `bind(:0)` was seen
+/// taken by one of the many connections a world makes before its process could listen on it
+/// ("Address already in use"). Each process starts at its own place in 10000-32767.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 32_768 - LOW;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {LOW}-32767")
 }
 
 /// This machine's clock, in Unix milliseconds (as the workers and the control plane count).
