@@ -58,31 +58,36 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             Request::new(Method::POST, "/v1/apis".into(), Some(body), View::ApiCreated)
         }
         Command::Apis(ApiCommand::List) => Request::new(Method::GET, "/v1/apis".into(), None, View::Apis),
-        Command::Keys(KeyCommand::Create { api_id, prefix, fields }) => {
+        Command::Keys(command) => key_request(command)?,
+    })
+}
+
+/// The request for a `keys` subcommand.
+fn key_request(command: KeyCommand) -> anyhow::Result<Request> {
+    Ok(match command {
+        KeyCommand::Create { api_id, prefix, fields } => {
             let mut body = fields.into_json(false)?;
             body["api_id"] = api_id.into();
             insert_some(&mut body, "prefix", prefix.map(Value::from));
             Request::new(Method::POST, "/v1/keys".into(), Some(body), View::KeyCreated)
         }
-        Command::Keys(KeyCommand::Get { id }) => {
-            Request::new(Method::GET, format!("/v1/keys/{}", encode(&id)), None, View::Key)
-        }
-        Command::Keys(KeyCommand::List { api_id, start, cursor, limit }) => {
+        KeyCommand::Get { id } => Request::new(Method::GET, format!("/v1/keys/{}", encode(&id)), None, View::Key),
+        KeyCommand::List { api_id, start, cursor, limit } => {
             let pairs =
                 [("api_id", api_id), ("start", start), ("cursor", cursor), ("limit", limit.map(|l| l.to_string()))];
             let query: Vec<String> =
                 pairs.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v)))).collect();
             Request::new(Method::GET, format!("/v1/keys?{}", query.join("&")), None, View::Keys)
         }
-        Command::Keys(KeyCommand::Update { id, enabled, fields }) => {
+        KeyCommand::Update { id, enabled, fields } => {
             let mut body = fields.into_json(true)?;
             insert_some(&mut body, "enabled", enabled.map(Value::from));
             Request::new(Method::PATCH, format!("/v1/keys/{}", encode(&id)), Some(body), View::KeyUpdated)
         }
-        Command::Keys(KeyCommand::Credits { id, op: None, .. }) => {
+        KeyCommand::Credits { id, op: None, .. } => {
             Request::new(Method::GET, format!("/v1/keys/{}/credits", encode(&id)), None, View::Credits)
         }
-        Command::Keys(KeyCommand::Credits { id, op: Some(op), amount }) => {
+        KeyCommand::Credits { id, op: Some(op), amount } => {
             let op = match op {
                 CreditsOp::Set => "set",
                 CreditsOp::Increment => "increment",
@@ -91,20 +96,20 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             let body = json!({ "op": op, "amount": amount.unwrap_or(0) });
             Request::new(Method::POST, format!("/v1/keys/{}/credits", encode(&id)), Some(body), View::KeyUpdated)
         }
-        Command::Keys(KeyCommand::Revoke { id }) => {
+        KeyCommand::Revoke { id } => {
             Request::new(Method::POST, format!("/v1/keys/{}/revoke", encode(&id)), None, View::KeyRevoked)
         }
-        Command::Keys(KeyCommand::Delete { id }) => {
+        KeyCommand::Delete { id } => {
             Request::new(Method::DELETE, format!("/v1/keys/{}", encode(&id)), None, View::KeyDeleted)
         }
-        Command::Keys(KeyCommand::Proof { id }) => {
+        KeyCommand::Proof { id } => {
             Request::new(Method::GET, format!("/v1/keys/{}/proof", encode(&id)), None, View::Proof)
         }
-        Command::Keys(KeyCommand::Usage { id, hours }) => {
+        KeyCommand::Usage { id, hours } => {
             let from_ms = crate::time::now_ms() - i64::from(hours) * 3_600_000;
             Request::new(Method::GET, format!("/v1/keys/{}/usage?from_ms={from_ms}", encode(&id)), None, View::Usage)
         }
-        Command::Keys(KeyCommand::Verify { key, api_id, permissions }) => {
+        KeyCommand::Verify { key, api_id, permissions } => {
             let key = if key == "-" {
                 let mut text = String::new();
                 std::io::stdin().read_to_string(&mut text).context("reading the key from stdin")?;
