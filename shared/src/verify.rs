@@ -16,7 +16,7 @@ pub const MAX_REQUESTED_PERMISSIONS: usize = 64;
 pub const MAX_VERIFY_BODY: usize = 4 * 1024;
 
 /// `POST /v1/keys/verify`, at the edge and at the origin.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     pub key: String,
@@ -320,9 +320,7 @@ mod tests {
             key: "sk_live_presented".into(),
             api_id: case.api_id.map(str::to_owned),
             permissions: case.permissions.iter().map(|p| p.to_string()).collect(),
-            client: None,
-            cost: None,
-            idempotency_key: None,
+            ..VerifyRequest::default()
         };
         let decision = decide(Some(&record), &presented, caller, &request, NOW);
         assert_eq!(decision.code, case.expected, "{}", case.name);
@@ -491,14 +489,7 @@ mod tests {
     fn absent_record_is_not_found() {
         let scopes = Scopes(vec![]);
         let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
-        let request = VerifyRequest {
-            key: "k".into(),
-            api_id: None,
-            permissions: vec![],
-            client: None,
-            cost: None,
-            idempotency_key: None,
-        };
+        let request = VerifyRequest { key: "k".into(), ..VerifyRequest::default() };
         assert_eq!(decide(None, &KeyHash::of("k"), caller, &request, NOW).code, Code::NotFound);
     }
 
@@ -537,14 +528,7 @@ mod tests {
         let presented = KeyHash::of("k");
         let all = Scopes(vec!["api.*.verify_key".parse().unwrap()]);
         let none = Scopes(vec!["api.other.verify_key".parse().unwrap()]);
-        let request = VerifyRequest {
-            key: "k".into(),
-            api_id: None,
-            permissions: vec![],
-            client: None,
-            cost: None,
-            idempotency_key: None,
-        };
+        let request = VerifyRequest { key: "k".into(), ..VerifyRequest::default() };
         type Row<'a> = (&'a str, fn(&mut KeyRecord), &'a Scopes, &'a str, Code);
         let rows: [Row; 5] = [
             ("valid record, caller may see it", |_| {}, &all, "ws_1", Code::Unavailable),
