@@ -14,7 +14,8 @@
 
 use serde::Serialize;
 
-use crate::store::proof::{Answer, Delivery};
+use crate::store::DeliveryState;
+use crate::store::proof::{Answer, TargetDelivery};
 
 /// The allowance for clock differences between the control plane and the regions.
 pub const SKEW_MS: i64 = 250;
@@ -63,10 +64,11 @@ pub struct Judged {
 }
 
 impl RegionTook {
-    pub fn of(delivery: &Delivery, by_tag: bool) -> RegionTook {
+    /// How `region` took the change, from its purge's delivery.
+    pub fn of(region: &str, delivery: &TargetDelivery, by_tag: bool) -> RegionTook {
         RegionTook {
-            region: delivery.target.trim_start_matches("purge:").to_owned(),
-            acknowledged: delivery.state == "done",
+            region: region.to_owned(),
+            acknowledged: delivery.state == DeliveryState::Done,
             applied_at_ms: delivery.applied_at,
             acknowledged_at_ms: delivery.done_at,
             by_tag,

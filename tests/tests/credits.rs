@@ -76,6 +76,16 @@ fn tally(answers: &[(String, Value)]) -> std::collections::BTreeMap<String, usiz
     counts
 }
 
+/// How long after `answered` (Unix ms) the last `VALID` among `answers` was decided.
+fn last_valid_after(answers: &[(String, Value)], answered: i64) -> Option<i64> {
+    answers
+        .iter()
+        .filter(|(code, _)| code == "VALID")
+        .filter_map(|(_, a)| a["decided_at_ms"].as_i64())
+        .max()
+        .map(|at| at - answered)
+}
+
 fn valid(answers: &[(String, Value)]) -> usize {
     answers.iter().filter(|(code, _)| code == "VALID").count()
 }
@@ -275,12 +285,7 @@ fn no_valid_past_the_bound_with_leases_out(world: &World) {
         .iter()
         .filter(|(code, a)| code == "VALID" && a["decided_at_ms"].as_i64().unwrap_or(0) > answered + 1_000)
         .collect();
-    let last_valid = answers
-        .iter()
-        .filter(|(code, _)| code == "VALID")
-        .filter_map(|(_, a)| a["decided_at_ms"].as_i64())
-        .max()
-        .map(|at| at - answered);
+    let last_valid = last_valid_after(&answers, answered);
     println!("around the revocation: {:?}; last VALID {last_valid:?} ms after the answer", tally(&answers));
     assert!(late.is_empty(), "VALID past the bound: {late:?}");
     assert_eq!(verify(world, 0, &json!({ "key": key })).0, "REVOKED");
@@ -403,12 +408,7 @@ fn a_lowered_balance_takes_full_effect_within_one_lease_lifetime() {
         let answered = now_ms();
         (load.join().expect("load"), answered)
     });
-    let last_valid = answers
-        .iter()
-        .filter(|(code, _)| code == "VALID")
-        .filter_map(|(_, a)| a["decided_at_ms"].as_i64())
-        .max()
-        .map(|at| at - answered);
+    let last_valid = last_valid_after(&answers, answered);
     let after: Vec<_> = answers
         .iter()
         .filter(|(_, a)| a["decided_at_ms"].as_i64().is_some_and(|at| at > answered + 2_000))

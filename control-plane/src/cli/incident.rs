@@ -207,10 +207,7 @@ fn describe(key: &Value, usage: &Value) -> String {
         usage["totals"].as_object().into_iter().flatten().map(|(code, n)| format!("{code} {}", text(n))).collect();
     let totals = if totals.is_empty() { "none".to_owned() } else { totals.join(", ") };
     out += &format!("Last hour: {} verifications ({totals}).\n", text(&usage["total"]));
-    let mut rows = Vec::new();
-    for (kind, list) in usage["top"].as_object().into_iter().flatten() {
-        rows.extend(items(list).iter().take(5).map(|s| vec![kind.clone(), text(&s["value"]), text(&s["count"])]));
-    }
+    let rows = render::source_rows(&usage["top"], 5);
     out += &table(&["top source", "value", "count"], rows, "No sources in the last hour.");
     out
 }

@@ -339,17 +339,10 @@ fn usage(answer: &Value) -> String {
         out +=
             &format!("Last used {}; last VALID {}.\n", date(&answer["last_used_ms"]), date(&answer["last_valid_ms"]));
     }
-    let sources = |of: &Value| {
-        let mut rows = Vec::new();
-        for (kind, list) in of.as_object().into_iter().flatten() {
-            rows.extend(items(list).iter().map(|s| vec![kind.clone(), text(&s["value"]), text(&s["count"])]));
-        }
-        rows
-    };
     out += "Top sources:\n";
-    out += &table(&["source", "value", "count"], sources(&answer["top"]), "None.");
+    out += &table(&["source", "value", "count"], source_rows(&answer["top"], usize::MAX), "None.");
     out += "New to this key in the last 24 hours (not seen in the 30 days before):\n";
-    out += &table(&["source", "value", "count"], sources(&answer["new_sources"]), "None.");
+    out += &table(&["source", "value", "count"], source_rows(&answer["new_sources"], usize::MAX), "None.");
     let losses = &answer["losses"]["total"];
     out += &format!(
         "Losses (all workspaces): {} batches missing, {} events lost, {} dropped, at most {} possibly lost.\n",
@@ -403,6 +396,16 @@ fn key_fields(k: &Value, now: i64) -> String {
         ("updated", date(&k["updated_at"])),
     ];
     field_table(&fields)
+}
+
+/// A usage report's sources (`top` or `new_sources`: lists by kind) as rows of kind, value and
+/// count, at most `limit` of each kind.
+pub fn source_rows(of: &Value, limit: usize) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for (kind, list) in of.as_object().into_iter().flatten() {
+        rows.extend(items(list).iter().take(limit).map(|s| vec![kind.clone(), text(&s["value"]), text(&s["count"])]));
+    }
+    rows
 }
 
 /// A key's credits: what remains (where the authority was asked), the last set and what was

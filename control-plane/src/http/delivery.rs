@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::auth::RootKey;
 use super::extract::{Json, Path, Query, check_id};
 use super::{AppError, AppState, Result};
-use crate::store::proof::Delivery;
+use crate::store::proof::TargetDelivery;
+use crate::store::{DeliveryState, Target};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/keys/{id}/delivery", get(delivery))
@@ -42,7 +43,7 @@ struct ChangeDelivery {
 #[derive(Serialize)]
 struct TargetView {
     #[serde(flatten)]
-    delivery: Delivery,
+    delivery: TargetDelivery,
     /// Whether the change is in force there. For a region's purge: the region took it *and*
     /// the authority holds the change (a region that confirms a copy with an authority lacking
     /// it could take the old record back); the revoke call's answer says the same. Otherwise:
@@ -51,13 +52,13 @@ struct TargetView {
 }
 
 /// Each delivery with whether it counts as acknowledged.
-fn views(deliveries: Vec<Delivery>) -> Vec<TargetView> {
-    let authority_lacks = deliveries.iter().any(|d| d.target == "authority" && d.state != "done");
+fn views(deliveries: Vec<TargetDelivery>) -> Vec<TargetView> {
+    let authority_lacks = deliveries.iter().any(|d| d.target == Target::Authority && d.state != DeliveryState::Done);
     deliveries
         .into_iter()
         .map(|delivery| {
-            let done = delivery.state == "done";
-            let acknowledged = done && !(delivery.target.starts_with("purge:") && authority_lacks);
+            let done = delivery.state == DeliveryState::Done;
+            let acknowledged = done && !(matches!(delivery.target, Target::Purge(_)) && authority_lacks);
             TargetView { delivery, acknowledged }
         })
         .collect()
@@ -93,7 +94,7 @@ async fn delivery(
         answered_at_ms: entry.answered_at,
         pending: targets
             .iter()
-            .filter(|t| !t.acknowledged && matches!(t.delivery.state.as_str(), "pending" | "done"))
+            .filter(|t| !t.acknowledged && matches!(t.delivery.state, DeliveryState::Pending | DeliveryState::Done))
             .count(),
         targets,
     }))

@@ -17,6 +17,7 @@ use super::extract::{Json, Path, check_id};
 use super::{AppError, AppState, Result};
 use crate::metrics;
 use crate::proof::{Change, Judged, RegionTook, SKEW_MS, bound, judge};
+use crate::store::Target;
 use crate::store::audit::AuditQuery;
 use crate::store::proof::Answer;
 use crate::store::usage::Losses;
@@ -101,11 +102,12 @@ async fn regions_took(state: &AppState, outbox_id: i64) -> Result<Vec<RegionTook
     let edge = state.delivery.edge();
     Ok(deliveries
         .iter()
-        .filter(|d| d.target.starts_with("purge:"))
-        .map(|d| {
-            let name = d.target.trim_start_matches("purge:");
-            let by_tag = edge.regions.iter().find(|r| r.name == name).is_some_and(|r| !r.purge_carries_record());
-            RegionTook::of(d, by_tag)
+        .filter_map(|d| match &d.target {
+            Target::Purge(name) => {
+                let by_tag = edge.regions.iter().find(|r| r.name == *name).is_some_and(|r| !r.purge_carries_record());
+                Some(RegionTook::of(name, d, by_tag))
+            }
+            _ => None,
         })
         .collect())
 }
@@ -147,12 +149,9 @@ async fn region_proofs(state: &AppState, id: &str, change: &Change, took: Vec<Re
         region(&mut regions, &name);
         let r = regions.get_mut(&name).expect("just made");
         r.truncated = count > r.valid_after.len() as i64;
-        let older = store.older_valid_after(id, &name, change.at_ms - 1, change.version).await?;
-        r.violations = match bound(change, r.took.as_ref()).0 {
-            Some(bound_ms) => store.older_valid_after(id, &name, bound_ms, change.version).await?,
-            None => 0,
-        };
-        r.within_promise = older - r.violations;
+        let bound_ms = bound(change, r.took.as_ref()).0;
+        let (older, past) = store.older_valid_since(id, &name, change.at_ms, bound_ms, change.version).await?;
+        (r.violations, r.within_promise) = (past, older - past);
     }
     for (name, code, count) in store.rejections_since(id, change.at_ms).await? {
         region(&mut regions, &name);

@@ -194,7 +194,8 @@ pub struct TroubledDelivery {
     pub last_error: Option<String>,
 }
 
-fn as_text<T: fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+/// Serialises a typed column as the text it is stored as.
+pub(crate) fn as_text<T: fmt::Display, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(value)
 }
 

@@ -4,15 +4,17 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::{Store, StoreError};
+use super::outbox::as_text;
+use super::{DeliveryState, Store, StoreError, Target};
 
-/// One target's delivery of a change: the authority, a region's KV or a region's purge.
+/// One target's delivery of a change, with its times: the authority, a region's KV or a
+/// region's purge (shown as stored: `purge:<region>`, `done`).
 #[derive(Debug, Clone, Serialize, FromRow)]
-pub struct Delivery {
-    /// `authority`, `kv:<region>` or `purge:<region>`.
-    pub target: String,
-    /// `pending`, `done`, `superseded` or `dead_lettered`.
-    pub state: String,
+pub struct TargetDelivery {
+    #[serde(serialize_with = "as_text")]
+    pub target: Target,
+    #[serde(serialize_with = "as_text")]
+    pub state: DeliveryState,
     pub attempts: i64,
     /// When the control plane recorded the acknowledgement (its clock).
     pub done_at: Option<i64>,
@@ -58,7 +60,7 @@ impl Store {
     }
 
     /// An entry's deliveries, one per target, by target.
-    pub async fn deliveries_of(&self, outbox_id: i64) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn deliveries_of(&self, outbox_id: i64) -> Result<Vec<TargetDelivery>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT target, state, attempts, done_at, applied_at, last_error FROM deliveries \
              WHERE outbox_id = ? ORDER BY target",
@@ -98,27 +100,30 @@ impl Store {
         .await?)
     }
 
-    /// How many of the key's `VALID` answers in `region` were decided after `after_ms` on a
-    /// record older than `version` (any record, for `None`, or when the answer names none).
-    pub async fn older_valid_after(
+    /// The key's `VALID` answers in `region` decided at or after `since_ms` on a record older
+    /// than `version` (any record, for `None`, or when the answer names none): how many, and how
+    /// many of them after `bound_ms` (none without a bound).
+    pub async fn older_valid_since(
         &self,
         key_id: &str,
         region: &str,
-        after_ms: i64,
+        since_ms: i64,
+        bound_ms: Option<i64>,
         version: Option<u64>,
-    ) -> Result<i64, StoreError> {
-        let (count,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM usage_events WHERE key_id = ? AND code = 'VALID' AND region = ? AND at_ms > ? \
+    ) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(at_ms > ?), 0) FROM usage_events \
+             WHERE key_id = ? AND code = 'VALID' AND region = ? AND at_ms >= ? \
              AND (? IS NULL OR version IS NULL OR version < ?)",
         )
+        .bind(bound_ms.unwrap_or(i64::MAX))
         .bind(key_id)
         .bind(region)
-        .bind(after_ms)
+        .bind(since_ms)
         .bind(version.map(|v| v as i64))
         .bind(version.map(|v| v as i64))
         .fetch_one(&self.pool)
-        .await?;
-        Ok(count)
+        .await?)
     }
 
     /// Per region, the key's last `VALID` answer decided before `before_ms`.
