@@ -240,11 +240,8 @@ impl ChangeService {
         };
         failpoint::hit("abort_after_commit");
         self.committed.send_replace(outbox_id);
+        // The delivery notes when it answers (the promise's bound runs from then; a proof reads it).
         let delivered = self.delivery.deliver(outbox_id).await?;
-        // The promise's bound runs from the answer; a proof reads it from here.
-        if let Err(e) = self.store.note_answered(outbox_id, now_ms()).await {
-            tracing::warn!(outbox = outbox_id, error = %e, "cannot note when the change was answered");
-        }
         Ok((new, delivered))
     }
 

@@ -374,12 +374,15 @@ fn a_change_is_followed_target_by_target() {
         let (created, _) = h.key().await;
         let id = created["id"].as_str().unwrap();
         let (status, revoked) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
+        let answered_ms = now_ms();
         assert_eq!(status, StatusCode::OK, "{revoked}");
         let path = format!("/v1/keys/{id}/delivery");
         let (status, delivery) = h.call("GET", &path, None).await;
         assert_eq!(status, StatusCode::OK, "{delivery}");
         assert_eq!((&delivery["version"], &delivery["status"]), (&json!(2), &json!("revoked")), "{delivery}");
-        assert!(delivery["answered_at_ms"].as_i64().unwrap() >= delivery["committed_at_ms"].as_i64().unwrap());
+        // Noted with the pass's outcomes, before the answer went out: read at once, it is there.
+        let noted = delivery["answered_at_ms"].as_i64().expect("the answer is noted");
+        assert!(noted >= delivery["committed_at_ms"].as_i64().unwrap() && noted <= answered_ms, "{delivery}");
         let targets = delivery["targets"].as_array().unwrap();
         let names: Vec<&str> = targets.iter().map(|t| t["target"].as_str().unwrap()).collect();
         assert_eq!(names, ["authority", "kv:r1", "purge:r1"], "{delivery}");
@@ -691,9 +694,9 @@ fn an_answer_given_while_a_purge_is_under_way_shows_what_landed() {
         api.purge_tags(&[KeyHash::of("spent")]).await.unwrap();
         let h = harness(tag_purged_edge(&authority, api)).await;
         let ids = h.keys(1).await;
-        let started = Instant::now();
+        let (started, called_ms) = (Instant::now(), now_ms());
         let (status, revoked) = h.revoke(&ids[0]).await;
-        let took = started.elapsed();
+        let (took, answered_ms) = (started.elapsed(), now_ms());
         assert_eq!(status, StatusCode::OK, "{revoked}");
         assert!(took < Duration::from_secs(6), "the revoke took {took:?}");
         assert_eq!(revoked["authority"]["acknowledged"], true, "{revoked}");
@@ -704,6 +707,10 @@ fn an_answer_given_while_a_purge_is_under_way_shows_what_landed() {
         assert_eq!(purges.0.lock().unwrap().len(), 2, "the purge went on after the answer");
         let (_, regions) = h.call("GET", "/v1/regions", None).await;
         assert_eq!(regions["regions"][0]["purge"]["pending"], 0, "{regions}");
+        // The promise's bound runs from the answer, not from the end of the pass that went on.
+        let (_, delivery) = h.call("GET", &format!("/v1/keys/{}/delivery", ids[0]), None).await;
+        let noted = delivery["answered_at_ms"].as_i64().expect("the answer is noted");
+        assert!((called_ms..=answered_ms).contains(&noted), "{called_ms}..={answered_ms}: {delivery}");
     });
 }
 

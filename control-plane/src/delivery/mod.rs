@@ -173,7 +173,7 @@ struct Recorder<'a> {
 impl<'a> Recorder<'a> {
     async fn add(&self, deliverer: &Deliverer, attempted: Vec<Attempted<'a>>) {
         if self.as_they_come.load(std::sync::atomic::Ordering::Relaxed) {
-            deliverer.record(&attempted).await;
+            deliverer.record_answered(&attempted, None).await;
         } else {
             self.held.lock().expect("not poisoned").extend(attempted);
         }
@@ -181,14 +181,14 @@ impl<'a> Recorder<'a> {
 
     async fn record_as_they_come(&self, deliverer: &Deliverer) {
         self.as_they_come.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.record_held(deliverer).await;
+        self.record_held(deliverer, None).await;
     }
 
-    async fn record_held(&self, deliverer: &Deliverer) {
+    /// Records what is held; with `answered`, also notes that entry's call as answered now, in
+    /// the same transaction (the pass whose result is the answer ends here).
+    async fn record_held(&self, deliverer: &Deliverer, answered: Option<i64>) {
         let held = std::mem::take(&mut *self.held.lock().expect("not poisoned"));
-        if !held.is_empty() {
-            deliverer.record(&held).await;
-        }
+        deliverer.record_answered(&held, answered).await;
     }
 }
 
@@ -270,7 +270,13 @@ impl Deliverer {
         let task = tokio::spawn(self.clone().deliver_in_force(id));
         match tokio::time::timeout(ANSWER_WITHIN, task).await {
             Ok(done) => done.context("the delivery task stopped")?,
-            Err(_) => self.stored_report(id).await,
+            Err(_) => {
+                // Answered before the pass ends: the answer's time is now, not the pass's end.
+                if let Err(e) = self.store.note_answered(id, now_ms()).await {
+                    tracing::warn!(outbox = id, error = %e, "cannot note when the change was answered");
+                }
+                self.stored_report(id).await
+            }
         }
     }
 
@@ -349,7 +355,7 @@ impl Deliverer {
                 work.await
             }
         };
-        recorder.record_held(self).await;
+        recorder.record_held(self, (pass == Pass::InForce).then_some(id)).await;
         let authority = authority_delivery.map(|d| authority_report(d, authority_attempt.as_ref()));
         Ok(Delivered { authority, regions })
     }
@@ -423,13 +429,15 @@ impl Deliverer {
 
     /// Records attempts in one transaction; a failure is retried with backoff. An outcome that
     /// cannot be recorded is logged: its delivery stays pending, and is made again.
-    async fn record(&self, attempted: &[Attempted<'_>]) {
+    /// Records attempts' outcomes and, with `answered`, notes that entry's call answered now:
+    /// one transaction, so the answer waits for one commit, not two.
+    async fn record_answered(&self, attempted: &[Attempted<'_>], answered: Option<i64>) {
         for a in attempted {
             a.count();
         }
         let now = now_ms();
         let rows: Vec<AttemptOutcome> = attempted.iter().map(|a| a.outcome(now)).collect();
-        if let Err(e) = self.store.deliveries_attempted(&rows, now).await {
+        if let Err(e) = self.store.deliveries_attempted(&rows, answered, now).await {
             tracing::error!(error = %e, "cannot record delivery outcomes; they will be delivered again");
         }
     }

@@ -307,11 +307,19 @@ impl Store {
     }
 
     /// Records delivery attempts in one transaction: done, or failed and due again at `retry_at`.
-    pub async fn deliveries_attempted(&self, attempts: &[AttemptOutcome], now: i64) -> Result<(), StoreError> {
-        if attempts.is_empty() {
+    pub async fn deliveries_attempted(
+        &self,
+        attempts: &[AttemptOutcome],
+        answered: Option<i64>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if attempts.is_empty() && answered.is_none() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        if let Some(outbox_id) = answered {
+            note_answered(&mut tx, outbox_id, now).await?;
+        }
         for attempt in attempts {
             let query = match &attempt.error {
                 None => sqlx::query(
@@ -481,12 +489,8 @@ impl Store {
 
     /// Notes when a change's caller was answered (the first answer only).
     pub async fn note_answered(&self, outbox_id: i64, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE outbox SET answered_at = ? WHERE id = ? AND answered_at IS NULL")
-            .bind(now)
-            .bind(outbox_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let mut connection = self.pool.acquire().await?;
+        note_answered(&mut connection, outbox_id, now).await
     }
 
     /// The newest outbox entry of a key or root key, if one is kept.
@@ -591,6 +595,16 @@ pub(super) async fn insert_outbox(
             .await?;
     }
     Ok(id)
+}
+
+/// Sets an entry's `answered_at` unless an earlier answer set it.
+async fn note_answered(connection: &mut sqlx::SqliteConnection, outbox_id: i64, now: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE outbox SET answered_at = ? WHERE id = ? AND answered_at IS NULL")
+        .bind(now)
+        .bind(outbox_id)
+        .execute(connection)
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
