@@ -7,9 +7,10 @@
 //! - A lease the holder will spend no more from (expired, or dropped by a purge) is reported
 //!   with what was spent of it at the next contact with the authority, which then returns the
 //!   unspent part to the balance. The authority never returns a lease on its own.
-//! - When a share covers less than half a second of the holder's rate, or half of its time is
-//!   left, another lease is asked for after the answer (`wait_until`): a steady stream of
-//!   requests does not wait for the authority, even one a few hundred milliseconds away.
+//! - When a share covers less than half a second of the holder's rate (or the last lease
+//!   request's round trip plus a margin, if longer), or half of its time is left, another lease
+//!   is asked for after the answer (`wait_until`): a steady stream of requests does not wait for
+//!   the authority, even one a few hundred milliseconds away.
 //! - A lease's id is the holder's choice: when a request times out, the id is reported unspent
 //!   at the next contact, so a grant whose answer was lost is returned, not stranded. One request per key is under way at a time in an isolate; others
 //!   that need it wait for it.
@@ -35,6 +36,11 @@ const EXHAUSTED_MS: u64 = 250;
 const JOIN_POLL_MS: u64 = 5;
 /// The window over which a holder measures its rate.
 const RATE_WINDOW_MS: u64 = 1_000;
+/// A holder asks ahead when its share covers less than this much of its rate, or its leases
+/// have less than this much time left; or than its last lease request's round trip plus
+/// [`AHEAD_MARGIN_MS`], when that is longer (a holder far from the authority asks earlier).
+const AHEAD_MS: u64 = 500;
+const AHEAD_MARGIN_MS: u64 = 150;
 
 /// One lease held: what is left of it, what was spent, and until when (this clock) it may be.
 #[derive(Clone, Copy)]
@@ -62,6 +68,8 @@ struct Holding {
     window_start: u64,
     window_wanted: u64,
     rate_per_s: u64,
+    /// How long the last answered lease request took, asked to answered.
+    round_trip_ms: u64,
 }
 
 impl Holding {
@@ -99,15 +107,19 @@ impl Holding {
         Some(self.remaining.saturating_sub(self.spent_since))
     }
 
-    /// Whether another lease should be asked for ahead of need.
+    /// Whether another lease should be asked for ahead of need: when what is held would run
+    /// out, in credits or in time, before a lease asked now could arrive (with a margin).
     fn running_low(&self, now_ms: u64, ttl_ms: u64) -> bool {
         let left: u64 = self.leases.iter().map(|h| h.left).sum();
         let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
-        self.leases.len() < 2 && (left * 2 < self.rate(now_ms).max(1) || latest < now_ms + ttl_ms / 2)
+        let lead_ms = AHEAD_MS.max(self.round_trip_ms + AHEAD_MARGIN_MS);
+        let short = left * 1_000 < self.rate(now_ms).max(1) * lead_ms;
+        self.leases.len() < 2 && (short || latest < now_ms + lead_ms.max(ttl_ms / 2))
     }
 
     /// Takes the authority's answer to a request asked at `asked_ms`.
     fn answered(&mut self, answer: &LeaseAnswer, asked_ms: u64, now_ms: u64) {
+        self.round_trip_ms = now_ms.saturating_sub(asked_ms);
         self.remaining = answer.remaining;
         self.spent_since = 0;
         if answer.granted > 0 {

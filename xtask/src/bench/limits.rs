@@ -43,6 +43,7 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
     let base = world.regions[region].spec.url();
     let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
     let mut calls = [0u64; 2];
+    let mut leases = [(0u64, 0u64); 2];
     let mut n = 0;
     for round in 0..rounds {
         for i in order(round, 2) {
@@ -52,16 +53,26 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
                 "round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{secs}s on region {region}",
                 round + 1
             ));
-            let before = home_calls(&world, &mut n)?;
+            let (before, held) = (home_calls(&world, &mut n)?, stats(&world, &base, &mut n)?.credits);
             loads[i].push(load::throughput(&world, &base, &world.root_key, key, connections, duration)?);
             calls[i] += home_calls(&world, &mut n)? - before;
+            let after = stats(&world, &base, &mut n)?.credits;
+            leases[i].0 += after.leases_waited - held.leases_waited;
+            leases[i].1 += after.leases_ahead - held.leases_ahead;
         }
     }
     let mut figures = Figures::default();
     for (i, (name, _)) in keys.iter().enumerate() {
         let merged = Load::merge(&loads[i]);
         let per_1000 = calls[i] as f64 * 1_000.0 / merged.requests.max(1) as f64;
-        println!("{name}: {merged}; authority calls per 1,000 verifications {per_1000:.1}");
+        let per = |n: u64| n as f64 * 1_000.0 / merged.requests.max(1) as f64;
+        let (waited, ahead) = (per(leases[i].0), per(leases[i].1));
+        println!(
+            "{name}: {merged}; authority calls per 1,000 verifications {per_1000:.1}; lease requests a \
+             verification waited for {waited:.1}, asked ahead {ahead:.1} (per 1,000, at the loaded region)"
+        );
+        figures.add(&format!("{name}_leases_waited_per_1000"), waited, 1);
+        figures.add(&format!("{name}_leases_ahead_per_1000"), ahead, 1);
         figures.add(&format!("{name}_rps"), merged.rps, 0);
         figures.add(&format!("{name}_p50_ms"), merged.p50_ms, 2);
         figures.add(&format!("{name}_p99_ms"), merged.p99_ms, 2);
@@ -76,12 +87,17 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
 
 /// Authority calls the home answered so far: credit calls and record reads.
 fn home_calls(world: &World, n: &mut u32) -> anyhow::Result<u64> {
+    let stats = stats(world, &world.home.url(), n)?;
+    Ok(stats.authority_credit_calls_answered + stats.authority_reads_answered)
+}
+
+/// The worker at `base`'s counts (one isolate in wrangler's dev server).
+fn stats(world: &World, base: &str, n: &mut u32) -> anyhow::Result<MemoryStats> {
     *n += 1;
     let nonce = format!("bench-limits-stats-{}-{n}", keyward_tests::now_ms());
-    let (status, text) = world.signed_post(&world.home.url(), STATS_PATH, &json!({}), keyward_tests::now_ms(), &nonce);
+    let (status, text) = world.signed_post(base, STATS_PATH, &json!({}), keyward_tests::now_ms(), &nonce);
     ensure!(status == 200, "stats answered {status}: {text}");
-    let stats: MemoryStats = serde_json::from_str(&text)?;
-    Ok(stats.authority_credit_calls_answered + stats.authority_reads_answered)
+    Ok(serde_json::from_str(&text)?)
 }
 
 /// `count` verifications of `key` over the 3 regions, `in_flight` at a time: how many were VALID.
