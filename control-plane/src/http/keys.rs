@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Settlement, Verdict};
 use keyward_shared::key::validate_prefix;
+use keyward_shared::ratelimit::{MAX_LIMITS, RateLimit};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
@@ -63,6 +64,9 @@ struct KeyView {
     /// balance itself is kept by the key's authority.
     #[serde(skip_serializing_if = "Option::is_none")]
     credits: Option<Credits>,
+    /// The key's named rate limits (absent: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ratelimits: Vec<RateLimit>,
 }
 
 impl From<KeyRecord> for KeyView {
@@ -84,6 +88,7 @@ impl From<KeyRecord> for KeyView {
             created_at: r.created_at,
             updated_at: r.updated_at,
             credits: r.credits,
+            ratelimits: r.ratelimits,
         }
     }
 }
@@ -143,6 +148,8 @@ struct CreateKey {
     owner_id: Option<String>,
     #[serde(default)]
     credits: Option<CreditsInput>,
+    #[serde(default)]
+    ratelimits: Vec<RateLimit>,
 }
 
 /// A key's credits as an admin sets them: the balance that may still be spent from now, and
@@ -161,6 +168,21 @@ fn set_credits(input: CreditsInput, version: u64) -> Result<Credits> {
         check_refill(refill)?;
     }
     Ok(Credits { set_to: input.remaining, set_version: version, added: 0, refill: input.refill })
+}
+
+/// A key's rate limits, each checked ([`RateLimit::check`]), at most [`MAX_LIMITS`], names
+/// unique.
+fn check_limits(limits: Vec<RateLimit>) -> Result<Vec<RateLimit>> {
+    if limits.len() > MAX_LIMITS {
+        return Err(AppError::BadRequest(format!("a key has at most {MAX_LIMITS} rate limits")));
+    }
+    for (i, limit) in limits.iter().enumerate() {
+        limit.check().map_err(AppError::BadRequest)?;
+        if limits[..i].iter().any(|l| l.name == limit.name) {
+            return Err(AppError::BadRequest(format!("two rate limits are named `{}`", limit.name)));
+        }
+    }
+    Ok(limits)
 }
 
 fn check_refill(refill: &Refill) -> Result<()> {
@@ -199,6 +221,7 @@ async fn create(
         expires_at: body.expires_at,
         permissions: check_permissions(body.permissions)?,
         credits: body.credits.map(|c| set_credits(c, 1)).transpose()?,
+        ratelimits: check_limits(body.ratelimits)?,
     };
     let created = state.change.create_key(caller.actor(), new, now).await?;
     let answer = CreatedKey {
@@ -308,6 +331,9 @@ struct UpdateKey {
     /// Sets the credits (`null`: unlimited).
     #[serde(default, deserialize_with = "present")]
     credits: Option<Option<CreditsInput>>,
+    /// Replaces the rate limits (`[]`: none).
+    #[serde(default)]
+    ratelimits: Option<Vec<RateLimit>>,
 }
 
 async fn update(
@@ -342,6 +368,9 @@ async fn update(
     }
     if let Some(credits) = body.credits {
         new.credits = credits.map(|c| set_credits(c, old.version + 1)).transpose()?;
+    }
+    if let Some(limits) = body.ratelimits {
+        new.ratelimits = check_limits(limits)?;
     }
     let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
