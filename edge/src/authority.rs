@@ -51,7 +51,7 @@ fn version_of(text: &str) -> Result<u64> {
 thread_local! {
     /// Reads the KeyState objects in this isolate answered (shown by `/internal/stats`).
     static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// Lease and settle requests the KeyState objects in this isolate answered.
+    /// Lease, settle and rate-limit token requests the KeyState objects in this isolate answered.
     static CREDIT_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
@@ -78,12 +78,19 @@ impl DurableObject for KeyState {
     /// `GET`: the record held (200 with its JSON) or none (404). `PUT` with a record: keeps it
     /// if its version is higher than the one held (applying its credits to the ledger);
     /// answers the record held afterwards. `POST` to [`LEASE_PATH`] or [`SETTLE_PATH`]: the
-    /// credits' lease or settlement (404 without a record).
+    /// credits' lease or settlement; to [`crate::ratelimit::RATELIMIT_PATH`], an exact rate
+    /// limit's tokens (404 without a record).
     async fn fetch(&self, mut req: Request) -> Result<Response> {
         if req.method() == Method::Post {
             let path = req.path();
             let body = req.text().await?;
             CREDIT_CALLS.set(CREDIT_CALLS.get() + 1);
+            if path == crate::ratelimit::RATELIMIT_PATH {
+                let storage = self.state.storage();
+                let held: Option<String> = storage.get(RECORD).await?;
+                let record = held.as_deref().and_then(|t| KeyRecord::from_json(t).ok());
+                return crate::ratelimit::grant(&storage, record, &body).await;
+            }
             return self.credits(&path, &body).await;
         }
         let incoming = if req.method() == Method::Put { Some(req.text().await?) } else { None };

@@ -58,23 +58,22 @@ struct Holding {
     asking_since: Option<u64>,
     /// Until when the authority's "not enough" is answered from memory.
     exhausted_until: u64,
-    /// The rate window: its start and the credits wanted in it; the last full window's rate.
+    rate: Rate,
+}
+
+/// A holder's recent rate of something it spends (credits, a limit's tokens), measured over
+/// [`RATE_WINDOW_MS`] windows: what it asks the authority to cover.
+#[derive(Default)]
+pub(crate) struct Rate {
+    /// The current window's start and what was wanted in it; the last full window's rate.
     window_start: u64,
     window_wanted: u64,
     rate_per_s: u64,
 }
 
-impl Holding {
-    /// Moves leases past their time to the reports.
-    fn close_expired(&mut self, now_ms: u64) {
-        let (done, live): (Vec<Held>, Vec<Held>) =
-            self.leases.iter().partition(|h| h.until_ms <= now_ms || h.left == 0);
-        self.reports.extend(done.iter().map(|h| Report { lease: h.lease, spent: h.spent }));
-        self.leases = live;
-    }
-
-    /// Notes `cost` wanted at `now_ms` for the rate.
-    fn want(&mut self, cost: u64, now_ms: u64) {
+impl Rate {
+    /// Notes `cost` wanted at `now_ms`.
+    pub(crate) fn want(&mut self, cost: u64, now_ms: u64) {
         let elapsed = now_ms.saturating_sub(self.window_start);
         if elapsed >= RATE_WINDOW_MS {
             self.rate_per_s = self.window_wanted * 1_000 / elapsed.max(1);
@@ -85,9 +84,19 @@ impl Holding {
     }
 
     /// The rate to ask with: the last window's, or the current one's so far (at least 100 ms of it).
-    fn rate(&self, now_ms: u64) -> u64 {
+    pub(crate) fn per_s(&self, now_ms: u64) -> u64 {
         let elapsed = now_ms.saturating_sub(self.window_start).max(100);
         self.rate_per_s.max(self.window_wanted * 1_000 / elapsed)
+    }
+}
+
+impl Holding {
+    /// Moves leases past their time to the reports.
+    fn close_expired(&mut self, now_ms: u64) {
+        let (done, live): (Vec<Held>, Vec<Held>) =
+            self.leases.iter().partition(|h| h.until_ms <= now_ms || h.left == 0);
+        self.reports.extend(done.iter().map(|h| Report { lease: h.lease, spent: h.spent }));
+        self.leases = live;
     }
 
     /// Spends `cost` (0: checks one is left) from the first lease that covers it.
@@ -103,7 +112,7 @@ impl Holding {
     fn running_low(&self, now_ms: u64, ttl_ms: u64) -> bool {
         let left: u64 = self.leases.iter().map(|h| h.left).sum();
         let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
-        self.leases.len() < 2 && (left * 2 < self.rate(now_ms).max(1) || latest < now_ms + ttl_ms / 2)
+        self.leases.len() < 2 && (left * 2 < self.rate.per_s(now_ms).max(1) || latest < now_ms + ttl_ms / 2)
     }
 
     /// Takes the authority's answer to a request asked at `asked_ms`.
@@ -205,7 +214,7 @@ impl Spent {
 }
 
 /// Posts to the key's authority within `ms` milliseconds.
-async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> Result<String, Unreachable> {
+pub(crate) async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> Result<String, Unreachable> {
     let mut init = RequestInit::new();
     init.with_method(Method::Post).with_body(Some(body.into()));
     let url = format!("https://key-state.internal{path}");
@@ -254,7 +263,7 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
     let lease = lease_id();
     let request = with(hash, |h| {
         h.asking_since = Some(asked_ms);
-        LeaseRequest { lease, need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
+        LeaseRequest { lease, need, rate_per_s: h.rate.per_s(asked_ms), reports: std::mem::take(&mut h.reports) }
     });
     let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
     let answer = post(env, hash, LEASE_PATH, text::lease_request(&request), ms).await;
@@ -280,7 +289,7 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
 /// longest deadline), else from a lease asked for now (whose first `cost` is this request's).
 pub(crate) async fn spend(env: &Env, ctx: &Context, hash: &KeyHash, cost: u64, now_ms: u64) -> Spent {
     let mut now = now_ms;
-    with(hash, |h| h.want(cost, now));
+    with(hash, |h| h.rate.want(cost, now));
     loop {
         let (taken, under_way, exhausted) = with(hash, |h| {
             h.close_expired(now);

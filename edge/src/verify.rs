@@ -1,5 +1,6 @@
 //! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide,
-//! spend its credits when it has them and is valid in every other way (`credits.rs`), and keep
+//! take its rate limits' tokens (`ratelimit.rs`) and spend its credits (`credits.rs`) when it is
+//! valid in every other way, all or nothing, and keep
 //! the answer's usage event for shipping (`usage.rs`), off the response path.
 
 use keyward_shared::credits::SettleRequest;
@@ -10,7 +11,7 @@ use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, credits, lookup, usage};
+use crate::{auth, credits, lookup, ratelimit, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -56,7 +57,22 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    // Credits come last: only a key that is valid in every other way spends.
+    // Rate limits, then credits: only a key valid in every other way spends, and a request
+    // refused by any of them spends nothing on the others.
+    let checked = match record.as_ref().filter(|r| decision.code == Code::Valid && !r.ratelimits.is_empty()) {
+        Some(r) => ratelimit::check(&ctx.env, &ctx.data, &hash, r, &request).await,
+        None => None,
+    };
+    let decision = match &checked {
+        Some(c) => decision.refused_by_limits(c.code()),
+        None => decision,
+    };
+    // Admitted by its limits: decided when the tokens were taken.
+    let decided_at_ms = if matches!(checked, Some(ratelimit::Checked::Admitted(..))) {
+        Date::now().as_millis()
+    } else {
+        decided_at_ms
+    };
     let spent = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
         Some(_) => Some(spend(&ctx, &hash, &request, decided_at_ms).await),
         None => None,
@@ -69,7 +85,18 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         Some(s) => decision.refused_by_credits(s.code()),
         None => decision,
     };
-    let response = VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms);
+    let limits = match checked {
+        Some(ratelimit::Checked::Admitted(tokens, limits)) => {
+            if decision.code != Code::Valid {
+                ratelimit::put_back(&hash, &tokens);
+            }
+            limits
+        }
+        Some(ratelimit::Checked::Limited(limits)) => limits,
+        _ => Vec::new(),
+    };
+    let response =
+        VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms).with_limits(limits);
     match spent.and_then(|s| s.remaining()) {
         Some(remaining) if response.code != Code::Unavailable => answer(response.with_credits(remaining)),
         _ => answer(response),

@@ -8,8 +8,9 @@
 //!   alone for `local`), whatever the order and sizes of the requests: any `m` tokens granted
 //!   in such an interval are scheduled at least [`RateLimit::spacing_us`] apart, the first not
 //!   before its grant and the last at most [`RateLimit::burst`] spacings after its own, so
-//!   `m ≤ limit`. Since a lease granted at `g` is spent only in `[g, g + TTL)`, an `exact`
-//!   limit admits at most `limit` in every window of its duration, globally.
+//!   `m ≤ limit`. Since a share granted at `g` is spent only in `[g, g + TTL)`, an `exact`
+//!   limit admits at most `limit` in every window of its duration, globally (a `local` one, per
+//!   holder).
 //! - Under demand that asks for every token within `burst` spacings of its due time, the
 //!   schedule does not drift: tokens fall due every spacing, so a window of the duration sees at
 //!   least `⌊(duration − Δ) / spacing⌋` of them spent (Δ: due time to spending).
@@ -87,13 +88,11 @@ impl RateLimit {
         Ok(())
     }
 
-    /// How long a holder may spend an `exact` limit's lease (from before it asked): a tenth of
-    /// the duration, within [`MIN_LEASE_TTL_MS`] and [`MAX_LEASE_TTL_MS`]. 0 for `local`.
+    /// How long a holder may spend a share of the limit's tokens (from before it asked, for
+    /// `exact`; from when it granted them to itself, for `local`): a tenth of the duration,
+    /// within [`MIN_LEASE_TTL_MS`] and [`MAX_LEASE_TTL_MS`].
     pub fn lease_ttl_ms(&self) -> u64 {
-        match self.mode {
-            Mode::Exact => (self.duration_ms / 10).clamp(MIN_LEASE_TTL_MS, MAX_LEASE_TTL_MS),
-            Mode::Local => 0,
-        }
+        (self.duration_ms / 10).clamp(MIN_LEASE_TTL_MS, MAX_LEASE_TTL_MS)
     }
 
     /// The interval in which grants are kept at or under `limit`: the duration and the lease
@@ -366,7 +365,7 @@ mod tests {
             (1, 1_000, Mode::Exact, 250, 0, 1_250_000),
             (2, 1_000, Mode::Exact, 250, 1, 1_250_000),
             (1_000, 60_000, Mode::Exact, 2_000, 15, 62_945),
-            (50, 10_000, Mode::Local, 0, 1, 204_082),
+            (50, 10_000, Mode::Local, 1_000, 1, 224_490),
             (10, MAX_DURATION_MS, Mode::Exact, 2_000, 1, 288_000_222_223),
         ];
         for (n, d, mode, ttl, burst, spacing) in cases {
@@ -469,8 +468,8 @@ mod tests {
         assert!(with(|l| l.duration_ms = 20_000));
         assert!(with(|l| l.cost = 2));
         assert!(with(|l| l.name = "other".into()));
-        assert!(!tightened(&[base.clone()], &[]));
-        assert!(tightened(&[], &[base.clone()]));
+        assert!(!tightened(std::slice::from_ref(&base), &[]));
+        assert!(tightened(&[], std::slice::from_ref(&base)));
         let local = RateLimit { mode: Mode::Local, ..base.clone() };
         assert!(tightened(std::slice::from_ref(&local), std::slice::from_ref(&base)));
     }
