@@ -15,9 +15,10 @@
 //! read the record and the ledger and write the ledger the same way, so a revoked or disabled
 //! key's leases are void in the one place that grants them.
 
-use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Verdict, text};
+use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Settlement, Verdict, text};
 use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
+use keyward_shared::ratelimit;
 use keyward_shared::record::RecordError;
 use keyward_shared::{ErrorCode, KeyHash, KeyRecord, RootKeyRecord};
 use serde::Deserialize;
@@ -140,20 +141,60 @@ impl KeyState {
             return Response::error("no record", 404);
         };
         let now = Date::now().as_millis() as i64;
+        if path != LEASE_PATH {
+            return self.settle(&record, body, now).await;
+        }
         let Some(credits) = &record.credits else {
             let unlimited = LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: 0, verdict: Verdict::Unlimited };
             return Response::ok(text::lease_answer(&unlimited));
         };
         let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
         let key = ledger_key(&record, credits, now);
-        let bad = || worker::Error::RustError(format!("not a credits request: {body}"));
-        let answer = match path {
-            LEASE_PATH => text::lease_answer(&ledger.lease(key, &text::read_lease_request(body).ok_or_else(bad)?, now)),
-            _ => text::settlement(&ledger.settle(key, &text::read_settle_request(body).ok_or_else(bad)?, now)),
-        };
+        let request = text::read_lease_request(body).ok_or_else(|| not_a_request(body))?;
+        let answer = text::lease_answer(&ledger.lease(key, &request, now));
         storage.put(LEDGER, text::ledger(&ledger)).await?;
         Response::ok(answer)
     }
+
+    /// A verification settled here: its exact rate limits reserved, then its credits settled,
+    /// then the limits committed only if the credits granted it (all or nothing, in one step of
+    /// the object). A remembered idempotent settlement is answered again, spending nothing.
+    async fn settle(&self, record: &KeyRecord, body: &str, now: i64) -> Result<Response> {
+        let storage = self.state.storage();
+        let (first, asks) = ratelimit::text::read_settle_request(body).ok_or_else(|| not_a_request(body))?;
+        let request = text::read_settle_request(first).ok_or_else(|| not_a_request(body))?;
+        let mut ledger = match &record.credits {
+            Some(_) => Some(load_ledger(storage.get(LEDGER).await?)?),
+            None => None,
+        };
+        let known = ledger.as_ref().zip(request.idempotency_key.as_deref()).and_then(|(l, k)| l.remembered(k));
+        if let Some(settlement) = known {
+            return Response::ok(text::settlement(&settlement));
+        }
+        let usable = record.is_usable(now);
+        let reserved = crate::ratelimit::reserve(&storage, record, if usable { &asks } else { &[] }, now).await?;
+        let decided_at_ms = now.max(0) as u64;
+        let settlement = match (&mut ledger, &record.credits) {
+            _ if !reserved.admitted => Settlement { verdict: Verdict::Limited, remaining: 0, decided_at_ms },
+            (Some(ledger), Some(credits)) => {
+                let settlement = ledger.settle(ledger_key(record, credits, now), &request, now);
+                storage.put(LEDGER, text::ledger(ledger)).await?;
+                settlement
+            }
+            _ => {
+                let verdict = if usable { Verdict::Unlimited } else { Verdict::Void };
+                Settlement { verdict, remaining: 0, decided_at_ms }
+            }
+        };
+        if matches!(settlement.verdict, Verdict::Granted | Verdict::Unlimited) && !reserved.grants.is_empty() {
+            crate::ratelimit::commit(&storage, &reserved.schedules).await?;
+        }
+        Response::ok(ratelimit::text::settled(&text::settlement(&settlement), &reserved.grants))
+    }
+}
+
+fn not_a_request(body: &str) -> worker::Error {
+    worker::Error::RustError(format!("not a credits request: {body}"))
 }
 
 /// The ledger held (stored as [`text::ledger`], so 64-bit numbers survive the JS boundary), or

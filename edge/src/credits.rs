@@ -21,7 +21,9 @@ use std::cell::{Cell, RefCell};
 use keyward_shared::credits::{
     LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict, text,
 };
-use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleOrder};
+use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleAnswer, SettleOrder};
+use keyward_shared::ratelimit::Grant;
+use keyward_shared::ratelimit::text as ratelimit;
 use keyward_shared::{Code, KeyHash};
 use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
 
@@ -198,6 +200,7 @@ impl Spent {
             Spent::Settled(s) => match s.verdict {
                 Verdict::Granted | Verdict::Unlimited => Code::Valid,
                 Verdict::Exceeded => Code::UsageExceeded,
+                Verdict::Limited => Code::RateLimited,
                 Verdict::Void => Code::Unavailable,
             },
         }
@@ -207,7 +210,7 @@ impl Spent {
     pub(crate) fn remaining(&self) -> Option<u64> {
         match self {
             Spent::Yes(r) | Spent::Exceeded(r) => Some(*r),
-            Spent::Settled(s) if s.verdict != Verdict::Void => Some(s.remaining),
+            Spent::Settled(s) if !matches!(s.verdict, Verdict::Void | Verdict::Limited) => Some(s.remaining),
             _ => None,
         }
     }
@@ -229,14 +232,25 @@ pub(crate) async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms
     }
 }
 
-/// Settles one verification at the key's authority (idempotent with `idempotency_key`).
-pub(crate) async fn settle(env: &Env, hash: &KeyHash, request: &SettleRequest) -> Spent {
+/// Settles one verification at the key's authority (idempotent with `idempotency_key`), with
+/// the exact rate limits `asks` decided in the same step; answers each limit's grant too.
+pub(crate) async fn settle(
+    env: &Env,
+    hash: &KeyHash,
+    request: &SettleRequest,
+    asks: &[(String, u64)],
+) -> (Spent, Vec<(String, Grant)>) {
     count(|c| c.settled += 1);
-    let answer = post(env, hash, SETTLE_PATH, text::settle_request(request), deadline::authority_ms(env)).await;
-    match answer.ok().and_then(|t| text::read_settlement(&t)) {
-        Some(settlement) if settlement.verdict == Verdict::Unlimited => Spent::Unlimited,
-        Some(settlement) => Spent::Settled(settlement),
-        None => unavailable(),
+    let body = ratelimit::settle_request(&text::settle_request(request), asks);
+    let answer = post(env, hash, SETTLE_PATH, body, deadline::authority_ms(env)).await;
+    let read = answer.ok().and_then(|t| {
+        let (first, grants) = ratelimit::read_settled(&t).map(|(f, g)| (f.to_owned(), g))?;
+        Some((text::read_settlement(&first)?, grants))
+    });
+    match read {
+        Some((settlement, grants)) if settlement.verdict == Verdict::Unlimited => (Spent::Unlimited, grants),
+        Some((settlement, grants)) => (Spent::Settled(settlement), grants),
+        None => (unavailable(), Vec::new()),
     }
 }
 
@@ -323,6 +337,7 @@ async fn asked(env: &Env, hash: &KeyHash, cost: u64) -> Spent {
         None | Some(Verdict::Void) => unavailable(),
         Some(Verdict::Unlimited) => Spent::Unlimited,
         Some(Verdict::Exceeded) => Spent::Exceeded(with(hash, |h| h.remaining)),
+        Some(Verdict::Limited) => unavailable(),
         // No await since the answer was taken: the lease is this request's first.
         Some(Verdict::Granted) => with(hash, |h| h.take(cost)).map_or_else(unavailable, Spent::Yes),
     }
@@ -347,7 +362,9 @@ pub(crate) async fn handle_settle(
     let now_ms = Date::now().as_millis();
     let order = crate::signed::parse::<SettleOrder>(&mut req, &ctx.env, SETTLE_PATH_INTERNAL, now_ms).await?.body;
     let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost };
-    let settlement = match settle(&ctx.env, &order.hash, &request).await {
+    let asks: Vec<(String, u64)> = order.ratelimits.into_iter().map(|a| (a.name, a.cost.unwrap_or(1))).collect();
+    let (spent, grants) = settle(&ctx.env, &order.hash, &request, &asks).await;
+    let settlement = match spent {
         Spent::Settled(s) => s,
         Spent::Unlimited => Settlement { verdict: Verdict::Unlimited, remaining: 0, decided_at_ms: now_ms },
         _ => {
@@ -355,5 +372,11 @@ pub(crate) async fn handle_settle(
             return Err(crate::error::EdgeError::new(keyward_shared::ErrorCode::AuthorityUnavailable, message));
         }
     };
-    Ok(worker::Response::from_json(&settlement)?)
+    let answer = SettleAnswer {
+        verdict: settlement.verdict,
+        remaining: settlement.remaining,
+        decided_at_ms: settlement.decided_at_ms,
+        ratelimits: grants.iter().map(|(name, grant)| crate::ratelimit::left_of(name, grant)).collect(),
+    };
+    Ok(worker::Response::from_json(&answer)?)
 }

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 use keyward_shared::credits::Verdict;
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
-use keyward_shared::ratelimit::{Grant, Mode, RateLimit, Schedule, applicable};
+use keyward_shared::ratelimit::{Grant, Mode, RateLimit, Reserved, Schedule, applicable};
 use keyward_shared::verify::LimitLeft;
 use keyward_shared::{Code, KeyHash, KeyRecord, VerifyRequest};
 use worker::{Context, Date, Delay, Env, Response, Storage};
@@ -184,15 +184,18 @@ enum Take {
     Unlimited,
 }
 
-/// Takes the tokens of every limit that applies to `request` (none: `None`), all or nothing.
+/// Takes the tokens of every limit that applies to `request` (none: `None`), all or nothing;
+/// with `local_only`, of its local limits (its exact ones are settled at the authority).
 pub(crate) async fn check(
     env: &Env,
     ctx: &Context,
     hash: &KeyHash,
     record: &KeyRecord,
     request: &VerifyRequest,
+    local_only: bool,
 ) -> Option<Checked> {
-    let asks = applicable(&record.ratelimits, &request.ratelimits);
+    let mut asks = applicable(&record.ratelimits, &request.ratelimits);
+    asks.retain(|&(i, _)| !local_only || record.ratelimits[i].mode == Mode::Local);
     if asks.is_empty() {
         return None;
     }
@@ -288,7 +291,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
 /// Asks for a share for `cost` and takes it from the answer at once.
 async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, cost: u64) -> Take {
     match ask(env, hash, limit, cost).await.map(|a| a.verdict) {
-        None | Some(Verdict::Void) => Take::Unavailable,
+        None | Some(Verdict::Void | Verdict::Limited) => Take::Unavailable,
         Some(Verdict::Unlimited) => Take::Unlimited,
         Some(Verdict::Exceeded) => Take::Refused,
         // No await since the answer was taken: the share is this request's first.
@@ -330,6 +333,51 @@ fn ahead(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit) {
     });
 }
 
+/// The schedules the KeyState object holds.
+async fn load(storage: &Storage) -> worker::Result<Vec<(String, Schedule)>> {
+    let stored: Option<String> = storage.get(SCHEDULES).await?;
+    Ok(stored.as_deref().and_then(text::read_schedules).unwrap_or_default())
+}
+
+/// Reserves a settled verification's exact limits on a copy of the stored schedules
+/// (`keyward_shared::ratelimit::reserve`); [`commit`] stores them.
+pub(crate) async fn reserve(
+    storage: &Storage,
+    record: &KeyRecord,
+    asks: &[(String, u64)],
+    now_ms: i64,
+) -> worker::Result<Reserved> {
+    if asks.is_empty() {
+        return Ok(Reserved { schedules: Vec::new(), grants: Vec::new(), admitted: true });
+    }
+    Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, &record.ratelimits, asks, now_ms))
+}
+
+/// Stores reserved schedules: the reservation is spent.
+pub(crate) async fn commit(storage: &Storage, schedules: &[(String, Schedule)]) -> worker::Result<()> {
+    storage.put(SCHEDULES, text::schedules(schedules)).await
+}
+
+/// The exact limits of `record` that apply to `request`, with their costs: what a verification
+/// settled at the authority decides there.
+pub(crate) fn exact_asks(record: &KeyRecord, request: &VerifyRequest) -> Vec<(String, u64)> {
+    applicable(&record.ratelimits, &request.ratelimits)
+        .into_iter()
+        .filter(|&(i, _)| record.ratelimits[i].mode == Mode::Exact)
+        .map(|(i, cost)| (record.ratelimits[i].name.clone(), cost))
+        .collect()
+}
+
+/// A verify answer's view of a limit the authority decided.
+pub(crate) fn left_of(name: &str, grant: &Grant) -> LimitLeft {
+    LimitLeft {
+        name: name.to_owned(),
+        remaining: grant.remaining,
+        reset_at: grant.reset_at_ms,
+        retry_after_ms: if grant.granted > 0 { 0 } else { grant.retry_after_ms },
+    }
+}
+
 /// The KeyState object's answer to a holder's token request: a grant from the named exact
 /// limit's schedule, stored before the answer (`Unlimited`: the record carries no such exact
 /// limit; `Void`: the key may not be spent). No await between the reads and the write but the
@@ -352,8 +400,7 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
     if !record.is_usable(now) {
         return Response::ok(text::token_answer(&none(Verdict::Void)));
     }
-    let stored: Option<String> = storage.get(SCHEDULES).await?;
-    let mut schedules = stored.as_deref().and_then(text::read_schedules).unwrap_or_default();
+    let mut schedules = load(storage).await?;
     schedules.retain(|(name, _)| record.ratelimits.iter().any(|l| l.name == *name));
     let at = match schedules.iter().position(|(name, _)| *name == limit.name) {
         Some(at) => at,

@@ -260,6 +260,9 @@ pub enum Verdict {
     Void,
     /// The key has no credits (they were removed): spends are not counted.
     Unlimited,
+    /// A rate limit settled with it refused the verification: nothing was spent
+    /// (`crate::ratelimit::reserve`).
+    Limited,
 }
 
 /// A verification settled at the authority: an idempotent one, or the origin's.
@@ -427,6 +430,12 @@ impl Ledger {
         }
     }
 
+    /// The settlement remembered for this idempotency key, if any (within [`IDEMPOTENCY_MS`]
+    /// of it, once the ledger was applied).
+    pub fn remembered(&self, key: &str) -> Option<Settlement> {
+        self.settled.iter().find(|s| s.key == key).map(|s| s.settlement)
+    }
+
     /// Settles one verification of `cost` here and now (after [`Ledger::apply`]); with an
     /// idempotency key seen within [`IDEMPOTENCY_MS`], answers what it answered then and spends
     /// nothing. Cost 0 checks that a credit is left without spending it.
@@ -465,6 +474,7 @@ pub mod text {
             Verdict::Exceeded => 'e',
             Verdict::Void => 'v',
             Verdict::Unlimited => 'u',
+            Verdict::Limited => 'l',
         }
     }
 
@@ -474,6 +484,7 @@ pub mod text {
             "e" => Verdict::Exceeded,
             "v" => Verdict::Void,
             "u" => Verdict::Unlimited,
+            "l" => Verdict::Limited,
             _ => return None,
         })
     }

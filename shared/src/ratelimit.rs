@@ -206,6 +206,46 @@ impl Schedule {
     }
 }
 
+/// A verification's exact limits decided at the authority (with its credits, in one step of the
+/// KeyState object): `schedules` is what to store if the verification is admitted by every
+/// limit *and* its credits (commit), `grants` each asked limit's answer, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    pub schedules: Vec<(String, Schedule)>,
+    pub grants: Vec<(String, Grant)>,
+    pub admitted: bool,
+}
+
+/// Reserves `cost` of each asked exact limit of `limits` (by name; a name the key does not carry
+/// as an exact limit is ignored) on a copy of `schedules`: admitted only if every one grants.
+/// Nothing is spent until the caller stores [`Reserved::schedules`]; not storing them releases
+/// the reservation.
+pub fn reserve(
+    schedules: &[(String, Schedule)],
+    limits: &[RateLimit],
+    asks: &[(String, u64)],
+    now_ms: i64,
+) -> Reserved {
+    let mut next: Vec<(String, Schedule)> =
+        schedules.iter().filter(|(n, _)| limits.iter().any(|l| l.name == *n)).cloned().collect();
+    let mut grants = Vec::with_capacity(asks.len());
+    let mut admitted = true;
+    for (name, cost) in asks {
+        let Some(limit) = limits.iter().find(|l| l.name == *name && l.mode == Mode::Exact) else { continue };
+        let at = match next.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                next.push((name.clone(), Schedule::default()));
+                next.len() - 1
+            }
+        };
+        let grant = next[at].1.grant(limit, *cost, *cost, now_ms);
+        admitted &= grant.granted > 0;
+        grants.push((name.clone(), grant));
+    }
+    Reserved { schedules: next, grants, admitted }
+}
+
 /// The text the KeyState object and its holders exchange, the stored schedules, and a record's
 /// limits as one string (not JSON: each type serde_json reads costs the worker's upload).
 pub mod text {
@@ -248,6 +288,7 @@ pub mod text {
             Verdict::Exceeded => "e",
             Verdict::Void => "v",
             Verdict::Unlimited => "u",
+            Verdict::Limited => "l",
         }
     }
 
@@ -277,6 +318,61 @@ pub mod text {
             reset_at_ms,
         };
         tokens.next().is_none().then_some(TokenAnswer { grant, ttl_ms: ttl_ms as u64, verdict })
+    }
+
+    /// A settle request with the exact limits to decide with it: the credits' settle request
+    /// ([`crate::credits::text::settle_request`]), then `name cost` per line.
+    pub fn settle_request(credits: &str, asks: &[(String, u64)]) -> String {
+        let mut out = credits.to_owned();
+        for (name, cost) in asks {
+            out.push_str(&format!("\n{name} {cost}"));
+        }
+        out
+    }
+
+    /// The credits' settle request and the limits asked.
+    pub fn read_settle_request(text: &str) -> Option<(&str, Vec<(String, u64)>)> {
+        let mut lines = text.split('\n');
+        let first = lines.next()?;
+        let asks = lines
+            .map(|l| {
+                let (name, cost) = l.split_once(' ')?;
+                is_name(name).then(|| Some((name.to_owned(), cost.parse().ok()?)))?
+            })
+            .collect::<Option<_>>()?;
+        Some((first, asks))
+    }
+
+    /// A settlement ([`crate::credits::text::settlement`]) with each limit's grant, one per line:
+    /// `name granted remaining retry_after_ms reset_at_ms`.
+    pub fn settled(settlement: &str, grants: &[(String, Grant)]) -> String {
+        let mut out = settlement.to_owned();
+        for (name, g) in grants {
+            out.push_str(&format!("\n{name} {} {} {} {}", g.granted, g.remaining, g.retry_after_ms, g.reset_at_ms));
+        }
+        out
+    }
+
+    /// The settlement's text and each limit's grant.
+    pub fn read_settled(text: &str) -> Option<(&str, Vec<(String, Grant)>)> {
+        let mut lines = text.split('\n');
+        let first = lines.next()?;
+        let grants = lines
+            .map(|l| {
+                let mut t = l.split(' ');
+                let name = t.next().filter(|n| is_name(n))?.to_owned();
+                let mut n = || t.next()?.parse::<i64>().ok();
+                let (granted, remaining, retry, reset) = (n()?, n()?, n()?, n()?);
+                let grant = Grant {
+                    granted: granted as u64,
+                    remaining: remaining as u64,
+                    retry_after_ms: retry as u64,
+                    reset_at_ms: reset,
+                };
+                Some((name, grant))
+            })
+            .collect::<Option<_>>()?;
+        Some((first, grants))
     }
 
     /// Stored schedules: `name tat_us` per line.
@@ -487,6 +583,31 @@ mod tests {
     }
 
     #[test]
+    fn reserve_is_all_or_nothing() {
+        let limits = vec![
+            limit(2, 10_000, Mode::Exact),
+            // 640 per 10 s: a burst of 10, so 11 at once.
+            RateLimit { name: "b".into(), ..limit(640, 10_000, Mode::Exact) },
+            RateLimit { name: "c".into(), ..limit(5, 10_000, Mode::Local) },
+        ];
+        let asks = |a: u64, b: u64| vec![("b".to_owned(), b), ("api".to_owned(), a), ("c".into(), 1), ("x".into(), 1)];
+        let first = reserve(&[], &limits, &asks(1, 1), 0);
+        assert!(first.admitted);
+        // Local and unknown limits are not the authority's.
+        assert_eq!(first.grants.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["b", "api"]);
+        let second = reserve(&first.schedules, &limits, &asks(1, 1), 1);
+        assert!(second.admitted);
+        // `api` allows 2 at once: a third is refused after `b` granted it, so its schedules
+        // are not stored and `b` still has 9 of its 11.
+        let third = reserve(&second.schedules, &limits, &asks(1, 1), 2);
+        assert!(!third.admitted);
+        assert_eq!((third.grants[0].1.granted, third.grants[1].1.granted), (1, 0));
+        let b_only = reserve(&second.schedules, &limits, &[("b".to_owned(), 9)], 3);
+        assert_eq!(b_only.grants[0].1.granted, 9, "{b_only:?}");
+        assert!(!reserve(&b_only.schedules, &limits, &[("b".to_owned(), 1)], 3).admitted);
+    }
+
+    #[test]
     fn checks() {
         assert!(limit(50, 10_000, Mode::Exact).check().is_ok());
         assert!(limit(0, 10_000, Mode::Exact).check().is_err());
@@ -513,6 +634,12 @@ mod tests {
         let grant = Grant { granted: 3, remaining: 0, retry_after_ms: 224, reset_at_ms: 1_764_000_000_123 };
         let answer = text::TokenAnswer { grant, ttl_ms: 1_000, verdict: Verdict::Granted };
         assert_eq!(text::read_token_answer(&text::token_answer(&answer)), Some(answer));
+        let asks = vec![("api".to_owned(), 1), ("b".to_owned(), 3)];
+        let request = text::settle_request("3 order-1", &asks);
+        assert_eq!(text::read_settle_request(&request), Some(("3 order-1", asks)));
+        assert_eq!(text::read_settle_request("3"), Some(("3", vec![])));
+        let settled = text::settled("g 7 1000", &[("api".to_owned(), grant)]);
+        assert_eq!(text::read_settled(&settled), Some(("g 7 1000", vec![("api".to_owned(), grant)])));
         let stored = vec![("api".to_owned(), Schedule { tat_us: 1_764_000_000_123_456 })];
         assert_eq!(text::read_schedules(&text::schedules(&stored)), Some(stored));
         assert_eq!(text::read_schedules(""), Some(vec![]));

@@ -101,9 +101,9 @@ fn in_window(times: &[i64], from: i64, ms: i64) -> usize {
 /// The most and the fewest `times` in any closed window of `ms` starting in `[first, last]`
 /// (every millisecond: not only aligned windows).
 fn window_extremes(times: &[i64], first: i64, last: i64, ms: i64) -> (usize, usize) {
-    (first..=last).map(|from| in_window(times, from, ms)).fold((0, usize::MAX), |(most, fewest), n| {
-        (most.max(n), fewest.min(n))
-    })
+    (first..=last)
+        .map(|from| in_window(times, from, ms))
+        .fold((0, usize::MAX), |(most, fewest), n| (most.max(n), fewest.min(n)))
 }
 
 /// Seconds of hammering: `KEYWARD_RATELIMIT_HAMMER_S`, 60 by default.
