@@ -253,3 +253,45 @@ fn with_the_authority_unreachable_exact_fails_closed_and_local_answers() {
     assert_eq!(local_code, "VALID", "{local_answer}");
     assert_eq!(local_answer["ratelimits"][0]["name"], "api", "{local_answer}");
 }
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn settled_verifications_decide_limits_and_credits_together() {
+    let world = World::start(&THREE).expect("world");
+    let limits = json!([{ "name": "api", "limit": 2, "duration_ms": 10_000 }]);
+    // At the origin: 2 tokens at once, 1 credit.
+    let (id, key) = key_with(&world, 1_000, limits.clone(), json!({ "credits": { "remaining": 1 } }));
+    let origin = |body: Value| {
+        let (status, answer) = world.origin_verify(&world.root_key, body);
+        assert_eq!(status, 200, "{answer}");
+        (answer["code"].as_str().unwrap_or("?").to_owned(), answer)
+    };
+    assert_eq!(origin(json!({ "key": key })).0, "VALID");
+    let (code, refused) = origin(json!({ "key": key }));
+    assert_eq!(code, "USAGE_EXCEEDED", "{refused}");
+    let change = json!({ "op": "increment", "amount": 5 });
+    let (status, changed) = world.admin(Method::POST, &format!("/v1/keys/{id}/credits"), Some(change));
+    assert_eq!(status, 200, "{changed}");
+    let (code, second) = origin(json!({ "key": key }));
+    assert_eq!(code, "VALID", "the credit-refused verification spent a token: {second}");
+    let (code, limited) = origin(json!({ "key": key }));
+    assert_eq!(code, "RATE_LIMITED", "{limited}");
+    assert!(limited["ratelimits"][0]["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{limited}");
+    let (status, credits) = world.admin(Method::GET, &format!("/v1/keys/{id}/credits"), None);
+    assert_eq!((status, &credits["remaining"]), (200, &json!(4)), "RATE_LIMITED spent a credit: {credits}");
+
+    // Idempotent at the edge: a retry in any region answers the same and spends no token.
+    let (_, key) = key_with(&world, 1_000, limits, json!({ "credits": { "remaining": 10 } }));
+    let with = |k: &str| json!({ "key": key, "idempotency_key": k });
+    let (code, first) = verify(&world, 0, &with("order-1"));
+    assert_eq!(code, "VALID", "{first}");
+    for region in [1, 2, 0] {
+        let (code, again) = verify(&world, region, &with("order-1"));
+        assert_eq!(code, "VALID", "{again}");
+        assert_eq!(again["decided_at_ms"], first["decided_at_ms"], "region {region}");
+    }
+    assert_eq!(verify(&world, 1, &with("order-2")).0, "VALID", "the retries spent the second token");
+    let (code, third) = verify(&world, 2, &with("order-3"));
+    assert_eq!(code, "RATE_LIMITED", "{third}");
+    assert_eq!(third["ratelimits"][0]["name"], "api", "{third}");
+}
