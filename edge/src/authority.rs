@@ -175,6 +175,7 @@ impl KeyState {
         let reserved = crate::ratelimit::reserve(&storage, record, if usable { &asks } else { &[] }, now).await?;
         let decided_at_ms = now.max(0) as u64;
         let settlement = match (&mut ledger, &record.credits) {
+            _ if reserved.unknown => Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms },
             _ if !reserved.admitted => Settlement { verdict: Verdict::Limited, remaining: 0, decided_at_ms },
             (Some(ledger), Some(credits)) => {
                 let settlement = ledger.settle(ledger_key(record, credits, now), &request, now);

@@ -114,23 +114,23 @@ thread_local! {
     static HOLDINGS: RefCell<Vec<(Id, Holding)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Where this key's limit is held, made if it is not (not generic: one copy in the worker).
+fn slot(holdings: &mut Vec<(Id, Holding)>, hash: &KeyHash, name: &str) -> usize {
+    if let Some(at) = holdings.iter().position(|((held, n), _)| held == hash.as_bytes() && n == name) {
+        return at;
+    }
+    let now = Date::now().as_millis();
+    holdings.retain(|(_, h)| {
+        h.shares.iter().any(|s| s.until_ms > now) || h.asking_since.is_some() || h.local.tat_us > now as i64 * 1_000
+    });
+    holdings.push(((*hash.as_bytes(), name.to_owned()), Holding::default()));
+    holdings.len() - 1
+}
+
 fn with<R>(hash: &KeyHash, name: &str, f: impl FnOnce(&mut Holding) -> R) -> R {
     HOLDINGS.with(|h| {
         let mut holdings = h.borrow_mut();
-        let found = holdings.iter().position(|((held, n), _)| held == hash.as_bytes() && n == name);
-        let at = match found {
-            Some(at) => at,
-            None => {
-                let now = Date::now().as_millis();
-                holdings.retain(|(_, h)| {
-                    h.shares.iter().any(|s| s.until_ms > now)
-                        || h.asking_since.is_some()
-                        || h.local.tat_us > now as i64 * 1_000
-                });
-                holdings.push(((*hash.as_bytes(), name.to_owned()), Holding::default()));
-                holdings.len() - 1
-            }
-        };
+        let at = slot(&mut holdings, hash, name);
         f(&mut holdings[at].1)
     })
 }
@@ -203,7 +203,7 @@ pub(crate) async fn check(
     for &(i, cost) in &asks {
         let limit = &record.ratelimits[i];
         let take = match limit.mode {
-            Mode::Exact => take_exact(env, ctx, hash, limit, cost).await,
+            Mode::Exact => take_exact(env, ctx, hash, limit, record.version, cost).await,
             Mode::Local => take_local(hash, limit, cost),
         };
         match take {
@@ -258,7 +258,7 @@ fn take_local(hash: &KeyHash, limit: &RateLimit, cost: u64) -> Take {
 
 /// An `exact` limit: from the share in hand, else after the token request under way (waiting
 /// at most the authority's longest deadline), else from a share asked for now.
-async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, cost: u64) -> Take {
+async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, version: u64, cost: u64) -> Take {
     let started = Date::now().as_millis();
     let mut now = started;
     with(hash, &limit.name, |h| h.rate.want(cost, now));
@@ -270,7 +270,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
         });
         if let Some(until) = taken {
             if !under_way && with(hash, &limit.name, |h| h.running_low(now, limit.lease_ttl_ms())) {
-                ahead(env, ctx, hash, limit);
+                ahead(env, ctx, hash, limit, version);
             }
             return Take::Yes(until);
         }
@@ -278,7 +278,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
             return Take::Refused;
         }
         if !under_way {
-            return asked(env, hash, limit, cost).await;
+            return asked(env, hash, limit, version, cost).await;
         }
         if now.saturating_sub(started) > deadline::MAX_AUTHORITY_MS {
             return Take::Unavailable;
@@ -289,8 +289,8 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
 }
 
 /// Asks for a share for `cost` and takes it from the answer at once.
-async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, cost: u64) -> Take {
-    match ask(env, hash, limit, cost).await.map(|a| a.verdict) {
+async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, cost: u64) -> Take {
+    match ask(env, hash, limit, version, cost).await.map(|a| a.verdict) {
         None | Some(Verdict::Void | Verdict::Limited) => Take::Unavailable,
         Some(Verdict::Unlimited) => Take::Unlimited,
         Some(Verdict::Exceeded) => Take::Refused,
@@ -302,15 +302,15 @@ async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, cost: u64) -> Take 
     }
 }
 
-/// Asks the authority for tokens of `limit` (`need` of them at least, 0 when asked ahead);
-/// takes the answer into the holding. `None`: unreachable.
-async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, need: u64) -> Option<TokenAnswer> {
+/// Asks the authority for tokens of `limit` of the record at `version` (`need` of them at least,
+/// 0 when asked ahead); takes the answer into the holding. `None`: unreachable.
+async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, need: u64) -> Option<TokenAnswer> {
     let asked_ms = Date::now().as_millis();
     let want = with(hash, &limit.name, |h| {
         h.asking_since = Some(asked_ms);
         (h.rate.per_s(asked_ms) * COVER_MS / 1_000).max(need)
     });
-    let request = TokenRequest { name: limit.name.clone(), need, want };
+    let request = TokenRequest { name: limit.name.clone(), need, want, version };
     let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
     let answer = post(env, hash, RATELIMIT_PATH, text::token_request(&request), ms).await;
     let answer = answer.ok().and_then(|t| text::read_token_answer(&t));
@@ -325,11 +325,11 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, need: u64) -> Option<
 }
 
 /// Asks for another share after the answer, while the share in hand goes on being spent.
-fn ahead(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit) {
+fn ahead(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, version: u64) {
     let (env, hash, limit) = (env.clone(), *hash, limit.clone());
     with(&hash, &limit.name, |h| h.asking_since = Some(Date::now().as_millis()));
     ctx.wait_until(async move {
-        ask(&env, &hash, &limit, 0).await;
+        ask(&env, &hash, &limit, version, 0).await;
     });
 }
 
@@ -348,7 +348,7 @@ pub(crate) async fn reserve(
     now_ms: i64,
 ) -> worker::Result<Reserved> {
     if asks.is_empty() {
-        return Ok(Reserved { schedules: Vec::new(), grants: Vec::new(), admitted: true });
+        return Ok(Reserved { schedules: Vec::new(), grants: Vec::new(), admitted: true, unknown: false });
     }
     Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, &record.ratelimits, asks, now_ms))
 }
@@ -380,7 +380,8 @@ pub(crate) fn left_of(name: &str, grant: &Grant) -> LimitLeft {
 
 /// The KeyState object's answer to a holder's token request: a grant from the named exact
 /// limit's schedule, stored before the answer (`Unlimited`: the record carries no such exact
-/// limit; `Void`: the key may not be spent). No await between the reads and the write but the
+/// limit; `Void`: the key may not be spent, or the object holds an older record than the one
+/// the holder decided on, whose limit it may not know). No await between the reads and the write but the
 /// storage's own, which the object's input gate keeps other requests out of.
 pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &str) -> worker::Result<Response> {
     let Some(record) = record else {
@@ -394,12 +395,13 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
         ttl_ms: 0,
         verdict,
     };
+    if !record.is_usable(now) || record.version < request.version {
+        // Not spendable, or the holder decided on a newer record than this one: fail closed.
+        return Response::ok(text::token_answer(&none(Verdict::Void)));
+    }
     let Some(limit) = record.ratelimits.iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
         return Response::ok(text::token_answer(&none(Verdict::Unlimited)));
     };
-    if !record.is_usable(now) {
-        return Response::ok(text::token_answer(&none(Verdict::Void)));
-    }
     let mut schedules = load(storage).await?;
     schedules.retain(|(name, _)| record.ratelimits.iter().any(|l| l.name == *name));
     let at = match schedules.iter().position(|(name, _)| *name == limit.name) {

@@ -214,10 +214,14 @@ pub struct Reserved {
     pub schedules: Vec<(String, Schedule)>,
     pub grants: Vec<(String, Grant)>,
     pub admitted: bool,
+    /// An asked name is not an exact limit of these limits: the asker decided on another
+    /// version of the record (the authority's may be older), so the verification fails closed.
+    pub unknown: bool,
 }
 
-/// Reserves `cost` of each asked exact limit of `limits` (by name; a name the key does not carry
-/// as an exact limit is ignored) on a copy of `schedules`: admitted only if every one grants.
+/// Reserves `cost` of each asked exact limit of `limits` on a copy of `schedules`: admitted only
+/// if every one grants (a name `limits` does not carry as an exact limit admits nothing and
+/// sets [`Reserved::unknown`]).
 /// Nothing is spent until the caller stores [`Reserved::schedules`]; not storing them releases
 /// the reservation.
 pub fn reserve(
@@ -229,9 +233,12 @@ pub fn reserve(
     let mut next: Vec<(String, Schedule)> =
         schedules.iter().filter(|(n, _)| limits.iter().any(|l| l.name == *n)).cloned().collect();
     let mut grants = Vec::with_capacity(asks.len());
-    let mut admitted = true;
+    let (mut admitted, mut unknown) = (true, false);
     for (name, cost) in asks {
-        let Some(limit) = limits.iter().find(|l| l.name == *name && l.mode == Mode::Exact) else { continue };
+        let Some(limit) = limits.iter().find(|l| l.name == *name && l.mode == Mode::Exact) else {
+            (admitted, unknown) = (false, true);
+            continue;
+        };
         let at = match next.iter().position(|(n, _)| n == name) {
             Some(at) => at,
             None => {
@@ -243,7 +250,7 @@ pub fn reserve(
         admitted &= grant.granted > 0;
         grants.push((name.clone(), grant));
     }
-    Reserved { schedules: next, grants, admitted }
+    Reserved { schedules: next, grants, admitted, unknown }
 }
 
 /// The text the KeyState object and its holders exchange, the stored schedules, and a record's
@@ -258,6 +265,9 @@ pub mod text {
         pub name: String,
         pub need: u64,
         pub want: u64,
+        /// The version of the record the holder decided on: an authority holding an older one
+        /// answers `Void` rather than "no such limit" (fail closed).
+        pub version: u64,
     }
 
     /// The authority's answer: a [`Grant`] with its lease lifetime and verdict (`Unlimited`:
@@ -269,9 +279,9 @@ pub mod text {
         pub verdict: Verdict,
     }
 
-    /// `name need want`
+    /// `name need want version`
     pub fn token_request(r: &TokenRequest) -> String {
-        format!("{} {} {}", r.name, r.need, r.want)
+        format!("{} {} {} {}", r.name, r.need, r.want, r.version)
     }
 
     pub fn read_token_request(text: &str) -> Option<TokenRequest> {
@@ -279,7 +289,8 @@ pub mod text {
         let name = tokens.next().filter(|n| is_name(n))?.to_owned();
         let need = tokens.next()?.parse().ok()?;
         let want = tokens.next()?.parse().ok()?;
-        tokens.next().is_none().then_some(TokenRequest { name, need, want })
+        let version = tokens.next()?.parse().ok()?;
+        tokens.next().is_none().then_some(TokenRequest { name, need, want, version })
     }
 
     fn verdict_char(v: Verdict) -> &'static str {
@@ -590,10 +601,16 @@ mod tests {
             RateLimit { name: "b".into(), ..limit(640, 10_000, Mode::Exact) },
             RateLimit { name: "c".into(), ..limit(5, 10_000, Mode::Local) },
         ];
-        let asks = |a: u64, b: u64| vec![("b".to_owned(), b), ("api".to_owned(), a), ("c".into(), 1), ("x".into(), 1)];
+        let asks = |a: u64, b: u64| vec![("b".to_owned(), b), ("api".to_owned(), a)];
+        // A local or unknown limit is not the authority's: whoever asked decided on another record.
+        for odd in ["c", "x"] {
+            let mut asked = asks(1, 1);
+            asked.push((odd.to_owned(), 1));
+            let refused = reserve(&[], &limits, &asked, 0);
+            assert!(!refused.admitted && refused.unknown, "{odd}");
+        }
         let first = reserve(&[], &limits, &asks(1, 1), 0);
-        assert!(first.admitted);
-        // Local and unknown limits are not the authority's.
+        assert!(first.admitted && !first.unknown);
         assert_eq!(first.grants.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["b", "api"]);
         let second = reserve(&first.schedules, &limits, &asks(1, 1), 1);
         assert!(second.admitted);
@@ -629,7 +646,7 @@ mod tests {
             assert_eq!(as_text::read(bad), None, "{bad}");
         }
         use crate::credits::Verdict;
-        let request = text::TokenRequest { name: "api".into(), need: 1, want: 30 };
+        let request = text::TokenRequest { name: "api".into(), need: 1, want: 30, version: u64::MAX };
         assert_eq!(text::read_token_request(&text::token_request(&request)), Some(request));
         let grant = Grant { granted: 3, remaining: 0, retry_after_ms: 224, reset_at_ms: 1_764_000_000_123 };
         let answer = text::TokenAnswer { grant, ttl_ms: 1_000, verdict: Verdict::Granted };
