@@ -60,6 +60,10 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
+    if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
+        let costs = keyward_shared::ratelimit::check_costs(&r.ratelimits, &request.ratelimits);
+        costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
+    }
     let charged = charge(&ctx, &hash, record.as_ref(), decision, &request, decided_at_ms).await;
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)

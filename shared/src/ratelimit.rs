@@ -23,6 +23,9 @@ pub const MIN_DURATION_MS: u64 = 1_000;
 pub const MAX_DURATION_MS: u64 = 30 * 86_400_000;
 /// Most limits one key may carry.
 pub const MAX_LIMITS: usize = 16;
+/// Largest `limit` a limit may have, and largest cost a request may name (keeps the
+/// schedule's microsecond arithmetic far from overflow).
+pub const MAX_LIMIT: u64 = 1_000_000_000;
 /// Longest limit name.
 pub const MAX_NAME: usize = 32;
 /// Shortest and longest lease lifetime of an `exact` limit's tokens.
@@ -76,8 +79,8 @@ impl RateLimit {
         if !is_name(&self.name) {
             return Err(format!("a limit's name is 1 to {MAX_NAME} of A-Z a-z 0-9 _ - ., not `{}`", self.name));
         }
-        if self.limit == 0 {
-            return Err(format!("limit `{}`: limit is at least 1", self.name));
+        if !(1..=MAX_LIMIT).contains(&self.limit) {
+            return Err(format!("limit `{}`: limit is 1 to {MAX_LIMIT}", self.name));
         }
         if !(MIN_DURATION_MS..=MAX_DURATION_MS).contains(&self.duration_ms) {
             return Err(format!("limit `{}`: duration_ms is {MIN_DURATION_MS} to {MAX_DURATION_MS}", self.name));
@@ -144,6 +147,25 @@ pub fn applicable(limits: &[RateLimit], asked: &[LimitAsk]) -> Vec<(usize, u64)>
         .collect()
 }
 
+/// Refuses a request naming a cost that one of `limits` can never grant at once (more than its
+/// `burst + 1` tokens): such a request would be refused forever, each time told to retry soon.
+pub fn check_costs(limits: &[RateLimit], asked: &[LimitAsk]) -> Result<(), String> {
+    for ask in asked {
+        let Some(limit) = limits.iter().find(|l| l.name == ask.name) else { continue };
+        let most = limit.burst() + 1;
+        match ask.cost {
+            Some(cost) if cost > most => {
+                return Err(format!(
+                    "ratelimits: limit `{}` grants at most {most} at once; this request asks {cost}",
+                    limit.name
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A limit a verify request names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,10 +176,14 @@ pub struct LimitAsk {
     pub cost: Option<u64>,
 }
 
-/// A limit's GCRA schedule: the theoretical arrival time of its next token (Unix µs).
+/// A limit's GCRA schedule: the theoretical arrival time of its next token (Unix µs), and the
+/// limit it was kept under (`limit`, `duration_ms`, `cost`; 0: not known).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Schedule {
     pub tat_us: i64,
+    pub limit: u64,
+    pub duration_ms: u64,
+    pub cost: u64,
 }
 
 /// What a schedule says to a request for tokens.
@@ -180,9 +206,26 @@ impl Schedule {
         if tat - tolerance > now_us { 0 } else { ((now_us + tolerance - tat) / spacing) as u64 + 1 }
     }
 
+    /// Takes `limit` as the one this schedule is kept under. A schedule kept under another limit
+    /// starts again empty, unless the change only raised `limit`: its arrival time came from the
+    /// old spacing, and a window of the new duration could otherwise stay refused for as long as
+    /// a window of the old one (the bound after a tightening change holds for windows starting
+    /// one lease lifetime after it, so grants made before it may be forgotten). A raise keeps
+    /// the arrival time, so a window across it holds no more than the higher limit; the raise
+    /// shows within `(burst + 1)` of the old spacings.
+    fn kept_under(&mut self, limit: &RateLimit) {
+        let known = self.limit != 0;
+        let same = self.duration_ms == limit.duration_ms && self.cost == limit.cost;
+        if known && !(same && limit.limit >= self.limit) {
+            self.tat_us = 0;
+        }
+        (self.limit, self.duration_ms, self.cost) = (limit.limit, limit.duration_ms, limit.cost);
+    }
+
     /// Grants `want` tokens, or as many as the schedule allows now if at least `need` (and
     /// nothing otherwise; `need` 0 takes what there is). Never more than `limit` in any window.
     pub fn grant(&mut self, limit: &RateLimit, need: u64, want: u64, now_ms: i64) -> Grant {
+        self.kept_under(limit);
         let now_us = now_ms.saturating_mul(1_000);
         let allowed = self.allowed(limit, now_us);
         let granted = if allowed >= need { want.max(need).min(allowed) } else { 0 };
@@ -386,17 +429,22 @@ pub mod text {
         Some((first, grants))
     }
 
-    /// Stored schedules: `name tat_us` per line.
+    /// Stored schedules: `name tat_us limit duration_ms cost` per line.
     pub fn schedules(s: &[(String, Schedule)]) -> String {
-        s.iter().map(|(n, s)| format!("{n} {}", s.tat_us)).collect::<Vec<_>>().join("\n")
+        let line = |(n, s): &(String, Schedule)| format!("{n} {} {} {} {}", s.tat_us, s.limit, s.duration_ms, s.cost);
+        s.iter().map(line).collect::<Vec<_>>().join("\n")
     }
 
     pub fn read_schedules(text: &str) -> Option<Vec<(String, Schedule)>> {
         text.lines()
             .filter(|l| !l.is_empty())
             .map(|l| {
-                let (name, tat) = l.split_once(' ')?;
-                Some((name.to_owned(), Schedule { tat_us: tat.parse().ok()? }))
+                let mut fields = l.split(' ');
+                let name = fields.next()?.to_owned();
+                let tat_us = fields.next()?.parse().ok()?;
+                let mut number = || fields.next().map_or(Some(0), |f| f.parse().ok());
+                let (limit, duration_ms, cost) = (number()?, number()?, number()?);
+                Some((name, Schedule { tat_us, limit, duration_ms, cost }))
             })
             .collect()
     }
@@ -657,8 +705,40 @@ mod tests {
         assert_eq!(text::read_settle_request("3"), Some(("3", vec![])));
         let settled = text::settled("g 7 1000", &[("api".to_owned(), grant)]);
         assert_eq!(text::read_settled(&settled), Some(("g 7 1000", vec![("api".to_owned(), grant)])));
-        let stored = vec![("api".to_owned(), Schedule { tat_us: 1_764_000_000_123_456 })];
+        let stored = vec![("api".to_owned(), Schedule { tat_us: 1_764_000_000_123_456, ..Schedule::default() })];
         assert_eq!(text::read_schedules(&text::schedules(&stored)), Some(stored));
         assert_eq!(text::read_schedules(""), Some(vec![]));
+    }
+
+    #[test]
+    fn a_cost_the_limit_cannot_grant_at_once_is_refused() {
+        let limits = [limit(50, 10_000, Mode::Exact)];
+        let ask = |cost| [LimitAsk { name: "api".into(), cost: Some(cost) }];
+        assert_eq!(limits[0].burst(), 1);
+        assert!(check_costs(&limits, &ask(2)).is_ok());
+        let refused = check_costs(&limits, &ask(5)).unwrap_err();
+        assert!(refused.contains("at most 2") && refused.contains("asks 5"), "{refused}");
+        assert!(check_costs(&limits, &[LimitAsk { name: "other".into(), cost: Some(99) }]).is_ok(), "not the key's");
+        assert!(RateLimit { limit: MAX_LIMIT + 1, ..limits[0].clone() }.check().is_err());
+    }
+
+    #[test]
+    fn a_changed_limit_starts_its_schedule_again_and_a_raise_keeps_it() {
+        let month = limit(10, MAX_DURATION_MS, Mode::Exact);
+        let mut schedule = Schedule::default();
+        let now = 1_764_000_000_000;
+        assert_eq!(schedule.grant(&month, 2, 2, now).granted, 2);
+        assert!(schedule.grant(&month, 1, 1, now).granted == 0, "the month's burst is spent");
+        // A second-long window of 1000: not refused for the month's spacing.
+        let second = limit(1_000, 1_000, Mode::Exact);
+        let mut changed = schedule;
+        assert!(changed.grant(&second, 1, 1, now + 10).granted == 1, "{changed:?}");
+        // A raise of the limit alone keeps the schedule: the spent burst stays spent.
+        let raised = RateLimit { limit: 20, ..month.clone() };
+        let mut kept = schedule;
+        assert_eq!(kept.grant(&raised, 1, 1, now + 10).granted, 0, "{kept:?}");
+        // Stored and read back with its limit.
+        let text = text::schedules(&[("api".into(), schedule)]);
+        assert_eq!(text::read_schedules(&text), Some(vec![("api".to_owned(), schedule)]));
     }
 }

@@ -85,8 +85,8 @@ fn check_limit_asks(asks: &[LimitAsk]) -> Result<(), RequestError> {
         if !ratelimit::is_name(&ask.name) {
             return bad(format!("ratelimits: `{}` cannot name a limit", ask.name));
         }
-        if ask.cost == Some(0) {
-            return bad("ratelimits: a cost is at least 1".into());
+        if ask.cost.is_some_and(|c| !(1..=ratelimit::MAX_LIMIT).contains(&c)) {
+            return bad(format!("ratelimits: a cost is 1 to {}", ratelimit::MAX_LIMIT));
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Verdict};
 use keyward_shared::internal::SettleAnswer;
 use keyward_shared::key::validate_prefix;
-use keyward_shared::ratelimit::{LimitAsk, MAX_LIMITS, Mode, RateLimit, applicable};
+use keyward_shared::ratelimit::{self, LimitAsk, MAX_LIMITS, Mode, RateLimit, applicable};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, Decision, MAX_VERIFY_BODY};
@@ -501,6 +501,9 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
+    if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
+        ratelimit::check_costs(&r.ratelimits, &request.ratelimits).map_err(AppError::BadRequest)?;
+    }
     let (decision, settled) = charge(&state, record.as_ref(), hash, decision, &request).await;
     let decided_at = settled.as_ref().map_or(u64::try_from(now).unwrap_or(0), |s| s.decided_at_ms);
     let mut response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin)).decided_at(decided_at);
