@@ -186,7 +186,13 @@ impl EdgeClient {
         ratelimits: Vec<LimitAsk>,
     ) -> Result<Option<SettleAnswer>, EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(None) };
-        let order = SettleOrder { hash, cost: settle.cost, idempotency_key: settle.idempotency_key, ratelimits };
+        let order = SettleOrder {
+            hash,
+            cost: settle.cost,
+            idempotency_key: settle.idempotency_key,
+            ratelimits,
+            version: settle.version,
+        };
         let body = serde_json::to_vec(&order)?;
         let response = self.signed_post(url, SETTLE_PATH, body).await?;
         let settlement = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;

@@ -163,6 +163,12 @@ impl KeyState {
         let storage = self.state.storage();
         let (first, asks) = ratelimit::text::read_settle_request(body).ok_or_else(|| not_a_request(body))?;
         let request = text::read_settle_request(first).ok_or_else(|| not_a_request(body))?;
+        if request.version > record.version {
+            // The asker decided on a change this object has not received (a lowered balance or
+            // limit, a revocation): settling on the older record could spend past it.
+            let void = Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms: now.max(0) as u64 };
+            return Response::ok(ratelimit::text::settled(&text::settlement(&void), &[]));
+        }
         let mut ledger = match &record.credits {
             Some(_) => Some(load_ledger(storage.get(LEDGER).await?)?),
             None => None,

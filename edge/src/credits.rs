@@ -361,7 +361,7 @@ pub(crate) async fn handle_settle(
 ) -> crate::error::EdgeResult<worker::Response> {
     let now_ms = Date::now().as_millis();
     let order = crate::signed::parse::<SettleOrder>(&mut req, &ctx.env, SETTLE_PATH_INTERNAL, now_ms).await?.body;
-    let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost };
+    let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost, version: order.version };
     let asks: Vec<(String, u64)> = order.ratelimits.into_iter().map(|a| (a.name, a.cost.unwrap_or(1))).collect();
     let (spent, grants) = settle(&ctx.env, &order.hash, &request, &asks).await;
     let settlement = match spent {

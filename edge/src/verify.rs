@@ -115,7 +115,7 @@ async fn charge(
     let asks = if idempotent { ratelimit::exact_asks(record, request) } else { Vec::new() };
     let (spent, grants) = match decision.code == Code::Valid && (record.credits.is_some() || !asks.is_empty()) {
         true => {
-            let (spent, grants) = spend(ctx, hash, request, &asks, decided_at_ms).await;
+            let (spent, grants) = spend(ctx, hash, request, &asks, record.version, decided_at_ms).await;
             (Some(spent), grants)
         }
         false => (None, Vec::new()),
@@ -146,18 +146,20 @@ async fn charge(
 }
 
 /// Spends the request's cost of the key's credits: settled at the authority with an
-/// idempotency key (with the exact limits `asks`), else from this isolate's share.
+/// idempotency key (with the exact limits `asks`, on record `version` or a newer one), else
+/// from this isolate's share.
 async fn spend(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
     request: &VerifyRequest,
     asks: &[(String, u64)],
+    version: u64,
     now_ms: u64,
 ) -> (credits::Spent, Vec<(String, Grant)>) {
     let cost = request.cost.unwrap_or(1);
     match &request.idempotency_key {
         Some(key) => {
-            let settle = SettleRequest { idempotency_key: Some(key.clone()), cost };
+            let settle = SettleRequest { idempotency_key: Some(key.clone()), cost, version };
             credits::settle(&ctx.env, hash, &settle, asks).await
         }
         None => (credits::spend(&ctx.env, &ctx.data, hash, cost, now_ms).await, Vec::new()),

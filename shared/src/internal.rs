@@ -141,6 +141,9 @@ pub struct SettleOrder {
     /// Exact rate limits to decide with the credits, all or nothing, each with its cost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ratelimits: Vec<crate::ratelimit::LimitAsk>,
+    /// The version of the record the control plane decided on (see [`crate::credits::SettleRequest::version`]).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// The answer to a [`SettleOrder`]: its settlement, and each asked rate limit's state

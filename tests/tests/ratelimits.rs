@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
+use keyward_tests::gate::GateMode;
 use keyward_tests::now_ms;
-use keyward_tests::world::{RegionPlan, World};
+use keyward_tests::world::{Options, RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -319,6 +320,48 @@ fn settled_verifications_decide_limits_and_credits_together() {
     let (code, third) = verify(&world, 2, &with("order-3"));
     assert_eq!(code, "RATE_LIMITED", "{third}");
     assert_eq!(third["ratelimits"][0]["name"], "api", "{third}");
+}
+
+/// A verification settled at the authority (here: idempotent at the edge) is decided on the
+/// region's record, which a signed purge can bring before the authority has it: the authority,
+/// still on the older record, must not settle past the change (a limit lowered from 1,000 to 2
+/// while the control plane cannot write the authority).
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn a_settled_verification_never_spends_past_a_change_the_authority_lacks() {
+    let _alone = alone();
+    let options = Options { gated_authority: true, ..Options::default() };
+    let world = World::start_opts(&[RegionPlan::Up], options).expect("world");
+    let limits = json!([{ "name": "api", "limit": 1_000, "duration_ms": 10_000 }]);
+    let (id, key) = key_with(&world, 60_000, limits, json!({}));
+    let settled = |n: &str| verify(&world, 0, &json!({ "key": key, "idempotency_key": n }));
+    assert_eq!(settled("before").0, "VALID");
+    world.authority_gate.as_ref().expect("gated").set_mode(GateMode::Refuse);
+    let lowered = json!({ "ratelimits": [{ "name": "api", "limit": 2, "duration_ms": 10_000 }] });
+    let (status, changed) = world.admin(Method::PATCH, &format!("/v1/keys/{id}"), Some(lowered));
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["authority"]["acknowledged"], false, "the authority cannot be written: {changed}");
+    // The region holds the change: its KV has it, and the signed purge that carried it to the
+    // region's memory was sent in the same pass.
+    world.wait_for("the region's KV to hold the change", Duration::from_secs(10), || {
+        (world.region_kv_record(0, &key)?["version"] == 2).then_some(())
+    });
+    let answers: Vec<(String, Value)> = (0..20).map(|i| settled(&format!("lacking-{i}"))).collect();
+    let spent = answers.iter().filter(|(code, _)| code == "VALID").count();
+    println!("authority behind: {:?}", tally(&answers));
+    assert!(spent <= 2, "{spent} VALID settled on the lowered limit of 2 while the authority lacked it: {answers:?}");
+
+    world.authority_gate.as_ref().expect("gated").set_mode(GateMode::Open);
+    // Once the retrier has written the authority, the lowered limit holds there too: with what
+    // was spent on the change before, at most 2 in the 10 s window.
+    let mut after = Vec::new();
+    world.wait_for("the authority to settle again", Duration::from_secs(15), || {
+        after.push(settled(&format!("after-{}", after.len())));
+        (after.last().expect("one").0 != "UNAVAILABLE").then_some(())
+    });
+    after.extend((0..10).map(|i| settled(&format!("later-{i}"))));
+    let valid = after.iter().filter(|(code, _)| code == "VALID").count() + spent;
+    assert!(valid <= 2, "the lowered limit admitted {valid} in 10 s: {:?}", tally(&after));
 }
 
 #[test]

@@ -445,7 +445,14 @@ async fn read_credits(
     let mut view =
         CreditsView { key_id: id, credits: record.credits.clone(), remaining: None, as_of_ms: None, error: None };
     if record.credits.is_some() {
-        match settle(&state, record.hash, SettleRequest { idempotency_key: None, cost: 0 }, Vec::new()).await {
+        match settle(
+            &state,
+            record.hash,
+            SettleRequest { idempotency_key: None, cost: 0, version: record.version },
+            Vec::new(),
+        )
+        .await
+        {
             Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
             None => view.error = Some("the key's authority did not answer: try again"),
         }
@@ -536,7 +543,11 @@ async fn charge(
     if record.credits.is_none() && asks.is_empty() {
         return (decision, None);
     }
-    let cost = SettleRequest { idempotency_key: request.idempotency_key.clone(), cost: request.cost.unwrap_or(1) };
+    let cost = SettleRequest {
+        idempotency_key: request.idempotency_key.clone(),
+        cost: request.cost.unwrap_or(1),
+        version: record.version,
+    };
     let Some(settled) = settle(state, hash, cost, asks).await else {
         return (decision.refused_by_credits(Code::Unavailable), None);
     };
