@@ -453,6 +453,9 @@ async fn read_credits(
         )
         .await
         {
+            Some(settled) if settled.verdict == Verdict::Void && record.is_usable(now_ms()) => {
+                view.error = Some("the key's authority has not received its latest change yet: try again")
+            }
             Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
             None => view.error = Some("the key's authority did not answer: try again"),
         }
