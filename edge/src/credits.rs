@@ -35,6 +35,9 @@ use crate::deadline;
 const EXHAUSTED_MS: u64 = 250;
 /// How often a request waiting for another's lease request looks at it again.
 const JOIN_POLL_MS: u64 = 5;
+/// Most keys an isolate holds credits of at once, whatever one tenant verifies: a key whose
+/// reports wait for a next contact that never comes would otherwise be kept for good.
+const MAX_HOLDINGS: usize = 4_096;
 /// The window over which a holder measures its rate.
 const RATE_WINDOW_MS: u64 = 1_000;
 
@@ -145,6 +148,11 @@ fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
             Some(at) => at,
             None => {
                 holdings.retain(|(_, h)| !h.leases.is_empty() || !h.reports.is_empty() || h.asking_since.is_some());
+                if holdings.len() >= MAX_HOLDINGS {
+                    // The oldest goes, with what it would have reported: its unspent shares are
+                    // stranded until the key's next set (never spent twice).
+                    holdings.remove(0);
+                }
                 holdings.push((*hash.as_bytes(), Holding::default()));
                 holdings.len() - 1
             }
