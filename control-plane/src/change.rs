@@ -104,6 +104,8 @@ pub struct NewKey<'a> {
     pub permissions: Vec<String>,
     /// The key's credits (its `set_version` is 1, the new key's version); `None`: unlimited.
     pub credits: Option<keyward_shared::credits::Credits>,
+    /// The key's named rate limits, checked.
+    pub ratelimits: Vec<keyward_shared::ratelimit::RateLimit>,
 }
 
 /// A created key: the key itself (its plaintext is shown once), its record, and its delivery.
@@ -197,6 +199,7 @@ impl ChangeService {
             created_at: now,
             updated_at: now,
             credits: new.credits,
+            ratelimits: new.ratelimits,
         };
         let outbox = self.outbox(Effect::Loosens, now);
         let outbox_id = self.store.create_key(&record, &outbox, actor).await?;

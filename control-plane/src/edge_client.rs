@@ -8,11 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyward_shared::credits::{SettleRequest, Settlement};
+use keyward_shared::credits::SettleRequest;
 use keyward_shared::internal::{
     self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest, SETTLE_PATH,
-    SIGNATURE_HEADER, SettleOrder, TIMESTAMP_HEADER,
+    SIGNATURE_HEADER, SettleAnswer, SettleOrder, TIMESTAMP_HEADER,
 };
+use keyward_shared::ratelimit::LimitAsk;
 use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 use reqwest::StatusCode;
 
@@ -175,12 +176,24 @@ impl EdgeClient {
         Ok(())
     }
 
-    /// Settles one verification of the key with this hash at its authority (the origin's own
-    /// verify route spends through the same ledger as the edge). `None` without an authority.
-    pub async fn settle(&self, hash: KeyHash, settle: SettleRequest) -> Result<Option<Settlement>, EdgeError> {
+    /// Settles one verification of the key with this hash at its authority, with the exact rate
+    /// limits `ratelimits` decided in the same step (the origin's own verify route spends through
+    /// the same ledger and schedules as the edge). `None` without an authority.
+    pub async fn settle(
+        &self,
+        hash: KeyHash,
+        settle: SettleRequest,
+        ratelimits: Vec<LimitAsk>,
+    ) -> Result<Option<SettleAnswer>, EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(None) };
-        let body =
-            serde_json::to_vec(&SettleOrder { hash, cost: settle.cost, idempotency_key: settle.idempotency_key })?;
+        let order = SettleOrder {
+            hash,
+            cost: settle.cost,
+            idempotency_key: settle.idempotency_key,
+            ratelimits,
+            version: settle.version,
+        };
+        let body = serde_json::to_vec(&order)?;
         let response = self.signed_post(url, SETTLE_PATH, body).await?;
         let settlement = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
         Ok(Some(settlement))

@@ -524,6 +524,30 @@ async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
     assert!(message.contains(&format!("at most {MAX_REQUESTED_PERMISSIONS} permissions")), "{message}");
 }
 
+/// A named cost a limit can never grant at once (above its burst + 1) is a bad request, not a
+/// `RATE_LIMITED` that would say "retry soon" forever; so is a cost past the largest limit.
+#[tokio::test]
+async fn a_verify_request_may_not_name_a_cost_its_limit_cannot_grant() {
+    let h = harness().await;
+    let api = h.api().await;
+    let body =
+        serde_json::json!({ "api_id": api, "ratelimits": [{ "name": "api", "limit": 50, "duration_ms": 10_000 }] });
+    let (status, created) = h.call("POST", "/v1/keys", Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap();
+    let asking =
+        |cost: u64| serde_json::json!({ "key": key, "ratelimits": [{ "name": "api", "cost": cost }] }).to_string();
+    let refused = h.call("POST", "/v1/keys/verify", Some(&asking(5))).await;
+    check(&refused, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("grants at most 2 at once"), "{message}");
+    let huge = h.call("POST", "/v1/keys/verify", Some(&asking(u64::MAX))).await;
+    check(&huge, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let limit = serde_json::json!({ "api_id": api, "ratelimits": [{ "name": "x", "limit": 2_000_000_000u64, "duration_ms": 1_000 }] });
+    let too_big = h.call("POST", "/v1/keys", Some(&limit.to_string())).await;
+    check(&too_big, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+}
+
 #[tokio::test]
 async fn answers_to_changes_keep_their_shape() {
     let h = harness().await;

@@ -15,9 +15,10 @@
 //! read the record and the ledger and write the ledger the same way, so a revoked or disabled
 //! key's leases are void in the one place that grants them.
 
-use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Verdict, text};
+use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Settlement, Verdict, text};
 use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
+use keyward_shared::ratelimit;
 use keyward_shared::record::RecordError;
 use keyward_shared::{ErrorCode, KeyHash, KeyRecord, RootKeyRecord};
 use serde::Deserialize;
@@ -51,7 +52,7 @@ fn version_of(text: &str) -> Result<u64> {
 thread_local! {
     /// Reads the KeyState objects in this isolate answered (shown by `/internal/stats`).
     static READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// Lease and settle requests the KeyState objects in this isolate answered.
+    /// Lease, settle and rate-limit token requests the KeyState objects in this isolate answered.
     static CREDIT_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
@@ -78,12 +79,19 @@ impl DurableObject for KeyState {
     /// `GET`: the record held (200 with its JSON) or none (404). `PUT` with a record: keeps it
     /// if its version is higher than the one held (applying its credits to the ledger);
     /// answers the record held afterwards. `POST` to [`LEASE_PATH`] or [`SETTLE_PATH`]: the
-    /// credits' lease or settlement (404 without a record).
+    /// credits' lease or settlement; to [`crate::ratelimit::RATELIMIT_PATH`], an exact rate
+    /// limit's tokens (404 without a record).
     async fn fetch(&self, mut req: Request) -> Result<Response> {
         if req.method() == Method::Post {
             let path = req.path();
             let body = req.text().await?;
             CREDIT_CALLS.set(CREDIT_CALLS.get() + 1);
+            if path == crate::ratelimit::RATELIMIT_PATH {
+                let storage = self.state.storage();
+                let held: Option<String> = storage.get(RECORD).await?;
+                let record = held.as_deref().and_then(|t| KeyRecord::from_json(t).ok());
+                return crate::ratelimit::grant(&storage, record, &body).await;
+            }
             return self.credits(&path, &body).await;
         }
         let incoming = if req.method() == Method::Put { Some(req.text().await?) } else { None };
@@ -133,20 +141,67 @@ impl KeyState {
             return Response::error("no record", 404);
         };
         let now = Date::now().as_millis() as i64;
+        if path != LEASE_PATH {
+            return self.settle(&record, body, now).await;
+        }
         let Some(credits) = &record.credits else {
             let unlimited = LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: 0, verdict: Verdict::Unlimited };
             return Response::ok(text::lease_answer(&unlimited));
         };
         let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
         let key = ledger_key(&record, credits, now);
-        let bad = || worker::Error::RustError(format!("not a credits request: {body}"));
-        let answer = match path {
-            LEASE_PATH => text::lease_answer(&ledger.lease(key, &text::read_lease_request(body).ok_or_else(bad)?, now)),
-            _ => text::settlement(&ledger.settle(key, &text::read_settle_request(body).ok_or_else(bad)?, now)),
-        };
+        let request = text::read_lease_request(body).ok_or_else(|| not_a_request(body))?;
+        let answer = text::lease_answer(&ledger.lease(key, &request, now));
         storage.put(LEDGER, text::ledger(&ledger)).await?;
         Response::ok(answer)
     }
+
+    /// A verification settled here: its exact rate limits reserved, then its credits settled,
+    /// then the limits committed only if the credits granted it (all or nothing, in one step of
+    /// the object). A remembered idempotent settlement is answered again, spending nothing.
+    async fn settle(&self, record: &KeyRecord, body: &str, now: i64) -> Result<Response> {
+        let storage = self.state.storage();
+        let (first, asks) = ratelimit::text::read_settle_request(body).ok_or_else(|| not_a_request(body))?;
+        let request = text::read_settle_request(first).ok_or_else(|| not_a_request(body))?;
+        if request.version > record.version {
+            // The asker decided on a change this object has not received (a lowered balance or
+            // limit, a revocation): settling on the older record could spend past it.
+            let void = Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms: now.max(0) as u64 };
+            return Response::ok(ratelimit::text::settled(&text::settlement(&void), &[]));
+        }
+        let mut ledger = match &record.credits {
+            Some(_) => Some(load_ledger(storage.get(LEDGER).await?)?),
+            None => None,
+        };
+        let known = ledger.as_ref().zip(request.idempotency_key.as_deref()).and_then(|(l, k)| l.remembered(k));
+        if let Some(settlement) = known {
+            return Response::ok(text::settlement(&settlement));
+        }
+        let usable = record.is_usable(now);
+        let reserved = crate::ratelimit::reserve(&storage, record, if usable { &asks } else { &[] }, now).await?;
+        let decided_at_ms = now.max(0) as u64;
+        let settlement = match (&mut ledger, &record.credits) {
+            _ if reserved.unknown => Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms },
+            _ if !reserved.admitted => Settlement { verdict: Verdict::Limited, remaining: 0, decided_at_ms },
+            (Some(ledger), Some(credits)) => {
+                let settlement = ledger.settle(ledger_key(record, credits, now), &request, now);
+                storage.put(LEDGER, text::ledger(ledger)).await?;
+                settlement
+            }
+            _ => {
+                let verdict = if usable { Verdict::Unlimited } else { Verdict::Void };
+                Settlement { verdict, remaining: 0, decided_at_ms }
+            }
+        };
+        if matches!(settlement.verdict, Verdict::Granted | Verdict::Unlimited) && !reserved.grants.is_empty() {
+            crate::ratelimit::commit(&storage, &reserved.schedules).await?;
+        }
+        Response::ok(ratelimit::text::settled(&text::settlement(&settlement), &reserved.grants))
+    }
+}
+
+fn not_a_request(body: &str) -> worker::Error {
+    worker::Error::RustError(format!("not a credits request: {body}"))
 }
 
 /// The ledger held (stored as [`text::ledger`], so 64-bit numbers survive the JS boundary), or

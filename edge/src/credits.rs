@@ -22,7 +22,9 @@ use std::cell::{Cell, RefCell};
 use keyward_shared::credits::{
     LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict, text,
 };
-use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleOrder};
+use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleAnswer, SettleOrder};
+use keyward_shared::ratelimit::Grant;
+use keyward_shared::ratelimit::text as ratelimit;
 use keyward_shared::{Code, KeyHash};
 use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
 
@@ -34,6 +36,9 @@ use crate::deadline;
 const EXHAUSTED_MS: u64 = 250;
 /// How often a request waiting for another's lease request looks at it again.
 const JOIN_POLL_MS: u64 = 5;
+/// Most keys an isolate holds credits of at once, whatever one tenant verifies: a key whose
+/// reports wait for a next contact that never comes would otherwise be kept for good.
+const MAX_HOLDINGS: usize = 4_096;
 /// The window over which a holder measures its rate.
 const RATE_WINDOW_MS: u64 = 1_000;
 /// A holder asks ahead when its share covers less than this much of its rate, or its leases
@@ -64,25 +69,24 @@ struct Holding {
     asking_since: Option<u64>,
     /// Until when the authority's "not enough" is answered from memory.
     exhausted_until: u64,
-    /// The rate window: its start and the credits wanted in it; the last full window's rate.
+    rate: Rate,
+}
+
+/// A holder's recent rate of something it spends (credits, a limit's tokens), measured over
+/// [`RATE_WINDOW_MS`] windows: what it asks the authority to cover.
+#[derive(Default)]
+pub(crate) struct Rate {
+    /// The current window's start and what was wanted in it; the last full window's rate.
     window_start: u64,
     window_wanted: u64,
     rate_per_s: u64,
-    /// How long the last answered lease request took, asked to answered.
+    /// How long the last answered request to the authority took, asked to answered.
     round_trip_ms: u64,
 }
 
-impl Holding {
-    /// Moves leases past their time to the reports.
-    fn close_expired(&mut self, now_ms: u64) {
-        let (done, live): (Vec<Held>, Vec<Held>) =
-            self.leases.iter().partition(|h| h.until_ms <= now_ms || h.left == 0);
-        self.reports.extend(done.iter().map(|h| Report { lease: h.lease, spent: h.spent }));
-        self.leases = live;
-    }
-
-    /// Notes `cost` wanted at `now_ms` for the rate.
-    fn want(&mut self, cost: u64, now_ms: u64) {
+impl Rate {
+    /// Notes `cost` wanted at `now_ms`.
+    pub(crate) fn want(&mut self, cost: u64, now_ms: u64) {
         let elapsed = now_ms.saturating_sub(self.window_start);
         if elapsed >= RATE_WINDOW_MS {
             self.rate_per_s = self.window_wanted * 1_000 / elapsed.max(1);
@@ -93,9 +97,31 @@ impl Holding {
     }
 
     /// The rate to ask with: the last window's, or the current one's so far (at least 100 ms of it).
-    fn rate(&self, now_ms: u64) -> u64 {
+    pub(crate) fn per_s(&self, now_ms: u64) -> u64 {
         let elapsed = now_ms.saturating_sub(self.window_start).max(100);
         self.rate_per_s.max(self.window_wanted * 1_000 / elapsed)
+    }
+
+    /// Notes how long a request to the authority took, asked at `asked_ms`, answered at `now_ms`.
+    pub(crate) fn answered(&mut self, asked_ms: u64, now_ms: u64) {
+        self.round_trip_ms = now_ms.saturating_sub(asked_ms);
+    }
+
+    /// How far ahead of running out a holder asks again: [`AHEAD_MS`], or its last request's
+    /// round trip plus [`AHEAD_MARGIN_MS`] when that is longer (a holder far from the authority
+    /// asks earlier).
+    pub(crate) fn lead_ms(&self) -> u64 {
+        AHEAD_MS.max(self.round_trip_ms + AHEAD_MARGIN_MS)
+    }
+}
+
+impl Holding {
+    /// Moves leases past their time to the reports.
+    fn close_expired(&mut self, now_ms: u64) {
+        let (done, live): (Vec<Held>, Vec<Held>) =
+            self.leases.iter().partition(|h| h.until_ms <= now_ms || h.left == 0);
+        self.reports.extend(done.iter().map(|h| Report { lease: h.lease, spent: h.spent }));
+        self.leases = live;
     }
 
     /// Spends `cost` (0: checks one is left) from the first lease that covers it.
@@ -112,14 +138,14 @@ impl Holding {
     fn running_low(&self, now_ms: u64, ttl_ms: u64) -> bool {
         let left: u64 = self.leases.iter().map(|h| h.left).sum();
         let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
-        let lead_ms = AHEAD_MS.max(self.round_trip_ms + AHEAD_MARGIN_MS);
-        let short = left * 1_000 < self.rate(now_ms).max(1) * lead_ms;
+        let lead_ms = self.rate.lead_ms();
+        let short = left * 1_000 < self.rate.per_s(now_ms).max(1) * lead_ms;
         self.leases.len() < 2 && (short || latest < now_ms + lead_ms.max(ttl_ms / 2))
     }
 
     /// Takes the authority's answer to a request asked at `asked_ms`.
     fn answered(&mut self, answer: &LeaseAnswer, asked_ms: u64, now_ms: u64) {
-        self.round_trip_ms = now_ms.saturating_sub(asked_ms);
+        self.rate.answered(asked_ms, now_ms);
         self.remaining = answer.remaining;
         self.spent_since = 0;
         if answer.granted > 0 {
@@ -146,6 +172,11 @@ fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
             Some(at) => at,
             None => {
                 holdings.retain(|(_, h)| !h.leases.is_empty() || !h.reports.is_empty() || h.asking_since.is_some());
+                if holdings.len() >= MAX_HOLDINGS {
+                    // The oldest goes, with what it would have reported: its unspent shares are
+                    // stranded until the key's next set (never spent twice).
+                    holdings.remove(0);
+                }
                 holdings.push((*hash.as_bytes(), Holding::default()));
                 holdings.len() - 1
             }
@@ -201,6 +232,7 @@ impl Spent {
             Spent::Settled(s) => match s.verdict {
                 Verdict::Granted | Verdict::Unlimited => Code::Valid,
                 Verdict::Exceeded => Code::UsageExceeded,
+                Verdict::Limited => Code::RateLimited,
                 Verdict::Void => Code::Unavailable,
             },
         }
@@ -210,14 +242,14 @@ impl Spent {
     pub(crate) fn remaining(&self) -> Option<u64> {
         match self {
             Spent::Yes(r) | Spent::Exceeded(r) => Some(*r),
-            Spent::Settled(s) if s.verdict != Verdict::Void => Some(s.remaining),
+            Spent::Settled(s) if !matches!(s.verdict, Verdict::Void | Verdict::Limited) => Some(s.remaining),
             _ => None,
         }
     }
 }
 
 /// Posts to the key's authority within `ms` milliseconds.
-async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> Result<String, Unreachable> {
+pub(crate) async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> Result<String, Unreachable> {
     let mut init = RequestInit::new();
     init.with_method(Method::Post).with_body(Some(body.into()));
     let url = format!("https://key-state.internal{path}");
@@ -232,14 +264,25 @@ async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms: u64) -> R
     }
 }
 
-/// Settles one verification at the key's authority (idempotent with `idempotency_key`).
-pub(crate) async fn settle(env: &Env, hash: &KeyHash, request: &SettleRequest) -> Spent {
+/// Settles one verification at the key's authority (idempotent with `idempotency_key`), with
+/// the exact rate limits `asks` decided in the same step; answers each limit's grant too.
+pub(crate) async fn settle(
+    env: &Env,
+    hash: &KeyHash,
+    request: &SettleRequest,
+    asks: &[(String, u64)],
+) -> (Spent, Vec<(String, Grant)>) {
     count(|c| c.settled += 1);
-    let answer = post(env, hash, SETTLE_PATH, text::settle_request(request), deadline::authority_ms(env)).await;
-    match answer.ok().and_then(|t| text::read_settlement(&t)) {
-        Some(settlement) if settlement.verdict == Verdict::Unlimited => Spent::Unlimited,
-        Some(settlement) => Spent::Settled(settlement),
-        None => unavailable(),
+    let body = ratelimit::settle_request(&text::settle_request(request), asks);
+    let answer = post(env, hash, SETTLE_PATH, body, deadline::authority_ms(env)).await;
+    let read = answer.ok().and_then(|t| {
+        let (first, grants) = ratelimit::read_settled(&t).map(|(f, g)| (f.to_owned(), g))?;
+        Some((text::read_settlement(&first)?, grants))
+    });
+    match read {
+        Some((settlement, grants)) if settlement.verdict == Verdict::Unlimited => (Spent::Unlimited, grants),
+        Some((settlement, grants)) => (Spent::Settled(settlement), grants),
+        None => (unavailable(), Vec::new()),
     }
 }
 
@@ -266,7 +309,7 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
     let lease = lease_id();
     let request = with(hash, |h| {
         h.asking_since = Some(asked_ms);
-        LeaseRequest { lease, need, rate_per_s: h.rate(asked_ms), reports: std::mem::take(&mut h.reports) }
+        LeaseRequest { lease, need, rate_per_s: h.rate.per_s(asked_ms), reports: std::mem::take(&mut h.reports) }
     });
     let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
     let answer = post(env, hash, LEASE_PATH, text::lease_request(&request), ms).await;
@@ -292,7 +335,7 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
 /// longest deadline), else from a lease asked for now (whose first `cost` is this request's).
 pub(crate) async fn spend(env: &Env, ctx: &Context, hash: &KeyHash, cost: u64, now_ms: u64) -> Spent {
     let mut now = now_ms;
-    with(hash, |h| h.want(cost, now));
+    with(hash, |h| h.rate.want(cost, now));
     loop {
         let (taken, under_way, exhausted) = with(hash, |h| {
             h.close_expired(now);
@@ -326,6 +369,7 @@ async fn asked(env: &Env, hash: &KeyHash, cost: u64) -> Spent {
         None | Some(Verdict::Void) => unavailable(),
         Some(Verdict::Unlimited) => Spent::Unlimited,
         Some(Verdict::Exceeded) => Spent::Exceeded(with(hash, |h| h.remaining)),
+        Some(Verdict::Limited) => unavailable(),
         // No await since the answer was taken: the lease is this request's first.
         Some(Verdict::Granted) => with(hash, |h| h.take(cost)).map_or_else(unavailable, Spent::Yes),
     }
@@ -349,8 +393,10 @@ pub(crate) async fn handle_settle(
 ) -> crate::error::EdgeResult<worker::Response> {
     let now_ms = Date::now().as_millis();
     let order = crate::signed::parse::<SettleOrder>(&mut req, &ctx.env, SETTLE_PATH_INTERNAL, now_ms).await?.body;
-    let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost };
-    let settlement = match settle(&ctx.env, &order.hash, &request).await {
+    let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost, version: order.version };
+    let asks: Vec<(String, u64)> = order.ratelimits.into_iter().map(|a| (a.name, a.cost.unwrap_or(1))).collect();
+    let (spent, grants) = settle(&ctx.env, &order.hash, &request, &asks).await;
+    let settlement = match spent {
         Spent::Settled(s) => s,
         Spent::Unlimited => Settlement { verdict: Verdict::Unlimited, remaining: 0, decided_at_ms: now_ms },
         _ => {
@@ -358,5 +404,11 @@ pub(crate) async fn handle_settle(
             return Err(crate::error::EdgeError::new(keyward_shared::ErrorCode::AuthorityUnavailable, message));
         }
     };
-    Ok(worker::Response::from_json(&settlement)?)
+    let answer = SettleAnswer {
+        verdict: settlement.verdict,
+        remaining: settlement.remaining,
+        decided_at_ms: settlement.decided_at_ms,
+        ratelimits: grants.iter().map(|(name, grant)| crate::ratelimit::left_of(name, grant)).collect(),
+    };
+    Ok(worker::Response::from_json(&answer)?)
 }

@@ -18,6 +18,7 @@ mod memory;
 mod misses;
 mod origin;
 mod purge;
+mod ratelimit;
 mod signed;
 mod usage;
 mod verify;

@@ -15,7 +15,7 @@ use worker::{Context, Date, Delay, Request, Response, RouteContext, console_erro
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, credits, signed};
+use crate::{REGION_VAR, credits, ratelimit, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
@@ -41,10 +41,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
         return Ok(Response::from_json(&PurgeAck { region, purged: 0, applied_at_ms: arrived_ms })?);
     }
     // Memory takes the records before the first await of each purge; the shares of their
-    // credits are dropped with them (a purge carries a tightening change).
+    // credits and rate limits are dropped with them (a purge carries a tightening change).
     let applied_at_ms = Date::now().as_millis();
     for record in &records {
         credits::drop_shares(&record.hash);
+        ratelimit::drop_shares(&record.hash);
     }
     let replaced =
         futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))).await?;

@@ -1,16 +1,20 @@
 //! `POST /v1/keys/verify`: authenticate the caller, parse the key, find its record, decide,
-//! spend its credits when it has them and is valid in every other way (`credits.rs`), and keep
+//! take its rate limits' tokens (`ratelimit.rs`) and spend its credits (`credits.rs`) when it is
+//! valid in every other way, all or nothing, and keep
 //! the answer's usage event for shipping (`usage.rs`), off the response path.
 
-use keyward_shared::credits::SettleRequest;
+use keyward_shared::credits::{SettleRequest, Verdict};
+use keyward_shared::ratelimit::Grant;
 use keyward_shared::usage::UsageEvent;
-use keyward_shared::verify::{Caller, MAX_VERIFY_BODY, RequestError};
-use keyward_shared::{Code, ErrorCode, Key, KeyHash, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
+use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
+use keyward_shared::{
+    Code, ErrorCode, Key, KeyHash, KeyRecord, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
+};
 use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, credits, lookup, usage};
+use crate::{auth, credits, lookup, ratelimit, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -56,41 +60,109 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    // Credits come last: only a key that is valid in every other way spends.
-    let spent = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
-        Some(_) => Some(spend(&ctx, &hash, &request, decided_at_ms).await),
-        None => None,
-    };
-    let decided_at_ms = match &spent {
-        Some(credits::Spent::Settled(s)) => s.decided_at_ms,
-        _ => decided_at_ms,
-    };
-    let decision = match &spent {
-        Some(s) => decision.refused_by_credits(s.code()),
-        None => decision,
-    };
-    let response = VerifyResponse::new(decision, record.as_ref(), Some(source)).decided_at(decided_at_ms);
-    match spent.and_then(|s| s.remaining()) {
-        Some(remaining) if response.code != Code::Unavailable => answer(response.with_credits(remaining)),
-        _ => answer(response),
+    if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
+        let costs = keyward_shared::ratelimit::check_costs(&r.ratelimits, &request.ratelimits);
+        costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
+    }
+    let charged = charge(&ctx, &hash, record.as_ref(), decision, &request, decided_at_ms).await;
+    let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
+        .decided_at(charged.decided_at_ms)
+        .with_limits(charged.limits);
+    match charged.credits {
+        Some(remaining) => answer(response.with_credits(remaining)),
+        None => answer(response),
     }
 }
 
+/// What a key's rate limits and credits made of a decision.
+struct Charged {
+    decision: Decision,
+    /// When the tokens were taken, or the authority settled it (else as decided).
+    decided_at_ms: u64,
+    /// What remains of the credits, where the answer may say it.
+    credits: Option<u64>,
+    limits: Vec<LimitLeft>,
+}
+
+/// Rate limits, then credits, for a `VALID` decision: only a key valid in every other way
+/// spends, and one refused by any of them spends nothing on the others (tokens taken here go
+/// back; with an idempotency key the exact limits and the credits are settled together at the
+/// authority).
+async fn charge(
+    ctx: &RouteContext<worker::Context>,
+    hash: &KeyHash,
+    record: Option<&KeyRecord>,
+    decision: Decision,
+    request: &VerifyRequest,
+    decided_at_ms: u64,
+) -> Charged {
+    let Some(record) = record.filter(|_| decision.code == Code::Valid) else {
+        return Charged { decision, decided_at_ms, credits: None, limits: Vec::new() };
+    };
+    let idempotent = request.idempotency_key.is_some();
+    let checked = match record.ratelimits.is_empty() {
+        true => None,
+        false => ratelimit::check(&ctx.env, &ctx.data, hash, record, request, idempotent).await,
+    };
+    let decision = match &checked {
+        Some(c) => decision.refused_by_limits(c.code()),
+        None => decision,
+    };
+    let mut decided_at_ms = match checked {
+        Some(ratelimit::Checked::Admitted(..)) => Date::now().as_millis(),
+        _ => decided_at_ms,
+    };
+    let asks = if idempotent { ratelimit::exact_asks(record, request) } else { Vec::new() };
+    let (spent, grants) = match decision.code == Code::Valid && (record.credits.is_some() || !asks.is_empty()) {
+        true => {
+            let (spent, grants) = spend(ctx, hash, request, &asks, record.version, decided_at_ms).await;
+            (Some(spent), grants)
+        }
+        false => (None, Vec::new()),
+    };
+    if let Some(credits::Spent::Settled(s)) = &spent {
+        decided_at_ms = s.decided_at_ms;
+    }
+    let decision = match &spent {
+        Some(credits::Spent::Settled(s)) if s.verdict == Verdict::Limited => {
+            decision.refused_by_limits(Code::RateLimited)
+        }
+        Some(s) => decision.refused_by_credits(s.code()),
+        None => decision,
+    };
+    let mut limits = match checked {
+        Some(ratelimit::Checked::Admitted(tokens, limits)) => {
+            if decision.code != Code::Valid {
+                ratelimit::put_back(hash, &tokens);
+            }
+            limits
+        }
+        Some(ratelimit::Checked::Limited(limits)) => limits,
+        _ => Vec::new(),
+    };
+    limits.extend(grants.iter().map(|(name, grant)| ratelimit::left_of(name, grant)));
+    let credits = spent.and_then(|s| s.remaining()).filter(|_| decision.code != Code::Unavailable);
+    Charged { decision, decided_at_ms, credits, limits }
+}
+
 /// Spends the request's cost of the key's credits: settled at the authority with an
-/// idempotency key, else from this isolate's share.
+/// idempotency key (with the exact limits `asks`, on record `version` or a newer one), else
+/// from this isolate's share.
 async fn spend(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
     request: &VerifyRequest,
+    asks: &[(String, u64)],
+    version: u64,
     now_ms: u64,
-) -> credits::Spent {
+) -> (credits::Spent, Vec<(String, Grant)>) {
     let cost = request.cost.unwrap_or(1);
     match &request.idempotency_key {
         Some(key) => {
-            let settle = SettleRequest { idempotency_key: Some(key.clone()), cost };
-            credits::settle(&ctx.env, hash, &settle).await
+            let settle = SettleRequest { idempotency_key: Some(key.clone()), cost, version };
+            credits::settle(&ctx.env, hash, &settle, asks).await
         }
-        None => credits::spend(&ctx.env, &ctx.data, hash, cost, now_ms).await,
+        None => (credits::spend(&ctx.env, &ctx.data, hash, cost, now_ms).await, Vec::new()),
     }
 }
 

@@ -33,6 +33,7 @@ fn main() {
         created_at: 0,
         updated_at: 0,
         credits: None,
+        ratelimits: Vec::new(),
     };
     let request = VerifyRequest {
         key: text.clone(),
@@ -41,6 +42,7 @@ fn main() {
         client: None,
         cost: None,
         idempotency_key: None,
+        ..VerifyRequest::default()
     };
     let caller = Caller { workspace_id: "ws_1", scopes: &scopes };
     assert_eq!(decide(Some(&record), &key.hash(), caller, &request, 1).code, Code::Valid);

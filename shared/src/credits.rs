@@ -260,6 +260,9 @@ pub enum Verdict {
     Void,
     /// The key has no credits (they were removed): spends are not counted.
     Unlimited,
+    /// A rate limit settled with it refused the verification: nothing was spent
+    /// (`crate::ratelimit::reserve`).
+    Limited,
 }
 
 /// A verification settled at the authority: an idempotent one, or the origin's.
@@ -269,6 +272,11 @@ pub struct SettleRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     pub cost: u64,
+    /// The version of the key's record the asker decided on (0: not said). An authority holding
+    /// an older record settles nothing (`Void`): a change it has not received yet (a lowered
+    /// balance or limit) must not be settled past.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// The settlement of a verification; a retry with the same idempotency key gets it again.
@@ -427,6 +435,12 @@ impl Ledger {
         }
     }
 
+    /// The settlement remembered for this idempotency key, if any (within [`IDEMPOTENCY_MS`]
+    /// of it, once the ledger was applied).
+    pub fn remembered(&self, key: &str) -> Option<Settlement> {
+        self.settled.iter().find(|s| s.key == key).map(|s| s.settlement)
+    }
+
     /// Settles one verification of `cost` here and now (after [`Ledger::apply`]); with an
     /// idempotency key seen within [`IDEMPOTENCY_MS`], answers what it answered then and spends
     /// nothing. Cost 0 checks that a credit is left without spending it.
@@ -465,6 +479,7 @@ pub mod text {
             Verdict::Exceeded => 'e',
             Verdict::Void => 'v',
             Verdict::Unlimited => 'u',
+            Verdict::Limited => 'l',
         }
     }
 
@@ -474,6 +489,7 @@ pub mod text {
             "e" => Verdict::Exceeded,
             "v" => Verdict::Void,
             "u" => Verdict::Unlimited,
+            "l" => Verdict::Limited,
             _ => return None,
         })
     }
@@ -524,19 +540,21 @@ pub mod text {
     }
 
     /// `cost [idempotency key]`
+    /// `cost/version [idempotency key]`
     pub fn settle_request(r: &SettleRequest) -> String {
         match &r.idempotency_key {
-            Some(key) => format!("{} {key}", r.cost),
-            None => r.cost.to_string(),
+            Some(key) => format!("{}/{} {key}", r.cost, r.version),
+            None => format!("{}/{}", r.cost, r.version),
         }
     }
 
     pub fn read_settle_request(text: &str) -> Option<SettleRequest> {
-        let (cost, key) = match text.split_once(' ') {
-            Some((cost, key)) => (cost, Some(key.to_owned()).filter(|k| is_idempotency_key(k))?.into()),
+        let (numbers, key) = match text.split_once(' ') {
+            Some((numbers, key)) => (numbers, Some(key.to_owned()).filter(|k| is_idempotency_key(k))?.into()),
             None => (text, None),
         };
-        Some(SettleRequest { idempotency_key: key, cost: cost.parse().ok()? })
+        let (cost, version) = numbers.split_once('/')?;
+        Some(SettleRequest { idempotency_key: key, cost: cost.parse().ok()?, version: version.parse().ok()? })
     }
 
     /// `verdict remaining decided_at_ms`
@@ -839,9 +857,9 @@ mod tests {
         assert_eq!((void.verdict, void.granted, void.remaining, ledger.available()), (Verdict::Void, 0, 10, 7));
         // Re-enabled: the lease is still out, so 7 is all there is.
         assert_eq!(ledger.outstanding(2), 3);
-        let s = ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: None, cost: 7 }, 3);
+        let s = ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: None, cost: 7, version: 0 }, 3);
         assert_eq!((s.verdict, s.remaining), (Verdict::Granted, 3));
-        let s = ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: None, cost: 1 }, 4);
+        let s = ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: None, cost: 1, version: 0 }, 4);
         assert_eq!(s.verdict, Verdict::Exceeded);
     }
 
@@ -870,7 +888,7 @@ mod tests {
         let refill = Refill { every: Period::Interval { ms: 1_000 }, amount: 5, cap: None };
         let credits = Credits { set_to: 5, set_version: 1, added: 0, refill: Some(refill) };
         let mut ledger = Ledger::default();
-        let one = SettleRequest { idempotency_key: None, cost: 1 };
+        let one = SettleRequest { idempotency_key: None, cost: 1, version: 0 };
         let mut spent_in = [0; 4];
         for t in (0..4_000).step_by(50) {
             if ledger.settle(key(&credits, true), &one, t).verdict == Verdict::Granted {
@@ -894,7 +912,7 @@ mod tests {
     fn idempotent_settlements_answer_the_same_and_spend_once() {
         let credits = Credits { set_to: 2, set_version: 1, added: 0, refill: None };
         let mut ledger = Ledger::default();
-        let with = |k: &str| SettleRequest { idempotency_key: Some(k.into()), cost: 1 };
+        let with = |k: &str| SettleRequest { idempotency_key: Some(k.into()), cost: 1, version: 0 };
         let first = ledger.settle(key(&credits, true), &with("a"), 10);
         assert_eq!((first.verdict, first.remaining), (Verdict::Granted, 1));
         assert_eq!(ledger.upper_bound(), 1);
@@ -947,17 +965,26 @@ mod tests {
             assert_eq!(text::read_lease_answer(&text::lease_answer(&answer)), Some(answer));
         }
         for key in [None, Some("order-4711:x".to_owned())] {
-            let settle = SettleRequest { idempotency_key: key, cost: 3 };
+            let settle = SettleRequest { idempotency_key: key, cost: 3, version: 7 };
             assert_eq!(text::read_settle_request(&text::settle_request(&settle)), Some(settle));
         }
-        assert_eq!(text::read_settle_request("1 two words"), None);
+        assert_eq!(text::read_settle_request("1/1 two words"), None);
+        assert_eq!(text::read_settle_request("1"), None, "the version is said");
         let credits = Credits { set_to: 10, set_version: 1, added: -2, refill: None };
         let mut ledger = Ledger::default();
         ledger.lease(key(&credits, true), &ask(1, 100, vec![]), 5);
         let huge = LeaseRequest { lease: u64::MAX, need: 1, rate_per_s: 1, reports: vec![] };
         ledger.lease(key(&credits, true), &huge, 5);
-        ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: Some("a".into()), cost: 1 }, 6);
-        ledger.settle(key(&credits, true), &SettleRequest { idempotency_key: Some("b!".into()), cost: 1 }, 7);
+        ledger.settle(
+            key(&credits, true),
+            &SettleRequest { idempotency_key: Some("a".into()), cost: 1, version: 0 },
+            6,
+        );
+        ledger.settle(
+            key(&credits, true),
+            &SettleRequest { idempotency_key: Some("b!".into()), cost: 1, version: 0 },
+            7,
+        );
         assert_eq!(text::read_ledger(&text::ledger(&ledger)), Some(ledger.clone()));
         assert_eq!(text::read_ledger(&text::ledger(&Ledger::default())), Some(Ledger::default()));
         for bad in ["", "1 2 3", "x y", "g 1", "1 2 3 4 5 6\n1:2\n"] {

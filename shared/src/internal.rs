@@ -138,6 +138,23 @@ pub struct SettleOrder {
     pub cost: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Exact rate limits to decide with the credits, all or nothing, each with its cost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ratelimits: Vec<crate::ratelimit::LimitAsk>,
+    /// The version of the record the control plane decided on (see [`crate::credits::SettleRequest::version`]).
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// The answer to a [`SettleOrder`]: its settlement, and each asked rate limit's state
+/// (`verdict` `limited`: a limit refused it, nothing was spent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettleAnswer {
+    pub verdict: crate::credits::Verdict,
+    pub remaining: u64,
+    pub decided_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ratelimits: Vec<crate::verify::LimitLeft>,
 }
 
 /// The shortest secret the control plane and the workers accept for signing internal requests.

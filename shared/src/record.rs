@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
 use crate::credits::Credits;
+use crate::ratelimit::{self, RateLimit};
 use crate::scope::Scopes;
 
 /// The schema written by this version of Keyward.
@@ -66,13 +67,17 @@ pub struct KeyRecord {
     /// ([`crate::credits::as_text`]).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::credits::as_text")]
     pub credits: Option<Credits>,
+    /// The key's named rate limits (none: unlimited). Stored as one string
+    /// ([`crate::ratelimit::as_text`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "crate::ratelimit::as_text")]
+    pub ratelimits: Vec<RateLimit>,
 }
 
 impl KeyRecord {
     /// Whether going from `self` to `next` can turn an accepted verification into a rejected
     /// one: revoke, delete, disable, expiry set or moved earlier, a permission removed, or a
     /// move to another API or workspace, credits given to an unlimited key or lowered (see
-    /// [`Credits::is_tightened_by`]). Such a change must be purged from edge copies at once.
+    /// [`Credits::is_tightened_by`]), a rate limit added or lowered ([`ratelimit::tightened`]). Such a change must be purged from edge copies at once.
     pub fn is_tightened_by(&self, next: &KeyRecord) -> bool {
         let expiry_earlier = match (self.expires_at, next.expires_at) {
             (_, None) => false,
@@ -90,6 +95,7 @@ impl KeyRecord {
                 (None, Some(_)) => true,
                 (Some(old), Some(new)) => old.is_tightened_by(new),
             }
+            || ratelimit::tightened(&self.ratelimits, &next.ratelimits)
     }
 
     /// Whether the key may be spent from at `now_ms`: active, enabled and unexpired.
@@ -238,6 +244,7 @@ pub(crate) mod tests {
             created_at: 1_000,
             updated_at: 1_000,
             credits: None,
+            ratelimits: Vec::new(),
         }
     }
 
@@ -289,6 +296,40 @@ pub(crate) mod tests {
         let mut never = expiring.clone();
         never.expires_at = None;
         assert!(!expiring.is_tightened_by(&never));
+        let limit = RateLimit {
+            name: "api".into(),
+            limit: 50,
+            duration_ms: 10_000,
+            cost: 1,
+            mode: ratelimit::Mode::Exact,
+            auto: true,
+        };
+        let mut rated = sample(KeyHash::of("x"));
+        rated.ratelimits = vec![limit.clone()];
+        assert!(sample(KeyHash::of("x")).is_tightened_by(&rated));
+        assert!(!rated.is_tightened_by(&sample(KeyHash::of("x"))));
+        let mut lower = rated.clone();
+        lower.ratelimits[0].limit = 10;
+        assert!(rated.is_tightened_by(&lower));
+        assert!(!lower.is_tightened_by(&rated));
+    }
+
+    #[test]
+    fn ratelimits_travel_as_text() {
+        let mut record = sample(KeyHash::of("x"));
+        record.ratelimits = vec![RateLimit {
+            name: "api".into(),
+            limit: 50,
+            duration_ms: 10_000,
+            cost: 1,
+            mode: ratelimit::Mode::Exact,
+            auto: true,
+        }];
+        let text = serde_json::to_string(&record).unwrap();
+        assert!(text.contains(r#""ratelimits":"api 50 10000 1 e a""#), "{text}");
+        assert_eq!(KeyRecord::from_json(&text).unwrap(), record);
+        let without = serde_json::to_string(&sample(KeyHash::of("x"))).unwrap();
+        assert!(!without.contains("ratelimits"));
     }
 
     #[test]

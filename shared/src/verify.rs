@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
 use crate::credits::{MAX_IDEMPOTENCY_KEY, is_idempotency_key};
+use crate::ratelimit::{self, LimitAsk};
 use crate::record::{KeyRecord, KeyStatus, Meta};
 use crate::scope::{KeyAction, Scope, Scopes};
 use crate::usage::ClientInfo;
@@ -36,6 +37,10 @@ pub struct VerifyRequest {
     /// in any region, gets the same credits answer and spends nothing more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Rate limits of the key to apply beside its automatic ones, by name, each with an
+    /// optional cost (default: the limit's own). A name the key does not carry is ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ratelimits: Vec<LimitAsk>,
 }
 
 impl VerifyRequest {
@@ -60,12 +65,31 @@ impl VerifyRequest {
         if let Some(client) = &self.client {
             client.check().map_err(RequestError::Client)?;
         }
+        check_limit_asks(&self.ratelimits)?;
         if self.idempotency_key.as_ref().is_some_and(|k| !is_idempotency_key(k)) {
             let message = format!("idempotency_key is 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters but `|`");
             return Err(RequestError::Invalid(message));
         }
         Ok(())
     }
+}
+
+/// Refuses more than [`ratelimit::MAX_LIMITS`] named limits, a name that cannot be a limit's,
+/// or a cost of 0.
+fn check_limit_asks(asks: &[LimitAsk]) -> Result<(), RequestError> {
+    let bad = |m: String| Err(RequestError::Invalid(m));
+    if asks.len() > ratelimit::MAX_LIMITS {
+        return bad(format!("ratelimits names at most {} limits", ratelimit::MAX_LIMITS));
+    }
+    for ask in asks {
+        if !ratelimit::is_name(&ask.name) {
+            return bad(format!("ratelimits: `{}` cannot name a limit", ask.name));
+        }
+        if ask.cost.is_some_and(|c| !(1..=ratelimit::MAX_LIMIT).contains(&c)) {
+            return bad(format!("ratelimits: a cost is 1 to {}", ratelimit::MAX_LIMIT));
+        }
+    }
+    Ok(())
 }
 
 /// Why a verify request was refused before any lookup.
@@ -115,6 +139,20 @@ pub struct Decision {
 impl Decision {
     fn of(code: Code) -> Decision {
         Decision { code, permissions_matched: Vec::new() }
+    }
+
+    /// A `VALID` decision one of the key's rate limits refused (`RATE_LIMITED`), or that could
+    /// not be decided (`UNAVAILABLE`: an exact limit's authority did not answer). Any other
+    /// decision stays as it is.
+    pub fn refused_by_limits(self, code: Code) -> Decision {
+        if self.code != Code::Valid {
+            return self;
+        }
+        match code {
+            Code::Valid => self,
+            Code::RateLimited => Decision { code, ..self },
+            _ => Decision::of(Code::Unavailable),
+        }
     }
 
     /// A `VALID` decision the key's credits refused: `USAGE_EXCEEDED`, or `UNAVAILABLE` when
@@ -239,6 +277,22 @@ pub struct VerifyResponse {
     /// The key's credits, when it has them and the verification reached them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<CreditsLeft>,
+    /// The rate limits the verification was checked against, where it reached them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ratelimits: Vec<LimitLeft>,
+}
+
+/// What a verify answer says of one rate limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitLeft {
+    pub name: String,
+    /// Tokens the answering holder could spend now without waiting: its share, and what the
+    /// authority could still grant at its last contact (`exact`), or its own count (`local`).
+    pub remaining: u64,
+    /// When the limit's schedule is empty again (its whole burst available), Unix ms.
+    pub reset_at: i64,
+    /// How long until the next token falls due (0: now).
+    pub retry_after_ms: u64,
 }
 
 /// What a verify answer says of a key's credits.
@@ -269,6 +323,7 @@ impl VerifyResponse {
             version: shown.map(|r| r.version),
             decided_at_ms: None,
             credits: None,
+            ratelimits: Vec::new(),
             permissions: decision.permissions_matched,
         }
     }
@@ -281,6 +336,11 @@ impl VerifyResponse {
     /// The same answer, saying what remains of the key's credits.
     pub fn with_credits(self, remaining: u64) -> VerifyResponse {
         VerifyResponse { credits: Some(CreditsLeft { remaining }), ..self }
+    }
+
+    /// The same answer, saying what is left of the rate limits it was checked against.
+    pub fn with_limits(self, ratelimits: Vec<LimitLeft>) -> VerifyResponse {
+        VerifyResponse { ratelimits, ..self }
     }
 
     /// The answer for a key that failed the format or checksum: no lookup was made.

@@ -240,6 +240,12 @@ struct KeyFields {
     refill_amount: Option<u64>,
     #[arg(long, requires = "refill_every")]
     refill_cap: Option<u64>,
+    /// A named rate limit, `name=limit/duration[:cost=N][:local][:named]` (repeat for more), like
+    /// `api=50/10s` or `search=5/1s:cost=2:local:named` (`local`: counted per edge isolate;
+    /// `named`: only when a verification names it); for `update`, replaces them all, and `none`
+    /// removes them.
+    #[arg(long = "ratelimit")]
+    ratelimits: Vec<String>,
 }
 
 #[derive(Subcommand)]

@@ -392,6 +392,7 @@ fn key_fields(k: &Value, now: i64) -> String {
         ("version", text(&k["version"])),
         ("max staleness", format!("{} ms", text(&k["max_staleness_ms"]))),
         ("credits", credits(&k["credits"], &k["credits_remaining"])),
+        ("rate limits", ratelimits(&k["ratelimits"])),
         ("created", date(&k["created_at"])),
         ("updated", date(&k["updated_at"])),
     ];
@@ -438,6 +439,22 @@ fn credits(setting: &Value, remaining: &Value) -> String {
         };
     }
     out
+}
+
+/// A key's rate limits, `name limit/duration_ms (cost, mode, named)`, or `none`.
+fn ratelimits(limits: &Value) -> String {
+    let shown: Vec<String> = items(limits)
+        .iter()
+        .map(|l| {
+            let mut out = format!("{} {} per {} ms", text(&l["name"]), text(&l["limit"]), text(&l["duration_ms"]));
+            out += &format!(", cost {}, {}", text(&l["cost"]), text(&l["mode"]));
+            if l["auto"] == Value::Bool(false) {
+                out += ", when named";
+            }
+            out
+        })
+        .collect();
+    if shown.is_empty() { "none".into() } else { shown.join("; ") }
 }
 
 /// `keys credits`: what remains, by the authority's account.

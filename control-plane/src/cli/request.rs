@@ -178,8 +178,57 @@ impl KeyFields {
                 }
             };
         }
+        if !self.ratelimits.is_empty() {
+            body["ratelimits"] = match self.ratelimits.as_slice() {
+                [none] if none == "none" && for_update => json!([]),
+                limits => Value::from(limits.iter().map(|l| ratelimit(l)).collect::<anyhow::Result<Vec<_>>>()?),
+            };
+        }
         Ok(body)
     }
+}
+
+/// A rate limit as the API takes it, from `name=limit/duration[:cost=N][:local][:named]`.
+fn ratelimit(text: &str) -> anyhow::Result<Value> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--ratelimit takes `name=limit/duration[:cost=N][:local][:named]`, like `api=50/10s`; not `{text}`"
+        )
+    };
+    let (name, rest) = text.split_once('=').ok_or_else(bad)?;
+    let mut parts = rest.split(':');
+    let (limit, duration) = parts.next().and_then(|p| p.split_once('/')).ok_or_else(bad)?;
+    let mut out = json!({
+        "name": name,
+        "limit": limit.parse::<u64>().map_err(|_| bad())?,
+        "duration_ms": interval_ms(duration).ok_or_else(bad)?,
+    });
+    for part in parts {
+        match part {
+            "local" => out["mode"] = json!("local"),
+            "named" => out["auto"] = json!(false),
+            _ => match part.strip_prefix("cost=") {
+                Some(cost) => out["cost"] = json!(cost.parse::<u64>().map_err(|_| bad())?),
+                None => return Err(bad()),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// Milliseconds of an interval like `10s`, `5m`, `1h`, `1d`, `1500ms`.
+fn interval_ms(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = text[..split].parse().ok()?;
+    let unit_ms = match &text[split..] {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(unit_ms)
 }
 
 /// A refill period as the API takes it, from `daily`, `monthly:<day>`, `anniversary` or an
@@ -197,18 +246,7 @@ fn period(text: &str) -> anyhow::Result<Value> {
             let day: u8 = text["monthly:".len()..].parse().map_err(|_| bad())?;
             json!({ "kind": "monthly", "day": day })
         }
-        _ => {
-            let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-            let n: u64 = text[..split].parse().map_err(|_| bad())?;
-            let unit_ms = match &text[split..] {
-                "ms" => 1,
-                "s" => 1_000,
-                "m" => 60_000,
-                "h" => 3_600_000,
-                _ => return Err(bad()),
-            };
-            json!({ "kind": "interval", "ms": n.checked_mul(unit_ms).ok_or_else(bad)? })
-        }
+        _ => json!({ "kind": "interval", "ms": interval_ms(text).ok_or_else(bad)? }),
     })
 }
 
@@ -226,6 +264,18 @@ pub fn encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratelimit_flags() {
+        assert_eq!(ratelimit("api=50/10s").unwrap(), json!({ "name": "api", "limit": 50, "duration_ms": 10_000 }));
+        assert_eq!(
+            ratelimit("search=5/1d:cost=2:local:named").unwrap(),
+            json!({ "name": "search", "limit": 5, "duration_ms": 86_400_000, "cost": 2, "mode": "local", "auto": false })
+        );
+        for bad in ["api", "api=50", "api=50/10", "api=x/10s", "api=5/1s:fast", "api=5/1s:cost=x"] {
+            assert!(ratelimit(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn ids_and_query_values_are_encoded_as_one_component() {

@@ -8,11 +8,13 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Settlement, Verdict};
+use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Verdict};
+use keyward_shared::internal::SettleAnswer;
 use keyward_shared::key::validate_prefix;
+use keyward_shared::ratelimit::{self, LimitAsk, MAX_LIMITS, Mode, RateLimit, applicable};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
-use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
+use keyward_shared::verify::{Caller, Decision, MAX_VERIFY_BODY};
 use keyward_shared::{
     Code, Key, KeyAction, KeyHash, KeyRecord, Meta, Scope, Source, VerifyRequest, VerifyResponse, decide,
 };
@@ -63,6 +65,9 @@ struct KeyView {
     /// balance itself is kept by the key's authority.
     #[serde(skip_serializing_if = "Option::is_none")]
     credits: Option<Credits>,
+    /// The key's named rate limits (absent: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ratelimits: Vec<RateLimit>,
 }
 
 impl From<KeyRecord> for KeyView {
@@ -84,6 +89,7 @@ impl From<KeyRecord> for KeyView {
             created_at: r.created_at,
             updated_at: r.updated_at,
             credits: r.credits,
+            ratelimits: r.ratelimits,
         }
     }
 }
@@ -143,6 +149,8 @@ struct CreateKey {
     owner_id: Option<String>,
     #[serde(default)]
     credits: Option<CreditsInput>,
+    #[serde(default)]
+    ratelimits: Vec<RateLimit>,
 }
 
 /// A key's credits as an admin sets them: the balance that may still be spent from now, and
@@ -161,6 +169,21 @@ fn set_credits(input: CreditsInput, version: u64) -> Result<Credits> {
         check_refill(refill)?;
     }
     Ok(Credits { set_to: input.remaining, set_version: version, added: 0, refill: input.refill })
+}
+
+/// A key's rate limits, each checked ([`RateLimit::check`]), at most [`MAX_LIMITS`], names
+/// unique.
+fn check_limits(limits: Vec<RateLimit>) -> Result<Vec<RateLimit>> {
+    if limits.len() > MAX_LIMITS {
+        return Err(AppError::BadRequest(format!("a key has at most {MAX_LIMITS} rate limits")));
+    }
+    for (i, limit) in limits.iter().enumerate() {
+        limit.check().map_err(AppError::BadRequest)?;
+        if limits[..i].iter().any(|l| l.name == limit.name) {
+            return Err(AppError::BadRequest(format!("two rate limits are named `{}`", limit.name)));
+        }
+    }
+    Ok(limits)
 }
 
 fn check_refill(refill: &Refill) -> Result<()> {
@@ -199,6 +222,7 @@ async fn create(
         expires_at: body.expires_at,
         permissions: check_permissions(body.permissions)?,
         credits: body.credits.map(|c| set_credits(c, 1)).transpose()?,
+        ratelimits: check_limits(body.ratelimits)?,
     };
     let created = state.change.create_key(caller.actor(), new, now).await?;
     let answer = CreatedKey {
@@ -308,6 +332,9 @@ struct UpdateKey {
     /// Sets the credits (`null`: unlimited).
     #[serde(default, deserialize_with = "present")]
     credits: Option<Option<CreditsInput>>,
+    /// Replaces the rate limits (`[]`: none).
+    #[serde(default)]
+    ratelimits: Option<Vec<RateLimit>>,
 }
 
 async fn update(
@@ -342,6 +369,9 @@ async fn update(
     }
     if let Some(credits) = body.credits {
         new.credits = credits.map(|c| set_credits(c, old.version + 1)).transpose()?;
+    }
+    if let Some(limits) = body.ratelimits {
+        new.ratelimits = check_limits(limits)?;
     }
     let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
@@ -415,7 +445,17 @@ async fn read_credits(
     let mut view =
         CreditsView { key_id: id, credits: record.credits.clone(), remaining: None, as_of_ms: None, error: None };
     if record.credits.is_some() {
-        match settle(&state, record.hash, SettleRequest { idempotency_key: None, cost: 0 }).await {
+        match settle(
+            &state,
+            record.hash,
+            SettleRequest { idempotency_key: None, cost: 0, version: record.version },
+            Vec::new(),
+        )
+        .await
+        {
+            Some(settled) if settled.verdict == Verdict::Void && record.is_usable(now_ms()) => {
+                view.error = Some("the key's authority has not received its latest change yet: try again")
+            }
             Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
             None => view.error = Some("the key's authority did not answer: try again"),
         }
@@ -471,35 +511,63 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
-    let settled = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
-        Some(_) => {
-            let cost =
-                SettleRequest { idempotency_key: request.idempotency_key.clone(), cost: request.cost.unwrap_or(1) };
-            Some(settle(&state, hash, cost).await)
+    if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
+        ratelimit::check_costs(&r.ratelimits, &request.ratelimits).map_err(AppError::BadRequest)?;
+    }
+    let (decision, settled) = charge(&state, record.as_ref(), hash, decision, &request).await;
+    let decided_at = settled.as_ref().map_or(u64::try_from(now).unwrap_or(0), |s| s.decided_at_ms);
+    let mut response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin)).decided_at(decided_at);
+    if let Some(s) = settled {
+        if response.code != Code::Unavailable && !matches!(s.verdict, Verdict::Unlimited | Verdict::Limited) {
+            response = response.with_credits(s.remaining);
         }
-        None => None,
-    };
-    let decision = match settled {
-        Some(Some(s)) if s.verdict == Verdict::Exceeded => decision.refused_by_credits(Code::UsageExceeded),
-        Some(Some(s)) if s.verdict != Verdict::Void => decision,
-        Some(_) => decision.refused_by_credits(Code::Unavailable),
-        None => decision,
-    };
-    let mut response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin))
-        .decided_at(u64::try_from(now).unwrap_or(0));
-    if let Some(Some(s)) =
-        settled.filter(|s| response.code != Code::Unavailable && s.is_some_and(|s| s.verdict != Verdict::Unlimited))
-    {
-        response = response.with_credits(s.remaining);
+        response = response.with_limits(s.ratelimits);
     }
     state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response));
     Ok(Json(response))
 }
 
-/// Settles the request's cost of the key's credits at its authority, as the edge does with an
-/// idempotency key; `None` when it could not (the answer is then `UNAVAILABLE`).
-async fn settle(state: &AppState, hash: KeyHash, settle: SettleRequest) -> Option<Settlement> {
-    match state.delivery.edge().settle(hash, settle).await {
+/// The key's exact rate limits and credits for a `VALID` decision, settled together at its
+/// authority (all or nothing): the decision they make, and the settlement. The origin is no
+/// holder: a `local` limit is counted by edge isolates only.
+async fn charge(
+    state: &AppState,
+    record: Option<&KeyRecord>,
+    hash: KeyHash,
+    decision: Decision,
+    request: &VerifyRequest,
+) -> (Decision, Option<SettleAnswer>) {
+    let Some(record) = record.filter(|_| decision.code == Code::Valid) else { return (decision, None) };
+    let asks: Vec<LimitAsk> = applicable(&record.ratelimits, &request.ratelimits)
+        .into_iter()
+        .filter(|&(i, _)| record.ratelimits[i].mode == Mode::Exact)
+        .map(|(i, cost)| LimitAsk { name: record.ratelimits[i].name.clone(), cost: Some(cost) })
+        .collect();
+    if record.credits.is_none() && asks.is_empty() {
+        return (decision, None);
+    }
+    let cost = SettleRequest {
+        idempotency_key: request.idempotency_key.clone(),
+        cost: request.cost.unwrap_or(1),
+        version: record.version,
+    };
+    let Some(settled) = settle(state, hash, cost, asks).await else {
+        return (decision.refused_by_credits(Code::Unavailable), None);
+    };
+    let decision = match settled.verdict {
+        Verdict::Limited => decision.refused_by_limits(Code::RateLimited),
+        Verdict::Exceeded => decision.refused_by_credits(Code::UsageExceeded),
+        Verdict::Void => decision.refused_by_credits(Code::Unavailable),
+        Verdict::Granted | Verdict::Unlimited => decision,
+    };
+    (decision, Some(settled))
+}
+
+/// Settles the request's cost of the key's credits at its authority, with its exact rate
+/// limits, as the edge does with an idempotency key; `None` when it could not (the answer is
+/// then `UNAVAILABLE`).
+async fn settle(state: &AppState, hash: KeyHash, settle: SettleRequest, limits: Vec<LimitAsk>) -> Option<SettleAnswer> {
+    match state.delivery.edge().settle(hash, settle, limits).await {
         Ok(Some(settlement)) => Some(settlement),
         Ok(None) => None,
         Err(e) => {

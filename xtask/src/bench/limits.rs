@@ -1,4 +1,5 @@
-//! `cargo xtask bench limits`: what credits cost a verification, and whether they hold.
+//! `cargo xtask bench limits`: what credits and rate limits cost a verification, and whether
+//! they hold.
 //!
 //! 1. Throughput: `wrk` on one region's verify route (`--region`, 0 by default) for a key without credits (plain, warm)
 //!    and, alternated with it in the same world, a key with a large balance (every holder
@@ -9,6 +10,11 @@
 //!    1,000: how many were `VALID` (overspend is what passes the balance, and must be 0), what
 //!    was stranded when the balance ran out, and, once the leases expired, what a second round
 //!    spent of it.
+//! 3. Rate limits: the throughput run above also loads a key with an exact limit and one with a
+//!    local limit, both far above what the run spends (so the cost of asking, not refusals, is
+//!    measured). Accuracy: a limit of 50 per 10 s, exact then local, hammered from 3 regions
+//!    with 60 in flight for 12 s: the most admitted in any sliding 10 s window (by the answers'
+//!    `decided_at_ms`) over the limit (exact must be at most 1; local is at most the holders).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -36,17 +42,20 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
         None => step("on loopback (KEYWARD_GEOGRAPHY unset)"),
     }
     let api = world.create_api("bench-limits", 1_000);
+    let limit = |mode: &str| json!([{ "name": "api", "limit": LARGE, "duration_ms": 60_000, "mode": mode }]);
     let keys = [
         ("plain", world.create_key(&api, json!({})).1),
         ("credits", world.create_key(&api, json!({ "credits": { "remaining": LARGE } })).1),
+        ("exact", world.create_key(&api, json!({ "ratelimits": limit("exact") })).1),
+        ("local", world.create_key(&api, json!({ "ratelimits": limit("local") })).1),
     ];
     let base = world.regions[region].spec.url();
-    let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-    let mut calls = [0u64; 2];
-    let mut leases = [(0u64, 0u64); 2];
+    let mut loads: [Vec<Load>; 4] = Default::default();
+    let mut calls = [0u64; 4];
+    let mut leases = [(0u64, 0u64); 4];
     let mut n = 0;
     for round in 0..rounds {
-        for i in order(round, 2) {
+        for i in order(round, keys.len()) {
             let (name, key) = &keys[i];
             let secs = duration.as_secs();
             step(&format!(
@@ -78,9 +87,14 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
         figures.add(&format!("{name}_p99_ms"), merged.p99_ms, 2);
         figures.add(&format!("{name}_authority_calls_per_1000"), per_1000, 1);
     }
-    let (plain, credits) = (Load::merge(&loads[0]), Load::merge(&loads[1]));
-    figures.add("credits_over_plain_rps", credits.rps / plain.rps, 3);
+    let plain = Load::merge(&loads[0]);
+    for (i, name) in [(1, "credits"), (2, "exact"), (3, "local")] {
+        figures.add(&format!("{name}_over_plain_rps"), Load::merge(&loads[i]).rps / plain.rps, 3);
+    }
     overspend(&world, &api, &mut figures)?;
+    for mode in ["exact", "local"] {
+        accuracy(&world, &api, mode, &mut figures)?;
+    }
     report(&figures, None);
     Ok(())
 }
@@ -144,5 +158,46 @@ fn overspend(world: &World, api: &str, figures: &mut Figures) -> anyhow::Result<
     figures.add("stranded_at_run_out", BALANCE.saturating_sub(first as u64) as f64, 0);
     figures.add("stranded_after_expiry", BALANCE.saturating_sub(total as u64) as f64, 0);
     ensure!(total <= BALANCE as usize, "overspent: {total} VALID against a balance of {BALANCE}");
+    Ok(())
+}
+
+/// Hammers a limit of 50 per 10 s (`mode`) from 3 regions, 60 in flight, for 12 s: the most
+/// admitted in any sliding 10 s window, over the limit.
+fn accuracy(world: &World, api: &str, mode: &str, figures: &mut Figures) -> anyhow::Result<()> {
+    let limits = json!([{ "name": "api", "limit": 50, "duration_ms": 10_000, "mode": mode }]);
+    let (_, key) = world.create_key(api, json!({ "ratelimits": limits }));
+    step(&format!("accuracy: a {mode} limit of 50 per 10 s, 3 regions, 60 in flight for 12 s"));
+    let until = Instant::now() + Duration::from_secs(12);
+    let body = json!({ "key": key });
+    let mut times: Vec<i64> = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..60)
+            .map(|t| {
+                let body = &body;
+                scope.spawn(move || {
+                    let mut valid = Vec::new();
+                    let mut i = t;
+                    while Instant::now() < until {
+                        let (status, answer) = world.edge_verify(i % 3, &world.root_key, body.clone());
+                        if status == 200 && answer["code"] == "VALID" {
+                            valid.extend(answer["decided_at_ms"].as_i64());
+                        }
+                        i += 1;
+                    }
+                    valid
+                })
+            })
+            .collect();
+        callers.into_iter().flat_map(|c| c.join().unwrap_or_default()).collect()
+    });
+    times.sort_unstable();
+    let most = times
+        .iter()
+        .map(|from| times.partition_point(|t| *t <= from + 10_000) - times.partition_point(|t| t < from))
+        .max()
+        .unwrap_or(0);
+    let ratio = most as f64 / 50.0;
+    println!("{mode}: {} VALID in 12 s; most in any 10 s window {most}: admitted/limit {ratio:.2}", times.len());
+    figures.add(&format!("{mode}_admitted_over_limit"), ratio, 2);
+    ensure!(mode != "exact" || most <= 50, "an exact limit of 50 admitted {most} in one 10 s window");
     Ok(())
 }

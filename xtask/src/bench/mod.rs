@@ -116,9 +116,11 @@ pub enum Which {
         #[arg(long, value_name = "REV")]
         before: Option<String>,
     },
-    /// Edge verify of a plain key (warm) beside a key with credits, alternated in one world:
-    /// req/s, p50, p99 and authority calls per 1,000 verifications; then overspend (must be 0)
-    /// and what is stranded when a balance of 1,000 runs out over 3 regions.
+    /// Edge verify of a plain key (warm) beside a key with credits, one with an exact rate limit
+    /// and one with a local one, alternated in one world: req/s, p50, p99 and authority calls
+    /// per 1,000 verifications; then overspend (must be 0) and what is stranded when a balance
+    /// of 1,000 runs out over 3 regions; then the accuracy of a limit of 50 per 10 s, exact
+    /// (must be at most 1) and local, hammered from 3 regions.
     Limits {
         /// Seconds of load per key and round.
         #[arg(long, default_value_t = 5)]
