@@ -33,6 +33,7 @@ fn main() {
         created_at: 0,
         updated_at: 0,
         credits: None,
+        policy: Default::default(),
     };
     let request = VerifyRequest {
         key: text.clone(),

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Settlement, Verdict};
 use keyward_shared::key::validate_prefix;
+use keyward_shared::policy::{self, Client, Policy};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY};
@@ -20,6 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use super::auth::{Readable, RootKey};
+use super::policy::PolicyInput;
 use super::extract::{Json, Path, Query, check_id};
 use super::root_keys::check_name;
 use super::{AppError, AppState, Reached, Result};
@@ -63,6 +65,9 @@ struct KeyView {
     /// balance itself is kept by the key's authority.
     #[serde(skip_serializing_if = "Option::is_none")]
     credits: Option<Credits>,
+    /// The key's own allow and deny lists (omitted when empty).
+    #[serde(skip_serializing_if = "Policy::is_empty")]
+    policy: Policy,
 }
 
 impl From<KeyRecord> for KeyView {
@@ -84,6 +89,7 @@ impl From<KeyRecord> for KeyView {
             created_at: r.created_at,
             updated_at: r.updated_at,
             credits: r.credits,
+            policy: r.policy,
         }
     }
 }
@@ -143,6 +149,9 @@ struct CreateKey {
     owner_id: Option<String>,
     #[serde(default)]
     credits: Option<CreditsInput>,
+    /// The key's own allow and deny lists.
+    #[serde(default)]
+    policy: Option<PolicyInput>,
 }
 
 /// A key's credits as an admin sets them: the balance that may still be spent from now, and
@@ -199,6 +208,7 @@ async fn create(
         expires_at: body.expires_at,
         permissions: check_permissions(body.permissions)?,
         credits: body.credits.map(|c| set_credits(c, 1)).transpose()?,
+        policy: body.policy.map(PolicyInput::parse).transpose()?.unwrap_or_default(),
     };
     let created = state.change.create_key(caller.actor(), new, now).await?;
     let answer = CreatedKey {
@@ -308,6 +318,9 @@ struct UpdateKey {
     /// Sets the credits (`null`: unlimited).
     #[serde(default, deserialize_with = "present")]
     credits: Option<Option<CreditsInput>>,
+    /// Replaces the key's allow and deny lists (`null`: none).
+    #[serde(default, deserialize_with = "present")]
+    policy: Option<Option<PolicyInput>>,
 }
 
 async fn update(
@@ -342,6 +355,9 @@ async fn update(
     }
     if let Some(credits) = body.credits {
         new.credits = credits.map(|c| set_credits(c, old.version + 1)).transpose()?;
+    }
+    if let Some(policy) = body.policy {
+        new.policy = policy.map(PolicyInput::parse).transpose()?.unwrap_or_default();
     }
     let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
@@ -471,6 +487,10 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
+    let decision = match record.as_ref() {
+        Some(record) => decision.forbidden_unless(admits(&state, record, &request, &caller).await?),
+        None => decision,
+    };
     let settled = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
         Some(_) => {
             let cost =
@@ -494,6 +514,25 @@ async fn verify(
     }
     state.usage.record(UsageEvent::of(answered(&caller, now), &request, &response));
     Ok(Json(response))
+}
+
+/// Whether the key's and its API's allow and deny lists admit the request's client (the peer
+/// address when the request names no IP; no country unless it names one), read from the
+/// database, which is always current.
+async fn admits(state: &AppState, record: &KeyRecord, request: &VerifyRequest, caller: &RootKey) -> Result<bool> {
+    let api = state.store.api_record_by_id(&record.api_id).await?;
+    if record.policy.is_empty() && api.as_ref().is_none_or(|a| a.policy.is_empty()) {
+        return Ok(true);
+    }
+    let peer = caller.actor().request().and_then(|o| o.remote_addr).map(|a| a.ip().to_string());
+    let named = request.client.as_ref();
+    let client = Client::of(
+        named.and_then(|c| c.ip.as_deref()),
+        named.and_then(|c| c.country.as_deref()),
+        peer.as_deref(),
+        None,
+    );
+    Ok(policy::admits(record, api.as_ref(), &client))
 }
 
 /// Settles the request's cost of the key's credits at its authority, as the edge does with an

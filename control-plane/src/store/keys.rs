@@ -39,6 +39,7 @@ struct KeyRow {
     created_at: i64,
     updated_at: i64,
     credits: Option<String>,
+    policy: Option<String>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -52,6 +53,7 @@ impl TryFrom<KeyRow> for KeyRecord {
             status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
             permissions: serde_json::from_str(&r.permissions).context("stored permissions are not a list")?,
             credits: r.credits.as_deref().map(serde_json::from_str).transpose().context("stored credits")?,
+            policy: r.policy.as_deref().map(serde_json::from_str).transpose().context("stored policy")?.unwrap_or_default(),
             id: r.id,
             api_id: r.api_id,
             workspace_id: r.workspace_id,
@@ -214,13 +216,25 @@ fn update_action(before: &KeyRecord, after: &KeyRecord) -> &'static str {
         KeyStatus::Revoked if before.status != KeyStatus::Revoked => "key.revoke",
         KeyStatus::Deleted if before.status != KeyStatus::Deleted => "key.delete",
         _ if before.credits != after.credits => "key.credits",
+        _ if before.policy != after.policy => "key.policy",
         _ => "key.update",
     }
 }
 
 /// The columns a change may write, in the order [`bind_changeable`] binds them.
-const CHANGEABLE: [&str; 10] =
-    ["name", "owner_id", "meta", "enabled", "status", "expires_at", "permissions", "version", "updated_at", "credits"];
+const CHANGEABLE: [&str; 11] = [
+    "name",
+    "owner_id",
+    "meta",
+    "enabled",
+    "status",
+    "expires_at",
+    "permissions",
+    "version",
+    "updated_at",
+    "credits",
+    "policy",
+];
 
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
@@ -236,7 +250,13 @@ fn bind_changeable<'q>(query: Query<'q>, key: &'q KeyRecord) -> anyhow::Result<Q
         .bind(permissions_column(key)?)
         .bind(key.version as i64)
         .bind(key.updated_at)
-        .bind(key.credits.as_ref().map(serde_json::to_string).transpose().context("credits")?))
+        .bind(key.credits.as_ref().map(serde_json::to_string).transpose().context("credits")?)
+        .bind(policy_column(&key.policy)?))
+}
+
+/// The `policy` column (of keys and APIs): the lists as JSON, NULL when all are empty.
+pub(super) fn policy_column(policy: &keyward_shared::policy::Policy) -> anyhow::Result<Option<String>> {
+    (!policy.is_empty()).then(|| serde_json::to_string(policy)).transpose().context("policy")
 }
 
 /// The `meta` column: the key's meta as JSON text.
