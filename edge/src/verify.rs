@@ -5,12 +5,15 @@
 use keyward_shared::credits::SettleRequest;
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY, RequestError};
-use keyward_shared::{Code, ErrorCode, Key, KeyHash, VerifyRequest, VerifyResponse, decide, decide_unconfirmed};
+use keyward_shared::policy::Client;
+use keyward_shared::{
+    Code, Decision, ErrorCode, Key, KeyHash, KeyRecord, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
+};
 use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, credits, lookup, usage};
+use crate::{auth, credits, lookup, policy, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -56,6 +59,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
+    // The key's and its API's allow and deny lists, before permissions' answer and credits.
+    let decision = match record.as_ref().filter(|_| decision.code.passed_status_checks()) {
+        Some(record) => lists(&ctx, &req, &request, record, decision, decided_at_ms).await?,
+        None => decision,
+    };
     // Credits come last: only a key that is valid in every other way spends.
     let spent = match record.as_ref().filter(|r| decision.code == Code::Valid && r.credits.is_some()) {
         Some(_) => Some(spend(&ctx, &hash, &request, decided_at_ms).await),
@@ -73,6 +81,36 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     match spent.and_then(|s| s.remaining()) {
         Some(remaining) if response.code != Code::Unavailable => answer(response.with_credits(remaining)),
         _ => answer(response),
+    }
+}
+
+/// The decision once the key's and its API's lists were asked about the request's client (the
+/// caller's own `CF-Connecting-IP` and `cf.country` where the request names none): `FORBIDDEN`
+/// when either refuses it, `UNAVAILABLE` when the API's record could not be confirmed.
+async fn lists(
+    ctx: &RouteContext<worker::Context>,
+    req: &Request,
+    request: &VerifyRequest,
+    record: &KeyRecord,
+    decision: Decision,
+    now_ms: u64,
+) -> EdgeResult<Decision> {
+    let named = request.client.as_ref();
+    let caller_ip = req.headers().get("cf-connecting-ip").ok().flatten();
+    let caller_country = req.cf().and_then(|cf| cf.country());
+    let client = Client::of(
+        named.and_then(|c| c.ip.as_deref()),
+        named.and_then(|c| c.country.as_deref()),
+        caller_ip.as_deref(),
+        caller_country.as_deref(),
+    );
+    if !record.policy.admits(&client) {
+        return Ok(decision.forbidden_unless(false));
+    }
+    match policy::find(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
+        policy::Found::Record(api) => Ok(decision.forbidden_unless(api.policy.admits(&client))),
+        // Fail closed: the API's lists could not be confirmed.
+        policy::Found::Unconfirmed => Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
     }
 }
 

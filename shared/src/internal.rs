@@ -74,6 +74,9 @@ pub struct MemoryStats {
     /// The same for root keys.
     #[serde(default)]
     pub root_key_confirmations: ConfirmCounts,
+    /// The same for APIs' records.
+    #[serde(default)]
+    pub api_confirmations: ConfirmCounts,
     /// Reads the KeyState objects this isolate hosts answered (the authority's home; 0 in a
     /// region that hosts none).
     #[serde(default)]

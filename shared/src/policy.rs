@@ -336,6 +336,16 @@ impl ApiRecord {
     }
 }
 
+impl crate::freshness::Versioned for ApiRecord {
+    fn version(&self) -> u64 {
+        self.version
+    }
+    /// No later version of an API record is bound to admit less: none is final.
+    fn is_final(&self) -> bool {
+        false
+    }
+}
+
 /// Whether the key's own lists and its API's (when its record was found) admit `client`.
 pub fn admits(key: &crate::KeyRecord, api: Option<&ApiRecord>, client: &Client) -> bool {
     key.policy.admits(client) && api.is_none_or(|api| api.policy.admits(client))

@@ -99,6 +99,14 @@ pub enum Code {
     Unavailable,
 }
 
+impl Code {
+    /// Whether a key decided so passed existence, status and expiry checks: `VALID` or
+    /// `INSUFFICIENT_PERMISSIONS`, the decisions allow and deny lists may still refuse.
+    pub fn passed_status_checks(self) -> bool {
+        matches!(self, Code::Valid | Code::InsufficientPermissions)
+    }
+}
+
 /// Who is asking: the workspace and scopes of the root key in `Authorization`.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
@@ -137,10 +145,7 @@ impl Decision {
     /// they do not admit the client; any other decision stays as it is (they come after
     /// revoked, disabled and expired, before permissions, rate limits and credits).
     pub fn forbidden_unless(self, admitted: bool) -> Decision {
-        match self.code {
-            Code::Valid | Code::InsufficientPermissions if !admitted => Decision::of(Code::Forbidden),
-            _ => self,
-        }
+        if !admitted && self.code.passed_status_checks() { Decision::of(Code::Forbidden) } else { self }
     }
 
     /// Whether the answer may say anything about the key (its id, owner, meta). Never for a key
