@@ -208,6 +208,57 @@ enum ApiCommand {
     /// List this workspace's APIs.
     #[command(after_help = "Example:\n  keyward apis list")]
     List,
+    /// Show an API's allow and deny lists and limit override, or replace them (every list not
+    /// named is emptied; without `--limit-percent` the override is lifted). A tightening change
+    /// reaches every region like a revocation.
+    #[command(
+        after_help = "Example:\n  keyward apis policy api_01...\n  keyward apis policy api_01... --deny-ip 10.0.0.0/8 --deny-country RU\n  keyward apis policy api_01... --clear"
+    )]
+    Policy {
+        api_id: String,
+        #[command(flatten)]
+        lists: PolicyFields,
+        /// Cap every rate limit of the API's keys at this percent of its limit (1 to 100).
+        #[arg(long, conflicts_with = "clear")]
+        limit_percent: Option<u8>,
+        /// Empty every list and lift the override.
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
+/// Allow and deny lists of client IP ranges and countries, each flag repeatable or
+/// comma-separated.
+#[derive(Args, Default)]
+struct PolicyFields {
+    /// Admit only clients in these ranges (CIDR, like 203.0.113.0/24 or 2001:db8::/32).
+    #[arg(long, value_delimiter = ',')]
+    allow_ip: Vec<String>,
+    /// Refuse clients in these ranges (FORBIDDEN).
+    #[arg(long, value_delimiter = ',')]
+    deny_ip: Vec<String>,
+    /// Admit only clients from these countries (ISO 3166-1 alpha-2, like DE).
+    #[arg(long, value_delimiter = ',')]
+    allow_country: Vec<String>,
+    /// Refuse clients from these countries (FORBIDDEN).
+    #[arg(long, value_delimiter = ',')]
+    deny_country: Vec<String>,
+}
+
+impl PolicyFields {
+    fn is_empty(&self) -> bool {
+        self.allow_ip.is_empty() && self.deny_ip.is_empty() && self.allow_country.is_empty() && self.deny_country.is_empty()
+    }
+
+    /// The lists as the API takes them.
+    fn into_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "allow_ips": self.allow_ip,
+            "deny_ips": self.deny_ip,
+            "allow_countries": self.allow_country,
+            "deny_countries": self.deny_country,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -240,6 +291,12 @@ struct KeyFields {
     refill_amount: Option<u64>,
     #[arg(long, requires = "refill_every")]
     refill_cap: Option<u64>,
+    /// The key's own allow and deny lists (for `update`: they replace the key's lists).
+    #[command(flatten)]
+    policy: PolicyFields,
+    /// For `update`: empty the key's own allow and deny lists.
+    #[arg(long)]
+    clear_policy: bool,
 }
 
 #[derive(Subcommand)]

@@ -58,6 +58,15 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             Request::new(Method::POST, "/v1/apis".into(), Some(body), View::ApiCreated)
         }
         Command::Apis(ApiCommand::List) => Request::new(Method::GET, "/v1/apis".into(), None, View::Apis),
+        Command::Apis(ApiCommand::Policy { api_id, lists, limit_percent, clear }) => {
+            let path = format!("/v1/apis/{}/policy", encode(&api_id));
+            if !clear && lists.is_empty() && limit_percent.is_none() {
+                return Ok(Request::new(Method::GET, path, None, View::Policy));
+            }
+            let mut body = if clear { json!({}) } else { lists.into_json() };
+            insert_some(&mut body, "limit_override", limit_percent.map(|p| json!({ "percent": p })));
+            Request::new(Method::PUT, path, Some(body), View::Policy)
+        }
         Command::Keys(command) => key_request(command)?,
     })
 }
@@ -163,6 +172,12 @@ impl KeyFields {
             };
         }
         insert_some(&mut body, "permissions", self.permissions.map(Value::from));
+        if self.clear_policy {
+            anyhow::ensure!(for_update && self.policy.is_empty(), "--clear-policy is for `update`, without other lists");
+            body["policy"] = Value::Null;
+        } else if !self.policy.is_empty() {
+            body["policy"] = self.policy.into_json();
+        }
         if let Some(credits) = self.credits {
             body["credits"] = match credits.as_str() {
                 "unlimited" if for_update => Value::Null,
