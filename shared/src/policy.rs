@@ -101,13 +101,19 @@ impl FromStr for Cidr {
 }
 
 impl fmt::Display for Cidr {
+    /// `10.0.0.0/8`; IPv6 as its eight groups in hex, uncompressed (`2001:db8:0:0:0:0:0:0/32`):
+    /// the standard library's shortest form costs the worker's upload more than it is worth.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let address: IpAddr = if self.v4 {
-            IpAddr::V4((self.base as u32).into())
+        if self.v4 {
+            let [a, b, c, d] = (self.base as u32).to_be_bytes();
+            write!(f, "{a}.{b}.{c}.{d}/{}", self.prefix)
         } else {
-            IpAddr::V6(self.base.into())
-        };
-        write!(f, "{address}/{}", self.prefix)
+            for i in (0..8).rev() {
+                let group = (self.base >> (i * 16)) as u16;
+                write!(f, "{group:x}{}", if i == 0 { "/" } else { ":" })?;
+            }
+            write!(f, "{}", self.prefix)
+        }
     }
 }
 
@@ -158,6 +164,53 @@ impl<'de> Deserialize<'de> for Country {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Country, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A policy as one string, the form records carry it in (a JSON deserializer per nested type
+/// and source costs the worker's upload, as for credits): space-separated entries, `+` allows
+/// and `-` denies, a two-letter entry is a country and any other an IP range
+/// (`-10.0.0.0/8 -RU +DE`).
+pub mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Policy;
+
+    pub fn write(policy: &Policy) -> String {
+        let ips = policy.allow_ips.iter().map(|c| format!("+{c}")).chain(policy.deny_ips.iter().map(|c| format!("-{c}")));
+        let countries = policy
+            .allow_countries
+            .iter()
+            .map(|c| format!("+{}", c.as_str()))
+            .chain(policy.deny_countries.iter().map(|c| format!("-{}", c.as_str())));
+        ips.chain(countries).collect::<Vec<_>>().join(" ")
+    }
+
+    pub fn read(text: &str) -> Option<Policy> {
+        let mut policy = Policy::default();
+        for entry in text.split(' ').filter(|e| !e.is_empty()) {
+            let (allow, rest) = match entry.as_bytes().first()? {
+                b'+' => (true, &entry[1..]),
+                b'-' => (false, &entry[1..]),
+                _ => return None,
+            };
+            match (rest.len() == 2, allow) {
+                (true, true) => policy.allow_countries.push(rest.parse().ok()?),
+                (true, false) => policy.deny_countries.push(rest.parse().ok()?),
+                (false, true) => policy.allow_ips.push(rest.parse().ok()?),
+                (false, false) => policy.deny_ips.push(rest.parse().ok()?),
+            }
+        }
+        Some(policy)
+    }
+
+    pub fn serialize<S: Serializer>(policy: &Policy, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&write(policy))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        read(&text).ok_or_else(|| serde::de::Error::custom("a policy is `+|-<CIDR or country>` entries"))
     }
 }
 
@@ -283,7 +336,7 @@ pub struct ApiRecord {
     /// Grows by one on every change; 0 only for an API with no record anywhere.
     pub version: u64,
     pub max_staleness_ms: u64,
-    #[serde(default, skip_serializing_if = "Policy::is_empty")]
+    #[serde(default, skip_serializing_if = "Policy::is_empty", with = "as_text")]
     pub policy: Policy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_override: Option<LimitOverride>,
@@ -385,7 +438,11 @@ mod tests {
         }
         assert_eq!(cidr("10.0.0.0/8").to_string(), "10.0.0.0/8");
         assert_eq!(cidr("192.168.1.7").to_string(), "192.168.1.7/32");
-        assert_eq!(cidr("2001:db8::/32").to_string(), "2001:db8::/32");
+        assert_eq!(cidr("2001:db8::/32").to_string(), "2001:db8:0:0:0:0:0:0/32");
+        assert_eq!(cidr("::1").to_string(), "0:0:0:0:0:0:0:1/128");
+        for text in ["2001:db8::/32", "::1", "fe80::/10", "10.0.0.0/8", "0.0.0.0/0"] {
+            assert_eq!(cidr(&cidr(text).to_string()), cidr(text), "{text}");
+        }
         let json = serde_json::to_string(&vec![cidr("10.0.0.0/8")]).unwrap();
         assert_eq!(json, r#"["10.0.0.0/8"]"#);
         assert!(serde_json::from_str::<Vec<Cidr>>(r#"["10.0.0.1/8"]"#).is_err());
@@ -515,7 +572,7 @@ mod tests {
         assert!(record.is_tightened_by(&next));
         assert!(!next.is_tightened_by(&record), "lifting loosens");
         let text = serde_json::to_string(&next).unwrap();
-        assert!(text.contains(r#""deny_ips":["10.0.0.0/8"]"#), "{text}");
+        assert!(text.contains(r#""policy":"-10.0.0.0/8 -RU""#), "{text}");
         assert_eq!(ApiRecord::from_json(&text).unwrap(), next);
         let mut lower = next.clone();
         lower.limit_override = Some(LimitOverride { percent: 10 });
@@ -528,6 +585,18 @@ mod tests {
         assert!(kv_key_for_api("api_1").starts_with("api:"));
         let future = text.replace("\"schema\":1", "\"schema\":2");
         assert!(matches!(ApiRecord::from_json(&future), Err(RecordError::UnknownSchema(2))));
+    }
+
+    #[test]
+    fn policies_travel_as_text() {
+        let full = policy(&["10.0.0.0/8", "2001:db8::/32"], &["10.1.0.0/16"], &["DE", "FR"], &["RU"]);
+        let text = as_text::write(&full);
+        assert_eq!(text, "+10.0.0.0/8 +2001:db8:0:0:0:0:0:0/32 -10.1.0.0/16 +DE +FR -RU");
+        assert_eq!(as_text::read(&text), Some(full));
+        assert_eq!(as_text::read(""), Some(Policy::default()));
+        for bad in ["10.0.0.0/8", "+10.1.0.0/8", "-R", "+RUS", "*DE", "+ "] {
+            assert_eq!(as_text::read(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::credits::as_text")]
     pub credits: Option<Credits>,
     /// The key's own allow and deny lists of client IPs and countries (empty: none).
-    #[serde(default, skip_serializing_if = "Policy::is_empty")]
+    #[serde(default, skip_serializing_if = "Policy::is_empty", with = "crate::policy::as_text")]
     pub policy: Policy,
 }
 
