@@ -207,8 +207,11 @@ impl EdgeClient {
     pub async fn purge(&self, region: &EdgeRegion, purged: Purged<'_>) -> Result<Option<u64>, EdgeError> {
         match &region.purge {
             PurgeVia::Signed => {
-                let purge =
-                    PurgeRequest { region: region.name.clone(), records: purged.keys.to_vec(), apis: purged.apis.to_vec() };
+                let purge = PurgeRequest {
+                    region: region.name.clone(),
+                    records: purged.keys.to_vec(),
+                    apis: purged.apis.to_vec(),
+                };
                 let body = serde_json::to_vec(&purge)?;
                 let response = self.signed_post(&region.url, PURGE_PATH, body).await?;
                 let ack: PurgeAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the region", e))?;

@@ -45,8 +45,12 @@ async fn harness() -> Harness {
     bootstrap(&store, Some(root.clone())).await.unwrap();
     let kv = Arc::new(RecordingKv::default());
     // Nothing listens on port 9 of loopback: purges there are never acknowledged.
-    let region =
-        EdgeRegion { name: "nowhere".into(), url: "http://127.0.0.1:9".into(), kv: kv.clone(), purge: PurgeVia::Signed };
+    let region = EdgeRegion {
+        name: "nowhere".into(),
+        url: "http://127.0.0.1:9".into(),
+        kv: kv.clone(),
+        purge: PurgeVia::Signed,
+    };
     let edge = Arc::new(EdgeClient::new(vec![region], None, Secret::new("s".repeat(32))));
     Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
 }
@@ -71,14 +75,16 @@ impl Harness {
     }
 
     async fn api(&self) -> String {
-        let (status, api) = self.call("POST", "/v1/apis", Some(json!({ "name": "payments", "prefix": "sk_live" }))).await;
+        let (status, api) =
+            self.call("POST", "/v1/apis", Some(json!({ "name": "payments", "prefix": "sk_live" }))).await;
         assert_eq!(status, StatusCode::CREATED, "{api}");
         api["id"].as_str().unwrap().to_owned()
     }
 
     /// A new root key of the workspace with these scopes.
     async fn root_key(&self, scopes: &[&str]) -> String {
-        let (status, root) = self.call("POST", "/v1/root-keys", Some(json!({ "name": "other", "scopes": scopes }))).await;
+        let (status, root) =
+            self.call("POST", "/v1/root-keys", Some(json!({ "name": "other", "scopes": scopes }))).await;
         assert_eq!(status, StatusCode::CREATED, "{root}");
         root["key"].as_str().unwrap().to_owned()
     }
@@ -122,7 +128,10 @@ async fn an_api_policy_is_shown_changed_delivered_and_lifted() {
     assert_eq!(status, StatusCode::OK, "{changed}");
     assert_eq!(changed["version"], 1);
     assert_eq!(changed["policy"]["deny_countries"], json!(["RU"]));
-    assert_eq!(changed["regions"][0]["acknowledged"], false, "tightening is purged (the region is unreachable): {changed}");
+    assert_eq!(
+        changed["regions"][0]["acknowledged"], false,
+        "tightening is purged (the region is unreachable): {changed}"
+    );
     let record = h.written(&api, 1).await;
     assert_eq!(record.policy.deny_ips.len(), 2);
     assert_eq!(record.limit_override.map(|o| o.percent), Some(50));

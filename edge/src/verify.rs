@@ -3,9 +3,9 @@
 //! the answer's usage event for shipping (`usage.rs`), off the response path.
 
 use keyward_shared::credits::SettleRequest;
+use keyward_shared::policy::Client;
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, MAX_VERIFY_BODY, RequestError};
-use keyward_shared::policy::Client;
 use keyward_shared::{
     Code, Decision, ErrorCode, Key, KeyHash, KeyRecord, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
 };

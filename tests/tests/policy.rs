@@ -175,7 +175,10 @@ fn run_cell(world: &World, mode: PurgeMode, fault: Fault, n: usize) -> (String, 
     let mut parts = Vec::new();
     for (i, (s, bound)) in seen.iter().zip(&bounds).enumerate() {
         let last = s.last_valid_ms.map_or("never".to_owned(), |ms| format!("{ms} ms"));
-        parts.push(format!("r{i} {} polls ({} errors), last VALID {last} (bound {bound} ms), ends {}", s.polls, s.errors, s.last_code));
+        parts.push(format!(
+            "r{i} {} polls ({} errors), last VALID {last} (bound {bound} ms), ends {}",
+            s.polls, s.errors, s.last_code
+        ));
         if s.last_valid_ms.is_some_and(|ms| ms > *bound as i64) {
             failed.push(format!("r{i} VALID past its bound"));
         }

@@ -247,7 +247,10 @@ struct PolicyFields {
 
 impl PolicyFields {
     fn is_empty(&self) -> bool {
-        self.allow_ip.is_empty() && self.deny_ip.is_empty() && self.allow_country.is_empty() && self.deny_country.is_empty()
+        self.allow_ip.is_empty()
+            && self.deny_ip.is_empty()
+            && self.allow_country.is_empty()
+            && self.deny_country.is_empty()
     }
 
     /// The lists as the API takes them.
@@ -293,7 +296,7 @@ struct KeyFields {
     refill_cap: Option<u64>,
     /// The key's own allow and deny lists (for `update`: they replace the key's lists).
     #[command(flatten)]
-    policy: PolicyFields,
+    policy: Box<PolicyFields>,
     /// For `update`: empty the key's own allow and deny lists.
     #[arg(long)]
     clear_policy: bool,

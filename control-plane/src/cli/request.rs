@@ -173,7 +173,10 @@ impl KeyFields {
         }
         insert_some(&mut body, "permissions", self.permissions.map(Value::from));
         if self.clear_policy {
-            anyhow::ensure!(for_update && self.policy.is_empty(), "--clear-policy is for `update`, without other lists");
+            anyhow::ensure!(
+                for_update && self.policy.is_empty(),
+                "--clear-policy is for `update`, without other lists"
+            );
             body["policy"] = Value::Null;
         } else if !self.policy.is_empty() {
             body["policy"] = self.policy.into_json();

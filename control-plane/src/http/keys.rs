@@ -21,8 +21,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use super::auth::{Readable, RootKey};
-use super::policy::PolicyInput;
 use super::extract::{Json, Path, Query, check_id};
+use super::policy::PolicyInput;
 use super::root_keys::check_name;
 use super::{AppError, AppState, Reached, Result};
 use crate::change::{FinalStatus, NewKey};

@@ -30,8 +30,19 @@ impl TryFrom<ApiRecordRow> for ApiRecord {
     fn try_from(r: ApiRecordRow) -> anyhow::Result<ApiRecord> {
         Ok(ApiRecord {
             schema: RECORD_SCHEMA,
-            policy: r.policy.as_deref().map(serde_json::from_str).transpose().context("stored policy")?.unwrap_or_default(),
-            limit_override: r.limit_override.as_deref().map(serde_json::from_str).transpose().context("stored override")?,
+            policy: r
+                .policy
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .context("stored policy")?
+                .unwrap_or_default(),
+            limit_override: r
+                .limit_override
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .context("stored override")?,
             id: r.id,
             workspace_id: r.workspace_id,
             version: r.version as u64,

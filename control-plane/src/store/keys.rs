@@ -53,7 +53,13 @@ impl TryFrom<KeyRow> for KeyRecord {
             status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
             permissions: serde_json::from_str(&r.permissions).context("stored permissions are not a list")?,
             credits: r.credits.as_deref().map(serde_json::from_str).transpose().context("stored credits")?,
-            policy: r.policy.as_deref().map(serde_json::from_str).transpose().context("stored policy")?.unwrap_or_default(),
+            policy: r
+                .policy
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .context("stored policy")?
+                .unwrap_or_default(),
             id: r.id,
             api_id: r.api_id,
             workspace_id: r.workspace_id,

@@ -558,7 +558,9 @@ pub(super) async fn insert_outbox(
         Carried::RootKey(root) => {
             (EntryKind::RootKey, &root.id, &root.workspace_id, kv_key_for_root(&root.hash), serde_json::to_string(root))
         }
-        Carried::Api(api) => (EntryKind::Api, &api.id, &api.workspace_id, kv_key_for_api(&api.id), serde_json::to_string(api)),
+        Carried::Api(api) => {
+            (EntryKind::Api, &api.id, &api.workspace_id, kv_key_for_api(&api.id), serde_json::to_string(api))
+        }
     };
     let record = record.context("record")?;
     let id: i64 = sqlx::query_scalar(
