@@ -485,6 +485,40 @@ mod tests {
         check(&Cli::command(), "keyward");
     }
 
+    /// The request `keyward <args>` makes: method, path and body.
+    fn request_of(args: &[&str]) -> (String, String, Option<serde_json::Value>) {
+        let cli = Cli::try_parse_from(std::iter::once("keyward").chain(args.iter().copied())).unwrap();
+        let request = request::request_for(cli.command).unwrap();
+        (request.method.to_string(), request.path, request.body)
+    }
+
+    #[test]
+    fn policy_flags_make_the_policy_requests() {
+        let (method, path, body) = request_of(&["apis", "policy", "api_1"]);
+        assert_eq!((method.as_str(), path.as_str(), body), ("GET", "/v1/apis/api_1/policy", None));
+        let args = ["apis", "policy", "api_1", "--deny-ip", "10.0.0.0/8,2001:db8::/32", "--deny-country", "RU"];
+        let (method, _, body) = request_of(&[&args[..], &["--allow-country", "DE", "--limit-percent", "50"]].concat());
+        assert_eq!(method, "PUT");
+        let expected = serde_json::json!({
+            "allow_ips": [], "deny_ips": ["10.0.0.0/8", "2001:db8::/32"], "allow_countries": ["DE"],
+            "deny_countries": ["RU"], "limit_override": { "percent": 50 },
+        });
+        assert_eq!(body, Some(expected));
+        let (_, _, body) = request_of(&["apis", "policy", "api_1", "--clear"]);
+        assert_eq!(body, Some(serde_json::json!({})), "--clear empties every list and lifts the override");
+        let both = Cli::try_parse_from(["keyward", "apis", "policy", "a", "--clear", "--limit-percent", "5"]);
+        assert!(both.is_err());
+
+        let (_, _, body) = request_of(&["keys", "create", "--api-id", "api_1", "--deny-ip", "203.0.113.0/24"]);
+        assert_eq!(body.unwrap()["policy"]["deny_ips"], serde_json::json!(["203.0.113.0/24"]));
+        let (_, _, body) = request_of(&["keys", "update", "key_1", "--clear-policy"]);
+        assert_eq!(body.unwrap()["policy"], serde_json::Value::Null);
+        let (_, _, body) = request_of(&["keys", "update", "key_1", "--name", "n"]);
+        assert!(body.unwrap().get("policy").is_none(), "lists not named are left as they are");
+        let cli = Cli::try_parse_from(["keyward", "keys", "create", "--api-id", "a", "--clear-policy"]).unwrap();
+        assert!(request::request_for(cli.command).is_err(), "--clear-policy is for update");
+    }
+
     #[test]
     fn json_and_format_are_global_and_exclusive() {
         let cli = Cli::try_parse_from(["keyward", "keys", "get", "key_01", "--json"]).unwrap();
