@@ -53,69 +53,6 @@ fn bits(ip: IpAddr) -> (u128, bool) {
     }
 }
 
-/// An IPv4 address's 32 bits from dotted decimal (four parts of 0 to 255, no leading zeros).
-fn parse_v4(text: &str) -> Option<u32> {
-    let mut bits = 0u32;
-    let mut parts = 0;
-    for part in text.split('.') {
-        let digits_ok = (1..=3).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit());
-        if !digits_ok || (part.len() > 1 && part.starts_with('0')) {
-            return None;
-        }
-        bits = (bits << 8) | u32::from(part.parse::<u8>().ok()?);
-        parts += 1;
-    }
-    (parts == 4).then_some(bits)
-}
-
-/// The 16-bit groups of one side of an IPv6 address's `::` (none when empty); the last may be
-/// an IPv4 address (two groups) where `v4_tail`.
-fn v6_groups(text: &str, v4_tail: bool) -> Option<Vec<u16>> {
-    let mut groups = Vec::new();
-    if text.is_empty() {
-        return Some(groups);
-    }
-    let pieces: Vec<&str> = text.split(':').collect();
-    for (i, piece) in pieces.iter().enumerate() {
-        if v4_tail && i + 1 == pieces.len() && piece.contains('.') {
-            let v4 = parse_v4(piece)?;
-            groups.extend([(v4 >> 16) as u16, v4 as u16]);
-        } else if (1..=4).contains(&piece.len()) && piece.bytes().all(|b| b.is_ascii_hexdigit()) {
-            groups.push(u16::from_str_radix(piece, 16).ok()?);
-        } else {
-            return None;
-        }
-    }
-    Some(groups)
-}
-
-/// An IPv6 address's 128 bits: eight groups, or fewer around one `::`, the last two of which
-/// may be written as an IPv4 address.
-fn parse_v6(text: &str) -> Option<u128> {
-    let groups = match text.split_once("::") {
-        None => Some(v6_groups(text, true)?).filter(|g| g.len() == 8)?,
-        Some((head, tail)) => {
-            let (head, tail) = (v6_groups(head, false)?, v6_groups(tail, true)?);
-            if head.len() + tail.len() > 7 {
-                return None;
-            }
-            let zeros = std::iter::repeat_n(0, 8 - head.len() - tail.len());
-            head.into_iter().chain(zeros).chain(tail).collect()
-        }
-    };
-    Some(groups.into_iter().fold(0u128, |bits, group| (bits << 16) | u128::from(group)))
-}
-
-/// An IP address, written as the standard library reads one, without its parser (which costs
-/// the worker's upload).
-pub fn parse_ip(text: &str) -> Option<IpAddr> {
-    if text.contains(':') {
-        parse_v6(text).map(|bits| IpAddr::V6(bits.into()))
-    } else {
-        parse_v4(text).map(|bits| IpAddr::V4(bits.into()))
-    }
-}
-
 /// The mask of a range's `prefix` leading bits, for addresses of `width` bits.
 fn mask(prefix: u8, width: u8) -> u128 {
     if prefix == 0 { 0 } else { (u128::MAX >> (128 - u32::from(width))) & !((1u128 << (width - prefix)) - 1) }
@@ -144,7 +81,7 @@ impl FromStr for Cidr {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text, None),
         };
-        let (base, v4) = match parse_ip(address).ok_or_else(refused)? {
+        let (base, v4) = match address.parse::<IpAddr>().map_err(|_| refused())? {
             IpAddr::V4(a) => (u128::from(u32::from(a)), true),
             IpAddr::V6(a) => (u128::from(a), false),
         };
@@ -309,7 +246,7 @@ impl Client {
         fallback_ip: Option<&str>,
         fallback_country: Option<&str>,
     ) -> Client {
-        let ip = named_ip.or(fallback_ip).and_then(|t| parse_ip(t.trim()));
+        let ip = named_ip.or(fallback_ip).and_then(|t| t.trim().parse().ok());
         let country = named_country.or(fallback_country).and_then(|t| t.parse().ok());
         Client { ip, country }
     }
@@ -547,62 +484,6 @@ mod tests {
         ];
         for (range, address, expected) in rows {
             assert_eq!(cidr(range).contains(ip(address)), expected, "{range} ∋ {address}");
-        }
-    }
-
-    /// The hand-written parser reads what the standard library's does, and refuses what it refuses.
-    #[test]
-    fn ip_parsing_matches_the_standard_library() {
-        let cases = [
-            "0.0.0.0",
-            "1.2.3.4",
-            "255.255.255.255",
-            "256.1.1.1",
-            "1.2.3",
-            "1.2.3.4.5",
-            "01.2.3.4",
-            "1.2.3.04",
-            "1..3.4",
-            "1.2.3.4 ",
-            "+1.2.3.4",
-            "1.2.3.-4",
-            "",
-            ".",
-            "::",
-            "::1",
-            "1::",
-            "1:2:3:4:5:6:7:8",
-            "1:2:3:4:5:6:7:8:9",
-            "1:2:3:4:5:6:7::",
-            "::2:3:4:5:6:7:8",
-            "1:2:3:4:5:6::7:8",
-            "1::2::3",
-            ":::",
-            "1:::2",
-            ":1::",
-            "1:",
-            ":1",
-            "12345::",
-            "g::",
-            "::ffff:1.2.3.4",
-            "::1.2.3.4",
-            "1:2:3:4:5:6:1.2.3.4",
-            "1:2:3:4:5:6:7:1.2.3.4",
-            "::ffff:1.2.3",
-            "1.2.3.4::",
-            "2001:db8::8a2e:370:7334",
-            "FE80::1",
-            "fe80::1%eth0",
-            "[::1]",
-            "::+1",
-            "1:2:3:4:5:6:7:8::",
-            "::1:2:3:4:5:6:7",
-            "::1:2:3:4:5:6:7:8",
-            "0:0:0:0:0:0:0:0",
-            "abcd:ef01::",
-        ];
-        for case in cases {
-            assert_eq!(parse_ip(case), case.parse::<IpAddr>().ok(), "{case:?}");
         }
     }
 
