@@ -98,12 +98,7 @@ async fn lists(
     let named = request.client.as_ref();
     let caller_ip = req.headers().get("cf-connecting-ip").ok().flatten();
     let caller_country = req.cf().and_then(|cf| cf.country());
-    let client = Client::of(
-        named.and_then(|c| c.ip.as_deref()),
-        named.and_then(|c| c.country.as_deref()),
-        caller_ip.as_deref(),
-        caller_country.as_deref(),
-    );
+    let client = Client::of(named, caller_ip.as_deref(), caller_country.as_deref());
     if !record.policy.admits(&client) {
         return Ok(decision.forbidden_unless(false));
     }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
 use crate::record::{DEFAULT_MAX_STALENESS_MS, RECORD_SCHEMA, RecordError};
+use crate::usage::ClientInfo;
 
 /// Most entries one list may hold.
 pub const MAX_LIST_ENTRIES: usize = 64;
@@ -35,7 +36,7 @@ pub struct Cidr {
 pub enum PolicyError {
     #[error("`{0}` is not an IP range (CIDR such as 10.0.0.0/8 or 2001:db8::/32, or an address)")]
     Cidr(String),
-    #[error("`{0}` is not a country code (ISO 3166-1 alpha-2: two letters, such as DE)")]
+    #[error("`{0}` is not a country code (ISO 3166-1 alpha-2: two letters, such as DE; or T1, Tor)")]
     Country(String),
     #[error("a list holds at most {MAX_LIST_ENTRIES} entries")]
     TooMany,
@@ -96,6 +97,13 @@ impl FromStr for Cidr {
         if prefix > width || base & !mask(prefix, width) != 0 {
             return Err(refused());
         }
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps, since a
+        // mapped address is matched as IPv4. (A wider IPv6 range holds the whole mapped block
+        // or none of it, and matches IPv6 addresses only, as `::/0` should.)
+        const MAPPED: u128 = 0xffff << 32;
+        if !v4 && prefix >= 96 && base & mask(96, 128) == MAPPED {
+            return Ok(Cidr { base: base & u128::from(u32::MAX), prefix: prefix - 96, v4: true });
+        }
         Ok(Cidr { base, prefix, v4 })
     }
 }
@@ -143,10 +151,10 @@ impl Country {
 impl FromStr for Country {
     type Err = PolicyError;
 
-    /// Two ASCII letters, either case.
+    /// Two ASCII letters, either case, or a letter and a digit: Cloudflare's `T1` (Tor).
     fn from_str(text: &str) -> Result<Country, PolicyError> {
         match text.as_bytes() {
-            [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+            [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphanumeric() => {
                 Ok(Country([a.to_ascii_uppercase(), b.to_ascii_uppercase()]))
             }
             _ => Err(PolicyError::Country(text.to_owned())),
@@ -229,25 +237,26 @@ pub struct Policy {
     pub deny_countries: Vec<Country>,
 }
 
-/// The client a policy is decided on: its address, if it had a usable one, and its country.
+/// The client a policy is decided on: its address, if it had a usable one, and its country,
+/// if it had one (`Err` when the one given is not a country code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Client {
     pub ip: Option<IpAddr>,
-    pub country: Option<Country>,
+    pub country: Option<Result<Country, ()>>,
 }
 
 impl Client {
-    /// The client from the verify request's `client` fields, each falling back to the caller's
-    /// own (`fallback_ip`, `fallback_country`) when the request names none. A named IP or
-    /// country that does not parse is not replaced by the caller's: it is unusable.
-    pub fn of(
-        named_ip: Option<&str>,
-        named_country: Option<&str>,
-        fallback_ip: Option<&str>,
-        fallback_country: Option<&str>,
-    ) -> Client {
-        let ip = named_ip.or(fallback_ip).and_then(|t| t.trim().parse().ok());
-        let country = named_country.or(fallback_country).and_then(|t| t.parse().ok());
+    /// The client the verify request names in `client`; when it names none (no `client`), the
+    /// caller itself (`own_ip`, `own_country`). A named client's missing field is unknown, never
+    /// the caller's (the caller is usually the API's own server, elsewhere); a field that does
+    /// not parse is unusable, and refused wherever a list of its kind exists.
+    pub fn of(named: Option<&ClientInfo>, own_ip: Option<&str>, own_country: Option<&str>) -> Client {
+        let (ip, country) = match named {
+            Some(c) => (c.ip.as_deref(), c.country.as_deref()),
+            None => (own_ip, own_country),
+        };
+        let ip = ip.and_then(|t| t.trim().parse().ok());
+        let country = country.map(|t| t.trim().parse::<Country>().map_err(|_| ()));
         Client { ip, country }
     }
 }
@@ -271,9 +280,11 @@ impl Policy {
                     && (self.allow_ips.is_empty() || self.allow_ips.iter().any(|c| c.contains(ip)))
             }
         };
+        let country_lists = !self.allow_countries.is_empty() || !self.deny_countries.is_empty();
         let country_ok = match client.country {
             None => self.allow_countries.is_empty(),
-            Some(country) => {
+            Some(Err(())) => !country_lists,
+            Some(Ok(country)) => {
                 !self.deny_countries.contains(&country)
                     && (self.allow_countries.is_empty() || self.allow_countries.contains(&country))
             }
@@ -464,7 +475,7 @@ mod tests {
 
     #[test]
     fn cidr_matching_table() {
-        let rows: [(&str, &str, bool); 16] = [
+        let rows: [(&str, &str, bool); 19] = [
             ("10.0.0.0/8", "10.255.1.2", true),
             ("10.0.0.0/8", "11.0.0.0", false),
             ("10.0.0.0/8", "9.255.255.255", false),
@@ -481,6 +492,10 @@ mod tests {
             ("203.0.113.0/25", "203.0.113.128", false),
             ("::1", "::1", true),
             ("fe80::/10", "febf::1", true),
+            // A mapped range is the IPv4 range it maps, whichever way the address is written.
+            ("::ffff:10.0.0.0/104", "10.1.2.3", true),
+            ("::ffff:10.0.0.0/104", "::ffff:10.1.2.3", true),
+            ("::ffff:10.0.0.0/104", "11.0.0.1", false),
         ];
         for (range, address, expected) in rows {
             assert_eq!(cidr(range).contains(ip(address)), expected, "{range} ∋ {address}");
@@ -491,7 +506,8 @@ mod tests {
     fn country_codes() {
         assert_eq!("de".parse::<Country>().unwrap().as_str(), "DE");
         assert_eq!("XX".parse::<Country>().unwrap().as_str(), "XX");
-        for bad in ["", "D", "DEU", "T1", "1A", "É1", "d-"] {
+        assert_eq!("t1".parse::<Country>().unwrap().as_str(), "T1", "Cloudflare's Tor");
+        for bad in ["", "D", "DEU", "1A", "É1", "d-", "R "] {
             assert!(matches!(bad.parse::<Country>(), Err(PolicyError::Country(_))), "{bad}");
         }
     }
@@ -535,20 +551,42 @@ mod tests {
             ("ip and country lists, ip denied", &both, Some("10.0.0.1"), Some("DE"), false),
         ];
         for (name, policy, address, country, expected) in rows {
-            let client = Client { ip: address.map(ip), country: country.map(|c| c.parse().unwrap()) };
+            let client = Client { ip: address.map(ip), country: country.map(|c| Ok(c.parse().unwrap())) };
             assert_eq!(policy.admits(&client), expected, "{name}");
         }
     }
 
+    fn named(ip: Option<&str>, country: Option<&str>) -> ClientInfo {
+        ClientInfo { ip: ip.map(str::to_owned), country: country.map(str::to_owned), user_agent: None }
+    }
+
     #[test]
-    fn the_caller_stands_in_for_an_absent_client() {
+    fn the_caller_stands_in_for_an_absent_client_only() {
         let deny = policy(&[], &["10.0.0.0/8"], &[], &["RU"]);
-        assert!(!deny.admits(&Client::of(None, None, Some("10.0.0.1"), None)), "caller's address");
-        assert!(deny.admits(&Client::of(Some("8.8.8.8"), None, Some("10.0.0.1"), None)), "named wins");
-        assert!(!deny.admits(&Client::of(Some("8.8.8.8"), None, None, Some("ru"))), "caller's country");
-        assert!(deny.admits(&Client::of(Some("8.8.8.8"), Some("DE"), None, Some("RU"))));
-        assert!(!deny.admits(&Client::of(Some("not an ip"), None, Some("8.8.8.8"), None)), "unusable named IP");
-        assert!(deny.admits(&Client::of(Some("2001:db8::1"), None, None, None)));
+        let admits = |named: Option<ClientInfo>, own_ip, own_country| {
+            deny.admits(&Client::of(named.as_ref(), own_ip, own_country))
+        };
+        assert!(!admits(None, Some("10.0.0.1"), None), "no client: the caller's address");
+        assert!(!admits(None, Some("8.8.8.8"), Some("ru")), "no client: the caller's country");
+        assert!(admits(Some(named(Some("8.8.8.8"), None)), Some("10.0.0.1"), None), "named wins");
+        assert!(admits(Some(named(Some("8.8.8.8"), Some("DE"))), None, Some("RU")));
+        // A named client without a country has an unknown country, not the caller's.
+        assert!(admits(Some(named(Some("8.8.8.8"), None)), None, Some("RU")), "not the caller's country");
+        // A named client without an IP has no usable IP: refused under an IP list.
+        assert!(!admits(Some(named(None, Some("DE"))), Some("8.8.8.8"), None), "not the caller's IP");
+        assert!(!admits(Some(named(Some("not an ip"), None)), Some("8.8.8.8"), None), "unusable named IP");
+        // A country given that is not a code is refused under any country list, deny too.
+        assert!(!admits(Some(named(Some("8.8.8.8"), Some("RUS"))), None, None), "unusable named country");
+        assert!(admits(Some(named(Some("2001:db8::1"), None)), None, None));
+        let allow_only = policy(&[], &[], &["DE"], &[]);
+        assert!(!allow_only.admits(&Client::of(Some(&named(None, Some("??"))), None, None)));
+        assert!(Policy::default().admits(&Client::of(Some(&named(Some("x"), Some("??"))), None, None)));
+    }
+
+    #[test]
+    fn a_mapped_range_is_its_ipv4_range() {
+        assert_eq!(cidr("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
+        assert_eq!(cidr("::ffff:192.0.2.1").to_string(), "192.0.2.1/32");
     }
 
     #[test]

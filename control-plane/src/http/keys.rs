@@ -525,13 +525,7 @@ async fn admits(state: &AppState, record: &KeyRecord, request: &VerifyRequest, c
         return Ok(true);
     }
     let peer = caller.actor().request().and_then(|o| o.remote_addr).map(|a| a.ip().to_string());
-    let named = request.client.as_ref();
-    let client = Client::of(
-        named.and_then(|c| c.ip.as_deref()),
-        named.and_then(|c| c.country.as_deref()),
-        peer.as_deref(),
-        None,
-    );
+    let client = Client::of(request.client.as_ref(), peer.as_deref(), None);
     Ok(policy::admits(record, api.as_ref(), &client))
 }
 
