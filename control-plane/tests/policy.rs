@@ -151,6 +151,37 @@ async fn an_api_policy_is_shown_changed_delivered_and_lifted() {
     assert_eq!(shown["version"], 2);
 }
 
+/// Two responders at once: a `PATCH` changes only the lists it names, so each keeps the
+/// other's; a change made from a version the policy has moved past is refused (409).
+#[tokio::test]
+async fn a_patch_keeps_what_it_does_not_name_and_a_stale_version_is_refused() {
+    let h = harness().await;
+    let api = h.api().await;
+    let path = format!("/v1/apis/{api}/policy");
+    let first = json!({ "deny_ips": ["10.0.0.0/8"], "limit_override": { "percent": 50 } });
+    let (status, one) = h.call("PATCH", &path, Some(first)).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    let (status, two) = h.call("PATCH", &path, Some(json!({ "deny_countries": ["RU"] }))).await;
+    assert_eq!(status, StatusCode::OK, "{two}");
+    assert_eq!(two["version"], 2, "{two}");
+    assert_eq!(two["policy"]["deny_ips"], json!(["10.0.0.0/8"]), "the other responder's list is kept: {two}");
+    assert_eq!(two["policy"]["deny_countries"], json!(["RU"]), "{two}");
+    assert_eq!(two["limit_override"]["percent"], 50, "the override is kept: {two}");
+
+    let (status, stale) = h.call("PATCH", &path, Some(json!({ "deny_ips": [], "version": 1 }))).await;
+    assert_eq!((status, stale["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("CONFLICT")), "{stale}");
+    let (status, stale) = h.call("PUT", &path, Some(json!({ "version": 1 }))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{stale}");
+    let (_, shown) = h.call("GET", &path, None).await;
+    assert_eq!((shown["version"].as_u64(), &shown["policy"]["deny_ips"]), (Some(2), &json!(["10.0.0.0/8"])));
+
+    let (status, lifted) = h.call("PATCH", &path, Some(json!({ "limit_override": null, "version": 2 }))).await;
+    assert_eq!(status, StatusCode::OK, "{lifted}");
+    assert!(lifted["limit_override"].is_null() && lifted["policy"]["deny_countries"] == json!(["RU"]), "{lifted}");
+    let (status, bad) = h.call("PATCH", &path, Some(json!({ "deny_ips": ["10.0.0.0/33"] }))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+}
+
 #[tokio::test]
 async fn policy_routes_check_scopes_workspaces_and_input() {
     let h = harness().await;

@@ -208,19 +208,22 @@ enum ApiCommand {
     /// List this workspace's APIs.
     #[command(after_help = "Example:\n  keyward apis list")]
     List,
-    /// Show an API's allow and deny lists and limit override, or replace them (every list not
-    /// named is emptied; without `--limit-percent` the override is lifted). A tightening change
-    /// reaches every region like a revocation.
+    /// Show an API's allow and deny lists and limit override, or change them: each list named
+    /// replaces that list, the others stay as they are. A tightening change reaches every
+    /// region like a revocation.
     #[command(
-        after_help = "Example:\n  keyward apis policy api_01...\n  keyward apis policy api_01... --deny-ip 10.0.0.0/8 --deny-country RU\n  keyward apis policy api_01... --clear"
+        after_help = "Example:\n  keyward apis policy api_01...\n  keyward apis policy api_01... --deny-ip 10.0.0.0/8 --deny-country RU\n  keyward apis policy api_01... --limit-percent 50\n  keyward apis policy api_01... --clear"
     )]
     Policy {
         api_id: String,
         #[command(flatten)]
         lists: PolicyFields,
         /// Cap every rate limit of the API's keys at this percent of its limit (1 to 100).
-        #[arg(long, conflicts_with = "clear")]
+        #[arg(long, conflicts_with_all = ["clear", "lift_override"])]
         limit_percent: Option<u8>,
+        /// Lift the limit override (the lists stay).
+        #[arg(long, conflicts_with = "clear")]
+        lift_override: bool,
         /// Empty every list and lift the override.
         #[arg(long)]
         clear: bool,
@@ -251,6 +254,22 @@ impl PolicyFields {
             && self.deny_ip.is_empty()
             && self.allow_country.is_empty()
             && self.deny_country.is_empty()
+    }
+
+    /// Only the lists named, as the API takes them.
+    fn named_json(self) -> serde_json::Value {
+        let mut body = serde_json::json!({});
+        for (name, list) in [
+            ("allow_ips", self.allow_ip),
+            ("deny_ips", self.deny_ip),
+            ("allow_countries", self.allow_country),
+            ("deny_countries", self.deny_country),
+        ] {
+            if !list.is_empty() {
+                body[name] = list.into();
+            }
+        }
+        body
     }
 
     /// The lists as the API takes them.
@@ -498,13 +517,21 @@ mod tests {
         assert_eq!((method.as_str(), path.as_str(), body), ("GET", "/v1/apis/api_1/policy", None));
         let args = ["apis", "policy", "api_1", "--deny-ip", "10.0.0.0/8,2001:db8::/32", "--deny-country", "RU"];
         let (method, _, body) = request_of(&[&args[..], &["--allow-country", "DE", "--limit-percent", "50"]].concat());
-        assert_eq!(method, "PUT");
+        assert_eq!(method, "PATCH", "only what is named changes");
         let expected = serde_json::json!({
-            "allow_ips": [], "deny_ips": ["10.0.0.0/8", "2001:db8::/32"], "allow_countries": ["DE"],
+            "deny_ips": ["10.0.0.0/8", "2001:db8::/32"], "allow_countries": ["DE"],
             "deny_countries": ["RU"], "limit_override": { "percent": 50 },
         });
         assert_eq!(body, Some(expected));
-        let (_, _, body) = request_of(&["apis", "policy", "api_1", "--clear"]);
+        let (method, _, body) = request_of(&["apis", "policy", "api_1", "--limit-percent", "50"]);
+        assert_eq!(
+            (method.as_str(), body),
+            ("PATCH", Some(serde_json::json!({ "limit_override": { "percent": 50 } })))
+        );
+        let (_, _, body) = request_of(&["apis", "policy", "api_1", "--lift-override"]);
+        assert_eq!(body, Some(serde_json::json!({ "limit_override": null })));
+        let (method, _, body) = request_of(&["apis", "policy", "api_1", "--clear"]);
+        assert_eq!(method, "PUT");
         assert_eq!(body, Some(serde_json::json!({})), "--clear empties every list and lifts the override");
         let both = Cli::try_parse_from(["keyward", "apis", "policy", "a", "--clear", "--limit-percent", "5"]);
         assert!(both.is_err());

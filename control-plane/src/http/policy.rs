@@ -1,7 +1,9 @@
-//! `GET` and `PUT /v1/apis/{id}/policy`: an API's allow and deny lists of client IPs and
-//! countries, and its limit override, delivered to the edge like a revocation when they tighten
-//! (see docs/design.md, Tightening during an incident). Also the lists' input form, shared with
-//! the keys' routes.
+//! `GET`, `PUT` and `PATCH /v1/apis/{id}/policy`: an API's allow and deny lists of client IPs
+//! and countries, and its limit override, delivered to the edge like a revocation when they
+//! tighten (see docs/design.md, Tightening during an incident). `PUT` replaces the whole policy,
+//! `PATCH` only what it names, so two responders changing different lists at once lose nothing;
+//! either may name the `version` it read, and is refused (409) if the policy moved on since.
+//! Also the lists' input form, shared with the keys' routes.
 //!
 //! Reading needs `api.<id>.read_key`, changing `api.<id>.update_key` (the lists decide which of
 //! the API's keys' verifications are admitted); another workspace's API is `NOT_FOUND`.
@@ -19,7 +21,7 @@ use super::{AppError, AppState, Reached, Result};
 use crate::time::now_ms;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/apis/{id}/policy", get(read).put(replace))
+    Router::new().route("/v1/apis/{id}/policy", get(read).put(replace).patch(amend))
 }
 
 /// Allow and deny lists as an admin sends them: CIDR ranges (or addresses) and ISO 3166-1
@@ -37,15 +39,17 @@ pub(super) struct PolicyInput {
     deny_countries: Vec<String>,
 }
 
+/// One list's entries, or a 400 naming the first that is not a range or a country code.
+fn each<T: std::str::FromStr<Err = keyward_shared::policy::PolicyError>>(
+    list: Vec<String>,
+    name: &str,
+) -> Result<Vec<T>> {
+    list.iter().map(|e| e.parse().map_err(|err| AppError::BadRequest(format!("{name}: {err}")))).collect()
+}
+
 impl PolicyInput {
     /// The lists, or a 400 naming the first entry that is not a range or a country code.
     pub(super) fn parse(self) -> Result<Policy> {
-        fn each<T: std::str::FromStr<Err = keyward_shared::policy::PolicyError>>(
-            list: Vec<String>,
-            name: &str,
-        ) -> Result<Vec<T>> {
-            list.iter().map(|e| e.parse().map_err(|err| AppError::BadRequest(format!("{name}: {err}")))).collect()
-        }
         let policy = Policy {
             allow_ips: each(self.allow_ips, "allow_ips")?,
             deny_ips: each(self.deny_ips, "deny_ips")?,
@@ -106,6 +110,40 @@ struct ReplacePolicy {
     deny_countries: Vec<String>,
     #[serde(default)]
     limit_override: Option<LimitOverride>,
+    /// The version this change was made from; refused (409) if the policy is no longer at it.
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+/// Part of a policy: each list named replaces that list, the others stay; `limit_override`
+/// named sets it (`null` lifts it), left out it stays.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AmendPolicy {
+    allow_ips: Option<Vec<String>>,
+    deny_ips: Option<Vec<String>>,
+    allow_countries: Option<Vec<String>>,
+    deny_countries: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    limit_override: Option<Option<LimitOverride>>,
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+/// A field that is present, `null` included (`Some(None)`), told apart from one left out (`None`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Refuses a change made from a version the policy is no longer at.
+fn expect_version(record: &ApiRecord, version: Option<u64>) -> Result<()> {
+    match version {
+        Some(v) if v != record.version => Err(AppError::Conflict(format!(
+            "the API's policy is at version {}, not {v}: read it again and retry",
+            record.version
+        ))),
+        _ => Ok(()),
+    }
 }
 
 async fn find(state: &AppState, caller: &RootKey, id: &str, action: KeyAction) -> Result<ApiRecord> {
@@ -126,6 +164,7 @@ async fn replace(
     Json(body): Json<ReplacePolicy>,
 ) -> Result<Json<ChangedPolicy>> {
     let old = find(&state, &caller, &id, KeyAction::UpdateKey).await?;
+    expect_version(&old, body.version)?;
     if let Some(o) = &body.limit_override {
         o.check().map_err(|e| AppError::BadRequest(e.to_string()))?;
     }
@@ -136,6 +175,37 @@ async fn replace(
         deny_countries: body.deny_countries,
     };
     let new = ApiRecord { policy: lists.parse()?, limit_override: body.limit_override, ..old.clone() };
+    let (record, delivered) = state.change.commit_api(caller.actor(), old, new, now_ms()).await?;
+    Ok(Json(ChangedPolicy { view: record.into(), reached: delivered.map(Reached::from) }))
+}
+
+async fn amend(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+    Json(body): Json<AmendPolicy>,
+) -> Result<Json<ChangedPolicy>> {
+    let old = find(&state, &caller, &id, KeyAction::UpdateKey).await?;
+    expect_version(&old, body.version)?;
+    let mut policy = old.policy.clone();
+    if let Some(list) = body.allow_ips {
+        policy.allow_ips = each(list, "allow_ips")?;
+    }
+    if let Some(list) = body.deny_ips {
+        policy.deny_ips = each(list, "deny_ips")?;
+    }
+    if let Some(list) = body.allow_countries {
+        policy.allow_countries = each(list, "allow_countries")?;
+    }
+    if let Some(list) = body.deny_countries {
+        policy.deny_countries = each(list, "deny_countries")?;
+    }
+    policy.check().map_err(|e| AppError::BadRequest(e.to_string()))?;
+    let limit_override = body.limit_override.unwrap_or(old.limit_override);
+    if let Some(o) = &limit_override {
+        o.check().map_err(|e| AppError::BadRequest(e.to_string()))?;
+    }
+    let new = ApiRecord { policy, limit_override, ..old.clone() };
     let (record, delivered) = state.change.commit_api(caller.actor(), old, new, now_ms()).await?;
     Ok(Json(ChangedPolicy { view: record.into(), reached: delivered.map(Reached::from) }))
 }
