@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::StreamExt;
+use keyward_shared::policy::ApiRecord;
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{Key, KeyRecord, Meta, RootKeyRecord, Scope, Scopes};
 use tokio::sync::watch;
@@ -106,6 +107,8 @@ pub struct NewKey<'a> {
     pub credits: Option<keyward_shared::credits::Credits>,
     /// The key's named rate limits, checked.
     pub ratelimits: Vec<keyward_shared::ratelimit::RateLimit>,
+    /// The key's own allow and deny lists.
+    pub policy: keyward_shared::policy::Policy,
 }
 
 /// A created key: the key itself (its plaintext is shown once), its record, and its delivery.
@@ -200,6 +203,7 @@ impl ChangeService {
             updated_at: now,
             credits: new.credits,
             ratelimits: new.ratelimits,
+            policy: new.policy,
         };
         let outbox = self.outbox(Effect::Loosens, now);
         let outbox_id = self.store.create_key(&record, &outbox, actor).await?;
@@ -246,6 +250,32 @@ impl ChangeService {
         // The delivery notes when it answers (the promise's bound runs from then; a proof reads it).
         let delivered = self.delivery.deliver(outbox_id).await?;
         Ok((new, delivered))
+    }
+
+    /// Stores `new` as the next version of the API's record `old` (its allow and deny lists, its
+    /// limit override) with its outbox entry, then delivers it like a key's change: the
+    /// authority, every region's KV, and, when it tightens, every region's purge. A change that
+    /// changes nothing makes no entry and delivers nothing. Answers the record as it now is.
+    pub async fn commit_api(
+        &self,
+        actor: &Actor,
+        old: ApiRecord,
+        mut new: ApiRecord,
+        now: i64,
+    ) -> Result<(ApiRecord, Option<Delivered>)> {
+        if new == old {
+            return Ok((new, None));
+        }
+        let effect = if old.is_tightened_by(&new) { Effect::Tightens } else { Effect::Loosens };
+        new.version = old.version + 1;
+        new.updated_at = now;
+        let outbox_id = self.store.update_api_record(&old, &new, &self.outbox(effect, now), actor).await?;
+        self.committed.send_replace(outbox_id);
+        let delivered = self.delivery.deliver(outbox_id).await?;
+        if let Err(e) = self.store.note_answered(outbox_id, now_ms()).await {
+            tracing::warn!(outbox = outbox_id, error = %e, "cannot note when the change was answered");
+        }
+        Ok((new, Some(delivered)))
     }
 
     /// Revokes or deletes a key (again, if it already is: what has not landed is sent again).

@@ -13,8 +13,16 @@ use keyward_shared::internal::{
     self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest, SETTLE_PATH,
     SIGNATURE_HEADER, SettleAnswer, SettleOrder, TIMESTAMP_HEADER,
 };
+use keyward_shared::policy::ApiRecord;
 use keyward_shared::ratelimit::LimitAsk;
 use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
+
+/// What one purge replaces at a region: keys' records and APIs' records.
+#[derive(Clone, Copy)]
+pub struct Purged<'a> {
+    pub keys: &'a [KeyRecord],
+    pub apis: &'a [ApiRecord],
+}
 use reqwest::StatusCode;
 
 use crate::cloudflare::{CloudflareApi, CloudflareError};
@@ -168,9 +176,15 @@ impl EdgeClient {
 
     /// Sets keys' and root keys' records at their authority. Without one configured, there is
     /// nothing to do.
-    pub async fn update_authority(&self, records: &[KeyRecord], root_keys: &[RootKeyRecord]) -> Result<(), EdgeError> {
+    pub async fn update_authority(
+        &self,
+        records: &[KeyRecord],
+        root_keys: &[RootKeyRecord],
+        apis: &[ApiRecord],
+    ) -> Result<(), EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(()) };
-        let body = serde_json::to_vec(&AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec() })?;
+        let update = AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec(), apis: apis.to_vec() };
+        let body = serde_json::to_vec(&update)?;
         let response = self.signed_post(url, AUTHORITY_PATH, body).await?;
         let _: AuthorityAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
         Ok(())
@@ -203,18 +217,25 @@ impl EdgeClient {
     /// at once; purge-by-tag drops Cache API copies, so the next read refills from KV and the
     /// authority.
     /// Answers when a signed region began answering from the records, by its clock.
-    pub async fn purge(&self, region: &EdgeRegion, records: &[KeyRecord]) -> Result<Option<u64>, EdgeError> {
+    pub async fn purge(&self, region: &EdgeRegion, purged: Purged<'_>) -> Result<Option<u64>, EdgeError> {
         match &region.purge {
             PurgeVia::Signed => {
-                let purge = PurgeRequest { region: region.name.clone(), records: records.to_vec() };
+                let purge = PurgeRequest {
+                    region: region.name.clone(),
+                    records: purged.keys.to_vec(),
+                    apis: purged.apis.to_vec(),
+                };
                 let body = serde_json::to_vec(&purge)?;
                 let response = self.signed_post(&region.url, PURGE_PATH, body).await?;
                 let ack: PurgeAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the region", e))?;
                 Ok(Some(ack.applied_at_ms))
             }
             PurgeVia::Tags(batcher) => {
-                for record in records {
+                for record in purged.keys {
                     batcher.purge(&record.workspace_id, &[record.hash]).await.map_err(EdgeError::Tags)?;
+                }
+                for api in purged.apis {
+                    batcher.purge(&api.workspace_id, &[ApiRecord::hash_of(&api.id)]).await.map_err(EdgeError::Tags)?;
                 }
                 Ok(None)
             }

@@ -18,6 +18,7 @@
 use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Settlement, Verdict, text};
 use keyward_shared::freshness::AuthorityAnswer;
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
+use keyward_shared::policy::ApiRecord;
 use keyward_shared::ratelimit;
 use keyward_shared::record::RecordError;
 use keyward_shared::{ErrorCode, KeyHash, KeyRecord, RootKeyRecord};
@@ -273,6 +274,16 @@ pub(crate) async fn read(env: &Env, hash: &KeyHash) -> AuthorityAnswer<KeyRecord
     answer(read_text(env, &object_name(hash, false)).await, KeyRecord::from_json)
 }
 
+/// The authority's answer for an API's record (object `api:<hash>`).
+pub(crate) async fn read_api(env: &Env, hash: &KeyHash) -> AuthorityAnswer<ApiRecord> {
+    answer(read_text(env, &api_object_name(hash)).await, ApiRecord::from_json)
+}
+
+/// An API record's object name: `api:` and the hash of `api:<id>` ([`ApiRecord::hash_of`]).
+fn api_object_name(hash: &KeyHash) -> String {
+    format!("api:{}", hash.to_hex())
+}
+
 /// The authority's answer for a root key.
 pub(crate) async fn read_root(env: &Env, hash: &KeyHash) -> AuthorityAnswer<RootKeyRecord> {
     answer(read_text(env, &object_name(hash, true)).await, RootKeyRecord::from_json)
@@ -292,12 +303,15 @@ async fn write(env: &Env, name: &str, text: String) -> std::result::Result<u64, 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
     let update = signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await?.body;
-    let mut writes = Vec::with_capacity(update.records.len() + update.root_keys.len());
+    let mut writes = Vec::with_capacity(update.records.len() + update.root_keys.len() + update.apis.len());
     for record in &update.records {
         writes.push((object_name(&record.hash, false), serde_json::to_string(record)?));
     }
     for root in &update.root_keys {
         writes.push((object_name(&root.hash, true), serde_json::to_string(root)?));
+    }
+    for api in &update.apis {
+        writes.push((api_object_name(&ApiRecord::hash_of(&api.id)), serde_json::to_string(api)?));
     }
     let written = futures::future::join_all(writes.into_iter().map(|(name, text)| {
         let env = &ctx.env;

@@ -47,7 +47,7 @@ thread_local! {
     /// Confirmations under way, by kind and hash, and when each was asked: a few at a time, so
     /// a list (smaller in the worker than another map type).
     static IN_FLIGHT: RefCell<Vec<(Id, u64)>> = const { RefCell::new(Vec::new()) };
-    static COUNTS: Cell<[ConfirmCounts; 2]> = const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0 }; 2]) };
+    static COUNTS: Cell<[ConfirmCounts; 3]> = const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0 }; 3]) };
 }
 
 /// Reads `REFRESH_AHEAD_PERCENT`, `PURGE_MODE` and `MEMORY_TRUST_MS` once per isolate.
@@ -95,6 +95,7 @@ fn slot(kind: Kind) -> usize {
     match kind {
         Kind::Key => 0,
         Kind::RootKey => 1,
+        Kind::Api => 2,
     }
 }
 
@@ -129,11 +130,11 @@ impl Drop for Flight {
     }
 }
 
-/// A key's confirmation: whether of a root key, and the hash.
-type Id = (bool, [u8; 32]);
+/// A confirmation: of which kind of record, and the hash.
+type Id = (usize, [u8; 32]);
 
 fn id(kind: Kind, hash: &[u8; 32]) -> Id {
-    (matches!(kind, Kind::RootKey), *hash)
+    (slot(kind), *hash)
 }
 
 fn asked_at(id: &Id) -> Option<u64> {

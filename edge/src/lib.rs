@@ -17,6 +17,7 @@ mod lookup;
 mod memory;
 mod misses;
 mod origin;
+mod policy;
 mod purge;
 mod ratelimit;
 mod signed;

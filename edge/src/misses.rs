@@ -26,6 +26,9 @@ const MISS_MEMORY_BYTES: usize = 512 * 1024;
 pub(crate) enum Kind {
     Key,
     RootKey,
+    /// APIs' records, looked up for keys already found (never remembered as misses: an API
+    /// without a record is an empty policy, confirmed like a copy; see `crate::policy`).
+    Api,
 }
 
 struct Misses {
@@ -76,7 +79,7 @@ thread_local! {
 
 fn with<T>(kind: Kind, f: impl FnOnce(&Misses) -> T) -> T {
     match kind {
-        Kind::Key => KEYS.with(f),
+        Kind::Key | Kind::Api => KEYS.with(f),
         Kind::RootKey => ROOT_KEYS.with(f),
     }
 }

@@ -15,7 +15,7 @@ use worker::{Context, Date, Delay, Request, Response, RouteContext, console_erro
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, credits, ratelimit, signed};
+use crate::{REGION_VAR, credits, policy, ratelimit, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
@@ -28,6 +28,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     let confirmed_at_ms = freshness::purge_confirmed_at(purge.signed_at_ms, arrived_ms);
     let mode = purge_mode(&ctx);
     let records = purge.body.records;
+    let apis = purge.body.apis;
     if mode == PurgeMode::TagOnly {
         let delay_ms = ctx.env.var("PURGE_TAG_DELAY_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(0);
         ctx.data.wait_until(async move {
@@ -35,6 +36,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
             for record in records {
                 if let Err(e) = lookup::purge(record, confirmed_at_ms, mode).await {
                     console_error!("tag-only purge failed: {e}");
+                }
+            }
+            for api in apis {
+                if let Err(e) = policy::purge(api, confirmed_at_ms, mode).await {
+                    console_error!("tag-only purge of an API record failed: {e}");
                 }
             }
         });
@@ -47,9 +53,12 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
         credits::drop_shares(&record.hash);
         ratelimit::drop_shares(&record.hash);
     }
-    let replaced =
-        futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))).await?;
-    let purged = replaced.into_iter().filter(|had_copy| *had_copy).count();
+    let (replaced, apis) = futures::future::try_join(
+        futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))),
+        futures::future::try_join_all(apis.into_iter().map(|a| policy::purge(a, confirmed_at_ms, mode))),
+    )
+    .await?;
+    let purged = replaced.into_iter().chain(apis).filter(|had_copy| *had_copy).count();
     Ok(Response::from_json(&PurgeAck { region, purged, applied_at_ms })?)
 }
 

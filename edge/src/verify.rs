@@ -4,6 +4,7 @@
 //! the answer's usage event for shipping (`usage.rs`), off the response path.
 
 use keyward_shared::credits::{SettleRequest, Verdict};
+use keyward_shared::policy::Client;
 use keyward_shared::ratelimit::Grant;
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
@@ -14,7 +15,7 @@ use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, credits, lookup, ratelimit, usage};
+use crate::{auth, credits, lookup, policy, ratelimit, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -60,6 +61,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
+    // The key's and its API's allow and deny lists, before permissions' answer and any spending.
+    let decision = match record.as_ref().filter(|_| decision.code.passed_status_checks()) {
+        Some(record) => lists(&ctx, &req, &request, record, decision, decided_at_ms).await?,
+        None => decision,
+    };
     if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
         let costs = keyward_shared::ratelimit::check_costs(&r.ratelimits, &request.ratelimits);
         costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
@@ -143,6 +149,31 @@ async fn charge(
     limits.extend(grants.iter().map(|(name, grant)| ratelimit::left_of(name, grant)));
     let credits = spent.and_then(|s| s.remaining()).filter(|_| decision.code != Code::Unavailable);
     Charged { decision, decided_at_ms, credits, limits }
+}
+
+/// The decision once the key's and its API's lists were asked about the request's client (the
+/// caller's own `CF-Connecting-IP` and `cf.country` where the request names none): `FORBIDDEN`
+/// when either refuses it, `UNAVAILABLE` when the API's record could not be confirmed.
+async fn lists(
+    ctx: &RouteContext<worker::Context>,
+    req: &Request,
+    request: &VerifyRequest,
+    record: &KeyRecord,
+    decision: Decision,
+    now_ms: u64,
+) -> EdgeResult<Decision> {
+    let named = request.client.as_ref();
+    let caller_ip = req.headers().get("cf-connecting-ip").ok().flatten();
+    let caller_country = req.cf().and_then(|cf| cf.country());
+    let client = Client::of(named, caller_ip.as_deref(), caller_country.as_deref());
+    if !record.policy.admits(&client) {
+        return Ok(decision.forbidden_unless(false));
+    }
+    match policy::find(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
+        policy::Found::Record(api) => Ok(decision.forbidden_unless(api.policy.admits(&client))),
+        // Fail closed: the API's lists could not be confirmed.
+        policy::Found::Unconfirmed => Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
+    }
 }
 
 /// Spends the request's cost of the key's credits: settled at the authority with an

@@ -34,6 +34,7 @@ fn main() {
         updated_at: 0,
         credits: None,
         ratelimits: Vec::new(),
+        policy: Default::default(),
     };
     let request = VerifyRequest {
         key: text.clone(),

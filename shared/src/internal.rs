@@ -8,6 +8,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::policy::ApiRecord;
 use crate::{KeyRecord, RootKeyRecord};
 
 pub const PURGE_PATH: &str = "/internal/purge";
@@ -36,6 +37,9 @@ pub struct PurgeRequest {
     /// region is refused by every other.
     pub region: String,
     pub records: Vec<KeyRecord>,
+    /// APIs' records (their allow and deny lists, their limit override), replaced the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apis: Vec<ApiRecord>,
 }
 
 /// What a region answers to a purge it accepted.
@@ -70,6 +74,9 @@ pub struct MemoryStats {
     /// The same for root keys.
     #[serde(default)]
     pub root_key_confirmations: ConfirmCounts,
+    /// The same for APIs' records.
+    #[serde(default)]
+    pub api_confirmations: ConfirmCounts,
     /// Reads the KeyState objects this isolate hosts answered (the authority's home; 0 in a
     /// region that hosts none).
     #[serde(default)]
@@ -127,6 +134,9 @@ pub struct AuthorityUpdate {
     pub records: Vec<KeyRecord>,
     #[serde(default)]
     pub root_keys: Vec<RootKeyRecord>,
+    /// APIs' records, each in the object `api:<hash>` ([`ApiRecord::hash_of`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apis: Vec<ApiRecord>,
 }
 
 /// A verification of the key with this hash, settled at its authority: what it costs, and its
@@ -161,7 +171,7 @@ pub struct SettleAnswer {
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The versions the authority holds after an update, in the order of the update's records,
-/// then its root keys.
+/// then its root keys, then its APIs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuthorityAck {
     pub versions: Vec<u64>,

@@ -14,6 +14,7 @@ pub mod internal;
 pub mod key;
 pub mod limit;
 pub mod origin;
+pub mod policy;
 pub mod ratelimit;
 pub mod record;
 pub mod scope;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::KeyHash;
 use crate::credits::Credits;
+use crate::policy::Policy;
 use crate::ratelimit::{self, RateLimit};
 use crate::scope::Scopes;
 
@@ -71,13 +72,18 @@ pub struct KeyRecord {
     /// ([`crate::ratelimit::as_text`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty", with = "crate::ratelimit::as_text")]
     pub ratelimits: Vec<RateLimit>,
+    /// The key's own allow and deny lists of client IPs and countries (empty: none).
+    #[serde(default, skip_serializing_if = "Policy::is_empty", with = "crate::policy::as_text")]
+    pub policy: Policy,
 }
 
 impl KeyRecord {
     /// Whether going from `self` to `next` can turn an accepted verification into a rejected
     /// one: revoke, delete, disable, expiry set or moved earlier, a permission removed, or a
     /// move to another API or workspace, credits given to an unlimited key or lowered (see
-    /// [`Credits::is_tightened_by`]), a rate limit added or lowered ([`ratelimit::tightened`]). Such a change must be purged from edge copies at once.
+    /// [`Credits::is_tightened_by`]), a rate limit added or lowered ([`ratelimit::tightened`]),
+    /// or its allow and deny lists tightened ([`Policy::is_tightened_by`]). Such a change must
+    /// be purged from edge copies at once.
     pub fn is_tightened_by(&self, next: &KeyRecord) -> bool {
         let expiry_earlier = match (self.expires_at, next.expires_at) {
             (_, None) => false,
@@ -90,6 +96,7 @@ impl KeyRecord {
             || self.permissions.iter().any(|p| !next.permissions.contains(p))
             || self.api_id != next.api_id
             || self.workspace_id != next.workspace_id
+            || self.policy.is_tightened_by(&next.policy)
             || match (&self.credits, &next.credits) {
                 (_, None) => false,
                 (None, Some(_)) => true,
@@ -115,7 +122,7 @@ impl KeyRecord {
             .map(|s| s.len())
             .sum::<usize>();
         let permissions = self.permissions.iter().map(|p| p.len() + std::mem::size_of::<String>()).sum::<usize>();
-        strings + self.meta.as_str().len() + permissions
+        strings + self.meta.as_str().len() + permissions + self.policy.heap_bytes()
     }
 }
 
@@ -245,6 +252,7 @@ pub(crate) mod tests {
             updated_at: 1_000,
             credits: None,
             ratelimits: Vec::new(),
+            policy: Policy::default(),
         }
     }
 
@@ -276,6 +284,7 @@ pub(crate) mod tests {
         check(|r| r.name = Some("renamed".into()), false);
         check(|r| r.meta = Meta::from_map(&serde_json::json!({ "plan": 1 }).as_object().unwrap().clone()), false);
         check(|r| r.api_id = "api_2".into(), true);
+        check(|r| r.policy.deny_countries.push("RU".parse().unwrap()), true);
         let credits = Credits { set_to: 5, set_version: 1, added: 0, refill: None };
         check(|r| r.credits = Some(Credits { set_to: 5, set_version: 1, added: 0, refill: None }), true);
         let mut limited = sample(KeyHash::of("x"));

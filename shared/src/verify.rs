@@ -114,11 +114,21 @@ pub enum Code {
     Revoked,
     Disabled,
     Expired,
+    /// The key's or its API's allow or deny lists refuse this client.
+    Forbidden,
     InsufficientPermissions,
     RateLimited,
     UsageExceeded,
     Malformed,
     Unavailable,
+}
+
+impl Code {
+    /// Whether a key decided so passed existence, status and expiry checks: `VALID` or
+    /// `INSUFFICIENT_PERMISSIONS`, the decisions allow and deny lists may still refuse.
+    pub fn passed_status_checks(self) -> bool {
+        matches!(self, Code::Valid | Code::InsufficientPermissions)
+    }
 }
 
 /// Who is asking: the workspace and scopes of the root key in `Authorization`.
@@ -166,6 +176,14 @@ impl Decision {
             Code::UsageExceeded => Decision { code, ..self },
             _ => Decision::of(Code::Unavailable),
         }
+    }
+
+    /// The decision once the key's and its API's allow and deny lists were asked: a key that
+    /// passed the status checks (`VALID` or `INSUFFICIENT_PERMISSIONS`) is `FORBIDDEN` when
+    /// they do not admit the client; any other decision stays as it is (they come after
+    /// revoked, disabled and expired, before permissions, rate limits and credits).
+    pub fn forbidden_unless(self, admitted: bool) -> Decision {
+        if !admitted && self.code.passed_status_checks() { Decision::of(Code::Forbidden) } else { self }
     }
 
     /// Whether the answer may say anything about the key (its id, owner, meta). Never for a key
@@ -623,6 +641,20 @@ mod tests {
         let at_limit: Vec<String> = many[..MAX_REQUESTED_PERMISSIONS].to_vec();
         let body = serde_json::to_vec(&serde_json::json!({ "key": "k", "permissions": at_limit })).unwrap();
         assert!(VerifyRequest::from_json(&body).is_ok());
+    }
+
+    #[test]
+    fn lists_refuse_only_keys_that_passed_the_status_checks() {
+        let valid = Decision { code: Code::Valid, permissions_matched: vec!["read".into()] };
+        assert_eq!(valid.clone().forbidden_unless(true), valid);
+        let forbidden = valid.forbidden_unless(false);
+        assert_eq!((forbidden.code, forbidden.reveals_key()), (Code::Forbidden, true));
+        assert!(forbidden.permissions_matched.is_empty(), "a refused client learns no permissions");
+        assert_eq!(Decision::of(Code::InsufficientPermissions).forbidden_unless(false).code, Code::Forbidden);
+        for code in [Code::Revoked, Code::Disabled, Code::Expired, Code::NotFound, Code::Unavailable] {
+            assert_eq!(Decision::of(code).forbidden_unless(false).code, code, "{code:?}");
+        }
+        assert_eq!(serde_json::to_value(Code::Forbidden).unwrap(), "FORBIDDEN");
     }
 
     #[test]

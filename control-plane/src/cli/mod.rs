@@ -208,6 +208,79 @@ enum ApiCommand {
     /// List this workspace's APIs.
     #[command(after_help = "Example:\n  keyward apis list")]
     List,
+    /// Show an API's allow and deny lists and limit override, or change them: each list named
+    /// replaces that list, the others stay as they are. A tightening change reaches every
+    /// region like a revocation.
+    #[command(
+        after_help = "Example:\n  keyward apis policy api_01...\n  keyward apis policy api_01... --deny-ip 10.0.0.0/8 --deny-country RU\n  keyward apis policy api_01... --limit-percent 50\n  keyward apis policy api_01... --clear"
+    )]
+    Policy {
+        api_id: String,
+        #[command(flatten)]
+        lists: PolicyFields,
+        /// Cap every rate limit of the API's keys at this percent of its limit (1 to 100).
+        #[arg(long, conflicts_with_all = ["clear", "lift_override"])]
+        limit_percent: Option<u8>,
+        /// Lift the limit override (the lists stay).
+        #[arg(long, conflicts_with = "clear")]
+        lift_override: bool,
+        /// Empty every list and lift the override.
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
+/// Allow and deny lists of client IP ranges and countries, each flag repeatable or
+/// comma-separated.
+#[derive(Args, Default)]
+struct PolicyFields {
+    /// Admit only clients in these ranges (CIDR, like 203.0.113.0/24 or 2001:db8::/32).
+    #[arg(long, value_delimiter = ',')]
+    allow_ip: Vec<String>,
+    /// Refuse clients in these ranges (FORBIDDEN).
+    #[arg(long, value_delimiter = ',')]
+    deny_ip: Vec<String>,
+    /// Admit only clients from these countries (ISO 3166-1 alpha-2, like DE).
+    #[arg(long, value_delimiter = ',')]
+    allow_country: Vec<String>,
+    /// Refuse clients from these countries (FORBIDDEN).
+    #[arg(long, value_delimiter = ',')]
+    deny_country: Vec<String>,
+}
+
+impl PolicyFields {
+    fn is_empty(&self) -> bool {
+        self.allow_ip.is_empty()
+            && self.deny_ip.is_empty()
+            && self.allow_country.is_empty()
+            && self.deny_country.is_empty()
+    }
+
+    /// Only the lists named, as the API takes them.
+    fn named_json(self) -> serde_json::Value {
+        let mut body = serde_json::json!({});
+        for (name, list) in [
+            ("allow_ips", self.allow_ip),
+            ("deny_ips", self.deny_ip),
+            ("allow_countries", self.allow_country),
+            ("deny_countries", self.deny_country),
+        ] {
+            if !list.is_empty() {
+                body[name] = list.into();
+            }
+        }
+        body
+    }
+
+    /// The lists as the API takes them.
+    fn into_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "allow_ips": self.allow_ip,
+            "deny_ips": self.deny_ip,
+            "allow_countries": self.allow_country,
+            "deny_countries": self.deny_country,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -246,6 +319,12 @@ struct KeyFields {
     /// removes them.
     #[arg(long = "ratelimit")]
     ratelimits: Vec<String>,
+    /// The key's own allow and deny lists (for `update`: they replace the key's lists).
+    #[command(flatten)]
+    policy: Box<PolicyFields>,
+    /// For `update`: empty the key's own allow and deny lists.
+    #[arg(long)]
+    clear_policy: bool,
 }
 
 #[derive(Subcommand)]
@@ -429,6 +508,48 @@ mod tests {
         }
         Cli::command().debug_assert();
         check(&Cli::command(), "keyward");
+    }
+
+    /// The request `keyward <args>` makes: method, path and body.
+    fn request_of(args: &[&str]) -> (String, String, Option<serde_json::Value>) {
+        let cli = Cli::try_parse_from(std::iter::once("keyward").chain(args.iter().copied())).unwrap();
+        let request = request::request_for(cli.command).unwrap();
+        (request.method.to_string(), request.path, request.body)
+    }
+
+    #[test]
+    fn policy_flags_make_the_policy_requests() {
+        let (method, path, body) = request_of(&["apis", "policy", "api_1"]);
+        assert_eq!((method.as_str(), path.as_str(), body), ("GET", "/v1/apis/api_1/policy", None));
+        let args = ["apis", "policy", "api_1", "--deny-ip", "10.0.0.0/8,2001:db8::/32", "--deny-country", "RU"];
+        let (method, _, body) = request_of(&[&args[..], &["--allow-country", "DE", "--limit-percent", "50"]].concat());
+        assert_eq!(method, "PATCH", "only what is named changes");
+        let expected = serde_json::json!({
+            "deny_ips": ["10.0.0.0/8", "2001:db8::/32"], "allow_countries": ["DE"],
+            "deny_countries": ["RU"], "limit_override": { "percent": 50 },
+        });
+        assert_eq!(body, Some(expected));
+        let (method, _, body) = request_of(&["apis", "policy", "api_1", "--limit-percent", "50"]);
+        assert_eq!(
+            (method.as_str(), body),
+            ("PATCH", Some(serde_json::json!({ "limit_override": { "percent": 50 } })))
+        );
+        let (_, _, body) = request_of(&["apis", "policy", "api_1", "--lift-override"]);
+        assert_eq!(body, Some(serde_json::json!({ "limit_override": null })));
+        let (method, _, body) = request_of(&["apis", "policy", "api_1", "--clear"]);
+        assert_eq!(method, "PUT");
+        assert_eq!(body, Some(serde_json::json!({})), "--clear empties every list and lifts the override");
+        let both = Cli::try_parse_from(["keyward", "apis", "policy", "a", "--clear", "--limit-percent", "5"]);
+        assert!(both.is_err());
+
+        let (_, _, body) = request_of(&["keys", "create", "--api-id", "api_1", "--deny-ip", "203.0.113.0/24"]);
+        assert_eq!(body.unwrap()["policy"]["deny_ips"], serde_json::json!(["203.0.113.0/24"]));
+        let (_, _, body) = request_of(&["keys", "update", "key_1", "--clear-policy"]);
+        assert_eq!(body.unwrap()["policy"], serde_json::Value::Null);
+        let (_, _, body) = request_of(&["keys", "update", "key_1", "--name", "n"]);
+        assert!(body.unwrap().get("policy").is_none(), "lists not named are left as they are");
+        let cli = Cli::try_parse_from(["keyward", "keys", "create", "--api-id", "a", "--clear-policy"]).unwrap();
+        assert!(request::request_for(cli.command).is_err(), "--clear-policy is for update");
     }
 
     #[test]

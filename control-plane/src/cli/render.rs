@@ -63,6 +63,8 @@ pub enum View {
     Proof,
     /// A key's credits as its authority holds them.
     Credits,
+    /// An API's allow and deny lists and limit override (and, after a change, its delivery).
+    Policy,
     AuditCheckpoint,
     AuditVerified,
 }
@@ -102,6 +104,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             text(&answer["max_staleness_ms"]),
         ),
         View::Apis => apis(answer),
+        View::Policy => policy(answer),
         View::KeyCreated => format!(
             "Created key {} (start {}) in API {}.\n{}",
             text(&answer["id"]),
@@ -378,6 +381,39 @@ fn outbox_status(answer: &Value, now: i64) -> String {
 }
 
 /// `get`: one field per line.
+/// An API's policy: each list, the override, and what a change's delivery reached.
+fn policy(answer: &Value) -> String {
+    let lists = &answer["policy"];
+    let override_text = match answer["limit_override"]["percent"].as_u64() {
+        Some(p) => format!("{p}% of every rate limit"),
+        None => "none".into(),
+    };
+    let fields = [
+        ("api", text(&answer["api_id"])),
+        ("version", text(&answer["version"])),
+        ("allow ips", list(&lists["allow_ips"])),
+        ("deny ips", list(&lists["deny_ips"])),
+        ("allow countries", list(&lists["allow_countries"])),
+        ("deny countries", list(&lists["deny_countries"])),
+        ("limit override", override_text),
+    ];
+    let mut out = field_table(&fields);
+    if answer.get("regions").is_some() {
+        out += &delivery(answer);
+    }
+    out
+}
+
+/// A key's own allow and deny lists, in one line (`none` when it has none).
+fn key_policy(p: &Value) -> String {
+    let parts: Vec<String> = ["allow_ips", "deny_ips", "allow_countries", "deny_countries"]
+        .into_iter()
+        .filter(|name| !items(&p[*name]).is_empty())
+        .map(|name| format!("{name} {}", list(&p[name])))
+        .collect();
+    if parts.is_empty() { "none".into() } else { parts.join("; ") }
+}
+
 fn key_fields(k: &Value, now: i64) -> String {
     let fields = [
         ("id", text(&k["id"])),
@@ -393,6 +429,7 @@ fn key_fields(k: &Value, now: i64) -> String {
         ("max staleness", format!("{} ms", text(&k["max_staleness_ms"]))),
         ("credits", credits(&k["credits"], &k["credits_remaining"])),
         ("rate limits", ratelimits(&k["ratelimits"])),
+        ("lists", key_policy(&k["policy"])),
         ("created", date(&k["created_at"])),
         ("updated", date(&k["updated_at"])),
     ];

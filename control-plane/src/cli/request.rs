@@ -58,6 +58,22 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             Request::new(Method::POST, "/v1/apis".into(), Some(body), View::ApiCreated)
         }
         Command::Apis(ApiCommand::List) => Request::new(Method::GET, "/v1/apis".into(), None, View::Apis),
+        Command::Apis(ApiCommand::Policy { api_id, lists, limit_percent, lift_override, clear }) => {
+            let path = format!("/v1/apis/{}/policy", encode(&api_id));
+            if clear {
+                return Ok(Request::new(Method::PUT, path, Some(json!({})), View::Policy));
+            }
+            if lists.is_empty() && limit_percent.is_none() && !lift_override {
+                return Ok(Request::new(Method::GET, path, None, View::Policy));
+            }
+            // Only what is named: another responder's change to the rest is kept.
+            let mut body = lists.named_json();
+            insert_some(&mut body, "limit_override", limit_percent.map(|p| json!({ "percent": p })));
+            if lift_override {
+                body["limit_override"] = Value::Null;
+            }
+            Request::new(Method::PATCH, path, Some(body), View::Policy)
+        }
         Command::Keys(command) => key_request(command)?,
     })
 }
@@ -163,6 +179,15 @@ impl KeyFields {
             };
         }
         insert_some(&mut body, "permissions", self.permissions.map(Value::from));
+        if self.clear_policy {
+            anyhow::ensure!(
+                for_update && self.policy.is_empty(),
+                "--clear-policy is for `update`, without other lists"
+            );
+            body["policy"] = Value::Null;
+        } else if !self.policy.is_empty() {
+            body["policy"] = self.policy.into_json();
+        }
         if let Some(credits) = self.credits {
             body["credits"] = match credits.as_str() {
                 "unlimited" if for_update => Value::Null,

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, join_all};
+use keyward_shared::policy::ApiRecord;
 use keyward_shared::{KeyRecord, RootKeyRecord};
 use tokio::sync::Notify;
 
@@ -33,7 +34,7 @@ use self::outcome::{Attempt, Attempted, RegionPass, authority_lacks_message, aut
 pub use self::outcome::{AuthorityReport, Delivered, DeliveryError, KvState, RegionReport, error_text};
 pub use self::tags::{BatchError, FairQueue, TagBatcher, TagPurge};
 pub use self::upkeep::{OutboxSettings, UPKEEP_EVERY, Upkept, health_json, upkeep};
-use crate::edge_client::{EdgeClient, EdgeRegion};
+use crate::edge_client::{EdgeClient, EdgeRegion, Purged};
 use crate::store::{AttemptOutcome, Delivery, EntryKind, NewOutbox, OutboxEntry, Store, Target};
 use crate::time::now_ms;
 
@@ -82,6 +83,7 @@ impl Pass {
 enum Carried {
     Key(Box<KeyRecord>),
     RootKey(RootKeyRecord),
+    Api(ApiRecord),
 }
 
 impl Carried {
@@ -89,22 +91,25 @@ impl Carried {
         Ok(match entry.kind {
             EntryKind::Key => Carried::Key(Box::new(KeyRecord::from_json(&entry.record).context("outbox record")?)),
             EntryKind::RootKey => Carried::RootKey(RootKeyRecord::from_json(&entry.record).context("outbox root key")?),
+            EntryKind::Api => Carried::Api(ApiRecord::from_json(&entry.record).context("outbox API record")?),
         })
     }
 
-    /// The key's record, which purges carry; a root key has none.
-    fn key(&self) -> Option<&KeyRecord> {
+    /// What a purge carries: a key's record or an API's; a root key is never purged.
+    fn purged(&self) -> Option<Purged<'_>> {
         match self {
-            Carried::Key(record) => Some(record),
+            Carried::Key(record) => Some(Purged { keys: std::slice::from_ref(record), apis: &[] }),
+            Carried::Api(record) => Some(Purged { keys: &[], apis: std::slice::from_ref(record) }),
             Carried::RootKey(_) => None,
         }
     }
 
-    /// The authority's update: keys' records and root keys' records.
-    fn authority_update(&self) -> (&[KeyRecord], &[RootKeyRecord]) {
+    /// The authority's update: keys' records, root keys' records and APIs' records.
+    fn authority_update(&self) -> (&[KeyRecord], &[RootKeyRecord], &[ApiRecord]) {
         match self {
-            Carried::Key(record) => (std::slice::from_ref(record), &[]),
-            Carried::RootKey(record) => (&[], std::slice::from_ref(record)),
+            Carried::Key(record) => (std::slice::from_ref(record), &[], &[]),
+            Carried::RootKey(record) => (&[], std::slice::from_ref(record), &[]),
+            Carried::Api(record) => (&[], &[], std::slice::from_ref(record)),
         }
     }
 }
@@ -380,8 +385,8 @@ impl Deliverer {
         if !pass.puts_in_force() || !pending {
             return None;
         }
-        let (records, root_keys) = loaded.record.as_ref()?.authority_update();
-        let result = self.edge.update_authority(records, root_keys).await;
+        let (records, root_keys, apis) = loaded.record.as_ref()?.authority_update();
+        let result = self.edge.update_authority(records, root_keys, apis).await;
         Some(Attempt::ended(result.map_err(DeliveryError::Authority), started))
     }
 
@@ -417,13 +422,13 @@ impl Deliverer {
         purge: Option<&Delivery>,
     ) -> Option<Attempt<Option<u64>>> {
         let pending = plan.in_force_now && purge.is_some_and(Delivery::is_pending);
-        let record = plan.loaded.record.as_ref()?.key().filter(|_| pending)?;
+        let purged = plan.loaded.record.as_ref()?.purged().filter(|_| pending)?;
         if !region.purge_carries_record()
             && let Some(reason) = plan.authority_lacks().await
         {
             return Some(plan.attempt(Err(DeliveryError::AuthorityLacks(reason))));
         }
-        let result = self.edge.purge(region, std::slice::from_ref(record)).await;
+        let result = self.edge.purge(region, purged).await;
         Some(plan.attempt(result.map_err(DeliveryError::Purge)))
     }
 

@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Verdict};
 use keyward_shared::internal::SettleAnswer;
 use keyward_shared::key::validate_prefix;
+use keyward_shared::policy::{self, Client, Policy};
 use keyward_shared::ratelimit::{self, LimitAsk, MAX_LIMITS, Mode, RateLimit, applicable};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
@@ -23,6 +24,7 @@ use serde_json::{Map, Value};
 
 use super::auth::{Readable, RootKey};
 use super::extract::{Json, Path, Query, check_id};
+use super::policy::PolicyInput;
 use super::root_keys::check_name;
 use super::{AppError, AppState, Reached, Result};
 use crate::change::{FinalStatus, NewKey};
@@ -68,6 +70,9 @@ struct KeyView {
     /// The key's named rate limits (absent: none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     ratelimits: Vec<RateLimit>,
+    /// The key's own allow and deny lists (omitted when empty).
+    #[serde(skip_serializing_if = "Policy::is_empty")]
+    policy: Policy,
 }
 
 impl From<KeyRecord> for KeyView {
@@ -90,6 +95,7 @@ impl From<KeyRecord> for KeyView {
             updated_at: r.updated_at,
             credits: r.credits,
             ratelimits: r.ratelimits,
+            policy: r.policy,
         }
     }
 }
@@ -151,6 +157,9 @@ struct CreateKey {
     credits: Option<CreditsInput>,
     #[serde(default)]
     ratelimits: Vec<RateLimit>,
+    /// The key's own allow and deny lists.
+    #[serde(default)]
+    policy: Option<PolicyInput>,
 }
 
 /// A key's credits as an admin sets them: the balance that may still be spent from now, and
@@ -223,6 +232,7 @@ async fn create(
         permissions: check_permissions(body.permissions)?,
         credits: body.credits.map(|c| set_credits(c, 1)).transpose()?,
         ratelimits: check_limits(body.ratelimits)?,
+        policy: body.policy.map(PolicyInput::parse).transpose()?.unwrap_or_default(),
     };
     let created = state.change.create_key(caller.actor(), new, now).await?;
     let answer = CreatedKey {
@@ -335,6 +345,9 @@ struct UpdateKey {
     /// Replaces the rate limits (`[]`: none).
     #[serde(default)]
     ratelimits: Option<Vec<RateLimit>>,
+    /// Replaces the key's allow and deny lists (`null`: none).
+    #[serde(default, deserialize_with = "present")]
+    policy: Option<Option<PolicyInput>>,
 }
 
 async fn update(
@@ -372,6 +385,9 @@ async fn update(
     }
     if let Some(limits) = body.ratelimits {
         new.ratelimits = check_limits(limits)?;
+    }
+    if let Some(policy) = body.policy {
+        new.policy = policy.map(PolicyInput::parse).transpose()?.unwrap_or_default();
     }
     let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
@@ -511,6 +527,10 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
+    let decision = match record.as_ref() {
+        Some(record) => decision.forbidden_unless(admits(&state, record, &request, &caller).await?),
+        None => decision,
+    };
     if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
         ratelimit::check_costs(&r.ratelimits, &request.ratelimits).map_err(AppError::BadRequest)?;
     }
@@ -561,6 +581,19 @@ async fn charge(
         Verdict::Granted | Verdict::Unlimited => decision,
     };
     (decision, Some(settled))
+}
+
+/// Whether the key's and its API's allow and deny lists admit the request's client (the peer
+/// address when the request names no IP; no country unless it names one), read from the
+/// database, which is always current.
+async fn admits(state: &AppState, record: &KeyRecord, request: &VerifyRequest, caller: &RootKey) -> Result<bool> {
+    let api = state.store.api_record_by_id(&record.api_id).await?;
+    if record.policy.is_empty() && api.as_ref().is_none_or(|a| a.policy.is_empty()) {
+        return Ok(true);
+    }
+    let peer = caller.actor().request().and_then(|o| o.remote_addr).map(|a| a.ip().to_string());
+    let client = Client::of(request.client.as_ref(), peer.as_deref(), None);
+    Ok(policy::admits(record, api.as_ref(), &client))
 }
 
 /// Settles the request's cost of the key's credits at its authority, with its exact rate

@@ -8,6 +8,7 @@ pub mod error;
 mod events;
 mod extract;
 mod keys;
+mod policy;
 mod proof;
 mod regions;
 mod root_keys;
@@ -102,6 +103,7 @@ pub fn app(state: AppState) -> Router {
         .merge(root_keys::router())
         .merge(apis::router())
         .merge(keys::router())
+        .merge(policy::router())
         .merge(regions::router())
         .merge(events::router())
         .merge(usage::router())

@@ -40,6 +40,7 @@ struct KeyRow {
     updated_at: i64,
     credits: Option<String>,
     ratelimits: Option<String>,
+    policy: Option<String>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -59,6 +60,13 @@ impl TryFrom<KeyRow> for KeyRecord {
                 .map(serde_json::from_str)
                 .transpose()
                 .context("stored rate limits")?
+                .unwrap_or_default(),
+            policy: r
+                .policy
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .context("stored policy")?
                 .unwrap_or_default(),
             id: r.id,
             api_id: r.api_id,
@@ -223,12 +231,13 @@ fn update_action(before: &KeyRecord, after: &KeyRecord) -> &'static str {
         KeyStatus::Deleted if before.status != KeyStatus::Deleted => "key.delete",
         _ if before.credits != after.credits => "key.credits",
         _ if before.ratelimits != after.ratelimits => "key.ratelimits",
+        _ if before.policy != after.policy => "key.policy",
         _ => "key.update",
     }
 }
 
 /// The columns a change may write, in the order [`bind_changeable`] binds them.
-const CHANGEABLE: [&str; 11] = [
+const CHANGEABLE: [&str; 12] = [
     "name",
     "owner_id",
     "meta",
@@ -240,6 +249,7 @@ const CHANGEABLE: [&str; 11] = [
     "updated_at",
     "credits",
     "ratelimits",
+    "policy",
 ];
 
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
@@ -257,7 +267,8 @@ fn bind_changeable<'q>(query: Query<'q>, key: &'q KeyRecord) -> anyhow::Result<Q
         .bind(key.version as i64)
         .bind(key.updated_at)
         .bind(key.credits.as_ref().map(serde_json::to_string).transpose().context("credits")?)
-        .bind(ratelimits_column(key)?))
+        .bind(ratelimits_column(key)?)
+        .bind(policy_column(&key.policy)?))
 }
 
 /// The `ratelimits` column: the key's limits as a JSON list (NULL: none).
@@ -266,6 +277,11 @@ fn ratelimits_column(key: &KeyRecord) -> anyhow::Result<Option<String>> {
         return Ok(None);
     }
     serde_json::to_string(&key.ratelimits).map(Some).context("ratelimits")
+}
+
+/// The `policy` column (of keys and APIs): the lists as JSON, NULL when all are empty.
+pub(super) fn policy_column(policy: &keyward_shared::policy::Policy) -> anyhow::Result<Option<String>> {
+    (!policy.is_empty()).then(|| serde_json::to_string(policy)).transpose().context("policy")
 }
 
 /// The `meta` column: the key's meta as JSON text.

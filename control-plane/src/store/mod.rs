@@ -5,6 +5,7 @@
 //! with a compare-and-set on the old version, so two concurrent changes cannot lose one another,
 //! and is written together with its outbox entry (`outbox.rs`).
 
+mod api_policy;
 pub mod audit;
 mod keys;
 mod outbox;

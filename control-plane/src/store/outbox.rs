@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::Context;
+use keyward_shared::policy::{ApiRecord, kv_key_for_api};
 use keyward_shared::{KeyRecord, RootKeyRecord, kv_key_for_key, kv_key_for_root};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
@@ -23,6 +24,9 @@ use crate::change::Actor;
 pub enum EntryKind {
     Key,
     RootKey,
+    /// An API's record: its allow and deny lists and its limit override (`key_id` holds the
+    /// API's id).
+    Api,
 }
 
 impl EntryKind {
@@ -30,7 +34,7 @@ impl EntryKind {
     /// root key's never does, its revocation included: the edge confirms its callers' root keys
     /// with the authority and KV, which are its targets.
     pub fn purges(self, tightening: bool) -> bool {
-        self == EntryKind::Key && tightening
+        matches!(self, EntryKind::Key | EntryKind::Api) && tightening
     }
 }
 
@@ -539,6 +543,7 @@ impl Store {
 pub(super) enum Carried<'a> {
     Key(&'a KeyRecord),
     RootKey(&'a RootKeyRecord),
+    Api(&'a ApiRecord),
 }
 
 /// Inserts an outbox entry with its deliveries, and supersedes the same targets' pending and
@@ -556,6 +561,9 @@ pub(super) async fn insert_outbox(
         }
         Carried::RootKey(root) => {
             (EntryKind::RootKey, &root.id, &root.workspace_id, kv_key_for_root(&root.hash), serde_json::to_string(root))
+        }
+        Carried::Api(api) => {
+            (EntryKind::Api, &api.id, &api.workspace_id, kv_key_for_api(&api.id), serde_json::to_string(api))
         }
     };
     let record = record.context("record")?;

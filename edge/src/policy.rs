@@ -1,0 +1,264 @@
+//! An API's record at the edge (its allow and deny lists, its limit override): isolate memory,
+//! then the Cache API, then Workers KV together with its authority (the KeyState object
+//! `api:<hash>`), under the same freshness rules as a key's record (`crate::lookup`):
+//!
+//! - a copy is answered from while younger than its `max_staleness_ms` since its confirmation
+//!   was asked (or its signed purge was made), and confirmed again in the background once it has
+//!   used `REFRESH_AHEAD_PERCENT` of that; one confirmation per API is under way in an isolate;
+//! - a stale copy, or none, reads KV and the authority together, the highest version winning;
+//!   without the authority's answer the lookup fails closed (an API record is never final);
+//! - an API with no record in KV nor at a reachable authority counts as an empty policy at
+//!   version 0, kept as a copy confirmed when it was asked, so it is asked again within
+//!   `max_staleness_ms` like any other copy;
+//! - where purges reach only the Cache API (tag-only), memory answers a copy for its memory
+//!   trust after the Cache API last showed one;
+//! - memory never trades a copy for an older version, and a purge's version is remembered apart
+//!   so a refill that read before the purge cannot bring the older record back.
+//!
+//! API copies take their own small budget in memory ([`API_MEMORY_BYTES`]): an isolate serves
+//! few APIs.
+
+use std::cell::RefCell;
+
+use keyward_shared::budget::{ByteLru, Weigh};
+use keyward_shared::freshness::{self, Resolved};
+use keyward_shared::policy::{ApiRecord, kv_key_for_api};
+use serde::{Deserialize, Serialize};
+use worker::{Cache, Context, Env, Headers, Response, Result, console_warn};
+
+use crate::fresh::{self, Confirmation};
+use crate::lookup::{PurgeMode, read_kv};
+use crate::memory::Copies;
+use crate::misses::Kind;
+use crate::{authority, deadline, origin};
+
+/// Bytes API copies may take in one isolate.
+pub(crate) const API_MEMORY_BYTES: usize = 256 * 1024;
+/// How long the Cache API may keep a copy (it is confirmed after `max_staleness_ms` anyway).
+const CACHE_MAX_AGE_S: u64 = 3_600;
+
+/// An edge copy of an API's record and when its confirmation was asked.
+#[derive(Clone, Serialize, Deserialize)]
+struct Entry {
+    record: ApiRecord,
+    confirmed_at_ms: u64,
+    /// Memory only: since when memory trusts the copy where purges reach only the Cache API.
+    #[serde(skip)]
+    checked_at_ms: u64,
+}
+
+impl Weigh for Entry {
+    fn weight(&self) -> usize {
+        std::mem::size_of::<Entry>() + self.record.heap_bytes()
+    }
+}
+
+thread_local! {
+    static MEMORY: Copies<Entry> = Copies::new(API_MEMORY_BYTES);
+    /// The versions purges brought, by API hash (a few APIs: a small budget).
+    static PURGED: RefCell<ByteLru<[u8; 32], u64>> = RefCell::new(ByteLru::new(64 * 1024));
+}
+
+/// What the lookup found.
+pub(crate) enum Found {
+    /// The API's record (version 0 when it has none anywhere).
+    Record(ApiRecord),
+    /// The authority could not confirm the best record there is.
+    Unconfirmed,
+}
+
+fn cache_url(api_id: &str) -> String {
+    origin::cache_url(&format!("api/{}", ApiRecord::hash_of(api_id).to_hex()))
+}
+
+fn fresh_now(entry: &Entry, now_ms: u64) -> bool {
+    freshness::is_fresh(entry.confirmed_at_ms, entry.record.max_staleness_ms, now_ms)
+}
+
+fn trusted(entry: &Entry, now_ms: u64) -> bool {
+    fresh::memory_trust_ms().is_none_or(|trust| freshness::is_fresh(entry.checked_at_ms, trust, now_ms))
+}
+
+/// The record of the API `api_id`, from the nearest tier that may answer (see the module). An
+/// API with no record anywhere is trusted as such for `trust_ms` at most (its keys'
+/// `max_staleness_ms`, which is the API's).
+pub(crate) async fn find(env: &Env, ctx: &Context, api_id: &str, trust_ms: u64, now_ms: u64) -> Result<Found> {
+    let hash = *ApiRecord::hash_of(api_id).as_bytes();
+    let cache = Cache::default();
+    let stale = match nearest(env, ctx, &cache, api_id, now_ms).await? {
+        Nearest::Found(found) => return Ok(found),
+        Nearest::Stale(record) => Some(record),
+        Nearest::None => None,
+    };
+    if let Some(now) = fresh::join(Kind::Api, &hash, now_ms).await {
+        match nearest(env, ctx, &cache, api_id, now).await? {
+            Nearest::Found(found) => return Ok(found),
+            Nearest::Stale(_) => return Ok(Found::Unconfirmed),
+            Nearest::None => {}
+        }
+    }
+    let _flight = fresh::begin(Kind::Api, &hash, now_ms);
+    fresh::count(Kind::Api, Confirmation::Waited);
+    confirm(env, &cache, api_id, stale, trust_ms, now_ms).await
+}
+
+enum Nearest {
+    Found(Found),
+    Stale(ApiRecord),
+    None,
+}
+
+/// Memory's copy, or the Cache API's where memory has none it may answer from alone.
+async fn nearest(env: &Env, ctx: &Context, cache: &Cache, api_id: &str, now_ms: u64) -> Result<Nearest> {
+    let hash = ApiRecord::hash_of(api_id);
+    let held = MEMORY.with(|m| m.get(&hash));
+    let untrusted = match held {
+        Some(entry) if trusted(&entry, now_ms) && fresh_now(&entry, now_ms) => {
+            return Ok(Nearest::Found(answer(env, ctx, api_id, entry, now_ms)));
+        }
+        Some(entry) if trusted(&entry, now_ms) => return Ok(Nearest::Stale(entry.record)),
+        other => other,
+    };
+    let mut cached = None;
+    if let Some(read) = deadline::within(deadline::CACHE_MS, cache.get(cache_url(api_id), false)).await
+        && let Some(mut response) = read?
+    {
+        cached = response.json::<Entry>().await.ok();
+    }
+    let best = match (cached, untrusted) {
+        (None, Some(memory)) => return Ok(Nearest::Stale(memory.record)),
+        (None, None) => return Ok(Nearest::None),
+        (Some(cached), Some(memory)) if memory.record.version > cached.record.version => memory,
+        (Some(cached), _) => cached,
+    };
+    let entry = remember(Entry { checked_at_ms: now_ms, ..best });
+    Ok(if fresh_now(&entry, now_ms) {
+        Nearest::Found(answer(env, ctx, api_id, entry, now_ms))
+    } else {
+        Nearest::Stale(entry.record)
+    })
+}
+
+/// Answers from `entry`, first starting its confirmation in the background if it is due.
+fn answer(env: &Env, ctx: &Context, api_id: &str, entry: Entry, now_ms: u64) -> Found {
+    let percent = fresh::refresh_ahead_percent();
+    if freshness::refresh_ahead(entry.confirmed_at_ms, entry.record.max_staleness_ms, now_ms, percent) {
+        let hash = *ApiRecord::hash_of(api_id).as_bytes();
+        fresh::ahead(ctx, Kind::Api, &hash, now_ms, || {
+            let (env, api_id, record) = (env.clone(), api_id.to_owned(), entry.record.clone());
+            let trust_ms = record.max_staleness_ms;
+            async move {
+                if let Err(e) = confirm(&env, &Cache::default(), &api_id, Some(record), trust_ms, now_ms).await {
+                    console_warn!("API record confirmation ahead of expiry failed: {e}");
+                }
+            }
+        });
+    }
+    Found::Record(entry.record)
+}
+
+/// A stale copy, or none: reads KV and the authority together and keeps what wins.
+async fn confirm(
+    env: &Env,
+    cache: &Cache,
+    api_id: &str,
+    stale: Option<ApiRecord>,
+    trust_ms: u64,
+    now_ms: u64,
+) -> Result<Found> {
+    let hash = ApiRecord::hash_of(api_id);
+    let (kv, mut authority) =
+        futures::join!(read_kv(env, kv_key_for_api(api_id), ApiRecord::from_json), authority::read_api(env, &hash));
+    let kv = kv.unwrap_or_else(|e| {
+        console_warn!("KV read of an API record failed: {e}");
+        if !matches!(authority, freshness::AuthorityAnswer::Holds(_)) {
+            authority = freshness::AuthorityAnswer::Unreachable;
+        }
+        None
+    });
+    let record = match freshness::resolve(stale, kv, authority) {
+        Resolved::FailClosed(_) => return Ok(Found::Unconfirmed),
+        Resolved::Record(None, _) => {
+            let none = ApiRecord::none(api_id);
+            ApiRecord { max_staleness_ms: none.max_staleness_ms.min(trust_ms), ..none }
+        }
+        Resolved::Record(Some(record), _) => record,
+    };
+    let entry = Entry { record, confirmed_at_ms: now_ms, checked_at_ms: now_ms };
+    Ok(Found::Record(keep(cache, api_id, entry).await?))
+}
+
+fn purged_newer(hash: &[u8; 32], version: u64) -> bool {
+    PURGED.with(|p| p.borrow().peek(hash).is_some_and(|seen| *seen > version))
+}
+
+/// Puts a copy in memory unless memory holds a newer version or a purge brought one; answers
+/// the copy memory holds afterwards (of one version, the later confirmation and check times).
+fn remember(mut entry: Entry) -> Entry {
+    let hash = *ApiRecord::hash_of(&entry.record.id).as_bytes();
+    MEMORY.with(|m| {
+        m.update(|memory| {
+            match memory.get(&hash) {
+                Some(held) if held.record.version > entry.record.version => return held.clone(),
+                Some(held) if held.record.version == entry.record.version => {
+                    entry.confirmed_at_ms = entry.confirmed_at_ms.max(held.confirmed_at_ms);
+                    entry.checked_at_ms = entry.checked_at_ms.max(held.checked_at_ms);
+                }
+                _ => {}
+            }
+            if !purged_newer(&hash, entry.record.version) {
+                memory.put(hash, entry.clone());
+            }
+            entry
+        })
+    })
+}
+
+/// Keeps a confirmed copy in memory and the Cache API (tagged with the API's hash, for
+/// purge-by-tag); a newer version that reached memory meanwhile is written after it.
+async fn keep(cache: &Cache, api_id: &str, entry: Entry) -> Result<ApiRecord> {
+    let hash = ApiRecord::hash_of(api_id);
+    let mut kept = remember(entry);
+    if purged_newer(hash.as_bytes(), kept.record.version) {
+        return Ok(kept.record);
+    }
+    loop {
+        let headers = Headers::new();
+        headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
+        headers.set("cache-tag", &hash.to_hex())?;
+        let put = cache.put(cache_url(api_id), Response::from_json(&kept)?.with_headers(headers));
+        match deadline::within(deadline::CACHE_MS, put).await {
+            Some(done) => done?,
+            None => console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS),
+        }
+        let held = MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|h| h.record.version)));
+        if held.is_some_and(|v| v > kept.record.version) {
+            kept = remember(kept);
+            continue;
+        }
+        return Ok(kept.record);
+    }
+}
+
+/// Replaces this location's copies of an API's record with `record`, from a signed purge
+/// confirmed as of `confirmed_at_ms`: memory takes it (unless it holds a newer version) in
+/// record mode, and the Cache API copy is dropped in both modes. Answers whether there was a
+/// copy here.
+pub(crate) async fn purge(record: ApiRecord, confirmed_at_ms: u64, mode: PurgeMode) -> Result<bool> {
+    let hash = ApiRecord::hash_of(&record.id);
+    let in_memory = MEMORY.with(|m| m.update(|m| m.contains(hash.as_bytes())));
+    let url = cache_url(&record.id);
+    if mode == PurgeMode::Record {
+        PURGED.with(|p| {
+            let mut purged = p.borrow_mut();
+            if purged.peek(hash.as_bytes()).is_none_or(|seen| *seen < record.version) {
+                purged.put(*hash.as_bytes(), record.version);
+            }
+        });
+        remember(Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
+    }
+    let dropped = deadline::within(deadline::CACHE_MS, Cache::default().delete(url, false))
+        .await
+        .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the API copy in time".into()))??;
+    Ok(in_memory || matches!(dropped, worker::CacheDeletionOutcome::Success))
+}
