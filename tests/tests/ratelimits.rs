@@ -393,4 +393,11 @@ fn limits_through_the_api_and_the_cli_with_their_audit_entries() {
             world.admin(Method::PATCH, &format!("/v1/keys/{id}"), Some(json!({ "ratelimits": bad })));
         assert_eq!(status, 400, "{refused}");
     }
+    // A revoked key is decided before its limits: nothing is taken, nothing is said of them.
+    keyward(&["keys", "update", &id, "--ratelimit", "api=1/10s", "--json"]);
+    let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+    assert_eq!(status, 200, "{revoked}");
+    let (code, answer) = verify(&world, 0, &json!({ "key": key }));
+    assert_eq!(code, "REVOKED", "{answer}");
+    assert!(answer["ratelimits"].is_null(), "{answer}");
 }
