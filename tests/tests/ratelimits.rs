@@ -308,20 +308,25 @@ fn settled_verifications_decide_limits_and_credits_together() {
     let (status, credits) = world.admin(Method::GET, &format!("/v1/keys/{id}/credits"), None);
     assert_eq!((status, &credits["remaining"]), (200, &json!(4)), "RATE_LIMITED spent a credit: {credits}");
 
-    // Idempotent at the edge: a retry in any region answers the same and spends no token.
-    let (_, key) = key_with(&world, 1_000, limits, json!({ "credits": { "remaining": 10 } }));
-    let with = |k: &str| json!({ "key": key, "idempotency_key": k });
-    let (code, first) = verify(&world, 0, &with("order-1"));
-    assert_eq!(code, "VALID", "{first}");
-    for region in [1, 2, 0] {
-        let (code, again) = verify(&world, region, &with("order-1"));
-        assert_eq!(code, "VALID", "{again}");
-        assert_eq!(again["decided_at_ms"], first["decided_at_ms"], "region {region}");
+    // Idempotent at the edge, with credits (their ledger remembers the settlement) and without
+    // (the key's object remembers it beside its limits): a retry in any region answers the same
+    // and spends no token.
+    for extra in [json!({ "credits": { "remaining": 10 } }), json!({})] {
+        let (_, key) = key_with(&world, 1_000, limits.clone(), extra.clone());
+        let with = |k: &str| json!({ "key": key, "idempotency_key": k });
+        let (code, first) = verify(&world, 0, &with("order-1"));
+        assert_eq!(code, "VALID", "{extra}: {first}");
+        for region in [1, 2, 0] {
+            let (code, again) = verify(&world, region, &with("order-1"));
+            assert_eq!(code, "VALID", "{extra}: {again}");
+            assert_eq!(again["decided_at_ms"], first["decided_at_ms"], "{extra}: region {region}");
+        }
+        assert_eq!(verify(&world, 1, &with("order-2")).0, "VALID", "{extra}: the retries spent the second token");
+        let (code, third) = verify(&world, 2, &with("order-3"));
+        assert_eq!(code, "RATE_LIMITED", "{extra}: {third}");
+        assert_eq!(third["ratelimits"][0]["name"], "api", "{third}");
+        assert_eq!(verify(&world, 0, &with("order-3")).0, "RATE_LIMITED", "{extra}: a refusal is remembered too");
     }
-    assert_eq!(verify(&world, 1, &with("order-2")).0, "VALID", "the retries spent the second token");
-    let (code, third) = verify(&world, 2, &with("order-3"));
-    assert_eq!(code, "RATE_LIMITED", "{third}");
-    assert_eq!(third["ratelimits"][0]["name"], "api", "{third}");
 }
 
 #[test]
