@@ -178,6 +178,15 @@ impl KeyState {
         if let Some(settlement) = known {
             return Response::ok(text::settlement(&settlement));
         }
+        // A key without credits remembers its idempotent settlements beside its limits.
+        let idempotent_limits_only = request.idempotency_key.as_deref().filter(|_| ledger.is_none());
+        let mut memory = Vec::new();
+        if let Some(key) = idempotent_limits_only {
+            memory = crate::ratelimit::remembered(&storage).await?;
+            if let Some((_, settlement)) = memory.iter().find(|(k, _)| k == key) {
+                return Response::ok(text::settlement(settlement));
+            }
+        }
         let usable = record.is_usable(now);
         let reserved = crate::ratelimit::reserve(&storage, record, if usable { &asks } else { &[] }, now).await?;
         let decided_at_ms = now.max(0) as u64;
@@ -196,6 +205,11 @@ impl KeyState {
         };
         if matches!(settlement.verdict, Verdict::Granted | Verdict::Unlimited) && !reserved.grants.is_empty() {
             crate::ratelimit::commit(&storage, &reserved.schedules).await?;
+        }
+        if let Some(key) =
+            idempotent_limits_only.filter(|_| matches!(settlement.verdict, Verdict::Unlimited | Verdict::Limited))
+        {
+            crate::ratelimit::remember(&storage, memory, key, settlement, now).await?;
         }
         Response::ok(ratelimit::text::settled(&text::settlement(&settlement), &reserved.grants))
     }

@@ -242,7 +242,9 @@ impl Spent {
     pub(crate) fn remaining(&self) -> Option<u64> {
         match self {
             Spent::Yes(r) | Spent::Exceeded(r) => Some(*r),
-            Spent::Settled(s) if !matches!(s.verdict, Verdict::Void | Verdict::Limited) => Some(s.remaining),
+            Spent::Settled(s) if !matches!(s.verdict, Verdict::Void | Verdict::Limited | Verdict::Unlimited) => {
+                Some(s.remaining)
+            }
             _ => None,
         }
     }
@@ -280,7 +282,7 @@ pub(crate) async fn settle(
         Some((text::read_settlement(&first)?, grants))
     });
     match read {
-        Some((settlement, grants)) if settlement.verdict == Verdict::Unlimited => (Spent::Unlimited, grants),
+        // Unlimited too: a key without credits settled for its limits answers the settlement's time.
         Some((settlement, grants)) => (Spent::Settled(settlement), grants),
         None => (unavailable(), Vec::new()),
     }

@@ -17,7 +17,7 @@
 
 use std::cell::RefCell;
 
-use keyward_shared::credits::Verdict;
+use keyward_shared::credits::{Settlement, Verdict};
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
 use keyward_shared::ratelimit::{Grant, Mode, RateLimit, Reserved, Schedule, applicable};
 use keyward_shared::verify::LimitLeft;
@@ -31,6 +31,8 @@ use crate::deadline;
 pub(crate) const RATELIMIT_PATH: &str = "/ratelimit";
 /// Where the KeyState object stores its limits' schedules.
 const SCHEDULES: &str = "ratelimits";
+/// Where it remembers idempotent settlements of a key without credits.
+const SETTLED: &str = "ratelimit-settled";
 /// How often a request waiting for another's token request looks at it again.
 const JOIN_POLL_MS: u64 = 5;
 /// A share asked for covers this much of the holder's recent rate.
@@ -359,6 +361,25 @@ pub(crate) async fn reserve(
         return Ok(Reserved { schedules: Vec::new(), grants: Vec::new(), admitted: true, unknown: false });
     }
     Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, &record.ratelimits, asks, now_ms))
+}
+
+/// The settlements remembered for a key without credits (idempotent verifications settled
+/// for its limits alone).
+pub(crate) async fn remembered(storage: &Storage) -> worker::Result<Vec<(String, Settlement)>> {
+    let stored: Option<String> = storage.get(SETTLED).await?;
+    Ok(stored.as_deref().and_then(text::read_remembered).unwrap_or_default())
+}
+
+/// Remembers a settlement for a key without credits, forgetting those past remembering.
+pub(crate) async fn remember(
+    storage: &Storage,
+    mut entries: Vec<(String, Settlement)>,
+    key: &str,
+    settlement: Settlement,
+    now_ms: i64,
+) -> worker::Result<()> {
+    entries.push((key.to_owned(), settlement));
+    storage.put(SETTLED, text::remembered(&entries, now_ms)).await
 }
 
 /// Stores reserved schedules: the reservation is spent.

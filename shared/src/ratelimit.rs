@@ -300,7 +300,7 @@ pub fn reserve(
 /// limits as one string (not JSON: each type serde_json reads costs the worker's upload).
 pub mod text {
     use super::*;
-    use crate::credits::Verdict;
+    use crate::credits::{Settlement, Verdict};
 
     /// A holder's request for tokens of one limit.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,6 +427,24 @@ pub mod text {
             })
             .collect::<Option<_>>()?;
         Some((first, grants))
+    }
+
+    /// Settlements remembered for a key without credits (whose ledger would remember them), by
+    /// idempotency key: `key verdict remaining decided_at_ms` per line; those older than
+    /// [`crate::credits::IDEMPOTENCY_MS`] at `now_ms` are left out.
+    pub fn remembered(entries: &[(String, Settlement)], now_ms: i64) -> String {
+        let fresh = entries.iter().filter(|(_, s)| s.decided_at_ms as i64 + crate::credits::IDEMPOTENCY_MS > now_ms);
+        fresh.map(|(k, s)| format!("{k} {}", crate::credits::text::settlement(s))).collect::<Vec<_>>().join("\n")
+    }
+
+    pub fn read_remembered(text: &str) -> Option<Vec<(String, Settlement)>> {
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (key, rest) = l.split_once(' ')?;
+                Some((key.to_owned(), crate::credits::text::read_settlement(rest)?))
+            })
+            .collect()
     }
 
     /// Stored schedules: `name tat_us limit duration_ms cost` per line.
@@ -693,7 +711,7 @@ mod tests {
         for bad in ["api 0 1000 1 e a", "api 5 1000 1 x a", "api 5 1000 1 e a 7", "a b"] {
             assert_eq!(as_text::read(bad), None, "{bad}");
         }
-        use crate::credits::Verdict;
+        use crate::credits::{Settlement, Verdict};
         let request = text::TokenRequest { name: "api".into(), need: 1, want: 30, version: u64::MAX };
         assert_eq!(text::read_token_request(&text::token_request(&request)), Some(request));
         let grant = Grant { granted: 3, remaining: 0, retry_after_ms: 224, reset_at_ms: 1_764_000_000_123 };
@@ -708,6 +726,10 @@ mod tests {
         let stored = vec![("api".to_owned(), Schedule { tat_us: 1_764_000_000_123_456, ..Schedule::default() })];
         assert_eq!(text::read_schedules(&text::schedules(&stored)), Some(stored));
         assert_eq!(text::read_schedules(""), Some(vec![]));
+        let settled = Settlement { verdict: Verdict::Limited, remaining: 0, decided_at_ms: 1_000 };
+        let remembered = vec![("order-1".to_owned(), settled)];
+        assert_eq!(text::read_remembered(&text::remembered(&remembered, 2_000)), Some(remembered.clone()));
+        assert_eq!(text::remembered(&remembered, 1_000 + crate::credits::IDEMPOTENCY_MS), "");
     }
 
     #[test]

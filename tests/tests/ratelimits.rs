@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::gate::GateMode;
 use keyward_tests::now_ms;
-use keyward_tests::world::{Options, RegionPlan, World};
+use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -160,10 +160,23 @@ fn an_exact_limit_holds_in_every_sliding_window_from_three_regions() {
     }
     assert!(most <= 50, "{most} VALID in one 10 s window against a limit of 50");
     // docs/design.md: at least ⌊(d − J)/T⌋ per window, J the spread of the delays from a
-    // token's due time to its spending: 43 (7 stranded) while J stays under 250 ms (T 224.49 ms).
-    assert!(fewest >= 43, "only {fewest} VALID in a steady 10 s window: more than the stated 7 stranded");
+    // token's due time to its spending (43 while J < 250 ms). Tokens fall due every T from the
+    // first grant's second (the burst's), so the n-th VALID after it is due at its time + (n−1)·T.
+    let spacing_ms = 11_000.0 / 49.0;
+    let delays: Vec<f64> =
+        times.iter().skip(1).enumerate().map(|(n, t)| (t - times[1]) as f64 - n as f64 * spacing_ms).collect();
+    let spread = delays.iter().cloned().fold(f64::MIN, f64::max) - delays.iter().cloned().fold(f64::MAX, f64::min);
+    let floor = ((10_000.0 - spread) / spacing_ms).floor().max(0.0) as usize;
+    println!("spread of the delays from due time to spending: {spread:.0} ms; stated floor {floor}");
+    assert!(fewest >= floor, "only {fewest} VALID in a steady 10 s window, under the stated ⌊(d − J)/T⌋ = {floor}");
+    // However loaded the machine, refusing everything cannot pass: no drift past a second.
+    assert!(fewest >= 40, "only {fewest} VALID in a steady 10 s window (spread {spread:.0} ms)");
+    // Fail closed (`UNAVAILABLE`, the authority slower than its deadline) and no answer (the dev
+    // server's 503 under load) are counted above; neither may be more than 1 in 200.
+    let (unavailable, refused) = (tally(&answers).get("UNAVAILABLE").copied().unwrap_or(0), errors.len());
+    assert!((unavailable + refused) * 200 <= answers.len(), "{unavailable} UNAVAILABLE and {refused} unanswered");
     for (code, answer) in &answers {
-        assert!(code == "VALID" || code == "RATE_LIMITED", "{code}: {answer}");
+        assert!(matches!(code.as_str(), "VALID" | "RATE_LIMITED" | "UNAVAILABLE" | "ERROR"), "{code}: {answer}");
         if code == "RATE_LIMITED" {
             let limit = &answer["ratelimits"][0];
             assert_eq!(limit["name"], "api", "{answer}");
@@ -220,7 +233,10 @@ fn a_rate_limited_request_spends_no_credit_and_a_credit_refused_one_no_token() {
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn a_lowered_limit_holds_for_windows_a_lease_lifetime_after_the_answer() {
     let _alone = alone();
-    let world = World::start(&THREE).expect("world");
+    // Tag-only purges never reach isolate memory: the shares held are spent until they expire
+    // (with signed purges they are dropped at once).
+    let options = Options { purge_mode: PurgeMode::TagOnly(150), ..Options::default() };
+    let world = World::start_opts(&THREE, options).expect("world");
     let limits = json!([{ "name": "api", "limit": 1_000, "duration_ms": 2_000 }]);
     let (id, key) = key_with(&world, 1_000, limits, json!({}));
     let body = json!({ "key": key });
@@ -306,20 +322,25 @@ fn settled_verifications_decide_limits_and_credits_together() {
     let (status, credits) = world.admin(Method::GET, &format!("/v1/keys/{id}/credits"), None);
     assert_eq!((status, &credits["remaining"]), (200, &json!(4)), "RATE_LIMITED spent a credit: {credits}");
 
-    // Idempotent at the edge: a retry in any region answers the same and spends no token.
-    let (_, key) = key_with(&world, 1_000, limits, json!({ "credits": { "remaining": 10 } }));
-    let with = |k: &str| json!({ "key": key, "idempotency_key": k });
-    let (code, first) = verify(&world, 0, &with("order-1"));
-    assert_eq!(code, "VALID", "{first}");
-    for region in [1, 2, 0] {
-        let (code, again) = verify(&world, region, &with("order-1"));
-        assert_eq!(code, "VALID", "{again}");
-        assert_eq!(again["decided_at_ms"], first["decided_at_ms"], "region {region}");
+    // Idempotent at the edge, with credits (their ledger remembers the settlement) and without
+    // (the key's object remembers it beside its limits): a retry in any region answers the same
+    // and spends no token.
+    for extra in [json!({ "credits": { "remaining": 10 } }), json!({})] {
+        let (_, key) = key_with(&world, 1_000, limits.clone(), extra.clone());
+        let with = |k: &str| json!({ "key": key, "idempotency_key": k });
+        let (code, first) = verify(&world, 0, &with("order-1"));
+        assert_eq!(code, "VALID", "{extra}: {first}");
+        for region in [1, 2, 0] {
+            let (code, again) = verify(&world, region, &with("order-1"));
+            assert_eq!(code, "VALID", "{extra}: {again}");
+            assert_eq!(again["decided_at_ms"], first["decided_at_ms"], "{extra}: region {region}");
+        }
+        assert_eq!(verify(&world, 1, &with("order-2")).0, "VALID", "{extra}: the retries spent the second token");
+        let (code, third) = verify(&world, 2, &with("order-3"));
+        assert_eq!(code, "RATE_LIMITED", "{extra}: {third}");
+        assert_eq!(third["ratelimits"][0]["name"], "api", "{third}");
+        assert_eq!(verify(&world, 0, &with("order-3")).0, "RATE_LIMITED", "{extra}: a refusal is remembered too");
     }
-    assert_eq!(verify(&world, 1, &with("order-2")).0, "VALID", "the retries spent the second token");
-    let (code, third) = verify(&world, 2, &with("order-3"));
-    assert_eq!(code, "RATE_LIMITED", "{third}");
-    assert_eq!(third["ratelimits"][0]["name"], "api", "{third}");
 }
 
 /// A verification settled at the authority (here: idempotent at the edge) is decided on the
@@ -433,4 +454,11 @@ fn limits_through_the_api_and_the_cli_with_their_audit_entries() {
             world.admin(Method::PATCH, &format!("/v1/keys/{id}"), Some(json!({ "ratelimits": bad })));
         assert_eq!(status, 400, "{refused}");
     }
+    // A revoked key is decided before its limits: nothing is taken, nothing is said of them.
+    keyward(&["keys", "update", &id, "--ratelimit", "api=1/10s", "--json"]);
+    let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+    assert_eq!(status, 200, "{revoked}");
+    let (code, answer) = verify(&world, 0, &json!({ "key": key }));
+    assert_eq!(code, "REVOKED", "{answer}");
+    assert!(answer["ratelimits"].is_null(), "{answer}");
 }
