@@ -183,7 +183,8 @@ impl EdgeClient {
         apis: &[ApiRecord],
     ) -> Result<(), EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(()) };
-        let update = AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec(), apis: apis.to_vec() };
+        let apis = apis.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+        let update = AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec(), apis };
         let body = serde_json::to_vec(&update)?;
         let response = self.signed_post(url, AUTHORITY_PATH, body).await?;
         let _: AuthorityAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
@@ -220,11 +221,8 @@ impl EdgeClient {
     pub async fn purge(&self, region: &EdgeRegion, purged: Purged<'_>) -> Result<Option<u64>, EdgeError> {
         match &region.purge {
             PurgeVia::Signed => {
-                let purge = PurgeRequest {
-                    region: region.name.clone(),
-                    records: purged.keys.to_vec(),
-                    apis: purged.apis.to_vec(),
-                };
+                let apis = purged.apis.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+                let purge = PurgeRequest { region: region.name.clone(), records: purged.keys.to_vec(), apis };
                 let body = serde_json::to_vec(&purge)?;
                 let response = self.signed_post(&region.url, PURGE_PATH, body).await?;
                 let ack: PurgeAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the region", e))?;

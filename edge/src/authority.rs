@@ -324,8 +324,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     for root in &update.root_keys {
         writes.push((object_name(&root.hash, true), serde_json::to_string(root)?));
     }
-    for api in &update.apis {
-        writes.push((api_object_name(&ApiRecord::hash_of(&api.id)), serde_json::to_string(api)?));
+    for text in update.apis {
+        let api = ApiRecord::from_json(&text).map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
+        writes.push((api_object_name(&ApiRecord::hash_of(&api.id)), text));
     }
     let written = futures::future::join_all(writes.into_iter().map(|(name, text)| {
         let env = &ctx.env;

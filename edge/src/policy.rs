@@ -20,6 +20,7 @@
 
 use std::cell::RefCell;
 
+use keyward_shared::KeyHash;
 use keyward_shared::budget::{ByteLru, Weigh};
 use keyward_shared::freshness::{self, Resolved};
 use keyward_shared::policy::{ApiRecord, kv_key_for_api};
@@ -83,21 +84,21 @@ fn trusted(entry: &Entry, now_ms: u64) -> bool {
 /// API with no record anywhere is trusted as such for `trust_ms` at most (its keys'
 /// `max_staleness_ms`, which is the API's).
 pub(crate) async fn find(env: &Env, ctx: &Context, api_id: &str, trust_ms: u64, now_ms: u64) -> Result<Found> {
-    let hash = *ApiRecord::hash_of(api_id).as_bytes();
+    let hash = ApiRecord::hash_of(api_id);
     let cache = Cache::default();
-    let stale = match nearest(env, ctx, &cache, api_id, now_ms).await? {
+    let stale = match nearest(env, ctx, &cache, api_id, &hash, now_ms).await? {
         Nearest::Found(found) => return Ok(found),
         Nearest::Stale(record) => Some(record),
         Nearest::None => None,
     };
-    if let Some(now) = fresh::join(Kind::Api, &hash, now_ms).await {
-        match nearest(env, ctx, &cache, api_id, now).await? {
+    if let Some(now) = fresh::join(Kind::Api, hash.as_bytes(), now_ms).await {
+        match nearest(env, ctx, &cache, api_id, &hash, now).await? {
             Nearest::Found(found) => return Ok(found),
             Nearest::Stale(_) => return Ok(Found::Unconfirmed),
             Nearest::None => {}
         }
     }
-    let _flight = fresh::begin(Kind::Api, &hash, now_ms);
+    let _flight = fresh::begin(Kind::Api, hash.as_bytes(), now_ms);
     fresh::count(Kind::Api, Confirmation::Waited);
     confirm(env, &cache, api_id, stale, trust_ms, now_ms).await
 }
@@ -109,9 +110,15 @@ enum Nearest {
 }
 
 /// Memory's copy, or the Cache API's where memory has none it may answer from alone.
-async fn nearest(env: &Env, ctx: &Context, cache: &Cache, api_id: &str, now_ms: u64) -> Result<Nearest> {
-    let hash = ApiRecord::hash_of(api_id);
-    let held = MEMORY.with(|m| m.get(&hash));
+async fn nearest(
+    env: &Env,
+    ctx: &Context,
+    cache: &Cache,
+    api_id: &str,
+    hash: &KeyHash,
+    now_ms: u64,
+) -> Result<Nearest> {
+    let held = MEMORY.with(|m| m.get(hash));
     let untrusted = match held {
         Some(entry) if trusted(&entry, now_ms) && fresh_now(&entry, now_ms) => {
             return Ok(Nearest::Found(answer(env, ctx, api_id, entry, now_ms)));
@@ -167,8 +174,14 @@ async fn confirm(
     now_ms: u64,
 ) -> Result<Found> {
     let hash = ApiRecord::hash_of(api_id);
-    let (kv, mut authority) =
-        futures::join!(read_kv(env, kv_key_for_api(api_id), ApiRecord::from_json), authority::read_api(env, &hash));
+    let (kv, mut authority) = futures::join!(read_kv(env, kv_key_for_api(api_id), ApiRecord::from_json), async {
+        // The KV-only baseline edge (`cargo xtask bench`'s point of comparison) never asks.
+        if cfg!(feature = "kv-only-baseline") {
+            freshness::AuthorityAnswer::Unknown
+        } else {
+            authority::read_api(env, &hash).await
+        }
+    });
     let kv = kv.unwrap_or_else(|e| {
         console_warn!("KV read of an API record failed: {e}");
         if !matches!(authority, freshness::AuthorityAnswer::Holds(_)) {

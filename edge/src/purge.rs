@@ -11,6 +11,7 @@
 use keyward_shared::ErrorCode;
 use keyward_shared::freshness;
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
+use keyward_shared::policy::ApiRecord;
 use worker::{Context, Date, Delay, Request, Response, RouteContext, console_error};
 
 use crate::error::{EdgeError, EdgeResult};
@@ -28,7 +29,8 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     let confirmed_at_ms = freshness::purge_confirmed_at(purge.signed_at_ms, arrived_ms);
     let mode = purge_mode(&ctx);
     let records = purge.body.records;
-    let apis = purge.body.apis;
+    let apis = purge.body.apis.iter().map(|text| ApiRecord::from_json(text)).collect::<Result<Vec<_>, _>>();
+    let apis = apis.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
     if mode == PurgeMode::TagOnly {
         let delay_ms = ctx.env.var("PURGE_TAG_DELAY_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(0);
         ctx.data.wait_until(async move {

@@ -152,7 +152,7 @@ async fn charge(
 }
 
 /// The decision once the key's and its API's lists were asked about the request's client (the
-/// caller's own `CF-Connecting-IP` and `cf.country` where the request names none): `FORBIDDEN`
+/// caller's own `CF-Connecting-IP` and `cf.country` when the request has no `client`): `FORBIDDEN`
 /// when either refuses it, `UNAVAILABLE` when the API's record could not be confirmed.
 async fn lists(
     ctx: &RouteContext<worker::Context>,
@@ -162,18 +162,24 @@ async fn lists(
     decision: Decision,
     now_ms: u64,
 ) -> EdgeResult<Decision> {
-    let named = request.client.as_ref();
-    let caller_ip = req.headers().get("cf-connecting-ip").ok().flatten();
-    let caller_country = req.cf().and_then(|cf| cf.country());
-    let client = Client::of(named, caller_ip.as_deref(), caller_country.as_deref());
-    if !record.policy.admits(&client) {
+    // The client is read (the caller's headers and `cf` are asked) only where a list exists.
+    let client = || {
+        let caller_ip = req.headers().get("cf-connecting-ip").ok().flatten();
+        let caller_country = req.cf().and_then(|cf| cf.country());
+        Client::of(request.client.as_ref(), caller_ip.as_deref(), caller_country.as_deref())
+    };
+    let mut known = None;
+    if !record.policy.is_empty() && !record.policy.admits(known.insert(client())) {
         return Ok(decision.forbidden_unless(false));
     }
-    match policy::find(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
-        policy::Found::Record(api) => Ok(decision.forbidden_unless(api.policy.admits(&client))),
+    let api = match policy::find(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
+        policy::Found::Record(api) if api.policy.is_empty() => return Ok(decision),
+        policy::Found::Record(api) => api,
         // Fail closed: the API's lists could not be confirmed.
-        policy::Found::Unconfirmed => Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
-    }
+        policy::Found::Unconfirmed => return Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
+    };
+    let client = known.unwrap_or_else(client);
+    Ok(decision.forbidden_unless(api.policy.admits(&client)))
 }
 
 /// Spends the request's cost of the key's credits: settled at the authority with an

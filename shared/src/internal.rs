@@ -8,6 +8,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+#[cfg(doc)]
 use crate::policy::ApiRecord;
 use crate::{KeyRecord, RootKeyRecord};
 
@@ -37,9 +38,10 @@ pub struct PurgeRequest {
     /// region is refused by every other.
     pub region: String,
     pub records: Vec<KeyRecord>,
-    /// APIs' records (their allow and deny lists, their limit override), replaced the same way.
+    /// APIs' records (their allow and deny lists, their limit override), replaced the same way,
+    /// each as its JSON text ([`ApiRecord::from_json`]): read by one deserializer at the edge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub apis: Vec<ApiRecord>,
+    pub apis: Vec<String>,
 }
 
 /// What a region answers to a purge it accepted.
@@ -134,9 +136,10 @@ pub struct AuthorityUpdate {
     pub records: Vec<KeyRecord>,
     #[serde(default)]
     pub root_keys: Vec<RootKeyRecord>,
-    /// APIs' records, each in the object `api:<hash>` ([`ApiRecord::hash_of`]).
+    /// APIs' records, each as its JSON text, each kept in the object `api:<hash>`
+    /// ([`ApiRecord::hash_of`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub apis: Vec<ApiRecord>,
+    pub apis: Vec<String>,
 }
 
 /// A verification of the key with this hash, settled at its authority: what it costs, and its

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use keyward_tests::gate::GateMode;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const MAX_STALENESS_MS: u64 = 1_000;
 /// How late KV writes reach r2.
@@ -44,7 +44,7 @@ fn a_keys_lists_forbid_at_the_edge_in_every_region() {
     let world = World::start(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up]).unwrap();
     let api = world.create_api("lists", MAX_STALENESS_MS);
     let lists = json!({ "policy": { "deny_ips": ["203.0.113.0/24", "2001:db8::/32"], "deny_countries": ["RU"] } });
-    let (_, key) = world.create_key(&api, lists);
+    let (key_id, key) = world.create_key(&api, lists);
     let (_, open) = world.create_key(&api, json!({}));
     for i in 0..3 {
         make_hot(&world, i, &key);
@@ -74,6 +74,22 @@ fn a_keys_lists_forbid_at_the_edge_in_every_region() {
     let (_, answer) =
         world.origin_verify(&world.root_key, json!({ "key": key, "client": { "ip": "203.0.113.9", "country": "DE" } }));
     assert_eq!(answer["code"], "FORBIDDEN", "{answer}");
+    // Every FORBIDDEN answer is a usage event: five per region and the origin's.
+    let forbidden = |usage: &Value| {
+        let regions = usage["regions"].as_object().cloned().unwrap_or_default();
+        regions.values().map(|r| r["FORBIDDEN"].as_u64().unwrap_or(0)).sum::<u64>()
+    };
+    let started = Instant::now();
+    let usage = loop {
+        let (status, usage) = world.admin(Method::GET, &format!("/v1/keys/{key_id}/usage"), None);
+        assert_eq!(status, 200, "{usage}");
+        if forbidden(&usage) >= 16 || started.elapsed() > Duration::from_secs(30) {
+            break usage;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(forbidden(&usage), 16, "{usage}");
+    assert_eq!(usage["regions"]["origin"]["FORBIDDEN"], 1, "{usage}");
 }
 
 /// What one region's poller saw after the change.
