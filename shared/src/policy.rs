@@ -324,7 +324,7 @@ impl Policy {
 
 /// An API-wide override that lowers every key's rate limits: each limit of a key of the API is
 /// capped at `percent` of its `limit` (rounded down) while it stands. Stored and delivered with
-/// the API record; it caps rate limits once they exist (issue 14, parts 1 and 2).
+/// the API record; not yet applied to the limits (docs/design.md, The limit override).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverride {

@@ -218,7 +218,8 @@ enum ApiCommand {
         api_id: String,
         #[command(flatten)]
         lists: PolicyFields,
-        /// Cap every rate limit of the API's keys at this percent of its limit (1 to 100).
+        /// Set the API's limit override, a percent (1 to 100) of every rate limit of its keys
+        /// (stored and delivered; not yet applied to the limits).
         #[arg(long, conflicts_with_all = ["clear", "lift_override"])]
         limit_percent: Option<u8>,
         /// Lift the limit override (the lists stay).
