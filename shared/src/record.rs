@@ -305,14 +305,7 @@ pub(crate) mod tests {
         let mut never = expiring.clone();
         never.expires_at = None;
         assert!(!expiring.is_tightened_by(&never));
-        let limit = RateLimit {
-            name: "api".into(),
-            limit: 50,
-            duration_ms: 10_000,
-            cost: 1,
-            mode: ratelimit::Mode::Exact,
-            auto: true,
-        };
+        let limit = api_limit();
         let mut rated = sample(KeyHash::of("x"));
         rated.ratelimits = vec![limit.clone()];
         assert!(sample(KeyHash::of("x")).is_tightened_by(&rated));
@@ -323,17 +316,22 @@ pub(crate) mod tests {
         assert!(!lower.is_tightened_by(&rated));
     }
 
-    #[test]
-    fn ratelimits_travel_as_text() {
-        let mut record = sample(KeyHash::of("x"));
-        record.ratelimits = vec![RateLimit {
+    /// An exact limit of 50 per 10 s named `api`.
+    fn api_limit() -> RateLimit {
+        RateLimit {
             name: "api".into(),
             limit: 50,
             duration_ms: 10_000,
             cost: 1,
             mode: ratelimit::Mode::Exact,
             auto: true,
-        }];
+        }
+    }
+
+    #[test]
+    fn ratelimits_travel_as_text() {
+        let mut record = sample(KeyHash::of("x"));
+        record.ratelimits = vec![api_limit()];
         let text = serde_json::to_string(&record).unwrap();
         assert!(text.contains(r#""ratelimits":"api 50 10000 1 e a""#), "{text}");
         assert_eq!(KeyRecord::from_json(&text).unwrap(), record);
