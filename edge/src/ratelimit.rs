@@ -57,6 +57,9 @@ struct Holding {
     reset_at_ms: i64,
     /// Until when a refusal is answered from memory.
     refused_until: u64,
+    /// The version of the record the refusal was given under: a newer record (its limit may
+    /// have changed) asks the authority again.
+    refused_version: u64,
     /// A token request under way, asked at this time.
     asking_since: Option<u64>,
     rate: Rate,
@@ -151,6 +154,7 @@ pub(crate) fn drop_shares(hash: &KeyHash) {
         for ((held, _), holding) in h.borrow_mut().iter_mut() {
             if held == hash.as_bytes() {
                 holding.shares.clear();
+                holding.refused_until = 0;
             }
         }
     });
@@ -276,7 +280,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
         let (taken, under_way, refused) = with(hash, &limit.name, |h| {
             h.close_expired(now);
             let under_way = h.asking_since.is_some_and(|at| now.saturating_sub(at) < deadline::MAX_AUTHORITY_MS);
-            (h.take(cost, now), under_way, h.refused_until > now)
+            (h.take(cost, now), under_way, h.refused_until > now && h.refused_version == version)
         });
         if let Some(until) = taken {
             if !under_way && with(hash, &limit.name, |h| h.running_low(now, limit.lease_ttl_ms())) {
@@ -329,6 +333,7 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, need: u
         h.asking_since = None;
         if let Some(a) = answer.as_ref().filter(|a| matches!(a.verdict, Verdict::Granted | Verdict::Exceeded)) {
             h.answered(&a.grant, a.ttl_ms, asked_ms, now);
+            h.refused_version = version;
         }
     });
     answer

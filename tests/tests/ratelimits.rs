@@ -385,6 +385,36 @@ fn a_settled_verification_never_spends_past_a_change_the_authority_lacks() {
     assert!(valid <= 2, "the lowered limit admitted {valid} in 10 s: {:?}", tally(&after));
 }
 
+/// A limit changed to a shorter window is not held to the old one's schedule: a key refused for
+/// a month (1 per 30 days, spent) answers `VALID` at once under 1,000 per second, at the region
+/// (which had learned the refusal) and at the origin (whose settlement the authority decides).
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn a_limit_changed_to_a_shorter_window_starts_afresh() {
+    let _alone = alone();
+    let world = World::start(&[RegionPlan::Up]).expect("world");
+    let monthly = json!([{ "name": "api", "limit": 1, "duration_ms": 30 * 86_400_000u64 }]);
+    let (id, key) = key_with(&world, 1_000, monthly, json!({}));
+    let body = json!({ "key": key });
+    assert_eq!(verify(&world, 0, &body).0, "VALID");
+    let (code, refused) = verify(&world, 0, &body);
+    assert_eq!(code, "RATE_LIMITED", "{refused}");
+    assert!(refused["ratelimits"][0]["retry_after_ms"].as_u64() > Some(86_400_000), "{refused}");
+    let fast = json!({ "ratelimits": [{ "name": "api", "limit": 1_000, "duration_ms": 1_000 }] });
+    let (status, changed) = world.admin(Method::PATCH, &format!("/v1/keys/{id}"), Some(fast));
+    assert_eq!(status, 200, "{changed}");
+    let answered = Instant::now();
+    let (code, answer) = world.wait_for("the region to admit under the new limit", Duration::from_secs(5), || {
+        let (code, answer) = verify(&world, 0, &body);
+        (code == "VALID").then_some((code, answer))
+    });
+    println!("VALID {:?} after the change's answer", answered.elapsed());
+    assert_eq!(code, "VALID", "{answer}");
+    assert!(answered.elapsed() < Duration::from_millis(1_500), "admitted only after {:?}", answered.elapsed());
+    let (status, origin) = world.origin_verify(&world.root_key, body.clone());
+    assert_eq!((status, origin["code"].as_str()), (200, Some("VALID")), "{origin}");
+}
+
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn limits_through_the_api_and_the_cli_with_their_audit_entries() {
