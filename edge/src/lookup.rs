@@ -367,6 +367,14 @@ fn remember(hash: &KeyHash, mut entry: Entry) -> Entry {
     })
 }
 
+/// The copy of the key memory holds, when it is newer than `version` (a purge or a confirmation
+/// brought it since `version` was read).
+pub(crate) fn newer_copy(hash: &KeyHash, version: u64) -> Option<KeyRecord> {
+    MEMORY.with(|m| {
+        m.update(|m| m.peek(hash.as_bytes()).filter(|held| held.record.version > version).map(|h| h.record.clone()))
+    })
+}
+
 fn held_version(hash: &KeyHash) -> Option<u64> {
     MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|held| held.record.version)))
 }

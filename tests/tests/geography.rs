@@ -51,3 +51,55 @@ fn world_geography_delays_every_link_and_revocation_still_reaches_every_region()
     }
     world.assert_no_plaintext();
 }
+
+/// A verification that waits for its rate limit's tokens (a round trip to a home 180 ms away)
+/// while the key is revoked: the authority grants the tokens before the revocation reaches it,
+/// and the region takes the signed purge before the grant comes back. The answer must not be a
+/// `VALID` decided after the region applied the revocation; it is the newer record's `REVOKED`.
+/// The revocation starts at several offsets into the wait, so that some land in that window.
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn a_verification_overtaken_by_a_revocation_while_it_waits_is_not_valid() {
+    let geography = Geography::preset("world").unwrap();
+    let options = Options { geography: Some(geography), ..Options::default() };
+    let world = World::start_opts(&[RegionPlan::Up; 3], options).unwrap();
+    // A long max_staleness_ms: the copy is answered from memory without confirmation.
+    let api = world.create_api("overtaken", 60_000);
+    let limits = json!({ "ratelimits": [{ "name": "api", "limit": 1_000, "duration_ms": 10_000 }] });
+    let (_, plain) = world.create_key(&api, json!({}));
+    let mut outcomes = Vec::new();
+    for offset_ms in [100u64, 130, 160, 190, 220, 250] {
+        let (id, key) = world.create_key(&api, limits.clone());
+        let body = json!({ "key": key });
+        assert_eq!(world.edge_verify(2, &world.root_key, body.clone()).1["code"], "VALID");
+        // The share (1 s lease lifetime for a 10 s window) expires: the next verify must ask.
+        std::thread::sleep(Duration::from_millis(1_300));
+        // The caller's root key is confirmed again now (its trust is 1 s), so that the wait below
+        // is the tokens' and not the root key's.
+        assert_eq!(world.edge_verify(2, &world.root_key, json!({ "key": plain })).1["code"], "VALID");
+        let answer = std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| world.edge_verify(2, &world.root_key, body.clone()).1);
+            std::thread::sleep(Duration::from_millis(offset_ms));
+            let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+            assert_eq!(status, 200, "{revoked}");
+            waiting.join().unwrap()
+        });
+        let (_, delivery) = world.admin(Method::GET, &format!("/v1/keys/{id}/delivery"), None);
+        let targets = delivery["targets"].as_array().cloned().unwrap_or_default();
+        let applied = targets.iter().find(|t| t["target"] == "purge:r2").and_then(|t| t["applied_at"].as_i64());
+        let applied = applied.unwrap_or_else(|| panic!("r2 applied the revocation: {delivery}"));
+        let code = answer["code"].as_str().unwrap_or("?").to_owned();
+        let decided = answer["decided_at_ms"].as_i64().unwrap_or(0);
+        eprintln!("revoked {offset_ms} ms into the wait: {code}, decided {} ms after r2 applied it", decided - applied);
+        outcomes.push((offset_ms, code, decided, applied));
+    }
+    for (offset_ms, code, decided, applied) in &outcomes {
+        assert!(
+            !(code == "VALID" && decided > applied),
+            "revoked {offset_ms} ms into the wait: VALID decided {} ms after r2 applied the revocation",
+            decided - applied
+        );
+    }
+    let caught = outcomes.iter().filter(|(_, code, _, _)| code == "REVOKED").count();
+    assert!(caught > 0, "no revocation landed during a wait, the race was not made: {outcomes:?}");
+}
