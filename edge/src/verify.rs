@@ -108,7 +108,7 @@ fn overtaken(
 /// What a key's rate limits and credits made of a decision.
 struct Charged {
     decision: Decision,
-    /// When the tokens were taken, or the authority settled it (else as decided).
+    /// When the tokens or the credit were taken, or the authority settled it (else as decided).
     decided_at_ms: u64,
     /// What remains of the credits, where the answer may say it.
     credits: Option<u64>,
@@ -151,8 +151,12 @@ async fn charge(
         }
         false => (None, Vec::new()),
     };
-    if let Some(credits::Spent::Settled(s)) = &spent {
-        decided_at_ms = s.decided_at_ms;
+    // Stamped when the credit was taken (after any wait for a lease), or as the authority
+    // settled it: a refill period's spending is then counted in the period that paid for it.
+    match &spent {
+        Some(credits::Spent::Settled(s)) => decided_at_ms = s.decided_at_ms,
+        Some(_) => decided_at_ms = Date::now().as_millis(),
+        None => {}
     }
     let decision = match &spent {
         Some(credits::Spent::Settled(s)) if s.verdict == Verdict::Limited => {
