@@ -138,9 +138,10 @@ impl Holding {
     fn running_low(&self, now_ms: u64, ttl_ms: u64) -> bool {
         let left: u64 = self.leases.iter().map(|h| h.left).sum();
         let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
-        let lead_ms = self.rate.lead_ms();
-        let short = left * 1_000 < self.rate.per_s(now_ms).max(1) * lead_ms;
-        self.leases.len() < 2 && (short || latest < now_ms + lead_ms.max(ttl_ms / 2))
+        // Never the whole lease lifetime: a lease would count as running low on arrival.
+        let lead_ms = self.rate.lead_ms().min(ttl_ms / 2);
+        let short = left.saturating_mul(1_000) < self.rate.per_s(now_ms).max(1).saturating_mul(lead_ms);
+        self.leases.len() < 2 && (short || latest < now_ms + ttl_ms / 2)
     }
 
     /// Takes the authority's answer to a request asked at `asked_ms`.

@@ -71,7 +71,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
     }
     let charged = charge(&ctx, &hash, record.as_ref(), decision, &request, decided_at_ms).await;
-    let (charged, record) = overtaken(charged, record, &hash, who, &request);
+    let (charged, record) = overtaken(&ctx, &req, charged, record, &hash, who, &request).await?;
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)
         .with_limits(charged.limits);
@@ -83,26 +83,33 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
 
 /// A `VALID` decided before a wait (the API's record, tokens, a credit lease, a settlement: up
 /// to 2 s) is not answered on the older record when a newer copy of the key reached this
-/// isolate meanwhile (a signed purge, a confirmation) and refuses the request: the answer is
-/// then the newer record's. What the request took of limits and credits stays spent.
-fn overtaken(
+/// isolate's memory meanwhile (a signed purge, a confirmation) and refuses the request, by its
+/// status or by its own or its API's lists: the answer is then the newer record's. What the
+/// request took of limits and credits stays spent.
+async fn overtaken(
+    ctx: &RouteContext<worker::Context>,
+    req: &Request,
     charged: Charged,
     record: Option<KeyRecord>,
     hash: &KeyHash,
     who: Caller<'_>,
     request: &VerifyRequest,
-) -> (Charged, Option<KeyRecord>) {
+) -> EdgeResult<(Charged, Option<KeyRecord>)> {
     let newer = match record.as_ref().filter(|_| charged.decision.code == Code::Valid) {
         Some(found) => lookup::newer_copy(hash, found.version),
         None => None,
     };
-    let Some(newer) = newer else { return (charged, record) };
+    let Some(newer) = newer else { return Ok((charged, record)) };
     let decided_at_ms = Date::now().as_millis();
     let decision = decide(Some(&newer), hash, who, request, decided_at_ms as i64);
+    let decision = match decision.code.passed_status_checks() {
+        true => lists(ctx, req, request, &newer, decision, decided_at_ms).await?,
+        false => decision,
+    };
     if decision.code == Code::Valid {
-        return (charged, record);
+        return Ok((charged, record));
     }
-    (Charged { decision, decided_at_ms, credits: None, limits: Vec::new() }, Some(newer))
+    Ok((Charged { decision, decided_at_ms, credits: None, limits: Vec::new() }, Some(newer)))
 }
 
 /// What a key's rate limits and credits made of a decision.

@@ -151,10 +151,10 @@ impl Country {
 impl FromStr for Country {
     type Err = PolicyError;
 
-    /// Two ASCII letters, either case, or a letter and a digit: Cloudflare's `T1` (Tor).
+    /// Two ASCII letters, either case, or Cloudflare's `T1` (Tor).
     fn from_str(text: &str) -> Result<Country, PolicyError> {
         match text.as_bytes() {
-            [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphanumeric() => {
+            [a, b] if a.is_ascii_alphabetic() && (b.is_ascii_alphabetic() || [*a, *b].eq_ignore_ascii_case(b"T1")) => {
                 Ok(Country([a.to_ascii_uppercase(), b.to_ascii_uppercase()]))
             }
             _ => Err(PolicyError::Country(text.to_owned())),
@@ -507,7 +507,7 @@ mod tests {
         assert_eq!("de".parse::<Country>().unwrap().as_str(), "DE");
         assert_eq!("XX".parse::<Country>().unwrap().as_str(), "XX");
         assert_eq!("t1".parse::<Country>().unwrap().as_str(), "T1", "Cloudflare's Tor");
-        for bad in ["", "D", "DEU", "1A", "É1", "d-", "R "] {
+        for bad in ["", "D", "DEU", "1A", "É1", "d-", "R ", "R0", "A1"] {
             assert!(matches!(bad.parse::<Country>(), Err(PolicyError::Country(_))), "{bad}");
         }
     }

@@ -444,6 +444,12 @@ impl Deliverer {
         let rows: Vec<AttemptOutcome> = attempted.iter().map(|a| a.outcome(now)).collect();
         if let Err(e) = self.store.deliveries_attempted(&rows, answered, now).await {
             tracing::error!(error = %e, "cannot record delivery outcomes; they will be delivered again");
+            // The answer's time on its own, so that the proof keeps its bound.
+            if let Some(id) = answered
+                && let Err(e) = self.store.note_answered(id, now).await
+            {
+                tracing::warn!(outbox = id, error = %e, "cannot note when the change was answered");
+            }
         }
     }
 
