@@ -29,16 +29,13 @@ use keyward_shared::{Code, KeyHash};
 use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
 
 use crate::authority::{self, LEASE_PATH, SETTLE_PATH, Unreachable};
-use crate::deadline;
+use crate::{deadline, memory};
 
 /// How long an isolate answers `USAGE_EXCEEDED` from memory after the authority said there was
 /// not enough, before asking again.
 const EXHAUSTED_MS: u64 = 250;
 /// How often a request waiting for another's lease request looks at it again.
 const JOIN_POLL_MS: u64 = 5;
-/// Most keys an isolate holds credits of at once, whatever one tenant verifies: a key whose
-/// reports wait for a next contact that never comes would otherwise be kept for good.
-const MAX_HOLDINGS: usize = 4_096;
 /// The window over which a holder measures its rate.
 const RATE_WINDOW_MS: u64 = 1_000;
 /// A holder asks ahead when its share covers less than this much of its rate, or its leases
@@ -173,7 +170,7 @@ fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
             Some(at) => at,
             None => {
                 holdings.retain(|(_, h)| !h.leases.is_empty() || !h.reports.is_empty() || h.asking_since.is_some());
-                if holdings.len() >= MAX_HOLDINGS {
+                if holdings.len() >= memory::MAX_HOLDINGS {
                     // The oldest goes, with what it would have reported: its unspent shares are
                     // stranded until the key's next set (never spent twice).
                     holdings.remove(0);

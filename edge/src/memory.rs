@@ -20,6 +20,11 @@ use crate::{auth, authority, credits, fresh, lookup, signed};
 
 /// Bytes key and root-key copies may take together in one isolate, unless configured.
 pub(crate) const COPY_MEMORY_BYTES: usize = 16 << 20;
+/// Most holdings an isolate keeps of credits (one per key) and of rate limits (one per limit of
+/// a key), each a few hundred bytes, whatever one tenant verifies: a key whose credit reports
+/// wait for a contact that never comes, or a `local` limit of a 30-day window, would otherwise
+/// be kept for good.
+pub(crate) const MAX_HOLDINGS: usize = 4_096;
 
 thread_local! {
     static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };

@@ -25,7 +25,7 @@ use keyward_shared::{Code, KeyHash, KeyRecord, VerifyRequest};
 use worker::{Context, Date, Delay, Env, Response, Storage};
 
 use crate::credits::{Rate, post};
-use crate::deadline;
+use crate::{deadline, memory};
 
 /// The KeyState object's path for a holder's request for tokens ([`TokenRequest`]).
 pub(crate) const RATELIMIT_PATH: &str = "/ratelimit";
@@ -37,9 +37,6 @@ const SETTLED: &str = "ratelimit-settled";
 const JOIN_POLL_MS: u64 = 5;
 /// A share asked for covers this much of the holder's recent rate.
 const COVER_MS: u64 = 1_000;
-/// Most limits an isolate holds at once (a few hundred bytes each), whatever one tenant
-/// verifies: a `local` limit of a 30-day window would otherwise be kept for its whole window.
-const MAX_HOLDINGS: usize = 4_096;
 
 /// Tokens of one limit in hand, spendable until `until_ms` (this clock).
 #[derive(Clone, Copy)]
@@ -131,7 +128,7 @@ fn slot(holdings: &mut Vec<(Id, Holding)>, hash: &KeyHash, name: &str) -> usize 
     holdings.retain(|(_, h)| {
         h.shares.iter().any(|s| s.until_ms > now) || h.asking_since.is_some() || h.local.tat_us > now as i64 * 1_000
     });
-    if holdings.len() >= MAX_HOLDINGS {
+    if holdings.len() >= memory::MAX_HOLDINGS {
         // The oldest goes: an exact limit's tokens in it are stranded (never over-admitted), a
         // local limit's count is forgotten, as by a new isolate (within `holders × limit`).
         holdings.remove(0);

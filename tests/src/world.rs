@@ -221,6 +221,22 @@ impl World {
         format!("http://127.0.0.1:{}", self.cp_port)
     }
 
+    /// The `keyward` CLI with these arguments, pointed at this world's control plane with its
+    /// root key.
+    pub fn cli_command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(crate::keyward_bin());
+        command.args(args).env("KEYWARD_URL", self.origin()).env("KEYWARD_ROOT_KEY", &self.root_key);
+        command
+    }
+
+    /// Runs the `keyward` CLI (as [`World::cli_command`]), which must succeed; answers what it
+    /// printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_command(args).output().expect("the keyward binary runs");
+        assert!(output.status.success(), "keyward {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Keeps a plaintext key to look for in [`World::assert_no_plaintext`].
     pub fn remember(&self, key: &str) {
         self.seen.lock().expect("not poisoned").push(key.to_owned());

@@ -340,18 +340,10 @@ fn a_leaked_key_is_found_by_its_visible_start() {
     world.assert_no_plaintext();
 }
 
-/// The `keyward` CLI with these arguments, pointed at the world's control plane and root key.
-fn cli_command(world: &World, args: &[&str]) -> std::process::Command {
-    let mut command = std::process::Command::new(keyward_tests::keyward_bin());
-    command.args(args).env("KEYWARD_URL", world.origin()).env("KEYWARD_ROOT_KEY", &world.root_key);
-    command
-}
-
 /// Runs the `keyward` CLI against the world's control plane; answers its parsed JSON output.
 fn cli(world: &World, args: &[&str]) -> Value {
-    let out = cli_command(world, args).output().unwrap();
-    assert!(out.status.success(), "keyward {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("keyward {args:?} printed no JSON: {e}"))
+    let out = world.cli(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("keyward {args:?} printed no JSON: {e}"))
 }
 
 #[test]
@@ -374,7 +366,8 @@ fn the_cli_walks_the_incident_from_leaked_start_to_revoked() {
     assert_eq!(code(&world.edge_verify(0, &root, json!({ "key": key }))), "REVOKED");
 
     // The CLI reads the key from stdin with `-`, so it never shows in `ps` or shell history.
-    let mut child = cli_command(&world, &["keys", "verify", "-"])
+    let mut child = world
+        .cli_command(&["keys", "verify", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -387,7 +380,7 @@ fn the_cli_walks_the_incident_from_leaked_start_to_revoked() {
     assert_eq!(verified["source"], "origin");
 
     // An error says what was wrong and fails the command.
-    let out = cli_command(&world, &["keys", "get", "nope"]).output().unwrap();
+    let out = world.cli_command(&["keys", "get", "nope"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_ID"));
     world.assert_no_plaintext();

@@ -364,16 +364,7 @@ fn set_increment_and_decrement_reach_the_authority_once() {
     // What remains, by the authority's account (nothing is spent asking), and through the CLI.
     let (status, credits) = world.admin(Method::GET, &format!("/v1/keys/{id}/credits"), None);
     assert_eq!((status, &credits["remaining"]), (200, &json!(0)), "{credits}");
-    let keyward = |args: &[&str]| {
-        let output = std::process::Command::new(keyward_tests::keyward_bin())
-            .args(args)
-            .env("KEYWARD_URL", world.origin())
-            .env("KEYWARD_ROOT_KEY", &world.root_key)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "keyward {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let keyward = |args: &[&str]| world.cli(args);
     keyward(&["keys", "credits", &id, "increment", "4", "--json"]);
     let shown: Value = serde_json::from_str(&keyward(&["keys", "credits", &id, "--json"])).unwrap();
     assert_eq!(shown["remaining"], 4, "{shown}");

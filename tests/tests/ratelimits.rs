@@ -421,16 +421,7 @@ fn limits_through_the_api_and_the_cli_with_their_audit_entries() {
     let _alone = alone();
     let world = World::start(&[RegionPlan::Up]).expect("world");
     let api = world.create_api("limits-cli", 1_000);
-    let keyward = |args: &[&str]| {
-        let output = std::process::Command::new(keyward_tests::keyward_bin())
-            .args(args)
-            .env("KEYWARD_URL", world.origin())
-            .env("KEYWARD_ROOT_KEY", &world.root_key)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "keyward {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let keyward = |args: &[&str]| world.cli(args);
     let created: Value = serde_json::from_str(&keyward(&[
         "keys",
         "create",

@@ -10,7 +10,7 @@ use sqlx::FromRow;
 use super::audit::{self, Change};
 use super::keys::policy_column;
 use super::outbox::{Carried, NewOutbox, insert_outbox};
-use super::{Store, StoreError};
+use super::{Store, StoreError, json_column};
 use crate::change::Actor;
 
 #[derive(FromRow)]
@@ -30,19 +30,8 @@ impl TryFrom<ApiRecordRow> for ApiRecord {
     fn try_from(r: ApiRecordRow) -> anyhow::Result<ApiRecord> {
         Ok(ApiRecord {
             schema: RECORD_SCHEMA,
-            policy: r
-                .policy
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .context("stored policy")?
-                .unwrap_or_default(),
-            limit_override: r
-                .limit_override
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .context("stored override")?,
+            policy: json_column(r.policy.as_deref(), "policy")?.unwrap_or_default(),
+            limit_override: json_column(r.limit_override.as_deref(), "override")?,
             id: r.id,
             workspace_id: r.workspace_id,
             version: r.version as u64,

@@ -7,7 +7,7 @@ use sqlx::FromRow;
 
 use super::audit::{self, Change, key_json};
 use super::outbox::{Carried, NewOutbox, insert_outbox};
-use super::{Store, StoreError};
+use super::{Store, StoreError, json_column};
 use crate::change::Actor;
 
 /// Which keys to list: one page after `after` (a key id), by id.
@@ -53,21 +53,9 @@ impl TryFrom<KeyRow> for KeyRecord {
             meta: serde_json::from_str(&r.meta).context("stored meta is not a JSON object")?,
             status: KeyStatus::parse(&r.status).context("stored key status is unknown")?,
             permissions: serde_json::from_str(&r.permissions).context("stored permissions are not a list")?,
-            credits: r.credits.as_deref().map(serde_json::from_str).transpose().context("stored credits")?,
-            ratelimits: r
-                .ratelimits
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .context("stored rate limits")?
-                .unwrap_or_default(),
-            policy: r
-                .policy
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .context("stored policy")?
-                .unwrap_or_default(),
+            credits: json_column(r.credits.as_deref(), "credits")?,
+            ratelimits: json_column(r.ratelimits.as_deref(), "rate limits")?.unwrap_or_default(),
+            policy: json_column(r.policy.as_deref(), "policy")?.unwrap_or_default(),
             id: r.id,
             api_id: r.api_id,
             workspace_id: r.workspace_id,

@@ -183,3 +183,8 @@ impl Store {
         self.pool.close().await;
     }
 }
+
+/// A nullable JSON column read into its type (`None` for NULL), or an error naming `what`.
+fn json_column<T: serde::de::DeserializeOwned>(text: Option<&str>, what: &str) -> anyhow::Result<Option<T>> {
+    text.map(serde_json::from_str).transpose().with_context(|| format!("stored {what}"))
+}
