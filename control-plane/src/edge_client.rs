@@ -14,7 +14,7 @@ use keyward_shared::internal::{
     SIGNATURE_HEADER, SettleAnswer, SettleOrder, TIMESTAMP_HEADER,
 };
 use keyward_shared::policy::ApiRecord;
-use keyward_shared::ratelimit::LimitAsk;
+use keyward_shared::ratelimit::{Cap, LimitAsk};
 use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 
 /// What one purge replaces at a region: keys' records and APIs' records.
@@ -199,6 +199,7 @@ impl EdgeClient {
         hash: KeyHash,
         settle: SettleRequest,
         ratelimits: Vec<LimitAsk>,
+        cap: Cap,
     ) -> Result<Option<SettleAnswer>, EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(None) };
         let order = SettleOrder {
@@ -207,6 +208,8 @@ impl EdgeClient {
             idempotency_key: settle.idempotency_key,
             ratelimits,
             version: settle.version,
+            api_version: cap.api_version,
+            limit_percent: cap.percent,
         };
         let body = serde_json::to_vec(&order)?;
         let response = self.signed_post(url, SETTLE_PATH, body).await?;

@@ -162,7 +162,7 @@ impl KeyState {
     /// the object). A remembered idempotent settlement is answered again, spending nothing.
     async fn settle(&self, record: &KeyRecord, body: &str, now: i64) -> Result<Response> {
         let storage = self.state.storage();
-        let (first, asks) = ratelimit::text::read_settle_request(body).ok_or_else(|| not_a_request(body))?;
+        let (first, cap, asks) = ratelimit::text::read_settle_request(body).ok_or_else(|| not_a_request(body))?;
         let request = text::read_settle_request(first).ok_or_else(|| not_a_request(body))?;
         if request.version > record.version {
             // The asker decided on a change this object has not received (a lowered balance or
@@ -170,6 +170,10 @@ impl KeyState {
             let void = Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms: now.max(0) as u64 };
             return Response::ok(ratelimit::text::settled(&text::settlement(&void), &[]));
         }
+        let cap = match asks.is_empty() {
+            true => ratelimit::Cap::NONE,
+            false => crate::ratelimit::kept_cap(&storage, cap).await?,
+        };
         let mut ledger = match &record.credits {
             Some(_) => Some(load_ledger(storage.get(LEDGER).await?)?),
             None => None,
@@ -188,7 +192,8 @@ impl KeyState {
             }
         }
         let usable = record.is_usable(now);
-        let reserved = crate::ratelimit::reserve(&storage, record, if usable { &asks } else { &[] }, now).await?;
+        let limits = cap.apply_all(&record.ratelimits);
+        let reserved = crate::ratelimit::reserve(&storage, &limits, if usable { &asks } else { &[] }, now).await?;
         let decided_at_ms = now.max(0) as u64;
         let settlement = match (&mut ledger, &record.credits) {
             _ if reserved.unknown => Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms },

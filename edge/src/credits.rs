@@ -23,8 +23,8 @@ use keyward_shared::credits::{
     LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict, text,
 };
 use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleAnswer, SettleOrder};
-use keyward_shared::ratelimit::Grant;
 use keyward_shared::ratelimit::text as ratelimit;
+use keyward_shared::ratelimit::{Cap, Grant};
 use keyward_shared::{Code, KeyHash};
 use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
 
@@ -265,15 +265,17 @@ pub(crate) async fn post(env: &Env, hash: &KeyHash, path: &str, body: String, ms
 }
 
 /// Settles one verification at the key's authority (idempotent with `idempotency_key`), with
-/// the exact rate limits `asks` decided in the same step; answers each limit's grant too.
+/// the exact rate limits `asks` decided in the same step under the API's `cap`; answers each
+/// limit's grant too.
 pub(crate) async fn settle(
     env: &Env,
     hash: &KeyHash,
     request: &SettleRequest,
+    cap: Cap,
     asks: &[(String, u64)],
 ) -> (Spent, Vec<(String, Grant)>) {
     count(|c| c.settled += 1);
-    let body = ratelimit::settle_request(&text::settle_request(request), asks);
+    let body = ratelimit::settle_request(&text::settle_request(request), cap, asks);
     let answer = post(env, hash, SETTLE_PATH, body, deadline::authority_ms(env)).await;
     let read = answer.ok().and_then(|t| {
         let (first, grants) = ratelimit::read_settled(&t).map(|(f, g)| (f.to_owned(), g))?;
@@ -395,7 +397,12 @@ pub(crate) async fn handle_settle(
     let order = crate::signed::parse::<SettleOrder>(&mut req, &ctx.env, SETTLE_PATH_INTERNAL, now_ms).await?.body;
     let request = SettleRequest { idempotency_key: order.idempotency_key, cost: order.cost, version: order.version };
     let asks: Vec<(String, u64)> = order.ratelimits.into_iter().map(|a| (a.name, a.cost.unwrap_or(1))).collect();
-    let (spent, grants) = settle(&ctx.env, &order.hash, &request, &asks).await;
+    let cap = Cap { api_version: order.api_version, percent: order.limit_percent };
+    if !(1..=100).contains(&cap.percent) {
+        let message = format!("limit_percent is 1 to 100, not {}", cap.percent);
+        return Err(crate::error::EdgeError::new(keyward_shared::ErrorCode::BadRequest, message));
+    }
+    let (spent, grants) = settle(&ctx.env, &order.hash, &request, cap, &asks).await;
     let settlement = match spent {
         Spent::Settled(s) => s,
         Spent::Unlimited => Settlement { verdict: Verdict::Unlimited, remaining: 0, decided_at_ms: now_ms },

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 
 use keyward_shared::credits::{Settlement, Verdict};
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
-use keyward_shared::ratelimit::{Grant, Mode, RateLimit, Reserved, Schedule, applicable};
+use keyward_shared::ratelimit::{Cap, Grant, Mode, RateLimit, Reserved, Schedule, applicable};
 use keyward_shared::verify::LimitLeft;
 use keyward_shared::{Code, KeyHash, KeyRecord, VerifyRequest};
 use worker::{Context, Date, Delay, Env, Response, Storage};
@@ -31,6 +31,8 @@ use crate::{deadline, memory};
 pub(crate) const RATELIMIT_PATH: &str = "/ratelimit";
 /// Where the KeyState object stores its limits' schedules.
 const SCHEDULES: &str = "ratelimits";
+/// Where it keeps the API's cap it was last told of ([`kept_cap`]).
+const CAP: &str = "cap";
 /// Where it remembers idempotent settlements of a key without credits.
 const SETTLED: &str = "ratelimit-settled";
 /// How often a request waiting for another's token request looks at it again.
@@ -59,12 +61,25 @@ struct Holding {
     refused_version: u64,
     /// A token request under way, asked at this time.
     asking_since: Option<u64>,
+    /// The version of the API record whose cap the shares and the refusal were given under.
+    cap_version: u64,
     rate: Rate,
     /// A `local` limit's own schedule.
     local: Schedule,
 }
 
 impl Holding {
+    /// Takes `cap` as the one this holding spends under: shares and a refusal given under
+    /// another API record's cap are dropped (a lowered cap must not be spent past; a lifted one
+    /// is asked again). A `local` schedule restarts by itself when its capped limit is lowered.
+    fn under(&mut self, cap: Cap) {
+        if self.cap_version != cap.api_version {
+            self.shares.clear();
+            self.refused_until = 0;
+            self.cap_version = cap.api_version;
+        }
+    }
+
     fn close_expired(&mut self, now_ms: u64) {
         self.shares.retain(|s| s.until_ms > now_ms && s.left > 0);
     }
@@ -195,8 +210,9 @@ enum Take {
     Unlimited,
 }
 
-/// Takes the tokens of every limit that applies to `request` (none: `None`), all or nothing;
-/// with `local_only`, of its local limits (its exact ones are settled at the authority).
+/// Takes the tokens of every limit that applies to `request` (none: `None`), all or nothing,
+/// each limit under the API's `cap`; with `local_only`, of its local limits (its exact ones are
+/// settled at the authority).
 pub(crate) async fn check(
     env: &Env,
     ctx: &Context,
@@ -204,6 +220,7 @@ pub(crate) async fn check(
     record: &KeyRecord,
     request: &VerifyRequest,
     local_only: bool,
+    cap: Cap,
 ) -> Option<Checked> {
     let mut asks = applicable(&record.ratelimits, &request.ratelimits);
     asks.retain(|&(i, _)| !local_only || record.ratelimits[i].mode == Mode::Local);
@@ -212,9 +229,10 @@ pub(crate) async fn check(
     }
     let mut taken = Vec::with_capacity(asks.len());
     for &(i, cost) in &asks {
-        let limit = &record.ratelimits[i];
+        let limit = &cap.apply(&record.ratelimits[i]);
+        with(hash, &limit.name, |h| h.under(cap));
         let take = match limit.mode {
-            Mode::Exact => take_exact(env, ctx, hash, limit, record.version, cost).await,
+            Mode::Exact => take_exact(env, ctx, hash, limit, (record.version, cap), cost).await,
             Mode::Local => take_local(hash, limit, cost),
         };
         match take {
@@ -269,7 +287,8 @@ fn take_local(hash: &KeyHash, limit: &RateLimit, cost: u64) -> Take {
 
 /// An `exact` limit: from the share in hand, else after the token request under way (waiting
 /// at most the authority's longest deadline), else from a share asked for now.
-async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, version: u64, cost: u64) -> Take {
+async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, under: Under, cost: u64) -> Take {
+    let version = under.0;
     let started = Date::now().as_millis();
     let mut now = started;
     with(hash, &limit.name, |h| h.rate.want(cost, now));
@@ -281,7 +300,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
         });
         if let Some(until) = taken {
             if !under_way && with(hash, &limit.name, |h| h.running_low(now, limit.lease_ttl_ms())) {
-                ahead(env, ctx, hash, limit, version);
+                ahead(env, ctx, hash, limit, under);
             }
             return Take::Yes(until);
         }
@@ -289,7 +308,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
             return Take::Refused;
         }
         if !under_way {
-            return asked(env, hash, limit, version, cost).await;
+            return asked(env, hash, limit, under, cost).await;
         }
         if now.saturating_sub(started) > deadline::MAX_AUTHORITY_MS {
             return Take::Unavailable;
@@ -299,9 +318,12 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
     }
 }
 
+/// The record version and the API's cap a holder decides under.
+type Under = (u64, Cap);
+
 /// Asks for a share for `cost` and takes it from the answer at once.
-async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, cost: u64) -> Take {
-    match ask(env, hash, limit, version, cost).await.map(|a| a.verdict) {
+async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, cost: u64) -> Take {
+    match ask(env, hash, limit, under, cost).await.map(|a| a.verdict) {
         None | Some(Verdict::Void | Verdict::Limited) => Take::Unavailable,
         Some(Verdict::Unlimited) => Take::Unlimited,
         Some(Verdict::Exceeded) => Take::Refused,
@@ -313,22 +335,27 @@ async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, cost:
     }
 }
 
-/// Asks the authority for tokens of `limit` of the record at `version` (`need` of them at least,
-/// 0 when asked ahead); takes the answer into the holding. `None`: unreachable.
-async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, need: u64) -> Option<TokenAnswer> {
+/// Asks the authority for tokens of `limit` (capped) of the record at `version` under the API's
+/// `cap` (`need` of them at least, 0 when asked ahead); takes the answer into the holding.
+/// `None`: unreachable.
+async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, need: u64) -> Option<TokenAnswer> {
+    let (version, cap) = under;
     let asked_ms = Date::now().as_millis();
     let want = with(hash, &limit.name, |h| {
         h.asking_since = Some(asked_ms);
         (h.rate.per_s(asked_ms) * COVER_MS / 1_000).max(need)
     });
-    let request = TokenRequest { name: limit.name.clone(), need, want, version };
+    let request = TokenRequest { name: limit.name.clone(), need, want, version, cap };
     let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
     let answer = post(env, hash, RATELIMIT_PATH, text::token_request(&request), ms).await;
     let answer = answer.ok().and_then(|t| text::read_token_answer(&t));
     let now = Date::now().as_millis();
     with(hash, &limit.name, |h| {
         h.asking_since = None;
-        if let Some(a) = answer.as_ref().filter(|a| matches!(a.verdict, Verdict::Granted | Verdict::Exceeded)) {
+        let same_cap = h.cap_version == cap.api_version;
+        if let Some(a) =
+            answer.as_ref().filter(|a| same_cap && matches!(a.verdict, Verdict::Granted | Verdict::Exceeded))
+        {
             h.answered(&a.grant, a.ttl_ms, asked_ms, now);
             h.refused_version = version;
         }
@@ -337,11 +364,11 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, version: u64, need: u
 }
 
 /// Asks for another share after the answer, while the share in hand goes on being spent.
-fn ahead(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, version: u64) {
+fn ahead(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit, under: Under) {
     let (env, hash, limit) = (env.clone(), *hash, limit.clone());
     with(&hash, &limit.name, |h| h.asking_since = Some(Date::now().as_millis()));
     ctx.wait_until(async move {
-        ask(&env, &hash, &limit, version, 0).await;
+        ask(&env, &hash, &limit, under, 0).await;
     });
 }
 
@@ -355,14 +382,28 @@ async fn load(storage: &Storage) -> worker::Result<Vec<(String, Schedule)>> {
 /// (`keyward_shared::ratelimit::reserve`); [`commit`] stores them.
 pub(crate) async fn reserve(
     storage: &Storage,
-    record: &KeyRecord,
+    limits: &[RateLimit],
     asks: &[(String, u64)],
     now_ms: i64,
 ) -> worker::Result<Reserved> {
     if asks.is_empty() {
         return Ok(Reserved { schedules: Vec::new(), grants: Vec::new(), admitted: true, unknown: false });
     }
-    Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, &record.ratelimits, asks, now_ms))
+    Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, limits, asks, now_ms))
+}
+
+/// The API's cap this object grants under, given the one a request was made under: the newer
+/// of the two, stored when it moved ([`Cap::kept`]). The cap is kept here, not taken from each
+/// request, so that holders with API copies of different ages cannot make a schedule alternate
+/// between limits (each change of a limit other than a raise starts its schedule again).
+pub(crate) async fn kept_cap(storage: &Storage, asked: Cap) -> worker::Result<Cap> {
+    let held: Option<String> = storage.get(CAP).await?;
+    let held = held.as_deref().and_then(Cap::read);
+    let kept = Cap::kept(held, asked);
+    if Some(kept) != held {
+        storage.put(CAP, kept.text()).await?;
+    }
+    Ok(kept)
 }
 
 /// The settlements remembered for a key without credits (idempotent verifications settled
@@ -433,6 +474,7 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
     let Some(limit) = record.ratelimits.iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
         return Response::ok(text::token_answer(&none(Verdict::Unlimited)));
     };
+    let limit = &kept_cap(storage, request.cap).await?.apply(limit);
     let mut schedules = load(storage).await?;
     schedules.retain(|(name, _)| record.ratelimits.iter().any(|l| l.name == *name));
     let at = match schedules.iter().position(|(name, _)| *name == limit.name) {

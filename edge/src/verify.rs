@@ -5,7 +5,7 @@
 
 use keyward_shared::credits::{SettleRequest, Verdict};
 use keyward_shared::policy::Client;
-use keyward_shared::ratelimit::Grant;
+use keyward_shared::ratelimit::{Cap, Grant};
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
 use keyward_shared::{
@@ -61,16 +61,17 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
     }
-    // The key's and its API's allow and deny lists, before permissions' answer and any spending.
-    let decision = match record.as_ref().filter(|_| decision.code.passed_status_checks()) {
+    // The key's and its API's allow and deny lists, before permissions' answer and any spending;
+    // the API's record also caps the key's rate limits.
+    let (decision, cap) = match record.as_ref().filter(|_| decision.code.passed_status_checks()) {
         Some(record) => lists(&ctx, &req, &request, record, decision, decided_at_ms).await?,
-        None => decision,
+        None => (decision, Cap::NONE),
     };
     if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
         let costs = keyward_shared::ratelimit::check_costs(&r.ratelimits, &request.ratelimits);
         costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
     }
-    let charged = charge(&ctx, &hash, record.as_ref(), decision, &request, decided_at_ms).await;
+    let charged = charge(&ctx, &hash, record.as_ref(), (decision, cap), &request, decided_at_ms).await;
     let (charged, record) = overtaken(&ctx, &req, charged, record, &hash, who, &request).await?;
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)
@@ -103,7 +104,7 @@ async fn overtaken(
     let decided_at_ms = Date::now().as_millis();
     let decision = decide(Some(&newer), hash, who, request, decided_at_ms as i64);
     let decision = match decision.code.passed_status_checks() {
-        true => lists(ctx, req, request, &newer, decision, decided_at_ms).await?,
+        true => lists(ctx, req, request, &newer, decision, decided_at_ms).await?.0,
         false => decision,
     };
     if decision.code == Code::Valid {
@@ -122,15 +123,15 @@ struct Charged {
     limits: Vec<LimitLeft>,
 }
 
-/// Rate limits, then credits, for a `VALID` decision: only a key valid in every other way
-/// spends, and one refused by any of them spends nothing on the others (tokens taken here go
-/// back; with an idempotency key the exact limits and the credits are settled together at the
-/// authority).
+/// Rate limits (under the API's cap), then credits, for a `VALID` decision: only a key valid in
+/// every other way spends, and one refused by any of them spends nothing on the others (tokens
+/// taken here go back; with an idempotency key the exact limits and the credits are settled
+/// together at the authority).
 async fn charge(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
     record: Option<&KeyRecord>,
-    decision: Decision,
+    (decision, cap): (Decision, Cap),
     request: &VerifyRequest,
     decided_at_ms: u64,
 ) -> Charged {
@@ -140,7 +141,7 @@ async fn charge(
     let idempotent = request.idempotency_key.is_some();
     let checked = match record.ratelimits.is_empty() {
         true => None,
-        false => ratelimit::check(&ctx.env, &ctx.data, hash, record, request, idempotent).await,
+        false => ratelimit::check(&ctx.env, &ctx.data, hash, record, request, idempotent, cap).await,
     };
     let decision = match &checked {
         Some(c) => decision.refused_by_limits(c.code()),
@@ -153,7 +154,7 @@ async fn charge(
     let asks = if idempotent { ratelimit::exact_asks(record, request) } else { Vec::new() };
     let (spent, grants) = match decision.code == Code::Valid && (record.credits.is_some() || !asks.is_empty()) {
         true => {
-            let (spent, grants) = spend(ctx, hash, request, &asks, record.version, decided_at_ms).await;
+            let (spent, grants) = spend(ctx, hash, request, &asks, (record.version, cap), decided_at_ms).await;
             (Some(spent), grants)
         }
         false => (None, Vec::new()),
@@ -189,7 +190,8 @@ async fn charge(
 
 /// The decision once the key's and its API's lists were asked about the request's client (the
 /// caller's own `CF-Connecting-IP` and `cf.country` when the request has no `client`): `FORBIDDEN`
-/// when either refuses it, `UNAVAILABLE` when the API's record could not be confirmed.
+/// when either refuses it, `UNAVAILABLE` when the API's record could not be confirmed; with the
+/// cap the API's record puts on the key's rate limits.
 async fn lists(
     ctx: &RouteContext<worker::Context>,
     req: &Request,
@@ -197,7 +199,7 @@ async fn lists(
     record: &KeyRecord,
     decision: Decision,
     now_ms: u64,
-) -> EdgeResult<Decision> {
+) -> EdgeResult<(Decision, Cap)> {
     // The client is read (the caller's headers and `cf` are asked) only where a list exists.
     let client = || {
         let caller_ip = req.headers().get("cf-connecting-ip").ok().flatten();
@@ -206,34 +208,36 @@ async fn lists(
     };
     let mut known = None;
     if !record.policy.is_empty() && !record.policy.admits(known.insert(client())) {
-        return Ok(decision.forbidden_unless(false));
+        return Ok((decision.forbidden_unless(false), Cap::NONE));
     }
     let api = match policy::find(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
-        policy::Found::Record(api) if api.policy.is_empty() => return Ok(decision),
+        policy::Found::Record(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
         policy::Found::Record(api) => api,
-        // Fail closed: the API's lists could not be confirmed.
-        policy::Found::Unconfirmed => return Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
+        // Fail closed: the API's lists and cap could not be confirmed.
+        policy::Found::Unconfirmed => {
+            return Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, Cap::NONE));
+        }
     };
     let client = known.unwrap_or_else(client);
-    Ok(decision.forbidden_unless(api.policy.admits(&client)))
+    Ok((decision.forbidden_unless(api.policy.admits(&client)), api.cap()))
 }
 
 /// Spends the request's cost of the key's credits: settled at the authority with an
-/// idempotency key (with the exact limits `asks`, on record `version` or a newer one), else
-/// from this isolate's share.
+/// idempotency key (with the exact limits `asks`, on record `version` or a newer one, under the
+/// API's `cap`), else from this isolate's share.
 async fn spend(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
     request: &VerifyRequest,
     asks: &[(String, u64)],
-    version: u64,
+    (version, cap): (u64, Cap),
     now_ms: u64,
 ) -> (credits::Spent, Vec<(String, Grant)>) {
     let cost = request.cost.unwrap_or(1);
     match &request.idempotency_key {
         Some(key) => {
             let settle = SettleRequest { idempotency_key: Some(key.clone()), cost, version };
-            credits::settle(&ctx.env, hash, &settle, asks).await
+            credits::settle(&ctx.env, hash, &settle, cap, asks).await
         }
         None => (credits::spend(&ctx.env, &ctx.data, hash, cost, now_ms).await, Vec::new()),
     }

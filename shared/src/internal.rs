@@ -157,6 +157,16 @@ pub struct SettleOrder {
     /// The version of the record the control plane decided on (see [`crate::credits::SettleRequest::version`]).
     #[serde(default)]
     pub version: u64,
+    /// The version of the key's API record the control plane read, and its limit override's
+    /// percent (100: none): the cap the exact limits are decided under ([`crate::ratelimit::Cap`]).
+    #[serde(default)]
+    pub api_version: u64,
+    #[serde(default = "no_cap")]
+    pub limit_percent: u8,
+}
+
+fn no_cap() -> u8 {
+    100
 }
 
 /// The answer to a [`SettleOrder`]: its settlement, and each asked rate limit's state

@@ -323,8 +323,9 @@ impl Policy {
 }
 
 /// An API-wide override that lowers every key's rate limits: each limit of a key of the API is
-/// capped at `percent` of its `limit` (rounded down) while it stands. Stored and delivered with
-/// the API record; not yet applied to the limits (docs/design.md, The limit override).
+/// capped at `percent` of its `limit` (rounded down, at least 1) while it stands. Stored and
+/// delivered with the API record; applied by holders and kept by each key's authority as a
+/// [`crate::ratelimit::Cap`] (docs/design.md, The limit override).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitOverride {
@@ -375,6 +376,11 @@ impl ApiRecord {
     /// SHA-256 of `api:<id>`, which no key's text (`<prefix>_<base58>`) can hash to.
     pub fn hash_of(api_id: &str) -> KeyHash {
         KeyHash::of(&format!("api:{api_id}"))
+    }
+
+    /// The cap this record's limit override puts on its keys' rate limits.
+    pub fn cap(&self) -> crate::ratelimit::Cap {
+        crate::ratelimit::Cap { api_version: self.version, percent: self.limit_override.map_or(100, |o| o.percent) }
     }
 
     /// Whether going from `self` to `next` may refuse a verification that was admitted: the

@@ -128,6 +128,55 @@ impl RateLimit {
     }
 }
 
+/// An API-wide cap on every rate limit of its keys (the API record's limit override), with the
+/// version of the API record it was read from. A key's authority keeps the cap of the newest API
+/// record it was told of ([`Cap::kept`]) and grants under it, whatever cap a request was made
+/// under: holders whose copies of the API record differ in age cannot make its schedules
+/// alternate between limits, and a holder whose copy is behind is granted under the newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap {
+    pub api_version: u64,
+    /// 1 to 100; 100 is no cap.
+    pub percent: u8,
+}
+
+impl Cap {
+    /// No API record known: nothing capped.
+    pub const NONE: Cap = Cap { api_version: 0, percent: 100 };
+
+    /// `limit` under this cap: `percent` of its `limit`, rounded down, at least 1 (its
+    /// duration, cost and mode unchanged).
+    pub fn apply(&self, limit: &RateLimit) -> RateLimit {
+        let capped = (limit.limit.saturating_mul(u64::from(self.percent.min(100))) / 100).max(1);
+        RateLimit { limit: capped.min(limit.limit), ..limit.clone() }
+    }
+
+    /// Every limit of `limits` under this cap.
+    pub fn apply_all(&self, limits: &[RateLimit]) -> Vec<RateLimit> {
+        limits.iter().map(|l| self.apply(l)).collect()
+    }
+
+    /// The cap an authority that kept `held` keeps, and grants under, after a request made
+    /// under `asked`: the one of the newer API record.
+    pub fn kept(held: Option<Cap>, asked: Cap) -> Cap {
+        match held {
+            Some(held) if held.api_version > asked.api_version => held,
+            _ => asked,
+        }
+    }
+
+    /// `api_version percent`
+    pub fn text(&self) -> String {
+        format!("{} {}", self.api_version, self.percent)
+    }
+
+    pub fn read(text: &str) -> Option<Cap> {
+        let (version, percent) = text.split_once(' ')?;
+        let percent: u8 = percent.parse().ok()?;
+        (1..=100).contains(&percent).then_some(Cap { api_version: version.parse().ok()?, percent })
+    }
+}
+
 /// Whether going from `old` to `new` limits can refuse a verification `old` admitted: a limit
 /// added or made tighter (removing one is loosening).
 pub fn tightened(old: &[RateLimit], new: &[RateLimit]) -> bool {
@@ -311,6 +360,9 @@ pub mod text {
         /// The version of the record the holder decided on: an authority holding an older one
         /// answers `Void` rather than "no such limit" (fail closed).
         pub version: u64,
+        /// The API's cap the holder decided under (the authority grants under a newer one it
+        /// keeps: [`Cap::kept`]).
+        pub cap: Cap,
     }
 
     /// The authority's answer: a [`Grant`] with its lease lifetime and verdict (`Unlimited`:
@@ -322,9 +374,9 @@ pub mod text {
         pub verdict: Verdict,
     }
 
-    /// `name need want version`
+    /// `name need want version api_version percent`
     pub fn token_request(r: &TokenRequest) -> String {
-        format!("{} {} {} {}", r.name, r.need, r.want, r.version)
+        format!("{} {} {} {} {}", r.name, r.need, r.want, r.version, r.cap.text())
     }
 
     pub fn read_token_request(text: &str) -> Option<TokenRequest> {
@@ -333,7 +385,8 @@ pub mod text {
         let need = tokens.next()?.parse().ok()?;
         let want = tokens.next()?.parse().ok()?;
         let version = tokens.next()?.parse().ok()?;
-        tokens.next().is_none().then_some(TokenRequest { name, need, want, version })
+        let cap = Cap::read(&format!("{} {}", tokens.next()?, tokens.next()?))?;
+        tokens.next().is_none().then_some(TokenRequest { name, need, want, version, cap })
     }
 
     fn verdict_char(v: Verdict) -> &'static str {
@@ -375,26 +428,32 @@ pub mod text {
     }
 
     /// A settle request with the exact limits to decide with it: the credits' settle request
-    /// ([`crate::credits::text::settle_request`]), then `name cost` per line.
-    pub fn settle_request(credits: &str, asks: &[(String, u64)]) -> String {
-        let mut out = credits.to_owned();
+    /// ([`crate::credits::text::settle_request`]), the API's cap ([`Cap::text`]) on the second
+    /// line, then `name cost` per line.
+    pub fn settle_request(credits: &str, cap: Cap, asks: &[(String, u64)]) -> String {
+        let mut out = format!("{credits}\n{}", cap.text());
         for (name, cost) in asks {
             out.push_str(&format!("\n{name} {cost}"));
         }
         out
     }
 
-    /// The credits' settle request and the limits asked.
-    pub fn read_settle_request(text: &str) -> Option<(&str, Vec<(String, u64)>)> {
+    /// A settle request as read: the credits' part, the API's cap, and each limit asked with
+    /// its cost.
+    pub type SettleParts<'a> = (&'a str, Cap, Vec<(String, u64)>);
+
+    /// The credits' settle request, the API's cap and the limits asked.
+    pub fn read_settle_request(text: &str) -> Option<SettleParts<'_>> {
         let mut lines = text.split('\n');
         let first = lines.next()?;
+        let cap = Cap::read(lines.next()?)?;
         let asks = lines
             .map(|l| {
                 let (name, cost) = l.split_once(' ')?;
                 is_name(name).then(|| Some((name.to_owned(), cost.parse().ok()?)))?
             })
             .collect::<Option<_>>()?;
-        Some((first, asks))
+        Some((first, cap, asks))
     }
 
     /// A settlement ([`crate::credits::text::settlement`]) with each limit's grant, one per line:
@@ -712,15 +771,18 @@ mod tests {
             assert_eq!(as_text::read(bad), None, "{bad}");
         }
         use crate::credits::{Settlement, Verdict};
-        let request = text::TokenRequest { name: "api".into(), need: 1, want: 30, version: u64::MAX };
+        let cap = Cap { api_version: 7, percent: 10 };
+        let request = text::TokenRequest { name: "api".into(), need: 1, want: 30, version: u64::MAX, cap };
         assert_eq!(text::read_token_request(&text::token_request(&request)), Some(request));
         let grant = Grant { granted: 3, remaining: 0, retry_after_ms: 224, reset_at_ms: 1_764_000_000_123 };
         let answer = text::TokenAnswer { grant, ttl_ms: 1_000, verdict: Verdict::Granted };
         assert_eq!(text::read_token_answer(&text::token_answer(&answer)), Some(answer));
         let asks = vec![("api".to_owned(), 1), ("b".to_owned(), 3)];
-        let request = text::settle_request("3 order-1", &asks);
-        assert_eq!(text::read_settle_request(&request), Some(("3 order-1", asks)));
-        assert_eq!(text::read_settle_request("3"), Some(("3", vec![])));
+        let request = text::settle_request("3 order-1", cap, &asks);
+        assert_eq!(text::read_settle_request(&request), Some(("3 order-1", cap, asks)));
+        assert_eq!(text::read_settle_request("3\n0 100"), Some(("3", Cap::NONE, vec![])));
+        assert_eq!(text::read_settle_request("3"), None, "the cap is not optional");
+        assert_eq!(text::read_settle_request("3\n1 0"), None, "a percent of 0 is no cap");
         let settled = text::settled("g 7 1000", &[("api".to_owned(), grant)]);
         assert_eq!(text::read_settled(&settled), Some(("g 7 1000", vec![("api".to_owned(), grant)])));
         let stored = vec![("api".to_owned(), Schedule { tat_us: 1_764_000_000_123_456, ..Schedule::default() })];
@@ -762,5 +824,28 @@ mod tests {
         // Stored and read back with its limit.
         let text = text::schedules(&[("api".into(), schedule)]);
         assert_eq!(text::read_schedules(&text), Some(vec![("api".to_owned(), schedule)]));
+    }
+
+    #[test]
+    fn a_cap_lowers_every_limit_and_only_a_newer_api_record_moves_it() {
+        let l = limit(1_000, 10_000, Mode::Exact);
+        assert_eq!(Cap { api_version: 3, percent: 5 }.apply(&l).limit, 50);
+        assert_eq!(Cap { api_version: 3, percent: 1 }.apply(&limit(50, 1_000, Mode::Local)).limit, 1, "at least 1");
+        assert_eq!(Cap::NONE.apply(&l), l);
+        let (old, new) = (Cap { api_version: 3, percent: 5 }, Cap { api_version: 4, percent: 100 });
+        assert_eq!(Cap::kept(None, old), old);
+        assert_eq!(Cap::kept(Some(old), new), new, "a lift from a newer record");
+        assert_eq!(Cap::kept(Some(new), old), new, "an older record's cap is not taken");
+        assert_eq!(Cap::kept(Some(old), Cap::NONE), old, "nor none");
+        assert_eq!(Cap::kept(Some(new), new), new);
+        // Under a cap the schedule starts again at the lower limit: at most 50 in the window.
+        let mut schedule = Schedule::default();
+        let now = 1_764_000_000_000;
+        assert_eq!(schedule.grant(&l, 500, 500, now).granted, 0, "beyond the burst");
+        let granted: u64 = (0..1_000).map(|i| schedule.grant(&l, 1, 1, now + i).granted).sum();
+        assert!(granted > 50, "{granted}");
+        let capped = old.apply(&l);
+        let more: u64 = (0..10_000).map(|i| schedule.grant(&capped, 1, 1, now + 1_000 + i).granted).sum();
+        assert!(more <= 50 && more > 0, "{more} in 10 s under a cap of 50 per 10 s");
     }
 }

@@ -266,6 +266,78 @@ fn a_lowered_limit_holds_for_windows_a_lease_lifetime_after_the_answer() {
     assert!(in_window(&times, after, 4_000) >= 5, "the lowered limit still admits");
 }
 
+/// One phase of the override test: answers, and when the admin call that began it answered.
+struct Phase {
+    exact: Vec<(String, Value)>,
+    local: Vec<(String, Value)>,
+    answered: i64,
+}
+
+/// Hammers `exact` and `local` from the 3 regions for `seconds`, calling `change` (the limit
+/// override set or lifted) after 2 s.
+fn override_phase(world: &World, exact: &Value, local: &Value, seconds: u64, change: Value, api: &str) -> Phase {
+    std::thread::scope(|scope| {
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let exact = scope.spawn(move || hammer(world, exact, &[0, 1, 2], 6, until));
+        let local = scope.spawn(move || hammer(world, local, &[0, 1, 2], 6, until));
+        std::thread::sleep(Duration::from_millis(2_000));
+        let (status, changed) = world.admin(Method::PATCH, &format!("/v1/apis/{api}/policy"), Some(change));
+        assert_eq!(status, 200, "{changed}");
+        let answered = now_ms();
+        Phase { exact: exact.join().expect("exact"), local: local.join().expect("local"), answered }
+    })
+}
+
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn an_api_wide_override_lowers_hot_keys_limits_in_every_region_and_lifts() {
+    let _alone = alone();
+    for (mode, bound_ms) in [(PurgeMode::Record, 0), (PurgeMode::TagOnly(150), 1_000 + 150)] {
+        let world = World::start_opts(&THREE, Options { purge_mode: mode, ..Options::default() }).expect("world");
+        let api = world.create_api(&format!("override-{bound_ms}"), 1_000);
+        let limit = |mode: &str| json!({ "ratelimits": [{ "name": "api", "limit": 1_000, "duration_ms": 2_000, "mode": mode }] });
+        let (_, exact) = world.create_key(&api, limit("exact"));
+        let (_, local) = world.create_key(&api, limit("local"));
+        let (exact, local) = (json!({ "key": exact }), json!({ "key": local }));
+        // 1% of 1,000 per 2 s: 10 per 2 s, in every region.
+        let set = override_phase(&world, &exact, &local, 7, json!({ "limit_override": { "percent": 1 } }), &api);
+        // Windows start a lease lifetime (250 ms for a 2 s window) after the answer, and with
+        // tag-only purges after the API copies' `max_staleness_ms` (and the purge's delay) too.
+        let after = set.answered + bound_ms + 250;
+        for (what, answers, most_allowed) in [("exact", &set.exact, 10), ("local", &set.local, 3 * 10)] {
+            let times = valid_times(answers);
+            let before = times.iter().filter(|t| **t < set.answered).count();
+            let last = *times.last().expect("VALID answers");
+            let (most, _) = window_extremes(&times, after, last.max(after), 2_000);
+            println!(
+                "{mode:?} {what}: {:?}; {before} VALID before the override, then at most {most} in any 2 s window \
+                 from {} ms after the answer",
+                tally(answers),
+                after - set.answered
+            );
+            assert!(before > 40, "{what}: the key was hot before the override: {before}");
+            assert!(most <= most_allowed, "{what}: {most} VALID in a 2 s window under an override of 10 per 2 s");
+            assert!(in_window(&times, after, 3_000) >= 5, "{what}: the lowered limit still admits");
+            let other = answers.iter().filter(|(code, _)| code != "VALID" && code != "RATE_LIMITED").count();
+            assert_eq!(other, 0, "{what}: {:?}", tally(answers));
+        }
+        // Lifted: the keys' own limits again (a raise keeps the schedule, and shows within a
+        // few of the capped spacings).
+        let lifted = override_phase(&world, &exact, &local, 5, json!({ "limit_override": null }), &api);
+        let from = lifted.answered + bound_ms + 1_000;
+        for (what, answers) in [("exact", &lifted.exact), ("local", &lifted.local)] {
+            let times = valid_times(answers);
+            let after_lift = in_window(&times, from, 1_500);
+            println!("{mode:?} {what} lifted: {:?}; {after_lift} VALID in 1.5 s from {from}", tally(answers));
+            assert!(after_lift > 40, "{what}: the lifted override still caps the key: {after_lift}");
+            // A region whose copy of the API record is behind is granted under the authority's
+            // newer cap, not refused.
+            let other = answers.iter().filter(|(code, _)| code != "VALID" && code != "RATE_LIMITED").count();
+            assert_eq!(other, 0, "{what}: {:?}", tally(answers));
+        }
+    }
+}
+
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn with_the_authority_unreachable_exact_fails_closed_and_local_answers() {

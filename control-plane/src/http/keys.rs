@@ -11,8 +11,8 @@ use axum::routing::{get, post};
 use keyward_shared::credits::{Credits, Period, Refill, SettleRequest, Verdict};
 use keyward_shared::internal::SettleAnswer;
 use keyward_shared::key::validate_prefix;
-use keyward_shared::policy::{self, Client, Policy};
-use keyward_shared::ratelimit::{self, LimitAsk, MAX_LIMITS, Mode, RateLimit, applicable};
+use keyward_shared::policy::{self, ApiRecord, Client, Policy};
+use keyward_shared::ratelimit::{self, Cap, LimitAsk, MAX_LIMITS, Mode, RateLimit, applicable};
 use keyward_shared::record::KeyStatus;
 use keyward_shared::usage::{Answered, UsageEvent};
 use keyward_shared::verify::{Caller, Decision, MAX_VERIFY_BODY};
@@ -466,6 +466,7 @@ async fn read_credits(
             record.hash,
             SettleRequest { idempotency_key: None, cost: 0, version: record.version },
             Vec::new(),
+            Cap::NONE,
         )
         .await
         {
@@ -527,14 +528,19 @@ async fn verify(
     let who = Caller { workspace_id: caller.workspace_id(), scopes: caller.scopes() };
     let now = now_ms();
     let decision = decide(record.as_ref(), &hash, who, &request, now);
+    let api = match record.as_ref() {
+        Some(record) => state.store.api_record_by_id(&record.api_id).await?,
+        None => None,
+    };
     let decision = match record.as_ref() {
-        Some(record) => decision.forbidden_unless(admits(&state, record, &request, &caller).await?),
+        Some(record) => decision.forbidden_unless(admits(record, api.as_ref(), &request, &caller)),
         None => decision,
     };
+    let cap = api.as_ref().map_or(Cap::NONE, ApiRecord::cap);
     if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
         ratelimit::check_costs(&r.ratelimits, &request.ratelimits).map_err(AppError::BadRequest)?;
     }
-    let (decision, settled) = charge(&state, record.as_ref(), hash, decision, &request).await;
+    let (decision, settled) = charge(&state, record.as_ref(), hash, (decision, cap), &request).await;
     let decided_at = settled.as_ref().map_or(u64::try_from(now).unwrap_or(0), |s| s.decided_at_ms);
     let mut response = VerifyResponse::new(decision, record.as_ref(), Some(Source::Origin)).decided_at(decided_at);
     if let Some(s) = settled {
@@ -549,12 +555,13 @@ async fn verify(
 
 /// The key's exact rate limits and credits for a `VALID` decision, settled together at its
 /// authority (all or nothing): the decision they make, and the settlement. The origin is no
-/// holder: a `local` limit is counted by edge isolates only.
+/// holder: a `local` limit is counted by edge isolates only. The exact limits are decided under
+/// the API's `cap` (its limit override).
 async fn charge(
     state: &AppState,
     record: Option<&KeyRecord>,
     hash: KeyHash,
-    decision: Decision,
+    (decision, cap): (Decision, Cap),
     request: &VerifyRequest,
 ) -> (Decision, Option<SettleAnswer>) {
     let Some(record) = record.filter(|_| decision.code == Code::Valid) else { return (decision, None) };
@@ -571,7 +578,7 @@ async fn charge(
         cost: request.cost.unwrap_or(1),
         version: record.version,
     };
-    let Some(settled) = settle(state, hash, cost, asks).await else {
+    let Some(settled) = settle(state, hash, cost, asks, cap).await else {
         return (decision.refused_by_credits(Code::Unavailable), None);
     };
     let decision = match settled.verdict {
@@ -586,21 +593,26 @@ async fn charge(
 /// Whether the key's and its API's allow and deny lists admit the request's client (the peer
 /// address when the request names no IP; no country unless it names one), read from the
 /// database, which is always current.
-async fn admits(state: &AppState, record: &KeyRecord, request: &VerifyRequest, caller: &RootKey) -> Result<bool> {
-    let api = state.store.api_record_by_id(&record.api_id).await?;
-    if record.policy.is_empty() && api.as_ref().is_none_or(|a| a.policy.is_empty()) {
-        return Ok(true);
+fn admits(record: &KeyRecord, api: Option<&ApiRecord>, request: &VerifyRequest, caller: &RootKey) -> bool {
+    if record.policy.is_empty() && api.is_none_or(|a| a.policy.is_empty()) {
+        return true;
     }
     let peer = caller.actor().request().and_then(|o| o.remote_addr).map(|a| a.ip().to_string());
     let client = Client::of(request.client.as_ref(), peer.as_deref(), None);
-    Ok(policy::admits(record, api.as_ref(), &client))
+    policy::admits(record, api, &client)
 }
 
 /// Settles the request's cost of the key's credits at its authority, with its exact rate
 /// limits, as the edge does with an idempotency key; `None` when it could not (the answer is
 /// then `UNAVAILABLE`).
-async fn settle(state: &AppState, hash: KeyHash, settle: SettleRequest, limits: Vec<LimitAsk>) -> Option<SettleAnswer> {
-    match state.delivery.edge().settle(hash, settle, limits).await {
+async fn settle(
+    state: &AppState,
+    hash: KeyHash,
+    settle: SettleRequest,
+    limits: Vec<LimitAsk>,
+    cap: Cap,
+) -> Option<SettleAnswer> {
+    match state.delivery.edge().settle(hash, settle, limits, cap).await {
         Ok(Some(settlement)) => Some(settlement),
         Ok(None) => None,
         Err(e) => {
