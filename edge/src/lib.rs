@@ -14,6 +14,7 @@ mod deadline;
 mod error;
 mod fresh;
 mod lookup;
+mod mark;
 mod memory;
 mod misses;
 mod origin;

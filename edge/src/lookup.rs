@@ -33,6 +33,7 @@ use worker::{Cache, CacheDeletionOutcome, Context, Env, Headers, Response, Resul
 
 use crate::authority;
 use crate::fresh::{self, Confirmation};
+use crate::mark::Mark;
 use crate::memory::{self, Copies};
 use crate::misses::{self, Kind};
 use crate::{KV_BINDING, deadline, origin};
@@ -223,7 +224,9 @@ fn answer(env: &Env, ctx: &Context, hash: &KeyHash, entry: Entry, source: Source
     Found::Record(Some(entry.record), source)
 }
 
-/// A stale copy, or none: reads KV and the authority together and keeps what wins.
+/// A stale copy, or none: reads KV and the authority together and keeps what wins. Where
+/// purges reach only the Cache API, a confirmation a purge overtook (`crate::mark`) is asked
+/// again once; overtaken twice, the request fails closed as with no answer (unless final).
 async fn refresh(
     env: &Env,
     cache: &Cache,
@@ -231,6 +234,40 @@ async fn refresh(
     stale: Option<(KeyRecord, Source)>,
     now_ms: u64,
 ) -> Result<Found> {
+    let marked = fresh::memory_trust_ms().is_some();
+    let (mut stale, mut asked_ms, mut again) = (stale, now_ms, true);
+    loop {
+        match confirm_once(env, cache, hash, stale, asked_ms, marked).await? {
+            Confirmed::Found(found) => return Ok(found),
+            Confirmed::Overtaken(record, source) if again => stale = Some((record, source)),
+            Confirmed::Overtaken(record, source) => return Ok(Found::Unconfirmed(record, source)),
+        }
+        (asked_ms, again) = (worker::Date::now().as_millis(), false);
+    }
+}
+
+/// What one confirmation came to.
+enum Confirmed {
+    Found(Found),
+    /// A purge ran while it was in flight: its record (which may predate the purge's change) was
+    /// taken back out of the Cache API and not kept in memory.
+    Overtaken(KeyRecord, Source),
+}
+
+/// One confirmation, asked at `now_ms` (`marked`: first putting its mark, where purges reach only
+/// the Cache API).
+async fn confirm_once(
+    env: &Env,
+    cache: &Cache,
+    hash: &KeyHash,
+    stale: Option<(KeyRecord, Source)>,
+    now_ms: u64,
+    marked: bool,
+) -> Result<Confirmed> {
+    let mark = match marked {
+        true => Some(Mark::put(cache, &cache_url(hash), &hash.to_hex()).await),
+        false => None,
+    };
     let (kv, mut authority) =
         futures::join!(read_kv(env, kv_key_for_key(hash), KeyRecord::from_json), ask_authority(env, hash));
     let kv = kv.unwrap_or_else(|e| {
@@ -250,7 +287,7 @@ async fn refresh(
             if known_missing {
                 misses::remember(Kind::Key, hash.as_bytes(), now_ms);
             }
-            Ok(Found::Record(None, Source::Kv))
+            Ok(Confirmed::Found(Found::Record(None, Source::Kv)))
         }
         Resolved::Record(Some(record), tier) => {
             let source = match tier {
@@ -259,10 +296,12 @@ async fn refresh(
                 Tier::Authority => Source::Authority,
             };
             let entry = Entry { record, confirmed_at_ms: now_ms, checked_at_ms: now_ms };
-            let record = keep(cache, hash, entry).await?;
-            Ok(Found::Record(Some(record), source))
+            Ok(match keep(cache, hash, entry, mark).await? {
+                Ok(record) => Confirmed::Found(Found::Record(Some(record), source)),
+                Err(record) => Confirmed::Overtaken(record, source),
+            })
         }
-        Resolved::FailClosed(record) => Ok(Found::Unconfirmed(record, copy_source)),
+        Resolved::FailClosed(record) => Ok(Confirmed::Found(Found::Unconfirmed(record, copy_source))),
     }
 }
 
@@ -314,9 +353,14 @@ pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMo
         remember(&hash, Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
     }
     // A drop that does not finish in time fails the purge, which the control plane then retries.
-    let in_cache = deadline::within(deadline::CACHE_MS, Cache::default().delete(cache_url(&hash), false))
+    let cache = Cache::default();
+    let in_cache = deadline::within(deadline::CACHE_MS, cache.delete(cache_url(&hash), false))
         .await
         .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the copy in time".into()))??;
+    if mode == PurgeMode::TagOnly {
+        // Purge-by-tag drops every entry of the key's tag: the copy and a confirmation's mark.
+        drop_copy(&cache, &crate::mark::url_of(&cache_url(&hash))).await?;
+    }
     Ok(in_memory || matches!(in_cache, CacheDeletionOutcome::Success))
 }
 
@@ -383,24 +427,74 @@ fn held_version(hash: &KeyHash) -> Option<u64> {
 /// purge-by-tag in production); answers the record kept, which is a newer one when memory
 /// already held one. A newer version that reached memory while the Cache API write was under
 /// way is written after it, so the Cache API never ends on the older record.
-async fn keep(cache: &Cache, hash: &KeyHash, entry: Entry) -> Result<KeyRecord> {
-    let mut kept = remember(hash, entry);
+///
+/// With a `mark` (purges reach only the Cache API, `crate::mark`) the copy is written, then the
+/// mark read, and only then kept in memory: a mark gone means a purge may have overtaken the
+/// confirmation, so the copy is dropped from the Cache API again (`Err` with its record).
+/// Without one where one was due (it could not be put), the copy stays out of the Cache API and
+/// memory trusts it only from when it was asked, so the next request confirms again.
+async fn keep(
+    cache: &Cache,
+    hash: &KeyHash,
+    entry: Entry,
+    mark: Option<Option<Mark>>,
+) -> Result<std::result::Result<KeyRecord, KeyRecord>> {
+    let mut kept = match mark {
+        Some(None) => return Ok(Ok(remember(hash, Entry { checked_at_ms: entry.confirmed_at_ms, ..entry }).record)),
+        Some(Some(_)) => entry,
+        None => remember(hash, entry),
+    };
     if purged_newer(hash, kept.record.version) {
-        return Ok(kept.record);
+        return Ok(Ok(kept.record));
     }
+    let mut mark = mark.flatten();
     loop {
-        let headers = Headers::new();
-        headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
-        headers.set("cache-tag", &hash.to_hex())?;
-        let put = cache.put(cache_url(hash), Response::from_json(&kept)?.with_headers(headers));
-        match deadline::within(deadline::CACHE_MS, put).await {
-            Some(done) => done?,
-            None => console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS),
+        put_copy(cache, hash, &kept).await?;
+        let put = kept.record.version;
+        if let Some(mark) = mark.take() {
+            if !mark.intact(cache).await {
+                drop_copy(cache, &cache_url(hash)).await?;
+                return Ok(Err(kept.record));
+            }
+            kept = remember(hash, kept);
         }
         if held_version(hash).is_some_and(|v| v > kept.record.version) {
             kept = remember(hash, kept);
-            continue;
         }
-        return Ok(kept.record);
+        if kept.record.version == put {
+            return Ok(Ok(kept.record));
+        }
     }
+}
+
+/// Writes a copy to the Cache API, tagged with the key hash; a write past its deadline is
+/// logged (memory keeps the copy).
+async fn put_copy(cache: &Cache, hash: &KeyHash, entry: &Entry) -> Result<()> {
+    let put = cache.put(cache_url(hash), copy_response(hash, entry)?);
+    match deadline::within(deadline::CACHE_MS, put).await {
+        Some(done) => done,
+        None => {
+            console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS);
+            Ok(())
+        }
+    }
+}
+
+/// The Cache API's response for a copy. Not inlined: the record's serializer is large, and
+/// [`keep`]'s loop would carry it twice.
+#[inline(never)]
+fn copy_response(hash: &KeyHash, entry: &Entry) -> Result<Response> {
+    let headers = Headers::new();
+    headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
+    headers.set("cache-tag", &hash.to_hex())?;
+    Ok(Response::from_json(entry)?.with_headers(headers))
+}
+
+/// Drops the Cache API's copy at `url` (a copy a purge may have overtaken): a drop that does
+/// not finish in time is an error, as a purge's is.
+pub(crate) async fn drop_copy(cache: &Cache, url: &str) -> Result<()> {
+    deadline::within(deadline::CACHE_MS, cache.delete(url, false))
+        .await
+        .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the copy in time".into()))??;
+    Ok(())
 }

@@ -25,10 +25,11 @@ use keyward_shared::budget::{ByteLru, Weigh};
 use keyward_shared::freshness::{self, Resolved};
 use keyward_shared::policy::{ApiRecord, kv_key_for_api};
 use serde::{Deserialize, Serialize};
-use worker::{Cache, Context, Env, Headers, Response, Result, console_warn};
+use worker::{Cache, Context, Date, Env, Headers, Response, Result, console_warn};
 
 use crate::fresh::{self, Confirmation};
-use crate::lookup::{PurgeMode, read_kv};
+use crate::lookup::{self, PurgeMode, read_kv};
+use crate::mark::Mark;
 use crate::memory::Copies;
 use crate::misses::Kind;
 use crate::{authority, deadline, origin};
@@ -164,7 +165,9 @@ fn answer(env: &Env, ctx: &Context, api_id: &str, entry: Entry, now_ms: u64) -> 
     Found::Record(entry.record)
 }
 
-/// A stale copy, or none: reads KV and the authority together and keeps what wins.
+/// A stale copy, or none: reads KV and the authority together and keeps what wins. Where
+/// purges reach only the Cache API, a confirmation a purge overtook (`crate::mark`) is asked
+/// again once; overtaken twice, it fails closed.
 async fn confirm(
     env: &Env,
     cache: &Cache,
@@ -173,6 +176,30 @@ async fn confirm(
     trust_ms: u64,
     now_ms: u64,
 ) -> Result<Found> {
+    let marked = fresh::memory_trust_ms().is_some();
+    let tag = ApiRecord::hash_of(api_id).to_hex();
+    let (mut stale, mut asked_ms, mut again) = (stale, now_ms, true);
+    loop {
+        let mark = match marked {
+            true => Some(Mark::put(cache, &cache_url(api_id), &tag).await),
+            false => None,
+        };
+        let Some(record) = resolve(env, api_id, stale, trust_ms).await else {
+            return Ok(Found::Unconfirmed);
+        };
+        let entry = Entry { record, confirmed_at_ms: asked_ms, checked_at_ms: asked_ms };
+        match keep(cache, api_id, entry, mark).await? {
+            Ok(record) => return Ok(Found::Record(record)),
+            Err(record) if again => stale = Some(record),
+            Err(_) => return Ok(Found::Unconfirmed),
+        }
+        (asked_ms, again) = (Date::now().as_millis(), false);
+    }
+}
+
+/// The API's record once KV and the authority were read together (version 0 when it has none
+/// anywhere, trusted for `trust_ms` at most); `None`: the authority could not confirm it.
+async fn resolve(env: &Env, api_id: &str, stale: Option<ApiRecord>, trust_ms: u64) -> Option<ApiRecord> {
     let hash = ApiRecord::hash_of(api_id);
     let (kv, mut authority) = futures::join!(read_kv(env, kv_key_for_api(api_id), ApiRecord::from_json), async {
         // The KV-only baseline edge (`cargo xtask bench`'s point of comparison) never asks.
@@ -189,16 +216,14 @@ async fn confirm(
         }
         None
     });
-    let record = match freshness::resolve(stale, kv, authority) {
-        Resolved::FailClosed(_) => return Ok(Found::Unconfirmed),
+    match freshness::resolve(stale, kv, authority) {
+        Resolved::FailClosed(_) => None,
         Resolved::Record(None, _) => {
             let none = ApiRecord::none(api_id);
-            ApiRecord { max_staleness_ms: none.max_staleness_ms.min(trust_ms), ..none }
+            Some(ApiRecord { max_staleness_ms: none.max_staleness_ms.min(trust_ms), ..none })
         }
-        Resolved::Record(Some(record), _) => record,
-    };
-    let entry = Entry { record, confirmed_at_ms: now_ms, checked_at_ms: now_ms };
-    Ok(Found::Record(keep(cache, api_id, entry).await?))
+        Resolved::Record(Some(record), _) => Some(record),
+    }
 }
 
 fn purged_newer(hash: &[u8; 32], version: u64) -> bool {
@@ -228,29 +253,65 @@ fn remember(mut entry: Entry) -> Entry {
 }
 
 /// Keeps a confirmed copy in memory and the Cache API (tagged with the API's hash, for
-/// purge-by-tag); a newer version that reached memory meanwhile is written after it.
-async fn keep(cache: &Cache, api_id: &str, entry: Entry) -> Result<ApiRecord> {
+/// purge-by-tag); a newer version that reached memory meanwhile is written after it. With a
+/// `mark`, as a key's copy is kept (`lookup::keep`): written, then the mark read, then kept in
+/// memory; a mark gone takes the copy back out (`Err` with its record); no mark where one was
+/// due keeps the copy out of the Cache API.
+async fn keep(
+    cache: &Cache,
+    api_id: &str,
+    entry: Entry,
+    mark: Option<Option<Mark>>,
+) -> Result<std::result::Result<ApiRecord, ApiRecord>> {
     let hash = ApiRecord::hash_of(api_id);
-    let mut kept = remember(entry);
+    let mut kept = match mark {
+        Some(None) => return Ok(Ok(remember(Entry { checked_at_ms: entry.confirmed_at_ms, ..entry }).record)),
+        Some(Some(_)) => entry,
+        None => remember(entry),
+    };
     if purged_newer(hash.as_bytes(), kept.record.version) {
-        return Ok(kept.record);
+        return Ok(Ok(kept.record));
     }
+    let mut mark = mark.flatten();
     loop {
-        let headers = Headers::new();
-        headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
-        headers.set("cache-tag", &hash.to_hex())?;
-        let put = cache.put(cache_url(api_id), Response::from_json(&kept)?.with_headers(headers));
-        match deadline::within(deadline::CACHE_MS, put).await {
-            Some(done) => done?,
-            None => console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS),
+        put_copy(cache, api_id, &kept).await?;
+        let put = kept.record.version;
+        if let Some(mark) = mark.take() {
+            if !mark.intact(cache).await {
+                lookup::drop_copy(cache, &cache_url(api_id)).await?;
+                return Ok(Err(kept.record));
+            }
+            kept = remember(kept);
         }
         let held = MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|h| h.record.version)));
         if held.is_some_and(|v| v > kept.record.version) {
             kept = remember(kept);
-            continue;
         }
-        return Ok(kept.record);
+        if kept.record.version == put {
+            return Ok(Ok(kept.record));
+        }
     }
+}
+
+/// Writes an API copy to the Cache API, tagged with the API's hash.
+async fn put_copy(cache: &Cache, api_id: &str, entry: &Entry) -> Result<()> {
+    let put = cache.put(cache_url(api_id), copy_response(api_id, entry)?);
+    match deadline::within(deadline::CACHE_MS, put).await {
+        Some(done) => done,
+        None => {
+            console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS);
+            Ok(())
+        }
+    }
+}
+
+/// The Cache API's response for an API copy (not inlined: see `lookup::copy_response`).
+#[inline(never)]
+fn copy_response(api_id: &str, entry: &Entry) -> Result<Response> {
+    let headers = Headers::new();
+    headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
+    headers.set("cache-tag", &ApiRecord::hash_of(api_id).to_hex())?;
+    Ok(Response::from_json(entry)?.with_headers(headers))
 }
 
 /// Replaces this location's copies of an API's record with `record`, from a signed purge
@@ -270,8 +331,13 @@ pub(crate) async fn purge(record: ApiRecord, confirmed_at_ms: u64, mode: PurgeMo
         });
         remember(Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
     }
-    let dropped = deadline::within(deadline::CACHE_MS, Cache::default().delete(url, false))
+    let cache = Cache::default();
+    let dropped = deadline::within(deadline::CACHE_MS, cache.delete(&url, false))
         .await
         .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the API copy in time".into()))??;
+    if mode == PurgeMode::TagOnly {
+        // Purge-by-tag drops every entry of the API's tag: the copy and a confirmation's mark.
+        lookup::drop_copy(&cache, &crate::mark::url_of(&url)).await?;
+    }
     Ok(in_memory || matches!(dropped, worker::CacheDeletionOutcome::Success))
 }

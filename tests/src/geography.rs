@@ -120,6 +120,17 @@ impl Geography {
         })
     }
 
+    /// A geography of a test's own links: the control plane → the home, → each region, and each
+    /// region → the home (by region modulo the lists' lengths, as in the presets).
+    pub fn custom(
+        name: &'static str,
+        control_to_home: Link,
+        control_to_region: &'static [Link],
+        region_to_home: &'static [Link],
+    ) -> Geography {
+        Geography { name, control_to_home, control_to_region, region_to_home }
+    }
+
     /// The geography named by `KEYWARD_GEOGRAPHY`, if set and not `none`.
     pub fn from_env() -> anyhow::Result<Option<Geography>> {
         match std::env::var("KEYWARD_GEOGRAPHY") {

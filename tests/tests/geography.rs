@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use keyward_tests::geography::Geography;
-use keyward_tests::world::{Options, RegionPlan, World};
+use keyward_tests::geography::{Geography, Link};
+use keyward_tests::now_ms;
+use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
 use reqwest::Method;
 use serde_json::json;
 
@@ -102,4 +103,67 @@ fn a_verification_overtaken_by_a_revocation_while_it_waits_is_not_valid() {
     }
     let caught = outcomes.iter().filter(|(_, code, _, _)| code == "REVOKED").count();
     assert!(caught > 0, "no revocation landed during a wait, the race was not made: {outcomes:?}");
+}
+
+/// Every link but one fast; the region's link to the home of the KeyState objects 200 ms one way,
+/// so each confirmation of a copy is in flight for 300 ms and more.
+const FAST: [Link; 1] = [Link::between(1.0, 2.0)];
+const FAR_HOME: [Link; 1] = [Link::between(150.0, 153.0)];
+
+/// With purges that reach only the Cache API (production's purge-by-tag), a confirmation of a hot
+/// key's copy that read the authority just before a revocation reached it, and wrote the Cache API
+/// just after the purge dropped the copy there, must not bring the old copy back: the region must
+/// reject the key within the purge's delay plus memory trust, not `max_staleness_ms`. The
+/// revocations land at offsets spread over a whole cycle of confirmations ahead of expiry (one
+/// asked 750 ms into each copy's 1 s), so that for some the authority's write falls between a
+/// confirmation's read and its Cache API write.
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn with_tag_only_purges_a_confirmation_in_flight_across_a_revocation_brings_back_no_copy() {
+    let geography = Geography::custom("far-home", Link::between(1.0, 2.0), &FAST, &FAR_HOME);
+    let options = Options { geography: Some(geography), purge_mode: PurgeMode::TagOnly(20), ..Options::default() };
+    let world = World::start_opts(&[RegionPlan::Up], options).unwrap();
+    let api = world.create_api("in-flight", 1_000);
+    let (_, warm) = world.create_key(&api, json!({}));
+    // The caller's root key is confirmed at the region first: the key's miss is then the only wait.
+    assert_eq!(world.edge_code(0, &warm).0, "VALID");
+    let mut late = Vec::new();
+    for offset_ms in (0..8).map(|i| i * 100) {
+        let (id, key) = world.create_key(&api, json!({}));
+        let body = json!({ "key": key });
+        assert_eq!(world.edge_code(0, &key).0, "VALID");
+        let started = now_ms();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (answers, answered) = std::thread::scope(|scope| {
+            let (world, body, stop) = (&world, &body, &stop);
+            let load = scope.spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (status, answer) = world.edge_verify(0, &world.root_key, body.clone());
+                    assert_eq!(status, 200, "{answer}");
+                    seen.push((answer["code"].as_str().unwrap_or("?").to_owned(), answer["decided_at_ms"].as_i64()));
+                    std::thread::sleep(Duration::from_millis(15));
+                }
+                seen
+            });
+            let at = started + 300 + offset_ms;
+            std::thread::sleep(Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)));
+            let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+            assert_eq!(status, 200, "{revoked}");
+            let answered = now_ms();
+            std::thread::sleep(Duration::from_millis(2_000));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            (load.join().unwrap(), answered)
+        });
+        let valid: Vec<i64> = answers.iter().filter(|(code, _)| code == "VALID").filter_map(|(_, at)| *at).collect();
+        let last = valid.iter().max().copied().unwrap_or(0);
+        let codes: Vec<&str> = answers.iter().map(|(code, _)| code.as_str()).collect();
+        assert!(valid.len() >= 2, "the key was answered before the revocation: {codes:?}");
+        assert_eq!(answers.last().map(|(code, _)| code.as_str()), Some("REVOKED"));
+        println!("offset {offset_ms} ms: last VALID {} ms after the revoke call answered", last - answered);
+        late.push(last - answered);
+    }
+    // The purge drops the copy 20 ms after it arrives (before the answer); memory trusts what
+    // the Cache API showed for 100 ms; 80 ms for the request in hand and the machine.
+    assert!(late.iter().all(|ms| *ms <= 200), "last VALID after the answer, per revocation: {late:?} ms");
 }
