@@ -265,7 +265,7 @@ async fn confirm_once(
     marked: bool,
 ) -> Result<Confirmed> {
     let mark = match marked {
-        true => Some(Mark::put(cache, &cache_url(hash), &hash.to_hex()).await),
+        true => Some(Mark::find(cache, &cache_url(hash), &hash.to_hex()).await),
         false => None,
     };
     let (kv, mut authority) =

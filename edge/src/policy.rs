@@ -181,7 +181,7 @@ async fn confirm(
     let (mut stale, mut asked_ms, mut again) = (stale, now_ms, true);
     loop {
         let mark = match marked {
-            true => Some(Mark::put(cache, &cache_url(api_id), &tag).await),
+            true => Some(Mark::find(cache, &cache_url(api_id), &tag).await),
             false => None,
         };
         let Some(record) = resolve(env, api_id, stale, trust_ms).await else {
