@@ -38,7 +38,8 @@ struct Settings {
     /// `None` where purges reach memory (`PURGE_MODE` other than `tag-only`).
     memory_trust_ms: Option<u64>,
     /// The longest a confirmation may take: the longer of the authority's deadline and KV's
-    /// (they are read together), and the Cache API's write.
+    /// (they are read together), and the Cache API's write; with tag-only purges, also its
+    /// mark's read (or write) before and read after, and a drop, for each of its two rounds.
     flight_ms: u64,
 }
 
@@ -47,7 +48,8 @@ thread_local! {
     /// Confirmations under way, by kind and hash, and when each was asked: a few at a time, so
     /// a list (smaller in the worker than another map type).
     static IN_FLIGHT: RefCell<Vec<(Id, u64)>> = const { RefCell::new(Vec::new()) };
-    static COUNTS: Cell<[ConfirmCounts; 3]> = const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0 }; 3]) };
+    static COUNTS: Cell<[ConfirmCounts; 3]> =
+        const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0, overtaken: 0, unmarked: 0 }; 3]) };
 }
 
 /// Reads `REFRESH_AHEAD_PERCENT`, `PURGE_MODE` and `MEMORY_TRUST_MS` once per isolate.
@@ -60,8 +62,17 @@ pub(crate) fn configure(env: &Env) {
     SETTINGS.set(Some(Settings {
         refresh_ahead_percent: number("REFRESH_AHEAD_PERCENT").unwrap_or(freshness::REFRESH_AHEAD_PERCENT),
         memory_trust_ms: tag_only.then(|| number("MEMORY_TRUST_MS").unwrap_or(MEMORY_TRUST_MS)),
-        flight_ms: deadline::authority_ms(env).max(deadline::KV_MS) + deadline::CACHE_MS,
+        flight_ms: flight_ms(deadline::authority_ms(env), tag_only),
     }));
+}
+
+/// A confirmation's longest time (see [`Settings::flight_ms`]).
+fn flight_ms(authority_ms: u64, tag_only: bool) -> u64 {
+    let round = authority_ms.max(deadline::KV_MS) + deadline::CACHE_MS;
+    match tag_only {
+        true => 2 * (round + 4 * deadline::CACHE_MS),
+        false => round,
+    }
 }
 
 fn settings() -> Settings {
@@ -89,6 +100,8 @@ pub(crate) enum Confirmation {
     Waited,
     Ahead,
     Shared,
+    Overtaken,
+    Unmarked,
 }
 
 fn slot(kind: Kind) -> usize {
@@ -107,6 +120,8 @@ pub(crate) fn count(kind: Kind, what: Confirmation) {
         Confirmation::Waited => c.waited += 1,
         Confirmation::Ahead => c.ahead += 1,
         Confirmation::Shared => c.shared += 1,
+        Confirmation::Overtaken => c.overtaken += 1,
+        Confirmation::Unmarked => c.unmarked += 1,
     }
     COUNTS.set(counts);
 }

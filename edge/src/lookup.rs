@@ -296,7 +296,11 @@ async fn confirm_once(
                 Tier::Authority => Source::Authority,
             };
             let entry = Entry { record, confirmed_at_ms: now_ms, checked_at_ms: now_ms };
-            Ok(match keep(cache, hash, entry, mark).await? {
+            let kept = match mark {
+                None => Ok(keep(cache, hash, entry).await?),
+                Some(mark) => keep_marked(cache, hash, entry, mark).await?,
+            };
+            Ok(match kept {
                 Ok(record) => Confirmed::Found(Found::Record(Some(record), source)),
                 Err(record) => Confirmed::Overtaken(record, source),
             })
@@ -354,13 +358,14 @@ pub(crate) async fn purge(record: KeyRecord, confirmed_at_ms: u64, mode: PurgeMo
     }
     // A drop that does not finish in time fails the purge, which the control plane then retries.
     let cache = Cache::default();
+    if mode == PurgeMode::TagOnly {
+        // Purge-by-tag drops every entry of the key's tag: a confirmation's mark, then the copy
+        // (a copy written after the copy's drop is followed by a read that finds no mark).
+        drop_copy(&cache, &crate::mark::url_of(&cache_url(&hash))).await?;
+    }
     let in_cache = deadline::within(deadline::CACHE_MS, cache.delete(cache_url(&hash), false))
         .await
         .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the copy in time".into()))??;
-    if mode == PurgeMode::TagOnly {
-        // Purge-by-tag drops every entry of the key's tag: the copy and a confirmation's mark.
-        drop_copy(&cache, &crate::mark::url_of(&cache_url(&hash))).await?;
-    }
     Ok(in_memory || matches!(in_cache, CacheDeletionOutcome::Success))
 }
 
@@ -427,55 +432,60 @@ fn held_version(hash: &KeyHash) -> Option<u64> {
 /// purge-by-tag in production); answers the record kept, which is a newer one when memory
 /// already held one. A newer version that reached memory while the Cache API write was under
 /// way is written after it, so the Cache API never ends on the older record.
-///
-/// With a `mark` (purges reach only the Cache API, `crate::mark`) the copy is written, then the
-/// mark read, and only then kept in memory: a mark gone means a purge may have overtaken the
-/// confirmation, so the copy is dropped from the Cache API again (`Err` with its record).
-/// Without one where one was due (it could not be put), the copy stays out of the Cache API and
-/// memory trusts it only from when it was asked, so the next request confirms again.
-async fn keep(
-    cache: &Cache,
-    hash: &KeyHash,
-    entry: Entry,
-    mark: Option<Option<Mark>>,
-) -> Result<std::result::Result<KeyRecord, KeyRecord>> {
-    let mut kept = match mark {
-        Some(None) => return Ok(Ok(remember(hash, Entry { checked_at_ms: entry.confirmed_at_ms, ..entry }).record)),
-        Some(Some(_)) => entry,
-        None => remember(hash, entry),
-    };
+async fn keep(cache: &Cache, hash: &KeyHash, entry: Entry) -> Result<KeyRecord> {
+    let mut kept = remember(hash, entry);
     if purged_newer(hash, kept.record.version) {
-        return Ok(Ok(kept.record));
+        return Ok(kept.record);
     }
-    let mut mark = mark.flatten();
     loop {
         put_copy(cache, hash, &kept).await?;
-        let put = kept.record.version;
-        if let Some(mark) = mark.take() {
-            if !mark.intact(cache).await {
-                drop_copy(cache, &cache_url(hash)).await?;
-                return Ok(Err(kept.record));
-            }
-            kept = remember(hash, kept);
-        }
         if held_version(hash).is_some_and(|v| v > kept.record.version) {
             kept = remember(hash, kept);
+            continue;
         }
-        if kept.record.version == put {
-            return Ok(Ok(kept.record));
-        }
+        return Ok(kept.record);
     }
 }
 
+/// [`keep`] where purges reach only the Cache API (`crate::mark`): the copy is written, then
+/// the mark read, and only then kept in memory. A mark gone means a purge may have overtaken
+/// the confirmation: the copy is dropped from the Cache API again (`Err` with its record).
+/// Nothing is written after the mark was read (a newer copy memory holds came from the Cache
+/// API or from a confirmation that wrote it itself). Without a mark, or with a write that did
+/// not finish in time, the copy is not counted as in the Cache API: memory trusts it only from
+/// when it was asked, so the next request confirms again.
+async fn keep_marked(
+    cache: &Cache,
+    hash: &KeyHash,
+    entry: Entry,
+    mark: Option<Mark>,
+) -> Result<std::result::Result<KeyRecord, KeyRecord>> {
+    let untrusted = Entry { checked_at_ms: entry.confirmed_at_ms, ..entry.clone() };
+    let Some(mark) = mark else {
+        fresh::count(Kind::Key, Confirmation::Unmarked);
+        return Ok(Ok(remember(hash, untrusted).record));
+    };
+    if held_version(hash).is_some_and(|v| v > entry.record.version) {
+        return Ok(Ok(remember(hash, entry).record));
+    }
+    let written = put_copy(cache, hash, &entry).await?;
+    if !mark.intact(cache).await {
+        fresh::count(Kind::Key, Confirmation::Overtaken);
+        drop_copy(cache, &cache_url(hash)).await?;
+        return Ok(Err(entry.record));
+    }
+    Ok(Ok(remember(hash, if written { entry } else { untrusted }).record))
+}
+
 /// Writes a copy to the Cache API, tagged with the key hash; a write past its deadline is
-/// logged (memory keeps the copy).
-async fn put_copy(cache: &Cache, hash: &KeyHash, entry: &Entry) -> Result<()> {
+/// logged (memory keeps the copy) and answered `false`.
+async fn put_copy(cache: &Cache, hash: &KeyHash, entry: &Entry) -> Result<bool> {
     let put = cache.put(cache_url(hash), copy_response(hash, entry)?);
     match deadline::within(deadline::CACHE_MS, put).await {
-        Some(done) => done,
+        Some(done) => done.map(|()| true),
         None => {
             console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS);
-            Ok(())
+            Ok(false)
         }
     }
 }

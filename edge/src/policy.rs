@@ -188,7 +188,10 @@ async fn confirm(
             return Ok(Found::Unconfirmed);
         };
         let entry = Entry { record, confirmed_at_ms: asked_ms, checked_at_ms: asked_ms };
-        match keep(cache, api_id, entry, mark).await? {
+        let Some(mark) = mark else {
+            return Ok(Found::Record(keep(cache, api_id, entry).await?));
+        };
+        match keep_marked(cache, api_id, entry, mark).await? {
             Ok(record) => return Ok(Found::Record(record)),
             Err(record) if again => stale = Some(record),
             Err(_) => return Ok(Found::Unconfirmed),
@@ -253,54 +256,62 @@ fn remember(mut entry: Entry) -> Entry {
 }
 
 /// Keeps a confirmed copy in memory and the Cache API (tagged with the API's hash, for
-/// purge-by-tag); a newer version that reached memory meanwhile is written after it. With a
-/// `mark`, as a key's copy is kept (`lookup::keep`): written, then the mark read, then kept in
-/// memory; a mark gone takes the copy back out (`Err` with its record); no mark where one was
-/// due keeps the copy out of the Cache API.
-async fn keep(
-    cache: &Cache,
-    api_id: &str,
-    entry: Entry,
-    mark: Option<Option<Mark>>,
-) -> Result<std::result::Result<ApiRecord, ApiRecord>> {
+/// purge-by-tag); a newer version that reached memory meanwhile is written after it.
+async fn keep(cache: &Cache, api_id: &str, entry: Entry) -> Result<ApiRecord> {
     let hash = ApiRecord::hash_of(api_id);
-    let mut kept = match mark {
-        Some(None) => return Ok(Ok(remember(Entry { checked_at_ms: entry.confirmed_at_ms, ..entry }).record)),
-        Some(Some(_)) => entry,
-        None => remember(entry),
-    };
+    let mut kept = remember(entry);
     if purged_newer(hash.as_bytes(), kept.record.version) {
-        return Ok(Ok(kept.record));
+        return Ok(kept.record);
     }
-    let mut mark = mark.flatten();
     loop {
         put_copy(cache, api_id, &kept).await?;
-        let put = kept.record.version;
-        if let Some(mark) = mark.take() {
-            if !mark.intact(cache).await {
-                lookup::drop_copy(cache, &cache_url(api_id)).await?;
-                return Ok(Err(kept.record));
-            }
+        if held_version(&hash).is_some_and(|v| v > kept.record.version) {
             kept = remember(kept);
+            continue;
         }
-        let held = MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|h| h.record.version)));
-        if held.is_some_and(|v| v > kept.record.version) {
-            kept = remember(kept);
-        }
-        if kept.record.version == put {
-            return Ok(Ok(kept.record));
-        }
+        return Ok(kept.record);
     }
 }
 
+fn held_version(hash: &KeyHash) -> Option<u64> {
+    MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|h| h.record.version)))
+}
+
+/// [`keep`] where purges reach only the Cache API, as a key's copy is kept there
+/// (`lookup::keep_marked`): written, then the mark read, then kept in memory; a mark gone takes
+/// the copy back out (`Err` with its record); nothing is written after the mark was read; no
+/// mark, or a write not finished in time, leaves memory trusting the copy only from its ask.
+async fn keep_marked(
+    cache: &Cache,
+    api_id: &str,
+    entry: Entry,
+    mark: Option<Mark>,
+) -> Result<std::result::Result<ApiRecord, ApiRecord>> {
+    let untrusted = Entry { checked_at_ms: entry.confirmed_at_ms, ..entry.clone() };
+    let Some(mark) = mark else {
+        fresh::count(Kind::Api, Confirmation::Unmarked);
+        return Ok(Ok(remember(untrusted).record));
+    };
+    if held_version(&ApiRecord::hash_of(api_id)).is_some_and(|v| v > entry.record.version) {
+        return Ok(Ok(remember(entry).record));
+    }
+    let written = put_copy(cache, api_id, &entry).await?;
+    if !mark.intact(cache).await {
+        fresh::count(Kind::Api, Confirmation::Overtaken);
+        lookup::drop_copy(cache, &cache_url(api_id)).await?;
+        return Ok(Err(entry.record));
+    }
+    Ok(Ok(remember(if written { entry } else { untrusted }).record))
+}
+
 /// Writes an API copy to the Cache API, tagged with the API's hash.
-async fn put_copy(cache: &Cache, api_id: &str, entry: &Entry) -> Result<()> {
+async fn put_copy(cache: &Cache, api_id: &str, entry: &Entry) -> Result<bool> {
     let put = cache.put(cache_url(api_id), copy_response(api_id, entry)?);
     match deadline::within(deadline::CACHE_MS, put).await {
-        Some(done) => done,
+        Some(done) => done.map(|()| true),
         None => {
             console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS);
-            Ok(())
+            Ok(false)
         }
     }
 }
@@ -332,12 +343,12 @@ pub(crate) async fn purge(record: ApiRecord, confirmed_at_ms: u64, mode: PurgeMo
         remember(Entry { record, confirmed_at_ms, checked_at_ms: confirmed_at_ms });
     }
     let cache = Cache::default();
+    if mode == PurgeMode::TagOnly {
+        // Purge-by-tag drops every entry of the API's tag: a confirmation's mark, then the copy.
+        lookup::drop_copy(&cache, &crate::mark::url_of(&url)).await?;
+    }
     let dropped = deadline::within(deadline::CACHE_MS, cache.delete(&url, false))
         .await
         .ok_or_else(|| worker::Error::RustError("the Cache API did not drop the API copy in time".into()))??;
-    if mode == PurgeMode::TagOnly {
-        // Purge-by-tag drops every entry of the API's tag: the copy and a confirmation's mark.
-        lookup::drop_copy(&cache, &crate::mark::url_of(&url)).await?;
-    }
     Ok(in_memory || matches!(dropped, worker::CacheDeletionOutcome::Success))
 }

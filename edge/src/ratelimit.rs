@@ -61,23 +61,31 @@ struct Holding {
     refused_version: u64,
     /// A token request under way, asked at this time.
     asking_since: Option<u64>,
-    /// The version of the API record whose cap the shares and the refusal were given under.
-    cap_version: u64,
+    /// The newest API cap this holding was decided under (`None`: none yet, as [`Cap::NONE`]);
+    /// it never goes back to an older API record's.
+    cap: Option<Cap>,
     rate: Rate,
     /// A `local` limit's own schedule.
     local: Schedule,
 }
 
 impl Holding {
-    /// Takes `cap` as the one this holding spends under: shares and a refusal given under
-    /// another API record's cap are dropped (a lowered cap must not be spent past; a lifted one
-    /// is asked again). A `local` schedule restarts by itself when its capped limit is lowered.
-    fn under(&mut self, cap: Cap) {
-        if self.cap_version != cap.api_version {
+    /// The cap to decide under now: the newer of this holding's and `asked` ([`Cap::kept`], so
+    /// a request that read an older API record is decided under the newer cap). When the cap
+    /// moves, a lowered one drops the shares and the refusal (they must not be spent past it), a
+    /// raised one only the refusal. A `local` schedule restarts by itself when its capped limit
+    /// is lowered.
+    fn under(&mut self, asked: Cap) -> Cap {
+        let held = self.cap.unwrap_or(Cap::NONE);
+        let cap = Cap::kept(Some(held), asked);
+        if cap.percent < held.percent {
             self.shares.clear();
-            self.refused_until = 0;
-            self.cap_version = cap.api_version;
         }
+        if cap.percent != held.percent {
+            self.refused_until = 0;
+        }
+        self.cap = Some(cap);
+        cap
     }
 
     fn close_expired(&mut self, now_ms: u64) {
@@ -177,6 +185,8 @@ pub(crate) struct Token {
     name: String,
     cost: u64,
     until_ms: u64,
+    /// The cap it was taken under.
+    cap: Cap,
 }
 
 /// What the limits said about one verification.
@@ -229,14 +239,14 @@ pub(crate) async fn check(
     }
     let mut taken = Vec::with_capacity(asks.len());
     for &(i, cost) in &asks {
+        let cap = with(hash, &record.ratelimits[i].name, |h| h.under(cap));
         let limit = &cap.apply(&record.ratelimits[i]);
-        with(hash, &limit.name, |h| h.under(cap));
         let take = match limit.mode {
             Mode::Exact => take_exact(env, ctx, hash, limit, (record.version, cap), cost).await,
             Mode::Local => take_local(hash, limit, cost),
         };
         match take {
-            Take::Yes(until_ms) => taken.push(Token { name: limit.name.clone(), cost, until_ms }),
+            Take::Yes(until_ms) => taken.push(Token { name: limit.name.clone(), cost, until_ms, cap }),
             Take::Unlimited => {}
             Take::Refused | Take::Unavailable => {
                 put_back(hash, &taken);
@@ -260,13 +270,19 @@ fn states(hash: &KeyHash, record: &KeyRecord, asks: &[(usize, u64)]) -> Vec<Limi
         .collect()
 }
 
-/// Puts tokens a refused verification took back into their shares (unless expired).
+/// Puts tokens a refused verification took back into their shares (unless expired, or taken
+/// under a cap the holding has since lowered).
 pub(crate) fn put_back(hash: &KeyHash, tokens: &[Token]) {
     let now = Date::now().as_millis();
     for token in tokens.iter().filter(|t| t.until_ms > now) {
-        with(hash, &token.name, |h| match h.shares.iter_mut().find(|s| s.until_ms == token.until_ms) {
-            Some(share) => share.left += token.cost,
-            None => h.shares.push(Share { left: token.cost, until_ms: token.until_ms }),
+        with(hash, &token.name, |h| {
+            if h.cap.unwrap_or(Cap::NONE).percent < token.cap.percent {
+                return;
+            }
+            match h.shares.iter_mut().find(|s| s.until_ms == token.until_ms) {
+                Some(share) => share.left += token.cost,
+                None => h.shares.push(Share { left: token.cost, until_ms: token.until_ms }),
+            }
         });
     }
 }
@@ -327,10 +343,11 @@ async fn asked(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, cost:
         None | Some(Verdict::Void | Verdict::Limited) => Take::Unavailable,
         Some(Verdict::Unlimited) => Take::Unlimited,
         Some(Verdict::Exceeded) => Take::Refused,
-        // No await since the answer was taken: the share is this request's first.
+        // No await since the answer was taken: the share is this request's first (none: the
+        // grant was under a looser cap than one this isolate learned meanwhile; fail closed).
         Some(Verdict::Granted) => {
             let now = Date::now().as_millis();
-            with(hash, &limit.name, |h| h.take(cost, now)).map_or(Take::Refused, Take::Yes)
+            with(hash, &limit.name, |h| h.take(cost, now)).map_or(Take::Unavailable, Take::Yes)
         }
     }
 }
@@ -352,10 +369,13 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, need: u
     let now = Date::now().as_millis();
     with(hash, &limit.name, |h| {
         h.asking_since = None;
-        let same_cap = h.cap_version == cap.api_version;
-        if let Some(a) =
-            answer.as_ref().filter(|a| same_cap && matches!(a.verdict, Verdict::Granted | Verdict::Exceeded))
-        {
+        // The authority granted under its own cap, never older than the one asked under; the
+        // holding takes it if newer. A grant under a looser cap than the holding's own (an
+        // older API record's, where the holding already has a lowered one) is not kept.
+        let granted_under = answer.as_ref().map(|a| a.cap).unwrap_or(cap);
+        let holding_cap = h.under(granted_under);
+        let kept = granted_under.percent <= holding_cap.percent;
+        if let Some(a) = answer.as_ref().filter(|a| kept && matches!(a.verdict, Verdict::Granted | Verdict::Exceeded)) {
             h.answered(&a.grant, a.ttl_ms, asked_ms, now);
             h.refused_version = version;
         }
@@ -466,6 +486,7 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
         grant: Grant { granted: 0, remaining: 0, retry_after_ms: 0, reset_at_ms: now },
         ttl_ms: 0,
         verdict,
+        cap: request.cap,
     };
     if !record.is_usable(now) || record.version < request.version {
         // Not spendable, or the holder decided on a newer record than this one: fail closed.
@@ -474,7 +495,8 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
     let Some(limit) = record.ratelimits.iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
         return Response::ok(text::token_answer(&none(Verdict::Unlimited)));
     };
-    let limit = &kept_cap(storage, request.cap).await?.apply(limit);
+    let cap = kept_cap(storage, request.cap).await?;
+    let limit = &cap.apply(limit);
     let mut schedules = load(storage).await?;
     schedules.retain(|(name, _)| record.ratelimits.iter().any(|l| l.name == *name));
     let at = match schedules.iter().position(|(name, _)| *name == limit.name) {
@@ -487,5 +509,5 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
     let grant = schedules[at].1.grant(limit, request.need, request.want, now);
     storage.put(SCHEDULES, text::schedules(&schedules)).await?;
     let verdict = if grant.granted == 0 && request.need > 0 { Verdict::Exceeded } else { Verdict::Granted };
-    Response::ok(text::token_answer(&TokenAnswer { grant, ttl_ms: limit.lease_ttl_ms(), verdict }))
+    Response::ok(text::token_answer(&TokenAnswer { grant, ttl_ms: limit.lease_ttl_ms(), verdict, cap }))
 }

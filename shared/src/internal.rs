@@ -116,6 +116,13 @@ pub struct ConfirmCounts {
     /// Requests that waited for another request's confirmation of the same key instead of
     /// asking themselves (the single flight).
     pub shared: u64,
+    /// Confirmations a tag purge overtook (their mark gone once their copy was written: the
+    /// copy was taken back out), and those that could not read or put a mark (their copy kept
+    /// out of the Cache API). Tag-only purges only.
+    #[serde(default)]
+    pub overtaken: u64,
+    #[serde(default)]
+    pub unmarked: u64,
 }
 
 /// What one isolate did with lookups it held no copy for.

@@ -372,6 +372,8 @@ pub mod text {
         pub grant: Grant,
         pub ttl_ms: u64,
         pub verdict: Verdict,
+        /// The cap the authority granted under (the newest it was told of: [`Cap::kept`]).
+        pub cap: Cap,
     }
 
     /// `name need want version api_version percent`
@@ -399,11 +401,11 @@ pub mod text {
         }
     }
 
-    /// `granted remaining retry_after_ms reset_at_ms ttl_ms verdict`
+    /// `granted remaining retry_after_ms reset_at_ms ttl_ms verdict api_version percent`
     pub fn token_answer(a: &TokenAnswer) -> String {
         let g = &a.grant;
-        let verdict = verdict_char(a.verdict);
-        format!("{} {} {} {} {} {verdict}", g.granted, g.remaining, g.retry_after_ms, g.reset_at_ms, a.ttl_ms)
+        let (verdict, cap) = (verdict_char(a.verdict), a.cap.text());
+        format!("{} {} {} {} {} {verdict} {cap}", g.granted, g.remaining, g.retry_after_ms, g.reset_at_ms, a.ttl_ms)
     }
 
     pub fn read_token_answer(text: &str) -> Option<TokenAnswer> {
@@ -424,7 +426,8 @@ pub mod text {
             retry_after_ms: retry_after_ms as u64,
             reset_at_ms,
         };
-        tokens.next().is_none().then_some(TokenAnswer { grant, ttl_ms: ttl_ms as u64, verdict })
+        let cap = Cap::read(&format!("{} {}", tokens.next()?, tokens.next()?))?;
+        tokens.next().is_none().then_some(TokenAnswer { grant, ttl_ms: ttl_ms as u64, verdict, cap })
     }
 
     /// A settle request with the exact limits to decide with it: the credits' settle request
@@ -775,7 +778,7 @@ mod tests {
         let request = text::TokenRequest { name: "api".into(), need: 1, want: 30, version: u64::MAX, cap };
         assert_eq!(text::read_token_request(&text::token_request(&request)), Some(request));
         let grant = Grant { granted: 3, remaining: 0, retry_after_ms: 224, reset_at_ms: 1_764_000_000_123 };
-        let answer = text::TokenAnswer { grant, ttl_ms: 1_000, verdict: Verdict::Granted };
+        let answer = text::TokenAnswer { grant, ttl_ms: 1_000, verdict: Verdict::Granted, cap };
         assert_eq!(text::read_token_answer(&text::token_answer(&answer)), Some(answer));
         let asks = vec![("api".to_owned(), 1), ("b".to_owned(), 3)];
         let request = text::settle_request("3 order-1", cap, &asks);

@@ -27,6 +27,8 @@ fn delta(after: ConfirmCounts, before: ConfirmCounts) -> ConfirmCounts {
         waited: after.waited - before.waited,
         ahead: after.ahead - before.ahead,
         shared: after.shared - before.shared,
+        overtaken: after.overtaken - before.overtaken,
+        unmarked: after.unmarked - before.unmarked,
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::geography::{Geography, Link};
 use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
@@ -105,7 +106,7 @@ fn a_verification_overtaken_by_a_revocation_while_it_waits_is_not_valid() {
     assert!(caught > 0, "no revocation landed during a wait, the race was not made: {outcomes:?}");
 }
 
-/// Every link but one fast; the region's link to the home of the KeyState objects 200 ms one way,
+/// Every link but one fast; the region's link to the home of the KeyState objects 150 ms one way,
 /// so each confirmation of a copy is in flight for 300 ms and more.
 const FAST: [Link; 1] = [Link::between(1.0, 2.0)];
 const FAR_HOME: [Link; 1] = [Link::between(150.0, 153.0)];
@@ -166,4 +167,11 @@ fn with_tag_only_purges_a_confirmation_in_flight_across_a_revocation_brings_back
     // The purge drops the copy 20 ms after it arrives (before the answer); memory trusts what
     // the Cache API showed for 100 ms; 80 ms for the request in hand and the machine.
     assert!(late.iter().all(|ms| *ms <= 200), "last VALID after the answer, per revocation: {late:?} ms");
+    // The race was run into: some confirmation found its mark gone and took its copy back.
+    let nonce = format!("in-flight-stats-{}", now_ms());
+    let (status, text) = world.signed_post(&world.regions[0].spec.url(), STATS_PATH, &json!({}), now_ms(), &nonce);
+    assert_eq!(status, 200, "{text}");
+    let stats: MemoryStats = serde_json::from_str(&text).unwrap();
+    println!("key confirmations at the region: {:?}", stats.key_confirmations);
+    assert!(stats.key_confirmations.overtaken > 0, "no confirmation was overtaken: {:?}", stats.key_confirmations);
 }

@@ -218,8 +218,8 @@ enum ApiCommand {
         api_id: String,
         #[command(flatten)]
         lists: PolicyFields,
-        /// Set the API's limit override, a percent (1 to 100) of every rate limit of its keys
-        /// (stored and delivered; not yet applied to the limits).
+        /// Set the API's limit override: every rate limit of its keys is decided as this percent
+        /// (1 to 100) of its limit, in every region, until lifted.
         #[arg(long, conflicts_with_all = ["clear", "lift_override"])]
         limit_percent: Option<u8>,
         /// Lift the limit override (the lists stay).

@@ -68,7 +68,7 @@ struct PolicyView {
     /// 0 until the first change.
     version: u64,
     policy: Policy,
-    /// `null`: none. Meant to cap every rate limit of the API's keys at `percent`%; not applied yet.
+    /// `null`: none. Caps every rate limit of the API's keys at `percent`% of its limit.
     limit_override: Option<LimitOverride>,
     updated_at: i64,
 }
