@@ -10,13 +10,14 @@
 
 use keyward_shared::ErrorCode;
 use keyward_shared::freshness;
+use keyward_shared::identity::IdentityRecord;
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
 use keyward_shared::policy::ApiRecord;
 use worker::{Context, Date, Delay, Request, Response, RouteContext, console_error};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, credits, policy, ratelimit, signed};
+use crate::{REGION_VAR, credits, ratelimit, side, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
@@ -31,6 +32,8 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     let records = purge.body.records;
     let apis = purge.body.apis.iter().map(|text| ApiRecord::from_json(text)).collect::<Result<Vec<_>, _>>();
     let apis = apis.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let identities = purge.body.identities.iter().map(|t| IdentityRecord::from_json(t)).collect::<Result<Vec<_>, _>>();
+    let identities = identities.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
     if mode == PurgeMode::TagOnly {
         let delay_ms = ctx.env.var("PURGE_TAG_DELAY_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(0);
         ctx.data.wait_until(async move {
@@ -41,8 +44,13 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
                 }
             }
             for api in apis {
-                if let Err(e) = policy::purge(api, confirmed_at_ms, mode).await {
+                if let Err(e) = side::purge(api, confirmed_at_ms, mode).await {
                     console_error!("tag-only purge of an API record failed: {e}");
+                }
+            }
+            for identity in identities {
+                if let Err(e) = side::purge(identity, confirmed_at_ms, mode).await {
+                    console_error!("tag-only purge of an identity's record failed: {e}");
                 }
             }
         });
@@ -51,16 +59,18 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     // Memory takes the records before the first await of each purge; the shares of their
     // credits and rate limits are dropped with them (a purge carries a tightening change).
     let applied_at_ms = Date::now().as_millis();
-    for record in &records {
-        credits::drop_shares(&record.hash);
-        ratelimit::drop_shares(&record.hash);
+    let hashes = records.iter().map(|r| r.hash).chain(identities.iter().map(|i| IdentityRecord::hash_of(&i.id)));
+    for hash in hashes.collect::<Vec<_>>() {
+        credits::drop_shares(&hash);
+        ratelimit::drop_shares(&hash);
     }
-    let (replaced, apis) = futures::future::try_join(
+    let (replaced, apis, identities) = futures::future::try_join3(
         futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))),
-        futures::future::try_join_all(apis.into_iter().map(|a| policy::purge(a, confirmed_at_ms, mode))),
+        futures::future::try_join_all(apis.into_iter().map(|a| side::purge(a, confirmed_at_ms, mode))),
+        futures::future::try_join_all(identities.into_iter().map(|i| side::purge(i, confirmed_at_ms, mode))),
     )
     .await?;
-    let purged = replaced.into_iter().chain(apis).filter(|had_copy| *had_copy).count();
+    let purged = replaced.into_iter().chain(apis).chain(identities).filter(|had_copy| *had_copy).count();
     Ok(Response::from_json(&PurgeAck { region, purged, applied_at_ms })?)
 }
 

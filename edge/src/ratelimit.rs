@@ -18,6 +18,7 @@
 use std::cell::RefCell;
 
 use keyward_shared::credits::{Settlement, Verdict};
+use keyward_shared::identity::Spender;
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
 use keyward_shared::ratelimit::{Grant, Mode, RateLimit, Reserved, Schedule, applicable};
 use keyward_shared::verify::LimitLeft;
@@ -195,26 +196,35 @@ enum Take {
     Unlimited,
 }
 
+/// The limits a verification takes tokens of: a key's own (its record's version), or its
+/// identity's (the identity's record's version), held under `hash` (the key's or the identity's).
+#[derive(Clone, Copy)]
+pub(crate) struct Limits<'a> {
+    pub(crate) hash: &'a KeyHash,
+    pub(crate) ratelimits: &'a [RateLimit],
+    pub(crate) version: u64,
+}
+
 /// Takes the tokens of every limit that applies to `request` (none: `None`), all or nothing;
 /// with `local_only`, of its local limits (its exact ones are settled at the authority).
 pub(crate) async fn check(
     env: &Env,
     ctx: &Context,
-    hash: &KeyHash,
-    record: &KeyRecord,
+    limits: Limits<'_>,
     request: &VerifyRequest,
     local_only: bool,
 ) -> Option<Checked> {
-    let mut asks = applicable(&record.ratelimits, &request.ratelimits);
-    asks.retain(|&(i, _)| !local_only || record.ratelimits[i].mode == Mode::Local);
+    let Limits { hash, ratelimits, version } = limits;
+    let mut asks = applicable(ratelimits, &request.ratelimits);
+    asks.retain(|&(i, _)| !local_only || ratelimits[i].mode == Mode::Local);
     if asks.is_empty() {
         return None;
     }
     let mut taken = Vec::with_capacity(asks.len());
     for &(i, cost) in &asks {
-        let limit = &record.ratelimits[i];
+        let limit = &ratelimits[i];
         let take = match limit.mode {
-            Mode::Exact => take_exact(env, ctx, hash, limit, record.version, cost).await,
+            Mode::Exact => take_exact(env, ctx, hash, limit, version, cost).await,
             Mode::Local => take_local(hash, limit, cost),
         };
         match take {
@@ -223,20 +233,20 @@ pub(crate) async fn check(
             Take::Refused | Take::Unavailable => {
                 put_back(hash, &taken);
                 return Some(match take {
-                    Take::Refused => Checked::Limited(states(hash, record, &asks)),
+                    Take::Refused => Checked::Limited(states(hash, ratelimits, &asks)),
                     _ => Checked::Unavailable,
                 });
             }
         }
     }
-    Some(Checked::Admitted(taken, states(hash, record, &asks)))
+    Some(Checked::Admitted(taken, states(hash, ratelimits, &asks)))
 }
 
-fn states(hash: &KeyHash, record: &KeyRecord, asks: &[(usize, u64)]) -> Vec<LimitLeft> {
+fn states(hash: &KeyHash, ratelimits: &[RateLimit], asks: &[(usize, u64)]) -> Vec<LimitLeft> {
     let now = Date::now().as_millis();
     asks.iter()
         .map(|&(i, _)| {
-            let name = &record.ratelimits[i].name;
+            let name = &ratelimits[i].name;
             with(hash, name, |h| h.left_for(name, now))
         })
         .collect()
@@ -355,14 +365,14 @@ async fn load(storage: &Storage) -> worker::Result<Vec<(String, Schedule)>> {
 /// (`keyward_shared::ratelimit::reserve`); [`commit`] stores them.
 pub(crate) async fn reserve(
     storage: &Storage,
-    record: &KeyRecord,
+    record: &Spender,
     asks: &[(String, u64)],
     now_ms: i64,
 ) -> worker::Result<Reserved> {
     if asks.is_empty() {
         return Ok(Reserved { schedules: Vec::new(), grants: Vec::new(), admitted: true, unknown: false });
     }
-    Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, &record.ratelimits, asks, now_ms))
+    Ok(keyward_shared::ratelimit::reserve(&load(storage).await?, record.ratelimits(), asks, now_ms))
 }
 
 /// The settlements remembered for a key without credits (idempotent verifications settled
@@ -414,7 +424,7 @@ pub(crate) fn left_of(name: &str, grant: &Grant) -> LimitLeft {
 /// limit; `Void`: the key may not be spent, or the object holds an older record than the one
 /// the holder decided on, whose limit it may not know). No await between the reads and the write but the
 /// storage's own, which the object's input gate keeps other requests out of.
-pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &str) -> worker::Result<Response> {
+pub(crate) async fn grant(storage: &Storage, record: Option<Spender>, body: &str) -> worker::Result<Response> {
     let Some(record) = record else {
         return Response::error("no record", 404);
     };
@@ -426,15 +436,15 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
         ttl_ms: 0,
         verdict,
     };
-    if !record.is_usable(now) || record.version < request.version {
+    if !record.is_usable(now) || record.version() < request.version {
         // Not spendable, or the holder decided on a newer record than this one: fail closed.
         return Response::ok(text::token_answer(&none(Verdict::Void)));
     }
-    let Some(limit) = record.ratelimits.iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
+    let Some(limit) = record.ratelimits().iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
         return Response::ok(text::token_answer(&none(Verdict::Unlimited)));
     };
     let mut schedules = load(storage).await?;
-    schedules.retain(|(name, _)| record.ratelimits.iter().any(|l| l.name == *name));
+    schedules.retain(|(name, _)| record.ratelimits().iter().any(|l| l.name == *name));
     let at = match schedules.iter().position(|(name, _)| *name == limit.name) {
         Some(at) => at,
         None => {
