@@ -183,7 +183,7 @@ fn spend_the_balance(world: &World, keys: &[&str]) -> Vec<usize> {
 fn two_keys_of_one_identity_share_its_limit_and_its_balance_exactly_from_three_regions() {
     let _alone = alone();
     let started = Instant::now();
-    let world = World::start(&THREE).expect("world");
+    let mut world = World::start(&THREE).expect("world");
 
     // The balance: 100 credits of the identity, none of the keys'.
     let shared = identity(&world, &["--credits", "100"]);
@@ -261,16 +261,25 @@ fn a_keys_own_limits_and_credits_and_its_identitys_all_apply_all_or_nothing() {
     std::thread::sleep(Duration::from_millis(1_300));
     assert_eq!(verify0(&key).0, "USAGE_EXCEEDED", "3 credits of the key, 3 VALID");
 
-    // The key's own limit and its identity's both apply: 1 per 10 s of the key, 3 per 10 s of
-    // the identity; its other key gets the identity's two left, only if the refused
-    // verifications took none of the identity's tokens.
-    let three = identity(&world, &["--ratelimit", "api=3/10s"]);
-    let (_, own) = key_of(&world, &three, &["--ratelimit", "api=1/10s"]);
-    let (_, other) = key_of(&world, &three, &[]);
+    // The key's own limit and its identity's both apply, and a verification the identity's
+    // limit refuses puts the key's token back. The identity: 2 per 10 s (two at once); the
+    // key: 2 per 60 s (two at once, 2 s shares). The other key takes one of the identity's;
+    // the key takes its first and the identity's second; then the identity refuses, twice.
+    let two = identity(&world, &["--ratelimit", "api=2/10s"]);
+    let (_, own) = key_of(&world, &two, &["--ratelimit", "api=2/60s"]);
+    let (_, other) = key_of(&world, &two, &[]);
+    assert_eq!(verify0(&other).0, "VALID");
     let codes: Vec<String> = (0..3).map(|_| verify0(&own).0).collect();
-    assert_eq!(codes, ["VALID", "RATE_LIMITED", "RATE_LIMITED"], "the key's own limit");
-    let codes: Vec<String> = (0..3).map(|_| verify0(&other).0).collect();
-    assert_eq!(codes, ["VALID", "VALID", "RATE_LIMITED"], "the identity's limit, shared");
+    assert_eq!(codes, ["VALID", "RATE_LIMITED", "RATE_LIMITED"], "the identity's limit, shared");
+    assert_eq!(verify0(&other).0, "RATE_LIMITED", "the identity's two are spent");
+    // Raised over another duration (a tightening change by the rules, purged at once, and a
+    // schedule that starts again empty): the key has its second token only if the refused
+    // verifications put it back.
+    world.cli(&["--json", "identities", "update", &two, "--ratelimit", "api=100/5s"]);
+    let answers: Vec<_> = (0..2).map(|_| verify0(&own)).collect();
+    let codes: Vec<&str> = answers.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(codes, ["VALID", "RATE_LIMITED"], "its second token was put back, then its limit refuses: {answers:?}");
+    assert_eq!(verify0(&other).0, "VALID", "the raised identity limit admits the other key");
 
     // The key's credits refuse: no token of the identity is spent. The identity: 2 per 10 s
     // and 5 credits; a key with 1 credit refused three times, then another key gets the second
