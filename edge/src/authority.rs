@@ -294,19 +294,18 @@ pub(crate) async fn read(env: &Env, hash: &KeyHash) -> AuthorityAnswer<KeyRecord
     answer(read_text(env, &object_name(hash, false)).await, KeyRecord::from_json)
 }
 
-/// The authority's answer for an API's record (object `api:<hash>`).
-pub(crate) async fn read_api(env: &Env, hash: &KeyHash) -> AuthorityAnswer<ApiRecord> {
-    answer(read_text(env, &api_object_name(hash)).await, ApiRecord::from_json)
-}
-
-/// The authority's answer for an identity's record (its object is named like a key's, by the
-/// hex of [`IdentityRecord::hash_of`]).
-pub(crate) async fn read_identity(env: &Env, hash: &KeyHash) -> AuthorityAnswer<IdentityRecord> {
-    answer(read_text(env, &object_name(hash, false)).await, IdentityRecord::from_json)
+/// The authority's answer for a side record (an API's, in object `api:<hash>`; an identity's,
+/// in the object named by the hex of [`IdentityRecord::hash_of`], like a key's), read by `parse`.
+pub(crate) async fn read_side<R>(
+    env: &Env,
+    name: &str,
+    parse: fn(&str) -> std::result::Result<R, RecordError>,
+) -> AuthorityAnswer<R> {
+    answer(read_text(env, name).await, parse)
 }
 
 /// An API record's object name: `api:` and the hash of `api:<id>` ([`ApiRecord::hash_of`]).
-fn api_object_name(hash: &KeyHash) -> String {
+pub(crate) fn api_object_name(hash: &KeyHash) -> String {
     format!("api:{}", hash.to_hex())
 }
 

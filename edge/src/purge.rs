@@ -17,7 +17,8 @@ use worker::{Context, Date, Delay, Request, Response, RouteContext, console_erro
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, credits, ratelimit, side, signed};
+use crate::side::{self, SideRecord};
+use crate::{REGION_VAR, credits, ratelimit, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
@@ -30,10 +31,10 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     let confirmed_at_ms = freshness::purge_confirmed_at(purge.signed_at_ms, arrived_ms);
     let mode = purge_mode(&ctx);
     let records = purge.body.records;
-    let apis = purge.body.apis.iter().map(|text| ApiRecord::from_json(text)).collect::<Result<Vec<_>, _>>();
-    let apis = apis.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
-    let identities = purge.body.identities.iter().map(|t| IdentityRecord::from_json(t)).collect::<Result<Vec<_>, _>>();
-    let identities = identities.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let apis = purge.body.apis.iter().map(|text| ApiRecord::from_json(text).map(SideRecord::Api));
+    let identities = purge.body.identities.iter().map(|t| IdentityRecord::from_json(t).map(SideRecord::Identity));
+    let sides = apis.chain(identities).collect::<Result<Vec<_>, _>>();
+    let sides = sides.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
     if mode == PurgeMode::TagOnly {
         let delay_ms = ctx.env.var("PURGE_TAG_DELAY_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(0);
         ctx.data.wait_until(async move {
@@ -43,14 +44,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
                     console_error!("tag-only purge failed: {e}");
                 }
             }
-            for api in apis {
-                if let Err(e) = side::purge(api, confirmed_at_ms, mode).await {
-                    console_error!("tag-only purge of an API record failed: {e}");
-                }
-            }
-            for identity in identities {
-                if let Err(e) = side::purge(identity, confirmed_at_ms, mode).await {
-                    console_error!("tag-only purge of an identity's record failed: {e}");
+            for side in sides {
+                if let Err(e) = side::purge(side, confirmed_at_ms, mode).await {
+                    console_error!("tag-only purge of a side record failed: {e}");
                 }
             }
         });
@@ -59,18 +55,20 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     // Memory takes the records before the first await of each purge; the shares of their
     // credits and rate limits are dropped with them (a purge carries a tightening change).
     let applied_at_ms = Date::now().as_millis();
-    let hashes = records.iter().map(|r| r.hash).chain(identities.iter().map(|i| IdentityRecord::hash_of(&i.id)));
-    for hash in hashes.collect::<Vec<_>>() {
+    let identities = sides.iter().filter_map(|s| match s {
+        SideRecord::Identity(identity) => Some(IdentityRecord::hash_of(&identity.id)),
+        SideRecord::Api(_) => None,
+    });
+    for hash in records.iter().map(|r| r.hash).chain(identities).collect::<Vec<_>>() {
         credits::drop_shares(&hash);
         ratelimit::drop_shares(&hash);
     }
-    let (replaced, apis, identities) = futures::future::try_join3(
+    let (replaced, sides) = futures::future::try_join(
         futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))),
-        futures::future::try_join_all(apis.into_iter().map(|a| side::purge(a, confirmed_at_ms, mode))),
-        futures::future::try_join_all(identities.into_iter().map(|i| side::purge(i, confirmed_at_ms, mode))),
+        futures::future::try_join_all(sides.into_iter().map(|s| side::purge(s, confirmed_at_ms, mode))),
     )
     .await?;
-    let purged = replaced.into_iter().chain(apis).chain(identities).filter(|had_copy| *had_copy).count();
+    let purged = replaced.into_iter().chain(sides).filter(|had_copy| *had_copy).count();
     Ok(Response::from_json(&PurgeAck { region, purged, applied_at_ms })?)
 }
 

@@ -20,8 +20,11 @@
 //! Side copies take their own small budget in memory ([`SIDE_MEMORY_BYTES`], per kind): an
 //! isolate serves few APIs, and its identities are bounded like its keys' holdings.
 
+//!
+//! One copy of the code serves both kinds ([`SideRecord`] and [`SideKind`] tell them apart, not
+//! generics: each monomorphised copy of these async functions cost the worker's upload).
+
 use std::cell::RefCell;
-use std::thread::LocalKey;
 
 use keyward_shared::KeyHash;
 use keyward_shared::budget::{ByteLru, Weigh};
@@ -29,8 +32,6 @@ use keyward_shared::freshness::{self, AuthorityAnswer, Resolved, Versioned};
 use keyward_shared::identity::{IdentityRecord, kv_key_for_identity};
 use keyward_shared::policy::{ApiRecord, kv_key_for_api};
 use keyward_shared::record::RecordError;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use worker::{Cache, Context, Env, Headers, Response, Result, console_warn};
 
 use crate::fresh::{self, Confirmation};
@@ -43,21 +44,168 @@ use crate::{authority, deadline, origin};
 pub(crate) const SIDE_MEMORY_BYTES: usize = 256 * 1024;
 /// How long the Cache API may keep a copy (it is confirmed after `max_staleness_ms` anyway).
 const CACHE_MAX_AGE_S: u64 = 3_600;
+/// The Cache API copy's header holding when its confirmation was asked (its body is the
+/// record's JSON, read by the same parser as KV's and the authority's).
+const CONFIRMED_AT_HEADER: &str = "x-keyward-confirmed-at";
+
+/// Which kind of side record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SideKind {
+    Api,
+    Identity,
+}
+
+/// A side record of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SideRecord {
+    Api(ApiRecord),
+    Identity(IdentityRecord),
+}
+
+impl SideRecord {
+    fn kind(&self) -> SideKind {
+        match self {
+            SideRecord::Api(_) => SideKind::Api,
+            SideRecord::Identity(_) => SideKind::Identity,
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            SideRecord::Api(r) => &r.id,
+            SideRecord::Identity(r) => &r.id,
+        }
+    }
+
+    fn max_staleness_ms(&self) -> u64 {
+        match self {
+            SideRecord::Api(r) => r.max_staleness_ms,
+            SideRecord::Identity(r) => r.max_staleness_ms,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            SideRecord::Api(r) => r.heap_bytes(),
+            SideRecord::Identity(r) => r.heap_bytes(),
+        }
+    }
+
+    fn to_json(&self) -> Result<String> {
+        Ok(match self {
+            SideRecord::Api(r) => serde_json::to_string(r)?,
+            SideRecord::Identity(r) => serde_json::to_string(r)?,
+        })
+    }
+}
+
+impl Versioned for SideRecord {
+    fn version(&self) -> u64 {
+        match self {
+            SideRecord::Api(r) => r.version,
+            SideRecord::Identity(r) => r.version,
+        }
+    }
+    /// No later version of a side record is bound to admit less: none is final.
+    fn is_final(&self) -> bool {
+        false
+    }
+}
+
+fn parse_api(text: &str) -> std::result::Result<SideRecord, RecordError> {
+    ApiRecord::from_json(text).map(SideRecord::Api)
+}
+
+fn parse_identity(text: &str) -> std::result::Result<SideRecord, RecordError> {
+    IdentityRecord::from_json(text).map(SideRecord::Identity)
+}
+
+impl SideKind {
+    /// The hash naming the record `id` at the edge.
+    fn hash_of(self, id: &str) -> KeyHash {
+        match self {
+            SideKind::Api => ApiRecord::hash_of(id),
+            SideKind::Identity => IdentityRecord::hash_of(id),
+        }
+    }
+
+    fn kv_key(self, id: &str) -> String {
+        match self {
+            SideKind::Api => kv_key_for_api(id),
+            SideKind::Identity => kv_key_for_identity(id),
+        }
+    }
+
+    fn parser(self) -> fn(&str) -> std::result::Result<SideRecord, RecordError> {
+        match self {
+            SideKind::Api => parse_api,
+            SideKind::Identity => parse_identity,
+        }
+    }
+
+    /// For single flight and counts.
+    fn misses_kind(self) -> Kind {
+        match self {
+            SideKind::Api => Kind::Api,
+            SideKind::Identity => Kind::Identity,
+        }
+    }
+
+    fn cache_url(self, id: &str) -> String {
+        let dir = match self {
+            SideKind::Api => "api",
+            SideKind::Identity => "identity",
+        };
+        origin::cache_url(&format!("{dir}/{}", self.hash_of(id).to_hex()))
+    }
+
+    /// What a record found nowhere counts as, trusted for `trust_ms` at most: an API's is an
+    /// empty policy at version 0; an identity's is unknown (`None`: the lookup fails closed).
+    fn none(self, id: &str, trust_ms: u64) -> Option<SideRecord> {
+        match self {
+            SideKind::Api => {
+                let none = ApiRecord::none(id);
+                Some(SideRecord::Api(ApiRecord { max_staleness_ms: none.max_staleness_ms.min(trust_ms), ..none }))
+            }
+            SideKind::Identity => None,
+        }
+    }
+
+    fn memory<T>(self, f: impl FnOnce(&Copies<Entry>) -> T) -> T {
+        match self {
+            SideKind::Api => API_MEMORY.with(f),
+            SideKind::Identity => IDENTITY_MEMORY.with(f),
+        }
+    }
+
+    fn purged<T>(self, f: impl FnOnce(&Purged) -> T) -> T {
+        match self {
+            SideKind::Api => API_PURGED.with(f),
+            SideKind::Identity => IDENTITY_PURGED.with(f),
+        }
+    }
+
+    /// What its authority answers.
+    async fn read_authority(self, env: &Env, hash: &KeyHash) -> AuthorityAnswer<SideRecord> {
+        match self {
+            SideKind::Api => authority::read_side(env, &authority::api_object_name(hash), parse_api).await,
+            SideKind::Identity => authority::read_side(env, &authority::object_name(hash, false), parse_identity).await,
+        }
+    }
+}
 
 /// An edge copy of a side record and when its confirmation was asked.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(bound = "R: Serialize + DeserializeOwned")]
-pub(crate) struct Entry<R> {
-    record: R,
+#[derive(Clone)]
+pub(crate) struct Entry {
+    record: SideRecord,
     confirmed_at_ms: u64,
-    /// Memory only: since when memory trusts the copy where purges reach only the Cache API.
-    #[serde(skip)]
+    /// Since when memory trusts the copy where purges reach only the Cache API.
     checked_at_ms: u64,
 }
 
-impl<R: Side> Weigh for Entry<R> {
+impl Weigh for Entry {
     fn weight(&self) -> usize {
-        std::mem::size_of::<Entry<R>>() + self.record.heap_bytes()
+        std::mem::size_of::<Entry>() + self.record.heap_bytes()
     }
 }
 
@@ -65,179 +213,109 @@ impl<R: Side> Weigh for Entry<R> {
 type Purged = RefCell<ByteLru<[u8; 32], u64>>;
 
 thread_local! {
-    static API_MEMORY: Copies<Entry<ApiRecord>> = Copies::new(SIDE_MEMORY_BYTES);
+    static API_MEMORY: Copies<Entry> = Copies::new(SIDE_MEMORY_BYTES);
     static API_PURGED: Purged = RefCell::new(ByteLru::new(64 * 1024));
-    static IDENTITY_MEMORY: Copies<Entry<IdentityRecord>> = Copies::new(SIDE_MEMORY_BYTES);
+    static IDENTITY_MEMORY: Copies<Entry> = Copies::new(SIDE_MEMORY_BYTES);
     static IDENTITY_PURGED: Purged = RefCell::new(ByteLru::new(64 * 1024));
 }
 
-/// A kind of side record: what the shared lookup needs to know of it.
-pub(crate) trait Side: Clone + Serialize + DeserializeOwned + Versioned + 'static {
-    /// Its kind for single flight and counts.
-    const KIND: Kind;
-    /// The Cache API path segment of its copies.
-    const CACHE_DIR: &'static str;
-    fn hash_of(id: &str) -> KeyHash;
-    fn kv_key(id: &str) -> String;
-    fn id(&self) -> &str;
-    fn max_staleness_ms(&self) -> u64;
-    fn heap_bytes(&self) -> usize;
-    fn memory() -> &'static LocalKey<Copies<Entry<Self>>>;
-    fn purged() -> &'static LocalKey<Purged>;
-    /// What its authority answers.
-    fn read_authority(env: &Env, hash: &KeyHash) -> impl std::future::Future<Output = AuthorityAnswer<Self>>;
-    fn parse(text: &str) -> std::result::Result<Self, RecordError>;
-    /// What a record found nowhere counts as, trusted for `trust_ms` at most (`None`: unknown,
-    /// the lookup fails closed).
-    fn none(id: &str, trust_ms: u64) -> Option<Self>;
+/// The API `api_id`'s record (version 0 when it has none anywhere; `None`: it could not be
+/// confirmed). See [`find`].
+pub(crate) async fn find_api(
+    env: &Env,
+    ctx: &Context,
+    api_id: &str,
+    trust_ms: u64,
+    now_ms: u64,
+) -> Result<Option<ApiRecord>> {
+    Ok(match find(env, ctx, SideKind::Api, api_id, trust_ms, now_ms).await? {
+        Found::Record(SideRecord::Api(api)) => Some(api),
+        _ => None,
+    })
 }
 
-impl Side for ApiRecord {
-    const KIND: Kind = Kind::Api;
-    const CACHE_DIR: &'static str = "api";
-    fn hash_of(id: &str) -> KeyHash {
-        ApiRecord::hash_of(id)
-    }
-    fn kv_key(id: &str) -> String {
-        kv_key_for_api(id)
-    }
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn max_staleness_ms(&self) -> u64 {
-        self.max_staleness_ms
-    }
-    fn heap_bytes(&self) -> usize {
-        ApiRecord::heap_bytes(self)
-    }
-    fn memory() -> &'static LocalKey<Copies<Entry<Self>>> {
-        &API_MEMORY
-    }
-    fn purged() -> &'static LocalKey<Purged> {
-        &API_PURGED
-    }
-    async fn read_authority(env: &Env, hash: &KeyHash) -> AuthorityAnswer<Self> {
-        authority::read_api(env, hash).await
-    }
-    fn parse(text: &str) -> std::result::Result<Self, RecordError> {
-        ApiRecord::from_json(text)
-    }
-    /// An API with no record anywhere: an empty policy at version 0.
-    fn none(id: &str, trust_ms: u64) -> Option<Self> {
-        let none = ApiRecord::none(id);
-        Some(ApiRecord { max_staleness_ms: none.max_staleness_ms.min(trust_ms), ..none })
-    }
-}
-
-impl Side for IdentityRecord {
-    const KIND: Kind = Kind::Identity;
-    const CACHE_DIR: &'static str = "identity";
-    fn hash_of(id: &str) -> KeyHash {
-        IdentityRecord::hash_of(id)
-    }
-    fn kv_key(id: &str) -> String {
-        kv_key_for_identity(id)
-    }
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn max_staleness_ms(&self) -> u64 {
-        self.max_staleness_ms
-    }
-    fn heap_bytes(&self) -> usize {
-        IdentityRecord::heap_bytes(self)
-    }
-    fn memory() -> &'static LocalKey<Copies<Entry<Self>>> {
-        &IDENTITY_MEMORY
-    }
-    fn purged() -> &'static LocalKey<Purged> {
-        &IDENTITY_PURGED
-    }
-    async fn read_authority(env: &Env, hash: &KeyHash) -> AuthorityAnswer<Self> {
-        authority::read_identity(env, hash).await
-    }
-    fn parse(text: &str) -> std::result::Result<Self, RecordError> {
-        IdentityRecord::from_json(text)
-    }
-    /// An identity found nowhere: its limits and credits are unknown.
-    fn none(_id: &str, _trust_ms: u64) -> Option<Self> {
-        None
-    }
+/// The identity `identity_id`'s record (`None`: it could not be confirmed, or is found
+/// nowhere). See [`find`].
+pub(crate) async fn find_identity(
+    env: &Env,
+    ctx: &Context,
+    identity_id: &str,
+    now_ms: u64,
+) -> Result<Option<IdentityRecord>> {
+    Ok(match find(env, ctx, SideKind::Identity, identity_id, 0, now_ms).await? {
+        Found::Record(SideRecord::Identity(identity)) => Some(identity),
+        _ => None,
+    })
 }
 
 /// What the lookup found.
-pub(crate) enum Found<R> {
+enum Found {
     /// The record (an API's at version 0 when it has none anywhere).
-    Record(R),
+    Record(SideRecord),
     /// The authority could not confirm the best record there is (or an identity has none).
     Unconfirmed,
 }
 
-fn cache_url<R: Side>(id: &str) -> String {
-    origin::cache_url(&format!("{}/{}", R::CACHE_DIR, R::hash_of(id).to_hex()))
-}
-
-fn fresh_now<R: Side>(entry: &Entry<R>, now_ms: u64) -> bool {
+fn fresh_now(entry: &Entry, now_ms: u64) -> bool {
     freshness::is_fresh(entry.confirmed_at_ms, entry.record.max_staleness_ms(), now_ms)
 }
 
-fn trusted<R>(entry: &Entry<R>, now_ms: u64) -> bool {
+fn trusted(entry: &Entry, now_ms: u64) -> bool {
     fresh::memory_trust_ms().is_none_or(|trust| freshness::is_fresh(entry.checked_at_ms, trust, now_ms))
 }
 
-/// The record `id` of kind `R`, from the nearest tier that may answer (see the module). An
-/// API with no record anywhere is trusted as such for `trust_ms` at most (its keys'
+/// The record `id` of `kind`, from the nearest tier that may answer (see the module). An API
+/// with no record anywhere is trusted as such for `trust_ms` at most (its keys'
 /// `max_staleness_ms`, which is the API's).
-pub(crate) async fn find<R: Side>(env: &Env, ctx: &Context, id: &str, trust_ms: u64, now_ms: u64) -> Result<Found<R>> {
-    let hash = R::hash_of(id);
+async fn find(env: &Env, ctx: &Context, kind: SideKind, id: &str, trust_ms: u64, now_ms: u64) -> Result<Found> {
+    let hash = kind.hash_of(id);
     let cache = Cache::default();
-    let stale = match nearest::<R>(env, ctx, &cache, id, &hash, now_ms).await? {
+    let stale = match nearest(env, ctx, &cache, kind, id, now_ms).await? {
         Nearest::Found(found) => return Ok(found),
         Nearest::Stale(record) => Some(record),
         Nearest::None => None,
     };
-    if let Some(now) = fresh::join(R::KIND, hash.as_bytes(), now_ms).await {
-        match nearest::<R>(env, ctx, &cache, id, &hash, now).await? {
+    if let Some(now) = fresh::join(kind.misses_kind(), hash.as_bytes(), now_ms).await {
+        match nearest(env, ctx, &cache, kind, id, now).await? {
             Nearest::Found(found) => return Ok(found),
             Nearest::Stale(_) => return Ok(Found::Unconfirmed),
             Nearest::None => {}
         }
     }
-    let _flight = fresh::begin(R::KIND, hash.as_bytes(), now_ms);
-    fresh::count(R::KIND, Confirmation::Waited);
-    confirm(env, &cache, id, stale, trust_ms, now_ms).await
+    let _flight = fresh::begin(kind.misses_kind(), hash.as_bytes(), now_ms);
+    fresh::count(kind.misses_kind(), Confirmation::Waited);
+    confirm(env, &cache, kind, id, stale, trust_ms, now_ms).await
 }
 
-enum Nearest<R> {
-    Found(Found<R>),
-    Stale(R),
+enum Nearest {
+    Found(Found),
+    Stale(SideRecord),
     None,
 }
 
+/// The Cache API's copy: the record's JSON, confirmed as of its header.
+async fn cached(cache: &Cache, kind: SideKind, id: &str, now_ms: u64) -> Result<Option<Entry>> {
+    let Some(read) = deadline::within(deadline::CACHE_MS, cache.get(kind.cache_url(id), false)).await else {
+        return Ok(None);
+    };
+    let Some(mut response) = read? else { return Ok(None) };
+    let confirmed = response.headers().get(CONFIRMED_AT_HEADER)?.and_then(|v| v.parse::<u64>().ok());
+    let Some(confirmed_at_ms) = confirmed else { return Ok(None) };
+    let record = (kind.parser())(&response.text().await?).ok();
+    Ok(record.map(|record| Entry { record, confirmed_at_ms, checked_at_ms: now_ms }))
+}
+
 /// Memory's copy, or the Cache API's where memory has none it may answer from alone.
-async fn nearest<R: Side>(
-    env: &Env,
-    ctx: &Context,
-    cache: &Cache,
-    id: &str,
-    hash: &KeyHash,
-    now_ms: u64,
-) -> Result<Nearest<R>> {
-    let held = R::memory().with(|m| m.get(hash));
+async fn nearest(env: &Env, ctx: &Context, cache: &Cache, kind: SideKind, id: &str, now_ms: u64) -> Result<Nearest> {
+    let held = kind.memory(|m| m.get(&kind.hash_of(id)));
     let untrusted = match held {
         Some(entry) if trusted(&entry, now_ms) && fresh_now(&entry, now_ms) => {
-            return Ok(Nearest::Found(answer(env, ctx, id, entry, now_ms)));
+            return Ok(Nearest::Found(answer(env, ctx, entry, now_ms)));
         }
         Some(entry) if trusted(&entry, now_ms) => return Ok(Nearest::Stale(entry.record)),
         other => other,
     };
-    let mut cached = None;
-    if let Some(read) = deadline::within(deadline::CACHE_MS, cache.get(cache_url::<R>(id), false)).await
-        && let Some(mut response) = read?
-    {
-        cached = response.json::<Entry<R>>().await.ok();
-    }
-    let best = match (cached, untrusted) {
+    let best = match (cached(cache, kind, id, now_ms).await?, untrusted) {
         (None, Some(memory)) => return Ok(Nearest::Stale(memory.record)),
         (None, None) => return Ok(Nearest::None),
         (Some(cached), Some(memory)) if memory.record.version() > cached.record.version() => memory,
@@ -245,22 +323,23 @@ async fn nearest<R: Side>(
     };
     let entry = remember(Entry { checked_at_ms: now_ms, ..best });
     Ok(if fresh_now(&entry, now_ms) {
-        Nearest::Found(answer(env, ctx, id, entry, now_ms))
+        Nearest::Found(answer(env, ctx, entry, now_ms))
     } else {
         Nearest::Stale(entry.record)
     })
 }
 
 /// Answers from `entry`, first starting its confirmation in the background if it is due.
-fn answer<R: Side>(env: &Env, ctx: &Context, id: &str, entry: Entry<R>, now_ms: u64) -> Found<R> {
+fn answer(env: &Env, ctx: &Context, entry: Entry, now_ms: u64) -> Found {
     let percent = fresh::refresh_ahead_percent();
     if freshness::refresh_ahead(entry.confirmed_at_ms, entry.record.max_staleness_ms(), now_ms, percent) {
-        let hash = *R::hash_of(id).as_bytes();
-        fresh::ahead(ctx, R::KIND, &hash, now_ms, || {
-            let (env, id, record) = (env.clone(), id.to_owned(), entry.record.clone());
-            let trust_ms = record.max_staleness_ms();
+        let kind = entry.record.kind();
+        let hash = *kind.hash_of(entry.record.id()).as_bytes();
+        fresh::ahead(ctx, kind.misses_kind(), &hash, now_ms, || {
+            let (env, record) = (env.clone(), entry.record.clone());
+            let (id, trust_ms) = (record.id().to_owned(), record.max_staleness_ms());
             async move {
-                if let Err(e) = confirm(&env, &Cache::default(), &id, Some(record), trust_ms, now_ms).await {
+                if let Err(e) = confirm(&env, &Cache::default(), kind, &id, Some(record), trust_ms, now_ms).await {
                     console_warn!("side record confirmation ahead of expiry failed: {e}");
                 }
             }
@@ -270,18 +349,23 @@ fn answer<R: Side>(env: &Env, ctx: &Context, id: &str, entry: Entry<R>, now_ms: 
 }
 
 /// A stale copy, or none: reads KV and the authority together and keeps what wins.
-async fn confirm<R: Side>(
+async fn confirm(
     env: &Env,
     cache: &Cache,
+    kind: SideKind,
     id: &str,
-    stale: Option<R>,
+    stale: Option<SideRecord>,
     trust_ms: u64,
     now_ms: u64,
-) -> Result<Found<R>> {
-    let hash = R::hash_of(id);
-    let (kv, mut authority) = futures::join!(read_kv(env, R::kv_key(id), R::parse), async {
+) -> Result<Found> {
+    let hash = kind.hash_of(id);
+    let (kv, mut authority) = futures::join!(read_kv(env, kind.kv_key(id), kind.parser()), async {
         // The KV-only baseline edge (`cargo xtask bench`'s point of comparison) never asks.
-        if cfg!(feature = "kv-only-baseline") { AuthorityAnswer::Unknown } else { R::read_authority(env, &hash).await }
+        if cfg!(feature = "kv-only-baseline") {
+            AuthorityAnswer::Unknown
+        } else {
+            kind.read_authority(env, &hash).await
+        }
     });
     let kv = kv.unwrap_or_else(|e| {
         console_warn!("KV read of a side record failed: {e}");
@@ -292,25 +376,26 @@ async fn confirm<R: Side>(
     });
     let record = match freshness::resolve(stale, kv, authority) {
         Resolved::FailClosed(_) => return Ok(Found::Unconfirmed),
-        Resolved::Record(None, _) => match R::none(id, trust_ms) {
+        Resolved::Record(None, _) => match kind.none(id, trust_ms) {
             Some(none) => none,
             None => return Ok(Found::Unconfirmed),
         },
         Resolved::Record(Some(record), _) => record,
     };
     let entry = Entry { record, confirmed_at_ms: now_ms, checked_at_ms: now_ms };
-    Ok(Found::Record(keep(cache, id, entry).await?))
+    Ok(Found::Record(keep(cache, entry).await?))
 }
 
-fn purged_newer<R: Side>(hash: &[u8; 32], version: u64) -> bool {
-    R::purged().with(|p| p.borrow().peek(hash).is_some_and(|seen| *seen > version))
+fn purged_newer(kind: SideKind, hash: &[u8; 32], version: u64) -> bool {
+    kind.purged(|p| p.borrow().peek(hash).is_some_and(|seen| *seen > version))
 }
 
 /// Puts a copy in memory unless memory holds a newer version or a purge brought one; answers
 /// the copy memory holds afterwards (of one version, the later confirmation and check times).
-fn remember<R: Side>(mut entry: Entry<R>) -> Entry<R> {
-    let hash = *R::hash_of(entry.record.id()).as_bytes();
-    R::memory().with(|m| {
+fn remember(mut entry: Entry) -> Entry {
+    let kind = entry.record.kind();
+    let hash = *kind.hash_of(entry.record.id()).as_bytes();
+    kind.memory(|m| {
         m.update(|memory| {
             match memory.get(&hash) {
                 Some(held) if held.record.version() > entry.record.version() => return held.clone(),
@@ -320,7 +405,7 @@ fn remember<R: Side>(mut entry: Entry<R>) -> Entry<R> {
                 }
                 _ => {}
             }
-            if !purged_newer::<R>(&hash, entry.record.version()) {
+            if !purged_newer(kind, &hash, entry.record.version()) {
                 memory.put(hash, entry.clone());
             }
             entry
@@ -330,22 +415,25 @@ fn remember<R: Side>(mut entry: Entry<R>) -> Entry<R> {
 
 /// Keeps a confirmed copy in memory and the Cache API (tagged with the record's hash, for
 /// purge-by-tag); a newer version that reached memory meanwhile is written after it.
-async fn keep<R: Side>(cache: &Cache, id: &str, entry: Entry<R>) -> Result<R> {
-    let hash = R::hash_of(id);
+async fn keep(cache: &Cache, entry: Entry) -> Result<SideRecord> {
+    let kind = entry.record.kind();
+    let hash = kind.hash_of(entry.record.id());
     let mut kept = remember(entry);
-    if purged_newer::<R>(hash.as_bytes(), kept.record.version()) {
+    if purged_newer(kind, hash.as_bytes(), kept.record.version()) {
         return Ok(kept.record);
     }
     loop {
         let headers = Headers::new();
         headers.set("cache-control", &format!("max-age={CACHE_MAX_AGE_S}"))?;
         headers.set("cache-tag", &hash.to_hex())?;
-        let put = cache.put(cache_url::<R>(id), Response::from_json(&kept)?.with_headers(headers));
+        headers.set(CONFIRMED_AT_HEADER, &kept.confirmed_at_ms.to_string())?;
+        let response = Response::ok(kept.record.to_json()?)?.with_headers(headers);
+        let put = cache.put(kind.cache_url(kept.record.id()), response);
         match deadline::within(deadline::CACHE_MS, put).await {
             Some(done) => done?,
             None => console_warn!("Cache API write took over {} ms; memory keeps the copy", deadline::CACHE_MS),
         }
-        let held = R::memory().with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|h| h.record.version())));
+        let held = kind.memory(|m| m.update(|m| m.peek(hash.as_bytes()).map(|h| h.record.version())));
         if held.is_some_and(|v| v > kept.record.version()) {
             kept = remember(kept);
             continue;
@@ -358,13 +446,14 @@ async fn keep<R: Side>(cache: &Cache, id: &str, entry: Entry<R>) -> Result<R> {
 /// confirmed as of `confirmed_at_ms`: memory takes it (unless it holds a newer version) in
 /// record mode, and the Cache API copy is dropped in both modes. Answers whether there was a
 /// copy here.
-pub(crate) async fn purge<R: Side>(record: R, confirmed_at_ms: u64, mode: PurgeMode) -> Result<bool> {
-    let hash = R::hash_of(record.id());
-    let in_memory = R::memory().with(|m| m.update(|m| m.contains(hash.as_bytes())));
-    let url = cache_url::<R>(record.id());
+pub(crate) async fn purge(record: SideRecord, confirmed_at_ms: u64, mode: PurgeMode) -> Result<bool> {
+    let kind = record.kind();
+    let hash = kind.hash_of(record.id());
+    let in_memory = kind.memory(|m| m.update(|m| m.contains(hash.as_bytes())));
+    let url = kind.cache_url(record.id());
     if mode == PurgeMode::Record {
         let version = record.version();
-        R::purged().with(|p| {
+        kind.purged(|p| {
             let mut purged = p.borrow_mut();
             if purged.peek(hash.as_bytes()).is_none_or(|seen| *seen < version) {
                 purged.put(*hash.as_bytes(), version);

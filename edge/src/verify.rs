@@ -5,7 +5,7 @@
 
 use keyward_shared::credits::{SettleRequest, Verdict};
 use keyward_shared::identity::IdentityRecord;
-use keyward_shared::policy::{ApiRecord, Client};
+use keyward_shared::policy::Client;
 use keyward_shared::ratelimit::{Grant, RateLimit};
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
@@ -319,13 +319,13 @@ async fn identity_of(
         let message = "idempotency_key is not supported for a key attached to an identity yet; verify without it";
         return Err(EdgeError::new(ErrorCode::BadRequest, message));
     }
-    match side::find::<IdentityRecord>(&ctx.env, &ctx.data, id, record.max_staleness_ms, now_ms).await? {
-        side::Found::Record(identity) => {
+    match side::find_identity(&ctx.env, &ctx.data, id, now_ms).await? {
+        Some(identity) => {
             let costs = keyward_shared::ratelimit::check_costs(&identity.ratelimits, &request.ratelimits);
             costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
             Ok((decision, Some(identity)))
         }
-        side::Found::Unconfirmed => Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, None)),
+        None => Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, None)),
     }
 }
 
@@ -350,13 +350,11 @@ async fn lists(
     if !record.policy.is_empty() && !record.policy.admits(known.insert(client())) {
         return Ok(decision.forbidden_unless(false));
     }
-    let api = match side::find::<ApiRecord>(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms)
-        .await?
-    {
-        side::Found::Record(api) if api.policy.is_empty() => return Ok(decision),
-        side::Found::Record(api) => api,
+    let api = match side::find_api(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
+        Some(api) if api.policy.is_empty() => return Ok(decision),
+        Some(api) => api,
         // Fail closed: the API's lists could not be confirmed.
-        side::Found::Unconfirmed => return Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
+        None => return Ok(Decision { code: Code::Unavailable, permissions_matched: Vec::new() }),
     };
     let client = known.unwrap_or_else(client);
     Ok(decision.forbidden_unless(api.policy.admits(&client)))
