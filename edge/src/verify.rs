@@ -90,7 +90,8 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
 /// to 2 s) is not answered on the older record when a newer copy of the key reached this
 /// isolate's memory meanwhile (a signed purge, a confirmation) and refuses the request, by its
 /// status or by its own or its API's lists: the answer is then the newer record's. What the
-/// request took of limits and credits stays spent.
+/// request took from this isolate's shares (tokens, credits, the key's and its identity's)
+/// goes back; what a settlement spent at the authority stays spent.
 async fn overtaken(
     ctx: &RouteContext<worker::Context>,
     req: &Request,
@@ -114,7 +115,8 @@ async fn overtaken(
     if decision.code == Code::Valid {
         return Ok((charged, record));
     }
-    Ok((Charged { decision, decided_at_ms, credits: None, limits: Vec::new() }, Some(newer)))
+    charged.taken.put_back();
+    Ok((Charged::as_decided(decision, decided_at_ms), Some(newer)))
 }
 
 /// What a key's rate limits and credits (and its identity's) made of a decision.
@@ -126,11 +128,34 @@ struct Charged {
     /// its identity's).
     credits: Option<u64>,
     limits: Vec<LimitLeft>,
+    /// What a `VALID` took from this isolate's shares.
+    taken: Taken,
 }
 
 impl Charged {
     fn as_decided(decision: Decision, decided_at_ms: u64) -> Charged {
-        Charged { decision, decided_at_ms, credits: None, limits: Vec::new() }
+        Charged { decision, decided_at_ms, credits: None, limits: Vec::new(), taken: Taken::default() }
+    }
+}
+
+/// What a verification took from this isolate's shares: the tokens of each limit holder (the
+/// key's, its identity's) and `cost` of each holder's credits.
+#[derive(Default)]
+struct Taken {
+    tokens: Vec<(KeyHash, Vec<ratelimit::Token>)>,
+    credits: Vec<KeyHash>,
+    cost: u64,
+}
+
+impl Taken {
+    /// Puts everything back: the verification is not answered `VALID`.
+    fn put_back(&self) {
+        for (hash, taken) in &self.tokens {
+            ratelimit::put_back(hash, taken);
+        }
+        for hash in &self.credits {
+            credits::put_back(hash, self.cost);
+        }
     }
 }
 
@@ -188,15 +213,15 @@ async fn charge_leased(
     request: &VerifyRequest,
     mut decided_at_ms: u64,
 ) -> Charged {
-    let mut tokens = Vec::new();
+    let mut taken = Taken { cost: request.cost.unwrap_or(1), ..Taken::default() };
     let mut limits = Vec::new();
     for payer in payers.iter().filter(|p| !p.ratelimits.is_empty()) {
         let asked = ratelimit::Limits { hash: &payer.hash, ratelimits: payer.ratelimits, version: payer.version };
         match ratelimit::check(&ctx.env, &ctx.data, asked, request, false).await {
             None => {}
-            Some(ratelimit::Checked::Admitted(taken, left)) => {
+            Some(ratelimit::Checked::Admitted(tokens, left)) => {
                 decided_at_ms = Date::now().as_millis();
-                tokens.push((payer.hash, taken));
+                taken.tokens.push((payer.hash, tokens));
                 limits.extend(left);
             }
             Some(refused) => {
@@ -208,14 +233,12 @@ async fn charge_leased(
             }
         }
     }
-    let cost = request.cost.unwrap_or(1);
-    let mut spent_from = Vec::new();
     let mut credits: Option<u64> = None;
     for payer in payers.iter().filter(|p| p.credits) {
         if decision.code != Code::Valid {
             break;
         }
-        let spent = credits::spend(&ctx.env, &ctx.data, &payer.hash, cost, decided_at_ms).await;
+        let spent = credits::spend(&ctx.env, &ctx.data, &payer.hash, taken.cost, decided_at_ms).await;
         // Stamped when the credit was taken (after any wait for a lease): a refill period's
         // spending is then counted in the period that paid for it.
         decided_at_ms = Date::now().as_millis();
@@ -224,19 +247,15 @@ async fn charge_leased(
             credits = Some(credits.map_or(remaining, |c| c.min(remaining)));
         }
         if matches!(spent, credits::Spent::Yes(_)) {
-            spent_from.push(payer.hash);
+            taken.credits.push(payer.hash);
         }
     }
     if decision.code != Code::Valid {
-        for (hash, taken) in &tokens {
-            ratelimit::put_back(hash, taken);
-        }
-        for hash in &spent_from {
-            credits::put_back(hash, cost);
-        }
+        taken.put_back();
+        taken = Taken::default();
     }
     let credits = credits.filter(|_| decision.code != Code::Unavailable);
-    Charged { decision, decided_at_ms, credits, limits }
+    Charged { decision, decided_at_ms, credits, limits, taken }
 }
 
 /// A verification with an idempotency key: its local limits from this isolate's shares, then
@@ -297,7 +316,7 @@ async fn charge_settled(
     };
     limits.extend(grants.iter().map(|(name, grant)| ratelimit::left_of(name, grant)));
     let credits = spent.and_then(|s| s.remaining()).filter(|_| decision.code != Code::Unavailable);
-    Charged { decision, decided_at_ms, credits, limits }
+    Charged { decision, decided_at_ms, credits, limits, taken: Taken::default() }
 }
 
 /// The key's identity, for a `VALID` decision of a key attached to one: its record (found like
