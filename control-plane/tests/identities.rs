@@ -140,6 +140,10 @@ async fn an_identity_is_created_read_changed_delivered_and_deleted() {
     assert_eq!(record.ratelimits[0].limit, 10);
     assert_eq!(record.external_id, "acct_42");
 
+    // Without an authority configured, what remains cannot be asked: the setting, and why not.
+    let (status, credits) = h.call("GET", &format!("/v1/identities/{id}/credits"), None).await;
+    assert_eq!((status, credits["credits"]["set_to"].as_u64()), (StatusCode::OK, Some(100)), "{credits}");
+    assert!(credits["remaining"].is_null() && credits["error"].is_string(), "{credits}");
     let (status, shown) = h.call("GET", &format!("/v1/identities/{id}"), None).await;
     assert_eq!((status, shown["external_id"].as_str()), (StatusCode::OK, Some("acct_42")), "{shown}");
     let (_, found) = h.call("GET", "/v1/identities?external_id=acct_42", None).await;

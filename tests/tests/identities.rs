@@ -153,6 +153,13 @@ fn window_extremes(times: &[i64], first: i64, last: i64, ms: i64) -> (usize, usi
         .fold((0, usize::MAX), |(most, fewest), n| (most.max(n), fewest.min(n)))
 }
 
+/// What remains of an identity's credits, by its authority (`GET /v1/identities/{id}/credits`).
+fn remaining(world: &World, identity: &str) -> u64 {
+    let (status, view) = world.admin(Method::GET, &format!("/v1/identities/{identity}/credits"), None);
+    assert_eq!(status, 200, "{view}");
+    view["remaining"].as_u64().unwrap_or_else(|| panic!("no remaining: {view}"))
+}
+
 /// Spends the balance of 100 through two keys from three regions: a burst of 600 (60 in
 /// flight), then, once the leases expired, rounds of 200 until it is spent; answers every VALID
 /// per key. Never more than 100 together at any point.
@@ -189,10 +196,17 @@ fn two_keys_of_one_identity_share_its_limit_and_its_balance_exactly_from_three_r
     let shared = identity(&world, &["--credits", "100"]);
     let (_, one) = key_of(&world, &shared, &[]);
     let (_, two) = key_of(&world, &shared, &[]);
+    assert_eq!(remaining(&world, &shared), 100, "the identity's authority holds the balance");
     let per_key = spend_the_balance(&world, &[&one, &two]);
     assert_eq!(per_key.iter().sum::<usize>(), 100, "both keys together spend the balance exactly: {per_key:?}");
     assert!(per_key.iter().all(|n| *n > 0), "both keys spent of it: {per_key:?}");
-    assert_eq!(code(&world, 0, &one), "USAGE_EXCEEDED");
+    // Past the holders' 250 ms memory of "not enough", one more in each region asks the
+    // authority, reporting every lease spent: nothing is left, by its account too.
+    std::thread::sleep(Duration::from_millis(300));
+    for region in 0..3 {
+        assert_eq!(code(&world, region, &one), "USAGE_EXCEEDED", "region {region}");
+    }
+    assert_eq!(remaining(&world, &shared), 0, "the identity's authority says it is spent");
 
     // The limit: 20 per 4 s of the identity, none of the keys', hammered for 12 s.
     let limited = identity(&world, &["--ratelimit", "api=20/4s"]);

@@ -523,8 +523,8 @@ pub async fn run() -> anyhow::Result<()> {
             let client = Client::new(&cli.url, cli.root_key)?;
             let request = request::request_for(command)?;
             let mut answer = client.call(&request).await?;
-            // A key with credits: what remains, from its authority (a second call).
-            if request.view == View::Key && !answer["credits"].is_null() {
+            // A key or an identity with credits: what remains, from its authority (a second call).
+            if matches!(request.view, View::Key | View::Identity) && !answer["credits"].is_null() {
                 let credits = client.get(&format!("{}/credits", request.path)).await?;
                 answer["credits_remaining"] = credits["remaining"].clone();
             }

@@ -457,7 +457,7 @@ fn identity_fields(i: &Value) -> String {
         ("id", text(&i["id"])),
         ("external id", text(&i["external_id"])),
         ("meta", meta(&i["meta"])),
-        ("credits", credits(&i["credits"], &Value::Null)),
+        ("credits", credits(&i["credits"], &i["credits_remaining"])),
         ("rate limits", ratelimits(&i["ratelimits"])),
         ("version", text(&i["version"])),
         ("max staleness", format!("{} ms", text(&i["max_staleness_ms"]))),

@@ -5,7 +5,8 @@
 //! a key's: a change that tightens its limits or credits is purged at once.
 //!
 //! An identity spans the workspace's APIs, so its routes need the wildcard key scopes:
-//! `api.*.create_key` to create, `api.*.read_key` to read and list, `api.*.update_key` to
+//! `api.*.create_key` to create, `api.*.read_key` to read, list and ask what remains of its
+//! credits (`GET /v1/identities/{id}/credits`), `api.*.update_key` to
 //! change, `api.*.delete_key` to delete. Another workspace's identity is `NOT_FOUND`. An
 //! identity that a key which is not deleted names cannot be deleted (409): detach or delete
 //! the keys first.
@@ -14,7 +15,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use keyward_shared::credits::Credits;
+use keyward_shared::credits::{Credits, SettleRequest, Verdict};
 use keyward_shared::identity::IdentityRecord;
 use keyward_shared::ratelimit::RateLimit;
 use keyward_shared::record::{DEFAULT_MAX_STALENESS_MS, RECORD_SCHEMA};
@@ -26,7 +27,7 @@ use serde_json::{Map, Value};
 use super::apis::MAX_STALENESS_LIMIT_MS;
 use super::auth::RootKey;
 use super::extract::{Json, Path, Query, check_id};
-use super::keys::{CreditsInput, check_limits, check_meta, present, set_credits};
+use super::keys::{CreditsInput, check_limits, check_meta, present, set_credits, settle};
 use super::{AppError, AppState, Reached, Result};
 use crate::keygen::new_id;
 use crate::store::Identity;
@@ -40,6 +41,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/identities", post(create).get(list))
         .route("/v1/identities/{id}", get(read).patch(update).delete(delete))
+        .route("/v1/identities/{id}/credits", get(read_credits))
 }
 
 /// The scope an identity route needs: `action` on every API of the workspace.
@@ -239,6 +241,46 @@ async fn update(
     }
     let (identity, delivered) = state.change.commit_identity(caller.actor(), old, new, now_ms()).await?;
     Ok(Json(ChangedIdentity { identity: identity.into(), reached: delivered.map(Reached::from) }))
+}
+
+/// An identity's credits as its authority holds them now.
+#[derive(Serialize)]
+struct CreditsView {
+    identity_id: String,
+    /// The setting the record carries (`null`: unlimited).
+    credits: Option<Credits>,
+    /// What may still be spent by all its keys, by the authority's account: its balance plus
+    /// the shares leased out and not yet reported (an upper bound). `null` when unlimited, or
+    /// when the authority did not answer (`error` says why).
+    remaining: Option<u64>,
+    /// The authority's clock when it answered.
+    as_of_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+/// `GET /v1/identities/{id}/credits`: asks the identity's authority what remains (a settlement
+/// of cost 0 at its object: nothing is spent).
+async fn read_credits(
+    State(state): State<AppState>,
+    caller: RootKey,
+    Path(id): Path<String>,
+) -> Result<Json<CreditsView>> {
+    let identity = find(&state, &caller, &id, KeyAction::ReadKey).await?;
+    let r = identity.record;
+    let mut view =
+        CreditsView { identity_id: id, credits: r.credits.clone(), remaining: None, as_of_ms: None, error: None };
+    if r.credits.is_some() {
+        let zero = SettleRequest { idempotency_key: None, cost: 0, version: r.version };
+        match settle(&state, IdentityRecord::hash_of(&r.id), zero, Vec::new()).await {
+            Some(settled) if settled.verdict == Verdict::Void => {
+                view.error = Some("the identity's authority has not received its latest change yet: try again")
+            }
+            Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
+            None => view.error = Some("the identity's authority did not answer: try again"),
+        }
+    }
+    Ok(Json(view))
 }
 
 #[derive(Serialize)]

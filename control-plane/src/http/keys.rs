@@ -625,7 +625,12 @@ async fn admits(state: &AppState, record: &KeyRecord, request: &VerifyRequest, c
 /// Settles the request's cost of the key's credits at its authority, with its exact rate
 /// limits, as the edge does with an idempotency key; `None` when it could not (the answer is
 /// then `UNAVAILABLE`).
-async fn settle(state: &AppState, hash: KeyHash, settle: SettleRequest, limits: Vec<LimitAsk>) -> Option<SettleAnswer> {
+pub(super) async fn settle(
+    state: &AppState,
+    hash: KeyHash,
+    settle: SettleRequest,
+    limits: Vec<LimitAsk>,
+) -> Option<SettleAnswer> {
     match state.delivery.edge().settle(hash, settle, limits).await {
         Ok(Some(settlement)) => Some(settlement),
         Ok(None) => None,
