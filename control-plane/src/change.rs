@@ -22,7 +22,7 @@ use crate::delivery::RegionReport;
 use crate::delivery::{ANSWER_WITHIN, Delivered, Deliverer};
 use crate::failpoint;
 use crate::keygen::{self, ROOT_KEY_PREFIX, new_id};
-use crate::store::{Api, EntryKind, NewOutbox, NewRootKey, Reach, Store, StoreError};
+use crate::store::{Api, EntryKind, Identity, NewOutbox, NewRootKey, Reach, Store, StoreError};
 use crate::time::now_ms;
 
 /// Who made a change and from where.
@@ -109,6 +109,8 @@ pub struct NewKey<'a> {
     pub ratelimits: Vec<keyward_shared::ratelimit::RateLimit>,
     /// The key's own allow and deny lists.
     pub policy: keyward_shared::policy::Policy,
+    /// The identity the key spends too (checked: of the key's workspace).
+    pub identity_id: Option<String>,
 }
 
 /// A created key: the key itself (its plaintext is shown once), its record, and its delivery.
@@ -204,6 +206,7 @@ impl ChangeService {
             credits: new.credits,
             ratelimits: new.ratelimits,
             policy: new.policy,
+            identity_id: new.identity_id,
         };
         let outbox = self.outbox(Effect::Loosens, now);
         let outbox_id = self.store.create_key(&record, &outbox, actor).await?;
@@ -270,6 +273,41 @@ impl ChangeService {
         new.version = old.version + 1;
         new.updated_at = now;
         let outbox_id = self.store.update_api_record(&old, &new, &self.outbox(effect, now), actor).await?;
+        self.committed.send_replace(outbox_id);
+        let delivered = self.delivery.deliver(outbox_id).await?;
+        if let Err(e) = self.store.note_answered(outbox_id, now_ms()).await {
+            tracing::warn!(outbox = outbox_id, error = %e, "cannot note when the change was answered");
+        }
+        Ok((new, Some(delivered)))
+    }
+
+    /// Creates an identity with its outbox entry, then delivers it: the authority and every
+    /// region's KV (its keys attach to it later, so nothing is purged).
+    pub async fn create_identity(&self, actor: &Actor, identity: &Identity, now: i64) -> Result<Delivered> {
+        let outbox_id = self.store.create_identity(identity, &self.outbox(Effect::Loosens, now), actor).await?;
+        self.committed.send_replace(outbox_id);
+        Ok(self.delivery.deliver(outbox_id).await?)
+    }
+
+    /// Stores `new` as the next version of the identity `old` with its outbox entry, then
+    /// delivers it like a key's change: the authority, every region's KV, and, when its limits
+    /// or credits tighten (`IdentityRecord::is_tightened_by`), every region's purge, which
+    /// also drops the regions' shares of its credits and limits. A change that changes nothing
+    /// makes no entry and delivers nothing.
+    pub async fn commit_identity(
+        &self,
+        actor: &Actor,
+        old: Identity,
+        mut new: Identity,
+        now: i64,
+    ) -> Result<(Identity, Option<Delivered>)> {
+        if new == old {
+            return Ok((new, None));
+        }
+        let effect = if old.record.is_tightened_by(&new.record) { Effect::Tightens } else { Effect::Loosens };
+        new.record.version = old.record.version + 1;
+        new.record.updated_at = now;
+        let outbox_id = self.store.update_identity(&old, &new, &self.outbox(effect, now), actor).await?;
         self.committed.send_replace(outbox_id);
         let delivered = self.delivery.deliver(outbox_id).await?;
         if let Err(e) = self.store.note_answered(outbox_id, now_ms()).await {

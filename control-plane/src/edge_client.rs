@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward_shared::credits::SettleRequest;
+use keyward_shared::identity::IdentityRecord;
 use keyward_shared::internal::{
     self, AUTHORITY_PATH, AuthorityAck, AuthorityUpdate, NONCE_HEADER, PURGE_PATH, PurgeAck, PurgeRequest, SETTLE_PATH,
     SIGNATURE_HEADER, SettleAnswer, SettleOrder, TIMESTAMP_HEADER,
@@ -17,11 +18,21 @@ use keyward_shared::policy::ApiRecord;
 use keyward_shared::ratelimit::{Cap, LimitAsk};
 use keyward_shared::{KeyHash, KeyRecord, RootKeyRecord};
 
-/// What one purge replaces at a region: keys' records and APIs' records.
+/// What one purge replaces at a region: keys' records, APIs' and identities'.
 #[derive(Clone, Copy)]
 pub struct Purged<'a> {
     pub keys: &'a [KeyRecord],
     pub apis: &'a [ApiRecord],
+    pub identities: &'a [IdentityRecord],
+}
+
+/// What one authority update sets: keys' records, root keys', APIs' and identities'.
+#[derive(Clone, Copy)]
+pub struct AuthorityRecords<'a> {
+    pub keys: &'a [KeyRecord],
+    pub root_keys: &'a [RootKeyRecord],
+    pub apis: &'a [ApiRecord],
+    pub identities: &'a [IdentityRecord],
 }
 use reqwest::StatusCode;
 
@@ -176,15 +187,12 @@ impl EdgeClient {
 
     /// Sets keys' and root keys' records at their authority. Without one configured, there is
     /// nothing to do.
-    pub async fn update_authority(
-        &self,
-        records: &[KeyRecord],
-        root_keys: &[RootKeyRecord],
-        apis: &[ApiRecord],
-    ) -> Result<(), EdgeError> {
+    pub async fn update_authority(&self, records: AuthorityRecords<'_>) -> Result<(), EdgeError> {
         let Some(url) = &self.authority_url else { return Ok(()) };
-        let apis = apis.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
-        let update = AuthorityUpdate { records: records.to_vec(), root_keys: root_keys.to_vec(), apis };
+        let apis = records.apis.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+        let identities = records.identities.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+        let update =
+            AuthorityUpdate { records: records.keys.to_vec(), root_keys: records.root_keys.to_vec(), apis, identities };
         let body = serde_json::to_vec(&update)?;
         let response = self.signed_post(url, AUTHORITY_PATH, body).await?;
         let _: AuthorityAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the authority", e))?;
@@ -225,7 +233,9 @@ impl EdgeClient {
         match &region.purge {
             PurgeVia::Signed => {
                 let apis = purged.apis.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
-                let purge = PurgeRequest { region: region.name.clone(), records: purged.keys.to_vec(), apis };
+                let identities = purged.identities.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+                let purge =
+                    PurgeRequest { region: region.name.clone(), records: purged.keys.to_vec(), apis, identities };
                 let body = serde_json::to_vec(&purge)?;
                 let response = self.signed_post(&region.url, PURGE_PATH, body).await?;
                 let ack: PurgeAck = response.json().await.map_err(|e| EdgeError::NoAcknowledgement("the region", e))?;
@@ -237,6 +247,10 @@ impl EdgeClient {
                 }
                 for api in purged.apis {
                     batcher.purge(&api.workspace_id, &[ApiRecord::hash_of(&api.id)]).await.map_err(EdgeError::Tags)?;
+                }
+                for identity in purged.identities {
+                    let hash = IdentityRecord::hash_of(&identity.id);
+                    batcher.purge(&identity.workspace_id, &[hash]).await.map_err(EdgeError::Tags)?;
                 }
                 Ok(None)
             }

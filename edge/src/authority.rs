@@ -14,9 +14,14 @@
 //! the credits it carries in the same step, and lease and settle requests (`crate::credits`)
 //! read the record and the ledger and write the ledger the same way, so a revoked or disabled
 //! key's leases are void in the one place that grants them.
+//!
+//! An identity's object (named by the hex of `IdentityRecord::hash_of`, as a key's is by its
+//! hash) holds the identity's record and serves its credits and exact limits with the same
+//! code: what the object holds is a [`Spender`], a key's record or an identity's.
 
 use keyward_shared::credits::{self, Credits, LeaseAnswer, Ledger, Settlement, Verdict, text};
 use keyward_shared::freshness::AuthorityAnswer;
+use keyward_shared::identity::{IdentityRecord, Spender};
 use keyward_shared::internal::{AUTHORITY_PATH, AuthorityAck, AuthorityUpdate};
 use keyward_shared::policy::ApiRecord;
 use keyward_shared::ratelimit;
@@ -90,7 +95,7 @@ impl DurableObject for KeyState {
             if path == crate::ratelimit::RATELIMIT_PATH {
                 let storage = self.state.storage();
                 let held: Option<String> = storage.get(RECORD).await?;
-                let record = held.as_deref().and_then(|t| KeyRecord::from_json(t).ok());
+                let record = held.as_deref().and_then(|t| Spender::from_json(t).ok());
                 return crate::ratelimit::grant(&storage, record, &body).await;
             }
             return self.credits(&path, &body).await;
@@ -118,12 +123,13 @@ impl DurableObject for KeyState {
 }
 
 impl KeyState {
-    /// Applies a newly held record's credits to the ledger (a key record's; root keys have none).
+    /// Applies a newly held record's credits to the ledger (a key's or an identity's; root keys
+    /// and APIs have none).
     async fn apply_credits(&self, text: &str) -> Result<()> {
-        let Ok(record) = KeyRecord::from_json(text) else {
+        let Ok(record) = Spender::from_json(text) else {
             return Ok(());
         };
-        let Some(credits) = &record.credits else {
+        let Some(credits) = record.credits() else {
             return Ok(());
         };
         let storage = self.state.storage();
@@ -138,14 +144,14 @@ impl KeyState {
     async fn credits(&self, path: &str, body: &str) -> Result<Response> {
         let storage = self.state.storage();
         let held: Option<String> = storage.get(RECORD).await?;
-        let Some(record) = held.as_deref().and_then(|t| KeyRecord::from_json(t).ok()) else {
+        let Some(record) = held.as_deref().and_then(|t| Spender::from_json(t).ok()) else {
             return Response::error("no record", 404);
         };
         let now = Date::now().as_millis() as i64;
         if path != LEASE_PATH {
             return self.settle(&record, body, now).await;
         }
-        let Some(credits) = &record.credits else {
+        let Some(credits) = record.credits() else {
             let unlimited = LeaseAnswer { lease: 0, granted: 0, ttl_ms: 0, remaining: 0, verdict: Verdict::Unlimited };
             return Response::ok(text::lease_answer(&unlimited));
         };
@@ -160,11 +166,11 @@ impl KeyState {
     /// A verification settled here: its exact rate limits reserved, then its credits settled,
     /// then the limits committed only if the credits granted it (all or nothing, in one step of
     /// the object). A remembered idempotent settlement is answered again, spending nothing.
-    async fn settle(&self, record: &KeyRecord, body: &str, now: i64) -> Result<Response> {
+    async fn settle(&self, record: &Spender, body: &str, now: i64) -> Result<Response> {
         let storage = self.state.storage();
         let (first, cap, asks) = ratelimit::text::read_settle_request(body).ok_or_else(|| not_a_request(body))?;
         let request = text::read_settle_request(first).ok_or_else(|| not_a_request(body))?;
-        if request.version > record.version {
+        if request.version > record.version() {
             // The asker decided on a change this object has not received (a lowered balance or
             // limit, a revocation): settling on the older record could spend past it.
             let void = Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms: now.max(0) as u64 };
@@ -174,7 +180,7 @@ impl KeyState {
             true => ratelimit::Cap::NONE,
             false => crate::ratelimit::kept_cap(&storage, cap).await?,
         };
-        let mut ledger = match &record.credits {
+        let mut ledger = match record.credits() {
             Some(_) => Some(load_ledger(storage.get(LEDGER).await?)?),
             None => None,
         };
@@ -192,10 +198,10 @@ impl KeyState {
             }
         }
         let usable = record.is_usable(now);
-        let limits = cap.apply_all(&record.ratelimits);
+        let limits = cap.apply_all(record.ratelimits());
         let reserved = crate::ratelimit::reserve(&storage, &limits, if usable { &asks } else { &[] }, now).await?;
         let decided_at_ms = now.max(0) as u64;
-        let settlement = match (&mut ledger, &record.credits) {
+        let settlement = match (&mut ledger, record.credits()) {
             _ if reserved.unknown => Settlement { verdict: Verdict::Void, remaining: 0, decided_at_ms },
             _ if !reserved.admitted => Settlement { verdict: Verdict::Limited, remaining: 0, decided_at_ms },
             (Some(ledger), Some(credits)) => {
@@ -233,9 +239,9 @@ fn load_ledger(stored: Option<String>) -> Result<Ledger> {
     }
 }
 
-/// What the ledger needs to know of the key.
-fn ledger_key<'a>(record: &KeyRecord, credits: &'a Credits, now_ms: i64) -> credits::Key<'a> {
-    credits::Key { credits, created_at_ms: record.created_at, usable: record.is_usable(now_ms) }
+/// What the ledger needs to know of the key or identity.
+fn ledger_key<'a>(record: &Spender, credits: &'a Credits, now_ms: i64) -> credits::Key<'a> {
+    credits::Key { credits, created_at_ms: record.created_at(), usable: record.is_usable(now_ms) }
 }
 
 /// The authority could not be asked (the home of the objects is down, hangs, or failed).
@@ -293,13 +299,18 @@ pub(crate) async fn read(env: &Env, hash: &KeyHash) -> AuthorityAnswer<KeyRecord
     answer(read_text(env, &object_name(hash, false)).await, KeyRecord::from_json)
 }
 
-/// The authority's answer for an API's record (object `api:<hash>`).
-pub(crate) async fn read_api(env: &Env, hash: &KeyHash) -> AuthorityAnswer<ApiRecord> {
-    answer(read_text(env, &api_object_name(hash)).await, ApiRecord::from_json)
+/// The authority's answer for a side record (an API's, in object `api:<hash>`; an identity's,
+/// in the object named by the hex of [`IdentityRecord::hash_of`], like a key's), read by `parse`.
+pub(crate) async fn read_side<R>(
+    env: &Env,
+    name: &str,
+    parse: fn(&str) -> std::result::Result<R, RecordError>,
+) -> AuthorityAnswer<R> {
+    answer(read_text(env, name).await, parse)
 }
 
 /// An API record's object name: `api:` and the hash of `api:<id>` ([`ApiRecord::hash_of`]).
-fn api_object_name(hash: &KeyHash) -> String {
+pub(crate) fn api_object_name(hash: &KeyHash) -> String {
     format!("api:{}", hash.to_hex())
 }
 
@@ -322,7 +333,7 @@ async fn write(env: &Env, name: &str, text: String) -> std::result::Result<u64, 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
     let update = signed::parse::<AuthorityUpdate>(&mut req, &ctx.env, AUTHORITY_PATH, now_ms).await?.body;
-    let mut writes = Vec::with_capacity(update.records.len() + update.root_keys.len() + update.apis.len());
+    let mut writes = Vec::with_capacity(update.records.len() + update.root_keys.len() + update.apis.len() + 1);
     for record in &update.records {
         writes.push((object_name(&record.hash, false), serde_json::to_string(record)?));
     }
@@ -332,6 +343,11 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     for text in update.apis {
         let api = ApiRecord::from_json(&text).map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
         writes.push((api_object_name(&ApiRecord::hash_of(&api.id)), text));
+    }
+    for text in update.identities {
+        let identity =
+            IdentityRecord::from_json(&text).map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
+        writes.push((object_name(&IdentityRecord::hash_of(&identity.id), false), text));
     }
     let written = futures::future::join_all(writes.into_iter().map(|(name, text)| {
         let env = &ctx.env;

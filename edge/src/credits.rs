@@ -160,7 +160,7 @@ thread_local! {
     /// Holdings by key hash: a list (smaller in the worker than a map type); one whose leases
     /// and reports are all gone is given up when another key needs a place.
     static HOLDINGS: RefCell<Vec<([u8; 32], Holding)>> = const { RefCell::new(Vec::new()) };
-    static COUNTS: Cell<CreditCounts> = const { Cell::new(CreditCounts { leases_waited: 0, leases_ahead: 0, settled: 0, unavailable: 0 }) };
+    static COUNTS: Cell<CreditCounts> = const { Cell::new(CreditCounts { leases_waited: 0, leases_ahead: 0, settled: 0, unavailable: 0, put_back_lost: 0 }) };
 }
 
 fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
@@ -204,6 +204,35 @@ pub(crate) fn drop_shares(hash: &KeyHash) {
             holding.spent_since = 0;
         }
     });
+}
+
+/// Puts `cost` back that a verification took of these credits (a key's or its identity's)
+/// when another of its authorities refused it: into a live lease that spent at least that
+/// much (spendable here again), else into a report not yet sent (the authority returns it to
+/// the balance). A report already sent cannot be changed: such credits stay spent and are
+/// counted (`put_back_lost`), never silently.
+pub(crate) fn put_back(hash: &KeyHash, cost: u64) {
+    if cost == 0 {
+        return;
+    }
+    let now = Date::now().as_millis();
+    let returned = with(hash, |h| {
+        let returned = match h.leases.iter_mut().find(|l| l.spent >= cost && l.until_ms > now) {
+            Some(held) => {
+                held.left += cost;
+                held.spent -= cost;
+                true
+            }
+            None => h.reports.iter_mut().find(|r| r.spent >= cost).map(|r| r.spent -= cost).is_some(),
+        };
+        if returned {
+            h.spent_since = h.spent_since.saturating_sub(cost);
+        }
+        returned
+    });
+    if !returned {
+        count(|c| c.put_back_lost += 1);
+    }
 }
 
 /// What credits said about one verification.

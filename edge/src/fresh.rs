@@ -48,8 +48,8 @@ thread_local! {
     /// Confirmations under way, by kind and hash, and when each was asked: a few at a time, so
     /// a list (smaller in the worker than another map type).
     static IN_FLIGHT: RefCell<Vec<(Id, u64)>> = const { RefCell::new(Vec::new()) };
-    static COUNTS: Cell<[ConfirmCounts; 3]> =
-        const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0, overtaken: 0, unmarked: 0 }; 3]) };
+    static COUNTS: Cell<[ConfirmCounts; 4]> =
+        const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0, overtaken: 0, unmarked: 0 }; 4]) };
 }
 
 /// Reads `REFRESH_AHEAD_PERCENT`, `PURGE_MODE` and `MEMORY_TRUST_MS` once per isolate.
@@ -109,6 +109,7 @@ fn slot(kind: Kind) -> usize {
         Kind::Key => 0,
         Kind::RootKey => 1,
         Kind::Api => 2,
+        Kind::Identity => 3,
     }
 }
 

@@ -102,6 +102,7 @@ pub(crate) async fn stats(mut req: Request, ctx: RouteContext<worker::Context>) 
         key_confirmations: fresh::counts(Kind::Key),
         root_key_confirmations: fresh::counts(Kind::RootKey),
         api_confirmations: fresh::counts(Kind::Api),
+        identity_confirmations: fresh::counts(Kind::Identity),
         authority_reads_answered: authority::reads_answered(),
         authority_credit_calls_answered: authority::credit_calls_answered(),
         credits: credits::counts(),

@@ -29,6 +29,9 @@ pub(crate) enum Kind {
     /// APIs' records, looked up for keys already found (never remembered as misses: an API
     /// without a record is an empty policy, confirmed like a copy; see `crate::policy`).
     Api,
+    /// Identities' records, looked up for keys already found (never remembered as misses: an
+    /// identity found nowhere fails closed; see `crate::side`).
+    Identity,
 }
 
 struct Misses {
@@ -79,7 +82,7 @@ thread_local! {
 
 fn with<T>(kind: Kind, f: impl FnOnce(&Misses) -> T) -> T {
     match kind {
-        Kind::Key | Kind::Api => KEYS.with(f),
+        Kind::Key | Kind::Api | Kind::Identity => KEYS.with(f),
         Kind::RootKey => ROOT_KEYS.with(f),
     }
 }

@@ -10,13 +10,15 @@
 
 use keyward_shared::ErrorCode;
 use keyward_shared::freshness;
+use keyward_shared::identity::IdentityRecord;
 use keyward_shared::internal::{PURGE_PATH, PurgeAck, PurgeRequest};
 use keyward_shared::policy::ApiRecord;
 use worker::{Context, Date, Delay, Request, Response, RouteContext, console_error};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::lookup::{self, PurgeMode};
-use crate::{REGION_VAR, credits, policy, ratelimit, signed};
+use crate::side::{self, SideRecord};
+use crate::{REGION_VAR, credits, ratelimit, signed};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> EdgeResult<Response> {
     let arrived_ms = Date::now().as_millis();
@@ -29,8 +31,10 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     let confirmed_at_ms = freshness::purge_confirmed_at(purge.signed_at_ms, arrived_ms);
     let mode = purge_mode(&ctx);
     let records = purge.body.records;
-    let apis = purge.body.apis.iter().map(|text| ApiRecord::from_json(text)).collect::<Result<Vec<_>, _>>();
-    let apis = apis.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let apis = purge.body.apis.iter().map(|text| ApiRecord::from_json(text).map(SideRecord::Api));
+    let identities = purge.body.identities.iter().map(|t| IdentityRecord::from_json(t).map(SideRecord::Identity));
+    let sides = apis.chain(identities).collect::<Result<Vec<_>, _>>();
+    let sides = sides.map_err(|e| EdgeError::new(ErrorCode::BadRequest, e.to_string()))?;
     if mode == PurgeMode::TagOnly {
         let delay_ms = ctx.env.var("PURGE_TAG_DELAY_MS").ok().and_then(|v| v.to_string().parse().ok()).unwrap_or(0);
         ctx.data.wait_until(async move {
@@ -40,9 +44,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
                     console_error!("tag-only purge failed: {e}");
                 }
             }
-            for api in apis {
-                if let Err(e) = policy::purge(api, confirmed_at_ms, mode).await {
-                    console_error!("tag-only purge of an API record failed: {e}");
+            for side in sides {
+                if let Err(e) = side::purge(side, confirmed_at_ms, mode).await {
+                    console_error!("tag-only purge of a side record failed: {e}");
                 }
             }
         });
@@ -51,16 +55,20 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<Context>) -> Edge
     // Memory takes the records before the first await of each purge; the shares of their
     // credits and rate limits are dropped with them (a purge carries a tightening change).
     let applied_at_ms = Date::now().as_millis();
-    for record in &records {
-        credits::drop_shares(&record.hash);
-        ratelimit::drop_shares(&record.hash);
+    let identities = sides.iter().filter_map(|s| match s {
+        SideRecord::Identity(identity) => Some(IdentityRecord::hash_of(&identity.id)),
+        SideRecord::Api(_) => None,
+    });
+    for hash in records.iter().map(|r| r.hash).chain(identities).collect::<Vec<_>>() {
+        credits::drop_shares(&hash);
+        ratelimit::drop_shares(&hash);
     }
-    let (replaced, apis) = futures::future::try_join(
+    let (replaced, sides) = futures::future::try_join(
         futures::future::try_join_all(records.into_iter().map(|r| lookup::purge(r, confirmed_at_ms, mode))),
-        futures::future::try_join_all(apis.into_iter().map(|a| policy::purge(a, confirmed_at_ms, mode))),
+        futures::future::try_join_all(sides.into_iter().map(|s| side::purge(s, confirmed_at_ms, mode))),
     )
     .await?;
-    let purged = replaced.into_iter().chain(apis).filter(|had_copy| *had_copy).count();
+    let purged = replaced.into_iter().chain(sides).filter(|had_copy| *had_copy).count();
     Ok(Response::from_json(&PurgeAck { region, purged, applied_at_ms })?)
 }
 

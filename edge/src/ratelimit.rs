@@ -18,6 +18,7 @@
 use std::cell::RefCell;
 
 use keyward_shared::credits::{Settlement, Verdict};
+use keyward_shared::identity::Spender;
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
 use keyward_shared::ratelimit::{Cap, Grant, Mode, RateLimit, Reserved, Schedule, applicable};
 use keyward_shared::verify::LimitLeft;
@@ -220,29 +221,39 @@ enum Take {
     Unlimited,
 }
 
+/// The limits a verification takes tokens of: a key's own (its record's version), or its
+/// identity's (the identity's record's version), held under `hash` (the key's or the identity's).
+#[derive(Clone, Copy)]
+pub(crate) struct Limits<'a> {
+    pub(crate) hash: &'a KeyHash,
+    pub(crate) ratelimits: &'a [RateLimit],
+    pub(crate) version: u64,
+}
+
 /// Takes the tokens of every limit that applies to `request` (none: `None`), all or nothing,
-/// each limit under the API's `cap`; with `local_only`, of its local limits (its exact ones are
-/// settled at the authority).
+/// each limit under `cap` (the API's limit override, for a key's own limits; [`Cap::NONE`] for
+/// an identity's); with `local_only`, of its local limits (its exact ones are settled at the
+/// authority).
 pub(crate) async fn check(
     env: &Env,
     ctx: &Context,
-    hash: &KeyHash,
-    record: &KeyRecord,
+    limits: Limits<'_>,
     request: &VerifyRequest,
     local_only: bool,
     cap: Cap,
 ) -> Option<Checked> {
-    let mut asks = applicable(&record.ratelimits, &request.ratelimits);
-    asks.retain(|&(i, _)| !local_only || record.ratelimits[i].mode == Mode::Local);
+    let Limits { hash, ratelimits, version } = limits;
+    let mut asks = applicable(ratelimits, &request.ratelimits);
+    asks.retain(|&(i, _)| !local_only || ratelimits[i].mode == Mode::Local);
     if asks.is_empty() {
         return None;
     }
     let mut taken = Vec::with_capacity(asks.len());
     for &(i, cost) in &asks {
-        let cap = with(hash, &record.ratelimits[i].name, |h| h.under(cap));
-        let limit = &cap.apply(&record.ratelimits[i]);
+        let cap = with(hash, &ratelimits[i].name, |h| h.under(cap));
+        let limit = &cap.apply(&ratelimits[i]);
         let take = match limit.mode {
-            Mode::Exact => take_exact(env, ctx, hash, limit, (record.version, cap), cost).await,
+            Mode::Exact => take_exact(env, ctx, hash, limit, (version, cap), cost).await,
             Mode::Local => take_local(hash, limit, cost),
         };
         match take {
@@ -251,20 +262,20 @@ pub(crate) async fn check(
             Take::Refused | Take::Unavailable => {
                 put_back(hash, &taken);
                 return Some(match take {
-                    Take::Refused => Checked::Limited(states(hash, record, &asks)),
+                    Take::Refused => Checked::Limited(states(hash, ratelimits, &asks)),
                     _ => Checked::Unavailable,
                 });
             }
         }
     }
-    Some(Checked::Admitted(taken, states(hash, record, &asks)))
+    Some(Checked::Admitted(taken, states(hash, ratelimits, &asks)))
 }
 
-fn states(hash: &KeyHash, record: &KeyRecord, asks: &[(usize, u64)]) -> Vec<LimitLeft> {
+fn states(hash: &KeyHash, ratelimits: &[RateLimit], asks: &[(usize, u64)]) -> Vec<LimitLeft> {
     let now = Date::now().as_millis();
     asks.iter()
         .map(|&(i, _)| {
-            let name = &record.ratelimits[i].name;
+            let name = &ratelimits[i].name;
             with(hash, name, |h| h.left_for(name, now))
         })
         .collect()
@@ -475,7 +486,7 @@ pub(crate) fn left_of(name: &str, grant: &Grant) -> LimitLeft {
 /// limit; `Void`: the key may not be spent, or the object holds an older record than the one
 /// the holder decided on, whose limit it may not know). No await between the reads and the write but the
 /// storage's own, which the object's input gate keeps other requests out of.
-pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &str) -> worker::Result<Response> {
+pub(crate) async fn grant(storage: &Storage, record: Option<Spender>, body: &str) -> worker::Result<Response> {
     let Some(record) = record else {
         return Response::error("no record", 404);
     };
@@ -488,17 +499,17 @@ pub(crate) async fn grant(storage: &Storage, record: Option<KeyRecord>, body: &s
         verdict,
         cap: request.cap,
     };
-    if !record.is_usable(now) || record.version < request.version {
+    if !record.is_usable(now) || record.version() < request.version {
         // Not spendable, or the holder decided on a newer record than this one: fail closed.
         return Response::ok(text::token_answer(&none(Verdict::Void)));
     }
-    let Some(limit) = record.ratelimits.iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
+    let Some(limit) = record.ratelimits().iter().find(|l| l.name == request.name && l.mode == Mode::Exact) else {
         return Response::ok(text::token_answer(&none(Verdict::Unlimited)));
     };
     let cap = kept_cap(storage, request.cap).await?;
     let limit = &cap.apply(limit);
     let mut schedules = load(storage).await?;
-    schedules.retain(|(name, _)| record.ratelimits.iter().any(|l| l.name == *name));
+    schedules.retain(|(name, _)| record.ratelimits().iter().any(|l| l.name == *name));
     let at = match schedules.iter().position(|(name, _)| *name == limit.name) {
         Some(at) => at,
         None => {

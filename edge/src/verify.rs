@@ -4,8 +4,9 @@
 //! the answer's usage event for shipping (`usage.rs`), off the response path.
 
 use keyward_shared::credits::{SettleRequest, Verdict};
+use keyward_shared::identity::IdentityRecord;
 use keyward_shared::policy::Client;
-use keyward_shared::ratelimit::{Cap, Grant};
+use keyward_shared::ratelimit::{Cap, Grant, RateLimit};
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
 use keyward_shared::{
@@ -15,7 +16,7 @@ use worker::{Date, Request, Response, RouteContext};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::misses::{self, Kind};
-use crate::{auth, credits, lookup, policy, ratelimit, usage};
+use crate::{auth, credits, lookup, ratelimit, side, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
@@ -71,7 +72,12 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         let costs = keyward_shared::ratelimit::check_costs(&r.ratelimits, &request.ratelimits);
         costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
     }
-    let charged = charge(&ctx, &hash, record.as_ref(), (decision, cap), &request, decided_at_ms).await;
+    let (decision, identity) = match record.as_ref() {
+        Some(r) => identity_of(&ctx, r, &request, decision, decided_at_ms).await?,
+        None => (decision, None),
+    };
+    let charged =
+        charge(&ctx, &hash, record.as_ref(), identity.as_ref(), (decision, cap), &request, decided_at_ms).await;
     let (charged, record) = overtaken(&ctx, &req, charged, record, &hash, who, &request).await?;
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)
@@ -86,7 +92,8 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
 /// to 2 s) is not answered on the older record when a newer copy of the key reached this
 /// isolate's memory meanwhile (a signed purge, a confirmation) and refuses the request, by its
 /// status or by its own or its API's lists: the answer is then the newer record's. What the
-/// request took of limits and credits stays spent.
+/// request took from this isolate's shares (tokens, credits, the key's and its identity's)
+/// goes back; what a settlement spent at the authority stays spent.
 async fn overtaken(
     ctx: &RouteContext<worker::Context>,
     req: &Request,
@@ -110,38 +117,170 @@ async fn overtaken(
     if decision.code == Code::Valid {
         return Ok((charged, record));
     }
-    Ok((Charged { decision, decided_at_ms, credits: None, limits: Vec::new() }, Some(newer)))
+    charged.taken.put_back();
+    Ok((Charged::as_decided(decision, decided_at_ms), Some(newer)))
 }
 
-/// What a key's rate limits and credits made of a decision.
+/// What a key's rate limits and credits (and its identity's) made of a decision.
 struct Charged {
     decision: Decision,
     /// When the tokens or the credit were taken, or the authority settled it (else as decided).
     decided_at_ms: u64,
-    /// What remains of the credits, where the answer may say it.
+    /// What remains of the credits, where the answer may say it (the least of the key's and
+    /// its identity's).
     credits: Option<u64>,
     limits: Vec<LimitLeft>,
+    /// What a `VALID` took from this isolate's shares.
+    taken: Taken,
 }
 
-/// Rate limits (under the API's cap), then credits, for a `VALID` decision: only a key valid in
-/// every other way spends, and one refused by any of them spends nothing on the others (tokens
-/// taken here go back; with an idempotency key the exact limits and the credits are settled
-/// together at the authority).
+impl Charged {
+    fn as_decided(decision: Decision, decided_at_ms: u64) -> Charged {
+        Charged { decision, decided_at_ms, credits: None, limits: Vec::new(), taken: Taken::default() }
+    }
+}
+
+/// What a verification took from this isolate's shares: the tokens of each limit holder (the
+/// key's, its identity's) and `cost` of each holder's credits.
+#[derive(Default)]
+struct Taken {
+    tokens: Vec<(KeyHash, Vec<ratelimit::Token>)>,
+    credits: Vec<KeyHash>,
+    cost: u64,
+}
+
+impl Taken {
+    /// Puts everything back: the verification is not answered `VALID`.
+    fn put_back(&self) {
+        for (hash, taken) in &self.tokens {
+            ratelimit::put_back(hash, taken);
+        }
+        for hash in &self.credits {
+            credits::put_back(hash, self.cost);
+        }
+    }
+}
+
+/// Rate limits, then credits, for a `VALID` decision: only a key valid in every other way
+/// spends, and one refused by any of them spends nothing on the others (what was taken here
+/// goes back; with an idempotency key the exact limits and the credits are settled together at
+/// the key's authority, for a key without an identity only: see [`identity_of`]). The key's
+/// own limits are decided under the API's `cap` (its limit override); an identity's are not.
 async fn charge(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
     record: Option<&KeyRecord>,
+    identity: Option<&IdentityRecord>,
     (decision, cap): (Decision, Cap),
     request: &VerifyRequest,
     decided_at_ms: u64,
 ) -> Charged {
     let Some(record) = record.filter(|_| decision.code == Code::Valid) else {
-        return Charged { decision, decided_at_ms, credits: None, limits: Vec::new() };
+        return Charged::as_decided(decision, decided_at_ms);
     };
-    let idempotent = request.idempotency_key.is_some();
+    if request.idempotency_key.is_some() {
+        return charge_settled(ctx, hash, record, (decision, cap), request, decided_at_ms).await;
+    }
+    let key = Payer {
+        hash: *hash,
+        ratelimits: &record.ratelimits,
+        version: record.version,
+        credits: record.credits.is_some(),
+        cap,
+    };
+    let shared = identity.map(|i| Payer {
+        hash: IdentityRecord::hash_of(&i.id),
+        ratelimits: &i.ratelimits,
+        version: i.version,
+        credits: i.credits.is_some(),
+        cap: Cap::NONE,
+    });
+    let payers: Vec<Payer> = std::iter::once(key).chain(shared).collect();
+    charge_leased(ctx, &payers, decision, request, decided_at_ms).await
+}
+
+/// An authority a verification spends from, in this isolate's shares: the key's, or its
+/// identity's.
+struct Payer<'a> {
+    hash: KeyHash,
+    ratelimits: &'a [RateLimit],
+    version: u64,
+    /// Whether its record has credits.
+    credits: bool,
+    /// The cap its limits are decided under.
+    cap: Cap,
+}
+
+/// Every payer's limits' tokens, then every payer's credits, from this isolate's shares, in
+/// order: the first refusal ends it, and every token and credit taken before it goes back.
+async fn charge_leased(
+    ctx: &RouteContext<worker::Context>,
+    payers: &[Payer<'_>],
+    mut decision: Decision,
+    request: &VerifyRequest,
+    mut decided_at_ms: u64,
+) -> Charged {
+    let mut taken = Taken { cost: request.cost.unwrap_or(1), ..Taken::default() };
+    let mut limits = Vec::new();
+    for payer in payers.iter().filter(|p| !p.ratelimits.is_empty()) {
+        let asked = ratelimit::Limits { hash: &payer.hash, ratelimits: payer.ratelimits, version: payer.version };
+        match ratelimit::check(&ctx.env, &ctx.data, asked, request, false, payer.cap).await {
+            None => {}
+            Some(ratelimit::Checked::Admitted(tokens, left)) => {
+                decided_at_ms = Date::now().as_millis();
+                taken.tokens.push((payer.hash, tokens));
+                limits.extend(left);
+            }
+            Some(refused) => {
+                decision = decision.refused_by_limits(refused.code());
+                if let ratelimit::Checked::Limited(left) = refused {
+                    limits.extend(left);
+                }
+                break;
+            }
+        }
+    }
+    let mut credits: Option<u64> = None;
+    for payer in payers.iter().filter(|p| p.credits) {
+        if decision.code != Code::Valid {
+            break;
+        }
+        let spent = credits::spend(&ctx.env, &ctx.data, &payer.hash, taken.cost, decided_at_ms).await;
+        // Stamped when the credit was taken (after any wait for a lease): a refill period's
+        // spending is then counted in the period that paid for it.
+        decided_at_ms = Date::now().as_millis();
+        decision = decision.refused_by_credits(spent.code());
+        if let Some(remaining) = spent.remaining() {
+            credits = Some(credits.map_or(remaining, |c| c.min(remaining)));
+        }
+        if matches!(spent, credits::Spent::Yes(_)) {
+            taken.credits.push(payer.hash);
+        }
+    }
+    if decision.code != Code::Valid {
+        taken.put_back();
+        taken = Taken::default();
+    }
+    let credits = credits.filter(|_| decision.code != Code::Unavailable);
+    Charged { decision, decided_at_ms, credits, limits, taken }
+}
+
+/// A verification with an idempotency key: its local limits from this isolate's shares, then
+/// its exact limits and credits settled together at the key's authority, one step.
+async fn charge_settled(
+    ctx: &RouteContext<worker::Context>,
+    hash: &KeyHash,
+    record: &KeyRecord,
+    (decision, cap): (Decision, Cap),
+    request: &VerifyRequest,
+    decided_at_ms: u64,
+) -> Charged {
     let checked = match record.ratelimits.is_empty() {
         true => None,
-        false => ratelimit::check(&ctx.env, &ctx.data, hash, record, request, idempotent, cap).await,
+        false => {
+            let asked = ratelimit::Limits { hash, ratelimits: &record.ratelimits, version: record.version };
+            ratelimit::check(&ctx.env, &ctx.data, asked, request, true, cap).await
+        }
     };
     let decision = match &checked {
         Some(c) => decision.refused_by_limits(c.code()),
@@ -151,16 +290,15 @@ async fn charge(
         Some(ratelimit::Checked::Admitted(..)) => Date::now().as_millis(),
         _ => decided_at_ms,
     };
-    let asks = if idempotent { ratelimit::exact_asks(record, request) } else { Vec::new() };
+    let asks = ratelimit::exact_asks(record, request);
     let (spent, grants) = match decision.code == Code::Valid && (record.credits.is_some() || !asks.is_empty()) {
         true => {
-            let (spent, grants) = spend(ctx, hash, request, &asks, (record.version, cap), decided_at_ms).await;
+            let (spent, grants) = settle(ctx, hash, request, &asks, (record.version, cap)).await;
             (Some(spent), grants)
         }
         false => (None, Vec::new()),
     };
-    // Stamped when the credit was taken (after any wait for a lease), or as the authority
-    // settled it: a refill period's spending is then counted in the period that paid for it.
+    // Stamped as the authority settled it.
     match &spent {
         Some(credits::Spent::Settled(s)) => decided_at_ms = s.decided_at_ms,
         Some(_) => decided_at_ms = Date::now().as_millis(),
@@ -185,7 +323,36 @@ async fn charge(
     };
     limits.extend(grants.iter().map(|(name, grant)| ratelimit::left_of(name, grant)));
     let credits = spent.and_then(|s| s.remaining()).filter(|_| decision.code != Code::Unavailable);
-    Charged { decision, decided_at_ms, credits, limits }
+    Charged { decision, decided_at_ms, credits, limits, taken: Taken::default() }
+}
+
+/// The key's identity, for a `VALID` decision of a key attached to one: its record (found like
+/// an API's, `crate::side`), or the decision `UNAVAILABLE` when it cannot be confirmed or is
+/// found nowhere (its limits and credits are unknown: fail closed). A verification with an
+/// idempotency key of such a key is refused (400): settling the key's and the identity's
+/// authorities together is not built, and settling one alone would break all or nothing.
+async fn identity_of(
+    ctx: &RouteContext<worker::Context>,
+    record: &KeyRecord,
+    request: &VerifyRequest,
+    decision: Decision,
+    now_ms: u64,
+) -> EdgeResult<(Decision, Option<IdentityRecord>)> {
+    let Some(id) = record.identity_id.as_deref().filter(|_| decision.code == Code::Valid) else {
+        return Ok((decision, None));
+    };
+    if request.idempotency_key.is_some() {
+        let message = "idempotency_key is not supported for a key attached to an identity yet; verify without it";
+        return Err(EdgeError::new(ErrorCode::BadRequest, message));
+    }
+    match side::find_identity(&ctx.env, &ctx.data, id, now_ms).await? {
+        Some(identity) => {
+            let costs = keyward_shared::ratelimit::check_costs(&identity.ratelimits, &request.ratelimits);
+            costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
+            Ok((decision, Some(identity)))
+        }
+        None => Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, None)),
+    }
 }
 
 /// The decision once the key's and its API's lists were asked about the request's client (the
@@ -210,37 +377,28 @@ async fn lists(
     if !record.policy.is_empty() && !record.policy.admits(known.insert(client())) {
         return Ok((decision.forbidden_unless(false), Cap::NONE));
     }
-    let api = match policy::find(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
-        policy::Found::Record(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
-        policy::Found::Record(api) => api,
+    let api = match side::find_api(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
+        Some(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
+        Some(api) => api,
         // Fail closed: the API's lists and cap could not be confirmed.
-        policy::Found::Unconfirmed => {
-            return Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, Cap::NONE));
-        }
+        None => return Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, Cap::NONE)),
     };
     let client = known.unwrap_or_else(client);
     Ok((decision.forbidden_unless(api.policy.admits(&client)), api.cap()))
 }
 
-/// Spends the request's cost of the key's credits: settled at the authority with an
-/// idempotency key (with the exact limits `asks`, on record `version` or a newer one, under the
-/// API's `cap`), else from this isolate's share.
-async fn spend(
+/// Settles the request's cost of the key's credits at its authority, idempotently, with the
+/// exact limits `asks`, on record `version` or a newer one, under the API's `cap`.
+async fn settle(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
     request: &VerifyRequest,
     asks: &[(String, u64)],
     (version, cap): (u64, Cap),
-    now_ms: u64,
 ) -> (credits::Spent, Vec<(String, Grant)>) {
     let cost = request.cost.unwrap_or(1);
-    match &request.idempotency_key {
-        Some(key) => {
-            let settle = SettleRequest { idempotency_key: Some(key.clone()), cost, version };
-            credits::settle(&ctx.env, hash, &settle, cap, asks).await
-        }
-        None => (credits::spend(&ctx.env, &ctx.data, hash, cost, now_ms).await, Vec::new()),
-    }
+    let settle = SettleRequest { idempotency_key: request.idempotency_key.clone(), cost, version };
+    credits::settle(&ctx.env, hash, &settle, cap, asks).await
 }
 
 /// The answer to a caller over its share of lookups without a copy.

@@ -35,6 +35,7 @@ fn main() {
         credits: None,
         ratelimits: Vec::new(),
         policy: Default::default(),
+        identity_id: None,
     };
     let request = VerifyRequest {
         key: text.clone(),

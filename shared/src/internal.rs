@@ -42,6 +42,11 @@ pub struct PurgeRequest {
     /// each as its JSON text ([`ApiRecord::from_json`]): read by one deserializer at the edge.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<String>,
+    /// Identities' records (their shared credits and limits), replaced the same way, each as
+    /// its JSON text (`crate::identity::IdentityRecord::from_json`); the region drops its
+    /// shares of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
 }
 
 /// What a region answers to a purge it accepted.
@@ -79,6 +84,9 @@ pub struct MemoryStats {
     /// The same for APIs' records.
     #[serde(default)]
     pub api_confirmations: ConfirmCounts,
+    /// The same for identities' records.
+    #[serde(default)]
+    pub identity_confirmations: ConfirmCounts,
     /// Reads the KeyState objects this isolate hosts answered (the authority's home; 0 in a
     /// region that hosts none).
     #[serde(default)]
@@ -103,6 +111,11 @@ pub struct CreditCounts {
     pub settled: u64,
     /// Verifications answered `UNAVAILABLE` because credits could not be asked.
     pub unavailable: u64,
+    /// Credits taken for a verification that another authority refused (a key's and its
+    /// identity's are decided together) that could not be put back: their lease had been
+    /// reported already, so they count as spent.
+    #[serde(default)]
+    pub put_back_lost: u64,
 }
 
 /// How one isolate confirmed its copies with KV and the authority: each confirmation is one
@@ -147,6 +160,10 @@ pub struct AuthorityUpdate {
     /// ([`ApiRecord::hash_of`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apis: Vec<String>,
+    /// Identities' records, each as its JSON text, each kept in the object named by the hex of
+    /// `crate::identity::IdentityRecord::hash_of`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
 }
 
 /// A verification of the key with this hash, settled at its authority: what it costs, and its
@@ -191,7 +208,7 @@ pub struct SettleAnswer {
 pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The versions the authority holds after an update, in the order of the update's records,
-/// then its root keys, then its APIs.
+/// then its root keys, then its APIs, then its identities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuthorityAck {
     pub versions: Vec<u64>,

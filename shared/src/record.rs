@@ -75,6 +75,10 @@ pub struct KeyRecord {
     /// The key's own allow and deny lists of client IPs and countries (empty: none).
     #[serde(default, skip_serializing_if = "Policy::is_empty", with = "crate::policy::as_text")]
     pub policy: Policy,
+    /// The identity whose shared credits and rate limits the key spends too, beside its own
+    /// (`crate::identity`); `None`: only its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_id: Option<String>,
 }
 
 impl KeyRecord {
@@ -82,7 +86,8 @@ impl KeyRecord {
     /// one: revoke, delete, disable, expiry set or moved earlier, a permission removed, or a
     /// move to another API or workspace, credits given to an unlimited key or lowered (see
     /// [`Credits::is_tightened_by`]), a rate limit added or lowered ([`ratelimit::tightened`]),
-    /// or its allow and deny lists tightened ([`Policy::is_tightened_by`]). Such a change must
+    /// or its allow and deny lists tightened ([`Policy::is_tightened_by`]), or an identity
+    /// attached or changed (its limits and credits apply too; detaching loosens). Such a change must
     /// be purged from edge copies at once.
     pub fn is_tightened_by(&self, next: &KeyRecord) -> bool {
         let expiry_earlier = match (self.expires_at, next.expires_at) {
@@ -103,6 +108,7 @@ impl KeyRecord {
                 (Some(old), Some(new)) => old.is_tightened_by(new),
             }
             || ratelimit::tightened(&self.ratelimits, &next.ratelimits)
+            || (next.identity_id.is_some() && self.identity_id != next.identity_id)
     }
 
     /// Whether the key may be spent from at `now_ms`: active, enabled and unexpired.
@@ -253,6 +259,7 @@ pub(crate) mod tests {
             credits: None,
             ratelimits: Vec::new(),
             policy: Policy::default(),
+            identity_id: None,
         }
     }
 

@@ -85,6 +85,10 @@ enum Command {
     /// Create, find, change, revoke and verify API keys.
     #[command(subcommand, after_help = "Example:\n  keyward keys list --start sk_live_3xQ9ab")]
     Keys(KeyCommand),
+    /// Create, find, change and delete identities: customers whose keys share rate limits and
+    /// credits.
+    #[command(subcommand, after_help = "Example:\n  keyward identities create --external-id acct_42 --credits 1000")]
+    Identities(IdentityCommand),
     /// Respond to a leaked key: find it, see who used it, revoke it, follow each region's
     /// acknowledgement, wait out the promise's bound, and print the proof; exits 3 on a violation.
     #[command(
@@ -301,6 +305,24 @@ struct KeyFields {
     /// Comma-separated permission names.
     #[arg(long, value_delimiter = ',')]
     permissions: Option<Vec<String>>,
+    /// The key's credits and rate limits.
+    #[command(flatten)]
+    spend: SpendFields,
+    /// The identity (`idn_...`) whose shared limits and credits the key spends too; for
+    /// `update`, `none` detaches it.
+    #[arg(long)]
+    identity: Option<String>,
+    /// The key's own allow and deny lists (for `update`: they replace the key's lists).
+    #[command(flatten)]
+    policy: Box<PolicyFields>,
+    /// For `update`: empty the key's own allow and deny lists.
+    #[arg(long)]
+    clear_policy: bool,
+}
+
+/// Credits and rate limits, as keys and identities take them.
+#[derive(Args)]
+struct SpendFields {
     /// Credits that may still be spent from now; `unlimited` (for `update`) removes them.
     #[arg(long)]
     credits: Option<String>,
@@ -320,12 +342,58 @@ struct KeyFields {
     /// removes them.
     #[arg(long = "ratelimit")]
     ratelimits: Vec<String>,
-    /// The key's own allow and deny lists (for `update`: they replace the key's lists).
-    #[command(flatten)]
-    policy: Box<PolicyFields>,
-    /// For `update`: empty the key's own allow and deny lists.
+}
+
+/// An identity's fields, for `create` and `update`.
+#[derive(Args)]
+struct IdentityFields {
+    /// A JSON object.
     #[arg(long)]
-    clear_policy: bool,
+    meta: Option<String>,
+    #[command(flatten)]
+    spend: SpendFields,
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Create an identity: a customer whose rate limits and credits its keys share.
+    #[command(
+        after_help = "Example:\n  keyward identities create --external-id acct_42 --credits 10000 --ratelimit api=100/1s"
+    )]
+    Create {
+        /// Your own id of the customer, unique in the workspace.
+        #[arg(long)]
+        external_id: String,
+        #[command(flatten)]
+        fields: IdentityFields,
+    },
+    /// Show one identity.
+    #[command(after_help = "Example:\n  keyward identities get idn_01...")]
+    Get { id: String },
+    /// List the workspace's identities, or find one by its external id.
+    #[command(after_help = "Example:\n  keyward identities list --external-id acct_42")]
+    List {
+        #[arg(long)]
+        external_id: Option<String>,
+        /// The last id of the page before (printed under a full page).
+        #[arg(long)]
+        cursor: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Change an identity's external id, meta, credits or rate limits (lowered ones are
+    /// purged at once, like a revocation).
+    #[command(after_help = "Example:\n  keyward identities update idn_01... --ratelimit api=10/1s")]
+    Update {
+        id: String,
+        #[arg(long)]
+        external_id: Option<String>,
+        #[command(flatten)]
+        fields: IdentityFields,
+    },
+    /// Delete an identity that no key uses any more.
+    #[command(after_help = "Example:\n  keyward identities delete idn_01...")]
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
@@ -455,8 +523,8 @@ pub async fn run() -> anyhow::Result<()> {
             let client = Client::new(&cli.url, cli.root_key)?;
             let request = request::request_for(command)?;
             let mut answer = client.call(&request).await?;
-            // A key with credits: what remains, from its authority (a second call).
-            if request.view == View::Key && !answer["credits"].is_null() {
+            // A key or an identity with credits: what remains, from its authority (a second call).
+            if matches!(request.view, View::Key | View::Identity) && !answer["credits"].is_null() {
                 let credits = client.get(&format!("{}/credits", request.path)).await?;
                 answer["credits_remaining"] = credits["remaining"].clone();
             }

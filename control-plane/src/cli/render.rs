@@ -67,6 +67,12 @@ pub enum View {
     Policy,
     AuditCheckpoint,
     AuditVerified,
+    /// One identity.
+    Identity,
+    Identities,
+    /// An identity created or changed, and its delivery.
+    IdentityChanged,
+    IdentityDeleted,
 }
 
 /// The text for `answer`, ending in a newline; `now` (Unix ms) decides whether a key has expired.
@@ -113,6 +119,14 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             shown_once("key", &answer["key"]),
         ),
         View::Key => key_fields(answer, now),
+        View::Identity => identity_fields(answer),
+        View::Identities => identities(answer),
+        View::IdentityChanged => {
+            let identity = &answer["identity"];
+            let reached = if answer["regions"].is_null() { "Nothing changed.\n".into() } else { delivery(answer) };
+            format!("{}{reached}", identity_fields(identity))
+        }
+        View::IdentityDeleted => format!("Deleted identity {}.\n", text(&answer["id"])),
         View::Keys => keys(answer, now),
         View::KeyUpdated => {
             let key = &answer["key"];
@@ -430,10 +444,46 @@ fn key_fields(k: &Value, now: i64) -> String {
         ("credits", credits(&k["credits"], &k["credits_remaining"])),
         ("rate limits", ratelimits(&k["ratelimits"])),
         ("lists", key_policy(&k["policy"])),
+        ("identity", text(&k["identity_id"])),
         ("created", date(&k["created_at"])),
         ("updated", date(&k["updated_at"])),
     ];
     field_table(&fields)
+}
+
+/// One identity: its external id, meta, shared credits and limits.
+fn identity_fields(i: &Value) -> String {
+    let fields = [
+        ("id", text(&i["id"])),
+        ("external id", text(&i["external_id"])),
+        ("meta", meta(&i["meta"])),
+        ("credits", credits(&i["credits"], &i["credits_remaining"])),
+        ("rate limits", ratelimits(&i["ratelimits"])),
+        ("version", text(&i["version"])),
+        ("max staleness", format!("{} ms", text(&i["max_staleness_ms"]))),
+        ("created", date(&i["created_at"])),
+        ("updated", date(&i["updated_at"])),
+    ];
+    field_table(&fields)
+}
+
+/// `identities list`: a table, and how to page on.
+fn identities(answer: &Value) -> String {
+    let rows = items(&answer["identities"]).iter().map(|i| {
+        vec![
+            text(&i["id"]),
+            text(&i["external_id"]),
+            credits(&i["credits"], &Value::Null),
+            ratelimits(&i["ratelimits"]),
+            date(&i["updated_at"]),
+        ]
+    });
+    let header = ["ID", "EXTERNAL ID", "CREDITS", "RATE LIMITS", "UPDATED"];
+    let mut out = table(&header, rows.collect(), "No identities match.");
+    if let Some(cursor) = answer["cursor"].as_str() {
+        out.push_str(&format!("More identities follow: add --cursor {cursor}\n"));
+    }
+    out
 }
 
 /// A usage report's sources (`top` or `new_sources`: lists by kind) as rows of kind, value and

@@ -8,7 +8,10 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::render::View;
-use super::{ApiCommand, AuditCommand, Command, CreditsOp, KeyCommand, KeyFields, RootKeyCommand, WorkspaceCommand};
+use super::{
+    ApiCommand, AuditCommand, Command, CreditsOp, IdentityCommand, IdentityFields, KeyCommand, KeyFields,
+    RootKeyCommand, SpendFields, WorkspaceCommand,
+};
 
 /// Everything but RFC 3986's unreserved characters is encoded, in a path segment or a query value.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
@@ -75,7 +78,48 @@ pub fn request_for(command: Command) -> anyhow::Result<Request> {
             Request::new(Method::PATCH, path, Some(body), View::Policy)
         }
         Command::Keys(command) => key_request(command)?,
+        Command::Identities(command) => identity_request(command)?,
     })
+}
+
+/// The request for an `identities` subcommand.
+fn identity_request(command: IdentityCommand) -> anyhow::Result<Request> {
+    let path = |id: &str| format!("/v1/identities/{}", encode(id));
+    Ok(match command {
+        IdentityCommand::Create { external_id, fields } => {
+            let mut body = fields.into_json(false)?;
+            body["external_id"] = external_id.into();
+            Request::new(Method::POST, "/v1/identities".into(), Some(body), View::IdentityChanged)
+        }
+        IdentityCommand::Get { id } => Request::new(Method::GET, path(&id), None, View::Identity),
+        IdentityCommand::List { external_id, cursor, limit } => {
+            let pairs = [("external_id", external_id), ("cursor", cursor), ("limit", limit.map(|l| l.to_string()))];
+            let query: Vec<String> =
+                pairs.into_iter().filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(&v)))).collect();
+            Request::new(Method::GET, format!("/v1/identities?{}", query.join("&")), None, View::Identities)
+        }
+        IdentityCommand::Update { id, external_id, fields } => {
+            let mut body = fields.into_json(true)?;
+            insert_some(&mut body, "external_id", external_id.map(Value::from));
+            Request::new(Method::PATCH, path(&id), Some(body), View::IdentityChanged)
+        }
+        IdentityCommand::Delete { id } => Request::new(Method::DELETE, path(&id), None, View::IdentityDeleted),
+    })
+}
+
+impl IdentityFields {
+    fn into_json(self, for_update: bool) -> anyhow::Result<Value> {
+        let mut body = json!({});
+        if let Some(meta) = self.meta {
+            body["meta"] = Value::Object(meta_object(&meta)?);
+        }
+        self.spend.add_to(&mut body, for_update)?;
+        Ok(body)
+    }
+}
+
+fn meta_object(meta: &str) -> anyhow::Result<Map<String, Value>> {
+    serde_json::from_str(meta).context("--meta must be a JSON object, like '{\"plan\":\"pro\"}'")
 }
 
 /// The request for a `keys` subcommand.
@@ -167,9 +211,7 @@ impl KeyFields {
         insert_some(&mut body, "name", self.name.map(Value::from));
         insert_some(&mut body, "owner_id", self.owner_id.map(Value::from));
         if let Some(meta) = self.meta {
-            let meta: Map<String, Value> =
-                serde_json::from_str(&meta).context("--meta must be a JSON object, like '{\"plan\":\"pro\"}'")?;
-            body["meta"] = Value::Object(meta);
+            body["meta"] = Value::Object(meta_object(&meta)?);
         }
         if let Some(at) = self.expires_at {
             body["expires_at"] = match at.as_str() {
@@ -188,6 +230,20 @@ impl KeyFields {
         } else if !self.policy.is_empty() {
             body["policy"] = self.policy.into_json();
         }
+        self.spend.add_to(&mut body, for_update)?;
+        if let Some(identity) = self.identity {
+            body["identity_id"] = match identity.as_str() {
+                "none" if for_update => Value::Null,
+                id => Value::from(id),
+            };
+        }
+        Ok(body)
+    }
+}
+
+impl SpendFields {
+    /// Adds the credits and rate limits named to a create or update body.
+    fn add_to(self, body: &mut Value, for_update: bool) -> anyhow::Result<()> {
         if let Some(credits) = self.credits {
             body["credits"] = match credits.as_str() {
                 "unlimited" if for_update => Value::Null,
@@ -209,7 +265,7 @@ impl KeyFields {
                 limits => Value::from(limits.iter().map(|l| ratelimit(l)).collect::<anyhow::Result<Vec<_>>>()?),
             };
         }
-        Ok(body)
+        Ok(())
     }
 }
 

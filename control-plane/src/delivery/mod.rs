@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared, join_all};
+use keyward_shared::identity::IdentityRecord;
 use keyward_shared::policy::ApiRecord;
 use keyward_shared::{KeyRecord, RootKeyRecord};
 use tokio::sync::Notify;
@@ -34,7 +35,7 @@ use self::outcome::{Attempt, Attempted, RegionPass, authority_lacks_message, aut
 pub use self::outcome::{AuthorityReport, Delivered, DeliveryError, KvState, RegionReport, error_text};
 pub use self::tags::{BatchError, FairQueue, TagBatcher, TagPurge};
 pub use self::upkeep::{OutboxSettings, UPKEEP_EVERY, Upkept, health_json, upkeep};
-use crate::edge_client::{EdgeClient, EdgeRegion, Purged};
+use crate::edge_client::{AuthorityRecords, EdgeClient, EdgeRegion, Purged};
 use crate::store::{AttemptOutcome, Delivery, EntryKind, NewOutbox, OutboxEntry, Store, Target};
 use crate::time::now_ms;
 
@@ -84,6 +85,7 @@ enum Carried {
     Key(Box<KeyRecord>),
     RootKey(RootKeyRecord),
     Api(ApiRecord),
+    Identity(IdentityRecord),
 }
 
 impl Carried {
@@ -92,24 +94,32 @@ impl Carried {
             EntryKind::Key => Carried::Key(Box::new(KeyRecord::from_json(&entry.record).context("outbox record")?)),
             EntryKind::RootKey => Carried::RootKey(RootKeyRecord::from_json(&entry.record).context("outbox root key")?),
             EntryKind::Api => Carried::Api(ApiRecord::from_json(&entry.record).context("outbox API record")?),
+            EntryKind::Identity => {
+                Carried::Identity(IdentityRecord::from_json(&entry.record).context("outbox identity record")?)
+            }
         })
     }
 
-    /// What a purge carries: a key's record or an API's; a root key is never purged.
+    /// What a purge carries: a key's record, an API's or an identity's; a root key is never
+    /// purged.
     fn purged(&self) -> Option<Purged<'_>> {
+        let none = Purged { keys: &[], apis: &[], identities: &[] };
         match self {
-            Carried::Key(record) => Some(Purged { keys: std::slice::from_ref(record), apis: &[] }),
-            Carried::Api(record) => Some(Purged { keys: &[], apis: std::slice::from_ref(record) }),
+            Carried::Key(record) => Some(Purged { keys: std::slice::from_ref(record), ..none }),
+            Carried::Api(record) => Some(Purged { apis: std::slice::from_ref(record), ..none }),
+            Carried::Identity(record) => Some(Purged { identities: std::slice::from_ref(record), ..none }),
             Carried::RootKey(_) => None,
         }
     }
 
-    /// The authority's update: keys' records, root keys' records and APIs' records.
-    fn authority_update(&self) -> (&[KeyRecord], &[RootKeyRecord], &[ApiRecord]) {
+    /// The authority's update: keys' records, root keys' records, APIs' and identities'.
+    fn authority_update(&self) -> AuthorityRecords<'_> {
+        let none = AuthorityRecords { keys: &[], root_keys: &[], apis: &[], identities: &[] };
         match self {
-            Carried::Key(record) => (std::slice::from_ref(record), &[], &[]),
-            Carried::RootKey(record) => (&[], std::slice::from_ref(record), &[]),
-            Carried::Api(record) => (&[], &[], std::slice::from_ref(record)),
+            Carried::Key(record) => AuthorityRecords { keys: std::slice::from_ref(record), ..none },
+            Carried::RootKey(record) => AuthorityRecords { root_keys: std::slice::from_ref(record), ..none },
+            Carried::Api(record) => AuthorityRecords { apis: std::slice::from_ref(record), ..none },
+            Carried::Identity(record) => AuthorityRecords { identities: std::slice::from_ref(record), ..none },
         }
     }
 }
@@ -385,8 +395,8 @@ impl Deliverer {
         if !pass.puts_in_force() || !pending {
             return None;
         }
-        let (records, root_keys, apis) = loaded.record.as_ref()?.authority_update();
-        let result = self.edge.update_authority(records, root_keys, apis).await;
+        let records = loaded.record.as_ref()?.authority_update();
+        let result = self.edge.update_authority(records).await;
         Some(Attempt::ended(result.map_err(DeliveryError::Authority), started))
     }
 

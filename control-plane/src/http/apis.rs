@@ -17,7 +17,7 @@ use crate::store::Api;
 use crate::time::now_ms;
 
 /// The longest `max_staleness_ms` an API may choose: one hour.
-const MAX_STALENESS_LIMIT_MS: u64 = 3_600_000;
+pub(super) const MAX_STALENESS_LIMIT_MS: u64 = 3_600_000;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/apis", post(create).get(list))

@@ -73,6 +73,9 @@ struct KeyView {
     /// The key's own allow and deny lists (omitted when empty).
     #[serde(skip_serializing_if = "Policy::is_empty")]
     policy: Policy,
+    /// The identity whose limits and credits the key spends too (omitted when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity_id: Option<String>,
 }
 
 impl From<KeyRecord> for KeyView {
@@ -96,6 +99,7 @@ impl From<KeyRecord> for KeyView {
             credits: r.credits,
             ratelimits: r.ratelimits,
             policy: r.policy,
+            identity_id: r.identity_id,
         }
     }
 }
@@ -160,20 +164,23 @@ struct CreateKey {
     /// The key's own allow and deny lists.
     #[serde(default)]
     policy: Option<PolicyInput>,
+    /// An identity of the workspace whose limits and credits the key spends too.
+    #[serde(default)]
+    identity_id: Option<String>,
 }
 
 /// A key's credits as an admin sets them: the balance that may still be spent from now, and
 /// an optional refill.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreditsInput {
+pub(super) struct CreditsInput {
     remaining: u64,
     #[serde(default)]
     refill: Option<Refill>,
 }
 
 /// The credits a set makes at record version `version`.
-fn set_credits(input: CreditsInput, version: u64) -> Result<Credits> {
+pub(super) fn set_credits(input: CreditsInput, version: u64) -> Result<Credits> {
     if let Some(refill) = &input.refill {
         check_refill(refill)?;
     }
@@ -182,7 +189,7 @@ fn set_credits(input: CreditsInput, version: u64) -> Result<Credits> {
 
 /// A key's rate limits, each checked ([`RateLimit::check`]), at most [`MAX_LIMITS`], names
 /// unique.
-fn check_limits(limits: Vec<RateLimit>) -> Result<Vec<RateLimit>> {
+pub(super) fn check_limits(limits: Vec<RateLimit>) -> Result<Vec<RateLimit>> {
     if limits.len() > MAX_LIMITS {
         return Err(AppError::BadRequest(format!("a key has at most {MAX_LIMITS} rate limits")));
     }
@@ -233,6 +240,10 @@ async fn create(
         credits: body.credits.map(|c| set_credits(c, 1)).transpose()?,
         ratelimits: check_limits(body.ratelimits)?,
         policy: body.policy.map(PolicyInput::parse).transpose()?.unwrap_or_default(),
+        identity_id: match body.identity_id {
+            Some(id) => Some(check_identity(&state, &caller, id).await?),
+            None => None,
+        },
     };
     let created = state.change.create_key(caller.actor(), new, now).await?;
     let answer = CreatedKey {
@@ -319,7 +330,7 @@ async fn list(State(state): State<AppState>, caller: RootKey, Query(q): Query<Li
 }
 
 /// Deserializes a present field (even `null`) as `Some`, so `null` can mean "clear it".
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+pub(super) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -348,6 +359,9 @@ struct UpdateKey {
     /// Replaces the key's allow and deny lists (`null`: none).
     #[serde(default, deserialize_with = "present")]
     policy: Option<Option<PolicyInput>>,
+    /// Attaches the key to an identity of the workspace (`null`: detaches it).
+    #[serde(default, deserialize_with = "present")]
+    identity_id: Option<Option<String>>,
 }
 
 async fn update(
@@ -388,6 +402,12 @@ async fn update(
     }
     if let Some(policy) = body.policy {
         new.policy = policy.map(PolicyInput::parse).transpose()?.unwrap_or_default();
+    }
+    if let Some(identity_id) = body.identity_id {
+        new.identity_id = match identity_id {
+            Some(id) => Some(check_identity(&state, &caller, id).await?),
+            None => None,
+        };
     }
     let (record, delivered) = state.change.commit(caller.actor(), old, new, now).await?;
     Ok(Json(UpdatedKey { key: record.into(), reached: delivered.into() }))
@@ -539,6 +559,12 @@ async fn verify(
     let cap = api.as_ref().map_or(Cap::NONE, ApiRecord::cap);
     if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
         ratelimit::check_costs(&r.ratelimits, &request.ratelimits).map_err(AppError::BadRequest)?;
+        if r.identity_id.is_some() {
+            // The origin settles at the key's authority alone: its identity's would not be asked.
+            return Err(AppError::BadRequest(
+                "a key attached to an identity is verified at the edge only (POST /v1/keys/verify on a region)".into(),
+            ));
+        }
     }
     let (decision, settled) = charge(&state, record.as_ref(), hash, (decision, cap), &request).await;
     let decided_at = settled.as_ref().map_or(u64::try_from(now).unwrap_or(0), |s| s.decided_at_ms);
@@ -605,7 +631,7 @@ fn admits(record: &KeyRecord, api: Option<&ApiRecord>, request: &VerifyRequest, 
 /// Settles the request's cost of the key's credits at its authority, with its exact rate
 /// limits, as the edge does with an idempotency key; `None` when it could not (the answer is
 /// then `UNAVAILABLE`).
-async fn settle(
+pub(super) async fn settle(
     state: &AppState,
     hash: KeyHash,
     settle: SettleRequest,
@@ -641,6 +667,15 @@ A region that did not acknowledge still rejects the key within the key's max_sta
 than that is confirmed with the key's authority; its purge is retried until it is delivered. KV writes marked \
 pending follow this answer and are retried the same way.";
 
+/// An identity id the key may name: an identity of the caller's workspace (400 otherwise).
+async fn check_identity(state: &AppState, caller: &RootKey, id: String) -> Result<String> {
+    check_id(&id, "idn")?;
+    match state.store.identity(caller.workspace_id(), &id).await? {
+        Some(_) => Ok(id),
+        None => Err(AppError::BadRequest(format!("identity_id: this workspace has no identity `{id}`"))),
+    }
+}
+
 fn check_owner(owner: &str) -> Result<String> {
     if owner.is_empty() || owner.chars().count() > 200 {
         return Err(AppError::BadRequest("owner_id must be 1 to 200 characters".into()));
@@ -648,7 +683,7 @@ fn check_owner(owner: &str) -> Result<String> {
     Ok(owner.to_owned())
 }
 
-fn check_meta(meta: Map<String, Value>) -> Result<Meta> {
+pub(super) fn check_meta(meta: Map<String, Value>) -> Result<Meta> {
     let meta = Meta::from_map(&meta);
     let size = meta.as_str().len();
     if size > MAX_META_BYTES {

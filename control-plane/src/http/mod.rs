@@ -7,6 +7,7 @@ mod delivery;
 pub mod error;
 mod events;
 mod extract;
+mod identities;
 mod keys;
 mod policy;
 mod proof;
@@ -103,6 +104,7 @@ pub fn app(state: AppState) -> Router {
         .merge(root_keys::router())
         .merge(apis::router())
         .merge(keys::router())
+        .merge(identities::router())
         .merge(policy::router())
         .merge(regions::router())
         .merge(events::router())

@@ -41,6 +41,7 @@ struct KeyRow {
     credits: Option<String>,
     ratelimits: Option<String>,
     policy: Option<String>,
+    identity_id: Option<String>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -68,6 +69,7 @@ impl TryFrom<KeyRow> for KeyRecord {
             max_staleness_ms: r.max_staleness_ms as u64,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            identity_id: r.identity_id,
         })
     }
 }
@@ -220,12 +222,13 @@ fn update_action(before: &KeyRecord, after: &KeyRecord) -> &'static str {
         _ if before.credits != after.credits => "key.credits",
         _ if before.ratelimits != after.ratelimits => "key.ratelimits",
         _ if before.policy != after.policy => "key.policy",
+        _ if before.identity_id != after.identity_id => "key.identity",
         _ => "key.update",
     }
 }
 
 /// The columns a change may write, in the order [`bind_changeable`] binds them.
-const CHANGEABLE: [&str; 12] = [
+const CHANGEABLE: [&str; 13] = [
     "name",
     "owner_id",
     "meta",
@@ -238,6 +241,7 @@ const CHANGEABLE: [&str; 12] = [
     "credits",
     "ratelimits",
     "policy",
+    "identity_id",
 ];
 
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
@@ -256,7 +260,8 @@ fn bind_changeable<'q>(query: Query<'q>, key: &'q KeyRecord) -> anyhow::Result<Q
         .bind(key.updated_at)
         .bind(key.credits.as_ref().map(serde_json::to_string).transpose().context("credits")?)
         .bind(ratelimits_column(key)?)
-        .bind(policy_column(&key.policy)?))
+        .bind(policy_column(&key.policy)?)
+        .bind(&key.identity_id))
 }
 
 /// The `ratelimits` column: the key's limits as a JSON list (NULL: none).

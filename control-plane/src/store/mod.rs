@@ -7,6 +7,7 @@
 
 mod api_policy;
 pub mod audit;
+mod identities;
 mod keys;
 mod outbox;
 pub mod proof;
@@ -20,6 +21,7 @@ use anyhow::Context;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{FromRow, SqlitePool};
 
+pub use identities::Identity;
 pub use keys::KeyQuery;
 pub use outbox::{
     AttemptOutcome, Delivery, DeliveryState, EntryKind, NewOutbox, OutboxEntry, Reach, Redrive, Redriven, Target,

@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::Context;
+use keyward_shared::identity::{IdentityRecord, kv_key_for_identity};
 use keyward_shared::policy::{ApiRecord, kv_key_for_api};
 use keyward_shared::{KeyRecord, RootKeyRecord, kv_key_for_key, kv_key_for_root};
 use sqlx::encode::IsNull;
@@ -27,6 +28,8 @@ pub enum EntryKind {
     /// An API's record: its allow and deny lists and its limit override (`key_id` holds the
     /// API's id).
     Api,
+    /// An identity's record: its shared credits and rate limits (`key_id` holds its id).
+    Identity,
 }
 
 impl EntryKind {
@@ -34,7 +37,7 @@ impl EntryKind {
     /// root key's never does, its revocation included: the edge confirms its callers' root keys
     /// with the authority and KV, which are its targets.
     pub fn purges(self, tightening: bool) -> bool {
-        matches!(self, EntryKind::Key | EntryKind::Api) && tightening
+        matches!(self, EntryKind::Key | EntryKind::Api | EntryKind::Identity) && tightening
     }
 }
 
@@ -544,6 +547,7 @@ pub(super) enum Carried<'a> {
     Key(&'a KeyRecord),
     RootKey(&'a RootKeyRecord),
     Api(&'a ApiRecord),
+    Identity(&'a IdentityRecord),
 }
 
 /// Inserts an outbox entry with its deliveries, and supersedes the same targets' pending and
@@ -565,6 +569,13 @@ pub(super) async fn insert_outbox(
         Carried::Api(api) => {
             (EntryKind::Api, &api.id, &api.workspace_id, kv_key_for_api(&api.id), serde_json::to_string(api))
         }
+        Carried::Identity(identity) => (
+            EntryKind::Identity,
+            &identity.id,
+            &identity.workspace_id,
+            kv_key_for_identity(&identity.id),
+            serde_json::to_string(identity),
+        ),
     };
     let record = record.context("record")?;
     let id: i64 = sqlx::query_scalar(
