@@ -7,6 +7,7 @@
 pub mod baseline;
 pub mod gate;
 pub mod geography;
+pub mod windows;
 pub mod world;
 
 use std::fs::File;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use keyward_tests::now_ms;
+use keyward_tests::windows::{valid_times, window_extremes};
 use keyward_tests::world::{RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -128,29 +129,6 @@ fn hammer(world: &World, keys: &[&str], threads: usize, until: Instant) -> Vec<(
 /// How many `VALID` answers each key (by `"which"`) got.
 fn valid_by_key(answers: &[(String, Value)], keys: usize) -> Vec<usize> {
     (0..keys).map(|k| answers.iter().filter(|(code, a)| code == "VALID" && a["which"] == json!(k)).count()).collect()
-}
-
-/// The sorted `decided_at_ms` of every `VALID`.
-fn valid_times(answers: &[(String, Value)]) -> Vec<i64> {
-    let mut times: Vec<i64> = answers
-        .iter()
-        .filter(|(code, _)| code == "VALID")
-        .map(|(_, a)| a["decided_at_ms"].as_i64().expect("a VALID answer says when it was decided"))
-        .collect();
-    times.sort_unstable();
-    times
-}
-
-/// How many of the sorted `times` fall in the closed window `[from, from + ms]`.
-fn in_window(times: &[i64], from: i64, ms: i64) -> usize {
-    times.partition_point(|t| *t <= from + ms) - times.partition_point(|t| *t < from)
-}
-
-/// The most and the fewest `times` in any closed window of `ms` starting in `[first, last]`.
-fn window_extremes(times: &[i64], first: i64, last: i64, ms: i64) -> (usize, usize) {
-    (first..=last)
-        .map(|from| in_window(times, from, ms))
-        .fold((0, usize::MAX), |(most, fewest), n| (most.max(n), fewest.min(n)))
 }
 
 /// What remains of an identity's credits, by its authority (`GET /v1/identities/{id}/credits`).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::gate::GateMode;
 use keyward_tests::now_ms;
+use keyward_tests::windows::{in_window, valid_times, window_extremes};
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -91,30 +92,6 @@ fn hammer(world: &World, body: &Value, regions: &[usize], threads: usize, until:
             .collect();
         callers.into_iter().flat_map(|c| c.join().expect("caller")).collect()
     })
-}
-
-/// The `decided_at_ms` of every `VALID` among `answers`, sorted.
-fn valid_times(answers: &[(String, Value)]) -> Vec<i64> {
-    let mut times: Vec<i64> = answers
-        .iter()
-        .filter(|(code, _)| code == "VALID")
-        .map(|(_, a)| a["decided_at_ms"].as_i64().expect("a VALID answer says when it was decided"))
-        .collect();
-    times.sort_unstable();
-    times
-}
-
-/// How many of the sorted `times` fall in the closed window `[from, from + ms]`.
-fn in_window(times: &[i64], from: i64, ms: i64) -> usize {
-    times.partition_point(|t| *t <= from + ms) - times.partition_point(|t| *t < from)
-}
-
-/// The most and the fewest `times` in any closed window of `ms` starting in `[first, last]`
-/// (every millisecond: not only aligned windows).
-fn window_extremes(times: &[i64], first: i64, last: i64, ms: i64) -> (usize, usize) {
-    (first..=last)
-        .map(|from| in_window(times, from, ms))
-        .fold((0, usize::MAX), |(most, fewest), n| (most.max(n), fewest.min(n)))
 }
 
 /// Seconds of hammering: `KEYWARD_RATELIMIT_HAMMER_S`, 60 by default.

@@ -15,9 +15,9 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use keyward_shared::credits::{Credits, SettleRequest, Verdict};
+use keyward_shared::credits::Credits;
 use keyward_shared::identity::IdentityRecord;
-use keyward_shared::ratelimit::{Cap, RateLimit};
+use keyward_shared::ratelimit::RateLimit;
 use keyward_shared::record::{DEFAULT_MAX_STALENESS_MS, RECORD_SCHEMA};
 use keyward_shared::scope::ApiSelector;
 use keyward_shared::{KeyAction, Meta, Scope};
@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use super::apis::MAX_STALENESS_LIMIT_MS;
 use super::auth::RootKey;
 use super::extract::{Json, Path, Query, check_id};
-use super::keys::{CreditsInput, check_limits, check_meta, present, set_credits, settle};
+use super::keys::{CreditsInput, Remaining, check_limits, check_meta, present, remaining, set_credits};
 use super::{AppError, AppState, Reached, Result};
 use crate::keygen::new_id;
 use crate::store::Identity;
@@ -243,44 +243,29 @@ async fn update(
     Ok(Json(ChangedIdentity { identity: identity.into(), reached: delivered.map(Reached::from) }))
 }
 
-/// An identity's credits as its authority holds them now.
+/// An identity's credits as its authority holds them now (what all its keys may still spend).
 #[derive(Serialize)]
 struct CreditsView {
     identity_id: String,
     /// The setting the record carries (`null`: unlimited).
     credits: Option<Credits>,
-    /// What may still be spent by all its keys, by the authority's account: its balance plus
-    /// the shares leased out and not yet reported (an upper bound). `null` when unlimited, or
-    /// when the authority did not answer (`error` says why).
-    remaining: Option<u64>,
-    /// The authority's clock when it answered.
-    as_of_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'static str>,
+    #[serde(flatten)]
+    now: Remaining,
 }
 
-/// `GET /v1/identities/{id}/credits`: asks the identity's authority what remains (a settlement
-/// of cost 0 at its object: nothing is spent).
+/// `GET /v1/identities/{id}/credits`: asks the identity's authority what remains (nothing is
+/// spent).
 async fn read_credits(
     State(state): State<AppState>,
     caller: RootKey,
     Path(id): Path<String>,
 ) -> Result<Json<CreditsView>> {
-    let identity = find(&state, &caller, &id, KeyAction::ReadKey).await?;
-    let r = identity.record;
-    let mut view =
-        CreditsView { identity_id: id, credits: r.credits.clone(), remaining: None, as_of_ms: None, error: None };
-    if r.credits.is_some() {
-        let zero = SettleRequest { idempotency_key: None, cost: 0, version: r.version };
-        match settle(&state, IdentityRecord::hash_of(&r.id), zero, Vec::new(), Cap::NONE).await {
-            Some(settled) if settled.verdict == Verdict::Void => {
-                view.error = Some("the identity's authority has not received its latest change yet: try again")
-            }
-            Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
-            None => view.error = Some("the identity's authority did not answer: try again"),
-        }
-    }
-    Ok(Json(view))
+    let r = find(&state, &caller, &id, KeyAction::ReadKey).await?.record;
+    let now = match r.credits.is_some() {
+        true => remaining(&state, IdentityRecord::hash_of(&r.id), r.version, true).await,
+        false => Remaining::default(),
+    };
+    Ok(Json(CreditsView { identity_id: id, credits: r.credits.clone(), now }))
 }
 
 #[derive(Serialize)]

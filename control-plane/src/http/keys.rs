@@ -460,9 +460,15 @@ struct CreditsView {
     key_id: String,
     /// The setting the record carries (`null`: unlimited).
     credits: Option<Credits>,
-    /// What may still be spent, globally, by the authority's account: its balance plus the
-    /// shares leased out and not yet reported (an upper bound). `null` for an unlimited key, or
-    /// when the authority did not answer (`error` says why).
+    #[serde(flatten)]
+    now: Remaining,
+}
+
+/// What remains of a balance by its authority's account: its balance plus the shares leased
+/// out and not yet reported (an upper bound on what may still be spent, globally). `remaining`
+/// is `null` for an unlimited balance, or when the authority did not answer (`error` says why).
+#[derive(Serialize, Default)]
+pub(super) struct Remaining {
     remaining: Option<u64>,
     /// The authority's clock when it answered.
     as_of_ms: Option<u64>,
@@ -470,34 +476,35 @@ struct CreditsView {
     error: Option<&'static str>,
 }
 
-/// `GET /v1/keys/{id}/credits`: asks the key's authority what remains (a settlement of cost 0:
-/// nothing is spent).
+/// Asks the authority of the key or identity with this `hash` what remains of its credits, by
+/// a settlement of cost 0 on record `version` (nothing is spent). A `Void` answer for a record
+/// that may be spent (`usable`) means the authority lacks its latest change.
+pub(super) async fn remaining(state: &AppState, hash: KeyHash, version: u64, usable: bool) -> Remaining {
+    let zero = SettleRequest { idempotency_key: None, cost: 0, version };
+    match settle(state, hash, zero, Vec::new(), Cap::NONE).await {
+        Some(settled) if settled.verdict == Verdict::Void && usable => Remaining {
+            error: Some("the authority has not received the latest change yet: try again"),
+            ..Remaining::default()
+        },
+        Some(settled) => {
+            Remaining { remaining: Some(settled.remaining), as_of_ms: Some(settled.decided_at_ms), error: None }
+        }
+        None => Remaining { error: Some("the authority did not answer: try again"), ..Remaining::default() },
+    }
+}
+
+/// `GET /v1/keys/{id}/credits`: asks the key's authority what remains (nothing is spent).
 async fn read_credits(
     State(state): State<AppState>,
     caller: RootKey,
     Path(id): Path<String>,
 ) -> Result<Json<CreditsView>> {
     let record = find(&state, &caller, &id, KeyAction::ReadKey).await?;
-    let mut view =
-        CreditsView { key_id: id, credits: record.credits.clone(), remaining: None, as_of_ms: None, error: None };
-    if record.credits.is_some() {
-        match settle(
-            &state,
-            record.hash,
-            SettleRequest { idempotency_key: None, cost: 0, version: record.version },
-            Vec::new(),
-            Cap::NONE,
-        )
-        .await
-        {
-            Some(settled) if settled.verdict == Verdict::Void && record.is_usable(now_ms()) => {
-                view.error = Some("the key's authority has not received its latest change yet: try again")
-            }
-            Some(settled) => (view.remaining, view.as_of_ms) = (Some(settled.remaining), Some(settled.decided_at_ms)),
-            None => view.error = Some("the key's authority did not answer: try again"),
-        }
-    }
-    Ok(Json(view))
+    let now = match record.credits.is_some() {
+        true => remaining(&state, record.hash, record.version, record.is_usable(now_ms())).await,
+        false => Remaining::default(),
+    };
+    Ok(Json(CreditsView { key_id: id, credits: record.credits.clone(), now }))
 }
 
 async fn revoke(state: State<AppState>, caller: RootKey, id: Path<String>) -> Result<Json<StatusChanged>> {
@@ -631,7 +638,7 @@ fn admits(record: &KeyRecord, api: Option<&ApiRecord>, request: &VerifyRequest, 
 /// Settles the request's cost of the key's credits at its authority, with its exact rate
 /// limits, as the edge does with an idempotency key; `None` when it could not (the answer is
 /// then `UNAVAILABLE`).
-pub(super) async fn settle(
+async fn settle(
     state: &AppState,
     hash: KeyHash,
     settle: SettleRequest,
