@@ -44,6 +44,9 @@ const LEDGER: &str = "ledger";
 pub(crate) const LEASE_PATH: &str = "/lease";
 /// The object's path for a verification settled here ([`SettleRequest`]).
 pub(crate) const SETTLE_PATH: &str = "/settle";
+/// The object's path for giving back an idempotent settlement's credits (`cost key`):
+/// [`credits::Ledger::release`].
+pub(crate) const RELEASE_PATH: &str = "/release";
 
 /// The one field the object reads of the record it holds.
 #[derive(Deserialize)]
@@ -148,6 +151,9 @@ impl KeyState {
             return Response::error("no record", 404);
         };
         let now = Date::now().as_millis() as i64;
+        if path == RELEASE_PATH {
+            return self.release(&record, body, now).await;
+        }
         if path != LEASE_PATH {
             return self.settle(&record, body, now).await;
         }
@@ -161,6 +167,20 @@ impl KeyState {
         let answer = text::lease_answer(&ledger.lease(key, &request, now));
         storage.put(LEDGER, text::ledger(&ledger)).await?;
         Response::ok(answer)
+    }
+
+    /// Gives back an idempotent settlement's credits (`cost key`): `1` if given back now, `0` if
+    /// not (unknown, not granted, given back before, or under another set).
+    async fn release(&self, record: &Spender, body: &str, now: i64) -> Result<Response> {
+        let storage = self.state.storage();
+        let (cost, key) = body.split_once(' ').ok_or_else(|| not_a_request(body))?;
+        let cost: u64 = cost.parse().map_err(|_| not_a_request(body))?;
+        let Some(credits) = record.credits() else { return Response::ok("0") };
+        let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
+        ledger.apply(ledger_key(record, credits, now), now);
+        let released = ledger.release(key, cost);
+        storage.put(LEDGER, text::ledger(&ledger)).await?;
+        Response::ok(if released { "1" } else { "0" })
     }
 
     /// A verification settled here: its exact rate limits reserved, then its credits settled,

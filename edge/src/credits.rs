@@ -26,9 +26,9 @@ use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL
 use keyward_shared::ratelimit::text as ratelimit;
 use keyward_shared::ratelimit::{Cap, Grant};
 use keyward_shared::{Code, KeyHash};
-use worker::{Context, Date, Delay, Env, Method, Request, RequestInit};
+use worker::{Context, Date, Delay, Env, Method, Request, RequestInit, console_warn};
 
-use crate::authority::{self, LEASE_PATH, SETTLE_PATH, Unreachable};
+use crate::authority::{self, LEASE_PATH, RELEASE_PATH, SETTLE_PATH, Unreachable};
 use crate::{deadline, memory};
 
 /// How long an isolate answers `USAGE_EXCEEDED` from memory after the authority said there was
@@ -160,7 +160,7 @@ thread_local! {
     /// Holdings by key hash: a list (smaller in the worker than a map type); one whose leases
     /// and reports are all gone is given up when another key needs a place.
     static HOLDINGS: RefCell<Vec<([u8; 32], Holding)>> = const { RefCell::new(Vec::new()) };
-    static COUNTS: Cell<CreditCounts> = const { Cell::new(CreditCounts { leases_waited: 0, leases_ahead: 0, settled: 0, unavailable: 0, put_back_lost: 0 }) };
+    static COUNTS: Cell<CreditCounts> = const { Cell::new(CreditCounts { leases_waited: 0, leases_ahead: 0, settled: 0, unavailable: 0, put_back_lost: 0, released: 0, release_lost: 0 }) };
 }
 
 fn with<R>(hash: &KeyHash, f: impl FnOnce(&mut Holding) -> R) -> R {
@@ -314,6 +314,21 @@ pub(crate) async fn settle(
         // Unlimited too: a key without credits settled for its limits answers the settlement's time.
         Some((settlement, grants)) => (Spent::Settled(settlement), grants),
         None => (unavailable(), Vec::new()),
+    }
+}
+
+/// Gives back what an idempotent settlement of `cost` under `idempotency_key` spent at the
+/// authority of `hash` (an identity's, when its key's authority refused the verification);
+/// counted, and counted as lost when the authority does not answer.
+pub(crate) async fn release(env: &Env, hash: &KeyHash, idempotency_key: &str, cost: u64) {
+    let body = format!("{cost} {idempotency_key}");
+    match post(env, hash, RELEASE_PATH, body, deadline::authority_ms(env)).await {
+        Ok(given) if given == "1" => count(|c| c.released += 1),
+        Ok(_) => {}
+        Err(Unreachable(e)) => {
+            console_warn!("an identity's settlement could not be given back: {e}");
+            count(|c| c.release_lost += 1);
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use keyward_shared::identity::Spender;
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
 use keyward_shared::ratelimit::{Cap, Grant, Mode, RateLimit, Reserved, Schedule, applicable};
 use keyward_shared::verify::LimitLeft;
-use keyward_shared::{Code, KeyHash, KeyRecord, VerifyRequest};
+use keyward_shared::{Code, KeyHash, VerifyRequest};
 use worker::{Context, Date, Delay, Env, Response, Storage};
 
 use crate::credits::{Rate, post};
@@ -463,11 +463,11 @@ pub(crate) async fn commit(storage: &Storage, schedules: &[(String, Schedule)]) 
 
 /// The exact limits of `record` that apply to `request`, with their costs: what a verification
 /// settled at the authority decides there.
-pub(crate) fn exact_asks(record: &KeyRecord, request: &VerifyRequest) -> Vec<(String, u64)> {
-    applicable(&record.ratelimits, &request.ratelimits)
+pub(crate) fn exact_asks(ratelimits: &[RateLimit], request: &VerifyRequest) -> Vec<(String, u64)> {
+    applicable(ratelimits, &request.ratelimits)
         .into_iter()
-        .filter(|&(i, _)| record.ratelimits[i].mode == Mode::Exact)
-        .map(|(i, cost)| (record.ratelimits[i].name.clone(), cost))
+        .filter(|&(i, _)| ratelimits[i].mode == Mode::Exact)
+        .map(|(i, cost)| (ratelimits[i].name.clone(), cost))
         .collect()
 }
 

@@ -163,8 +163,8 @@ impl Taken {
 
 /// Rate limits, then credits, for a `VALID` decision: only a key valid in every other way
 /// spends, and one refused by any of them spends nothing on the others (what was taken here
-/// goes back; with an idempotency key the exact limits and the credits are settled together at
-/// the key's authority, for a key without an identity only: see [`identity_of`]). The key's
+/// goes back; with an idempotency key each authority settles its exact limits and credits, the
+/// identity's first, given back if the key's refuses: [`charge_settled`]). The key's
 /// own limits are decided under the API's `cap` (its limit override); an identity's are not.
 async fn charge(
     ctx: &RouteContext<worker::Context>,
@@ -178,9 +178,6 @@ async fn charge(
     let Some(record) = record.filter(|_| decision.code == Code::Valid) else {
         return Charged::as_decided(decision, decided_at_ms);
     };
-    if request.idempotency_key.is_some() {
-        return charge_settled(ctx, hash, record, (decision, cap), request, decided_at_ms).await;
-    }
     let key = Payer {
         hash: *hash,
         ratelimits: &record.ratelimits,
@@ -196,7 +193,10 @@ async fn charge(
         cap: Cap::NONE,
     });
     let payers: Vec<Payer> = std::iter::once(key).chain(shared).collect();
-    charge_leased(ctx, &payers, decision, request, decided_at_ms).await
+    match request.idempotency_key.is_some() {
+        true => charge_settled(ctx, &payers, decision, request, decided_at_ms).await,
+        false => charge_leased(ctx, &payers, decision, request, decided_at_ms).await,
+    }
 }
 
 /// An authority a verification spends from, in this isolate's shares: the key's, or its
@@ -265,72 +265,90 @@ async fn charge_leased(
     Charged { decision, decided_at_ms, credits, limits, taken }
 }
 
-/// A verification with an idempotency key: its local limits from this isolate's shares, then
-/// its exact limits and credits settled together at the key's authority, one step.
+/// A verification with an idempotency key: the local limits of the key and of its identity
+/// from this isolate's shares, then each authority settles its exact limits and credits in one
+/// step of its own, the identity's first, then the key's. The identity's settlement is the
+/// reservation: when the key's authority refuses after the identity's granted, the identity's
+/// credits are given back (`credits::release`; its exact limits' tokens stay spent, which only
+/// ever admits less). Only a refusal the key's authority answered releases: one it could not
+/// be asked about keeps the reservation (the key's settlement may have been made). A retry with
+/// the same idempotency key is answered by both authorities as before, and a second release
+/// gives nothing back twice.
 async fn charge_settled(
     ctx: &RouteContext<worker::Context>,
-    hash: &KeyHash,
-    record: &KeyRecord,
-    (decision, cap): (Decision, Cap),
+    payers: &[Payer<'_>],
+    mut decision: Decision,
     request: &VerifyRequest,
     decided_at_ms: u64,
 ) -> Charged {
-    let checked = match record.ratelimits.is_empty() {
-        true => None,
-        false => {
-            let asked = ratelimit::Limits { hash, ratelimits: &record.ratelimits, version: record.version };
-            ratelimit::check(&ctx.env, &ctx.data, asked, request, true, cap).await
-        }
-    };
-    let decision = match &checked {
-        Some(c) => decision.refused_by_limits(c.code()),
-        None => decision,
-    };
-    let mut decided_at_ms = match checked {
-        Some(ratelimit::Checked::Admitted(..)) => Date::now().as_millis(),
-        _ => decided_at_ms,
-    };
-    let asks = ratelimit::exact_asks(record, request);
-    let (spent, grants) = match decision.code == Code::Valid && (record.credits.is_some() || !asks.is_empty()) {
-        true => {
-            let (spent, grants) = settle(ctx, hash, request, &asks, (record.version, cap)).await;
-            (Some(spent), grants)
-        }
-        false => (None, Vec::new()),
-    };
-    // Stamped as the authority settled it.
-    match &spent {
-        Some(credits::Spent::Settled(s)) => decided_at_ms = s.decided_at_ms,
-        Some(_) => decided_at_ms = Date::now().as_millis(),
-        None => {}
-    }
-    let decision = match &spent {
-        Some(credits::Spent::Settled(s)) if s.verdict == Verdict::Limited => {
-            decision.refused_by_limits(Code::RateLimited)
-        }
-        Some(s) => decision.refused_by_credits(s.code()),
-        None => decision,
-    };
-    let mut limits = match checked {
-        Some(ratelimit::Checked::Admitted(tokens, limits)) => {
-            if decision.code != Code::Valid {
-                ratelimit::put_back(hash, &tokens);
+    let (mut taken, mut limits) = (Taken::default(), Vec::new());
+    let mut decided_at_ms = decided_at_ms;
+    for payer in payers.iter().filter(|p| !p.ratelimits.is_empty()) {
+        let asked = ratelimit::Limits { hash: &payer.hash, ratelimits: payer.ratelimits, version: payer.version };
+        match ratelimit::check(&ctx.env, &ctx.data, asked, request, true, payer.cap).await {
+            None => {}
+            Some(ratelimit::Checked::Admitted(tokens, left)) => {
+                decided_at_ms = Date::now().as_millis();
+                taken.tokens.push((payer.hash, tokens));
+                limits.extend(left);
             }
-            limits
+            Some(refused) => {
+                decision = decision.refused_by_limits(refused.code());
+                if let ratelimit::Checked::Limited(left) = refused {
+                    limits.extend(left);
+                }
+                break;
+            }
         }
-        Some(ratelimit::Checked::Limited(limits)) => limits,
-        _ => Vec::new(),
-    };
-    limits.extend(grants.iter().map(|(name, grant)| ratelimit::left_of(name, grant)));
-    let credits = spent.and_then(|s| s.remaining()).filter(|_| decision.code != Code::Unavailable);
-    Charged { decision, decided_at_ms, credits, limits, taken: Taken::default() }
+    }
+    let mut credits: Option<u64> = None;
+    let (mut reserved, mut refused_there): (Option<KeyHash>, bool) = (None, false);
+    // The identity (last in `payers`) settles first: it holds the reservation.
+    for payer in payers.iter().rev() {
+        let asks = ratelimit::exact_asks(payer.ratelimits, request);
+        if decision.code != Code::Valid || (!payer.credits && asks.is_empty()) {
+            continue;
+        }
+        let (spent, grants) = settle(ctx, &payer.hash, request, &asks, (payer.version, payer.cap)).await;
+        decided_at_ms = match &spent {
+            credits::Spent::Settled(s) => s.decided_at_ms,
+            _ => Date::now().as_millis(),
+        };
+        decision = match &spent {
+            credits::Spent::Settled(s) if s.verdict == Verdict::Limited => {
+                decision.refused_by_limits(Code::RateLimited)
+            }
+            s => decision.refused_by_credits(s.code()),
+        };
+        limits.extend(grants.iter().map(|(name, grant)| ratelimit::left_of(name, grant)));
+        if let Some(remaining) = spent.remaining() {
+            credits = Some(credits.map_or(remaining, |c| c.min(remaining)));
+        }
+        let answered = matches!(&spent, credits::Spent::Settled(_));
+        match payer.hash == payers[0].hash {
+            // The key's authority answered a refusal (not merely unreachable: its settlement
+            // may have been made, and a retry would then be VALID on a given-back reservation).
+            true => refused_there = answered && decision.code != Code::Valid,
+            false if matches!(&spent, credits::Spent::Settled(s) if s.verdict == Verdict::Granted) => {
+                reserved = Some(payer.hash)
+            }
+            false => {}
+        }
+    }
+    if decision.code != Code::Valid {
+        taken.put_back();
+        taken = Taken::default();
+    }
+    if let (Some(identity), Some(key), true) = (reserved, request.idempotency_key.as_deref(), refused_there) {
+        credits::release(&ctx.env, &identity, key, request.cost.unwrap_or(1)).await;
+    }
+    let credits = credits.filter(|_| decision.code != Code::Unavailable);
+    Charged { decision, decided_at_ms, credits, limits, taken }
 }
 
 /// The key's identity, for a `VALID` decision of a key attached to one: its record (found like
 /// an API's, `crate::side`), or the decision `UNAVAILABLE` when it cannot be confirmed or is
-/// found nowhere (its limits and credits are unknown: fail closed). A verification with an
-/// idempotency key of such a key is refused (400): settling the key's and the identity's
-/// authorities together is not built, and settling one alone would break all or nothing.
+/// found nowhere (its limits and credits are unknown: fail closed).
 async fn identity_of(
     ctx: &RouteContext<worker::Context>,
     record: &KeyRecord,
@@ -341,10 +359,6 @@ async fn identity_of(
     let Some(id) = record.identity_id.as_deref().filter(|_| decision.code == Code::Valid) else {
         return Ok((decision, None));
     };
-    if request.idempotency_key.is_some() {
-        let message = "idempotency_key is not supported for a key attached to an identity yet; verify without it";
-        return Err(EdgeError::new(ErrorCode::BadRequest, message));
-    }
     match side::find_identity(&ctx.env, &ctx.data, id, now_ms).await? {
         Some(identity) => {
             let costs = keyward_shared::ratelimit::check_costs(&identity.ratelimits, &request.ratelimits);

@@ -300,6 +300,8 @@ struct Lease {
 struct Remembered {
     key: String,
     settlement: Settlement,
+    /// The set it was settled under (0: not known): only under the same set is it released.
+    set_version: u64,
 }
 
 /// The authority's ledger of one key's credits: the balance not leased out, the leases out, the
@@ -460,9 +462,28 @@ impl Ledger {
         };
         let settlement = Settlement { verdict, remaining: self.upper_bound(), decided_at_ms: now_ms.max(0) as u64 };
         if let (Some(k), true) = (&request.idempotency_key, key.usable) {
-            self.settled.push(Remembered { key: k.clone(), settlement });
+            let set_version = self.set_version;
+            self.settled.push(Remembered { key: k.clone(), settlement, set_version });
         }
         settlement
+    }
+
+    /// Gives back the `cost` an idempotent settlement spent, and forgets it: its verification
+    /// was refused by another authority after this one granted it (a key's identity's credits,
+    /// when the key's own refused). A retry with the same idempotency key is then settled afresh,
+    /// so the balance is charged once per verification answered `VALID`, never for one refused.
+    /// Only a `Granted` settlement still remembered, under the set it was settled under (a set
+    /// since replaced the balance it came from); answers whether it gave back now.
+    pub fn release(&mut self, key: &str, cost: u64) -> bool {
+        let set_version = self.set_version;
+        let before = self.settled.len();
+        self.settled
+            .retain(|s| !(s.key == key && s.settlement.verdict == Verdict::Granted && s.set_version == set_version));
+        let released = self.settled.len() < before;
+        if released {
+            self.balance += cost as i64;
+        }
+        released
     }
 }
 
@@ -579,7 +600,7 @@ pub mod text {
         out.push_str(&leases.join(" "));
         out.push('\n');
         for r in &l.settled {
-            out.push_str(&format!("|{} {}", r.key, settlement(&r.settlement)));
+            out.push_str(&format!("|{} {} s{}", r.key, settlement(&r.settlement), r.set_version));
         }
         out
     }
@@ -608,7 +629,12 @@ pub mod text {
             .filter(|t| !t.is_empty())
             .map(|t| {
                 let (key, rest) = t.split_once(' ')?;
-                Some(Remembered { key: key.to_owned(), settlement: read_settlement(rest)? })
+                // `s<set_version>` after the settlement (absent in ledgers stored before it).
+                let (rest, set_version) = match rest.rsplit_once(' ') {
+                    Some((head, tail)) if tail.starts_with('s') => (head, tail[1..].parse().ok()?),
+                    _ => (rest, 0),
+                };
+                Some(Remembered { key: key.to_owned(), settlement: read_settlement(rest)?, set_version })
             })
             .collect::<Option<_>>()?;
         Some(Ledger {
@@ -1025,5 +1051,33 @@ mod tests {
         assert!(tighter(|c| c.added = 1));
         assert!(tighter(|c| c.set_version = 3));
         assert!(tighter(|c| c.refill = Some(Refill { every: Period::Daily, amount: 1, cap: None })));
+    }
+
+    #[test]
+    fn a_release_gives_an_idempotent_settlement_back_once_under_its_set() {
+        let mut credits = Credits { set_to: 3, set_version: 1, added: 0, refill: None };
+        let mut ledger = Ledger::default();
+        let with = |k: &str| SettleRequest { idempotency_key: Some(k.into()), cost: 1, version: 0 };
+        assert_eq!(ledger.settle(key(&credits, true), &with("a"), 0).verdict, Verdict::Granted);
+        assert_eq!(ledger.available(), 2);
+        let stored = text::read_ledger(&text::ledger(&ledger)).unwrap();
+        assert_eq!(stored, ledger, "stored with its set");
+        assert!(ledger.release("a", 1), "given back");
+        assert!(!ledger.release("a", 1), "once");
+        assert!(!ledger.release("unknown", 1));
+        assert_eq!(ledger.available(), 3);
+        // Forgotten: a retry is settled afresh (charged once for the verification answered).
+        assert_eq!(ledger.settle(key(&credits, true), &with("a"), 1).verdict, Verdict::Granted);
+        assert_eq!(ledger.available(), 2);
+        assert!(ledger.release("a", 1));
+        // A set since the settlement replaced its balance: nothing is given back.
+        assert_eq!(ledger.settle(key(&credits, true), &with("b"), 2).verdict, Verdict::Granted);
+        credits = Credits { set_version: 2, ..credits };
+        ledger.apply(key(&credits, true), 3);
+        assert!(!ledger.release("b", 1));
+        assert_eq!(ledger.available(), 3);
+        // A ledger stored before releases existed reads, and releases nothing.
+        let old = text::read_ledger("3 1 0 0 1 0\n\n|c g 2 5").unwrap();
+        assert_eq!(old.remembered("c").map(|s| s.verdict), Some(Verdict::Granted));
     }
 }

@@ -116,6 +116,14 @@ pub struct CreditCounts {
     /// reported already, so they count as spent.
     #[serde(default)]
     pub put_back_lost: u64,
+    /// Idempotent settlements of an identity given back because the key's authority refused
+    /// the verification (a retry of a refused one is settled afresh and given back again), and those
+    /// that could not be given back (the authority did not answer in time: the identity's
+    /// credit stays spent).
+    #[serde(default)]
+    pub released: u64,
+    #[serde(default)]
+    pub release_lost: u64,
 }
 
 /// How one isolate confirmed its copies with KV and the authority: each confirmation is one

@@ -4,11 +4,13 @@
 //! `VALID` answers of both keys together equal the balance); a revoked key of the identity
 //! spends none of it; a key's own limit and its identity's both apply; and a verification
 //! refused by any of the key's and the identity's limits and credits spends nothing on the
-//! others. Identities and attachments are made with the `keyward` CLI.
+//! others, with an idempotency key too (settled at the identity's authority first, given back
+//! when the key's refuses). Identities and attachments are made with the `keyward` CLI.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::now_ms;
 use keyward_tests::windows::{valid_times, window_extremes};
 use keyward_tests::world::{RegionPlan, World};
@@ -18,6 +20,15 @@ use serde_json::{Value, json};
 const THREE: [RegionPlan; 3] = [RegionPlan::Up, RegionPlan::Up, RegionPlan::Up];
 /// Longer than a credit lease's time to live (`keyward_shared::credits::LEASE_TTL_MS`, 2 s).
 const LEASES_EXPIRED: Duration = Duration::from_millis(2_300);
+
+/// What region `base`'s isolate counted (the signed stats route).
+fn stats(world: &World, base: &str) -> MemoryStats {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nonce = format!("identity-stats-{}-{}", now_ms(), N.fetch_add(1, Ordering::SeqCst));
+    let (status, text) = world.signed_post(base, STATS_PATH, &json!({}), now_ms(), &nonce);
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).expect("memory stats")
+}
 
 /// Held by every test of this file for its whole run: the limit's floor is measured with no
 /// other world of this file loading the 2 cores.
@@ -298,9 +309,29 @@ fn a_keys_own_limits_and_credits_and_its_identitys_all_apply_all_or_nothing() {
     let codes: Vec<String> = (0..5).map(|_| verify0(&key).0).collect();
     assert_eq!(codes, ["VALID", "VALID", "VALID", "VALID", "USAGE_EXCEEDED"], "the key's 5 credits, 5 VALID in all");
 
-    // An idempotent verification of a key with an identity is refused, not half settled.
-    let (status, refused) = world.edge_verify(0, &world.root_key, json!({ "key": key, "idempotency_key": "retry-1" }));
-    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("BAD_REQUEST")), "{refused}");
+    // Idempotent verifications are settled at the identity's authority (the reservation), then
+    // at the key's; the key's refusal gives the identity's credit back. The identity: 5 credits;
+    // a key with 2 of its own, then a key with none.
+    let idem = identity(&world, &["--credits", "5"]);
+    let (_, two_own) = key_of(&world, &idem, &["--credits", "2"]);
+    let (_, none_own) = key_of(&world, &idem, &[]);
+    let settled = |key: &str, order: &str| {
+        let (status, answer) = world.edge_verify(0, &world.root_key, json!({ "key": key, "idempotency_key": order }));
+        assert_eq!(status, 200, "{answer}");
+        answer["code"].as_str().unwrap_or("?").to_owned()
+    };
+    let codes: Vec<String> = (1..=4).map(|n| settled(&two_own, &format!("a-{n}"))).collect();
+    assert_eq!(codes, ["VALID", "VALID", "USAGE_EXCEEDED", "USAGE_EXCEEDED"], "the key's own 2");
+    // Retries are answered as before and spend nothing more.
+    assert_eq!((settled(&two_own, "a-1"), settled(&two_own, "a-3")), ("VALID".into(), "USAGE_EXCEEDED".into()));
+    assert_eq!(remaining(&world, &idem), 3, "the identity paid for the 2 VALID only");
+    let codes: Vec<String> = (1..=4).map(|n| settled(&none_own, &format!("b-{n}"))).collect();
+    assert_eq!(codes, ["VALID", "VALID", "VALID", "USAGE_EXCEEDED"], "the identity's 3 left");
+    assert_eq!(remaining(&world, &idem), 0);
+    let stats = stats(&world, &world.regions[0].spec.url());
+    println!("credits at the region: {:?}", stats.credits);
+    // Released: a-3 and a-4, and a-3's retry (settled afresh at the identity, refused again).
+    assert_eq!((stats.credits.released, stats.credits.release_lost), (3, 0), "{:?}", stats.credits);
 
     // The identity cannot be deleted while its keys use it.
     let (status, used) = world.admin(Method::DELETE, &format!("/v1/identities/{one}"), None);
