@@ -169,16 +169,18 @@ impl KeyState {
         Response::ok(answer)
     }
 
-    /// Gives back an idempotent settlement's credits (`cost key`): `1` if given back now, `0` if
-    /// not (unknown, not granted, given back before, or under another set).
+    /// Gives back an idempotent settlement's credits (the body: its idempotency key): `1` if
+    /// given back now, `0` if not (unknown, not granted, given back before, or under another set
+    /// or refill period). What is given back is the settlement's own remembered cost.
     async fn release(&self, record: &Spender, body: &str, now: i64) -> Result<Response> {
         let storage = self.state.storage();
-        let (cost, key) = body.split_once(' ').ok_or_else(|| not_a_request(body))?;
-        let cost: u64 = cost.parse().map_err(|_| not_a_request(body))?;
+        if !credits::is_idempotency_key(body) {
+            return Err(not_a_request(body));
+        }
         let Some(credits) = record.credits() else { return Response::ok("0") };
         let mut ledger = load_ledger(storage.get(LEDGER).await?)?;
         ledger.apply(ledger_key(record, credits, now), now);
-        let released = ledger.release(key, cost);
+        let released = ledger.release(body);
         storage.put(LEDGER, text::ledger(&ledger)).await?;
         Response::ok(if released { "1" } else { "0" })
     }
@@ -236,6 +238,14 @@ impl KeyState {
         };
         if matches!(settlement.verdict, Verdict::Granted | Verdict::Unlimited) && !reserved.grants.is_empty() {
             crate::ratelimit::commit(&storage, &reserved.schedules).await?;
+        }
+        // A refusal by the limits is remembered by the ledger too: a retry is answered alike
+        // (and only a remembered refusal may release what an identity reserved for it).
+        if let (Some(ledger), Some(key), Verdict::Limited) =
+            (&mut ledger, request.idempotency_key.as_deref(), settlement.verdict)
+        {
+            ledger.remember(key, settlement);
+            storage.put(LEDGER, text::ledger(ledger)).await?;
         }
         if let Some(key) =
             idempotent_limits_only.filter(|_| matches!(settlement.verdict, Verdict::Unlimited | Verdict::Limited))

@@ -317,11 +317,12 @@ pub(crate) async fn settle(
     }
 }
 
-/// Gives back what an idempotent settlement of `cost` under `idempotency_key` spent at the
-/// authority of `hash` (an identity's, when its key's authority refused the verification);
-/// counted, and counted as lost when the authority does not answer.
-pub(crate) async fn release(env: &Env, hash: &KeyHash, idempotency_key: &str, cost: u64) {
-    let body = format!("{cost} {idempotency_key}");
+/// Gives back what the idempotent settlement under `idempotency_key` spent at the authority of
+/// `hash` (an identity's, when its key's authority refused the verification); counted, and
+/// counted as lost when the authority's answer does not arrive (the release may still have
+/// been made: an upper bound).
+pub(crate) async fn release(env: &Env, hash: &KeyHash, idempotency_key: &str) {
+    let body = idempotency_key.to_owned();
     match post(env, hash, RELEASE_PATH, body, deadline::authority_ms(env)).await {
         Ok(given) if given == "1" => count(|c| c.released += 1),
         Ok(_) => {}

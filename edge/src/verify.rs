@@ -302,14 +302,22 @@ async fn charge_settled(
         }
     }
     let mut credits: Option<u64> = None;
-    let (mut reserved, mut refused_there): (Option<KeyHash>, bool) = (None, false);
+    let (mut reserved, mut refused_there): (Option<(KeyHash, String)>, bool) = (None, false);
     // The identity (last in `payers`) settles first: it holds the reservation.
     for payer in payers.iter().rev() {
         let asks = ratelimit::exact_asks(payer.ratelimits, request);
         if decision.code != Code::Valid || (!payer.credits && asks.is_empty()) {
             continue;
         }
-        let (spent, grants) = settle(ctx, &payer.hash, request, &asks, (payer.version, payer.cap)).await;
+        let is_key = payer.hash == payers[0].hash;
+        // At the identity the idempotency key is the key's own: another key of the identity
+        // sending the same text settles (and releases) apart.
+        let order = match is_key {
+            true => request.idempotency_key.clone(),
+            false => request.idempotency_key.as_deref().map(|k| scoped(&payers[0].hash, k)),
+        };
+        let (spent, grants) =
+            settle(ctx, &payer.hash, (order.clone(), request), &asks, (payer.version, payer.cap)).await;
         decided_at_ms = match &spent {
             credits::Spent::Settled(s) => s.decided_at_ms,
             _ => Date::now().as_millis(),
@@ -324,23 +332,25 @@ async fn charge_settled(
         if let Some(remaining) = spent.remaining() {
             credits = Some(credits.map_or(remaining, |c| c.min(remaining)));
         }
-        let answered = matches!(&spent, credits::Spent::Settled(_));
-        match payer.hash == payers[0].hash {
-            // The key's authority answered a refusal (not merely unreachable: its settlement
-            // may have been made, and a retry would then be VALID on a given-back reservation).
-            true => refused_there = answered && decision.code != Code::Valid,
-            false if matches!(&spent, credits::Spent::Settled(s) if s.verdict == Verdict::Granted) => {
-                reserved = Some(payer.hash)
-            }
-            false => {}
+        let verdict = match &spent {
+            credits::Spent::Settled(s) => Some(s.verdict),
+            _ => None,
+        };
+        match (is_key, verdict) {
+            // A refusal the key's authority remembers under the idempotency key (a retry is
+            // refused alike): not one it could not be asked about, nor a `Void` (its record was
+            // behind), after which a retry could be `VALID` on a given-back reservation.
+            (true, Some(Verdict::Exceeded | Verdict::Limited)) => refused_there = true,
+            (false, Some(Verdict::Granted)) => reserved = order.map(|o| (payer.hash, o)),
+            _ => {}
         }
     }
     if decision.code != Code::Valid {
         taken.put_back();
         taken = Taken::default();
     }
-    if let (Some(identity), Some(key), true) = (reserved, request.idempotency_key.as_deref(), refused_there) {
-        credits::release(&ctx.env, &identity, key, request.cost.unwrap_or(1)).await;
+    if let (Some((identity, order)), true) = (reserved, refused_there) {
+        credits::release(&ctx.env, &identity, &order).await;
     }
     let credits = credits.filter(|_| decision.code != Code::Unavailable);
     Charged { decision, decided_at_ms, credits, limits, taken }
@@ -406,13 +416,20 @@ async fn lists(
 async fn settle(
     ctx: &RouteContext<worker::Context>,
     hash: &KeyHash,
-    request: &VerifyRequest,
+    (idempotency_key, request): (Option<String>, &VerifyRequest),
     asks: &[(String, u64)],
     (version, cap): (u64, Cap),
 ) -> (credits::Spent, Vec<(String, Grant)>) {
     let cost = request.cost.unwrap_or(1);
-    let settle = SettleRequest { idempotency_key: request.idempotency_key.clone(), cost, version };
+    let settle = SettleRequest { idempotency_key, cost, version };
     credits::settle(&ctx.env, hash, &settle, cap, asks).await
+}
+
+/// The idempotency key an identity's authority remembers a key's verification under: the
+/// request's, scoped by the key (SHA-256 of both, hex: within the length an idempotency key
+/// may have).
+fn scoped(key: &KeyHash, idempotency_key: &str) -> String {
+    KeyHash::of(&format!("{}:{idempotency_key}", key.to_hex())).to_hex()
 }
 
 /// The answer to a caller over its share of lookups without a copy.

@@ -300,8 +300,11 @@ struct Lease {
 struct Remembered {
     key: String,
     settlement: Settlement,
-    /// The set it was settled under (0: not known): only under the same set is it released.
+    /// The set and the refill period it was settled under, and its cost (0: not known): only
+    /// under the same set and period is it released, and only its own cost is given back.
     set_version: u64,
+    period: i64,
+    cost: u64,
 }
 
 /// The authority's ledger of one key's credits: the balance not leased out, the leases out, the
@@ -462,28 +465,40 @@ impl Ledger {
         };
         let settlement = Settlement { verdict, remaining: self.upper_bound(), decided_at_ms: now_ms.max(0) as u64 };
         if let (Some(k), true) = (&request.idempotency_key, key.usable) {
-            let set_version = self.set_version;
-            self.settled.push(Remembered { key: k.clone(), settlement, set_version });
+            let (set_version, period, cost) = (self.set_version, self.period, request.cost);
+            self.settled.push(Remembered { key: k.clone(), settlement, set_version, period, cost });
         }
         settlement
     }
 
-    /// Gives back the `cost` an idempotent settlement spent, and forgets it: its verification
-    /// was refused by another authority after this one granted it (a key's identity's credits,
-    /// when the key's own refused). A retry with the same idempotency key is then settled afresh,
-    /// so the balance is charged once per verification answered `VALID`, never for one refused.
-    /// Only a `Granted` settlement still remembered, under the set it was settled under (a set
-    /// since replaced the balance it came from); answers whether it gave back now.
-    pub fn release(&mut self, key: &str, cost: u64) -> bool {
-        let set_version = self.set_version;
-        let before = self.settled.len();
-        self.settled
-            .retain(|s| !(s.key == key && s.settlement.verdict == Verdict::Granted && s.set_version == set_version));
-        let released = self.settled.len() < before;
-        if released {
-            self.balance += cost as i64;
-        }
-        released
+    /// Gives back what an idempotent settlement spent (its own cost, as remembered), and
+    /// forgets it: its verification was refused by another authority after this one granted it
+    /// (a key's identity's credits, when the key's own refused). A retry with the same
+    /// idempotency key is then settled afresh, so the balance is charged once per verification
+    /// answered `VALID`, never for one refused. Only a `Granted` settlement still remembered,
+    /// under the set and the refill period it was settled under (a set or a refill since
+    /// replaced the balance it came from); answers whether it gave back now.
+    pub fn release(&mut self, key: &str) -> bool {
+        let (set_version, period) = (self.set_version, self.period);
+        let Some(at) = self.settled.iter().position(|s| {
+            s.key == key
+                && s.settlement.verdict == Verdict::Granted
+                && s.set_version == set_version
+                && s.period == period
+        }) else {
+            return false;
+        };
+        let held = self.settled.remove(at);
+        self.balance += held.cost as i64;
+        true
+    }
+
+    /// Remembers a settlement this ledger did not make (a verification its key's exact limits
+    /// refused, decided in the same step), so that a retry with the same idempotency key is
+    /// answered alike.
+    pub fn remember(&mut self, key: &str, settlement: Settlement) {
+        let (set_version, period) = (self.set_version, self.period);
+        self.settled.push(Remembered { key: key.to_owned(), settlement, set_version, period, cost: 0 });
     }
 }
 
@@ -600,7 +615,8 @@ pub mod text {
         out.push_str(&leases.join(" "));
         out.push('\n');
         for r in &l.settled {
-            out.push_str(&format!("|{} {} s{}", r.key, settlement(&r.settlement), r.set_version));
+            let (set, period, cost) = (r.set_version, r.period, r.cost);
+            out.push_str(&format!("|{} {} s{set}:{period}:{cost}", r.key, settlement(&r.settlement)));
         }
         out
     }
@@ -629,12 +645,17 @@ pub mod text {
             .filter(|t| !t.is_empty())
             .map(|t| {
                 let (key, rest) = t.split_once(' ')?;
-                // `s<set_version>` after the settlement (absent in ledgers stored before it).
-                let (rest, set_version) = match rest.rsplit_once(' ') {
-                    Some((head, tail)) if tail.starts_with('s') => (head, tail[1..].parse().ok()?),
-                    _ => (rest, 0),
+                // `s<set_version>:<period>:<cost>` after the settlement (absent in ledgers stored
+                // before it: never released).
+                let (rest, [set_version, period, cost]) = match rest.rsplit_once(' ') {
+                    Some((head, tail)) if tail.starts_with('s') => {
+                        let mut n = tail[1..].split(':').map(|t| t.parse::<i64>().ok());
+                        (head, [n.next()??, n.next()??, n.next()??])
+                    }
+                    _ => (rest, [0, 0, 0]),
                 };
-                Some(Remembered { key: key.to_owned(), settlement: read_settlement(rest)?, set_version })
+                let (set_version, cost) = (set_version as u64, cost as u64);
+                Some(Remembered { key: key.to_owned(), settlement: read_settlement(rest)?, set_version, period, cost })
             })
             .collect::<Option<_>>()?;
         Some(Ledger {
@@ -1062,22 +1083,40 @@ mod tests {
         assert_eq!(ledger.available(), 2);
         let stored = text::read_ledger(&text::ledger(&ledger)).unwrap();
         assert_eq!(stored, ledger, "stored with its set");
-        assert!(ledger.release("a", 1), "given back");
-        assert!(!ledger.release("a", 1), "once");
-        assert!(!ledger.release("unknown", 1));
+        assert!(ledger.release("a"), "given back");
+        assert!(!ledger.release("a"), "once");
+        assert!(!ledger.release("unknown"));
         assert_eq!(ledger.available(), 3);
         // Forgotten: a retry is settled afresh (charged once for the verification answered).
         assert_eq!(ledger.settle(key(&credits, true), &with("a"), 1).verdict, Verdict::Granted);
         assert_eq!(ledger.available(), 2);
-        assert!(ledger.release("a", 1));
+        assert!(ledger.release("a"));
+        // Only its own cost comes back, whatever a later request with the key asked.
+        assert_eq!(ledger.settle(key(&credits, true), &with("a"), 2).verdict, Verdict::Granted);
+        let big = SettleRequest { idempotency_key: Some("a".into()), cost: 1_000, version: 0 };
+        assert_eq!(ledger.settle(key(&credits, true), &big, 2).verdict, Verdict::Granted, "remembered");
+        assert!(ledger.release("a"));
+        assert_eq!(ledger.available(), 3);
         // A set since the settlement replaced its balance: nothing is given back.
         assert_eq!(ledger.settle(key(&credits, true), &with("b"), 2).verdict, Verdict::Granted);
         credits = Credits { set_version: 2, ..credits };
         ledger.apply(key(&credits, true), 3);
-        assert!(!ledger.release("b", 1));
+        assert!(!ledger.release("b"));
         assert_eq!(ledger.available(), 3);
         // A ledger stored before releases existed reads, and releases nothing.
         let old = text::read_ledger("3 1 0 0 1 0\n\n|c g 2 5").unwrap();
         assert_eq!(old.remembered("c").map(|s| s.verdict), Some(Verdict::Granted));
+    }
+
+    #[test]
+    fn a_release_across_a_refill_gives_nothing_back() {
+        let refill = Refill { every: Period::Interval { ms: 1_000 }, amount: 5, cap: None };
+        let credits = Credits { set_to: 5, set_version: 1, added: 0, refill: Some(refill) };
+        let mut ledger = Ledger::default();
+        let with = SettleRequest { idempotency_key: Some("a".into()), cost: 1, version: 0 };
+        assert_eq!(ledger.settle(key(&credits, true), &with, 999).verdict, Verdict::Granted);
+        ledger.apply(key(&credits, true), 1_000);
+        assert!(!ledger.release("a"), "the refill replaced the balance it came from");
+        assert_eq!(ledger.available(), 5);
     }
 }

@@ -328,6 +328,13 @@ fn a_keys_own_limits_and_credits_and_its_identitys_all_apply_all_or_nothing() {
     let codes: Vec<String> = (1..=4).map(|n| settled(&none_own, &format!("b-{n}"))).collect();
     assert_eq!(codes, ["VALID", "VALID", "VALID", "USAGE_EXCEEDED"], "the identity's 3 left");
     assert_eq!(remaining(&world, &idem), 0);
+    // Two keys of one identity sending the same idempotency key are two verifications: each
+    // pays the identity (its authority remembers them apart).
+    let pair = identity(&world, &["--credits", "2"]);
+    let ((_, x), (_, y)) = (key_of(&world, &pair, &[]), key_of(&world, &pair, &[]));
+    let codes = [settled(&x, "same"), settled(&y, "same"), settled(&y, "other")];
+    assert_eq!(codes, ["VALID", "VALID", "USAGE_EXCEEDED"], "the identity's 2, one per key");
+    assert_eq!(remaining(&world, &pair), 0);
     let stats = stats(&world, &world.regions[0].spec.url());
     println!("credits at the region: {:?}", stats.credits);
     // Released: a-3 and a-4, and a-3's retry (settled afresh at the identity, refused again).
