@@ -121,11 +121,7 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         View::Key => key_fields(answer, now),
         View::Identity => identity_fields(answer),
         View::Identities => identities(answer),
-        View::IdentityChanged => {
-            let identity = &answer["identity"];
-            let reached = if answer["regions"].is_null() { "Nothing changed.\n".into() } else { delivery(answer) };
-            format!("{}{reached}", identity_fields(identity))
-        }
+        View::IdentityChanged => identity_changed(answer),
         View::IdentityDeleted => format!("Deleted identity {}.\n", text(&answer["id"])),
         View::Keys => keys(answer, now),
         View::KeyUpdated => {
@@ -449,6 +445,12 @@ fn key_fields(k: &Value, now: i64) -> String {
         ("updated", date(&k["updated_at"])),
     ];
     field_table(&fields)
+}
+
+/// An identity created or changed, and how its change reached the authority and the regions.
+fn identity_changed(answer: &Value) -> String {
+    let reached = if answer["regions"].is_null() { "Nothing changed.\n".into() } else { delivery(answer) };
+    format!("{}{reached}", identity_fields(&answer["identity"]))
 }
 
 /// One identity: its external id, meta, shared credits and limits.
