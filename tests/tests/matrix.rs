@@ -115,6 +115,13 @@ fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (Str
         return root_key_cell(world, mode);
     }
     let (id, key) = world.create_key(api, json!({}));
+    // Every target has the key before the cell starts: the previous cell's fault (the authority
+    // hanging, a region refusing) can leave the create's delivery to the retrier, and a region
+    // that meets the key before KV or the authority has it remembers the miss.
+    world.wait_for("the key's creation to reach every target", Duration::from_secs(20), || {
+        let (status, delivery) = world.admin(Method::GET, &format!("/v1/keys/{id}/delivery"), None);
+        (status == 200 && delivery["pending"] == 0).then_some(())
+    });
     let mut hot = vec![0, 1, 2];
     let mut late = None;
     if fault == Fault::KvDelayed {
