@@ -222,24 +222,8 @@ async fn charge_leased(
 ) -> Charged {
     let mut taken = Taken { cost: request.cost.unwrap_or(1), ..Taken::default() };
     let mut limits = Vec::new();
-    for payer in payers.iter().filter(|p| !p.ratelimits.is_empty()) {
-        let asked = ratelimit::Limits { hash: &payer.hash, ratelimits: payer.ratelimits, version: payer.version };
-        match ratelimit::check(&ctx.env, &ctx.data, asked, request, false, payer.cap).await {
-            None => {}
-            Some(ratelimit::Checked::Admitted(tokens, left)) => {
-                decided_at_ms = Date::now().as_millis();
-                taken.tokens.push((payer.hash, tokens));
-                limits.extend(left);
-            }
-            Some(refused) => {
-                decision = decision.refused_by_limits(refused.code());
-                if let ratelimit::Checked::Limited(left) = refused {
-                    limits.extend(left);
-                }
-                break;
-            }
-        }
-    }
+    (decision, decided_at_ms) =
+        take_limits(ctx, payers, request, false, (decision, decided_at_ms), &mut taken, &mut limits).await;
     let mut credits: Option<u64> = None;
     for payer in payers.iter().filter(|p| p.credits) {
         if decision.code != Code::Valid {
@@ -265,27 +249,22 @@ async fn charge_leased(
     Charged { decision, decided_at_ms, credits, limits, taken }
 }
 
-/// A verification with an idempotency key: the local limits of the key and of its identity
-/// from this isolate's shares, then each authority settles its exact limits and credits in one
-/// step of its own, the identity's first, then the key's. The identity's settlement is the
-/// reservation: when the key's authority refuses after the identity's granted, the identity's
-/// credits are given back (`credits::release`; its exact limits' tokens stay spent, which only
-/// ever admits less). Only a refusal the key's authority answered releases: one it could not
-/// be asked about keeps the reservation (the key's settlement may have been made). A retry with
-/// the same idempotency key is answered by both authorities as before, and a second release
-/// gives nothing back twice.
-async fn charge_settled(
+/// Every payer's limits' tokens from this isolate's shares (with `local_only`, of its local
+/// limits: the exact ones are settled at the authority), in order: the first refusal ends it.
+/// The tokens taken go to `taken` and each limit's state to `limits`; answers the decision and
+/// when tokens were last taken.
+async fn take_limits(
     ctx: &RouteContext<worker::Context>,
     payers: &[Payer<'_>],
-    mut decision: Decision,
     request: &VerifyRequest,
-    decided_at_ms: u64,
-) -> Charged {
-    let (mut taken, mut limits) = (Taken::default(), Vec::new());
-    let mut decided_at_ms = decided_at_ms;
+    local_only: bool,
+    (mut decision, mut decided_at_ms): (Decision, u64),
+    taken: &mut Taken,
+    limits: &mut Vec<LimitLeft>,
+) -> (Decision, u64) {
     for payer in payers.iter().filter(|p| !p.ratelimits.is_empty()) {
         let asked = ratelimit::Limits { hash: &payer.hash, ratelimits: payer.ratelimits, version: payer.version };
-        match ratelimit::check(&ctx.env, &ctx.data, asked, request, true, payer.cap).await {
+        match ratelimit::check(&ctx.env, &ctx.data, asked, request, local_only, payer.cap).await {
             None => {}
             Some(ratelimit::Checked::Admitted(tokens, left)) => {
                 decided_at_ms = Date::now().as_millis();
@@ -301,6 +280,28 @@ async fn charge_settled(
             }
         }
     }
+    (decision, decided_at_ms)
+}
+
+/// A verification with an idempotency key: the local limits of the key and of its identity
+/// from this isolate's shares, then each authority settles its exact limits and credits in one
+/// step of its own, the identity's first, then the key's. The identity's settlement is the
+/// reservation: when the key's authority refuses after the identity's granted, the identity's
+/// credits are given back (`credits::release`; its exact limits' tokens stay spent, which only
+/// ever admits less). Only a refusal the key's authority answered releases: one it could not
+/// be asked about keeps the reservation (the key's settlement may have been made). A retry with
+/// the same idempotency key is answered by both authorities as before, and a second release
+/// gives nothing back twice.
+async fn charge_settled(
+    ctx: &RouteContext<worker::Context>,
+    payers: &[Payer<'_>],
+    mut decision: Decision,
+    request: &VerifyRequest,
+    mut decided_at_ms: u64,
+) -> Charged {
+    let (mut taken, mut limits) = (Taken::default(), Vec::new());
+    (decision, decided_at_ms) =
+        take_limits(ctx, payers, request, true, (decision, decided_at_ms), &mut taken, &mut limits).await;
     let mut credits: Option<u64> = None;
     let (mut reserved, mut refused_there): (Option<(KeyHash, String)>, bool) = (None, false);
     // The identity (last in `payers`) settles first: it holds the reservation.
