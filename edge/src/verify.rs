@@ -78,7 +78,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     };
     let charged =
         charge(&ctx, &hash, record.as_ref(), identity.as_ref(), (decision, cap), &request, decided_at_ms).await;
-    let (charged, record) = overtaken(&ctx, &req, charged, record, &hash, who, &request).await?;
+    let (charged, record) = overtaken(&ctx, &req, charged, record, (&hash, who, &request), decided_at_ms).await?;
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)
         .with_limits(charged.limits);
@@ -88,37 +88,70 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     }
 }
 
-/// A `VALID` decided before a wait (the API's record, tokens, a credit lease, a settlement: up
-/// to 2 s) is not answered on the older record when a newer copy of the key reached this
-/// isolate's memory meanwhile (a signed purge, a confirmation) and refuses the request, by its
-/// status or by its own or its API's lists: the answer is then the newer record's. What the
-/// request took from this isolate's shares (tokens, credits, the key's and its identity's)
-/// goes back; what a settlement spent at the authority stays spent.
+/// How long a `VALID` may wait after its decision (for the API's record, tokens, a credit lease, a
+/// settlement) and still be answered on the copy it was decided on, unchecked: past it, the key
+/// (and its API's lists) are looked up again, under the same trust rules, before the answer.
+const RECHECK_AFTER_MS: u64 = 10;
+
+/// A `VALID` decided before a wait is not answered on the older record when the key changed
+/// meanwhile. Every wait: a newer copy that reached this isolate's memory (a signed purge, a
+/// confirmation) is taken. A wait past [`RECHECK_AFTER_MS`]: the key is found again as any
+/// request finds it (memory within its trust, the Cache API that a purge-by-tag clears, the
+/// authority past `max_staleness_ms`), so a purge that reached only the Cache API, or a copy
+/// that grew stale during the wait, is seen too; a copy that cannot be confirmed fails closed.
+/// Refused then by its status or by its own or its API's lists, the answer is the refusal:
+/// what the request took from this isolate's shares (tokens, credits, the key's and its
+/// identity's) goes back; what a settlement spent at an authority stays spent.
 async fn overtaken(
     ctx: &RouteContext<worker::Context>,
     req: &Request,
     charged: Charged,
     record: Option<KeyRecord>,
-    hash: &KeyHash,
-    who: Caller<'_>,
-    request: &VerifyRequest,
+    (hash, who, request): (&KeyHash, Caller<'_>, &VerifyRequest),
+    decided_at_ms: u64,
 ) -> EdgeResult<(Charged, Option<KeyRecord>)> {
-    let newer = match record.as_ref().filter(|_| charged.decision.code == Code::Valid) {
-        Some(found) => lookup::newer_copy(hash, found.version),
-        None => None,
+    let Some(found) = record.as_ref().filter(|_| charged.decision.code == Code::Valid) else {
+        return Ok((charged, record));
     };
-    let Some(newer) = newer else { return Ok((charged, record)) };
+    let now_ms = Date::now().as_millis();
+    let waited = now_ms.saturating_sub(decided_at_ms) > RECHECK_AFTER_MS;
+    let now = match waited {
+        true => match lookup::find(&ctx.env, &ctx.data, hash, now_ms, || true).await? {
+            lookup::Found::Record(Some(r), _) if r.version <= found.version => Now::Same,
+            lookup::Found::Record(r, _) => Now::Changed(r),
+            lookup::Found::Unconfirmed(stale, _) => Now::Unconfirmed(stale),
+            lookup::Found::CallerLimited => Now::Unconfirmed(found.clone()),
+        },
+        false => lookup::newer_copy(hash, found.version).map_or(Now::Same, |r| Now::Changed(Some(r))),
+    };
     let decided_at_ms = Date::now().as_millis();
-    let decision = decide(Some(&newer), hash, who, request, decided_at_ms as i64);
-    let decision = match decision.code.passed_status_checks() {
-        true => lists(ctx, req, request, &newer, decision, decided_at_ms).await?.0,
-        false => decision,
+    let at = decided_at_ms as i64;
+    // The decision at answer time, and the record the answer then rests on.
+    let (decision, current) = match now {
+        Now::Same if !waited => return Ok((charged, record)),
+        Now::Same => (decide(Some(found), hash, who, request, at), Some(found.clone())),
+        Now::Changed(r) => (decide(r.as_ref(), hash, who, request, at), r),
+        Now::Unconfirmed(stale) => (decide_unconfirmed(&stale, hash, who, request, at), None),
+    };
+    let decision = match current.as_ref().filter(|_| decision.code.passed_status_checks()) {
+        Some(r) => lists(ctx, req, request, r, decision, decided_at_ms).await?.0,
+        None => decision,
     };
     if decision.code == Code::Valid {
         return Ok((charged, record));
     }
     charged.taken.put_back();
-    Ok((Charged::as_decided(decision, decided_at_ms), Some(newer)))
+    Ok((Charged::as_decided(decision, decided_at_ms), current))
+}
+
+/// What a key is at answer time, against the record a `VALID` was decided on.
+enum Now {
+    /// The record decided on (or an older one) still stands.
+    Same,
+    /// A newer record, or none any more.
+    Changed(Option<KeyRecord>),
+    /// The best copy there is could not be confirmed.
+    Unconfirmed(KeyRecord),
 }
 
 /// What a key's rate limits and credits (and its identity's) made of a decision.

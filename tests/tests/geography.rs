@@ -239,3 +239,59 @@ fn an_overtaken_verification_gives_its_identitys_credit_back() {
     assert!(caught > 0, "no revocation landed during a wait, the race was not made");
     assert_eq!(valid + rest, 30, "the overtaken verifications kept the identity's credits");
 }
+
+/// With purges that reach only the Cache API (production's purge-by-tag), a verification decided
+/// `VALID` on a hot copy just before its key's revocation, which then waits for another authority
+/// (its identity's settlement: a round trip to a home 150 ms away, where nothing of the key's
+/// revocation is known), must not be answered `VALID` when that wait ends: the key is looked up
+/// again at answer time under the same trust rules, so the region rejects it within the purge's
+/// delay plus memory trust of the revoke's answer, however long the wait. Judged by when each
+/// answer arrived, as a client sees it, not by when it was decided.
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn with_tag_only_purges_a_verification_that_waited_for_another_authority_is_not_answered_on_its_old_copy() {
+    let geography = Geography::custom("far-home", Link::between(1.0, 2.0), &FAST, &FAR_HOME);
+    let options = Options { geography: Some(geography), purge_mode: PurgeMode::TagOnly(20), ..Options::default() };
+    let world = World::start_opts(&[RegionPlan::Up], options).unwrap();
+    // Long max_staleness_ms: the key's copy is answered from the Cache API and memory, unconfirmed.
+    let api = world.create_api("waited", 60_000);
+    let body =
+        json!({ "external_id": "acct-waited", "credits": { "remaining": 1_000_000 }, "max_staleness_ms": 60_000 });
+    let (status, identity) = world.admin(Method::POST, "/v1/identities", Some(body));
+    assert_eq!(status, 201, "{identity}");
+    let identity = identity["identity"]["id"].as_str().unwrap().to_owned();
+    let (mut raced, mut late) = (0, Vec::new());
+    for offset_ms in [10u64, 30, 50, 80, 110] {
+        let (id, key) = world.create_key(&api, json!({ "identity_id": identity }));
+        // Hot: the key's copy, its API's and its identity's, and the caller's root key.
+        for _ in 0..2 {
+            assert_eq!(world.edge_verify(0, &world.root_key, json!({ "key": key })).1["code"], "VALID");
+        }
+        let body = json!({ "key": key, "idempotency_key": format!("waited-{offset_ms}") });
+        let (answer, received, answered) = std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                let answer = world.edge_verify(0, &world.root_key, body.clone()).1;
+                (answer, now_ms())
+            });
+            std::thread::sleep(Duration::from_millis(offset_ms));
+            let (status, revoked) = world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
+            assert_eq!(status, 200, "{revoked}");
+            let answered = now_ms();
+            let (answer, received) = waiting.join().unwrap();
+            (answer, received, answered)
+        });
+        let code = answer["code"].as_str().unwrap_or("?").to_owned();
+        let after = received - answered;
+        eprintln!("revoked {offset_ms} ms into the wait: {code}, received {after} ms after the revoke's answer");
+        // The purge drops the copy 20 ms after it arrives; memory trusts the Cache API for 100 ms;
+        // 80 ms for the request in hand and the machine.
+        if after > 200 {
+            raced += 1;
+            if code == "VALID" {
+                late.push((offset_ms, after));
+            }
+        }
+    }
+    assert!(late.is_empty(), "VALID received past the bound after the revoke's answer (offset, ms): {late:?}");
+    assert!(raced > 0, "no answer came back past the bound: the race was not made");
+}
