@@ -145,6 +145,13 @@ fn hot_copies_end_when_authority_writes_fail_and_kv_has_the_revocation() {
     world.assert_no_plaintext();
 }
 
+/// 60 signed updates of one key's record, versions 2 to 61 shuffled so that every high version
+/// is followed by lower ones, sent from 10 threads at once, while 2 more threads send the
+/// original record (version 1) again and again, which changes nothing and answers the version
+/// held. The authority must never move back, at any moment: a version held is never followed
+/// by a lower one in one reader's sequence, nor in any answer to a request sent after another
+/// request's answer showed the higher one (each a regression, counted: must be 0), and it ends
+/// on 61.
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
 fn the_authority_never_moves_back_under_out_of_order_updates() {
@@ -156,36 +163,62 @@ fn the_authority_never_moves_back_under_out_of_order_updates() {
     // A fixed shuffle: every high version is followed by lower ones.
     versions.sort_by_key(|v| (v * 7919) % 61);
     let home = world.home.url();
-    let acks: Vec<u64> = std::thread::scope(|scope| {
-        let handles: Vec<_> = versions
-            .chunks(6)
-            .enumerate()
-            .map(|(t, chunk)| {
-                let (secret, base, home) = (&world.secret, &base, &home);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // Each answer: (sent, answered, the version the authority held after the request).
+    let post = |record: &Value, nonce: &str| -> (Instant, Instant, u64) {
+        let sent = Instant::now();
+        let body = json!({ "records": [record] });
+        let (status, text) = signed_post(&world.secret, &home, AUTHORITY_PATH, &body, now_ms(), nonce);
+        assert_eq!(status, 200, "{text}");
+        let held = serde_json::from_str::<Value>(&text).unwrap()["versions"][0].as_u64().unwrap();
+        (sent, Instant::now(), held)
+    };
+    let (updates, reads): (Vec<_>, Vec<Vec<_>>) = std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..2)
+            .map(|r| {
+                let (post, base, done) = (&post, &base, &done);
                 scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(n, version)| {
-                            let mut record = base.clone();
-                            record["version"] = json!(version);
-                            let body = json!({ "records": [record] });
-                            let nonce = format!("order-test-{t:02}-{n:02}-000000");
-                            let (status, text) = signed_post(secret, home, AUTHORITY_PATH, &body, now_ms(), &nonce);
-                            assert_eq!(status, 200, "{text}");
-                            serde_json::from_str::<Value>(&text).unwrap()["versions"][0].as_u64().unwrap()
-                        })
-                        .collect::<Vec<_>>()
+                    let mut seen = Vec::new();
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        seen.push(post(base, &format!("order-read-{r}-{:06}", seen.len())));
+                    }
+                    seen
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        let writers: Vec<_> = versions
+            .chunks(6)
+            .enumerate()
+            .map(|(t, chunk)| {
+                let (post, base) = (&post, &base);
+                scope.spawn(move || {
+                    let update = |(n, version): (usize, &u64)| {
+                        let mut record = base.clone();
+                        record["version"] = json!(version);
+                        post(&record, &format!("order-test-{t:02}-{n:02}-000000"))
+                    };
+                    chunk.iter().enumerate().map(update).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let updates = writers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (updates, readers.into_iter().map(|h| h.join().unwrap()).collect())
     });
-    assert_eq!(acks.len(), 60);
-    let (status, text) =
-        world.signed_post(&home, AUTHORITY_PATH, &json!({ "records": [base] }), now_ms(), "order-test-final-000000");
-    assert_eq!(status, 200, "{text}");
-    let held = serde_json::from_str::<Value>(&text).unwrap()["versions"][0].as_u64().unwrap();
+    assert_eq!(updates.len(), 60);
+    let in_sequence: usize = reads.iter().map(|seq| seq.windows(2).filter(|w| w[1].2 < w[0].2).count()).sum();
+    let all: Vec<_> = updates.iter().chain(reads.iter().flatten()).collect();
+    let across = all
+        .iter()
+        .filter(|(sent, _, held)| all.iter().any(|(_, answered, before)| answered < sent && before > held))
+        .count();
+    let read_count: usize = reads.iter().map(Vec::len).sum();
+    eprintln!(
+        "60 updates and {read_count} reads: regressions {in_sequence} in a reader's sequence, {across} across requests"
+    );
+    assert!(read_count >= 10, "the readers overlapped too few updates: {read_count} reads");
+    assert_eq!((in_sequence, across), (0, 0), "the authority moved back");
+    let (_, _, held) = post(&base, "order-test-final-000000");
     assert_eq!(held, 61, "the authority moved back: it holds {held} after updates up to 61");
     world.assert_no_plaintext();
 }
