@@ -128,6 +128,15 @@ impl Proc {
             .status();
     }
 
+    /// Sends `signal` to the whole process group `after` from now, from a process of its own (so
+    /// that the caller may block meanwhile, on a call to the group itself); wait for the answered
+    /// child to know it was sent.
+    pub fn signal_after(&self, signal: &str, after: Duration) -> anyhow::Result<Child> {
+        // `env kill`: the external kill, as `signal` runs (a shell's own may not take `--`).
+        let script = format!("sleep {}; env kill -{signal} -- -{}", after.as_secs_f64(), self.child.id());
+        Ok(Command::new("sh").args(["-c", &script]).stderr(Stdio::null()).spawn()?)
+    }
+
     /// Stops the group: TERM, then KILL after two seconds.
     pub fn stop(&mut self) {
         if self.exited() {

@@ -492,6 +492,14 @@ impl World {
         }
     }
 
+    /// Freezes region `i` (SIGSTOP: it accepts connections and answers nothing) and thaws it
+    /// `for_` from now, whatever the caller is blocked on meanwhile; answers the thawing process.
+    pub fn freeze_region_for(&self, i: usize, for_: Duration) -> anyhow::Result<std::process::Child> {
+        let proc = self.regions[i].proc.as_ref().ok_or_else(|| anyhow::anyhow!("r{i} has no process"))?;
+        proc.signal("STOP");
+        proc.signal_after("CONT", for_)
+    }
+
     pub fn stop_home(&mut self) {
         self.home_proc.take();
     }

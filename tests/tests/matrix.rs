@@ -26,6 +26,9 @@ const ROOT_TRUST_MS: u64 = 1_000;
 /// What polling adds to a bound: a poll in flight at the bound, scheduling on 2 cores.
 const MARGIN_MS: u64 = 300;
 const POLL_EVERY: Duration = Duration::from_millis(20);
+/// How long r1 stays stopped (SIGSTOP) in [`Fault::RegionFrozen`], from before the revoke: past
+/// the control plane's 3 s wait for it, so that its pollers meet it frozen too.
+const FREEZE: Duration = Duration::from_millis(4_500);
 
 /// r0 is reached directly; the control plane reaches r1's purge route and KV through gates;
 /// r2's KV writes arrive [`KV_DELAY_MS`] late.
@@ -38,6 +41,9 @@ enum Fault {
     AuthorityHanging,
     RegionRefusing,
     RegionHanging,
+    /// r1's process stopped (SIGSTOP) across the revoke, for the control plane and its pollers
+    /// alike, then resumed: held to the bound from when it answers again.
+    RegionFrozen,
     KvDelayed,
     KvFailing,
     PurgeReplayed,
@@ -46,12 +52,13 @@ enum Fault {
     RootKeyRegionDown,
 }
 
-const CELLS: [Fault; 11] = [
+const CELLS: [Fault; 12] = [
     Fault::AuthorityWritesFail,
     Fault::AuthorityRefusing,
     Fault::AuthorityHanging,
     Fault::RegionRefusing,
     Fault::RegionHanging,
+    Fault::RegionFrozen,
     Fault::KvDelayed,
     Fault::KvFailing,
     Fault::PurgeReplayed,
@@ -69,6 +76,8 @@ struct Seen {
     errors: u64,
     /// The last accepted answer, relative to the start of the bound.
     last_valid_ms: Option<i64>,
+    /// How long of the polling the region was stopped and could answer nothing.
+    frozen_ms: u64,
 }
 
 /// What one poll got.
@@ -142,14 +151,18 @@ fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (Str
         assert_eq!(status, 200, "the original purge: {text}");
     }
     inject(world, fault, true);
+    let thaw =
+        (fault == Fault::RegionFrozen).then(|| (world.freeze_region_for(1, FREEZE).unwrap(), Instant::now() + FREEZE));
     let revoke = |world: &World| world.admin(Method::POST, &format!("/v1/keys/{id}/revoke"), None);
     let (answer, from) = if fault == Fault::CrashAfterCommit {
         world.restart_control_plane_with(&[("KEYWARD_FAILPOINT", "abort_after_commit")]).unwrap();
         let (status, _) = revoke(world);
         assert_eq!(status, 0, "the control plane died before answering");
         assert!(world.wait_control_plane_exit(Duration::from_secs(5)));
+        // The bound counts from the restarted control plane's start, not from when it is ready.
+        let started = Instant::now();
         world.restart_control_plane().unwrap();
-        (Value::Null, Instant::now())
+        (Value::Null, started)
     } else {
         let (status, answer) = revoke(world);
         assert_eq!(status, 200, "{answer}");
@@ -185,14 +198,26 @@ fn run_cell(world: &mut World, mode: PurgeMode, fault: Fault, api: &str) -> (Str
     if let Some(i) = late {
         assert_eq!(world.edge_code(i, &key).0, "REVOKED", "r{i} meeting the key by a miss");
     }
-    let bounds: Vec<u64> = (0..3).map(|i| bound_ms(mode, fault, i)).collect();
+    if matches!(fault, Fault::AuthorityWritesFail | Fault::AuthorityRefusing | Fault::AuthorityHanging) {
+        notes.extend(acknowledged_without_the_authority(&answer));
+    }
+    // A frozen region is held to the bound from when it answers again.
+    let frozen_ms = thaw.as_ref().map_or(0, |(_, at)| at.saturating_duration_since(from).as_millis() as u64);
+    let frozen = |i: usize| if i == 1 { frozen_ms } else { 0 };
+    let bounds: Vec<u64> = (0..3).map(|i| frozen(i) + bound_ms(mode, fault, i)).collect();
     let until = Duration::from_millis(bounds.iter().max().unwrap() + MARGIN_MS + 500);
     let root = world.root_key.clone();
-    let seen = poll_all(world, from, until, &|i| match world.verify_status(i, &root, &key) {
+    let mut seen = poll_all(world, from, until, &|i| match world.verify_status(i, &root, &key) {
         (200, code) if code == "VALID" => Answer::Accepted,
         (200, _) => Answer::Rejected,
         _ => Answer::Error,
     });
+    for (i, s) in seen.iter_mut().enumerate() {
+        s.frozen_ms = frozen(i);
+    }
+    if let Some((mut thawing, _)) = thaw {
+        thawing.wait().unwrap();
+    }
     inject(world, fault, false);
     let line = report(mode, fault, &seen, &bounds, until, &answer, &notes);
     let passed = !line.contains("FAIL");
@@ -209,6 +234,22 @@ fn bound_ms(mode: PurgeMode, fault: Fault, i: usize) -> u64 {
         (true, 2) => KV_DELAY_MS + MAX_STALENESS_MS,
         _ => MAX_STALENESS_MS,
     }
+}
+
+/// A revoke answered while the authority lacks the change acknowledges no region: its copies
+/// are confirmed against that authority (tag-only purges are not even sent). Answers a failing
+/// note for each region the answer calls acknowledged.
+fn acknowledged_without_the_authority(answer: &Value) -> Vec<String> {
+    let regions = answer["regions"].as_array().cloned().unwrap_or_default();
+    let mut notes: Vec<String> = regions
+        .iter()
+        .filter(|r| r["acknowledged"] == true)
+        .map(|r| format!("FAIL: {} acknowledged without the authority", r["name"].as_str().unwrap_or("?")))
+        .collect();
+    if regions.is_empty() || answer["authority"]["acknowledged"] == true {
+        notes.push(format!("FAIL: the answer does not show the authority unacknowledged: {answer}"));
+    }
+    notes
 }
 
 /// Turns a cell's fault on or off.
@@ -233,7 +274,8 @@ fn inject(world: &World, fault: Fault, on: bool) {
             purge_gate.set_mode(mode(GateMode::Refuse));
             kv_gate.set_mode(mode(GateMode::Refuse));
         }
-        Fault::KvDelayed | Fault::PurgeReplayed | Fault::OutOfOrder | Fault::CrashAfterCommit => {}
+        Fault::RegionFrozen | Fault::KvDelayed | Fault::PurgeReplayed | Fault::OutOfOrder | Fault::CrashAfterCommit => {
+        }
     }
 }
 
@@ -252,10 +294,15 @@ fn report(
     for (i, (s, bound)) in seen.iter().zip(bounds).enumerate() {
         let last = s.last_valid_ms.map_or("never".to_owned(), |ms| format!("{ms} ms"));
         let errors = if s.errors > 0 { format!(" ({} errors)", s.errors) } else { String::new() };
+        let errors = match s.frozen_ms {
+            0 => errors,
+            ms => format!("{errors} (frozen {ms} ms of it)"),
+        };
         parts.push(format!("r{i} {} polls{errors}, last VALID {last} (bound {bound} ms)", s.polls));
         if s.last_valid_ms.is_some_and(|ms| ms > *bound as i64) {
             failed.push(format!("r{i} VALID past its bound"));
         }
+        let expected = expected.saturating_sub(s.frozen_ms / POLL_EVERY.as_millis() as u64);
         if (s.polls - s.errors) * 10 < expected * 8 {
             failed.push(format!("r{i} answered {} of {expected} polls", s.polls - s.errors));
         }
