@@ -19,7 +19,7 @@ use keyward_shared::{Key, KeyRecord, Meta, RootKeyRecord, Scope, Scopes};
 use tokio::sync::watch;
 
 use crate::delivery::RegionReport;
-use crate::delivery::{ANSWER_WITHIN, Delivered, Deliverer};
+use crate::delivery::{Delivered, Deliverer};
 use crate::failpoint;
 use crate::keygen::{self, ROOT_KEY_PREFIX, new_id};
 use crate::store::{Api, EntryKind, Identity, NewOutbox, NewRootKey, Reach, Store, StoreError};
@@ -219,8 +219,9 @@ impl ChangeService {
     /// region's purge. A change that changes nothing (revoking a revoked key) makes no new entry:
     /// it delivers again only what the key's newest entry has not landed, so a repeated revoke
     /// spends no purge on a region that acknowledged (`keyward outbox redrive` makes what is
-    /// pending or dead-lettered due at once; nothing sends an acknowledged purge again).
-    /// The answer comes within `delivery::ANSWER_WITHIN`, naming what is still pending.
+    /// pending or dead-lettered due at once; `keyward outbox redrive --key` queues the key's
+    /// record again for every target, acknowledged or not).
+    /// The answer comes within `[outbox] answer_within_ms` (5 s by default), naming what is still pending.
     pub async fn commit(
         &self,
         actor: &Actor,
@@ -366,7 +367,7 @@ impl ChangeService {
     /// Queues every active root key that may verify for the authority and every region's KV
     /// (the start-up sync), so a region whose KV was wiped learns its callers again, and the
     /// edge can confirm each with the authority. One outbox entry each, delivered at once, a few
-    /// at a time, for at most `delivery::ANSWER_WITHIN`: what has not landed by then, or fails,
+    /// at a time, for at most `[outbox] answer_within_ms`: what has not landed by then, or fails,
     /// is the retrier's, and `GET /v1/regions` shows it pending. Answers the entries' ids.
     pub async fn publish_root_keys(&self) -> Result<Vec<i64>> {
         let active: Vec<RootKeyRecord> = self
@@ -385,7 +386,7 @@ impl ChangeService {
                     tracing::error!(outbox = id, error = %format!("{e:#}"), "cannot deliver a root key at start-up");
                 }
             });
-        if tokio::time::timeout(ANSWER_WITHIN, deliveries).await.is_err() {
+        if tokio::time::timeout(self.delivery.settings().answer_within(), deliveries).await.is_err() {
             tracing::warn!("root keys not yet delivered at start-up are left to the retrier");
         }
         Ok(ids)

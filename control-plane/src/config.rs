@@ -83,6 +83,9 @@ pub struct Config {
     /// The outbox's ages: pruning, stuck and dead-lettered deliveries (see `delivery/upkeep.rs`).
     #[serde(default)]
     pub outbox: crate::delivery::OutboxSettings,
+    /// The limits on open event streams (see `http/events.rs`).
+    #[serde(default)]
+    pub events: crate::http::EventSettings,
 }
 
 fn default_listen() -> SocketAddr {
@@ -163,6 +166,8 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.metrics_addr()?;
+        self.events.validate()?;
+        self.outbox.validate()?;
         if (self.cloudflare.is_some() || !self.regions.is_empty()) && self.authority_url.is_none() {
             bail!(
                 "[cloudflare] or [[regions]] is configured without authority_url: set authority_url to the URL of the \

@@ -32,7 +32,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let edge = Arc::new(EdgeClient::from_config(&config)?);
     edge.check().await?;
     bootstrap(&store, std::env::var("KEYWARD_ROOT_KEY").ok()).await?;
-    let state = AppState::with_outbox(store.clone(), edge, config.outbox);
+    let state = AppState::with_outbox(store.clone(), edge, config.outbox).with_event_limits(config.events);
     let queued = state.change.publish_root_keys().await?;
     tracing::info!(root_keys = queued.len(), "root keys sent to the edge through the outbox");
     let listener = TcpListener::bind(config.listen)

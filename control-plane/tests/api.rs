@@ -8,9 +8,9 @@ use axum::body::{Body, BodyDataStream};
 use axum::http::{Request, StatusCode};
 use futures::future::BoxFuture;
 use http_body_util::BodyExt;
-use keyward_control_plane::config::Secret;
+use keyward_control_plane::config::{Config, Secret};
 use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
-use keyward_control_plane::http::{AppState, app};
+use keyward_control_plane::http::{AppState, EventSettings, app};
 use keyward_control_plane::kv::{KvError, KvWriter};
 use keyward_control_plane::serve::bootstrap;
 use keyward_control_plane::store::Store;
@@ -429,10 +429,12 @@ async fn an_event_stream_ends_when_its_root_key_is_revoked() {
 
 #[tokio::test]
 async fn event_streams_are_limited_per_root_key_and_per_workspace() {
-    use keyward_control_plane::http::{MAX_STREAMS_PER_ROOT_KEY, MAX_STREAMS_PER_WORKSPACE};
+    let defaults = EventSettings::default();
+    let (per_root_key, per_workspace) = (defaults.max_streams_per_root_key, defaults.max_streams_per_workspace);
+    assert_eq!((per_root_key, per_workspace), (4, 32), "the documented defaults");
     let h = harness().await;
     let mut open = Vec::new();
-    for _ in 0..MAX_STREAMS_PER_ROOT_KEY {
+    for _ in 0..per_root_key {
         open.push(h.subscribe(&h.root, None).await);
         assert_eq!(open.last().unwrap().status(), StatusCode::OK);
     }
@@ -447,9 +449,9 @@ async fn event_streams_are_limited_per_root_key_and_per_workspace() {
     assert_eq!(open.last().unwrap().status(), StatusCode::OK);
 
     // Other root keys of the workspace fill it up to its own limit.
-    while open.len() < MAX_STREAMS_PER_WORKSPACE {
+    while open.len() < per_workspace {
         let (_, reader) = h.root_key(&["api.*.read_key"]).await;
-        for _ in 0..MAX_STREAMS_PER_ROOT_KEY.min(MAX_STREAMS_PER_WORKSPACE - open.len()) {
+        for _ in 0..per_root_key.min(per_workspace - open.len()) {
             open.push(h.subscribe(&reader, None).await);
             assert_eq!(open.last().unwrap().status(), StatusCode::OK);
         }
@@ -462,6 +464,35 @@ async fn event_streams_are_limited_per_root_key_and_per_workspace() {
     assert!(refused.1["error"]["message"].as_str().unwrap().contains("workspace"), "{}", refused.1);
     drop(open);
     assert_eq!(h.subscribe(&late, None).await.status(), StatusCode::OK);
+}
+
+/// Issue 9, item 1: the stream limits are the `[events]` section's: with 1 per root key, a
+/// root key's second stream is refused, and with 1 per workspace, another root key's is too.
+#[tokio::test]
+async fn event_stream_limits_follow_the_configuration() {
+    let mut h = harness().await;
+    let config =
+        Config::parse("[events]\nmax_streams_per_root_key = 1\nmax_streams_per_workspace = 2\n", |_| None).unwrap();
+    h.state = h.state.with_event_limits(config.events);
+    let first = h.subscribe(&h.root, None).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let refused = answer(h.subscribe(&h.root, None).await).await;
+    check(&refused, StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS");
+    assert!(refused.1["error"]["message"].as_str().unwrap().contains("has 1 event streams open"), "{}", refused.1);
+    let (_, reader) = h.root_key(&["api.*.read_key"]).await;
+    let second = h.subscribe(&reader, None).await;
+    assert_eq!(second.status(), StatusCode::OK, "another root key of the workspace has a place");
+    let (_, late) = h.root_key(&["api.*.read_key"]).await;
+    let refused = answer(h.subscribe(&late, None).await).await;
+    check(&refused, StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS");
+    assert!(refused.1["error"]["message"].as_str().unwrap().contains("workspace"), "{}", refused.1);
+    drop(first);
+    assert_eq!(h.subscribe(&h.root, None).await.status(), StatusCode::OK, "a closed stream gives its place back");
+
+    for zero in ["max_streams_per_root_key = 0", "max_streams_per_workspace = 0"] {
+        let err = Config::parse(&format!("[events]\n{zero}\n"), |_| None).unwrap_err();
+        assert!(format!("{err:#}").contains("at least 1"), "{err:#}");
+    }
 }
 
 #[tokio::test]

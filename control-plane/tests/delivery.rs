@@ -21,7 +21,8 @@ use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
 use keyward_control_plane::http::{AppState, app};
 use keyward_control_plane::kv::{KvError, KvWriter};
 use keyward_control_plane::serve::bootstrap;
-use keyward_control_plane::store::{DeliveryState, EntryKind, Redrive, Store, Target};
+use keyward_control_plane::store::audit::AuditQuery;
+use keyward_control_plane::store::{DeliveryState, EntryKind, Reach, Redrive, Repush, RepushError, Store, Target};
 use keyward_control_plane::time::now_ms;
 use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
 use keyward_shared::{Key, KeyHash, KeyStatus};
@@ -88,13 +89,18 @@ fn hold(mut stream: TcpStream, hang: Hang) {
     while stream.read(&mut buffer).is_ok_and(|n| n > 0) {}
 }
 
-/// The paths a stand-in was sent, in order of arrival.
+/// The paths a stand-in was sent, with their bodies, in order of arrival.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<String>>>);
+struct Seen(Arc<Mutex<Vec<(String, String)>>>);
 
 impl Seen {
     fn count(&self, path_end: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|p| p.ends_with(path_end)).count()
+        self.bodies(path_end).len()
+    }
+
+    /// The bodies of the requests whose path ends in `path_end`.
+    fn bodies(&self, path_end: &str) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|(p, _)| p.ends_with(path_end)).map(|(_, b)| b.clone()).collect()
     }
 }
 
@@ -103,8 +109,8 @@ impl Seen {
 async fn stand_in(delay: Duration) -> (String, Seen) {
     let seen = Seen::default();
     let log = seen.clone();
-    let app = axum::Router::new().fallback(move |uri: Uri| {
-        log.0.lock().unwrap().push(uri.path().to_owned());
+    let app = axum::Router::new().fallback(move |uri: Uri, body: String| {
+        log.0.lock().unwrap().push((uri.path().to_owned(), body));
         async move {
             tokio::time::sleep(delay).await;
             axum::Json(match uri.path() {
@@ -932,5 +938,189 @@ fn a_superseded_authority_update_still_holds_back_the_tag_purge() {
         h.state.delivery.deliver(renamed).await.unwrap();
         assert!(purges.0.lock().unwrap().is_empty(), "purged by tag while the authority lacked the revocation");
         assert_eq!(h.deliveries(revoked).await[&purge("cloudflare")], DeliveryState::Pending);
+    });
+}
+
+/// Runs `keyward` with `args` against the database and config in `dir`, no environment.
+fn keyward_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("keyward.toml"))
+        .arg("--database")
+        .arg(dir.join("keyward.sqlite"))
+        .env_clear()
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// Waits up to `within` for `done`, checking every 50 ms; fails with `what`.
+async fn eventually(within: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !done().await {
+        assert!(started.elapsed() < within, "{what} (waited {within:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 9, items 4 and 8: a key revoked and acknowledged everywhere is pushed again by
+/// `keyward outbox redrive --key`: the command queues its current record for every target (a
+/// purge included, since the key is revoked) and says so, the retrier of the running control
+/// plane delivers it, and the stand-in sees the record's authority update, KV write and purge
+/// again. An unknown id is refused, exit non-zero, queuing nothing.
+#[test]
+fn redrive_key_pushes_the_current_record_again_to_targets_that_acknowledged_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (url, seen) = runtime.block_on(stand_in(Duration::ZERO));
+    let config = format!(
+        "purge_secret = \"{SECRET}\"\nauthority_url = \"{url}\"\n[[regions]]\nname = \"r1\"\nurl = \"{url}\"\n\
+         kv_url = \"{url}\"\nkv_namespace_id = \"ns\"\n"
+    );
+    std::fs::write(dir.path().join("keyward.toml"), &config).unwrap();
+    let database = dir.path().join("keyward.sqlite");
+    let (h, id, hash) = runtime.block_on(async {
+        let config = Config::parse(&config, |_| None).unwrap();
+        let store = Store::open(&database).await.unwrap().with_audit_key(config.audit_key().unwrap());
+        let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
+        bootstrap(&store, Some(root.clone())).await.unwrap();
+        let edge = EdgeClient::from_config(&config).unwrap();
+        let state = AppState::new(store, Arc::new(edge));
+        let h = Harness { _dir: Arc::new(tempfile::tempdir().unwrap()), state, root };
+        let (created, key) = h.key().await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        let (status, revoked) = h.revoke(&id).await;
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        assert_eq!(revoked["authority"]["acknowledged"], true, "{revoked}");
+        assert_eq!(revoked["regions"][0]["acknowledged"], true, "{revoked}");
+        let entry = h.newest_entry(&key).await;
+        eventually(Duration::from_secs(5), "the revocation's KV write never landed", async || {
+            h.deliveries(entry).await.values().all(|s| *s == DeliveryState::Done)
+        })
+        .await;
+        (h, id, key.hash().to_hex())
+    });
+    let before = [seen.count(AUTHORITY_PATH), seen.count(PURGE_PATH), seen.count(&hash)];
+    assert_eq!(before[1], 1, "one purge, by the revoke");
+
+    let unknown = keyward_in(dir.path(), &["outbox", "redrive", "--key", "key_01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
+    assert!(!unknown.status.success(), "an unknown key id was accepted");
+    let message = String::from_utf8_lossy(&unknown.stderr);
+    assert!(message.contains("no key or root key with id `key_01ARZ3NDEKTSV4RRFFQ69G5FAV`"), "{message}");
+
+    let queued = keyward_in(dir.path(), &["outbox", "redrive", "--key", &id, "--json"]);
+    assert!(queued.status.success(), "{}", String::from_utf8_lossy(&queued.stderr));
+    let queued: Value = serde_json::from_slice(&queued.stdout).unwrap();
+    let entry = &queued["queued"];
+    assert_eq!((entry["key_id"].as_str(), entry["version"].as_u64()), (Some(id.as_str()), Some(2)), "{queued}");
+    assert_eq!(entry["targets"], json!(["authority", "kv:r1", "purge:r1"]), "{queued}");
+    assert_eq!(entry["tightening"], true, "{queued}");
+    runtime.block_on(async {
+        // Nothing delivers until the running control plane's retrier takes the entry.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!([seen.count(AUTHORITY_PATH), seen.count(PURGE_PATH), seen.count(&hash)], before);
+        let queued = h.deliveries(entry["outbox_id"].as_i64().unwrap()).await;
+        assert_eq!(queued.len(), 3, "{queued:?}");
+        assert!(queued.values().all(|s| *s == DeliveryState::Pending), "{queued:?}");
+        h.state.delivery.clone().spawn_retrier();
+        eventually(Duration::from_secs(10), "the re-push was never delivered", async || {
+            h.deliveries(entry["outbox_id"].as_i64().unwrap()).await.values().all(|s| *s == DeliveryState::Done)
+        })
+        .await;
+    });
+    let after = [seen.count(AUTHORITY_PATH), seen.count(PURGE_PATH), seen.count(&hash)];
+    assert_eq!(after, before.map(|n| n + 1), "the authority, r1's purge and r1's KV each saw the record once more");
+    let purge = seen.bodies(PURGE_PATH).pop().unwrap();
+    assert!(purge.contains(&id) && purge.contains(r#""status":"revoked""#), "{purge}");
+    let written = seen.bodies(&hash).pop().unwrap();
+    assert!(written.contains(r#""version":2"#) && written.contains(r#""status":"revoked""#), "{written}");
+
+    // For people, a sentence; with --region, the region's targets and the authority.
+    let table = keyward_in(dir.path(), &["outbox", "redrive", "--key", &id, "--region", "r1", "--format", "table"]);
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.starts_with(&format!("Queued key {id}'s current record (version 2) again")), "{table}");
+    assert!(table.contains("for: authority, kv:r1, purge:r1."), "{table}");
+    // Each queued re-push is audited as the operator's, in the key's workspace; the refused one is not.
+    let query = AuditQuery { target: Some(&id), action: Some("outbox.redrive"), limit: 10, ..AuditQuery::default() };
+    let audited = runtime.block_on(h.state.store.audit_entries(&query)).unwrap();
+    assert_eq!(audited.len(), 2, "{audited:?}");
+    assert!(audited.iter().all(|e| e.body.actor == "console" && e.body.command.is_some()), "{audited:?}");
+    assert_eq!(audited[0].body.after.as_ref().unwrap()["region"], "r1", "{audited:?}");
+    assert!(runtime.block_on(h.state.store.verify_audit(None)).unwrap().broken.is_none(), "the chain goes on");
+    drop(runtime);
+}
+
+/// Issue 9, item 4: a re-push never sends a record older than one written after it. The re-push
+/// carries the version current when it was queued; a change committed before the retrier takes
+/// it supersedes its deliveries, so only the newer version is sent. A root key is re-pushed
+/// too (the authority and KV, never purged), and a re-push made now carries the newest version.
+#[test]
+fn a_repush_never_sends_an_older_record_after_a_newer_one() {
+    bounded(Duration::from_secs(30), async {
+        let (url, seen) = stand_in(Duration::ZERO).await;
+        let h = harness(edge(Endpoints { authority: Some(&url), signed: Some((&url, &url)), ..Endpoints::default() }))
+            .await;
+        let (created, key) = h.key().await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        let store = &h.state.store;
+        let reach = h.state.delivery.edge().reach();
+        let actor = Actor::Console("outbox redrive --key");
+        fn repush<'a>(id: &'a str, reach: &Reach) -> Repush<'a> {
+            Repush { id, region: None, reach: reach.clone(), now: now_ms() }
+        }
+        let queued = store.repush(repush(&id, &reach), &actor).await.unwrap();
+        assert_eq!((queued.version, queued.tightening), (1, false), "{queued:?}");
+        assert_eq!(queued.targets, ["authority", "kv:r1"], "an active key's re-push purges nothing");
+        let renamed = h.rename_in_store(&key).await;
+        let superseded = h.deliveries(queued.outbox_id).await;
+        assert!(superseded.values().all(|s| *s == DeliveryState::Superseded), "{superseded:?}");
+        let (authority, kv) = (seen.count(AUTHORITY_PATH), seen.count(&key.hash().to_hex()));
+        h.state.delivery.deliver(renamed).await.unwrap();
+        h.state.delivery.deliver(queued.outbox_id).await.unwrap();
+        let kv_bodies = seen.bodies(&key.hash().to_hex());
+        assert_eq!(kv_bodies.len(), kv + 1, "only the rename was written");
+        assert!(kv_bodies.last().unwrap().contains(r#""version":2"#), "{kv_bodies:?}");
+        assert_eq!(seen.count(AUTHORITY_PATH), authority + 1, "only the rename reached the authority");
+        let again = store.repush(repush(&id, &reach), &actor).await.unwrap();
+        assert_eq!(again.version, 2, "a re-push carries the record as it is now");
+
+        let root_id = store.root_keys().await.unwrap()[0].id.clone();
+        let root = store.repush(repush(&root_id, &reach), &actor).await.unwrap();
+        assert_eq!((root.kind, root.tightening), ("root_key", false), "{root:?}");
+        assert_eq!(root.targets, ["authority", "kv:r1"], "{root:?}");
+        let unknown = store.repush(repush("key_nope", &reach), &actor).await.unwrap_err();
+        assert!(matches!(unknown, RepushError::Unknown(_)), "{unknown}");
+    });
+}
+
+/// Issue 9, item 4: the answer window is `[outbox] answer_within_ms`: with 300 ms, a revoke
+/// whose region hangs answers within about that, naming the purge still pending; below 100 ms
+/// the configuration is refused.
+#[test]
+fn the_answer_window_follows_the_configuration() {
+    bounded(Duration::from_secs(30), async {
+        let (authority, _) = stand_in(Duration::ZERO).await;
+        let region = hung(Hang::Silent);
+        let outbox = OutboxSettings { answer_within_ms: 300, ..OutboxSettings::default() };
+        let edge = edge(Endpoints {
+            authority: Some(&authority),
+            signed: Some((&region, &authority)),
+            ..Endpoints::default()
+        });
+        let h = harness_with(edge, outbox).await;
+        let (created, _) = h.key().await;
+        let started = Instant::now();
+        let (status, revoked) = h.revoke(created["id"].as_str().unwrap()).await;
+        let took = started.elapsed();
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        assert!(took < Duration::from_millis(1_500), "the revoke took {took:?} with a 300 ms window");
+        let region = &revoked["regions"][0];
+        assert_eq!(region["acknowledged"], false, "{revoked}");
+        assert!(region["error"].as_str().is_some_and(|e| e.contains("still pending after 300 ms")), "{revoked}");
+        for (text, ok) in [("answer_within_ms = 99", false), ("answer_within_ms = 100", true)] {
+            assert_eq!(Config::parse(&format!("[outbox]\n{text}\n"), |_| None).is_ok(), ok, "{text}");
+        }
     });
 }

@@ -1,5 +1,6 @@
-//! `keyward outbox status|redrive`: the operator's view of every workspace's deliveries, and
-//! the redrive of stuck and dead-lettered ones.
+//! `keyward outbox status|redrive`: the operator's view of every workspace's deliveries, the
+//! redrive of stuck and dead-lettered ones, and (`redrive --key`) the re-push of one key's
+//! current record to targets that acknowledged it before.
 //!
 //! Both open the database directly, as `serve` does, never over HTTP: a root key belongs to one
 //! workspace, and no workspace may see or push another's deliveries. So they run where the
@@ -14,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::delivery::health_json;
-use crate::store::{Redrive, Store};
+use crate::store::{Redrive, Repush, Repushed, Store};
 use crate::time::now_ms;
 
 /// The most stuck or dead-lettered deliveries `status` lists one by one (all are counted).
@@ -28,12 +29,19 @@ pub enum OutboxCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Try stuck and dead-lettered deliveries again now, of one region or of every target.
-    #[command(after_help = "Example:\n  keyward outbox redrive --region eu-west --config keyward.toml")]
+    /// Try stuck and dead-lettered deliveries again now, of one region or of every target; with
+    /// --key, push one key's current record again, acknowledged before or not.
+    #[command(after_help = "Example:\n  keyward outbox redrive --region eu-west --config keyward.toml\n  \
+                            keyward outbox redrive --key key_01J... --region eu-west --config keyward.toml")]
     Redrive {
-        /// Only this region's KV writes and purges.
+        /// Only this region's KV writes and purges (with --key, and the authority's update).
         #[arg(long)]
         region: Option<String>,
+        /// Queue a fresh delivery of this key's (or root key's) current record to every target
+        /// (or --region's), whether or not earlier ones were acknowledged: after a region's KV
+        /// was restored from a backup, or its cache wiped. The running control plane delivers it.
+        #[arg(long)]
+        key: Option<String>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -58,13 +66,18 @@ pub async fn run(command: OutboxCommand) -> anyhow::Result<(Value, super::render
             let (store, config) = open(database).await?;
             Ok((status(&store, &config).await?, View::OutboxStatus))
         }
-        OutboxCommand::Redrive { region, database } => {
+        OutboxCommand::Redrive { region, key, database } => {
             let (store, config) = open(database).await?;
             if let Some(region) = &region
                 && !config.regions.iter().any(|r| &r.name == region)
                 && !(config.cloudflare.is_some() && region == "cloudflare")
             {
                 bail!("no region named `{region}` in the config; `keyward outbox status` lists the targets");
+            }
+            if let Some(key) = key {
+                let repushed = repush(&store, &config, &key, region.as_deref()).await;
+                store.close().await;
+                return Ok((json!({ "region": region, "queued": repushed? }), View::Repushed));
             }
             let actor = crate::change::Actor::Console("outbox redrive");
             let redriven = store.redrive(Redrive { region: region.as_deref(), now: now_ms() }, &actor).await?;
@@ -75,6 +88,15 @@ pub async fn run(command: OutboxCommand) -> anyhow::Result<(Value, super::render
             ))
         }
     }
+}
+
+/// Queues the current record of key (or root key) `id` again for every target the config
+/// delivers to (or `region`'s), for the running control plane's retrier.
+async fn repush(store: &Store, config: &Config, id: &str, region: Option<&str>) -> anyhow::Result<Repushed> {
+    let reach = crate::edge_client::EdgeClient::from_config(config)?.reach();
+    let actor = crate::change::Actor::Console("outbox redrive --key");
+    let repush = Repush { id, region, reach, now: now_ms() };
+    Ok(store.repush(repush, &actor).await?)
 }
 
 /// Every target's counts, across workspaces, and the stuck and dead-lettered deliveries.

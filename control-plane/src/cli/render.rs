@@ -58,6 +58,8 @@ pub enum View {
     Verified,
     OutboxStatus,
     Redriven,
+    /// A key's current record queued again (`outbox redrive --key`).
+    Repushed,
     Usage,
     Audit,
     Proof,
@@ -157,7 +159,22 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
             text(&answer["revived"]),
             text(&answer["made_due"]),
         ),
+        View::Repushed => repushed(&answer["queued"]),
     }
+}
+
+/// `outbox redrive --key`: what was queued, and who delivers it.
+fn repushed(queued: &Value) -> String {
+    let kind = if queued["kind"] == "root_key" { "root key" } else { "key" };
+    format!(
+        "Queued {kind} {}'s current record (version {}) again as outbox entry {}{}, for: {}.\n\
+         The running control plane's retrier delivers it; `keyward outbox status` shows what stays pending.\n",
+        text(&queued["key_id"]),
+        text(&queued["version"]),
+        text(&queued["outbox_id"]),
+        if queued["tightening"] == true { ", purging" } else { "" },
+        list(&queued["targets"]),
+    )
 }
 
 /// `root-keys list`: a table, scopes last.
@@ -922,6 +939,16 @@ with the key's authority), and its purge is retried until delivered (GET /v1/reg
         assert_eq!(
             render(View::Redriven, &redriven, NOW),
             "Redrove region eu: 1 dead-lettered deliveries made pending again, 2 pending ones made due now.\n"
+        );
+        let queued = json!({ "region": null, "queued": {
+            "outbox_id": 9, "kind": "key", "key_id": "key_1", "workspace_id": "ws_1", "version": 2,
+            "tightening": true, "targets": ["authority", "kv:eu", "purge:eu"] } });
+        let out = render(View::Repushed, &queued, NOW);
+        assert!(
+            out.starts_with(
+                "Queued key key_1's current record (version 2) again as outbox entry 9, purging, for: authority, kv:eu, purge:eu.\n"
+            ),
+            "{out}"
         );
     }
 }

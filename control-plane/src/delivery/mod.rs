@@ -11,7 +11,7 @@
 //! `deliver_region` (its KV write and purge) for every region at once, report, and `record`
 //! the pass's attempts in one transaction. Errors stay a [`DeliveryError`] until they are recorded as
 //! text; the attempts and reports are in `outcome.rs`. A change's caller waits at most
-//! [`ANSWER_WITHIN`], whatever the purge budget: what has not landed by then is reported
+//! `answer_within_ms` (5 s by default, [`OutboxSettings`]), whatever the purge budget: what has not landed by then is reported
 //! pending, and goes on. Purges by tag are batched with a fair share per workspace (`tags.rs`);
 //! the retrier also prunes and dead-letters by age (`upkeep.rs`).
 
@@ -49,8 +49,6 @@ const RETRY_TICK: Duration = Duration::from_millis(250);
 const RETRY_IN_FLIGHT: usize = 64;
 /// A new entry is left to the request that made it for this long before the retrier may take it.
 pub const HANDOFF: Duration = Duration::from_secs(5);
-/// The longest a change's caller waits for its delivery; what has not landed is reported pending.
-pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// A pass that ends within this long records all its outcomes in one transaction (one commit
 /// instead of one per target); a longer one records each outcome as it comes from then on.
 const RECORD_TOGETHER_FOR: Duration = Duration::from_secs(1);
@@ -278,12 +276,12 @@ impl Deliverer {
     /// once, after the answer: nothing reads KV without the authority beside it, so they cannot
     /// make the key valid again, and on 2 cores they would slow the purges down.
     /// The delivery runs in a task of its own: a caller that stops waiting (a handler whose
-    /// client disconnected) does not cancel it. The answer comes within [`ANSWER_WITHIN`]: by
+    /// client disconnected) does not cancel it. The answer comes within `answer_within_ms`: by
     /// then, what has not landed (a purge waiting for its share of the budget, a hung target) is
     /// answered as pending, from the outbox, and its delivery goes on.
     pub async fn deliver(self: &Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
         let task = tokio::spawn(self.clone().deliver_in_force(id));
-        match tokio::time::timeout(ANSWER_WITHIN, task).await {
+        match tokio::time::timeout(self.settings.answer_within(), task).await {
             Ok(done) => done.context("the delivery task stopped")?,
             Err(_) => {
                 // Answered before the pass ends: the answer's time is now, not the pass's end.
@@ -299,15 +297,17 @@ impl Deliverer {
     async fn stored_report(&self, id: i64) -> anyhow::Result<Delivered> {
         let loaded = self.load(id).await?;
         let authority = loaded.find(&Target::Authority);
-        let lacks = authority.filter(|d| d.is_pending()).map(|d| authority_lacks_message(&still_pending(d)));
+        let window = self.settings.answer_within();
+        let lacks = authority.filter(|d| d.is_pending()).map(|d| authority_lacks_message(&still_pending(d, window)));
         let regions = self.edge.regions.iter().map(|region| {
             let kv = loaded.find(&Target::Kv(region.name.clone()));
             let purge = loaded.find(&Target::Purge(region.name.clone()));
             let pass = RegionPass { kv, purge, kv_attempt: None, purge_attempt: None };
-            let pending = purge.filter(|d| d.is_pending()).map(still_pending);
+            let pending = purge.filter(|d| d.is_pending()).map(|d| still_pending(d, window));
             pass.report(region, pending.or(lacks.clone().filter(|_| purge.is_some())))
         });
-        Ok(Delivered { authority: authority.map(|d| authority_report(d, None)), regions: regions.collect() })
+        let authority = authority.map(|d| authority_report(d, None, window));
+        Ok(Delivered { authority, regions: regions.collect() })
     }
 
     async fn deliver_in_force(self: Arc<Self>, id: i64) -> anyhow::Result<Delivered> {
@@ -333,7 +333,7 @@ impl Deliverer {
     /// puts it in force: they get a pass of their own right after.
     /// A pass that ends within [`RECORD_TOGETHER_FOR`] records its outcomes in one transaction;
     /// one that runs longer records what is known by then, and each later outcome as it comes, so
-    /// that an answer given while a target is still under way ([`ANSWER_WITHIN`]) shows the rest.
+    /// that an answer given while a target is still under way (`answer_within_ms`) shows the rest.
     async fn deliver_claimed(&self, id: i64, pass: Pass) -> anyhow::Result<Delivered> {
         let loaded = self.load(id).await?;
         let started = Instant::now();
@@ -371,7 +371,8 @@ impl Deliverer {
             }
         };
         recorder.record_held(self, (pass == Pass::InForce).then_some(id)).await;
-        let authority = authority_delivery.map(|d| authority_report(d, authority_attempt.as_ref()));
+        let window = self.settings.answer_within();
+        let authority = authority_delivery.map(|d| authority_report(d, authority_attempt.as_ref(), window));
         Ok(Delivered { authority, regions })
     }
 

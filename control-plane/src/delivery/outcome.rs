@@ -94,13 +94,12 @@ pub(super) fn authority_lacks_message(reason: &str) -> String {
     format!("the key's authority does not hold this change yet: {reason}")
 }
 
-/// What a delivery not acknowledged when the answer was due is reported as: still pending, with
-/// its last error if an attempt failed before.
-pub(super) fn still_pending(delivery: &Delivery) -> String {
-    let what = format!(
-        "still pending after {} s: its delivery goes on (GET /v1/regions shows it)",
-        super::ANSWER_WITHIN.as_secs()
-    );
+/// What a delivery not acknowledged when the answer was due (`answer_within` after the call)
+/// is reported as: still pending, with its last error if an attempt failed before.
+pub(super) fn still_pending(delivery: &Delivery, answer_within: std::time::Duration) -> String {
+    let ms = answer_within.as_millis();
+    let after = if ms.is_multiple_of(1000) { format!("{} s", ms / 1000) } else { format!("{ms} ms") };
+    let what = format!("still pending after {after}: its delivery goes on (GET /v1/regions shows it)");
     match &delivery.last_error {
         Some(error) => format!("{what}; last error: {error}"),
         None => what,
@@ -220,8 +219,13 @@ impl<'a> RegionPass<'a> {
     }
 }
 
-/// The authority's report: this pass's attempt, or, without one, whether it was delivered before.
-pub(super) fn authority_report(delivery: &Delivery, attempt: Option<&Attempt>) -> AuthorityReport {
+/// The authority's report: this pass's attempt, or, without one, whether it was delivered before
+/// (pending: as [`still_pending`] says, with the answer window `answer_within`).
+pub(super) fn authority_report(
+    delivery: &Delivery,
+    attempt: Option<&Attempt>,
+    answer_within: std::time::Duration,
+) -> AuthorityReport {
     match attempt {
         Some(attempt) => AuthorityReport {
             acknowledged: attempt.result.is_ok(),
@@ -231,7 +235,7 @@ pub(super) fn authority_report(delivery: &Delivery, attempt: Option<&Attempt>) -
         None => AuthorityReport {
             acknowledged: delivery.state == DeliveryState::Done,
             latency_ms: 0.0,
-            error: delivery.is_pending().then(|| still_pending(delivery)),
+            error: delivery.is_pending().then(|| still_pending(delivery, answer_within)),
         },
     }
 }

@@ -28,16 +28,45 @@ pub struct OutboxSettings {
     pub stuck_after_s: u64,
     /// Any other delivery, pending this long, is dead-lettered (default 7 days).
     pub dead_letter_after_s: u64,
+    /// The longest a change's caller waits for its delivery, in milliseconds (default 5000, at
+    /// least 100): what has not landed by then is answered as pending and goes on.
+    pub answer_within_ms: u64,
 }
 
 impl Default for OutboxSettings {
     fn default() -> OutboxSettings {
         const DAY: u64 = 24 * 3600;
-        OutboxSettings { prune_delivered_after_s: 7 * DAY, stuck_after_s: 3600, dead_letter_after_s: 7 * DAY }
+        OutboxSettings {
+            prune_delivered_after_s: 7 * DAY,
+            stuck_after_s: 3600,
+            dead_letter_after_s: 7 * DAY,
+            answer_within_ms: 5_000,
+        }
     }
 }
 
 impl OutboxSettings {
+    /// The shortest answer window accepted: below it, a change's caller would be told of pending
+    /// deliveries that a moment more would have landed.
+    pub const MIN_ANSWER_WITHIN_MS: u64 = 100;
+
+    /// Refuses an answer window shorter than [`Self::MIN_ANSWER_WITHIN_MS`].
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.answer_within_ms < Self::MIN_ANSWER_WITHIN_MS {
+            anyhow::bail!(
+                "[outbox] answer_within_ms is {}: it must be at least {} (default 5000)",
+                self.answer_within_ms,
+                Self::MIN_ANSWER_WITHIN_MS
+            );
+        }
+        Ok(())
+    }
+
+    /// The longest a change's caller waits for its delivery.
+    pub fn answer_within(&self) -> Duration {
+        Duration::from_millis(self.answer_within_ms)
+    }
+
     /// Changes committed before this are stuck while a promised delivery of theirs is pending.
     pub fn stuck_before(&self, now: i64) -> i64 {
         before(now, self.stuck_after_s)

@@ -5,8 +5,9 @@
 //!
 //! A stream lives no longer than its root key's right to it: every poll looks the root key up
 //! again, and a stream whose root key was revoked or no longer holds a `read_key` scope ends
-//! with a last `closed` event saying why. A root key may hold [`MAX_STREAMS_PER_ROOT_KEY`] open
-//! streams and a workspace [`MAX_STREAMS_PER_WORKSPACE`]; one more is refused with 429
+//! with a last `closed` event saying why. A root key may hold `max_streams_per_root_key` open
+//! streams (4 by default) and a workspace `max_streams_per_workspace` (32), the `[events]`
+//! section of `keyward.toml` ([`EventSettings`]); one more is refused with 429
 //! `TOO_MANY_STREAMS`.
 
 use std::collections::HashMap;
@@ -30,10 +31,33 @@ use super::extract::Query;
 use super::{AppError, AppState, Result};
 use crate::store::Store;
 
-/// Open event streams one root key may hold at once.
-pub const MAX_STREAMS_PER_ROOT_KEY: usize = 4;
-/// Open event streams the root keys of one workspace may hold together.
-pub const MAX_STREAMS_PER_WORKSPACE: usize = 32;
+/// How many event streams may be open at once (the `[events]` section of `keyward.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventSettings {
+    /// Open event streams one root key may hold at once (default 4).
+    pub max_streams_per_root_key: usize,
+    /// Open event streams the root keys of one workspace may hold together (default 32).
+    pub max_streams_per_workspace: usize,
+}
+
+impl Default for EventSettings {
+    fn default() -> EventSettings {
+        EventSettings { max_streams_per_root_key: 4, max_streams_per_workspace: 32 }
+    }
+}
+
+impl EventSettings {
+    /// Refuses a limit of 0, which would refuse every stream.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_streams_per_root_key == 0 || self.max_streams_per_workspace == 0 {
+            anyhow::bail!(
+                "[events] max_streams_per_root_key and max_streams_per_workspace must be at least 1 (defaults 4 and 32)"
+            );
+        }
+        Ok(())
+    }
+}
 /// Events read from the database per query.
 const PAGE: u32 = 100;
 /// How long a quiet stream waits before looking again without a wake-up: the longest a revoked
@@ -204,9 +228,10 @@ fn event(id: i64, record: &KeyRecord) -> Event {
     Event::default().id(id.to_string()).event("tightened").data(data)
 }
 
-/// The open event streams, counted per root key and per workspace.
+/// The open event streams, counted per root key and per workspace against their limits.
 #[derive(Default)]
 pub struct Streams {
+    limits: EventSettings,
     open: Mutex<OpenStreams>,
 }
 
@@ -217,19 +242,25 @@ struct OpenStreams {
 }
 
 impl Streams {
+    pub fn new(limits: EventSettings) -> Streams {
+        Streams { limits, open: Mutex::default() }
+    }
+
     /// Takes a place for one more stream of this root key, unless it or its workspace already
     /// holds as many as it may.
     fn open(self: &Arc<Self>, root_key: &str, workspace: &str) -> Result<Place> {
+        let EventSettings { max_streams_per_root_key: per_root_key, max_streams_per_workspace: per_workspace } =
+            self.limits;
         let mut open = self.open.lock().expect("not poisoned");
-        if open.by_root_key.get(root_key).copied().unwrap_or(0) >= MAX_STREAMS_PER_ROOT_KEY {
+        if open.by_root_key.get(root_key).copied().unwrap_or(0) >= per_root_key {
             return Err(AppError::TooManyStreams(format!(
-                "this root key has {MAX_STREAMS_PER_ROOT_KEY} event streams open, the most one root key may; \
+                "this root key has {per_root_key} event streams open, the most one root key may; \
                  close one, or use another root key"
             )));
         }
-        if open.by_workspace.get(workspace).copied().unwrap_or(0) >= MAX_STREAMS_PER_WORKSPACE {
+        if open.by_workspace.get(workspace).copied().unwrap_or(0) >= per_workspace {
             return Err(AppError::TooManyStreams(format!(
-                "this workspace's root keys have {MAX_STREAMS_PER_WORKSPACE} event streams open, the most one \
+                "this workspace's root keys have {per_workspace} event streams open, the most one \
                  workspace may; close one first"
             )));
         }

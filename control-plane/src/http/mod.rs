@@ -33,7 +33,7 @@ use crate::edge_client::EdgeClient;
 use crate::store::Store;
 use crate::usage::UsageLog;
 pub use error::{AppError, Result};
-pub use events::{MAX_STREAMS_PER_ROOT_KEY, MAX_STREAMS_PER_WORKSPACE};
+pub use events::EventSettings;
 
 /// Largest admin request body.
 pub const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -66,6 +66,12 @@ impl AppState {
         let delivery = Arc::new(Deliverer::new(store.clone(), edge, outbox));
         let change = Arc::new(ChangeService::new(store.clone(), delivery.clone(), changes.clone()));
         AppState { store, delivery, change, changes, streams: Arc::default(), usage }
+    }
+
+    /// With these limits on open event streams instead of the defaults.
+    pub fn with_event_limits(mut self, limits: EventSettings) -> AppState {
+        self.streams = Arc::new(events::Streams::new(limits));
+        self
     }
 }
 

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use keyward_shared::record::{KeyStatus, RECORD_SCHEMA};
 use keyward_shared::{KeyHash, KeyRecord};
-use sqlx::FromRow;
+use sqlx::{FromRow, SqliteConnection};
 
 use super::audit::{self, Change, key_json};
 use super::outbox::{Carried, NewOutbox, insert_outbox};
@@ -212,6 +212,14 @@ impl Store {
         actor.committed("key.resend", &key.id, key.version);
         Ok(id)
     }
+}
+
+/// The key with this id, whatever its workspace, deleted ones included, read in `connection`
+/// (an operator's command, which answers to no workspace).
+pub(super) async fn key_by_id(connection: &mut SqliteConnection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    let row: Option<KeyRow> =
+        sqlx::query_as("SELECT * FROM keys WHERE id = ?").bind(id).fetch_optional(connection).await?;
+    Ok(row.map(KeyRecord::try_from).transpose()?)
 }
 
 /// What an update did, as the audit log names it: a final status reached, or an update.

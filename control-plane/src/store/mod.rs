@@ -11,6 +11,7 @@ mod identities;
 mod keys;
 mod outbox;
 pub mod proof;
+mod repush;
 mod root_keys;
 pub mod usage;
 
@@ -27,6 +28,7 @@ pub use outbox::{
     AttemptOutcome, Delivery, DeliveryState, EntryKind, NewOutbox, OutboxEntry, Reach, Redrive, Redriven, Target,
     TargetHealth, TroubledDelivery, UnknownTarget,
 };
+pub use repush::{Repush, RepushError, Repushed};
 pub use root_keys::NewRootKey;
 
 /// A handle to the database, cheap to clone.

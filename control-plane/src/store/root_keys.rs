@@ -190,6 +190,19 @@ impl Store {
     }
 }
 
+/// The root key with this id, whatever its workspace and status, read in `connection` (an
+/// operator's command, which answers to no workspace).
+pub(super) async fn root_key_by_id(
+    connection: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<Option<RootKeyRecord>, StoreError> {
+    let row: Option<RootKeyRow> = sqlx::query_as(&format!("SELECT {ROOT_KEY_COLUMNS} FROM root_keys WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(connection)
+        .await?;
+    Ok(row.map(RootKeyRecord::try_from).transpose()?)
+}
+
 /// Inserts a root key and, when `outbox` is given, the outbox entry writing it to KV.
 async fn insert_root_key(
     tx: &mut sqlx::SqliteConnection,
