@@ -1008,6 +1008,10 @@ fn redrive_key_pushes_the_current_record_again_to_targets_that_acknowledged_it()
     assert!(!unknown.status.success(), "an unknown key id was accepted");
     let message = String::from_utf8_lossy(&unknown.stderr);
     assert!(message.contains("no key or root key with id `key_01ARZ3NDEKTSV4RRFFQ69G5FAV`"), "{message}");
+    let elsewhere = keyward_in(dir.path(), &["outbox", "redrive", "--key", &id, "--region", "r9"]);
+    assert!(!elsewhere.status.success(), "a region the configuration does not name was accepted");
+    let message = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(message.contains("no region named `r9`"), "{message}");
 
     let queued = keyward_in(dir.path(), &["outbox", "redrive", "--key", &id, "--json"]);
     assert!(queued.status.success(), "{}", String::from_utf8_lossy(&queued.stderr));
