@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
+use keyward_shared::internal::{AUTHORITY_PATH, MemoryStats, PURGE_PATH, STATS_PATH};
 use keyward_tests::gate::GateMode;
 use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World, signed_post};
@@ -321,8 +321,9 @@ fn report(
     )
 }
 
-/// A root key with a verify scope, used in every region, revoked while r1 is unreachable to
-/// the control plane (purge and KV refused): no region may accept it past the trust window.
+/// A root key with a verify scope, used in every region (and held there, with the key it asks
+/// about), revoked while r1 is unreachable to the control plane (purge and KV refused): no region
+/// may accept it past the trust window.
 fn root_key_cell(world: &mut World, mode: PurgeMode) -> (String, bool) {
     let api = world.create_api("root-cell", MAX_STALENESS_MS);
     let (_, key) = world.create_key(&api, json!({}));
@@ -335,6 +336,15 @@ fn root_key_cell(world: &mut World, mode: PurgeMode) -> (String, bool) {
         world.wait_for(&format!("r{i} to accept the new root key"), Duration::from_secs(15), || {
             (world.edge_verify(i, &caller_key, json!({ "key": key })).0 == 200).then_some(())
         });
+    }
+    // Served from memory in every region: the key (its answer's source) and the root key (no
+    // fetch of it for this request: the region holds its copy).
+    for i in 0..3 {
+        world.make_hot(i, &key);
+        let before = root_keys_fetched(world, i);
+        let (status, answer) = world.edge_verify(i, &caller_key, json!({ "key": key }));
+        assert_eq!((status, answer["source"].as_str()), (200, Some("memory")), "r{i}: {answer}");
+        assert_eq!(root_keys_fetched(world, i), before, "r{i} fetched the root key: it held no copy");
     }
     inject(world, Fault::RootKeyRegionDown, true);
     let (status, answer) = world.admin(Method::POST, &format!("/v1/root-keys/{caller_id}/revoke"), None);
@@ -351,6 +361,14 @@ fn root_key_cell(world: &mut World, mode: PurgeMode) -> (String, bool) {
     let line = report(mode, Fault::RootKeyRegionDown, &seen, &bounds, until, &answer, &[]);
     let passed = !line.contains("FAIL");
     (line, passed)
+}
+
+/// How many root keys region `i` fetched (found no copy of) so far.
+fn root_keys_fetched(world: &World, i: usize) -> u64 {
+    let nonce = format!("matrix-stats-{i}-{}", now_ms());
+    let (status, text) = world.signed_post(&world.regions[i].spec.url(), STATS_PATH, &json!({}), now_ms(), &nonce);
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str::<MemoryStats>(&text).unwrap().root_key_misses.fetched
 }
 
 fn run_matrix(mode: PurgeMode) {
