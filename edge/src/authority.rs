@@ -349,12 +349,18 @@ pub(crate) async fn read_root(env: &Env, hash: &KeyHash) -> AuthorityAnswer<Root
     answer(read_text(env, &object_name(hash, true)).await, RootKeyRecord::from_json)
 }
 
+/// Writes one record to its object, within [`deadline::MAX_AUTHORITY_MS`]: under the control
+/// plane's own 3 s for the whole update, so that a stuck object is answered as unreachable (and
+/// retried) by this route rather than left to the caller's timeout.
 async fn write(env: &Env, name: &str, text: String) -> std::result::Result<u64, Unreachable> {
     let mut init = RequestInit::new();
     init.with_method(Method::Put).with_body(Some(text.into()));
     let request =
         Request::new_with_init("https://key-state.internal/record", &init).map_err(|e| Unreachable(e.to_string()))?;
-    let held = call(env, name, request).await?;
+    let ms = deadline::MAX_AUTHORITY_MS;
+    let held = deadline::within(ms, call(env, name, request))
+        .await
+        .ok_or_else(|| Unreachable(format!("no answer within {ms} ms")))??;
     held.map_or(Ok(0), |t| version_of(&t).map_err(|e| Unreachable(e.to_string())))
 }
 
