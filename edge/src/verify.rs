@@ -78,7 +78,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     };
     let charged =
         charge(&ctx, &hash, record.as_ref(), identity.as_ref(), (decision, cap), &request, decided_at_ms).await;
-    let (charged, record) = overtaken(&ctx, &req, charged, record, (&hash, who, &request), decided_at_ms).await?;
+    let (charged, record) = overtaken(&ctx, &req, charged, record, (&hash, who, &request), decided_at_ms).await;
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)
         .with_limits(charged.limits);
@@ -94,54 +94,86 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
 const RECHECK_AFTER_MS: u64 = 10;
 
 /// A `VALID` decided before a wait is not answered on the older record when the key changed
-/// meanwhile. Every wait: a newer copy that reached this isolate's memory (a signed purge, a
-/// confirmation) is taken. A wait past [`RECHECK_AFTER_MS`]: the key is found again as any
-/// request finds it (memory within its trust, the Cache API that a purge-by-tag clears, the
-/// authority past `max_staleness_ms`), so a purge that reached only the Cache API, or a copy
-/// that grew stale during the wait, is seen too; a copy that cannot be confirmed fails closed.
-/// Refused then by its status or by its own or its API's lists, the answer is the refusal:
-/// what the request took from this isolate's shares (tokens, credits, the key's and its
-/// identity's) goes back; what a settlement spent at an authority stays spent.
+/// meanwhile. A wait of [`RECHECK_AFTER_MS`] or less: a newer copy that reached this isolate's
+/// memory (a signed purge, a confirmation) is taken. A longer wait: the API's lists are decided
+/// again, then the key is found as any request finds it (memory within its trust, the Cache API
+/// that a purge-by-tag clears, the authority past `max_staleness_ms`), last, so that the answer
+/// rests on the key's record as the region holds it when the answer is given; a copy that
+/// cannot be confirmed, or a lookup that fails, fails closed. Refused then by its status or by
+/// its own or its API's lists, the answer is the refusal: what the request took from this
+/// isolate's shares (tokens, credits, the key's and its identity's) goes back; what a
+/// settlement spent at an authority stays spent.
 async fn overtaken(
     ctx: &RouteContext<worker::Context>,
     req: &Request,
     charged: Charged,
     record: Option<KeyRecord>,
-    (hash, who, request): (&KeyHash, Caller<'_>, &VerifyRequest),
+    asked: (&KeyHash, Caller<'_>, &VerifyRequest),
     decided_at_ms: u64,
-) -> EdgeResult<(Charged, Option<KeyRecord>)> {
+) -> (Charged, Option<KeyRecord>) {
     let Some(found) = record.as_ref().filter(|_| charged.decision.code == Code::Valid) else {
-        return Ok((charged, record));
+        return (charged, record);
     };
     let now_ms = Date::now().as_millis();
-    let waited = now_ms.saturating_sub(decided_at_ms) > RECHECK_AFTER_MS;
-    let now = match waited {
-        true => match lookup::find(&ctx.env, &ctx.data, hash, now_ms, || true).await? {
-            lookup::Found::Record(Some(r), _) if r.version <= found.version => Now::Same,
-            lookup::Found::Record(r, _) => Now::Changed(r),
-            lookup::Found::Unconfirmed(stale, _) => Now::Unconfirmed(stale),
-            lookup::Found::CallerLimited => Now::Unconfirmed(found.clone()),
-        },
-        false => lookup::newer_copy(hash, found.version).map_or(Now::Same, |r| Now::Changed(Some(r))),
+    let now = if now_ms.saturating_sub(decided_at_ms) <= RECHECK_AFTER_MS {
+        lookup::newer_copy(asked.0, found.version).map_or(Now::Same, |r| Now::Changed(Some(r)))
+    } else {
+        let listed = lists(ctx, req, asked.2, found, charged.decision.clone(), now_ms).await;
+        let listed = listed.map_or_else(|_| unavailable(), |(decision, _)| decision);
+        if listed.code != Code::Valid {
+            return refused_after_wait(charged, listed, None);
+        }
+        found_again(ctx, asked.0, found, now_ms).await
     };
-    let decided_at_ms = Date::now().as_millis();
-    let at = decided_at_ms as i64;
-    // The decision at answer time, and the record the answer then rests on.
+    let at = Date::now().as_millis();
+    let (hash, who, request) = asked;
+    // The record decided on: its lists were decided again above (after a wait), its expiry is here.
+    let same = matches!(now, Now::Same);
     let (decision, current) = match now {
-        Now::Same if !waited => return Ok((charged, record)),
-        Now::Same => (decide(Some(found), hash, who, request, at), Some(found.clone())),
-        Now::Changed(r) => (decide(r.as_ref(), hash, who, request, at), r),
-        Now::Unconfirmed(stale) => (decide_unconfirmed(&stale, hash, who, request, at), None),
+        Now::Same if at.saturating_sub(decided_at_ms) <= RECHECK_AFTER_MS => return (charged, record),
+        Now::Same => (decide(Some(found), hash, who, request, at as i64), Some(found.clone())),
+        Now::Changed(r) => (decide(r.as_ref(), hash, who, request, at as i64), r),
+        Now::Unconfirmed(stale) => (decide_unconfirmed(&stale, hash, who, request, at as i64), None),
     };
-    let decision = match current.as_ref().filter(|_| decision.code.passed_status_checks()) {
-        Some(r) => lists(ctx, req, request, r, decision, decided_at_ms).await?.0,
+    let decision = match current.as_ref().filter(|_| !same && decision.code.passed_status_checks()) {
+        Some(r) => lists(ctx, req, request, r, decision, at).await.map_or_else(|_| unavailable(), |(d, _)| d),
         None => decision,
     };
     if decision.code == Code::Valid {
-        return Ok((charged, record));
+        return (charged, record);
     }
+    refused_after_wait(charged, decision, current)
+}
+
+/// Fail closed: the record (or its API's lists) could not be confirmed.
+fn unavailable() -> Decision {
+    Decision { code: Code::Unavailable, permissions_matched: Vec::new() }
+}
+
+/// The key as a request finds it now, against the record a `VALID` was decided on; a lookup
+/// that fails, or one the caller's miss budget refuses, counts as unconfirmed (fail closed).
+async fn found_again(ctx: &RouteContext<worker::Context>, hash: &KeyHash, found: &KeyRecord, now_ms: u64) -> Now {
+    match lookup::find(&ctx.env, &ctx.data, hash, now_ms, || true).await {
+        Ok(lookup::Found::Record(Some(r), _)) if r.version <= found.version => Now::Same,
+        Ok(lookup::Found::Record(r, _)) => Now::Changed(r),
+        Ok(lookup::Found::Unconfirmed(stale, _)) => Now::Unconfirmed(stale),
+        Ok(lookup::Found::CallerLimited) => Now::Unconfirmed(found.clone()),
+        Err(e) => {
+            worker::console_warn!("the key's lookup after a wait failed: {e}");
+            Now::Unconfirmed(found.clone())
+        }
+    }
+}
+
+/// A `VALID` refused after its wait: what it took from this isolate's shares goes back, and the
+/// answer is the refusal, on the record it was decided on then (if any).
+fn refused_after_wait(
+    charged: Charged,
+    decision: Decision,
+    current: Option<KeyRecord>,
+) -> (Charged, Option<KeyRecord>) {
     charged.taken.put_back();
-    Ok((Charged::as_decided(decision, decided_at_ms), current))
+    (Charged::as_decided(decision, Date::now().as_millis()), current)
 }
 
 /// What a key is at answer time, against the record a `VALID` was decided on.
@@ -439,7 +471,7 @@ async fn lists(
         Some(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
         Some(api) => api,
         // Fail closed: the API's lists and cap could not be confirmed.
-        None => return Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, Cap::NONE)),
+        None => return Ok((unavailable(), Cap::NONE)),
     };
     let client = known.unwrap_or_else(client);
     Ok((decision.forbidden_unless(api.policy.admits(&client)), api.cap()))
