@@ -92,9 +92,8 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
     let hash = key.hash();
     let record = match copy_of(&hash, now_ms) {
         Held::Answer(copy) => {
-            let percent = fresh::refresh_ahead_percent();
             if !copy.record.status.is_final()
-                && freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, percent)
+                && freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, fresh::ahead_rule())
             {
                 fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, || {
                     let (env, record) = (env.clone(), copy.record.clone());

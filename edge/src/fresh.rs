@@ -30,6 +30,9 @@ use crate::misses::Kind;
 pub(crate) const MEMORY_TRUST_MS: u64 = 100;
 /// How often a request waiting for another's confirmation looks at it again.
 const JOIN_POLL_MS: u64 = 5;
+/// Added to the confirmations' recent round trip to make refresh ahead's lead: a request
+/// finding its copy at the lead's start may be a little late.
+const LEAD_MARGIN_MS: u64 = 50;
 
 /// This isolate's settings, read from the worker's variables at its first request.
 #[derive(Clone, Copy)]
@@ -48,6 +51,9 @@ thread_local! {
     /// Confirmations under way, by kind and hash, and when each was asked: a few at a time, so
     /// a list (smaller in the worker than another map type).
     static IN_FLIGHT: RefCell<Vec<(Id, u64)>> = const { RefCell::new(Vec::new()) };
+    /// How long this isolate's confirmations have taken lately: raised at once by a slower one,
+    /// lowered by an eighth of the difference by a faster one.
+    static ROUND_TRIP_MS: Cell<u64> = const { Cell::new(0) };
     static COUNTS: Cell<[ConfirmCounts; 4]> =
         const { Cell::new([ConfirmCounts { waited: 0, ahead: 0, shared: 0, overtaken: 0, unmarked: 0 }; 4]) };
 }
@@ -83,8 +89,21 @@ fn settings() -> Settings {
     })
 }
 
+/// When this isolate confirms a copy ahead of its expiry: at `REFRESH_AHEAD_PERCENT` of its
+/// trust, or once no more of it is left than its confirmations' recent round trip and a margin.
+pub(crate) fn ahead_rule() -> freshness::Ahead {
+    let lead_ms = ROUND_TRIP_MS.get() + LEAD_MARGIN_MS;
+    freshness::Ahead { percent: refresh_ahead_percent(), lead_ms }
+}
+
+/// Takes one confirmation's duration into the recent round trip.
+fn took(ms: u64) {
+    let held = ROUND_TRIP_MS.get();
+    ROUND_TRIP_MS.set(if ms >= held { ms } else { held - (held - ms) / 8 });
+}
+
 /// The share of its trust after which a copy is confirmed ahead of expiry, in percent.
-pub(crate) fn refresh_ahead_percent() -> u64 {
+fn refresh_ahead_percent() -> u64 {
     settings().refresh_ahead_percent
 }
 
@@ -141,6 +160,7 @@ pub(crate) struct Flight {
 
 impl Drop for Flight {
     fn drop(&mut self) {
+        took(Date::now().as_millis().saturating_sub(self.asked_ms));
         // Only this flight's mark: one that replaced it (this one ran past its time) stays.
         IN_FLIGHT.with(|f| f.borrow_mut().retain(|held| *held != (self.id, self.asked_ms)));
     }

@@ -210,7 +210,7 @@ fn answerable(entry: &Entry, now_ms: u64) -> bool {
 
 /// Answers from `entry`, first starting its confirmation in the background if it is due.
 fn answer(env: &Env, ctx: &Context, hash: &KeyHash, entry: Entry, source: Source, now_ms: u64) -> Found {
-    if freshness::key_refresh_ahead(&entry.record, entry.confirmed_at_ms, now_ms, fresh::refresh_ahead_percent()) {
+    if freshness::key_refresh_ahead(&entry.record, entry.confirmed_at_ms, now_ms, fresh::ahead_rule()) {
         // Cloned only when no confirmation of the key is under way.
         fresh::ahead(ctx, Kind::Key, hash.as_bytes(), now_ms, || {
             let (env, hash, record) = (env.clone(), *hash, entry.record.clone());

@@ -333,8 +333,7 @@ async fn nearest(env: &Env, ctx: &Context, cache: &Cache, kind: SideKind, id: &s
 
 /// Answers from `entry`, first starting its confirmation in the background if it is due.
 fn answer(env: &Env, ctx: &Context, entry: Entry, now_ms: u64) -> Found {
-    let percent = fresh::refresh_ahead_percent();
-    if freshness::refresh_ahead(entry.confirmed_at_ms, entry.record.max_staleness_ms(), now_ms, percent) {
+    if freshness::refresh_ahead(entry.confirmed_at_ms, entry.record.max_staleness_ms(), now_ms, fresh::ahead_rule()) {
         let kind = entry.record.kind();
         let hash = *kind.hash_of(entry.record.id()).as_bytes();
         fresh::ahead(ctx, kind.misses_kind(), &hash, now_ms, || {

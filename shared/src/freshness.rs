@@ -71,20 +71,43 @@ impl KeyStatus {
 /// (BENCHMARKS.md, `cargo xtask bench fresh`).
 pub const REFRESH_AHEAD_PERCENT: u64 = 75;
 
+/// When a copy that is still answered from is confirmed again in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ahead {
+    /// Once it has used this share of its trust, in percent; 100 or more turns refresh ahead off.
+    pub percent: u64,
+    /// Or once no more than this is left of its trust, but never earlier than half of it: where
+    /// the authority is far, a confirmation asked at `percent` would land after the copy went
+    /// stale, and requests would wait for it. The edge sets it from the confirmations it saw.
+    pub lead_ms: u64,
+}
+
+impl Ahead {
+    /// At `percent` of the trust, with no lead.
+    pub const fn at(percent: u64) -> Ahead {
+        Ahead { percent, lead_ms: 0 }
+    }
+}
+
 /// Whether a copy confirmed at `confirmed_at_ms`, trusted for `trust_ms`, is due to be
 /// confirmed again in the background at `now_ms`: it is still fresh (it may be answered from)
-/// and has used at least `percent` of its trust. Never for a stale copy (that one waits for its
-/// confirmation), and never at 100 or more (refresh ahead off).
-pub fn refresh_ahead(confirmed_at_ms: u64, trust_ms: u64, now_ms: u64, percent: u64) -> bool {
-    is_fresh(confirmed_at_ms, trust_ms, now_ms)
-        && percent < 100
-        && u128::from(now_ms - confirmed_at_ms) * 100 >= u128::from(trust_ms) * u128::from(percent)
+/// and has used at least `ahead.percent` of its trust, or has no more than `ahead.lead_ms` of it
+/// left (and has used half). Never for a stale copy (that one waits for its confirmation), and
+/// never at 100 percent or more (refresh ahead off).
+pub fn refresh_ahead(confirmed_at_ms: u64, trust_ms: u64, now_ms: u64, ahead: Ahead) -> bool {
+    if !is_fresh(confirmed_at_ms, trust_ms, now_ms) || ahead.percent >= 100 {
+        return false;
+    }
+    let used = now_ms - confirmed_at_ms;
+    let by_share = u128::from(used) * 100 >= u128::from(trust_ms) * u128::from(ahead.percent);
+    let by_lead = used >= trust_ms / 2 && trust_ms - used <= ahead.lead_ms;
+    by_share || by_lead
 }
 
 /// Whether a key's copy that may be answered from should be confirmed again in the background
 /// (see [`refresh_ahead`]); a final copy never needs it.
-pub fn key_refresh_ahead(record: &KeyRecord, confirmed_at_ms: u64, now_ms: u64, percent: u64) -> bool {
-    !record.status.is_final() && refresh_ahead(confirmed_at_ms, record.max_staleness_ms, now_ms, percent)
+pub fn key_refresh_ahead(record: &KeyRecord, confirmed_at_ms: u64, now_ms: u64, ahead: Ahead) -> bool {
+    !record.status.is_final() && refresh_ahead(confirmed_at_ms, record.max_staleness_ms, now_ms, ahead)
 }
 
 /// Whether isolate memory may answer a copy without reading the Cache API again, where purges
@@ -242,14 +265,34 @@ mod tests {
             (0, u64::MAX, u64::MAX - 1, 50, true),
         ] {
             assert_eq!(
-                refresh_ahead(confirmed, trust, now, percent),
+                refresh_ahead(confirmed, trust, now, Ahead::at(percent)),
                 due,
                 "confirmed {confirmed}, trust {trust}, now {now}, percent {percent}"
             );
         }
+        // (confirmed at, trust, now, lead, due) at 75 percent
+        for (confirmed, trust, now, lead_ms, due) in [
+            // A far authority (a 360 ms round trip): due from 600 ms left, not 250.
+            (1_000, 1_000, 1_399, 400, false),
+            (1_000, 1_000, 1_600, 400, true),
+            // Never before half the trust, however long the lead.
+            (1_000, 1_000, 1_499, 5_000, false),
+            (1_000, 1_000, 1_500, 5_000, true),
+            // A short lead changes nothing: the share decides.
+            (1_000, 1_000, 1_749, 10, false),
+            (1_000, 1_000, 1_750, 10, true),
+            // Stale, or stamped in the future: never due.
+            (1_000, 1_000, 2_000, 400, false),
+            (2_000, 1_000, 1_000, 400, false),
+        ] {
+            let ahead = Ahead { percent: 75, lead_ms };
+            assert_eq!(refresh_ahead(confirmed, trust, now, ahead), due, "now {now}, lead {lead_ms}");
+        }
+        let off = Ahead { percent: 100, lead_ms: 5_000 };
+        assert!(!refresh_ahead(1_000, 1_000, 1_900, off), "off is off, whatever the lead");
         let max = sample(KeyHash::of("x")).max_staleness_ms;
-        assert!(key_refresh_ahead(&at(1, KeyStatus::Active), 0, max - 1, 50));
-        assert!(!key_refresh_ahead(&at(1, KeyStatus::Revoked), 0, max - 1, 50), "final: never confirmed");
+        assert!(key_refresh_ahead(&at(1, KeyStatus::Active), 0, max - 1, Ahead::at(50)));
+        assert!(!key_refresh_ahead(&at(1, KeyStatus::Revoked), 0, max - 1, Ahead::at(50)), "final: never confirmed");
     }
 
     #[test]
