@@ -84,7 +84,8 @@ async fn read_at_most(req: &mut Request, limit: usize) -> EdgeResult<Vec<u8>> {
     let mut stream = req.stream()?;
     let mut body = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
+        // A caller that drops its connection mid-body is refused, not logged as a failure.
+        let chunk = chunk.map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the request body could not be read"))?;
         if body.len() + chunk.len() > limit {
             return Err(too_large());
         }

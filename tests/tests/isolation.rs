@@ -1,6 +1,7 @@
 //! One tenant cannot hurt another through what the edge keeps: isolate memory for copies is
 //! bounded by bytes, measured as the isolate's own wasm memory, with the largest records a key
-//! may have.
+//! may have; random keys cost a bounded number of fetches per caller; and a remembered
+//! `NOT_FOUND` reads the same for a key that does not exist and another workspace's key.
 
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::now_ms;
