@@ -201,8 +201,16 @@ fn a_remembered_not_found_says_so_alike_for_missing_keys_and_other_workspaces_ke
     assert_eq!(code_and_source(&world, &stranger, &theirs), ("VALID".to_owned(), "memory".to_owned()));
     // A key created in this workspace is valid at once.
     let mine = world.create_api("mine", 1_000);
-    let (_, fresh) = world.create_key(&mine, json!({}));
+    let (fresh_id, fresh) = world.create_key(&mine, json!({}));
     assert_eq!(code_and_source(&world, &root, &fresh).0, "VALID");
+    // A key of this workspace, revoked, is answered REVOKED every time: never a remembered miss.
+    let (status, answer) = world.admin(reqwest::Method::POST, &format!("/v1/keys/{fresh_id}/revoke"), None);
+    assert_eq!(status, 200, "{answer}");
+    for _ in 0..2 {
+        let (code, source) = code_and_source(&world, &root, &fresh);
+        assert_eq!(code, "REVOKED");
+        assert_ne!(source, "remembered");
+    }
 
     // Past the memory's 5 s, both are looked up again: no source, then remembered again.
     std::thread::sleep(std::time::Duration::from_millis(5_300).saturating_sub(remembered_at.elapsed()));
