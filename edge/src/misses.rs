@@ -5,10 +5,18 @@
 //! much), per isolate, before it is answered 429 `CALLER_RATE_LIMITED`. Key misses are counted
 //! per root key; root-key misses (a caller presenting unknown root keys) per client address.
 //!
+//! Besides, a `NOT_FOUND` given to a workspace for a key that does not exist or is another
+//! workspace's is remembered for that workspace and that key ([`answered`]), for
+//! [`MISS_MEMORY_MS`] from the answer, and answered again from memory (`source: "remembered"`).
+//! Both kinds are remembered alike, so the answers cannot tell them apart; neither can become
+//! a key of that workspace (a key's workspace never changes; a new key's hash was never looked
+//! up), and other workspaces' callers never read it.
+//!
 //! Every remembered answer, fetch and refusal is counted; `POST /internal/stats` shows them.
 
 use std::cell::{Cell, RefCell};
 
+use keyward_shared::KeyHash;
 use keyward_shared::budget::ByteLru;
 use keyward_shared::internal::MissCounts as Counts;
 use keyward_shared::limit::Buckets;
@@ -18,7 +26,8 @@ pub(crate) const MISS_MEMORY_MS: u64 = 5_000;
 /// How many lookups without a copy one caller may make a second, per isolate (and its burst),
 /// unless the worker's `CALLER_MISSES_PER_SECOND` says otherwise.
 pub(crate) const MISSES_PER_SECOND: u32 = 50;
-/// Bytes each kind of remembered miss may take (about 3,900 misses each).
+/// Bytes each kind of remembered miss may take (about 3,900 misses each), and the
+/// workspaces' remembered answers as much.
 const MISS_MEMORY_BYTES: usize = 512 * 1024;
 
 /// Which lookups: keys being verified, or root keys presented by callers.
@@ -37,6 +46,9 @@ pub(crate) enum Kind {
 struct Misses {
     /// Until when each miss is remembered (Unix ms).
     remembered: RefCell<ByteLru<[u8; 32], u64>>,
+    /// Until when each `NOT_FOUND` given to a workspace is remembered (Unix ms), by
+    /// [`answer_slot`] (keys only).
+    answers: RefCell<ByteLru<[u8; 32], u64>>,
     callers: RefCell<Buckets>,
     counts: Cell<Counts>,
 }
@@ -63,6 +75,7 @@ impl Misses {
     fn new() -> Misses {
         Misses {
             remembered: RefCell::new(ByteLru::new(MISS_MEMORY_BYTES)),
+            answers: RefCell::new(ByteLru::new(MISS_MEMORY_BYTES)),
             callers: RefCell::new(Buckets::new(MISSES_PER_SECOND, MISSES_PER_SECOND)),
             counts: Cell::new(Counts::default()),
         }
@@ -102,6 +115,36 @@ pub(crate) fn remembered(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
 /// found for `hash`.
 pub(crate) fn remember(kind: Kind, hash: &[u8; 32], now_ms: u64) {
     with(kind, |m| m.remembered.borrow_mut().put(*hash, now_ms + MISS_MEMORY_MS));
+}
+
+/// Whether a miss of `hash` is remembered now (not counted: see [`remembered`]).
+pub(crate) fn known_missing(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
+    with(kind, |m| m.remembered.borrow().peek(hash).is_some_and(|until| *until > now_ms))
+}
+
+/// Where the answer to `workspace_id` for `hash` is remembered: one digest of both, so one
+/// workspace's slot is never another's.
+fn answer_slot(workspace_id: &str, hash: &KeyHash) -> [u8; 32] {
+    *KeyHash::of(&format!("{workspace_id}/{}", hash.to_hex())).as_bytes()
+}
+
+/// Whether `NOT_FOUND` was answered to `workspace_id` for `hash` less than [`MISS_MEMORY_MS`]
+/// ago, by [`remember_answer`] (counted as remembered).
+pub(crate) fn answered(workspace_id: &str, hash: &KeyHash, now_ms: u64) -> bool {
+    KEYS.with(|m| {
+        let hit = m.answers.borrow_mut().get(&answer_slot(workspace_id, hash)).is_some_and(|until| *until > now_ms);
+        if hit {
+            m.count(|c| c.remembered += 1);
+        }
+        hit
+    })
+}
+
+/// Remembers a `NOT_FOUND` answered to `workspace_id` for `hash`, which the caller has checked
+/// no caller of that workspace could be answered otherwise: the key does not exist (a miss KV
+/// and a reachable authority agreed on) or is another workspace's.
+pub(crate) fn remember_answer(workspace_id: &str, hash: &KeyHash, now_ms: u64) {
+    KEYS.with(|m| m.answers.borrow_mut().put(answer_slot(workspace_id, hash), now_ms + MISS_MEMORY_MS));
 }
 
 /// Whether `caller` may make the edge fetch once more now (counted either way).

@@ -5,16 +5,16 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use keyward_shared::ErrorCode;
 use keyward_shared::internal::{
-    self, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, SignatureError, SignedHeaders, TIMESTAMP_HEADER,
+    self, MAX_SIGNED_BODY, MAX_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, SignatureError, SignedHeaders, TIMESTAMP_HEADER,
 };
 use worker::{Cache, Env, Headers, Request, Response, console_error};
 
 use crate::error::{EdgeError, EdgeResult};
 use crate::{PURGE_SECRET, deadline, origin};
 
-const MAX_BODY: usize = 256 * 1024;
 /// How long a nonce is remembered: past this its timestamp is refused anyway.
 const NONCE_MEMORY_MS: u64 = 2 * MAX_SKEW_MS as u64 + 1_000;
 
@@ -29,11 +29,12 @@ pub(crate) struct Signed<T> {
     pub signed_at_ms: i64,
 }
 
-/// The JSON body of a signed request to `path`, or the refusal to answer with: 401 for missing
-/// or malformed signature headers (before the body is read), a bad signature, a timestamp out
-/// of range or a nonce already used; 413 for a body over the limit (by `content-length` before
-/// reading, and by what was read); 400 for a body that is not a `T`. The nonce is recorded
-/// before the caller does any work, so a replay changes nothing.
+/// The JSON body of a signed request to `path`, or the refusal to answer with: 503 when this
+/// worker's secret is too short to sign with; 401 for missing or malformed signature headers
+/// (before the body is read), a bad signature, a timestamp out of range or a nonce already used;
+/// 413 for a body over [`MAX_SIGNED_BODY`] (by `content-length` before reading, else as soon as
+/// more arrived: at most the limit and one chunk are ever held); 400 for a body that is not a
+/// `T`. The nonce is recorded before the caller does any work, so a replay changes nothing.
 pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     req: &mut Request,
     env: &Env,
@@ -58,13 +59,10 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
         return Err(SignatureError::Malformed.into());
     }
     let declared = header("content-length").parse::<usize>().ok();
-    if declared.is_some_and(|n| n > MAX_BODY) {
+    if declared.is_some_and(|n| n > MAX_SIGNED_BODY) {
         return Err(too_large());
     }
-    let body = req.bytes().await?;
-    if body.len() > MAX_BODY {
-        return Err(too_large());
-    }
+    let body = read_at_most(req, MAX_SIGNED_BODY).await?;
     let headers = SignedHeaders { timestamp: &timestamp, nonce: &nonce, signature: &signature };
     internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64)?;
     if !first_use(&nonce, now_ms).await? {
@@ -76,8 +74,29 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The request's body as it arrives, refused (413) as soon as more than `limit` bytes came: what
+/// is held never exceeds `limit` and the chunk that passed it. The rest is never read (dropping
+/// the stream cancels it).
+async fn read_at_most(req: &mut Request, limit: usize) -> EdgeResult<Vec<u8>> {
+    if req.inner().body().is_none() {
+        return Ok(Vec::new());
+    }
+    let mut stream = req.stream()?;
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        // A caller that drops its connection mid-body is refused, not logged as a failure.
+        let chunk = chunk.map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the request body could not be read"))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 fn too_large() -> EdgeError {
-    EdgeError::new(ErrorCode::PayloadTooLarge, format!("an internal request is at most {} KiB", MAX_BODY / 1024))
+    let message = format!("an internal request is at most {} KiB", MAX_SIGNED_BODY / 1024);
+    EdgeError::new(ErrorCode::PayloadTooLarge, message)
 }
 
 impl From<SignatureError> for EdgeError {

@@ -10,7 +10,7 @@ use keyward_shared::ratelimit::{Cap, Grant, RateLimit};
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
 use keyward_shared::{
-    Code, ErrorCode, Key, KeyHash, KeyRecord, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
+    Code, ErrorCode, Key, KeyHash, KeyRecord, Source, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
 };
 use worker::{Date, Request, Response, RouteContext};
 
@@ -43,6 +43,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     let hash = key.hash();
     let caller_id = caller.id.clone();
     let who = Caller { workspace_id: &caller.workspace_id, scopes: &caller.scopes };
+    if let Some(remembered) = remembered_not_found(&hash, who, &caller_id, &request, now_ms) {
+        return answer(remembered?);
+    }
     let fetched = std::cell::Cell::new(false);
     let admit = || {
         fetched.set(true);
@@ -52,6 +55,9 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     // Decided, and stamped, once the record is found.
     let decided_at_ms = Date::now().as_millis();
     let now = decided_at_ms as i64;
+    if let lookup::Found::Record(record, _) = &found {
+        remember_not_found(record.as_ref(), &hash, &caller.workspace_id, decided_at_ms);
+    }
     let (decision, record, source) = match found {
         lookup::Found::Record(record, source) => (decide(record.as_ref(), &hash, who, &request, now), record, source),
         lookup::Found::Unconfirmed(stale, source) => {
@@ -85,6 +91,41 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     match charged.credits {
         Some(remaining) => answer(response.with_credits(remaining)),
         None => answer(response),
+    }
+}
+
+/// The `NOT_FOUND` the caller's workspace was given for this key moments ago
+/// (`crate::misses::answered`), answered again without a lookup (`source: "remembered"`), or
+/// `None`. It takes one of the caller's lookups, as any `NOT_FOUND` that fetched nothing does.
+fn remembered_not_found(
+    hash: &KeyHash,
+    who: Caller<'_>,
+    caller_id: &str,
+    request: &VerifyRequest,
+    now_ms: u64,
+) -> Option<EdgeResult<VerifyResponse>> {
+    if !misses::answered(who.workspace_id, hash, now_ms) {
+        return None;
+    }
+    if !misses::charge(Kind::Key, caller_id, now_ms) {
+        return Some(Err(limited()));
+    }
+    let decision = decide(None, hash, who, request, now_ms as i64);
+    Some(Ok(VerifyResponse::new(decision, None, Some(Source::Remembered)).decided_at(now_ms)))
+}
+
+/// Remembers the `NOT_FOUND` a lookup's `record` means for `workspace_id` where no caller of
+/// that workspace could be answered otherwise: a miss KV and a reachable authority agreed on
+/// (the one `crate::misses` remembers), or another workspace's key. A key of the workspace
+/// itself (deleted, of an API the caller may not verify) is never remembered, nor a miss that
+/// was not confirmed.
+fn remember_not_found(record: Option<&KeyRecord>, hash: &KeyHash, workspace_id: &str, now_ms: u64) {
+    let nobody_here = match record {
+        None => misses::known_missing(Kind::Key, hash.as_bytes(), now_ms),
+        Some(record) => record.workspace_id != workspace_id,
+    };
+    if nobody_here {
+        misses::remember_answer(workspace_id, hash, now_ms);
     }
 }
 

@@ -24,6 +24,9 @@ pub const NONCE_HEADER: &str = "x-keyward-nonce";
 pub const SIGNATURE_HEADER: &str = "x-keyward-signature";
 /// How far a signed request's timestamp may be from the receiver's clock, either way.
 pub const MAX_SKEW_MS: i64 = 30_000;
+/// Largest body a worker's signed internal route reads: a larger one is refused (413
+/// `PAYLOAD_TOO_LARGE`) by its `content-length` before reading, or as soon as more arrived.
+pub const MAX_SIGNED_BODY: usize = 256 * 1024;
 
 /// Tells an edge region to replace its copies of these keys with these records, the newest the
 /// control plane has: memory takes them, Cache API copies are dropped. A region never replaces

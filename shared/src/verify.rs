@@ -261,6 +261,9 @@ pub enum Source {
     Authority,
     /// The control plane's database (the origin's own, strongly consistent answer).
     Origin,
+    /// A `NOT_FOUND` this isolate gave the caller's workspace for the same key moments before
+    /// (the key does not exist, or is another workspace's), answered again without a lookup.
+    Remembered,
 }
 
 /// The answer to a well-formed verify request (HTTP 200 whatever the code).
@@ -336,8 +339,9 @@ impl VerifyResponse {
             meta: shown.map(|r| r.meta.clone()),
             expires_at: shown.and_then(|r| r.expires_at),
             // Where a key that is not found was looked for would tell another workspace's key
-            // (found in memory, the cache or the authority) from one that does not exist.
-            source: source.filter(|_| decision.code != Code::NotFound),
+            // (found in memory, the cache or the authority) from one that does not exist; an
+            // answer remembered for the workspace is either kind alike.
+            source: source.filter(|s| decision.code != Code::NotFound || *s == Source::Remembered),
             version: shown.map(|r| r.version),
             decided_at_ms: None,
             credits: None,
@@ -597,6 +601,8 @@ mod tests {
         }
         let found = VerifyResponse::new(Decision::of(Code::Revoked), None, Some(Source::Memory));
         assert_eq!(found.source, Some(Source::Memory));
+        let again = VerifyResponse::new(Decision::of(Code::NotFound), None, Some(Source::Remembered));
+        assert_eq!(serde_json::to_value(&again).unwrap()["source"], "remembered");
     }
 
     /// An unconfirmed record is never answered with its own outcome: a caller who may see the

@@ -23,6 +23,9 @@ pub enum RegionPlan {
     Down,
     /// Running, but with a purge secret other than the control plane's.
     WrongSecret,
+    /// Running, with a purge secret one byte shorter than a worker accepts
+    /// (`keyward_shared::internal::MIN_SECRET_BYTES`).
+    ShortSecret,
     /// Running; the control plane reaches its purge route through a [`Gate`] the test can shut.
     Gated,
     /// Running; KV writes reach it this many milliseconds late.
@@ -182,7 +185,11 @@ impl World {
         let home_proc = Some(home.start()?);
         let mut regions = Vec::new();
         for (i, plan) in plans.iter().enumerate() {
-            let region_secret = if *plan == RegionPlan::WrongSecret { new_secret() } else { secret.clone() };
+            let region_secret = match plan {
+                RegionPlan::WrongSecret => new_secret(),
+                RegionPlan::ShortSecret => secret[..keyward_shared::internal::MIN_SECRET_BYTES - 1].to_owned(),
+                _ => secret.clone(),
+            };
             let spec = spec(format!("r{i}"), region_secret, Objects::In(home.worker_name()));
             regions.push(Region::start(spec, *plan, i, &home, geography.as_ref(), dir.path())?);
         }

@@ -1,6 +1,7 @@
 //! One tenant cannot hurt another through what the edge keeps: isolate memory for copies is
 //! bounded by bytes, measured as the isolate's own wasm memory, with the largest records a key
-//! may have.
+//! may have; random keys cost a bounded number of fetches per caller; and a remembered
+//! `NOT_FOUND` reads the same for a key that does not exist and another workspace's key.
 
 use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::now_ms;
@@ -146,4 +147,76 @@ fn random_keys_cost_a_bounded_number_of_fetches_per_caller() {
     assert_eq!(limited + count(&answers, 401, "UNAUTHORIZED"), fake_roots.len(), "{answers:?}");
     // The known callers still verify.
     assert_eq!(world.verify_status(0, &root, &fresh), (200, "VALID".to_owned()));
+}
+
+/// Region 0's answer to `root_key` verifying `key`: (code, source or `-` when it has none).
+fn code_and_source(world: &World, root_key: &str, key: &str) -> (String, String) {
+    let (status, answer) = world.edge_verify(0, root_key, json!({ "key": key }));
+    assert_eq!(status, 200, "{answer}");
+    (answer["code"].as_str().unwrap_or("?").to_owned(), answer["source"].as_str().unwrap_or("-").to_owned())
+}
+
+#[test]
+#[ignore = "whole-system: starts keyward and a workerd region; run with `cargo xtask test`"]
+fn a_remembered_not_found_says_so_alike_for_missing_keys_and_other_workspaces_keys() {
+    let world = World::start(&[RegionPlan::Up]).expect("world");
+    let (status, other) = world.admin(reqwest::Method::POST, "/v1/workspaces", Some(json!({ "name": "elsewhere" })));
+    assert_eq!(status, 201, "{other}");
+    let stranger = other["root_key"]["key"].as_str().expect("the other workspace's root key").to_owned();
+    let origin = world.origin();
+    let body = json!({ "name": "theirs", "prefix": "sk_test", "max_staleness_ms": 60_000 });
+    let (status, api) = world.call(&origin, Some(&stranger), reqwest::Method::POST, "/v1/apis", Some(body));
+    assert_eq!(status, 201, "{api}");
+    let body = json!({ "api_id": api["id"], "name": "their key" });
+    let (status, theirs) = world.call(&origin, Some(&stranger), reqwest::Method::POST, "/v1/keys", Some(body));
+    assert_eq!(status, 201, "{theirs}");
+    let theirs = theirs["key"].as_str().expect("their key").to_owned();
+    // Their key is held in this isolate's memory.
+    world.wait_for("their key to be served from memory", std::time::Duration::from_secs(10), || {
+        let (code, source) = code_and_source(&world, &stranger, &theirs);
+        assert_eq!(code, "VALID");
+        (source == "memory").then_some(())
+    });
+    let root = world.root_key.clone();
+    let missing = random_key("sk_test");
+    let not_found = |source: &str| ("NOT_FOUND".to_owned(), source.to_owned());
+
+    // Asked twice by this workspace: first no source, then remembered, for either kind.
+    let before = stats(&world, 20);
+    assert_eq!(code_and_source(&world, &root, &missing), not_found("-"));
+    assert_eq!(code_and_source(&world, &root, &theirs), not_found("-"));
+    let remembered_at = std::time::Instant::now();
+    let first = stats(&world, 21);
+    assert_eq!(code_and_source(&world, &root, &missing), not_found("remembered"));
+    assert_eq!(code_and_source(&world, &root, &theirs), not_found("remembered"));
+    let second = stats(&world, 22);
+    println!(
+        "fetches: {} for the first answers, {} for the remembered ones",
+        first.key_misses.fetched - before.key_misses.fetched,
+        second.key_misses.fetched - first.key_misses.fetched
+    );
+    assert_eq!(second.key_misses.fetched, first.key_misses.fetched, "a remembered answer fetched: {second:?}");
+    assert_eq!(second.key_misses.remembered - first.key_misses.remembered, 2, "{second:?}");
+    // Their own caller still gets their key as it is.
+    assert_eq!(code_and_source(&world, &stranger, &theirs), ("VALID".to_owned(), "memory".to_owned()));
+    // A key created in this workspace is valid at once.
+    let mine = world.create_api("mine", 1_000);
+    let (fresh_id, fresh) = world.create_key(&mine, json!({}));
+    assert_eq!(code_and_source(&world, &root, &fresh).0, "VALID");
+    // A key of this workspace, revoked, is answered REVOKED every time: never a remembered miss.
+    let (status, answer) = world.admin(reqwest::Method::POST, &format!("/v1/keys/{fresh_id}/revoke"), None);
+    assert_eq!(status, 200, "{answer}");
+    for _ in 0..2 {
+        let (code, source) = code_and_source(&world, &root, &fresh);
+        assert_eq!(code, "REVOKED");
+        assert_ne!(source, "remembered");
+    }
+
+    // Past the memory's 5 s, both are looked up again: no source, then remembered again.
+    std::thread::sleep(std::time::Duration::from_millis(5_300).saturating_sub(remembered_at.elapsed()));
+    assert_eq!(code_and_source(&world, &root, &missing), not_found("-"));
+    assert_eq!(code_and_source(&world, &root, &theirs), not_found("-"));
+    assert_eq!(code_and_source(&world, &root, &missing), not_found("remembered"));
+    assert_eq!(code_and_source(&world, &root, &theirs), not_found("remembered"));
+    assert_eq!(code_and_source(&world, &stranger, &theirs).0, "VALID");
 }
