@@ -153,14 +153,19 @@ pub fn render(view: View, answer: &Value, now: i64) -> String {
         View::AuditCheckpoint => audit_checkpoint(answer),
         View::AuditVerified => audit_verified(answer),
         View::OutboxStatus => outbox_status(answer, now),
-        View::Redriven => format!(
-            "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
-            answer["region"].as_str().map_or("every target".to_owned(), |r| format!("region {}", printable(r))),
-            text(&answer["revived"]),
-            text(&answer["made_due"]),
-        ),
+        View::Redriven => redriven(answer),
         View::Repushed => repushed(&answer["queued"]),
     }
+}
+
+/// `outbox redrive`: what was made pending or due again.
+fn redriven(answer: &Value) -> String {
+    format!(
+        "Redrove {}: {} dead-lettered deliveries made pending again, {} pending ones made due now.\n",
+        answer["region"].as_str().map_or("every target".to_owned(), |r| format!("region {}", printable(r))),
+        text(&answer["revived"]),
+        text(&answer["made_due"]),
+    )
 }
 
 /// `outbox redrive --key`: what was queued, and who delivers it.
