@@ -17,6 +17,9 @@ use crate::{PURGE_SECRET, deadline, origin};
 
 /// How long a nonce is remembered: past this its timestamp is refused anyway.
 const NONCE_MEMORY_MS: u64 = 2 * MAX_SKEW_MS as u64 + 1_000;
+/// How long an internal request's body may take to arrive: a body dripped in slowly holds up
+/// to the route's limit in memory that every tenant's copies share, so it is cut off.
+const BODY_MS: u64 = 5_000;
 
 thread_local! {
     static NONCES: RefCell<HashMap<String, u64>> = RefCell::new(HashMap::new());
@@ -58,11 +61,20 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     if !internal::is_nonce(&nonce) || signature.len() != 64 {
         return Err(SignatureError::Malformed.into());
     }
+    // A stale timestamp is refused before the body is read, as malformed headers are.
+    if (now_ms as i64 - signed_at_ms).abs() > internal::MAX_SKEW_MS {
+        return Err(SignatureError::Stale.into());
+    }
     let declared = header("content-length").parse::<usize>().ok();
     if declared.is_some_and(|n| n > MAX_SIGNED_BODY) {
         return Err(too_large());
     }
-    let body = read_at_most(req, MAX_SIGNED_BODY).await?;
+    let reading = read_at_most(req, MAX_SIGNED_BODY, declared.unwrap_or(0));
+    let Some(body) = deadline::within(BODY_MS, reading).await else {
+        let message = format!("the request body did not arrive within {BODY_MS} ms");
+        return Err(EdgeError::new(ErrorCode::BadRequest, message));
+    };
+    let body = body?;
     let headers = SignedHeaders { timestamp: &timestamp, nonce: &nonce, signature: &signature };
     internal::verify(secret.as_bytes(), "POST", path, headers, &body, now_ms as i64)?;
     if !first_use(&nonce, now_ms).await? {
@@ -75,19 +87,25 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
 }
 
 /// The request's body as it arrives, refused (413) as soon as more than `limit` bytes came: what
-/// is held never exceeds `limit` and the chunk that passed it. The rest is never read (dropping
-/// the stream cancels it).
-async fn read_at_most(req: &mut Request, limit: usize) -> EdgeResult<Vec<u8>> {
+/// is held, and what is allocated for it, never exceeds `limit` (the chunk that passed it is
+/// dropped unread into the body). The rest is never read (dropping the stream cancels it).
+/// `declared` (its content-length, 0 if none) sizes the first allocation.
+async fn read_at_most(req: &mut Request, limit: usize, declared: usize) -> EdgeResult<Vec<u8>> {
     if req.inner().body().is_none() {
         return Ok(Vec::new());
     }
     let mut stream = req.stream()?;
-    let mut body = Vec::new();
+    let mut body = Vec::with_capacity(declared.min(limit));
     while let Some(chunk) = stream.next().await {
         // A caller that drops its connection mid-body is refused, not logged as a failure.
         let chunk = chunk.map_err(|_| EdgeError::new(ErrorCode::BadRequest, "the request body could not be read"))?;
-        if body.len() + chunk.len() > limit {
+        let needed = body.len() + chunk.len();
+        if needed > limit {
             return Err(too_large());
+        }
+        if needed > body.capacity() {
+            // Doubling, as a Vec grows, but never past the limit.
+            body.reserve_exact((needed * 2).min(limit) - body.len());
         }
         body.extend_from_slice(&chunk);
     }

@@ -55,9 +55,6 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     // Decided, and stamped, once the record is found.
     let decided_at_ms = Date::now().as_millis();
     let now = decided_at_ms as i64;
-    if let lookup::Found::Record(record, _) = &found {
-        remember_not_found(record.as_ref(), &hash, &caller.workspace_id, decided_at_ms);
-    }
     let (decision, record, source) = match found {
         lookup::Found::Record(record, source) => (decide(record.as_ref(), &hash, who, &request, now), record, source),
         lookup::Found::Unconfirmed(stale, source) => {
@@ -67,6 +64,12 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     };
     if decision.code == Code::NotFound && !fetched.get() && !misses::charge(Kind::Key, &caller_id, now_ms) {
         return Err(limited());
+    }
+    // Only a NOT_FOUND that is answered is remembered: one refused by the caller's miss budget
+    // is not, or a second root key of the workspace would find another workspace's key
+    // remembered where a missing one is not.
+    if decision.code == Code::NotFound {
+        remember_not_found(record.as_ref(), &hash, &caller.workspace_id, decided_at_ms);
     }
     // The key's and its API's allow and deny lists, before permissions' answer and any spending;
     // the API's record also caps the key's rate limits.
