@@ -337,13 +337,15 @@ fn root_key_cell(world: &mut World, mode: PurgeMode) -> (String, bool) {
             (world.edge_verify(i, &caller_key, json!({ "key": key })).0 == 200).then_some(())
         });
     }
-    // Served from memory in every region: the key (its answer's source) and the root key (no
-    // fetch of it for this request: the region holds its copy).
+    // Held in every region: the key served from memory (`make_hot`), and the root key, which
+    // this request does not fetch (memory trusts what the Cache API showed for 100 ms in
+    // tag-only mode, so by now the key may come from the Cache API: a copy all the same).
     for i in 0..3 {
         world.make_hot(i, &key);
         let before = root_keys_fetched(world, i);
         let (status, answer) = world.edge_verify(i, &caller_key, json!({ "key": key }));
-        assert_eq!((status, answer["source"].as_str()), (200, Some("memory")), "r{i}: {answer}");
+        let held = matches!(answer["source"].as_str(), Some("memory" | "cache"));
+        assert!(status == 200 && held, "r{i}: {status} {answer}");
         assert_eq!(root_keys_fetched(world, i), before, "r{i} fetched the root key: it held no copy");
     }
     inject(world, Fault::RootKeyRegionDown, true);
