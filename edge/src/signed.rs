@@ -33,11 +33,12 @@ pub(crate) struct Signed<T> {
 }
 
 /// The JSON body of a signed request to `path`, or the refusal to answer with: 503 when this
-/// worker's secret is too short to sign with; 401 for missing or malformed signature headers
-/// (before the body is read), a bad signature, a timestamp out of range or a nonce already used;
-/// 413 for a body over [`MAX_SIGNED_BODY`] (by `content-length` before reading, else as soon as
-/// more arrived: at most the limit and one chunk are ever held); 400 for a body that is not a
-/// `T`. The nonce is recorded before the caller does any work, so a replay changes nothing.
+/// worker's secret is too short to sign with; 401 for missing or malformed signature headers or
+/// a timestamp out of range (all before the body is read), a bad signature or a nonce already
+/// used; 413 for a body over [`MAX_SIGNED_BODY`] (by `content-length` before reading, else as
+/// soon as more arrived: at most the limit and one chunk are ever held); 400 for a body that did
+/// not arrive within [`BODY_MS`] or is not a `T`. The nonce is recorded before the caller does
+/// any work, so a replay changes nothing.
 pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
     req: &mut Request,
     env: &Env,
