@@ -63,9 +63,7 @@ pub(crate) async fn parse<T: serde::de::DeserializeOwned>(
         return Err(SignatureError::Malformed.into());
     }
     // A stale timestamp is refused before the body is read, as malformed headers are.
-    if (now_ms as i64 - signed_at_ms).abs() > internal::MAX_SKEW_MS {
-        return Err(SignatureError::Stale.into());
-    }
+    internal::check_timestamp(signed_at_ms, now_ms as i64)?;
     let declared = header("content-length").parse::<usize>().ok();
     if declared.is_some_and(|n| n > MAX_SIGNED_BODY) {
         return Err(too_large());

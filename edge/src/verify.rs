@@ -163,7 +163,7 @@ async fn overtaken(
         lookup::newer_copy(asked.0, found.version).map_or(Now::Same, |r| Now::Changed(Some(r)))
     } else {
         let listed = lists(ctx, req, asked.2, found, charged.decision.clone(), now_ms).await;
-        let listed = listed.map_or_else(|_| unavailable(), |(decision, _)| decision);
+        let listed = listed.map_or_else(|_| Decision::unavailable(), |(decision, _)| decision);
         if listed.code != Code::Valid {
             return refused_after_wait(charged, listed, None);
         }
@@ -180,18 +180,13 @@ async fn overtaken(
         Now::Unconfirmed(stale) => (decide_unconfirmed(&stale, hash, who, request, at as i64), None),
     };
     let decision = match current.as_ref().filter(|_| !same && decision.code.passed_status_checks()) {
-        Some(r) => lists(ctx, req, request, r, decision, at).await.map_or_else(|_| unavailable(), |(d, _)| d),
+        Some(r) => lists(ctx, req, request, r, decision, at).await.map_or_else(|_| Decision::unavailable(), |(d, _)| d),
         None => decision,
     };
     if decision.code == Code::Valid {
         return (charged, record);
     }
     refused_after_wait(charged, decision, current)
-}
-
-/// Fail closed: the record (or its API's lists) could not be confirmed.
-fn unavailable() -> Decision {
-    Decision { code: Code::Unavailable, permissions_matched: Vec::new() }
 }
 
 /// The key as a request finds it now, against the record a `VALID` was decided on; a lookup
@@ -485,7 +480,7 @@ async fn identity_of(
             costs.map_err(|m| EdgeError::new(ErrorCode::BadRequest, m))?;
             Ok((decision, Some(identity)))
         }
-        None => Ok((Decision { code: Code::Unavailable, permissions_matched: Vec::new() }, None)),
+        None => Ok((Decision::unavailable(), None)),
     }
 }
 
@@ -515,7 +510,7 @@ async fn lists(
         Some(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
         Some(api) => api,
         // Fail closed: the API's lists and cap could not be confirmed.
-        None => return Ok((unavailable(), Cap::NONE)),
+        None => return Ok((Decision::unavailable(), Cap::NONE)),
     };
     let client = known.unwrap_or_else(client);
     Ok((decision.forbidden_unless(api.policy.admits(&client)), api.cap()))

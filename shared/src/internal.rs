@@ -281,10 +281,16 @@ pub fn verify(
     mac(secret, method, path, timestamp_ms, headers.nonce, body)
         .verify_slice(&signature)
         .map_err(|_| SignatureError::Mismatch)?;
-    if (now_ms - timestamp_ms).abs() > MAX_SKEW_MS {
-        return Err(SignatureError::Stale);
+    check_timestamp(timestamp_ms, now_ms)
+}
+
+/// A signed timestamp within [`MAX_SKEW_MS`] of the receiver's clock, or `Stale`; checked by
+/// [`verify`], and by a receiver before it reads the body.
+pub fn check_timestamp(timestamp_ms: i64, now_ms: i64) -> Result<(), SignatureError> {
+    match (now_ms - timestamp_ms).abs() > MAX_SKEW_MS {
+        true => Err(SignatureError::Stale),
+        false => Ok(()),
     }
-    Ok(())
 }
 
 /// A nonce is 16 to 64 characters of letters, digits and `-`.

@@ -151,6 +151,12 @@ impl Decision {
         Decision { code, permissions_matched: Vec::new() }
     }
 
+    /// `UNAVAILABLE`: what the decision rests on (a record, an API's lists) could not be
+    /// confirmed, so the request fails closed.
+    pub fn unavailable() -> Decision {
+        Decision::of(Code::Unavailable)
+    }
+
     /// A `VALID` decision one of the key's rate limits refused (`RATE_LIMITED`), or that could
     /// not be decided (`UNAVAILABLE`: an exact limit's authority did not answer). Any other
     /// decision stays as it is.
