@@ -365,6 +365,19 @@ impl World {
         signed_post(&self.secret, base, path, body, timestamp_ms, nonce)
     }
 
+    /// The memory and confirmation counts of the worker at `base` (a region's or the home's),
+    /// from its signed stats route, each call with a nonce of its own.
+    pub fn memory_stats(&self, base: &str) -> keyward_shared::internal::MemoryStats {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let nonce = format!("memory-stats-{}-{n:06}", crate::now_ms());
+        let body = serde_json::json!({});
+        let (status, text) =
+            self.signed_post(base, keyward_shared::internal::STATS_PATH, &body, crate::now_ms(), &nonce);
+        assert_eq!(status, 200, "stats of {base}: {text}");
+        serde_json::from_str(&text).expect("memory stats")
+    }
+
     /// Writes `value` under `kv_key` straight into region `i`'s KV (what a late KV write does).
     pub fn put_region_kv(&self, i: usize, kv_key: &str, value: &Value) {
         let url = format!(

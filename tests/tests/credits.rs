@@ -11,7 +11,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
 use reqwest::Method;
@@ -21,17 +20,9 @@ const THREE: [RegionPlan; 3] = [RegionPlan::Up, RegionPlan::Up, RegionPlan::Up];
 /// Longer than a lease's time to live (`keyward_shared::credits::LEASE_TTL_MS`, 2 s).
 const LEASES_EXPIRED: Duration = Duration::from_millis(2_300);
 
-fn stats(world: &World, base: &str) -> MemoryStats {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nonce = format!("credits-stats-{}-{}", now_ms(), N.fetch_add(1, Ordering::SeqCst));
-    let (status, text) = world.signed_post(base, STATS_PATH, &json!({}), now_ms(), &nonce);
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).expect("memory stats")
-}
-
 /// Authority calls the home answered so far: credit calls and record reads.
 fn authority_calls(world: &World) -> (u64, u64) {
-    let home = stats(world, &world.home.url());
+    let home = world.memory_stats(&world.home.url());
     (home.authority_credit_calls_answered, home.authority_reads_answered)
 }
 

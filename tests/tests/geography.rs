@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::geography::{Geography, Link};
 use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World};
@@ -168,10 +167,7 @@ fn with_tag_only_purges_a_confirmation_in_flight_across_a_revocation_brings_back
     // the Cache API showed for 100 ms; 80 ms for the request in hand and the machine.
     assert!(late.iter().all(|ms| *ms <= 200), "last VALID after the answer, per revocation: {late:?} ms");
     // The race was run into: some confirmation found its mark gone and took its copy back.
-    let nonce = format!("in-flight-stats-{}", now_ms());
-    let (status, text) = world.signed_post(&world.regions[0].spec.url(), STATS_PATH, &json!({}), now_ms(), &nonce);
-    assert_eq!(status, 200, "{text}");
-    let stats: MemoryStats = serde_json::from_str(&text).unwrap();
+    let stats = world.memory_stats(&world.regions[0].spec.url());
     println!("key confirmations at the region: {:?}", stats.key_confirmations);
     assert!(stats.key_confirmations.overtaken > 0, "no confirmation was overtaken: {:?}", stats.key_confirmations);
 }

@@ -18,11 +18,8 @@ use serde_json::json;
 /// Every signed route the public worker serves.
 const ROUTES: [&str; 4] = [PURGE_PATH, AUTHORITY_PATH, SETTLE_PATH, STATS_PATH];
 
-fn stats(world: &World, n: u32) -> MemoryStats {
-    let nonce = format!("internal-routes-nonce-{n:04}");
-    let (status, text) = world.signed_post(&world.regions[0].spec.url(), STATS_PATH, &json!({}), now_ms(), &nonce);
-    assert_eq!(status, 200, "stats {n}: {text}");
-    serde_json::from_str(&text).expect("memory stats")
+fn stats(world: &World) -> MemoryStats {
+    world.memory_stats(&world.regions[0].spec.url())
 }
 
 /// A `GET /health` to region 0 until it answers; how long that took. Under wrangler's local dev
@@ -197,7 +194,7 @@ fn internal_routes_refuse_before_reading_and_never_buffer_more_than_their_limit(
     let world = World::start(&[RegionPlan::Up]).expect("world");
     let port = world.regions[0].spec.port;
     let refused = |code: &str| (401, code.to_owned());
-    let before = stats(&world, 0);
+    let before = stats(&world);
     for path in ROUTES {
         // (a) No signature at all: refused, whatever the body (8 MiB here).
         assert_eq!(post(&world, path, &[], b"{}".to_vec()), refused("BAD_SIGNATURE_HEADERS"), "{path}");
@@ -218,7 +215,7 @@ fn internal_routes_refuse_before_reading_and_never_buffer_more_than_their_limit(
     let (status, text) = chunked_then_stall(port, PURGE_PATH, forged(), MAX_SIGNED_BODY + 64 * 1024);
     assert_eq!((status, error_code(&text).as_str()), (413, "PAYLOAD_TOO_LARGE"), "{text}");
     println!("the local runtime answered again {:?} after the unfinished body", settle(&world));
-    let refusals = stats(&world, 1);
+    let refusals = stats(&world);
     let mut base = refusals.clone();
     // (d) A body without a length, far over the limit: refused once the limit is passed, and
     // the isolate's wasm memory does not grow by the body's size. The local runtime sometimes
@@ -233,11 +230,11 @@ fn internal_routes_refuse_before_reading_and_never_buffer_more_than_their_limit(
         }
         println!("the local runtime restarted the worker mid-request; measuring again ({attempt})");
         settle(&world);
-        base = stats(&world, 10 + attempt);
+        base = stats(&world);
         upload = chunked_upload(port, PURGE_PATH, forged(), total);
     }
     println!("the local runtime answered again {:?} after the large body", settle(&world));
-    let after = stats(&world, 2);
+    let after = stats(&world);
     let grown = |from: &MemoryStats, to: &MemoryStats| to.wasm_memory_bytes.saturating_sub(from.wasm_memory_bytes);
     println!(
         "wasm memory {} bytes; +{} after 4 routes x (8 MiB unsigned, {MAX_SIGNED_BODY}+1 bytes forged); \

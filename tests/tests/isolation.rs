@@ -3,18 +3,14 @@
 //! may have; random keys cost a bounded number of fetches per caller; and a remembered
 //! `NOT_FOUND` reads the same for a key that does not exist and another workspace's key.
 
-use keyward_shared::internal::{MemoryStats, STATS_PATH};
-use keyward_tests::now_ms;
+use keyward_shared::internal::MemoryStats;
 use keyward_tests::world::{Options, RegionPlan, World};
 use serde_json::json;
 
 const BUDGET: usize = 4 << 20;
 
-fn stats(world: &World, n: u32) -> MemoryStats {
-    let nonce = format!("memory-stats-nonce-{n:04}");
-    let (status, text) = world.signed_post(&world.regions[0].spec.url(), STATS_PATH, &json!({}), now_ms(), &nonce);
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str(&text).expect("memory stats")
+fn stats(world: &World) -> MemoryStats {
+    world.memory_stats(&world.regions[0].spec.url())
 }
 
 /// The largest key the control plane accepts: 16 KiB of meta, 100 permissions.
@@ -32,7 +28,7 @@ fn isolate_memory_for_copies_is_bounded_by_bytes_with_the_largest_records() {
     let api = world.create_api("big-records", 3_600_000);
     let (_, first) = world.create_key(&api, largest_key(0));
     world.make_hot(0, &first);
-    let before = stats(&world, 0);
+    let before = stats(&world);
     assert_eq!(before.copy_budget_bytes, BUDGET, "{before:?}");
     let count = 400;
     for n in 1..=count {
@@ -47,7 +43,7 @@ fn isolate_memory_for_copies_is_bounded_by_bytes_with_the_largest_records() {
         }
         assert_eq!(code, "VALID");
     }
-    let after = stats(&world, 1);
+    let after = stats(&world);
     let grown = after.wasm_memory_bytes.saturating_sub(before.wasm_memory_bytes);
     println!(
         "{count} records of about 20 KB each: {} copies kept in {} bytes (budget {}), wasm memory {} -> {} bytes (+{grown})",
@@ -106,11 +102,11 @@ fn random_keys_cost_a_bounded_number_of_fetches_per_caller() {
     // A miss is remembered: asking again costs no fetch.
     let missing = random_key("sk_test");
     assert_eq!(world.verify_status(0, &root, &missing), not_found);
-    let before = stats(&world, 10);
+    let before = stats(&world);
     for _ in 0..5 {
         assert_eq!(world.verify_status(0, &root, &missing), not_found);
     }
-    let after = stats(&world, 11);
+    let after = stats(&world);
     assert_eq!(after.key_misses.remembered - before.key_misses.remembered, 5, "{after:?}");
     assert_eq!(after.key_misses.fetched, before.key_misses.fetched, "{after:?}");
 
@@ -119,7 +115,7 @@ fn random_keys_cost_a_bounded_number_of_fetches_per_caller() {
     let started = std::time::Instant::now();
     let answers = flood(&keys, |key| world.verify_status(0, &root, key));
     let elapsed = started.elapsed().as_secs_f64();
-    let flooded = stats(&world, 12);
+    let flooded = stats(&world);
     let fetched = flooded.key_misses.fetched - after.key_misses.fetched;
     let refused = count(&answers, 429, "CALLER_RATE_LIMITED");
     println!("240 random keys in {elapsed:.2} s from one caller: {fetched} fetched, {refused} refused");
@@ -138,7 +134,7 @@ fn random_keys_cost_a_bounded_number_of_fetches_per_caller() {
     for _ in 0..3 {
         assert_eq!(world.verify_status(0, &unknown_root, &fresh), (401, "UNAUTHORIZED".to_owned()));
     }
-    assert!(stats(&world, 13).root_key_misses.remembered >= 2);
+    assert!(stats(&world).root_key_misses.remembered >= 2);
     let fake_roots: Vec<String> = (0..240).map(|_| random_key("kw_root")).collect();
     let answers = flood(&fake_roots, |fake| world.verify_status(0, fake, &fresh));
     let limited = count(&answers, 429, "CALLER_RATE_LIMITED");
@@ -182,14 +178,14 @@ fn a_remembered_not_found_says_so_alike_for_missing_keys_and_other_workspaces_ke
     let not_found = |source: &str| ("NOT_FOUND".to_owned(), source.to_owned());
 
     // Asked twice by this workspace: first no source, then remembered, for either kind.
-    let before = stats(&world, 20);
+    let before = stats(&world);
     assert_eq!(code_and_source(&world, &root, &missing), not_found("-"));
     assert_eq!(code_and_source(&world, &root, &theirs), not_found("-"));
     let remembered_at = std::time::Instant::now();
-    let first = stats(&world, 21);
+    let first = stats(&world);
     assert_eq!(code_and_source(&world, &root, &missing), not_found("remembered"));
     assert_eq!(code_and_source(&world, &root, &theirs), not_found("remembered"));
-    let second = stats(&world, 22);
+    let second = stats(&world);
     println!(
         "fetches: {} for the first answers, {} for the remembered ones",
         first.key_misses.fetched - before.key_misses.fetched,

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyward_shared::internal::{AUTHORITY_PATH, MemoryStats, PURGE_PATH, STATS_PATH};
+use keyward_shared::internal::{AUTHORITY_PATH, PURGE_PATH};
 use keyward_tests::gate::GateMode;
 use keyward_tests::now_ms;
 use keyward_tests::world::{Options, PurgeMode, RegionPlan, World, signed_post};
@@ -367,10 +367,7 @@ fn root_key_cell(world: &mut World, mode: PurgeMode) -> (String, bool) {
 
 /// How many root keys region `i` fetched (found no copy of) so far.
 fn root_keys_fetched(world: &World, i: usize) -> u64 {
-    let nonce = format!("matrix-stats-{i}-{}", now_ms());
-    let (status, text) = world.signed_post(&world.regions[i].spec.url(), STATS_PATH, &json!({}), now_ms(), &nonce);
-    assert_eq!(status, 200, "{text}");
-    serde_json::from_str::<MemoryStats>(&text).unwrap().root_key_misses.fetched
+    world.memory_stats(&world.regions[i].spec.url()).root_key_misses.fetched
 }
 
 fn run_matrix(mode: PurgeMode) {
