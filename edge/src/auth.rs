@@ -92,16 +92,7 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
     let hash = key.hash();
     let record = match copy_of(&hash, now_ms) {
         Held::Answer(copy) => {
-            if !copy.record.status.is_final()
-                && freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, fresh::ahead_rule())
-            {
-                fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, || {
-                    let (env, record) = (env.clone(), copy.record.clone());
-                    async move {
-                        let _ = confirm(&env, &hash, Some(record), now_ms).await;
-                    }
-                });
-            }
+            ahead_if_due(env, ctx, &copy, now_ms);
             copy.record
         }
         Held::Stale(record) => confirm_once(env, &hash, Some(record), now_ms).await?,
@@ -119,6 +110,33 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
         return Err(AuthError::Invalid);
     }
     Ok(record)
+}
+
+/// Confirms a root key's copy in the background when it has used its share of its trust at
+/// `now_ms` (and is not final).
+fn ahead_if_due(env: &Env, ctx: &Context, copy: &RootCopy, now_ms: u64) {
+    if copy.record.status.is_final()
+        || !freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, fresh::ahead_rule())
+    {
+        return;
+    }
+    let hash = copy.record.hash;
+    fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, || {
+        let (env, record) = (env.clone(), copy.record.clone());
+        async move {
+            let _ = confirm(&env, &hash, Some(record), now_ms).await;
+        }
+    });
+}
+
+/// After a request that waited (for a key's confirmation, a lease, a settlement): its caller's
+/// root key is confirmed ahead if it became due meanwhile, as the request would have done had it
+/// arrived now. Without this, callers whose every request waited a round trip (a few clients,
+/// all blocked) let the root key's trust run out unconfirmed, and their next request waits again.
+pub(crate) fn after_wait(env: &Env, ctx: &Context, hash: &KeyHash, now_ms: u64) {
+    if let Held::Answer(copy) = copy_of(hash, now_ms) {
+        ahead_if_due(env, ctx, &copy, now_ms);
+    }
 }
 
 /// Who sent the request, for the bound on root-key lookups: Cloudflare's `CF-Connecting-IP`,

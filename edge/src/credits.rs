@@ -10,10 +10,12 @@
 //! - When a share covers less than half a second of the holder's rate (or the last lease
 //!   request's round trip plus a margin, if longer), or half of its time is left, another lease
 //!   is asked for after the answer (`wait_until`): a steady stream of requests does not wait for
-//!   the authority, even one a few hundred milliseconds away.
+//!   the authority, even one a few hundred milliseconds away. The rate leaves out the time the
+//!   holder waited with nothing in hand (`keyward_shared::holder`), so a holder far from its
+//!   authority reaches its real rate after one wait, not one round trip at a time.
 //! - A lease's id is the holder's choice: when a request times out, the id is reported unspent
-//!   at the next contact, so a grant whose answer was lost is returned, not stranded. One request per key is under way at a time in an isolate; others
-//!   that need it wait for it.
+//!   at the next contact, so a grant whose answer was lost is returned, not stranded. One
+//!   request per key is under way at a time in an isolate; others that need it wait for it.
 //! - With no share left and the authority unreachable, the answer is `UNAVAILABLE` (fail closed).
 //! - A verification with an idempotency key is settled at the authority, one round trip.
 
@@ -22,6 +24,7 @@ use std::cell::{Cell, RefCell};
 use keyward_shared::credits::{
     LEASE_TTL_MS, LeaseAnswer, LeaseRequest, Report, SettleRequest, Settlement, Verdict, text,
 };
+use keyward_shared::holder::Rate;
 use keyward_shared::internal::{CreditCounts, SETTLE_PATH as SETTLE_PATH_INTERNAL, SettleAnswer, SettleOrder};
 use keyward_shared::ratelimit::text as ratelimit;
 use keyward_shared::ratelimit::{Cap, Grant};
@@ -36,14 +39,6 @@ use crate::{deadline, memory};
 const EXHAUSTED_MS: u64 = 250;
 /// How often a request waiting for another's lease request looks at it again.
 const JOIN_POLL_MS: u64 = 5;
-/// The window over which a holder measures its rate.
-const RATE_WINDOW_MS: u64 = 1_000;
-/// A holder asks ahead when its share covers less than this much of its rate, or its leases
-/// have less than this much time left; or than its last lease request's round trip plus
-/// [`AHEAD_MARGIN_MS`], when that is longer (a holder far from the authority asks earlier).
-const AHEAD_MS: u64 = 500;
-const AHEAD_MARGIN_MS: u64 = 150;
-
 /// One lease held: what is left of it, what was spent, and until when (this clock) it may be.
 #[derive(Clone, Copy)]
 struct Held {
@@ -67,49 +62,6 @@ struct Holding {
     /// Until when the authority's "not enough" is answered from memory.
     exhausted_until: u64,
     rate: Rate,
-}
-
-/// A holder's recent rate of something it spends (credits, a limit's tokens), measured over
-/// [`RATE_WINDOW_MS`] windows: what it asks the authority to cover.
-#[derive(Default)]
-pub(crate) struct Rate {
-    /// The current window's start and what was wanted in it; the last full window's rate.
-    window_start: u64,
-    window_wanted: u64,
-    rate_per_s: u64,
-    /// How long the last answered request to the authority took, asked to answered.
-    round_trip_ms: u64,
-}
-
-impl Rate {
-    /// Notes `cost` wanted at `now_ms`.
-    pub(crate) fn want(&mut self, cost: u64, now_ms: u64) {
-        let elapsed = now_ms.saturating_sub(self.window_start);
-        if elapsed >= RATE_WINDOW_MS {
-            self.rate_per_s = self.window_wanted * 1_000 / elapsed.max(1);
-            self.window_start = now_ms;
-            self.window_wanted = 0;
-        }
-        self.window_wanted += cost.max(1);
-    }
-
-    /// The rate to ask with: the last window's, or the current one's so far (at least 100 ms of it).
-    pub(crate) fn per_s(&self, now_ms: u64) -> u64 {
-        let elapsed = now_ms.saturating_sub(self.window_start).max(100);
-        self.rate_per_s.max(self.window_wanted * 1_000 / elapsed)
-    }
-
-    /// Notes how long a request to the authority took, asked at `asked_ms`, answered at `now_ms`.
-    pub(crate) fn answered(&mut self, asked_ms: u64, now_ms: u64) {
-        self.round_trip_ms = now_ms.saturating_sub(asked_ms);
-    }
-
-    /// How far ahead of running out a holder asks again: [`AHEAD_MS`], or its last request's
-    /// round trip plus [`AHEAD_MARGIN_MS`] when that is longer (a holder far from the authority
-    /// asks earlier).
-    pub(crate) fn lead_ms(&self) -> u64 {
-        AHEAD_MS.max(self.round_trip_ms + AHEAD_MARGIN_MS)
-    }
 }
 
 impl Holding {
@@ -136,14 +88,13 @@ impl Holding {
         let left: u64 = self.leases.iter().map(|h| h.left).sum();
         let latest = self.leases.iter().map(|h| h.until_ms).max().unwrap_or(0);
         // Never the whole lease lifetime: a lease would count as running low on arrival.
-        let lead_ms = self.rate.lead_ms().min(ttl_ms / 2);
-        let short = left.saturating_mul(1_000) < self.rate.per_s(now_ms).max(1).saturating_mul(lead_ms);
-        self.leases.len() < 2 && (short || latest < now_ms + ttl_ms / 2)
+        self.leases.len() < 2 && (self.rate.short(left, now_ms, ttl_ms / 2) || latest < now_ms + ttl_ms / 2)
     }
 
     /// Takes the authority's answer to a request asked at `asked_ms`.
     fn answered(&mut self, answer: &LeaseAnswer, asked_ms: u64, now_ms: u64) {
         self.rate.answered(asked_ms, now_ms);
+        self.rate.fed(now_ms);
         self.remaining = answer.remaining;
         self.spent_since = 0;
         if answer.granted > 0 {
@@ -369,6 +320,7 @@ async fn ask(env: &Env, hash: &KeyHash, need: u64) -> Option<LeaseAnswer> {
             // The reports may not have arrived: kept for the next contact (a report is taken
             // once); a lease granted without its answer arriving is reported unspent.
             None => {
+                h.rate.fed(now_ms);
                 h.reports.extend(request.reports);
                 h.reports.push(Report { lease, spent: 0 });
             }
@@ -398,6 +350,7 @@ pub(crate) async fn spend(env: &Env, ctx: &Context, hash: &KeyHash, cost: u64, n
         if exhausted {
             return Spent::Exceeded(with(hash, |h| h.remaining.saturating_sub(h.spent_since)));
         }
+        with(hash, |h| h.rate.starved(now));
         if !under_way {
             return asked(env, hash, cost).await;
         }

@@ -25,8 +25,9 @@ use keyward_shared::verify::LimitLeft;
 use keyward_shared::{Code, KeyHash, VerifyRequest};
 use worker::{Context, Date, Delay, Env, Response, Storage};
 
-use crate::credits::{Rate, post};
+use crate::credits::post;
 use crate::{deadline, memory};
+use keyward_shared::holder::Rate;
 
 /// The KeyState object's path for a holder's request for tokens ([`TokenRequest`]).
 pub(crate) const RATELIMIT_PATH: &str = "/ratelimit";
@@ -120,7 +121,7 @@ impl Holding {
         let latest = self.shares.iter().map(|s| s.until_ms).max().unwrap_or(0);
         self.refused_until <= now_ms
             && self.shares.len() < 2
-            && (self.left() * 2 < self.rate.per_s(now_ms).max(1) || latest < now_ms + ttl_ms / 2)
+            && (self.rate.short(self.left(), now_ms, ttl_ms / 2) || latest < now_ms + ttl_ms / 2)
     }
 
     fn left_for(&self, name: &str, now_ms: u64) -> LimitLeft {
@@ -334,6 +335,7 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
         if refused {
             return Take::Refused;
         }
+        with(hash, &limit.name, |h| h.rate.starved(now));
         if !under_way {
             return asked(env, hash, limit, under, cost).await;
         }
@@ -380,6 +382,8 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, need: u
     let now = Date::now().as_millis();
     with(hash, &limit.name, |h| {
         h.asking_since = None;
+        h.rate.answered(asked_ms, now);
+        h.rate.fed(now);
         // The authority granted under its own cap, never older than the one asked under; the
         // holding takes it if newer. A grant under a looser cap than the holding's own (an
         // older API record's, where the holding already has a lowered one) is not kept.

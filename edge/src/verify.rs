@@ -88,6 +88,10 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     let charged =
         charge(&ctx, &hash, record.as_ref(), identity.as_ref(), (decision, cap), &request, decided_at_ms).await;
     let (charged, record) = overtaken(&ctx, &req, charged, record, (&hash, who, &request), decided_at_ms).await;
+    let answered_ms = Date::now().as_millis();
+    if answered_ms.saturating_sub(now_ms) > RECHECK_AFTER_MS {
+        auth::after_wait(&ctx.env, &ctx.data, &caller.hash, answered_ms);
+    }
     let response = VerifyResponse::new(charged.decision, record.as_ref(), Some(source))
         .decided_at(charged.decided_at_ms)
         .with_limits(charged.limits);

@@ -10,6 +10,7 @@ pub mod credits;
 pub mod error;
 pub mod freshness;
 pub mod hash;
+pub mod holder;
 pub mod identity;
 pub mod internal;
 pub mod key;

@@ -1,10 +1,13 @@
 //! `cargo xtask bench limits`: what credits and rate limits cost a verification, and whether
 //! they hold.
 //!
-//! 1. Throughput: `wrk` on one region's verify route (`--region`, 0 by default) for a key without credits (plain, warm)
-//!    and, alternated with it in the same world, a key with a large balance (every holder
-//!    leases about once a second of its rate, so it leases again often); requests/s, p50, p99,
-//!    and the authority calls the home answered per 1,000 verifications for each.
+//! 1. Throughput: `wrk` on one region's verify route (`--region`, 0 by default) for a key without
+//!    credits (plain, warm) and, alternated with it in the same world, a key with a large balance
+//!    (every holder leases about once a second of its rate, so it leases again often);
+//!    requests/s, p50, p99, and the authority calls the home answered per 1,000 verifications
+//!    for each. Each key is idle while the others run: its first 2 s of load are measured
+//!    apart (`_after_idle_`: expired copies and shares, the holder's first leases), then the
+//!    steady load.
 //!    `KEYWARD_GEOGRAPHY=world` places the processes apart (`keyward_tests::geography`).
 //! 2. Overspend: verifications spread over 3 regions, 60 in flight, against a balance of
 //!    1,000: how many were `VALID` (overspend is what passes the balance, and must be 0), what
@@ -30,6 +33,8 @@ use crate::tools::step;
 
 /// The balance of the throughput key: more than any run spends.
 const LARGE: u64 = 1_000_000_000;
+/// How long each key's load after its idle time runs before the measured load (counted apart).
+const AFTER_IDLE: Duration = Duration::from_secs(2);
 /// The balance of the overspend key.
 const BALANCE: u64 = 1_000;
 
@@ -51,6 +56,7 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
     ];
     let base = world.regions[region].spec.url();
     let mut loads: [Vec<Load>; 4] = Default::default();
+    let mut idle: [Vec<Load>; 4] = Default::default();
     let mut calls = [0u64; 4];
     let mut leases = [(0u64, 0u64); 4];
     let mut n = 0;
@@ -62,6 +68,9 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
                 "round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{secs}s on region {region}",
                 round + 1
             ));
+            // The key was idle while the others ran (its copies and shares expired): its first
+            // seconds are counted apart, as what a burst after quiet costs.
+            idle[i].push(load::throughput(&world, &base, &world.root_key, key, connections, AFTER_IDLE)?);
             let (before, held) = (home_calls(&world, &mut n)?, stats(&world, &base, &mut n)?.credits);
             loads[i].push(load::throughput(&world, &base, &world.root_key, key, connections, duration)?);
             calls[i] += home_calls(&world, &mut n)? - before;
@@ -86,6 +95,10 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize)
         figures.add(&format!("{name}_p50_ms"), merged.p50_ms, 2);
         figures.add(&format!("{name}_p99_ms"), merged.p99_ms, 2);
         figures.add(&format!("{name}_authority_calls_per_1000"), per_1000, 1);
+        let idle = Load::merge(&idle[i]);
+        println!("{name}, its first {} s after being idle: {idle}", AFTER_IDLE.as_secs());
+        figures.add(&format!("{name}_after_idle_rps"), idle.rps, 0);
+        figures.add(&format!("{name}_after_idle_p99_ms"), idle.p99_ms, 2);
     }
     let plain = Load::merge(&loads[0]);
     for (i, name) in [(1, "credits"), (2, "exact"), (3, "local")] {
