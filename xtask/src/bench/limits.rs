@@ -7,7 +7,8 @@
 //!    requests/s, p50, p99, and the authority calls the home answered per 1,000 verifications
 //!    for each. Each key is idle while the others run: its first 2 s of load are measured
 //!    apart (`_after_idle_`: expired copies and shares, the holder's first leases), then the
-//!    steady load.
+//!    steady load. `--against <rev>` measures that revision's build the same way in a world of
+//!    its own, alternated with this checkout's.
 //!    `KEYWARD_GEOGRAPHY=world` places the processes apart (`keyward_tests::geography`).
 //! 2. Overspend: verifications spread over 3 regions, 60 in flight, against a balance of
 //!    1,000: how many were `VALID` (overspend is what passes the balance, and must be 0), what
@@ -38,78 +39,143 @@ const AFTER_IDLE: Duration = Duration::from_secs(2);
 /// The balance of the overspend key.
 const BALANCE: u64 = 1_000;
 
-pub fn run(duration: Duration, connections: usize, rounds: usize, region: usize) -> anyhow::Result<()> {
-    let build = super::builds(None)?.pop().ok_or_else(|| anyhow::anyhow!("the current build"))?;
-    step("starting the home, 3 regions (log level error) and the control plane");
-    let world = build.world(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up])?;
-    match &world.geography {
-        Some(geography) => step(&format!("placed apart (KEYWARD_GEOGRAPHY): {}", geography.describe(3))),
-        None => step("on loopback (KEYWARD_GEOGRAPHY unset)"),
+/// One build's world and what its keys measured.
+struct Side {
+    build: super::Build,
+    world: World,
+    api: String,
+    keys: [(&'static str, String); 4],
+    base: String,
+    loads: [Vec<Load>; 4],
+    idle: [Vec<Load>; 4],
+    calls: [u64; 4],
+    leases: [(u64, u64); 4],
+}
+
+pub fn run(
+    duration: Duration,
+    connections: usize,
+    rounds: usize,
+    region: usize,
+    against: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut sides = Vec::new();
+    for build in super::builds(against)? {
+        sides.push(Side::start(build, region)?);
     }
-    let api = world.create_api("bench-limits", 1_000);
-    let limit = |mode: &str| json!([{ "name": "api", "limit": LARGE, "duration_ms": 60_000, "mode": mode }]);
-    let keys = [
-        ("plain", world.create_key(&api, json!({})).1),
-        ("credits", world.create_key(&api, json!({ "credits": { "remaining": LARGE } })).1),
-        ("exact", world.create_key(&api, json!({ "ratelimits": limit("exact") })).1),
-        ("local", world.create_key(&api, json!({ "ratelimits": limit("local") })).1),
-    ];
-    let base = world.regions[region].spec.url();
-    let mut loads: [Vec<Load>; 4] = Default::default();
-    let mut idle: [Vec<Load>; 4] = Default::default();
-    let mut calls = [0u64; 4];
-    let mut leases = [(0u64, 0u64); 4];
     let mut n = 0;
     for round in 0..rounds {
-        for i in order(round, keys.len()) {
-            let (name, key) = &keys[i];
-            let secs = duration.as_secs();
+        for s in order(round, sides.len()) {
+            sides[s].round(round, rounds, connections, duration, region, &mut n)?;
+        }
+    }
+    let mut figures: Vec<Figures> = sides.iter().map(Side::figures).collect();
+    let current = sides.last().expect("the current build");
+    let last = figures.last_mut().expect("the current build");
+    overspend(&current.world, &current.api, last)?;
+    for mode in ["exact", "local"] {
+        accuracy(&current.world, &current.api, mode, last)?;
+    }
+    match &figures[..] {
+        [old, current] => report(current, Some((&sides[0].build, old))),
+        [current] => report(current, None),
+        _ => unreachable!("one or two builds"),
+    }
+    Ok(())
+}
+
+impl Side {
+    fn start(build: super::Build, region: usize) -> anyhow::Result<Side> {
+        step(&format!("{}: starting the home, 3 regions (log level error) and the control plane", build.label));
+        let world = build.world(&[RegionPlan::Up, RegionPlan::Up, RegionPlan::Up])?;
+        match &world.geography {
+            Some(geography) => step(&format!("placed apart (KEYWARD_GEOGRAPHY): {}", geography.describe(3))),
+            None => step("on loopback (KEYWARD_GEOGRAPHY unset)"),
+        }
+        let api = world.create_api("bench-limits", 1_000);
+        let limit = |mode: &str| json!([{ "name": "api", "limit": LARGE, "duration_ms": 60_000, "mode": mode }]);
+        let keys = [
+            ("plain", world.create_key(&api, json!({})).1),
+            ("credits", world.create_key(&api, json!({ "credits": { "remaining": LARGE } })).1),
+            ("exact", world.create_key(&api, json!({ "ratelimits": limit("exact") })).1),
+            ("local", world.create_key(&api, json!({ "ratelimits": limit("local") })).1),
+        ];
+        let base = world.regions[region].spec.url();
+        Ok(Side {
+            build,
+            world,
+            api,
+            keys,
+            base,
+            loads: Default::default(),
+            idle: Default::default(),
+            calls: [0; 4],
+            leases: [(0, 0); 4],
+        })
+    }
+
+    /// Loads each key in turn (the order alternating by round): its first seconds after idle,
+    /// then the measured load.
+    fn round(
+        &mut self,
+        round: usize,
+        rounds: usize,
+        connections: usize,
+        duration: Duration,
+        region: usize,
+        n: &mut u32,
+    ) -> anyhow::Result<()> {
+        let (world, base) = (&self.world, &self.base);
+        for i in order(round, self.keys.len()) {
+            let (name, key) = &self.keys[i];
             step(&format!(
-                "round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{secs}s on region {region}",
-                round + 1
+                "{}, round {}/{rounds}, {name}: wrk -t1 -c{connections} -d{}s on region {region}",
+                self.build.label,
+                round + 1,
+                duration.as_secs()
             ));
             // The key was idle while the others ran (its copies and shares expired): its first
             // seconds are counted apart, as what a burst after quiet costs.
-            idle[i].push(load::throughput(&world, &base, &world.root_key, key, connections, AFTER_IDLE)?);
-            let (before, held) = (home_calls(&world, &mut n)?, stats(&world, &base, &mut n)?.credits);
-            loads[i].push(load::throughput(&world, &base, &world.root_key, key, connections, duration)?);
-            calls[i] += home_calls(&world, &mut n)? - before;
-            let after = stats(&world, &base, &mut n)?.credits;
-            leases[i].0 += after.leases_waited - held.leases_waited;
-            leases[i].1 += after.leases_ahead - held.leases_ahead;
+            self.idle[i].push(load::throughput(world, base, &world.root_key, key, connections, AFTER_IDLE)?);
+            let (before, held) = (home_calls(world, n)?, stats(world, base, n)?.credits);
+            self.loads[i].push(load::throughput(world, base, &world.root_key, key, connections, duration)?);
+            self.calls[i] += home_calls(world, n)? - before;
+            let after = stats(world, base, n)?.credits;
+            self.leases[i].0 += after.leases_waited - held.leases_waited;
+            self.leases[i].1 += after.leases_ahead - held.leases_ahead;
         }
+        Ok(())
     }
-    let mut figures = Figures::default();
-    for (i, (name, _)) in keys.iter().enumerate() {
-        let merged = Load::merge(&loads[i]);
-        let per_1000 = calls[i] as f64 * 1_000.0 / merged.requests.max(1) as f64;
-        let per = |n: u64| n as f64 * 1_000.0 / merged.requests.max(1) as f64;
-        let (waited, ahead) = (per(leases[i].0), per(leases[i].1));
-        println!(
-            "{name}: {merged}; authority calls per 1,000 verifications {per_1000:.1}; lease requests a \
-             verification waited for {waited:.1}, asked ahead {ahead:.1} (per 1,000, at the loaded region)"
-        );
-        figures.add(&format!("{name}_leases_waited_per_1000"), waited, 1);
-        figures.add(&format!("{name}_leases_ahead_per_1000"), ahead, 1);
-        figures.add(&format!("{name}_rps"), merged.rps, 0);
-        figures.add(&format!("{name}_p50_ms"), merged.p50_ms, 2);
-        figures.add(&format!("{name}_p99_ms"), merged.p99_ms, 2);
-        figures.add(&format!("{name}_authority_calls_per_1000"), per_1000, 1);
-        let idle = Load::merge(&idle[i]);
-        println!("{name}, its first {} s after being idle: {idle}", AFTER_IDLE.as_secs());
-        figures.add(&format!("{name}_after_idle_rps"), idle.rps, 0);
-        figures.add(&format!("{name}_after_idle_p99_ms"), idle.p99_ms, 2);
+
+    /// Prints this side's throughput figures and answers them.
+    fn figures(&self) -> Figures {
+        let mut figures = Figures::default();
+        for (i, (name, _)) in self.keys.iter().enumerate() {
+            let merged = Load::merge(&self.loads[i]);
+            let per = |n: u64| n as f64 * 1_000.0 / merged.requests.max(1) as f64;
+            let (per_1000, waited, ahead) = (per(self.calls[i]), per(self.leases[i].0), per(self.leases[i].1));
+            println!(
+                "{}, {name}: {merged}; authority calls per 1,000 verifications {per_1000:.1}; lease requests \
+                 a verification waited for {waited:.1}, asked ahead {ahead:.1} (per 1,000, at the loaded region)",
+                self.build.label
+            );
+            figures.add(&format!("{name}_leases_waited_per_1000"), waited, 1);
+            figures.add(&format!("{name}_leases_ahead_per_1000"), ahead, 1);
+            figures.add(&format!("{name}_rps"), merged.rps, 0);
+            figures.add(&format!("{name}_p50_ms"), merged.p50_ms, 2);
+            figures.add(&format!("{name}_p99_ms"), merged.p99_ms, 2);
+            figures.add(&format!("{name}_authority_calls_per_1000"), per_1000, 1);
+            let idle = Load::merge(&self.idle[i]);
+            println!("{}, {name}, its first {} s after being idle: {idle}", self.build.label, AFTER_IDLE.as_secs());
+            figures.add(&format!("{name}_after_idle_rps"), idle.rps, 0);
+            figures.add(&format!("{name}_after_idle_p99_ms"), idle.p99_ms, 2);
+        }
+        let plain = Load::merge(&self.loads[0]);
+        for (i, name) in [(1, "credits"), (2, "exact"), (3, "local")] {
+            figures.add(&format!("{name}_over_plain_rps"), Load::merge(&self.loads[i]).rps / plain.rps, 3);
+        }
+        figures
     }
-    let plain = Load::merge(&loads[0]);
-    for (i, name) in [(1, "credits"), (2, "exact"), (3, "local")] {
-        figures.add(&format!("{name}_over_plain_rps"), Load::merge(&loads[i]).rps / plain.rps, 3);
-    }
-    overspend(&world, &api, &mut figures)?;
-    for mode in ["exact", "local"] {
-        accuracy(&world, &api, mode, &mut figures)?;
-    }
-    report(&figures, None);
-    Ok(())
 }
 
 /// Authority calls the home answered so far: credit calls and record reads.

@@ -133,6 +133,11 @@ pub enum Which {
         /// The region (0-2) wrk loads; under a geography, 2 is the farthest from the home.
         #[arg(long, default_value_t = 0)]
         region: usize,
+        /// Also measure this revision's build (worker and `keyward`), its throughput alternated
+        /// with this checkout's, each in a world of its own (overspend and accuracy: this
+        /// checkout's only).
+        #[arg(long)]
+        against: Option<String>,
     },
     /// The worker's upload size (`wrangler deploy --dry-run`, plain and gzipped) and its cold
     /// start (a fresh worker process to its first answer).
@@ -177,8 +182,9 @@ pub fn run(which: Which) -> anyhow::Result<()> {
         Which::Fresh { seconds, connections, rounds, before } => {
             fresh::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), before.as_deref())
         }
-        Which::Limits { seconds, connections, rounds, region } => {
-            limits::run(std::time::Duration::from_secs(seconds), connections, rounds.max(1), region.min(2))
+        Which::Limits { seconds, connections, rounds, region, against } => {
+            let duration = std::time::Duration::from_secs(seconds);
+            limits::run(duration, connections, rounds.max(1), region.min(2), against.as_deref())
         }
         Which::Worker { starts, against } => worker::run(starts.max(1), against.as_deref()),
     }
