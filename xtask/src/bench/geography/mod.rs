@@ -192,10 +192,18 @@ fn steady_figures(place: &Place, figures: &mut Figures) {
     let answers: Vec<&steady::Answer> = place.segments.iter().flat_map(|s| &s.answers).collect();
     let mut latencies = vec![Vec::new(); place.world.regions.len()];
     for (i, times) in latencies.iter_mut().enumerate() {
-        let mine: Vec<&&steady::Answer> = answers.iter().filter(|a| a.region == i).collect();
+        let (firsts, mine): (Vec<&&steady::Answer>, Vec<&&steady::Answer>) =
+            answers.iter().filter(|a| a.region == i).partition(|a| a.first);
+        let first_waited = firsts.iter().filter(|a| a.waited).count();
+        let first_ms = firsts.iter().map(|a| a.latency_ms).fold(0.0, f64::max);
+        println!(
+            "{name}: region {i}: each key's first ask ({}, apart from what follows): {first_waited} waited for the authority, the slowest {first_ms:.1} ms",
+            firsts.len()
+        );
         times.extend(mine.iter().map(|a| a.latency_ms));
         let waited = mine.iter().filter(|a| a.waited).count() as f64 / mine.len().max(1) as f64;
-        let mut codes: Vec<&str> = mine.iter().filter(|a| a.status != 200).map(|a| a.code.as_str()).collect();
+        let all = firsts.iter().chain(&mine);
+        let mut codes: Vec<&str> = all.filter(|a| a.status != 200).map(|a| a.code.as_str()).collect();
         let errors = codes.len();
         codes.sort_unstable();
         codes.dedup();
@@ -204,7 +212,7 @@ fn steady_figures(place: &Place, figures: &mut Figures) {
         let calls = chunks as f64 / CHUNKS_PER_CALL / seconds;
         let kib = bytes as f64 / 1024.0 / seconds;
         println!(
-            "{name}: region {i}: {} answers, {errors} errors {codes:?}, {:.1}% waited for the authority; authority calls at least {calls:.1}/s ({kib:.1} KiB/s towards the home)",
+            "{name}: region {i}: {} answers after, {errors} errors {codes:?} in all, {:.1}% waited for the authority; authority calls at least {calls:.1}/s ({kib:.1} KiB/s towards the home)",
             mine.len(),
             waited * 100.0
         );
