@@ -92,7 +92,7 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
     let hash = key.hash();
     let record = match copy_of(&hash, now_ms) {
         Held::Answer(copy) => {
-            ahead_if_due(env, ctx, &copy, now_ms);
+            ahead_if_due(env, ctx, &hash, &copy, now_ms);
             copy.record
         }
         Held::Stale(record) => confirm_once(env, &hash, Some(record), now_ms).await?,
@@ -112,15 +112,15 @@ pub(crate) async fn caller(req: &Request, env: &Env, ctx: &Context, now_ms: u64)
     Ok(record)
 }
 
-/// Confirms a root key's copy in the background when it has used its share of its trust at
-/// `now_ms` (and is not final).
-fn ahead_if_due(env: &Env, ctx: &Context, copy: &RootCopy, now_ms: u64) {
+/// Confirms the copy of the root key `hash` in the background when it has used its share of its
+/// trust at `now_ms` (and is not final).
+fn ahead_if_due(env: &Env, ctx: &Context, hash: &KeyHash, copy: &RootCopy, now_ms: u64) {
     if copy.record.status.is_final()
         || !freshness::refresh_ahead(copy.confirmed_at_ms, ROOT_TRUST_MS, now_ms, fresh::ahead_rule())
     {
         return;
     }
-    let hash = copy.record.hash;
+    let hash = *hash;
     fresh::ahead(ctx, Kind::RootKey, hash.as_bytes(), now_ms, || {
         let (env, record) = (env.clone(), copy.record.clone());
         async move {
@@ -135,7 +135,7 @@ fn ahead_if_due(env: &Env, ctx: &Context, copy: &RootCopy, now_ms: u64) {
 /// all blocked) let the root key's trust run out unconfirmed, and their next request waits again.
 pub(crate) fn after_wait(env: &Env, ctx: &Context, hash: &KeyHash, now_ms: u64) {
     if let Held::Answer(copy) = copy_of(hash, now_ms) {
-        ahead_if_due(env, ctx, &copy, now_ms);
+        ahead_if_due(env, ctx, hash, &copy, now_ms);
     }
 }
 

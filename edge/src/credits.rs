@@ -11,8 +11,9 @@
 //!   request's round trip plus a margin, if longer), or half of its time is left, another lease
 //!   is asked for after the answer (`wait_until`): a steady stream of requests does not wait for
 //!   the authority, even one a few hundred milliseconds away. The rate leaves out the time the
-//!   holder waited with nothing in hand (`keyward_shared::holder`), so a holder far from its
-//!   authority reaches its real rate after one wait, not one round trip at a time.
+//!   holder waited with nothing in hand, and what was wanted meanwhile
+//!   (`keyward_shared::holder`), so a holder far from its authority reaches its real rate after
+//!   one wait, not one round trip at a time.
 //! - A lease's id is the holder's choice: when a request times out, the id is reported unspent
 //!   at the next contact, so a grant whose answer was lost is returned, not stranded. One
 //!   request per key is under way at a time in an isolate; others that need it wait for it.
@@ -350,7 +351,13 @@ pub(crate) async fn spend(env: &Env, ctx: &Context, hash: &KeyHash, cost: u64, n
         if exhausted {
             return Spent::Exceeded(with(hash, |h| h.remaining.saturating_sub(h.spent_since)));
         }
-        with(hash, |h| h.rate.starved(now));
+        // Starved only with nothing in hand: a request whose cost no single lease covers,
+        // while others go on spending, is not a wait of the holder's.
+        with(hash, |h| {
+            if h.leases.is_empty() {
+                h.rate.starved(now);
+            }
+        });
         if !under_way {
             return asked(env, hash, cost).await;
         }

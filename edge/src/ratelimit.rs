@@ -335,7 +335,11 @@ async fn take_exact(env: &Env, ctx: &Context, hash: &KeyHash, limit: &RateLimit,
         if refused {
             return Take::Refused;
         }
-        with(hash, &limit.name, |h| h.rate.starved(now));
+        with(hash, &limit.name, |h| {
+            if h.shares.is_empty() {
+                h.rate.starved(now);
+            }
+        });
         if !under_way {
             return asked(env, hash, limit, under, cost).await;
         }
@@ -373,7 +377,7 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, need: u
     let asked_ms = Date::now().as_millis();
     let want = with(hash, &limit.name, |h| {
         h.asking_since = Some(asked_ms);
-        (h.rate.per_s(asked_ms) * COVER_MS / 1_000).max(need)
+        (h.rate.per_s(asked_ms).saturating_mul(COVER_MS) / 1_000).max(need)
     });
     let request = TokenRequest { name: limit.name.clone(), need, want, version, cap };
     let ms = if need == 0 { deadline::MAX_AUTHORITY_MS } else { deadline::authority_ms(env) };
@@ -382,7 +386,9 @@ async fn ask(env: &Env, hash: &KeyHash, limit: &RateLimit, under: Under, need: u
     let now = Date::now().as_millis();
     with(hash, &limit.name, |h| {
         h.asking_since = None;
-        h.rate.answered(asked_ms, now);
+        if answer.is_some() {
+            h.rate.answered(asked_ms, now);
+        }
         h.rate.fed(now);
         // The authority granted under its own cap, never older than the one asked under; the
         // holding takes it if newer. A grant under a looser cap than the holding's own (an
