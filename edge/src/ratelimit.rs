@@ -18,6 +18,7 @@
 use std::cell::RefCell;
 
 use keyward_shared::credits::{Settlement, Verdict};
+use keyward_shared::holder::Rate;
 use keyward_shared::identity::Spender;
 use keyward_shared::ratelimit::text::{self, TokenAnswer, TokenRequest};
 use keyward_shared::ratelimit::{Cap, Grant, Mode, RateLimit, Reserved, Schedule, applicable};
@@ -27,7 +28,6 @@ use worker::{Context, Date, Delay, Env, Response, Storage};
 
 use crate::credits::post;
 use crate::{deadline, memory};
-use keyward_shared::holder::Rate;
 
 /// The KeyState object's path for a holder's request for tokens ([`TokenRequest`]).
 pub(crate) const RATELIMIT_PATH: &str = "/ratelimit";

@@ -9,7 +9,6 @@
 
 use std::time::Duration;
 
-use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::world::{RegionPlan, World};
 use serde_json::json;
 
@@ -53,7 +52,7 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, before: Option
         world.make_hot(side.region, &key);
     }
     let root = world.root_key.clone();
-    let mut n = 0;
+    let home = world.home.url();
     for round in 0..rounds {
         for i in order(round, sides.len()) {
             let side = &mut sides[i];
@@ -64,10 +63,10 @@ pub fn run(duration: Duration, connections: usize, rounds: usize, before: Option
                 side.name,
                 duration.as_secs()
             ));
-            let (home_before, region_before) =
-                (stats(&world, None, &mut n)?, stats(&world, Some(side.region), &mut n)?);
+            let (home_before, region_before) = (world.memory_stats(&home), world.memory_stats(&url));
             side.loads.push(load::throughput(&world, &url, &root, &key, connections, duration)?);
-            let (home_after, region_after) = (stats(&world, None, &mut n)?, stats(&world, Some(side.region), &mut n)?);
+            // An older worker's stats lack the counts: they read as zero.
+            let (home_after, region_after) = (world.memory_stats(&home), world.memory_stats(&url));
             side.authority_reads += home_after.authority_reads_answered - home_before.authority_reads_answered;
             let (a, b) = (region_after.key_confirmations, region_before.key_confirmations);
             println!(
@@ -103,15 +102,4 @@ fn restart(world: &mut World, i: usize, change: impl FnOnce(&mut keyward_tests::
     world.stop_region(i);
     change(&mut world.regions[i].spec);
     world.start_region(i)
-}
-
-/// The signed stats of region `i`, or of the home (`None`).
-fn stats(world: &World, i: Option<usize>, n: &mut u32) -> anyhow::Result<MemoryStats> {
-    *n += 1;
-    let base = i.map_or_else(|| world.home.url(), |i| world.regions[i].spec.url());
-    let nonce = format!("bench-fresh-{}-{n}", keyward_tests::now_ms());
-    let (status, text) = world.signed_post(&base, STATS_PATH, &json!({}), keyward_tests::now_ms(), &nonce);
-    anyhow::ensure!(status == 200, "stats of {base}: {status} {text}");
-    // An older worker's stats lack the counts: they read as zero.
-    Ok(serde_json::from_str(&text)?)
 }

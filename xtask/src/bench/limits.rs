@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use keyward_shared::internal::{MemoryStats, STATS_PATH};
 use keyward_tests::world::{RegionPlan, World};
 use serde_json::json;
 
@@ -63,10 +62,9 @@ pub fn run(
     for build in super::builds(against)? {
         sides.push(Side::start(build, region)?);
     }
-    let mut n = 0;
     for round in 0..rounds {
         for s in order(round, sides.len()) {
-            sides[s].round(round, rounds, connections, duration, region, &mut n)?;
+            sides[s].round(round, rounds, connections, duration, region)?;
         }
     }
     let mut figures: Vec<Figures> = sides.iter().map(Side::figures).collect();
@@ -123,7 +121,6 @@ impl Side {
         connections: usize,
         duration: Duration,
         region: usize,
-        n: &mut u32,
     ) -> anyhow::Result<()> {
         let (world, base) = (&self.world, &self.base);
         for i in order(round, self.keys.len()) {
@@ -137,10 +134,10 @@ impl Side {
             // The key was idle while the others ran (its copies and shares expired): its first
             // seconds are counted apart, as what a burst after quiet costs.
             self.idle[i].push(load::throughput(world, base, &world.root_key, key, connections, AFTER_IDLE)?);
-            let (before, held) = (home_calls(world, n)?, stats(world, base, n)?.credits);
+            let (before, held) = (home_calls(world), world.memory_stats(base).credits);
             self.loads[i].push(load::throughput(world, base, &world.root_key, key, connections, duration)?);
-            self.calls[i] += home_calls(world, n)? - before;
-            let after = stats(world, base, n)?.credits;
+            self.calls[i] += home_calls(world) - before;
+            let after = world.memory_stats(base).credits;
             self.leases[i].0 += after.leases_waited - held.leases_waited;
             self.leases[i].1 += after.leases_ahead - held.leases_ahead;
         }
@@ -179,18 +176,9 @@ impl Side {
 }
 
 /// Authority calls the home answered so far: credit calls and record reads.
-fn home_calls(world: &World, n: &mut u32) -> anyhow::Result<u64> {
-    let stats = stats(world, &world.home.url(), n)?;
-    Ok(stats.authority_credit_calls_answered + stats.authority_reads_answered)
-}
-
-/// The worker at `base`'s counts (one isolate in wrangler's dev server).
-fn stats(world: &World, base: &str, n: &mut u32) -> anyhow::Result<MemoryStats> {
-    *n += 1;
-    let nonce = format!("bench-limits-stats-{}-{n}", keyward_tests::now_ms());
-    let (status, text) = world.signed_post(base, STATS_PATH, &json!({}), keyward_tests::now_ms(), &nonce);
-    ensure!(status == 200, "stats answered {status}: {text}");
-    Ok(serde_json::from_str(&text)?)
+fn home_calls(world: &World) -> u64 {
+    let stats = world.memory_stats(&world.home.url());
+    stats.authority_credit_calls_answered + stats.authority_reads_answered
 }
 
 /// `count` verifications of `key` over the 3 regions, `in_flight` at a time: how many were VALID.
