@@ -1,100 +1,31 @@
 //! The admin API driven in-process (`tower::ServiceExt::oneshot`, no socket) on a real SQLite
 //! file, with a recording KV writer: input validation, error shapes, and what reaches KV.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream};
 use axum::http::{Request, StatusCode};
-use futures::future::BoxFuture;
-use http_body_util::BodyExt;
-use keyward_control_plane::config::{Config, Secret};
-use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
-use keyward_control_plane::http::{AppState, EventSettings, app};
-use keyward_control_plane::kv::{KvError, KvWriter};
+use keyward_control_plane::config::Config;
+use keyward_control_plane::http::{EventSettings, app};
 use keyward_control_plane::serve::bootstrap;
 use keyward_control_plane::store::Store;
 use keyward_shared::{Key, KeyRecord, KeyStatus};
 use serde_json::Value;
+use support::admin::{Harness, answer, harness};
 use tower::ServiceExt;
 
-/// A KV namespace that remembers every write.
-#[derive(Default)]
-struct RecordingKv(Mutex<Vec<(String, String)>>);
-
-impl KvWriter for RecordingKv {
-    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, Result<(), KvError>> {
-        self.0.lock().unwrap().push((key.to_owned(), value));
-        Box::pin(async { Ok(()) })
-    }
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    kv: Arc<RecordingKv>,
-    root: String,
-}
-
-async fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
-    let root = Key::generate("kw_root", [3; 32]).unwrap().expose().to_owned();
-    bootstrap(&store, Some(root.clone())).await.unwrap();
-    let kv = Arc::new(RecordingKv::default());
-    // Nothing listens on port 9 of loopback: purges there are never acknowledged.
-    let region = EdgeRegion {
-        name: "nowhere".into(),
-        url: "http://127.0.0.1:9".into(),
-        kv: kv.clone(),
-        purge: PurgeVia::Signed,
-    };
-    let edge = Arc::new(EdgeClient::new(vec![region], None, Secret::new("s".repeat(32))));
-    Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
-}
-
-/// A whole answer: its status and its JSON body (`null` when it has none).
-async fn answer(response: axum::response::Response) -> (StatusCode, Value) {
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-}
+mod support;
 
 impl Harness {
-    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
-        answer(app(self.state.clone()).oneshot(request).await.unwrap()).await
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<&str>) -> (StatusCode, Value) {
-        self.call_as(&self.root, method, path, body).await
-    }
-
-    /// A call made with the root key `root`.
-    async fn call_as(&self, root: &str, method: &str, path: &str, body: Option<&str>) -> (StatusCode, Value) {
-        let mut builder = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {root}"));
-        if body.is_some() {
-            builder = builder.header("content-type", "application/json");
-        }
-        self.send(builder.body(Body::from(body.unwrap_or("").to_owned())).unwrap()).await
-    }
-
     /// The ids of `count` new keys of `api`.
     async fn keys(&self, api: &str, count: usize) -> Vec<String> {
         let mut ids = Vec::new();
         for _ in 0..count {
-            let (status, created) = self.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
+            let (status, created) = self.call_text("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
             assert_eq!(status, StatusCode::CREATED, "{created}");
             ids.push(created["id"].as_str().unwrap().to_owned());
         }
         ids
-    }
-
-    /// A new root key of the workspace with these scopes: its id and the key.
-    async fn root_key(&self, scopes: &[&str]) -> (String, String) {
-        let body = serde_json::json!({ "name": "other", "scopes": scopes }).to_string();
-        let (status, root) = self.call("POST", "/v1/root-keys", Some(&body)).await;
-        assert_eq!(status, StatusCode::CREATED, "{root}");
-        (root["id"].as_str().unwrap().to_owned(), root["key"].as_str().unwrap().to_owned())
     }
 
     /// Opens `GET /v1/events` with the root key `root`, resuming after `last` when given. The
@@ -105,12 +36,6 @@ impl Harness {
             request = request.header("last-event-id", last.to_string());
         }
         app(self.state.clone()).oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
-    }
-
-    async fn api(&self) -> String {
-        let (status, api) = self.call("POST", "/v1/apis", Some(r#"{"name":"payments-live","prefix":"sk_live"}"#)).await;
-        assert_eq!(status, StatusCode::CREATED, "{api}");
-        api["id"].as_str().unwrap().to_owned()
     }
 
     /// The KV write of version `version` of `key`'s record, checked to be free of its
@@ -141,7 +66,7 @@ fn check(answer: &(StatusCode, Value), status: StatusCode, code: &str) {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_4xx() {
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
     let cases: Vec<(&str, String, Option<String>, StatusCode, &str)> = vec![
         ("POST", "/v1/apis".into(), Some("{not json".into()), StatusCode::BAD_REQUEST, "BAD_REQUEST"),
@@ -222,7 +147,7 @@ async fn bad_input_gets_a_clear_4xx() {
         ("PUT", "/v1/apis".into(), None, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
     ];
     for (method, path, body, status, code) in &cases {
-        let answer = h.call(method, path, body.as_deref()).await;
+        let answer = h.call_text(method, path, body.as_deref()).await;
         assert_eq!(
             (answer.0, answer.1["error"]["code"].as_str()),
             (*status, Some(*code)),
@@ -231,7 +156,7 @@ async fn bad_input_gets_a_clear_4xx() {
         );
         check(&answer, *status, code);
     }
-    let unknown = h.call("POST", "/v1/apis", Some(r#"{"name":"x","colour":"red"}"#)).await;
+    let unknown = h.call_text("POST", "/v1/apis", Some(r#"{"name":"x","colour":"red"}"#)).await;
     check(&unknown, StatusCode::BAD_REQUEST, "BAD_REQUEST");
     assert!(unknown.1["error"]["message"].as_str().unwrap().contains("colour"), "{}", unknown.1);
     let no_type = Request::builder()
@@ -245,10 +170,10 @@ async fn bad_input_gets_a_clear_4xx() {
 
 #[tokio::test]
 async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
     let body = format!(r#"{{"api_id":"{api}","permissions":["a","b"]}}"#);
-    let (status, created) = h.call("POST", "/v1/keys", Some(&body)).await;
+    let (status, created) = h.call_text("POST", "/v1/keys", Some(&body)).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().unwrap();
     let key = Key::parse(created["key"].as_str().unwrap()).unwrap();
@@ -257,23 +182,23 @@ async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
     h.written(&key, 1).await;
 
     // Adding a permission loosens: written, not purged.
-    let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a","b","c"]}"#)).await;
+    let (_, patched) = h.call_text("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a","b","c"]}"#)).await;
     assert!(patched["regions"][0].get("acknowledged").is_none(), "{patched}");
     h.written(&key, 2).await;
     // Removing one tightens: purged (and this region is unreachable, so not acknowledged).
-    let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a"]}"#)).await;
+    let (_, patched) = h.call_text("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"permissions":["a"]}"#)).await;
     assert_eq!(patched["regions"][0]["acknowledged"], false, "{patched}");
     assert_eq!(h.written(&key, 3).await.permissions, vec!["a".to_owned()]);
     // A past expiry means "expire now".
     let before = keyward_control_plane::time::now_ms();
-    let (_, patched) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"expires_at":5}"#)).await;
+    let (_, patched) = h.call_text("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"expires_at":5}"#)).await;
     assert!(patched["key"]["expires_at"].as_i64().unwrap() >= before, "{patched}");
     let verify = format!(r#"{{"key":"{}"}}"#, key.expose());
-    let (_, verified) = h.call("POST", "/v1/keys/verify", Some(&verify)).await;
+    let (_, verified) = h.call_text("POST", "/v1/keys/verify", Some(&verify)).await;
     assert_eq!(verified["code"], "EXPIRED", "{verified}");
     assert_eq!(verified["source"], "origin");
 
-    let (status, revoked) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
+    let (status, revoked) = h.call_text("POST", &format!("/v1/keys/{id}/revoke"), None).await;
     assert_eq!(status, StatusCode::OK, "{revoked}");
     assert_eq!(revoked["regions"][0]["acknowledged"], false);
     assert_eq!(revoked["regions"][0]["kv"], "pending", "a tightening change's KV write follows the answer");
@@ -281,21 +206,21 @@ async fn every_change_reaches_kv_and_tightening_ones_are_purged() {
     assert_eq!(tombstone.status, KeyStatus::Revoked);
     assert_eq!(tombstone.version, 5);
     // A revoked key cannot be changed back.
-    let reenable = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"enabled":true}"#)).await;
+    let reenable = h.call_text("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"enabled":true}"#)).await;
     check(&reenable, StatusCode::CONFLICT, "CONFLICT");
     // Revoking again changes nothing but purges again.
-    let (_, again) = h.call("POST", &format!("/v1/keys/{id}/revoke"), None).await;
+    let (_, again) = h.call_text("POST", &format!("/v1/keys/{id}/revoke"), None).await;
     assert_eq!(again["version"], 5);
     assert!(again["regions"][0].get("acknowledged").is_some(), "{again}");
-    let (status, _) = h.call("DELETE", &format!("/v1/keys/{id}"), None).await;
+    let (status, _) = h.call_text("DELETE", &format!("/v1/keys/{id}"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h.written(&key, 6).await.status, KeyStatus::Deleted);
-    check(&h.call("GET", &format!("/v1/keys/{id}"), None).await, StatusCode::NOT_FOUND, "NOT_FOUND");
+    check(&h.call_text("GET", &format!("/v1/keys/{id}"), None).await, StatusCode::NOT_FOUND, "NOT_FOUND");
 }
 
 #[tokio::test]
 async fn bootstrap_is_idempotent_and_stores_only_hashes() {
-    let h = harness().await;
+    let h = harness(3).await;
     let other = Key::generate("kw_root", [4; 32]).unwrap();
     bootstrap(&h.state.store, Some(other.expose().to_owned())).await.unwrap();
     assert_eq!(h.state.store.workspace_count().await.unwrap(), 1);
@@ -353,13 +278,13 @@ async fn read_events(response: axum::response::Response, count: usize) -> Vec<(i
 
 #[tokio::test]
 async fn the_event_stream_resumes_without_missing_anything() {
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
     let ids = h.keys(&api, 3).await;
-    h.call("POST", &format!("/v1/keys/{}/revoke", ids[0]), None).await;
+    h.call_text("POST", &format!("/v1/keys/{}/revoke", ids[0]), None).await;
     // Renaming loosens nothing: no event.
-    h.call("PATCH", &format!("/v1/keys/{}", ids[2]), Some(r#"{"name":"renamed"}"#)).await;
-    h.call("PATCH", &format!("/v1/keys/{}", ids[1]), Some(r#"{"enabled":false}"#)).await;
+    h.call_text("PATCH", &format!("/v1/keys/{}", ids[2]), Some(r#"{"name":"renamed"}"#)).await;
+    h.call_text("PATCH", &format!("/v1/keys/{}", ids[1]), Some(r#"{"enabled":false}"#)).await;
 
     let events = read_events(h.subscribe(&h.root, None).await, 2).await;
     assert_eq!(events[0].1["key_id"], ids[0].as_str());
@@ -372,11 +297,11 @@ async fn the_event_stream_resumes_without_missing_anything() {
 
     // While nobody listens, a key is deleted; a subscriber resuming after the last event it saw
     // gets exactly that one, and then live events as they commit.
-    h.call("DELETE", &format!("/v1/keys/{}", ids[2]), None).await;
+    h.call_text("DELETE", &format!("/v1/keys/{}", ids[2]), None).await;
     let resumed = h.subscribe(&h.root, Some(events[1].0)).await;
     let live = async {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        h.call("DELETE", &format!("/v1/keys/{}", ids[0]), None).await;
+        h.call_text("DELETE", &format!("/v1/keys/{}", ids[0]), None).await;
     };
     let (events, _) = tokio::join!(read_events(resumed, 2), live);
     assert_eq!(events[0].1["key_id"], ids[2].as_str());
@@ -395,7 +320,7 @@ async fn the_event_stream_resumes_without_missing_anything() {
 
 #[tokio::test]
 async fn an_event_stream_ends_when_its_root_key_is_revoked() {
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
     let ids = h.keys(&api, 2).await;
     let (reader_id, reader) = h.root_key(&["api.*.read_key"]).await;
@@ -405,7 +330,7 @@ async fn an_event_stream_ends_when_its_root_key_is_revoked() {
     let h = &h;
     let disable = |id: &str| {
         let path = format!("/v1/keys/{id}");
-        async move { h.call("PATCH", &path, Some(r#"{"enabled":false}"#)).await }
+        async move { h.call_text("PATCH", &path, Some(r#"{"enabled":false}"#)).await }
     };
 
     // The stream is live: it sees the first key disabled. Then its root key is revoked, and the
@@ -413,7 +338,7 @@ async fn an_event_stream_ends_when_its_root_key_is_revoked() {
     disable(&ids[0]).await;
     let (frames, _) = read_frames(&mut stream, 1, Duration::from_secs(5)).await;
     assert_eq!(frames[0].data["key_id"], ids[0].as_str(), "{frames:?}");
-    let (status, revoked) = h.call("POST", &format!("/v1/root-keys/{reader_id}/revoke"), None).await;
+    let (status, revoked) = h.call_text("POST", &format!("/v1/root-keys/{reader_id}/revoke"), None).await;
     assert_eq!(status, StatusCode::OK, "{revoked}");
     disable(&ids[1]).await;
 
@@ -432,7 +357,7 @@ async fn event_streams_are_limited_per_root_key_and_per_workspace() {
     let defaults = EventSettings::default();
     let (per_root_key, per_workspace) = (defaults.max_streams_per_root_key, defaults.max_streams_per_workspace);
     assert_eq!((per_root_key, per_workspace), (4, 32), "the documented defaults");
-    let h = harness().await;
+    let h = harness(3).await;
     let mut open = Vec::new();
     for _ in 0..per_root_key {
         open.push(h.subscribe(&h.root, None).await);
@@ -470,7 +395,7 @@ async fn event_streams_are_limited_per_root_key_and_per_workspace() {
 /// root key's second stream is refused, and with 1 per workspace, another root key's is too.
 #[tokio::test]
 async fn event_stream_limits_follow_the_configuration() {
-    let mut h = harness().await;
+    let mut h = harness(3).await;
     let config =
         Config::parse("[events]\nmax_streams_per_root_key = 1\nmax_streams_per_workspace = 2\n", |_| None).unwrap();
     h.state = h.state.with_event_limits(config.events);
@@ -497,9 +422,9 @@ async fn event_stream_limits_follow_the_configuration() {
 
 #[tokio::test]
 async fn listing_keys_needs_read_access_and_its_cursor_shows_nothing_else() {
-    let h = harness().await;
+    let h = harness(3).await;
     let hidden_api = h.api().await;
-    let (_, api) = h.call("POST", "/v1/apis", Some(r#"{"name":"payments-eu","prefix":"sk_live"}"#)).await;
+    let (_, api) = h.call_text("POST", "/v1/apis", Some(r#"{"name":"payments-eu","prefix":"sk_live"}"#)).await;
     let shown_api = api["id"].as_str().unwrap().to_owned();
     // Keys of both APIs, interleaved in id order, all starting `sk_live_`.
     let (mut hidden, mut shown) = (Vec::new(), Vec::new());
@@ -510,7 +435,7 @@ async fn listing_keys_needs_read_access_and_its_cursor_shows_nothing_else() {
 
     // A root key that may read no API's keys cannot list or search them at all.
     let (_, verifier) = h.root_key(&[&format!("api.{shown_api}.verify_key")]).await;
-    let searched = h.call_as(&verifier, "GET", "/v1/keys?start=sk_live&limit=1", None).await;
+    let searched = h.call_text_as(&verifier, "GET", "/v1/keys?start=sk_live&limit=1", None).await;
     check(&searched, StatusCode::FORBIDDEN, "FORBIDDEN");
 
     // One that may read one API pages through its keys alone, and no cursor names another's.
@@ -518,7 +443,8 @@ async fn listing_keys_needs_read_access_and_its_cursor_shows_nothing_else() {
     let (mut seen, mut cursors, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
     loop {
         let after = cursor.as_ref().map(|c| format!("&cursor={c}")).unwrap_or_default();
-        let (status, page) = h.call_as(&reader, "GET", &format!("/v1/keys?start=sk_live&limit=1{after}"), None).await;
+        let (status, page) =
+            h.call_text_as(&reader, "GET", &format!("/v1/keys?start=sk_live&limit=1{after}"), None).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         seen.extend(page["keys"].as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_owned()));
         cursor = page["cursor"].as_str().map(str::to_owned);
@@ -531,25 +457,26 @@ async fn listing_keys_needs_read_access_and_its_cursor_shows_nothing_else() {
     shown.sort();
     assert_eq!(seen, shown);
     assert!(cursors.iter().all(|c| shown.contains(c)), "a cursor names a key the reader may not see: {cursors:?}");
-    let other = h.call_as(&reader, "GET", &format!("/v1/keys?api_id={hidden_api}&limit=1"), None).await;
+    let other = h.call_text_as(&reader, "GET", &format!("/v1/keys?api_id={hidden_api}&limit=1"), None).await;
     check(&other, StatusCode::FORBIDDEN, "FORBIDDEN");
 }
 
 #[tokio::test]
 async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
     use keyward_shared::verify::MAX_REQUESTED_PERMISSIONS;
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
-    let (_, created) = h.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}","permissions":["p0"]}}"#))).await;
+    let (_, created) =
+        h.call_text("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}","permissions":["p0"]}}"#))).await;
     let key = created["key"].as_str().unwrap();
     let asking = |n: usize| {
         let permissions: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
         serde_json::json!({ "key": key, "permissions": permissions }).to_string()
     };
-    let (status, at_limit) = h.call("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS))).await;
+    let (status, at_limit) = h.call_text("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS))).await;
     assert_eq!(status, StatusCode::OK, "{at_limit}");
     assert_eq!(at_limit["code"], "INSUFFICIENT_PERMISSIONS", "{at_limit}");
-    let beyond = h.call("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS + 1))).await;
+    let beyond = h.call_text("POST", "/v1/keys/verify", Some(&asking(MAX_REQUESTED_PERMISSIONS + 1))).await;
     check(&beyond, StatusCode::BAD_REQUEST, "BAD_REQUEST");
     let message = beyond.1["error"]["message"].as_str().unwrap();
     assert!(message.contains(&format!("at most {MAX_REQUESTED_PERMISSIONS} permissions")), "{message}");
@@ -559,68 +486,68 @@ async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
 /// `RATE_LIMITED` that would say "retry soon" forever; so is a cost past the largest limit.
 #[tokio::test]
 async fn a_verify_request_may_not_name_a_cost_its_limit_cannot_grant() {
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
     let body =
         serde_json::json!({ "api_id": api, "ratelimits": [{ "name": "api", "limit": 50, "duration_ms": 10_000 }] });
-    let (status, created) = h.call("POST", "/v1/keys", Some(&body.to_string())).await;
+    let (status, created) = h.call_text("POST", "/v1/keys", Some(&body.to_string())).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let key = created["key"].as_str().unwrap();
     let asking =
         |cost: u64| serde_json::json!({ "key": key, "ratelimits": [{ "name": "api", "cost": cost }] }).to_string();
-    let refused = h.call("POST", "/v1/keys/verify", Some(&asking(5))).await;
+    let refused = h.call_text("POST", "/v1/keys/verify", Some(&asking(5))).await;
     check(&refused, StatusCode::BAD_REQUEST, "BAD_REQUEST");
     let message = refused.1["error"]["message"].as_str().unwrap();
     assert!(message.contains("grants at most 2 at once"), "{message}");
-    let huge = h.call("POST", "/v1/keys/verify", Some(&asking(u64::MAX))).await;
+    let huge = h.call_text("POST", "/v1/keys/verify", Some(&asking(u64::MAX))).await;
     check(&huge, StatusCode::BAD_REQUEST, "BAD_REQUEST");
     let limit = serde_json::json!({ "api_id": api, "ratelimits": [{ "name": "x", "limit": 2_000_000_000u64, "duration_ms": 1_000 }] });
-    let too_big = h.call("POST", "/v1/keys", Some(&limit.to_string())).await;
+    let too_big = h.call_text("POST", "/v1/keys", Some(&limit.to_string())).await;
     check(&too_big, StatusCode::BAD_REQUEST, "BAD_REQUEST");
 }
 
 #[tokio::test]
 async fn answers_to_changes_keep_their_shape() {
-    let h = harness().await;
+    let h = harness(3).await;
     let api = h.api().await;
     let fields = |value: &Value| value.as_object().unwrap().keys().cloned().collect::<Vec<_>>().join(",");
-    let (_, created) = h.call("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
+    let (_, created) = h.call_text("POST", "/v1/keys", Some(&format!(r#"{{"api_id":"{api}"}}"#))).await;
     // No authority is configured: `authority` is there, and null.
     assert_eq!(fields(&created), "api_id,authority,id,key,regions,start");
     assert!(created["authority"].is_null());
     let id = created["id"].as_str().unwrap();
-    let (_, read) = h.call("GET", &format!("/v1/keys/{id}"), None).await;
+    let (_, read) = h.call_text("GET", &format!("/v1/keys/{id}"), None).await;
     let view = "api_id,created_at,enabled,expires_at,id,max_staleness_ms,meta,name,owner_id,permissions,start,status,\
                 updated_at,version,workspace_id";
     assert_eq!(fields(&read), view);
     assert!(read["name"].is_null() && read["owner_id"].is_null() && read.get("hash").is_none(), "{read}");
-    let (_, listed) = h.call("GET", &format!("/v1/keys?api_id={api}"), None).await;
+    let (_, listed) = h.call_text("GET", &format!("/v1/keys?api_id={api}"), None).await;
     assert_eq!(fields(&listed), "cursor,keys");
     assert_eq!(fields(&listed["keys"][0]), view);
-    let (_, updated) = h.call("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"name":"n"}"#)).await;
+    let (_, updated) = h.call_text("PATCH", &format!("/v1/keys/{id}"), Some(r#"{"name":"n"}"#)).await;
     assert_eq!(fields(&updated), "authority,key,regions");
-    let (_, deleted) = h.call("DELETE", &format!("/v1/keys/{id}"), None).await;
+    let (_, deleted) = h.call_text("DELETE", &format!("/v1/keys/{id}"), None).await;
     assert_eq!(fields(&deleted), "authority,id,note,regions,status,version");
 
-    let (status, workspace) = h.call("POST", "/v1/workspaces", Some(r#"{"name":"tenant"}"#)).await;
+    let (status, workspace) = h.call_text("POST", "/v1/workspaces", Some(r#"{"name":"tenant"}"#)).await;
     assert_eq!(status, StatusCode::CREATED, "{workspace}");
     assert_eq!(fields(&workspace), "id,name,regions,root_key");
     assert_eq!(fields(&workspace["root_key"]), "id,key,scopes,start");
     assert_eq!(workspace["regions"][0]["kv"], "written", "the first root key may verify: {workspace}");
     let body = r#"{"name":"reader","scopes":["api.read"]}"#;
-    let (status, root) = h.call("POST", "/v1/root-keys", Some(body)).await;
+    let (status, root) = h.call_text("POST", "/v1/root-keys", Some(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{root}");
     assert_eq!(fields(&root), "id,key,regions,scopes,start");
     assert_eq!(root["regions"], serde_json::json!([]), "a root key that cannot verify is not written to KV");
-    let (_, listed) = h.call("GET", "/v1/root-keys", None).await;
+    let (_, listed) = h.call_text("GET", "/v1/root-keys", None).await;
     assert_eq!(fields(&listed["root_keys"][1]), "id,name,scopes,start,status,updated_at");
     assert_eq!(listed["root_keys"][1]["name"], "reader");
     let root_id = root["id"].as_str().unwrap();
-    let (_, revoked) = h.call("POST", &format!("/v1/root-keys/{root_id}/revoke"), None).await;
+    let (_, revoked) = h.call_text("POST", &format!("/v1/root-keys/{root_id}/revoke"), None).await;
     assert_eq!(fields(&revoked), "authority,id,regions,status");
     assert_eq!(revoked["status"], "revoked");
-    let (_, apis) = h.call("GET", "/v1/apis", None).await;
+    let (_, apis) = h.call_text("GET", "/v1/apis", None).await;
     assert_eq!(fields(&apis["apis"][0]), "created_at,id,max_staleness_ms,name,prefix,workspace_id");
-    let (_, health) = h.call("GET", "/health", None).await;
+    let (_, health) = h.call_text("GET", "/health", None).await;
     assert_eq!(health, serde_json::json!({ "status": "ok" }));
 }

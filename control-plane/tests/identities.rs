@@ -3,93 +3,17 @@
 //! external id clashes; what reaches KV and whether it is purged; keys attached and detached;
 //! an identity in use cannot be deleted; the origin refuses to verify a key with an identity.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use futures::future::BoxFuture;
-use http_body_util::BodyExt;
-use keyward_control_plane::config::Secret;
-use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
-use keyward_control_plane::http::{AppState, app};
-use keyward_control_plane::kv::{KvError, KvWriter};
-use keyward_control_plane::serve::bootstrap;
-use keyward_control_plane::store::Store;
+use axum::http::StatusCode;
+use keyward_shared::KeyRecord;
 use keyward_shared::identity::{IdentityRecord, kv_key_for_identity};
-use keyward_shared::{Key, KeyRecord};
 use serde_json::{Value, json};
-use tower::ServiceExt;
+use support::admin::{Harness, harness};
 
-/// A KV namespace that remembers every write.
-#[derive(Default)]
-struct RecordingKv(Mutex<Vec<(String, String)>>);
-
-impl KvWriter for RecordingKv {
-    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, Result<(), KvError>> {
-        self.0.lock().unwrap().push((key.to_owned(), value));
-        Box::pin(async { Ok(()) })
-    }
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    kv: Arc<RecordingKv>,
-    root: String,
-}
-
-async fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
-    let root = Key::generate("kw_root", [5; 32]).unwrap().expose().to_owned();
-    bootstrap(&store, Some(root.clone())).await.unwrap();
-    let kv = Arc::new(RecordingKv::default());
-    // Nothing listens on port 9 of loopback: purges there are never acknowledged.
-    let region = EdgeRegion {
-        name: "nowhere".into(),
-        url: "http://127.0.0.1:9".into(),
-        kv: kv.clone(),
-        purge: PurgeVia::Signed,
-    };
-    let edge = Arc::new(EdgeClient::new(vec![region], None, Secret::new("s".repeat(32))));
-    Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
-}
+mod support;
 
 impl Harness {
-    async fn call_as(&self, root: &str, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("authorization", format!("Bearer {root}"))
-            .header("content-type", "application/json")
-            .body(Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
-            .unwrap();
-        let response = app(self.state.clone()).oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.call_as(&self.root, method, path, body).await
-    }
-
-    async fn api(&self) -> String {
-        let (status, api) =
-            self.call("POST", "/v1/apis", Some(json!({ "name": "payments", "prefix": "sk_live" }))).await;
-        assert_eq!(status, StatusCode::CREATED, "{api}");
-        api["id"].as_str().unwrap().to_owned()
-    }
-
-    /// A new root key of the workspace with these scopes.
-    async fn root_key(&self, scopes: &[&str]) -> String {
-        let (status, root) =
-            self.call("POST", "/v1/root-keys", Some(json!({ "name": "other", "scopes": scopes }))).await;
-        assert_eq!(status, StatusCode::CREATED, "{root}");
-        root["key"].as_str().unwrap().to_owned()
-    }
-
     /// The identity's record written to KV at `version` (a tightening change's KV write
     /// follows its answer, so this waits for it).
     async fn written(&self, id: &str, version: u64) -> IdentityRecord {
@@ -121,7 +45,7 @@ impl Harness {
 
 #[tokio::test]
 async fn an_identity_is_created_read_changed_delivered_and_deleted() {
-    let h = harness().await;
+    let h = harness(5).await;
     let body = json!({
         "external_id": "acct_42",
         "meta": { "plan": "pro" },
@@ -181,7 +105,7 @@ async fn an_identity_is_created_read_changed_delivered_and_deleted() {
 
 #[tokio::test]
 async fn keys_attach_to_an_identity_of_their_workspace_which_cannot_be_deleted_while_used() {
-    let h = harness().await;
+    let h = harness(5).await;
     let api = h.api().await;
     let identity = h.identity(json!({ "external_id": "acct_1", "credits": { "remaining": 5 } })).await;
     let (status, created) = h.call("POST", "/v1/keys", Some(json!({ "api_id": api, "identity_id": identity }))).await;
@@ -233,7 +157,7 @@ async fn keys_attach_to_an_identity_of_their_workspace_which_cannot_be_deleted_w
 
 #[tokio::test]
 async fn identity_routes_check_scopes_and_input() {
-    let h = harness().await;
+    let h = harness(5).await;
     let id = h.identity(json!({ "external_id": "acct_7" })).await;
     let (status, clash) = h.call("POST", "/v1/identities", Some(json!({ "external_id": "acct_7" }))).await;
     assert_eq!((status, clash["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("CONFLICT")), "{clash}");
@@ -242,13 +166,13 @@ async fn identity_routes_check_scopes_and_input() {
         h.call("PATCH", &format!("/v1/identities/{other}"), Some(json!({ "external_id": "acct_7" }))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{clash}");
 
-    let reader = h.root_key(&["api.*.read_key"]).await;
+    let (_, reader) = h.root_key(&["api.*.read_key"]).await;
     assert_eq!(h.call_as(&reader, "GET", &format!("/v1/identities/{id}"), None).await.0, StatusCode::OK);
     assert_eq!(h.call_as(&reader, "GET", "/v1/identities", None).await.0, StatusCode::OK);
     let refused = h.call_as(&reader, "PATCH", &format!("/v1/identities/{id}"), Some(json!({ "meta": {} }))).await;
     assert_eq!(refused.0, StatusCode::FORBIDDEN, "{}", refused.1);
     let api = h.api().await;
-    let one_api = h.root_key(&[&format!("api.{api}.create_key"), &format!("api.{api}.read_key")]).await;
+    let (_, one_api) = h.root_key(&[&format!("api.{api}.create_key"), &format!("api.{api}.read_key")]).await;
     let body = json!({ "external_id": "acct_9" });
     assert_eq!(h.call_as(&one_api, "POST", "/v1/identities", Some(body)).await.0, StatusCode::FORBIDDEN);
     assert_eq!(h.call_as(&one_api, "GET", "/v1/identities", None).await.0, StatusCode::FORBIDDEN);

@@ -2,93 +2,16 @@
 //! KV writer: the API policy routes (scopes, another workspace, bad input), what reaches KV and
 //! whether it is purged, and the origin's own verify answering `FORBIDDEN`.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use futures::future::BoxFuture;
-use http_body_util::BodyExt;
-use keyward_control_plane::config::Secret;
-use keyward_control_plane::edge_client::{EdgeClient, EdgeRegion, PurgeVia};
-use keyward_control_plane::http::{AppState, app};
-use keyward_control_plane::kv::{KvError, KvWriter};
-use keyward_control_plane::serve::bootstrap;
-use keyward_control_plane::store::Store;
-use keyward_shared::Key;
+use axum::http::StatusCode;
 use keyward_shared::policy::{ApiRecord, kv_key_for_api};
 use serde_json::{Value, json};
-use tower::ServiceExt;
+use support::admin::{Harness, harness};
 
-/// A KV namespace that remembers every write.
-#[derive(Default)]
-struct RecordingKv(Mutex<Vec<(String, String)>>);
-
-impl KvWriter for RecordingKv {
-    fn put<'a>(&'a self, key: &'a str, value: String) -> BoxFuture<'a, Result<(), KvError>> {
-        self.0.lock().unwrap().push((key.to_owned(), value));
-        Box::pin(async { Ok(()) })
-    }
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    state: AppState,
-    kv: Arc<RecordingKv>,
-    root: String,
-}
-
-async fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("test.sqlite")).await.unwrap();
-    let root = Key::generate("kw_root", [5; 32]).unwrap().expose().to_owned();
-    bootstrap(&store, Some(root.clone())).await.unwrap();
-    let kv = Arc::new(RecordingKv::default());
-    // Nothing listens on port 9 of loopback: purges there are never acknowledged.
-    let region = EdgeRegion {
-        name: "nowhere".into(),
-        url: "http://127.0.0.1:9".into(),
-        kv: kv.clone(),
-        purge: PurgeVia::Signed,
-    };
-    let edge = Arc::new(EdgeClient::new(vec![region], None, Secret::new("s".repeat(32))));
-    Harness { _dir: dir, state: AppState::new(store, edge), kv, root }
-}
+mod support;
 
 impl Harness {
-    async fn call_as(&self, root: &str, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("authorization", format!("Bearer {root}"))
-            .header("content-type", "application/json")
-            .body(Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
-            .unwrap();
-        let response = app(self.state.clone()).oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.call_as(&self.root, method, path, body).await
-    }
-
-    async fn api(&self) -> String {
-        let (status, api) =
-            self.call("POST", "/v1/apis", Some(json!({ "name": "payments", "prefix": "sk_live" }))).await;
-        assert_eq!(status, StatusCode::CREATED, "{api}");
-        api["id"].as_str().unwrap().to_owned()
-    }
-
-    /// A new root key of the workspace with these scopes.
-    async fn root_key(&self, scopes: &[&str]) -> String {
-        let (status, root) =
-            self.call("POST", "/v1/root-keys", Some(json!({ "name": "other", "scopes": scopes }))).await;
-        assert_eq!(status, StatusCode::CREATED, "{root}");
-        root["key"].as_str().unwrap().to_owned()
-    }
-
     /// The origin's verify answer's code for `key` asked for a client at `ip` in `country`.
     async fn verify(&self, key: &str, ip: &str, country: &str) -> String {
         let body = json!({ "key": key, "client": { "ip": ip, "country": country } });
@@ -116,7 +39,7 @@ impl Harness {
 
 #[tokio::test]
 async fn an_api_policy_is_shown_changed_delivered_and_lifted() {
-    let h = harness().await;
+    let h = harness(5).await;
     let api = h.api().await;
     let path = format!("/v1/apis/{api}/policy");
     let (status, shown) = h.call("GET", &path, None).await;
@@ -155,7 +78,7 @@ async fn an_api_policy_is_shown_changed_delivered_and_lifted() {
 /// other's; a change made from a version the policy has moved past is refused (409).
 #[tokio::test]
 async fn a_patch_keeps_what_it_does_not_name_and_a_stale_version_is_refused() {
-    let h = harness().await;
+    let h = harness(5).await;
     let api = h.api().await;
     let path = format!("/v1/apis/{api}/policy");
     let first = json!({ "deny_ips": ["10.0.0.0/8"], "limit_override": { "percent": 50 } });
@@ -184,14 +107,14 @@ async fn a_patch_keeps_what_it_does_not_name_and_a_stale_version_is_refused() {
 
 #[tokio::test]
 async fn policy_routes_check_scopes_workspaces_and_input() {
-    let h = harness().await;
+    let h = harness(5).await;
     let api = h.api().await;
     let path = format!("/v1/apis/{api}/policy");
-    let reader = h.root_key(&[&format!("api.{api}.read_key")]).await;
+    let (_, reader) = h.root_key(&[&format!("api.{api}.read_key")]).await;
     assert_eq!(h.call_as(&reader, "GET", &path, None).await.0, StatusCode::OK);
     let (status, refused) = h.call_as(&reader, "PUT", &path, Some(json!({ "deny_countries": ["RU"] }))).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("FORBIDDEN")), "{refused}");
-    let verifier = h.root_key(&["api.*.verify_key"]).await;
+    let (_, verifier) = h.root_key(&["api.*.verify_key"]).await;
     assert_eq!(h.call_as(&verifier, "GET", &path, None).await.0, StatusCode::FORBIDDEN);
 
     let (status, tenant) = h.call("POST", "/v1/workspaces", Some(json!({ "name": "tenant" }))).await;
@@ -230,7 +153,7 @@ async fn policy_routes_check_scopes_workspaces_and_input() {
 
 #[tokio::test]
 async fn the_origin_answers_forbidden_from_the_keys_and_the_apis_lists() {
-    let h = harness().await;
+    let h = harness(5).await;
     let api = h.api().await;
     let body = json!({ "api_id": api, "policy": { "deny_ips": ["203.0.113.0/24"] } });
     let (status, created) = h.call("POST", "/v1/keys", Some(body)).await;

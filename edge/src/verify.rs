@@ -10,7 +10,8 @@ use keyward_shared::ratelimit::{Cap, Grant, RateLimit};
 use keyward_shared::usage::UsageEvent;
 use keyward_shared::verify::{Caller, Decision, LimitLeft, MAX_VERIFY_BODY, RequestError};
 use keyward_shared::{
-    Code, ErrorCode, Key, KeyHash, KeyRecord, Source, VerifyRequest, VerifyResponse, decide, decide_unconfirmed,
+    Code, ErrorCode, Key, KeyHash, KeyRecord, RootKeyRecord, Source, VerifyRequest, VerifyResponse, decide,
+    decide_unconfirmed,
 };
 use worker::{Date, Request, Response, RouteContext};
 
@@ -20,13 +21,7 @@ use crate::{auth, credits, lookup, ratelimit, side, usage};
 
 pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>) -> EdgeResult<Response> {
     let now_ms = Date::now().as_millis();
-    let caller = auth::caller(&req, &ctx.env, &ctx.data, now_ms).await?;
-    caller.scopes.require_verify().map_err(|e| EdgeError::new(ErrorCode::Forbidden, e.to_string()))?;
-    let declared = req.headers().get("content-length").ok().flatten().and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_VERIFY_BODY) {
-        return Err(refused(RequestError::TooLarge));
-    }
-    let request = VerifyRequest::from_json(&req.bytes().await?).map_err(refused)?;
+    let (caller, request) = read(&mut req, &ctx, now_ms).await?;
     let shipping = usage::destination(&ctx.env);
     let answer = |response: VerifyResponse| -> EdgeResult<Response> {
         if let Some(url) = shipping.clone() {
@@ -99,6 +94,23 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         Some(remaining) => answer(response.with_credits(remaining)),
         None => answer(response),
     }
+}
+
+/// The caller, a root key allowed to verify, and the request's body, at most
+/// `MAX_VERIFY_BODY` bytes of it.
+async fn read(
+    req: &mut Request,
+    ctx: &RouteContext<worker::Context>,
+    now_ms: u64,
+) -> EdgeResult<(RootKeyRecord, VerifyRequest)> {
+    let caller = auth::caller(req, &ctx.env, &ctx.data, now_ms).await?;
+    caller.scopes.require_verify().map_err(|e| EdgeError::new(ErrorCode::Forbidden, e.to_string()))?;
+    let declared = req.headers().get("content-length").ok().flatten().and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_VERIFY_BODY) {
+        return Err(refused(RequestError::TooLarge));
+    }
+    let request = VerifyRequest::from_json(&req.bytes().await?).map_err(refused)?;
+    Ok((caller, request))
 }
 
 /// The `NOT_FOUND` the caller's workspace was given for this key moments ago

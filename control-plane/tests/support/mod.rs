@@ -1,5 +1,10 @@
 //! What more than one of this crate's test binaries builds the same way.
 
+// Each test binary that includes this module calls a part of it.
+#![allow(dead_code)]
+
+pub mod admin;
+
 use std::sync::Arc;
 
 use keyward_control_plane::cloudflare::{CloudflareApi, Plan, Settings};
@@ -31,7 +36,6 @@ pub fn api(settings: Settings) -> Arc<CloudflareApi> {
 
 /// The production Cloudflare client for a stand-in at `base`, allowed `api_limit` calls per
 /// `window_secs`.
-#[allow(dead_code)] // Not every test binary that includes this module calls it.
 pub fn cloudflare_api(base: &str, api_limit: u32, window_secs: u64) -> Arc<CloudflareApi> {
     api(Settings { api_limit, api_limit_window_secs: window_secs, ..settings(base) })
 }
