@@ -172,7 +172,8 @@ async fn confirm_once(
     copy: Option<RootKeyRecord>,
     now_ms: u64,
 ) -> Result<RootKeyRecord, AuthError> {
-    if let Some(now) = fresh::join(Kind::RootKey, hash.as_bytes(), now_ms).await {
+    if let Some(joined) = fresh::join(Kind::RootKey, hash.as_bytes(), now_ms).await {
+        let now = joined.now_ms;
         match copy_of(hash, now) {
             Held::Answer(copy) => return Ok(copy.record),
             // The authority did not confirm it in time for that request: nor for this one.

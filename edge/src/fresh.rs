@@ -215,17 +215,29 @@ where
     });
 }
 
+/// Another request's confirmation that a request waited for.
+#[derive(Clone, Copy)]
+pub(crate) struct Joined {
+    /// The time after the wait.
+    pub(crate) now_ms: u64,
+    /// When that confirmation was asked (see [`freshness::after_join`]).
+    pub(crate) asked_ms: u64,
+}
+
 /// Waits while another request's confirmation of this key is under way (at most the longest
-/// a confirmation may take); answers whether there was one, and the time after the wait.
-pub(crate) async fn join(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<u64> {
-    if !under_way(kind, hash, now_ms) {
-        return None;
-    }
+/// a confirmation may take); answers whether there was one, when it was asked, and the time
+/// after the wait.
+pub(crate) async fn join(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<Joined> {
+    let asked_ms = asked_at(&id(kind, hash)).filter(|_| under_way(kind, hash, now_ms))?;
     count(kind, Confirmation::Shared);
+    let most = settings().flight_ms;
     let mut now = now_ms;
-    while under_way(kind, hash, now) && now.saturating_sub(now_ms) < settings().flight_ms {
+    while under_way(kind, hash, now) && now.saturating_sub(now_ms) < most {
+        // Polled, not woken by the confirmation's end: under workerd a request's task woken from
+        // another request's (the one that confirms) would run its I/O in that request's context,
+        // which the runtime refuses (tried: those requests failed with 500).
         Delay::from(std::time::Duration::from_millis(JOIN_POLL_MS)).await;
         now = Date::now().as_millis();
     }
-    Some(now)
+    Some(Joined { now_ms: now, asked_ms })
 }

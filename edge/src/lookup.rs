@@ -25,7 +25,7 @@
 use std::cell::RefCell;
 
 use keyward_shared::budget::{ByteLru, Weigh};
-use keyward_shared::freshness::{self, AuthorityAnswer, Resolved, Tier};
+use keyward_shared::freshness::{self, AfterJoin, AuthorityAnswer, Resolved, Tier};
 use keyward_shared::record::RecordError;
 use keyward_shared::{KeyHash, KeyRecord, Source, kv_key_for_key};
 use serde::{Deserialize, Serialize};
@@ -102,7 +102,7 @@ pub(crate) async fn find(
     admit: impl FnOnce() -> bool,
 ) -> Result<Found> {
     let cache = Cache::default();
-    let stale = match nearest(env, ctx, &cache, hash, now_ms).await? {
+    let mut stale = match nearest(env, ctx, &cache, hash, now_ms).await? {
         Nearest::Found(found) => return Ok(found),
         Nearest::Stale(record, source) => Some((record, source)),
         Nearest::None => None,
@@ -116,21 +116,32 @@ pub(crate) async fn find(
         }
     }
     // Another request's confirmation of this key is under way: its answer serves this one too.
-    // A copy it left stale is one the authority did not confirm in time: this request fails
-    // closed too, rather than wait as long again.
-    if let Some(now) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await {
+    // A copy it left stale is one the authority did not confirm in time (this request fails
+    // closed too, rather than wait as long again), or one whose `max_staleness_ms` is shorter
+    // than the wait (this request confirms it itself).
+    let mut asked_ms = now_ms;
+    if let Some(joined) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await {
+        let now = joined.now_ms;
         match nearest(env, ctx, &cache, hash, now).await? {
             Nearest::Found(found) => return Ok(found),
-            Nearest::Stale(record, source) => return Ok(Found::Unconfirmed(record, source)),
+            Nearest::Stale(record, source) => match freshness::after_join(confirmed_at(hash), joined.asked_ms) {
+                AfterJoin::ConfirmAgain => (stale, asked_ms) = (Some((record, source)), now),
+                AfterJoin::FailClosed => return Ok(Found::Unconfirmed(record, source)),
+            },
             Nearest::None if misses::remembered(Kind::Key, hash.as_bytes(), now) => {
                 return Ok(Found::Record(None, Source::Memory));
             }
             Nearest::None => {}
         }
     }
-    let _flight = fresh::begin(Kind::Key, hash.as_bytes(), now_ms);
+    let _flight = fresh::begin(Kind::Key, hash.as_bytes(), asked_ms);
     fresh::count(Kind::Key, Confirmation::Waited);
-    refresh(env, &cache, hash, stale, now_ms).await
+    refresh(env, &cache, hash, stale, asked_ms).await
+}
+
+/// When memory's copy of the key was confirmed as of, if it holds one.
+fn confirmed_at(hash: &KeyHash) -> Option<u64> {
+    MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|held| held.confirmed_at_ms)))
 }
 
 /// What memory and the Cache API hold for a key.

@@ -29,7 +29,7 @@ use std::cell::RefCell;
 
 use keyward_shared::KeyHash;
 use keyward_shared::budget::{ByteLru, Weigh};
-use keyward_shared::freshness::{self, AuthorityAnswer, Resolved, Versioned};
+use keyward_shared::freshness::{self, AfterJoin, AuthorityAnswer, Resolved, Versioned};
 use keyward_shared::identity::{IdentityRecord, kv_key_for_identity};
 use keyward_shared::policy::{ApiRecord, kv_key_for_api};
 use keyward_shared::record::RecordError;
@@ -272,21 +272,31 @@ fn trusted(entry: &Entry, now_ms: u64) -> bool {
 async fn find(env: &Env, ctx: &Context, kind: SideKind, id: &str, trust_ms: u64, now_ms: u64) -> Result<Found> {
     let hash = kind.hash_of(id);
     let cache = Cache::default();
-    let stale = match nearest(env, ctx, &cache, kind, id, now_ms).await? {
+    let mut stale = match nearest(env, ctx, &cache, kind, id, now_ms).await? {
         Nearest::Found(found) => return Ok(found),
         Nearest::Stale(record) => Some(record),
         Nearest::None => None,
     };
-    if let Some(now) = fresh::join(kind.misses_kind(), hash.as_bytes(), now_ms).await {
+    // As a key's lookup does (`crate::lookup::find`).
+    let mut asked_ms = now_ms;
+    if let Some(joined) = fresh::join(kind.misses_kind(), hash.as_bytes(), now_ms).await {
+        let now = joined.now_ms;
         match nearest(env, ctx, &cache, kind, id, now).await? {
             Nearest::Found(found) => return Ok(found),
-            Nearest::Stale(_) => return Ok(Found::Unconfirmed),
+            Nearest::Stale(record) => {
+                let confirmed_at =
+                    kind.memory(|m| m.update(|m| m.peek(hash.as_bytes()).map(|held| held.confirmed_at_ms)));
+                match freshness::after_join(confirmed_at, joined.asked_ms) {
+                    AfterJoin::ConfirmAgain => (stale, asked_ms) = (Some(record), now),
+                    AfterJoin::FailClosed => return Ok(Found::Unconfirmed),
+                }
+            }
             Nearest::None => {}
         }
     }
-    let _flight = fresh::begin(kind.misses_kind(), hash.as_bytes(), now_ms);
+    let _flight = fresh::begin(kind.misses_kind(), hash.as_bytes(), asked_ms);
     fresh::count(kind.misses_kind(), Confirmation::Waited);
-    confirm(env, &cache, kind, id, stale, trust_ms, now_ms).await
+    confirm(env, &cache, kind, id, stale, trust_ms, asked_ms).await
 }
 
 enum Nearest {

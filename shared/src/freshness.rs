@@ -52,6 +52,27 @@ pub fn is_fresh(confirmed_at_ms: u64, max_staleness_ms: u64, now_ms: u64) -> boo
     confirmed_at_ms <= now_ms && now_ms - confirmed_at_ms < max_staleness_ms
 }
 
+/// What a request does with a copy it finds stale after waiting for another request's
+/// confirmation of it (the edge's single flight), asked at `flight_asked_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterJoin {
+    /// The confirmation landed (the copy was confirmed as of its ask, or later) and the copy
+    /// went stale while the request waited: its `max_staleness_ms` is shorter than a round
+    /// trip to the authority. The request confirms the copy itself.
+    ConfirmAgain,
+    /// The confirmation did not land in time (the authority or KV did not answer): the request
+    /// fails closed at once rather than wait as long again.
+    FailClosed,
+}
+
+/// [`AfterJoin`] for a copy confirmed as of `copy_confirmed_at_ms` (`None`: memory holds none).
+pub fn after_join(copy_confirmed_at_ms: Option<u64>, flight_asked_ms: u64) -> AfterJoin {
+    match copy_confirmed_at_ms {
+        Some(confirmed) if confirmed >= flight_asked_ms => AfterJoin::ConfirmAgain,
+        _ => AfterJoin::FailClosed,
+    }
+}
+
 impl KeyStatus {
     /// Revoked and deleted keys never become valid again.
     pub fn is_final(self) -> bool {
@@ -218,6 +239,21 @@ mod tests {
             (0, 0, 0, false),
         ] {
             assert_eq!(is_fresh(confirmed, max, now), fresh, "confirmed {confirmed}, max {max}, now {now}");
+        }
+    }
+
+    #[test]
+    fn a_stale_copy_after_a_joined_confirmation_is_confirmed_again_only_if_that_one_landed() {
+        // (the copy memory holds was confirmed as of, the joined confirmation was asked at, what to do)
+        for (confirmed, asked, then) in [
+            (Some(1_000), 1_000, AfterJoin::ConfirmAgain),
+            (Some(1_250), 1_000, AfterJoin::ConfirmAgain),
+            // The copy predates the confirmation: it did not land (the authority was not reached).
+            (Some(999), 1_000, AfterJoin::FailClosed),
+            (Some(0), 1_000, AfterJoin::FailClosed),
+            (None, 1_000, AfterJoin::FailClosed),
+        ] {
+            assert_eq!(after_join(confirmed, asked), then, "copy confirmed as of {confirmed:?}, asked at {asked}");
         }
     }
 

@@ -261,3 +261,66 @@ fn with_tag_only_purges_memory_trust_bounds_a_revoked_hot_key() {
     println!("last VALID after the answer, per round (ms): {lasts:?}");
     world.assert_no_plaintext();
 }
+
+/// Concurrent verifications of a key whose API's `max_staleness_ms` (1 ms) is shorter than a
+/// confirmation: each confirmation leaves the copy stale for the requests that waited on it.
+/// Those confirm it themselves and are answered `VALID` (they were answered `UNAVAILABLE`
+/// while the authority was fine: about half of such a load). With the authority stopped, they
+/// still fail closed as soon as the one confirmation they waited on fails: within about one
+/// authority deadline (500 ms), not one each.
+#[test]
+#[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
+fn requests_that_waited_on_a_confirmation_of_an_always_stale_copy_confirm_it_again_unless_it_failed() {
+    const CALLERS: usize = 8;
+    let world = World::start(&[RegionPlan::Up]).expect("world");
+    let api = world.create_api("always-confirmed", 1);
+    let (_, key) = world.create_key(&api, json!({}));
+    assert_eq!(world.edge_code(0, &key).0, "VALID", "the key's first verification");
+    let burst = |root: &str| -> Vec<(u16, String, Duration)> {
+        let barrier = std::sync::Barrier::new(CALLERS);
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..CALLERS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let started = Instant::now();
+                        let (status, answer) = world.edge_verify(0, root, json!({ "key": key }));
+                        let code = answer["code"].as_str().or(answer["error"]["code"].as_str()).unwrap_or("?");
+                        (status, code.to_owned(), started.elapsed())
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        })
+    };
+    let mut shared = 0;
+    for round in 0..5 {
+        let before = stats(&world, 0).key_confirmations;
+        let answers = burst(&world.root_key);
+        let c = delta(stats(&world, 0).key_confirmations, before);
+        println!("round {round}: {answers:?}; {c:?}");
+        assert!(
+            answers.iter().all(|(status, code, _)| *status == 200 && code == "VALID"),
+            "round {round}: {answers:?}"
+        );
+        shared += c.shared;
+    }
+    assert!(shared > 0, "no request waited on another's confirmation: the case was not exercised");
+
+    // A root key confirmed just now, so that its own trust (1 s) outlasts the outage below.
+    let (status, root) =
+        world.admin(Method::POST, "/v1/root-keys", Some(json!({ "name": "outage", "scopes": ["api.*.verify_key"] })));
+    assert_eq!(status, 201, "{root}");
+    let root = root["key"].as_str().expect("root key").to_owned();
+    world.wait_for("the new root key at the edge", Duration::from_secs(10), || {
+        (world.verify_status(0, &root, &key).0 == 200).then_some(())
+    });
+    world.freeze_home(true);
+    let answers = burst(&root);
+    world.freeze_home(false);
+    println!("authority stopped: {answers:?}");
+    assert!(answers.iter().all(|(_, code, _)| code == "UNAVAILABLE"), "{answers:?}");
+    let slowest = answers.iter().map(|(_, _, took)| *took).max().unwrap_or_default();
+    // One deadline (500 ms) and what 2 shared cores add; two deadlines would be 1,000 ms.
+    assert!(slowest < Duration::from_millis(850), "a request waited {slowest:?}: more than one deadline");
+}

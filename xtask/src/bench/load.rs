@@ -19,6 +19,9 @@ pub struct Load {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    /// 2xx answers that were not `VALID` (`"valid":true` missing from the body): a route's
+    /// refusals and fail-closed answers (`UNAVAILABLE`), counted in `rps` like any answer.
+    pub not_valid: u64,
     /// How many wrk runs this is (more than one once merged).
     pub runs: u64,
 }
@@ -37,6 +40,7 @@ impl Load {
             p50_ms: loads.iter().map(|l| l.p50_ms).sum::<f64>() / n,
             p99_ms: loads.iter().map(|l| l.p99_ms).sum::<f64>() / n,
             errors: loads.iter().map(|l| l.errors).sum(),
+            not_valid: loads.iter().map(|l| l.not_valid).sum(),
             runs: loads.iter().map(|l| l.runs).sum(),
         }
     }
@@ -46,8 +50,8 @@ impl std::fmt::Display for Load {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx ({} requests in {:.2} s)",
-            self.rps, self.p50_ms, self.p99_ms, self.errors, self.requests, self.seconds
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx, {} not VALID ({} requests in {:.2} s)",
+            self.rps, self.p50_ms, self.p99_ms, self.errors, self.not_valid, self.requests, self.seconds
         )
     }
 }
@@ -131,9 +135,26 @@ pub fn misses(world: &World, base: &str, root: &str, keys: &[String], duration: 
 
 fn script_head(root: &str) -> String {
     format!(
-        "wrk.method = \"POST\"\nwrk.headers[\"authorization\"] = \"Bearer {root}\"\nwrk.headers[\"content-type\"] = \"application/json\"\n"
+        "wrk.method = \"POST\"\nwrk.headers[\"authorization\"] = \"Bearer {root}\"\nwrk.headers[\"content-type\"] = \"application/json\"\n{COUNT_NOT_VALID}"
     )
 }
+
+/// Counts 2xx answers without `"valid":true` in each wrk thread (`response`), and prints their
+/// sum when the run is done (`done` runs in wrk's main script state, which reads the threads').
+const COUNT_NOT_VALID: &str = r#"threads = {}
+setup = function(thread) table.insert(threads, thread) end
+not_valid = 0
+response = function(status, headers, body)
+  if status >= 200 and status < 300 and not string.find(body, '"valid":true', 1, true) then
+    not_valid = not_valid + 1
+  end
+end
+done = function(summary, latency, requests)
+  local n = 0
+  for _, thread in ipairs(threads) do n = n + thread:get("not_valid") end
+  io.write(string.format("Not VALID answers: %d\n", n))
+end
+"#;
 
 /// `wrk -t1 -c<connections> -d<duration> --latency`, with a script if given.
 pub fn wrk(url: &str, script: Option<&Path>, connections: usize, duration: Duration) -> anyhow::Result<Load> {
@@ -157,6 +178,7 @@ fn parse_wrk(text: &str) -> anyhow::Result<Load> {
     let p50_ms = field("50%").map(|v| to_ms(&v)).context("wrk printed no 50%")?;
     let p99_ms = field("99%").map(|v| to_ms(&v)).context("wrk printed no 99%")?;
     let errors = field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let not_valid = field("Not VALID answers:").and_then(|v| v.parse().ok()).unwrap_or(0);
     // `1234 requests in 5.00s, 300.00KB read`
     let (requests, seconds) = text
         .lines()
@@ -166,7 +188,7 @@ fn parse_wrk(text: &str) -> anyhow::Result<Load> {
             Some((n.trim().parse::<u64>().ok()?, to_ms(elapsed.trim()) / 1e3))
         })
         .context("wrk printed no request count")?;
-    Ok(Load { requests, seconds, rps: requests as f64 / seconds, p50_ms, p99_ms, errors, runs: 1 })
+    Ok(Load { requests, seconds, rps: requests as f64 / seconds, p50_ms, p99_ms, errors, not_valid, runs: 1 })
 }
 
 /// wrk's durations: `812.00us`, `2.71ms`, `1.02s`, `1.00m`.
@@ -188,9 +210,9 @@ mod tests {
 
     #[test]
     fn parses_wrk_output() {
-        let text = "Running 3s test @ http://127.0.0.1:1/v1/keys/verify\n  Latency Distribution\n     50%    2.71ms\n     75%    3.00ms\n     90%    4.00ms\n     99%    1.02s\n  412 requests in 2.06s, 90.00KB read\nRequests/sec:    200.00\n";
+        let text = "Running 3s test @ http://127.0.0.1:1/v1/keys/verify\n  Latency Distribution\n     50%    2.71ms\n     75%    3.00ms\n     90%    4.00ms\n     99%    1.02s\n  412 requests in 2.06s, 90.00KB read\nRequests/sec:    200.00\nNot VALID answers: 7\n";
         let load = parse_wrk(text).expect("parsed");
-        assert_eq!(load.requests, 412);
+        assert_eq!((load.requests, load.not_valid, load.errors), (412, 7, 0));
         assert!((load.seconds - 2.06).abs() < 1e-9);
         assert!((load.rps - 200.0).abs() < 1e-9);
         assert!((load.p50_ms - 2.71).abs() < 1e-9 && (load.p99_ms - 1020.0).abs() < 1e-9);
