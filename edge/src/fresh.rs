@@ -8,7 +8,9 @@
 //! - Single flight: one confirmation per key is under way at a time in an isolate. A request
 //!   that would start another, in the background or for a stale copy or a miss, waits for the
 //!   one under way (at most as long as a confirmation may take), then looks again: a copy that
-//!   confirmation left stale was not confirmed in time, and the request fails closed at once.
+//!   confirmation left stale was either not confirmed in time (the request fails closed at
+//!   once) or confirmed but staler than its `max_staleness_ms` by the wait (the request
+//!   confirms it itself): `freshness::after_join`.
 //! - Memory trust: where purges reach only the Cache API (`PURGE_MODE` `tag-only`, as
 //!   Cloudflare's purge-by-tag), memory answers a key's copy for `MEMORY_TRUST_MS` (default
 //!   [`MEMORY_TRUST_MS`]) after the Cache API last showed it, then reads the Cache API again.
