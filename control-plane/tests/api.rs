@@ -485,7 +485,7 @@ async fn a_verify_request_may_ask_for_a_bounded_number_of_permissions() {
 /// A named cost a limit can never grant at once (above its burst + 1) is a bad request, not a
 /// `RATE_LIMITED` that would say "retry soon" forever; so is a cost past the largest limit.
 #[tokio::test]
-async fn a_verify_request_may_not_name_a_cost_its_limit_cannot_grant() {
+async fn a_verify_request_may_not_name_a_cost_its_limit_cannot_grant_nor_more_credits_than_any_cost() {
     let h = harness(3).await;
     let api = h.api().await;
     let body =
@@ -501,6 +501,11 @@ async fn a_verify_request_may_not_name_a_cost_its_limit_cannot_grant() {
     assert!(message.contains("grants at most 2 at once"), "{message}");
     let huge = h.call_text("POST", "/v1/keys/verify", Some(&asking(u64::MAX))).await;
     check(&huge, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let credits = serde_json::json!({ "key": key, "cost": 1_000_000_001u64 }).to_string();
+    let refused = h.call_text("POST", "/v1/keys/verify", Some(&credits)).await;
+    check(&refused, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("cost is 0 to 1000000000"), "{message}");
     let limit = serde_json::json!({ "api_id": api, "ratelimits": [{ "name": "x", "limit": 2_000_000_000u64, "duration_ms": 1_000 }] });
     let too_big = h.call_text("POST", "/v1/keys", Some(&limit.to_string())).await;
     check(&too_big, StatusCode::BAD_REQUEST, "BAD_REQUEST");

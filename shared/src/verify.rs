@@ -11,6 +11,10 @@ use crate::record::{KeyRecord, KeyStatus, Meta};
 use crate::scope::{KeyAction, Scope, Scopes};
 use crate::usage::ClientInfo;
 
+/// The most credits one verification may spend (`cost`), as a rate limit's cost is bounded:
+/// a caller's number that holders add into the rate they ask leases for.
+pub const MAX_COST: u64 = ratelimit::MAX_LIMIT;
+
 /// Most permissions a verify request may ask for.
 pub const MAX_REQUESTED_PERMISSIONS: usize = 64;
 /// Largest verify request body accepted, at the edge and at the origin.
@@ -56,8 +60,8 @@ impl VerifyRequest {
         Ok(request)
     }
 
-    /// Refuses a request asking for more than [`MAX_REQUESTED_PERMISSIONS`] permissions, or
-    /// naming its client with fields over their limits.
+    /// Refuses a request asking for more than [`MAX_REQUESTED_PERMISSIONS`] permissions,
+    /// naming its client with fields over their limits, or a `cost` over [`MAX_COST`].
     pub fn check(&self) -> Result<(), RequestError> {
         if self.permissions.len() > MAX_REQUESTED_PERMISSIONS {
             return Err(RequestError::TooManyPermissions(self.permissions.len()));
@@ -66,6 +70,9 @@ impl VerifyRequest {
             client.check().map_err(RequestError::Client)?;
         }
         check_limit_asks(&self.ratelimits)?;
+        if self.cost.is_some_and(|c| c > MAX_COST) {
+            return Err(RequestError::Invalid(format!("cost is 0 to {MAX_COST}")));
+        }
         if self.idempotency_key.as_ref().is_some_and(|k| !is_idempotency_key(k)) {
             let message = format!("idempotency_key is 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters but `|`");
             return Err(RequestError::Invalid(message));
@@ -653,6 +660,10 @@ mod tests {
         let at_limit: Vec<String> = many[..MAX_REQUESTED_PERMISSIONS].to_vec();
         let body = serde_json::to_vec(&serde_json::json!({ "key": "k", "permissions": at_limit })).unwrap();
         assert!(VerifyRequest::from_json(&body).is_ok());
+        for (cost, ok) in [(0, true), (1, true), (MAX_COST, true), (MAX_COST + 1, false), (u64::MAX, false)] {
+            let body = serde_json::to_vec(&serde_json::json!({ "key": "k", "cost": cost })).unwrap();
+            assert_eq!(VerifyRequest::from_json(&body).is_ok(), ok, "cost {cost}");
+        }
     }
 
     #[test]
