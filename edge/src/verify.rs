@@ -46,7 +46,15 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         fetched.set(true);
         misses::admit(Kind::Key, &caller_id, now_ms)
     };
-    let found = find(&ctx, &hash, now_ms, admit).await?;
+    // A copy that must be confirmed first names its API: the API's record is asked for beside the
+    // key's confirmation rather than after it (`lists` takes what that brought).
+    let found = match lookup::api_of_stale_copy(&hash, now_ms) {
+        Some((api_id, trust_ms)) => {
+            let api = side::find_api(&ctx.env, &ctx.data, &api_id, trust_ms, (now_ms, None));
+            futures::join!(lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit), api).0?
+        }
+        None => lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit).await?,
+    };
     // Decided, and stamped, once the record is found.
     let decided_at_ms = Date::now().as_millis();
     let now = decided_at_ms as i64;
@@ -94,25 +102,6 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         Some(remaining) => answer(response.with_credits(remaining)),
         None => answer(response),
     }
-}
-
-/// The key's record (`lookup::find`). A copy that must be confirmed first names its API: the
-/// API's record is asked for beside the key's confirmation rather than after it (`lists` takes
-/// what that brought).
-async fn find(
-    ctx: &RouteContext<worker::Context>,
-    hash: &KeyHash,
-    now_ms: u64,
-    admit: impl FnOnce() -> bool,
-) -> EdgeResult<lookup::Found> {
-    let key = lookup::find(&ctx.env, &ctx.data, hash, now_ms, admit);
-    Ok(match lookup::api_of_stale_copy(hash, now_ms) {
-        Some((api_id, trust_ms)) => {
-            let api = side::find_api(&ctx.env, &ctx.data, &api_id, trust_ms, (now_ms, None));
-            futures::join!(key, api).0?
-        }
-        None => key.await?,
-    })
 }
 
 /// The caller, a root key allowed to verify, and the request's body, at most
