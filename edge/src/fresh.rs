@@ -217,12 +217,6 @@ where
     });
 }
 
-/// Whether a request that finds a copy stale should wait for a confirmation of it under way
-/// (`freshness::worth_joining`, by this isolate's recent round trip).
-pub(crate) fn worth_joining(max_staleness_ms: u64) -> bool {
-    freshness::worth_joining(ROUND_TRIP_MS.get(), max_staleness_ms)
-}
-
 /// Another request's confirmation that a request waited for.
 #[derive(Clone, Copy)]
 pub(crate) struct Joined {

@@ -120,8 +120,7 @@ pub(crate) async fn find(
     // closed too, rather than wait as long again), or one whose `max_staleness_ms` is shorter
     // than the wait (this request confirms it itself).
     let mut asked_ms = now_ms;
-    let joining = stale.as_ref().is_none_or(|(record, _)| fresh::worth_joining(record.max_staleness_ms));
-    if joining && let Some(joined) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await {
+    if let Some(joined) = fresh::join(Kind::Key, hash.as_bytes(), now_ms).await {
         let now = joined.now_ms;
         match nearest(env, ctx, &cache, hash, now).await? {
             Nearest::Found(found) => return Ok(found),
@@ -143,19 +142,6 @@ pub(crate) async fn find(
 /// When memory's copy of the key was confirmed as of, if it holds one.
 fn confirmed_at(hash: &KeyHash) -> Option<u64> {
     MEMORY.with(|m| m.update(|m| m.peek(hash.as_bytes()).map(|held| held.confirmed_at_ms)))
-}
-
-/// The API and `max_staleness_ms` of memory's copy of the key when that copy must be confirmed
-/// before it is answered (so the request will wait anyway): what `crate::verify` asks for beside
-/// the key's confirmation.
-pub(crate) fn api_of_stale_copy(hash: &KeyHash, now_ms: u64) -> Option<(String, u64)> {
-    MEMORY.with(|m| {
-        m.update(|m| {
-            let held = m.peek(hash.as_bytes())?;
-            freshness::needs_confirmation(&held.record, held.confirmed_at_ms, now_ms)
-                .then(|| (held.record.api_id.clone(), held.record.max_staleness_ms))
-        })
-    })
 }
 
 /// What memory and the Cache API hold for a key.

@@ -222,26 +222,15 @@ thread_local! {
 }
 
 /// The API `api_id`'s record (version 0 when it has none anywhere; `None`: it could not be
-/// confirmed). See [`find`]. With `since_ms`, memory's copy is also taken, however old its trust,
-/// when a confirmation asked at or after `since_ms` (the request's arrival) brought it: it is
-/// as good as one this request would have asked for (see `crate::verify`'s prefetch).
+/// confirmed). See [`find`].
 pub(crate) async fn find_api(
     env: &Env,
     ctx: &Context,
     api_id: &str,
     trust_ms: u64,
-    (now_ms, since_ms): (u64, Option<u64>),
+    now_ms: u64,
 ) -> Result<Option<ApiRecord>> {
-    let kind = SideKind::Api;
-    if let Some(since) = since_ms {
-        let held = kind.memory(|m| m.get(&kind.hash_of(api_id)));
-        if let Some(SideRecord::Api(api)) =
-            held.filter(|entry| entry.confirmed_at_ms >= since && trusted(entry, now_ms)).map(|entry| entry.record)
-        {
-            return Ok(Some(api));
-        }
-    }
-    Ok(match find(env, ctx, kind, api_id, trust_ms, now_ms).await? {
+    Ok(match find(env, ctx, SideKind::Api, api_id, trust_ms, now_ms).await? {
         Found::Record(SideRecord::Api(api)) => Some(api),
         _ => None,
     })
@@ -290,8 +279,7 @@ async fn find(env: &Env, ctx: &Context, kind: SideKind, id: &str, trust_ms: u64,
     };
     // As a key's lookup does (`crate::lookup::find`).
     let mut asked_ms = now_ms;
-    let joining = stale.as_ref().is_none_or(|record| fresh::worth_joining(record.max_staleness_ms()));
-    if joining && let Some(joined) = fresh::join(kind.misses_kind(), hash.as_bytes(), now_ms).await {
+    if let Some(joined) = fresh::join(kind.misses_kind(), hash.as_bytes(), now_ms).await {
         let now = joined.now_ms;
         match nearest(env, ctx, &cache, kind, id, now).await? {
             Nearest::Found(found) => return Ok(found),

@@ -46,15 +46,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
         fetched.set(true);
         misses::admit(Kind::Key, &caller_id, now_ms)
     };
-    // A copy that must be confirmed first names its API: the API's record is asked for beside the
-    // key's confirmation rather than after it (`lists` takes what that brought).
-    let found = match lookup::api_of_stale_copy(&hash, now_ms) {
-        Some((api_id, trust_ms)) => {
-            let api = side::find_api(&ctx.env, &ctx.data, &api_id, trust_ms, (now_ms, None));
-            futures::join!(lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit), api).0?
-        }
-        None => lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit).await?,
-    };
+    let found = lookup::find(&ctx.env, &ctx.data, &hash, now_ms, admit).await?;
     // Decided, and stamped, once the record is found.
     let decided_at_ms = Date::now().as_millis();
     let now = decided_at_ms as i64;
@@ -77,7 +69,7 @@ pub(crate) async fn handle(mut req: Request, ctx: RouteContext<worker::Context>)
     // The key's and its API's allow and deny lists, before permissions' answer and any spending;
     // the API's record also caps the key's rate limits.
     let (decision, cap) = match record.as_ref().filter(|_| decision.code.passed_status_checks()) {
-        Some(record) => lists(&ctx, &req, &request, record, decision, (decided_at_ms, Some(now_ms))).await?,
+        Some(record) => lists(&ctx, &req, &request, record, decision, decided_at_ms).await?,
         None => (decision, Cap::NONE),
     };
     if let Some(r) = record.as_ref().filter(|_| decision.code == Code::Valid) {
@@ -186,7 +178,7 @@ async fn overtaken(
     let now = if now_ms.saturating_sub(decided_at_ms) <= RECHECK_AFTER_MS {
         lookup::newer_copy(asked.0, found.version).map_or(Now::Same, |r| Now::Changed(Some(r)))
     } else {
-        let listed = lists(ctx, req, asked.2, found, charged.decision.clone(), (now_ms, None)).await;
+        let listed = lists(ctx, req, asked.2, found, charged.decision.clone(), now_ms).await;
         let listed = listed.map_or_else(|_| Decision::unavailable(), |(decision, _)| decision);
         if listed.code != Code::Valid {
             return refused_after_wait(charged, listed, None);
@@ -204,9 +196,7 @@ async fn overtaken(
         Now::Unconfirmed(stale) => (decide_unconfirmed(&stale, hash, who, request, at as i64), None),
     };
     let decision = match current.as_ref().filter(|_| !same && decision.code.passed_status_checks()) {
-        Some(r) => {
-            lists(ctx, req, request, r, decision, (at, None)).await.map_or_else(|_| Decision::unavailable(), |(d, _)| d)
-        }
+        Some(r) => lists(ctx, req, request, r, decision, at).await.map_or_else(|_| Decision::unavailable(), |(d, _)| d),
         None => decision,
     };
     if decision.code == Code::Valid {
@@ -513,16 +503,14 @@ async fn identity_of(
 /// The decision once the key's and its API's lists were asked about the request's client (the
 /// caller's own `CF-Connecting-IP` and `cf.country` when the request has no `client`): `FORBIDDEN`
 /// when either refuses it, `UNAVAILABLE` when the API's record could not be confirmed; with the
-/// cap the API's record puts on the key's rate limits. With `since_ms` (the request's arrival),
-/// an API copy a confirmation asked since then brought is taken as it is (`side::find_api`);
-/// the re-check after a wait passes `None`.
+/// cap the API's record puts on the key's rate limits.
 async fn lists(
     ctx: &RouteContext<worker::Context>,
     req: &Request,
     request: &VerifyRequest,
     record: &KeyRecord,
     decision: Decision,
-    (now_ms, since_ms): (u64, Option<u64>),
+    now_ms: u64,
 ) -> EdgeResult<(Decision, Cap)> {
     // The client is read (the caller's headers and `cf` are asked) only where a list exists.
     let client = || {
@@ -534,13 +522,12 @@ async fn lists(
     if !record.policy.is_empty() && !record.policy.admits(known.insert(client())) {
         return Ok((decision.forbidden_unless(false), Cap::NONE));
     }
-    let api =
-        match side::find_api(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, (now_ms, since_ms)).await? {
-            Some(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
-            Some(api) => api,
-            // Fail closed: the API's lists and cap could not be confirmed.
-            None => return Ok((Decision::unavailable(), Cap::NONE)),
-        };
+    let api = match side::find_api(&ctx.env, &ctx.data, &record.api_id, record.max_staleness_ms, now_ms).await? {
+        Some(api) if api.policy.is_empty() => return Ok((decision, api.cap())),
+        Some(api) => api,
+        // Fail closed: the API's lists and cap could not be confirmed.
+        None => return Ok((Decision::unavailable(), Cap::NONE)),
+    };
     let client = known.unwrap_or_else(client);
     Ok((decision.forbidden_unless(api.policy.admits(&client)), api.cap()))
 }

@@ -65,14 +65,6 @@ pub enum AfterJoin {
     FailClosed,
 }
 
-/// Whether a request that finds a copy stale should wait for another request's confirmation of
-/// it rather than ask itself: only when that confirmation, landing about `round_trip_ms` after it
-/// was asked, can leave the copy fresh (`max_staleness_ms` longer than the round trip).
-/// Otherwise the request would find the copy stale again and ask anyway, a round trip later.
-pub fn worth_joining(round_trip_ms: u64, max_staleness_ms: u64) -> bool {
-    round_trip_ms < max_staleness_ms
-}
-
 /// [`AfterJoin`] for a copy confirmed as of `copy_confirmed_at_ms` (`None`: memory holds none).
 pub fn after_join(copy_confirmed_at_ms: Option<u64>, flight_asked_ms: u64) -> AfterJoin {
     match copy_confirmed_at_ms {
@@ -247,22 +239,6 @@ mod tests {
             (0, 0, 0, false),
         ] {
             assert_eq!(is_fresh(confirmed, max, now), fresh, "confirmed {confirmed}, max {max}, now {now}");
-        }
-    }
-
-    #[test]
-    fn a_confirmation_under_way_is_waited_for_only_if_it_can_leave_the_copy_fresh() {
-        // (recent round trip, max staleness, wait for it)
-        for (round_trip, max, join) in [
-            (0, 1, true),
-            (0, 1_000, true),
-            (40, 1_000, true),
-            (999, 1_000, true),
-            (1_000, 1_000, false),
-            (12, 1, false),
-            (500, 100, false),
-        ] {
-            assert_eq!(worth_joining(round_trip, max), join, "round trip {round_trip}, max staleness {max}");
         }
     }
 

@@ -263,14 +263,14 @@ fn with_tag_only_purges_memory_trust_bounds_a_revoked_hot_key() {
 }
 
 /// Concurrent verifications of a key whose API's `max_staleness_ms` (1 ms) is shorter than a
-/// confirmation: no confirmation can leave the copy fresh for another request, so each request
-/// is answered from one of its own (it does not wait on another's, or, having waited on one that
-/// landed, asks again), `VALID`: when each waited on another's and failed closed, about half of
-/// such a load was answered `UNAVAILABLE` with the authority up. With the authority stopped they
-/// fail closed within about one authority deadline (500 ms), not one each in turn.
+/// confirmation: each confirmation leaves the copy stale for the requests that waited on it.
+/// Those confirm it themselves and are answered `VALID` (they were answered `UNAVAILABLE`
+/// while the authority was fine: about half of such a load). With the authority stopped, they
+/// still fail closed as soon as the one confirmation they waited on fails: within about one
+/// authority deadline (500 ms), not one each.
 #[test]
 #[ignore = "whole-system: starts real processes; `cargo xtask test` runs it"]
-fn concurrent_requests_for_an_always_stale_copy_are_each_confirmed_and_fail_closed_within_one_deadline() {
+fn requests_that_waited_on_a_confirmation_of_an_always_stale_copy_confirm_it_again_unless_it_failed() {
     const CALLERS: usize = 8;
     let world = World::start(&[RegionPlan::Up]).expect("world");
     let api = world.create_api("always-confirmed", 1);
@@ -293,6 +293,7 @@ fn concurrent_requests_for_an_always_stale_copy_are_each_confirmed_and_fail_clos
             threads.into_iter().map(|t| t.join().unwrap()).collect()
         })
     };
+    let mut shared = 0;
     for round in 0..5 {
         let before = stats(&world, 0).key_confirmations;
         let answers = burst(&world.root_key);
@@ -302,10 +303,9 @@ fn concurrent_requests_for_an_always_stale_copy_are_each_confirmed_and_fail_clos
             answers.iter().all(|(status, code, _)| *status == 200 && code == "VALID"),
             "round {round}: {answers:?}"
         );
-        // No confirmation leaves the copy fresh for another request: each is answered from one
-        // of its own (one that waited on another's and failed closed asked none).
-        assert!(c.waited >= CALLERS as u64, "round {round}: {c:?}");
+        shared += c.shared;
     }
+    assert!(shared > 0, "no request waited on another's confirmation: the case was not exercised");
 
     // A root key confirmed just now, so that its own trust (1 s) outlasts the outage below.
     let (status, root) =
