@@ -234,7 +234,10 @@ pub(crate) async fn join(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<Joi
     count(kind, Confirmation::Shared);
     let most = settings().flight_ms;
     let mut now = now_ms;
-    while under_way(kind, hash, now) && now.saturating_sub(now_ms) < most {
+    // Only the confirmation joined: one begun after it ended is not waited for as well (an
+    // outage would cost one deadline more).
+    while asked_at(&id(kind, hash)) == Some(asked_ms) && under_way(kind, hash, now) && now.saturating_sub(now_ms) < most
+    {
         // Polled, not woken by the confirmation's end: under workerd a request's task woken from
         // another request's (the one that confirms) would run its I/O in that request's context,
         // which the runtime refuses (tried: those requests failed with 500).

@@ -413,9 +413,14 @@ async fn resolve(env: &Env, kind: SideKind, id: &str, stale: Option<SideRecord>,
         }
         None
     });
+    // Found nowhere counts as "none" (an API's empty lists) only when the authority said so: with
+    // the authority unreachable and KV without a copy (lagging, or failed) the API may have lists
+    // no one here has seen, so it fails closed.
+    let known_missing = !matches!(authority, AuthorityAnswer::Unreachable);
     match freshness::resolve(stale, kv, authority) {
         Resolved::FailClosed(_) => None,
-        Resolved::Record(None, _) => kind.none(id, trust_ms),
+        Resolved::Record(None, _) if known_missing => kind.none(id, trust_ms),
+        Resolved::Record(None, _) => None,
         Resolved::Record(Some(record), _) => Some(record),
     }
 }
