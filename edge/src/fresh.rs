@@ -182,7 +182,12 @@ fn asked_at(id: &Id) -> Option<u64> {
 /// Whether a confirmation of this key is under way (asked within the longest a confirmation
 /// may take).
 fn under_way(kind: Kind, hash: &[u8; 32], now_ms: u64) -> bool {
-    asked_at(&id(kind, hash)).is_some_and(|asked| now_ms.saturating_sub(asked) < settings().flight_ms)
+    asked_at(&id(kind, hash)).is_some_and(|asked| in_time(asked, now_ms))
+}
+
+/// Whether a confirmation asked at `asked_ms` may still be under way at `now_ms`.
+fn in_time(asked_ms: u64, now_ms: u64) -> bool {
+    now_ms.saturating_sub(asked_ms) < settings().flight_ms
 }
 
 /// Marks a confirmation of this key as under way, asked at `now_ms`, unless one already is.
@@ -230,14 +235,13 @@ pub(crate) struct Joined {
 /// a confirmation may take); answers whether there was one, when it was asked, and the time
 /// after the wait.
 pub(crate) async fn join(kind: Kind, hash: &[u8; 32], now_ms: u64) -> Option<Joined> {
-    let asked_ms = asked_at(&id(kind, hash)).filter(|_| under_way(kind, hash, now_ms))?;
+    let id = id(kind, hash);
+    let asked_ms = asked_at(&id).filter(|asked| in_time(*asked, now_ms))?;
     count(kind, Confirmation::Shared);
-    let most = settings().flight_ms;
     let mut now = now_ms;
-    // Only the confirmation joined: one begun after it ended is not waited for as well (an
-    // outage would cost one deadline more).
-    while asked_at(&id(kind, hash)) == Some(asked_ms) && under_way(kind, hash, now) && now.saturating_sub(now_ms) < most
-    {
+    // Only the confirmation joined, and no longer than it may take: one begun after it ended is
+    // not waited for as well (an outage would cost one deadline more).
+    while asked_at(&id) == Some(asked_ms) && in_time(asked_ms, now) {
         // Polled, not woken by the confirmation's end: under workerd a request's task woken from
         // another request's (the one that confirms) would run its I/O in that request's context,
         // which the runtime refuses (tried: those requests failed with 500).
